@@ -1,0 +1,62 @@
+"""Reference attention in plain torch: the CPU path and the oracle for the GPU kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.metadata import AttentionMetadata
+
+
+def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Scatter new K/V rows into their cache slots; slot -1 is padding and is skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def paged_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's query tokens to its cached context, read through
+    the block table. Query j of a sequence with n queries and context L sits at position
+    L - n + j and sees keys 0..L - n + j."""
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    for i, ctx in enumerate(lens):
+        start, end = qsl[i], qsl[i + 1]
+        n = end - start
+        if n == 0:
+            continue
+        blocks = meta.block_tables[i, : -(-ctx // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:ctx].repeat_interleave(group, dim=1)  # [ctx, Hq, D]
+        v = v_cache[blocks].flatten(0, 1)[:ctx].repeat_interleave(group, dim=1)
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def paged_decode_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query token per sequence: gather every sequence's blocks at once and run a single
+    masked attention (much faster than the per-sequence loop on CPU)."""
+    tables = meta.block_tables.long()  # [B, max_blocks]
+    k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, max_blocks * bs, D]
+    v = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    visible = torch.arange(k.shape[2], device=q.device)[None, :] < meta.seq_lens[:, None]  # [B, L]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
+    )  # [B, Hq, 1, D]
+    return o.squeeze(2)
+
+
+class TorchAttention:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode_only:
+            return paged_decode_ref(q, k_cache, v_cache, meta, scale)
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale)

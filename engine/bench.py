@@ -1,0 +1,121 @@
+"""Offline throughput: nano-vllm's bench workload (seed 0, token-id prompts, ignore_eos) through
+the engine, and optionally HF transformers `generate` on the same prompts in the same process.
+
+    python -m engine.bench                          # tiny on CPU, scaled-down workload
+    python -m engine.bench --model qwen3-0.6b --hf  # the full workload on a GPU (133,966 tokens)
+
+Throughput = output tokens / wall time, prefill included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from engine import LLM, EngineConfig, SamplingParams
+from workloads.generators import bench as bench_requests
+
+
+def hf_model_from_config(config: EngineConfig, dtype: torch.dtype, device: str):
+    """An HF model of the same shape (random weights: throughput does not depend on them)."""
+    import transformers
+
+    mc = config.model_config
+    cls = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama"}[mc.architecture]
+    hf_config = getattr(transformers, f"{cls}Config")(
+        vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
+        num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,
+        num_key_value_heads=mc.num_key_value_heads, head_dim=mc.head_dim, rms_norm_eps=mc.rms_norm_eps,
+        rope_theta=mc.rope_theta, max_position_embeddings=mc.max_position_embeddings,
+        tie_word_embeddings=mc.tie_word_embeddings,
+    )
+    with torch.device(device):
+        model = getattr(transformers, f"{cls}ForCausalLM")(hf_config).to(dtype)
+    return model.eval()
+
+
+def run_hf(config: EngineConfig, prompts: list[list[int]], max_tokens: list[int], batch_size: int,
+           dtype: torch.dtype, device: str) -> tuple[int, float]:
+    """Static batches sorted by prompt length, left padded; counts only each request's own
+    max_tokens as useful output."""
+    model = hf_model_from_config(config, dtype, device)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    useful = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        new = max(max_tokens[i] for i in batch)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0)
+        useful += sum(max_tokens[i] for i in batch)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return useful, time.perf_counter() - t0
+
+
+def run_engine(llm: LLM, prompts, params) -> tuple[int, float]:
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t0
+    return sum(len(o.outputs[0].token_ids) for o in outs), elapsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-0.6b" if cuda else "tiny")
+    ap.add_argument("--num-seqs", type=int, default=256 if cuda else 64)
+    ap.add_argument("--max-input-len", type=int, default=1024 if cuda else 256)
+    ap.add_argument("--max-output-len", type=int, default=1024 if cuda else 128)
+    ap.add_argument("--policy", default="continuous", choices=["continuous", "static"])
+    ap.add_argument("--hf", action="store_true", help="also run HF transformers generate on the same prompts")
+    ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra EngineConfig field, e.g. --engine-arg enforce_eager=true")
+    args = ap.parse_args(argv)
+    extra = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
+    llm = LLM(args.model, scheduling_policy=args.policy, **extra)
+    cfg = llm.engine.config
+    reqs = bench_requests(num_seqs=args.num_seqs, max_input_len=args.max_input_len,
+                          max_output_len=args.max_output_len, vocab_size=cfg.model_config.vocab_size)
+    prompts = [r.prompt_token_ids for r in reqs]
+    params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False) for r in reqs]
+    tokens, elapsed = run_engine(llm, prompts, params)
+    result = {"model": args.model, "policy": args.policy, "requests": len(reqs), "output_tokens": tokens,
+              "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
+              "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    print(f"engine ({args.policy}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
+    if args.hf:
+        runner = getattr(llm.engine.executor, "runner", None)
+        dtype, device = (runner.dtype, str(runner.device)) if runner else (torch.float32, "cpu")
+        llm.shutdown()
+        del llm
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        hf_tokens, hf_s = run_hf(cfg, prompts, [p.max_tokens for p in params], args.hf_batch_size, dtype, device)
+        result.update(hf_tokens=hf_tokens, hf_s=round(hf_s, 3), hf_tok_s=round(hf_tokens / hf_s, 1),
+                      speedup_vs_hf=round((tokens / elapsed) / (hf_tokens / hf_s), 2))
+        print(f"HF generate (batch {args.hf_batch_size}): {hf_tokens} tokens in {hf_s:.2f} s = "
+              f"{hf_tokens / hf_s:,.0f} tok/s; engine speed-up {result['speedup_vs_hf']}x")
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Configuration: model shape (`ModelConfig`, presets or a HF checkpoint) and the engine knobs
+(`EngineConfig`). Every user-facing value is validated in `__post_init__`."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (Llama, Qwen2, Qwen3)."""
+
+    architecture: str  # "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # qwen2: bias on q/k/v
+    qk_norm: bool = False  # qwen3: RMSNorm on q and k per head
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES.values():
+            raise ValueError(
+                f"architecture {self.architecture!r} is not supported; "
+                f"choose one of {sorted(SUPPORTED_ARCHITECTURES.values())}"
+            )
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (
+            "default",
+            "llama3",
+        ):
+            raise ValueError(f"rope_scaling {self.rope_scaling!r} is not supported (default, llama3)")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes per token for all layers at 2 bytes/element (bf16/fp16)."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 2
+
+    @classmethod
+    def from_hf_dir(cls, path: str) -> ModelConfig:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        archs = cfg.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"{path}: architectures {archs} not supported; choose one of {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        eos = cfg.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            head_dim=cfg.get("head_dim") or 0,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling(cfg),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", arch == "qwen2"),
+            qk_norm=arch == "qwen3",
+            eos_token_id=eos,
+            bos_token_id=cfg.get("bos_token_id"),
+        )
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return None
+    return scaling
+
+
+# Named presets with dummy (random) weights. Shapes follow the public configs.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        architecture="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=2048, tie_word_embeddings=True, qk_norm=True, eos_token_id=256,
+    ),
+    "qwen3-0.6b": ModelConfig(
+        architecture="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+        tie_word_embeddings=True, qk_norm=True, eos_token_id=151645,
+    ),
+    "llama-3-8b": ModelConfig(
+        architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192, eos_token_id=128001,
+    ),
+    "llama-3-70b": ModelConfig(
+        architecture="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192, eos_token_id=128001,
+    ),
+}
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+SCHEDULING_POLICIES = ("continuous", "static")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    """All engine knobs. `model` is a preset name or a local HF checkpoint directory."""
+
+    model: str = "tiny"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available
+    seed: int = 0
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # override the computed KV capacity (tests, static-vs-continuous at equal memory)
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_bytes: int = 256 << 20
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # None: min(model max positions, 8192)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "continuous"
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    dist_init_method: str | None = None  # None: a free localhost port chosen at start
+    tokenizer: str | None = None
+    model_config: ModelConfig = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model_config = _resolve_model(self.model)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        limit = self.model_config.max_position_embeddings
+        if self.max_model_len is None:
+            self.max_model_len = min(limit, 8192)
+        if not 1 < self.max_model_len <= limit:
+            raise ValueError(f"max_model_len must be in (1, {limit}] for this model, got {self.max_model_len}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({self.max_model_len})"
+            )
+        mc = self.model_config
+        for name in ("num_attention_heads", "num_key_value_heads"):
+            if getattr(mc, name) % self.tensor_parallel_size:
+                raise ValueError(
+                    f"tensor_parallel_size={self.tensor_parallel_size} does not divide {name}={getattr(mc, name)}"
+                )
+
+    def with_overrides(self, **kwargs: Any) -> EngineConfig:
+        return replace(self, **kwargs)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls) if f.init}
+
+
+def _resolve_model(model: str) -> ModelConfig:
+    if model in PRESETS:
+        return PRESETS[model]
+    if os.path.isdir(model):
+        return ModelConfig.from_hf_dir(model)
+    raise ValueError(
+        f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a local checkpoint directory"
+    )
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _check_positive(obj: object, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(obj, name)}")

@@ -1,0 +1,95 @@
+"""Linear layers sharded the Megatron way. Each parameter carries a `weight_loader` that takes
+the full (unsharded) checkpoint tensor and copies this rank's slice into place."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.distributed import SINGLE, TensorParallel
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def _copy(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split across ranks; output stays sharded."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.tp = tp
+        self.out_per_rank = tp.shard(out_features, "output features")
+        self.weight = _param(self.out_per_rank, in_features)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = _param(self.out_per_rank) if bias else None
+        if bias:
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        n = param.shape[0]
+        _copy(param, loaded.narrow(0, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections fused into one matmul (gate_up_proj)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, tp: TensorParallel = SINGLE):
+        self.out_sizes = out_sizes
+        super().__init__(in_features, sum(out_sizes), bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        i = int(shard_id)
+        size = self.out_sizes[i] // self.tp.size
+        offset = sum(self.out_sizes[:i]) // self.tp.size
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul; heads are split across ranks."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TensorParallel = SINGLE):
+        self.head_dim = head_dim
+        self.num_heads = tp.shard(num_heads, "num_attention_heads")
+        self.num_kv_heads = tp.shard(num_kv_heads, "num_key_value_heads")
+        super().__init__(hidden, (num_heads + 2 * num_kv_heads) * head_dim, bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split across ranks; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.tp = tp
+        self.in_per_rank = tp.shard(in_features, "input features")
+        self.weight = _param(out_features, self.in_per_rank)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = _param(out_features) if bias else None
+        if bias:
+            self.bias.weight_loader = lambda p, w, s=None: _copy(p, w)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        n = param.shape[1]
+        _copy(param, loaded.narrow(1, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        self.tp.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

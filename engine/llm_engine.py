@@ -1,0 +1,143 @@
+"""The engine: requests in, per-step deltas out. One `step()` = schedule -> run the model on
+every shard -> update sequences -> detokenize. Not thread-safe: drive it from one thread."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from engine.block_manager import BlockManager
+from engine.config import PRESETS, EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.executor import make_executor
+from engine.outputs import RequestDelta, StepStats
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerOutput, SequenceUpdate, make_scheduler
+from engine.sequence import FinishReason, Sequence
+from engine.tokenizer import load_tokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        self.config = config if config is not None else EngineConfig(**kwargs)
+        mc = self.config.model_config
+        self.tokenizer = load_tokenizer(self.config.model, self.config.tokenizer, self.config.model in PRESETS)
+        self.eos_token_id = mc.eos_token_id if mc.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.executor = make_executor(self.config)
+        self.num_kv_blocks = self.executor.num_kv_blocks
+        self.block_size = self.config.block_size
+        self.block_manager = BlockManager(self.num_kv_blocks, self.block_size, self.config.enable_prefix_caching)
+        self.scheduler = make_scheduler(self.config, self.block_manager, self.eos_token_id)
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._pending: list[RequestDelta] = []  # aborts reported by the next step()
+        self._ids = itertools.count()
+        self.last_step_stats: StepStats | None = None
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    sampling_params: SamplingParams | None = None, arrival_time: float | None = None) -> str:
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        token_ids = self._tokenize(prompt)
+        self._check_fits(token_ids, params)
+        seq = Sequence(request_id, token_ids, params, arrival_time, self.config.max_model_len)
+        self.scheduler.add(seq)
+        if params.detokenize or params.stop:
+            self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        return request_id
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer(prompt).input_ids
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            token_ids = list(prompt)
+        else:
+            raise ValueError("prompt must be a string or a list of integer token ids")
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.config.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        return token_ids
+
+    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+        limit = self.config.max_model_len
+        if len(token_ids) + 1 > limit:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but max_model_len is {limit}: "
+                f"at most {limit - 1} prompt tokens leave room for one generated token"
+            )
+        need = self.block_manager.blocks_for(min(len(token_ids) + params.max_tokens, limit))
+        if need > self.block_manager.num_usable_blocks:
+            raise ValueError(
+                f"request needs {need} KV blocks of {self.block_size} tokens (prompt {len(token_ids)} + "
+                f"max_tokens {params.max_tokens}) but the cache has {self.block_manager.num_usable_blocks}"
+            )
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return False
+        self.detokenizers.pop(request_id, None)
+        self._pending.append(self._delta(seq, [], "", True))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # ---- stepping -----------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        t_start = time.perf_counter()
+        out = self.scheduler.schedule()
+        deltas, self._pending = self._pending, []
+        if not out.is_empty:
+            sampled = self.executor.execute_model(out)
+            deltas += [self._process(u) for u in self.scheduler.update_from_output(out, sampled)]
+        self.last_step_stats = self._stats(out, t_start)
+        return deltas
+
+    def _process(self, update: SequenceUpdate) -> RequestDelta:
+        seq, finished = update.seq, update.finished
+        text = ""
+        detok = self.detokenizers.get(seq.request_id)
+        if detok is not None:
+            text, stop_hit = detok.add([update.new_token_id], final=finished)
+            if stop_hit is not None and not finished:
+                seq.stop_reason = stop_hit
+                self.scheduler.finish_request(seq, FinishReason.STOP)
+                finished = True
+        if finished:
+            self.detokenizers.pop(seq.request_id, None)
+        return self._delta(seq, [update.new_token_id], text, finished)
+
+    @staticmethod
+    def _delta(seq: Sequence, new_ids: list[int], text: str, finished: bool) -> RequestDelta:
+        reason = seq.finish_reason.value if finished and seq.finish_reason else None
+        return RequestDelta(seq.request_id, new_ids, text, finished, reason,
+                            seq.num_prompt_tokens, seq.num_cached_tokens, seq.stop_reason if finished else None)
+
+    def _stats(self, out: SchedulerOutput, t_start: float) -> StepStats:
+        bm = self.block_manager
+        return StepStats(
+            t_start=t_start, t_end=time.perf_counter(),
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_scheduled_seqs=len(out.seqs), num_prefill_tokens=out.num_prefill_tokens,
+            num_decode_tokens=out.num_decode_tokens, num_preempted=out.num_preempted,
+            kv_blocks_used=bm.num_used_blocks, kv_blocks_total=bm.num_usable_blocks,
+            prefix_query_tokens=bm.prefix_query_tokens, prefix_hit_tokens=bm.prefix_hit_tokens,
+            **self.scheduler.kv_stats(),
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,57 @@
+"""What the engine hands back: per-step deltas for streaming callers, and whole-request outputs
+for `LLM.generate` (vLLM's RequestOutput / CompletionOutput shape)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestDelta:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class StepStats:
+    t_start: float  # time.perf_counter()
+    t_end: float
+    num_running: int
+    num_waiting: int
+    num_scheduled_seqs: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_preempted: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_slots_allocated: int
+    kv_tokens_stored: int
+    kv_waste_internal_slots: int
+    kv_waste_reserved_slots: int
+    prefix_query_tokens: int  # cumulative
+    prefix_hit_tokens: int  # cumulative
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    num_cached_tokens: int = 0

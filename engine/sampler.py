@@ -1,0 +1,75 @@
+"""Sampling on the device with no host sync: greedy rows take argmax; the others race
+probs / Exp(1) noise (Gumbel-max in another guise). Seeded requests draw their noise from a
+generator keyed by (seed, output index), so their tokens do not depend on batch composition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_k: torch.Tensor | None  # [B] int64 (vocab size where disabled); None if no row uses it
+    top_p: torch.Tensor | None  # [B] float32; None if no row uses it
+    all_greedy: bool
+    seeded: list[tuple[int, int]]  # (row, generator seed)
+    banned: list[tuple[int, list[int]]]  # (row, token ids masked out: min_tokens)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], output_lens: list[int], banned: list[list[int]],
+              vocab_size: int, device: torch.device) -> SamplingMetadata:
+        temps = [p.temperature for p in params]
+        use_k = any(p.top_k > 0 for p in params)
+        use_p = any(p.top_p < 1.0 for p in params)
+        return cls(
+            temperature=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]).to(device) if use_k else None,
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device) if use_p else None,
+            all_greedy=all(t == 0.0 for t in temps),
+            seeded=[(i, p.seed * 1_000_003 + n) for i, (p, n) in enumerate(zip(params, output_lens))
+                    if p.seed is not None and p.temperature > 0],
+            banned=[(i, ids) for i, ids in enumerate(banned) if ids],
+        )
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask logits outside each row's top-k and nucleus (sort-based reference)."""
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (top_k - 1).clamp(min=0).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        before = probs.cumsum(-1) - probs
+        sorted_logits = sorted_logits.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = device
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:  # [B, V] -> [B]
+        logits = logits.float()
+        for row, ids in meta.banned:
+            logits[row, ids] = float("-inf")
+        greedy = logits.argmax(dim=-1)
+        if meta.all_greedy:
+            return greedy
+        logits = logits / meta.temperature.clamp(min=1e-5).unsqueeze(1)
+        if meta.top_k is not None or meta.top_p is not None:
+            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, seed in meta.seeded:
+            gen = torch.Generator(device=probs.device).manual_seed(seed)
+            noise[row].exponential_(generator=gen)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(meta.temperature == 0, greedy, sampled)

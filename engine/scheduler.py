@@ -1,0 +1,257 @@
+"""Iteration-level scheduling with a token budget (vLLM v1 style).
+
+There are no prefill/decode phases: each sequence has `num_computed_tokens`, and each step a
+token budget goes to running sequences first (decodes and unfinished prefill chunks), then to
+waiting ones, so chunked prefill, prefix hits and mixed prefill+decode steps fall out. When KV
+blocks run short the last running sequence is preempted (recompute).
+
+`StaticScheduler` is the static-batching baseline on the same runner: a new batch is admitted
+only when the previous one has fully finished, and each request reserves KV for its whole
+maximum length up front.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    """One sequence's share of a step. Plain data (no tensors) so it can be pickled to workers."""
+
+    request_id: str
+    token_ids: list[int]  # tokens whose KV is computed this step
+    start_pos: int  # num_computed_tokens before this step
+    block_table: list[int]
+    sample: bool  # the chunk reaches the last known token: sample the next one
+    sampling_params: SamplingParams
+    num_output_tokens: int
+    banned_token_ids: list[int] = field(default_factory=list)  # min_tokens: eos/stop ids masked
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSequence]
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass
+class SequenceUpdate:
+    """What a step did to one sequence (the engine turns these into request deltas)."""
+
+    seq: Sequence
+    new_token_id: int | None
+    finished: bool
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, eos_token_id: int | None) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_id = eos_token_id
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
+
+    # ---- queue management -------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        seq = self.requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return None
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self._finish(seq, FinishReason.ABORT)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+        del self.requests[seq.request_id]
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ---- scheduling ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(seqs=[])
+        budget = self._schedule_running(self.config.max_num_batched_tokens, out)
+        if not out.num_preempted:
+            self._admit_waiting(budget, out)
+        return out
+
+    def _schedule_running(self, budget: int, out: SchedulerOutput, start: int = 0) -> int:
+        i = start
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self.block_manager.allocate_slots(seq, seq.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    return budget
+            self._emit(seq, n, out)
+            budget -= n
+            i += 1
+        return budget
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        bm, bs = self.block_manager, self.block_manager.block_size
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = bm.find_cached_prefix(seq)
+            num_cached = len(cached) * bs
+            n = self._chunk(seq.num_tokens - num_cached, budget)
+            if n == 0 or not bm.allocate_slots(seq, num_cached + n, cached):
+                break
+            bm.record_prefix_lookup(seq.num_tokens, num_cached)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = num_cached
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_cached
+            self.running.append(seq)
+            self._emit(seq, n, out)
+            budget -= n
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens of `remaining` to run under `budget` (0: not this step)."""
+        if remaining <= budget:
+            return remaining
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _emit(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
+        start = seq.num_computed_tokens
+        sample = start + n == seq.num_tokens
+        params = seq.sampling_params
+        banned: list[int] = []
+        if sample and seq.num_output_tokens < params.min_tokens:
+            banned = list(params.stop_token_ids)
+            if self.eos_token_id is not None and not params.ignore_eos:
+                banned.append(self.eos_token_id)
+        out.seqs.append(
+            ScheduledSequence(
+                request_id=seq.request_id,
+                token_ids=seq.token_ids[start : start + n],
+                start_pos=start,
+                block_table=seq.block_table,
+                sample=sample,
+                sampling_params=params,
+                num_output_tokens=seq.num_output_tokens,
+                banned_token_ids=banned,
+            )
+        )
+        if start >= seq.num_prompt_tokens:
+            out.num_decode_tokens += n
+        else:
+            out.num_prefill_tokens += n
+
+    # ---- results ------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[SequenceUpdate]:
+        """Advance computed counts, append sampled tokens, apply token-level stops."""
+        updates = []
+        for sched, token_id in zip(out.seqs, sampled):
+            seq = self.requests.get(sched.request_id)
+            if seq is None or seq.status != SequenceStatus.RUNNING:
+                continue  # aborted or preempted meanwhile
+            seq.num_computed_tokens += len(sched.token_ids)
+            self.block_manager.cache_full_blocks(seq)
+            if not sched.sample:
+                continue
+            seq.token_ids.append(token_id)
+            reason = self._stop_reason(seq, token_id)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+            updates.append(SequenceUpdate(seq, token_id, reason is not None))
+        return updates
+
+    def finish_request(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish a running sequence for a reason found outside the scheduler (stop strings)."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        params = seq.sampling_params
+        if seq.num_output_tokens > params.min_tokens:  # stop ids were masked until then
+            if token_id == self.eos_token_id and not params.ignore_eos:
+                return FinishReason.STOP
+            if token_id in params.stop_token_ids:
+                seq.stop_reason = token_id
+                return FinishReason.STOP
+        if seq.num_tokens >= seq.max_total_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    # ---- telemetry ----------------------------------------------------------------------
+    def kv_stats(self) -> dict[str, int]:
+        """Slots allocated vs tokens stored over running sequences (waste = the difference,
+        split into the unfilled tail of the last block and blocks reserved ahead)."""
+        bs = self.block_manager.block_size
+        allocated = stored = internal = 0
+        for seq in self.running:
+            allocated += len(seq.block_table) * bs
+            stored += seq.num_tokens
+            internal += -(-seq.num_tokens // bs) * bs - seq.num_tokens
+        return {
+            "kv_slots_allocated": allocated,
+            "kv_tokens_stored": stored,
+            "kv_waste_internal_slots": internal,
+            "kv_waste_reserved_slots": allocated - stored - internal,
+        }
+
+
+class StaticScheduler(Scheduler):
+    """Static batching: admit a batch only when the running one has fully finished, and
+    reserve KV for prompt + max_tokens up front (no preemption can then happen)."""
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        if self.running:
+            return
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.allocate_slots(seq, seq.max_total_tokens):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        self._schedule_running(budget, out)
+
+
+def make_scheduler(config: EngineConfig, block_manager: BlockManager, eos_token_id: int | None) -> Scheduler:
+    cls = StaticScheduler if config.scheduling_policy == "static" else Scheduler
+    return cls(config, block_manager, eos_token_id)

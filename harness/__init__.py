@@ -1,0 +1,1 @@
+"""Replays workload traces against serving backends and writes Parquet reports."""

@@ -1,0 +1,63 @@
+"""Raw rows a run produces. Only timestamps and counts live here; every metric (TTFT, TPOT,
+ITL, E2EL, throughput, goodput) is a function of these rows (harness/metrics.py).
+
+All times are seconds on one monotonic clock (time.perf_counter) relative to the run start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    scheduled_s: float  # when the trace says the request arrives
+    sent_s: float | None = None  # when the backend accepted it
+    first_token_s: float | None = None
+    finished_s: float | None = None
+    token_times_s: list[float] = field(default_factory=list)  # one entry per output token
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    status: str = "pending"  # ok | error | aborted | pending
+    error: str | None = None
+    finish_reason: str | None = None
+    prefix_group: str | None = None
+
+
+@dataclass
+class StepRecord:
+    """One engine step (continuous or static backend)."""
+
+    step: int
+    start_s: float
+    end_s: float
+    num_running: int
+    num_waiting: int
+    num_scheduled_seqs: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_preempted: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_slots_allocated: int
+    kv_tokens_stored: int
+    kv_waste_internal_slots: int
+    kv_waste_reserved_slots: int
+    prefix_query_tokens: int  # cumulative
+    prefix_hit_tokens: int  # cumulative
+
+
+@dataclass
+class TelemetrySample:
+    """One NVML reading; fields are None on a machine without NVML (never faked)."""
+
+    t_s: float
+    gpu_index: int | None = None
+    gpu_util_pct: float | None = None
+    mem_util_pct: float | None = None
+    mem_used_bytes: float | None = None
+    power_w: float | None = None
+    sm_clock_mhz: float | None = None
+    energy_j: float | None = None  # total-energy counter, joules since driver load

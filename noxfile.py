@@ -1,0 +1,46 @@
+"""Sessions: `nox -s tests` (CPU test suite), `nox -s bench` (default sweep), `nox -s lint`.
+
+On a machine without CUDA, torch is pinned to the CPU build (torch==2.13.0) so that no
+multi-GB CUDA wheel is pulled.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+CPU_TORCH = "torch==2.13.0"
+
+
+def _has_cuda() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    if not _has_cuda():
+        session.install(CPU_TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the CPU test suite (GPU tests skip cleanly without CUDA)."""
+    _install(session, "test")
+    session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Default sweep: static vs continuous on the embedded default, report written and summarized."""
+    _install(session, "test")
+    session.run("python", "-m", "engine.bench", "--hf", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "engine", "harness", "workloads", "tests", "noxfile.py")

@@ -1,0 +1,60 @@
+"""Small random checkpoints built with transformers and saved with `save_pretrained`, plus the
+HF `generate` oracle with its top-2 logit gaps (for the near-tie rule in DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from engine.tokenizer import build_byte_tokenizer
+
+ARCHS = ("qwen3", "qwen2", "llama")
+_CLASSES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+}
+NEAR_TIE = 1e-4
+
+
+def build_checkpoint(arch: str, path: str, num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0) -> str:
+    config_cls, model_cls = (getattr(transformers, n) for n in _CLASSES[arch])
+    config = config_cls(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=16,
+        max_position_embeddings=512, tie_word_embeddings=(arch != "llama"), eos_token_id=256,
+        bos_token_id=256, initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    build_byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Per prompt: HF greedy tokens and the top-2 logit gap at each generated position."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    results = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(  # explicit mask: token 0 in a prompt is not padding
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+        tokens = out.sequences[0, len(prompt):].tolist()
+        gaps = [float(t.topk(2).values[0, 0] - t.topk(2).values[0, 1]) for t in out.logits]
+        results.append((tokens, gaps))
+    return results
+
+
+def assert_matches_hf(engine_tokens: list[list[int]], reference) -> None:
+    """Exact equality, except a differing token where HF's own top-2 gap is a near-tie; the
+    sequence is not compared past such a point."""
+    for i, (got, (want, gaps)) in enumerate(zip(engine_tokens, reference)):
+        assert len(got) == len(want), f"prompt {i}: {len(got)} tokens, HF {len(want)}"
+        for j, (a, b) in enumerate(zip(got, want)):
+            if a != b:
+                assert gaps[j] < NEAR_TIE, f"prompt {i} token {j}: engine {a}, HF {b} (gap {gaps[j]:.2e})\n{got}\n{want}"
+                break

@@ -1,0 +1,1 @@
+"""Workload traces: the trace format, its validation, and generators."""
