@@ -11,7 +11,9 @@ import torch
 
 from engine.attention import AttentionMetadata, get_backend
 from engine.config import PRESETS, EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import SINGLE, TensorParallel
+from engine.input_buffers import InputBuffers
 from engine.loader import init_dummy_weights, load_checkpoint
 from engine.models import get_model_class
 from engine.sampler import Sampler, SamplingMetadata
@@ -70,6 +72,7 @@ class ModelRunner:
         self.num_kv_heads = self.mc.num_key_value_heads // tp.size
         self.kv_cache: torch.Tensor | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: DecodeGraphs | None = None
 
     def _build_model(self) -> torch.nn.Module:
         with torch.device(self.device), _default_dtype(self.dtype):
@@ -108,9 +111,15 @@ class ModelRunner:
         return max(2, int(budget // self.bytes_per_block))
 
     def _dummy_prefill(self, num_tokens: int) -> None:
-        n = min(num_tokens, self.config.max_model_len)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        meta = self._metadata(np.full(n, -1), [0, n], [n], np.zeros((1, 1), np.int32), n, n)
+        n, dev = min(num_tokens, self.config.max_model_len), self.device
+        ids = torch.zeros(n, dtype=torch.long, device=dev)
+        meta = AttentionMetadata(  # slot -1: nothing stored; every key read from the scratch block
+            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((1, -(-n // self.block_size)), dtype=torch.int32, device=dev),
+            max_query_len=n, max_seq_len=n, query_start_loc_cpu=[0, n], seq_lens_cpu=[n],
+        )
         caches = [(self._scratch_cache(), self._scratch_cache())] * self.mc.num_hidden_layers
         with torch.inference_mode():
             hidden = self.model(ids, torch.arange(n, device=self.device), caches, meta, self.backend)
@@ -123,60 +132,99 @@ class ModelRunner:
         shape = (2, self.mc.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads, self.mc.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(self.mc.num_hidden_layers)]
+        self._init_buffers()
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.graphs = DecodeGraphs(self)
+            self.graphs.capture()
 
     # ---- one step -----------------------------------------------------------------------
-    def _metadata(self, slots, qsl: list[int], lens: list[int], tables, max_q: int, max_len: int) -> AttentionMetadata:
-        dev = self.device
-        return AttentionMetadata(
-            slot_mapping=torch.as_tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.as_tensor(tables).to(dev, non_blocking=True),
-            max_query_len=max_q,
-            max_seq_len=max_len,
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=lens,
-        )
+    def _init_buffers(self) -> None:
+        cfg = self.config
+        self.max_blocks_per_seq = -(-cfg.max_model_len // self.block_size)
+        max_tokens = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.buffers = InputBuffers(max_tokens, cfg.max_num_seqs, self.max_blocks_per_seq, self.device)
 
-    def prepare_inputs(self, out: SchedulerOutput) -> ModelInputs:
-        bs = self.block_size
-        chunks = [np.asarray(s.token_ids, dtype=np.int64) for s in out.seqs]
-        positions = np.concatenate([np.arange(s.start_pos, s.start_pos + len(s.token_ids)) for s in out.seqs])
-        max_blocks = max(len(s.block_table) for s in out.seqs)
-        tables = np.zeros((len(out.seqs), max_blocks), dtype=np.int32)
-        slots, qsl, lens = [], [0], []
-        for i, s in enumerate(out.seqs):
+    def prepare_inputs(self, out: SchedulerOutput, pad_to: int | None = None) -> ModelInputs:
+        """Write the step's inputs into the staging buffers (vectorised numpy) and copy them to
+        the device. `pad_to` pads a decode batch to a captured graph size: padded lanes get
+        slot -1 and length 0, so the kernels skip them."""
+        buf, bs, seqs = self.buffers, self.block_size, out.seqs
+        b = len(seqs)
+        q_lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, b)
+        starts = np.fromiter((s.start_pos for s in seqs), np.int64, b)
+        num_tokens = int(q_lens.sum())
+        width = max(len(s.block_table) for s in seqs)
+        tables = buf.block_tables.np
+        for i, s in enumerate(seqs):
             tables[i, : len(s.block_table)] = s.block_table
-            pos = positions[qsl[-1] : qsl[-1] + len(s.token_ids)]
-            slots.append(tables[i, pos // bs].astype(np.int64) * bs + pos % bs)
-            qsl.append(qsl[-1] + len(s.token_ids))
-            lens.append(s.start_pos + len(s.token_ids))
-        sample_rows = [i for i, s in enumerate(out.seqs) if s.sample]
-        meta = self._metadata(np.concatenate(slots), qsl, lens, tables,
-                              max(len(s.token_ids) for s in out.seqs), max(lens))
+        qsl = buf.query_start_loc.np
+        qsl[0] = 0
+        np.cumsum(q_lens, out=qsl[1 : b + 1])
+        seq_of_token = np.repeat(np.arange(b), q_lens)
+        positions = np.arange(num_tokens) - np.repeat(qsl[:b], q_lens) + np.repeat(starts, q_lens)
+        buf.positions.np[:num_tokens] = positions
+        buf.slot_mapping.np[:num_tokens] = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        buf.input_ids.np[:num_tokens] = np.fromiter(
+            (t for s in seqs for t in s.token_ids), np.int64, num_tokens)
+        seq_lens = starts + q_lens
+        buf.seq_lens.np[:b] = seq_lens
+        n, rows = num_tokens, b
+        if pad_to is not None and pad_to > b:  # decode only: one token per sequence
+            n = rows = pad_to
+            buf.input_ids.np[b:n] = 0
+            buf.positions.np[b:n] = 0
+            buf.slot_mapping.np[b:n] = -1
+            buf.seq_lens.np[b:n] = 0
+            qsl[b + 1 : n + 1] = qsl[b]
+        sample_rows = [i for i, s in enumerate(seqs) if s.sample]
+        buf.logits_indices.np[: len(sample_rows)] = qsl[1:][sample_rows] - 1
+        meta = AttentionMetadata(
+            slot_mapping=buf.slot_mapping.copy(n),
+            query_start_loc=buf.query_start_loc.copy(rows + 1),
+            seq_lens=buf.seq_lens.copy(rows),
+            block_tables=self._copy_block_tables(b, rows, width),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=qsl[: rows + 1].tolist() if self.device.type == "cpu" else [],
+            seq_lens_cpu=buf.seq_lens.np[:rows].tolist(),
+        )
         return ModelInputs(
-            input_ids=torch.from_numpy(np.concatenate(chunks)).to(self.device, non_blocking=True),
-            positions=torch.from_numpy(positions).to(self.device, non_blocking=True),
+            input_ids=buf.input_ids.copy(n),
+            positions=buf.positions.copy(n),
             meta=meta,
-            logits_indices=torch.tensor([qsl[i + 1] - 1 for i in sample_rows], device=self.device),
+            logits_indices=buf.logits_indices.copy(len(sample_rows)),
             sample_rows=sample_rows,
         )
+
+    def _copy_block_tables(self, b: int, rows: int, width: int) -> torch.Tensor:
+        table = self.buffers.block_tables.copy(b, width)
+        if rows == b:
+            return table
+        return self.buffers.block_tables.gpu[:rows]  # padded graph batch: the captured full width
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> list[int | None]:
         """Run one step; returns the sampled token per scheduled sequence (None: no sample)."""
-        inputs = self.prepare_inputs(out)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
-        if not inputs.sample_rows:
-            return [None] * len(out.seqs)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        rows = [out.seqs[i] for i in inputs.sample_rows]
+        graph = self.graphs.lookup(out) if self.graphs is not None else None
+        if graph is not None:
+            inputs = self.prepare_inputs(out, pad_to=graph.batch_size)
+            logits = graph.replay()[: len(out.seqs)]
+        else:
+            inputs = self.prepare_inputs(out)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+            if not inputs.sample_rows:
+                return [None] * len(out.seqs)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return self._sample(out, inputs.sample_rows, logits)
+
+    def _sample(self, out: SchedulerOutput, sample_rows: list[int], logits: torch.Tensor) -> list[int | None]:
+        rows = [out.seqs[i] for i in sample_rows]
         sampling = SamplingMetadata.build(
             [s.sampling_params for s in rows], [s.num_output_tokens for s in rows],
             [s.banned_token_ids for s in rows], self.mc.vocab_size, self.device,
         )
         token_ids = self.sampler(logits, sampling).tolist()  # the step's one host sync
         result: list[int | None] = [None] * len(out.seqs)
-        for row, tok in zip(inputs.sample_rows, token_ids):
+        for row, tok in zip(sample_rows, token_ids):
             result[row] = tok
         return result

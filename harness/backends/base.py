@@ -1,0 +1,34 @@
+"""The small protocol every backend implements (engine, static, hf, openai)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from harness.records import RequestRecord, StepRecord
+from workloads.trace import TraceRequest
+
+
+@dataclass
+class ReplayOptions:
+    timed: bool = True  # honour arrival_s; False = offline (everything at t=0)
+    max_concurrency: int | None = None  # cap on requests in flight (None: no cap)
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class RunResult:
+    requests: list[RequestRecord]  # one per trace request, in trace order, failures included
+    steps: list[StepRecord] = field(default_factory=list)  # engine-side steps, if the backend has them
+    info: dict[str, Any] = field(default_factory=dict)  # backend facts for the report config
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, requests: list[TraceRequest], t0: float, options: ReplayOptions) -> RunResult:
+        """Replay `requests`; every timestamp is `time.perf_counter() - t0`. Never raises for a
+        single request's failure: that request's row gets status "error" and the error text."""
+        ...
+
+    def close(self) -> None: ...
