@@ -64,12 +64,34 @@ def run_hf(config: EngineConfig, prompts: list[list[int]], max_tokens: list[int]
     return useful, time.perf_counter() - t0
 
 
-def run_engine(llm: LLM, prompts, params) -> tuple[int, float]:
+def run_engine(llm: LLM, prompts, params) -> tuple[int, float, dict]:
+    """Run through the step API so each step's host/device split is recorded."""
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    engine = llm.engine
+    stats = []
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    for p, sp in zip(prompts, params):
+        engine.add_request(None, p, sp)
+    tokens = 0
+    while engine.has_unfinished_requests():
+        tokens += sum(len(d.new_token_ids) for d in engine.step())
+        stats.append(engine.last_step_stats)
     elapsed = time.perf_counter() - t0
-    return sum(len(o.outputs[0].token_ids) for o in outs), elapsed
+    return tokens, elapsed, step_breakdown(stats)
+
+
+def step_breakdown(stats) -> dict:
+    """Mean per-step times (ms) for decode-only and mixed steps: host scheduling, execution
+    (input prep + forward + sampling sync) and post-processing."""
+    out = {}
+    for kind, rows in (("decode", [s for s in stats if not s.num_prefill_tokens]),
+                       ("prefill", [s for s in stats if s.num_prefill_tokens])):
+        if rows:
+            n = len(rows)
+            out[kind] = {"steps": n, "batch_mean": round(sum(s.num_scheduled_seqs for s in rows) / n, 1),
+                         **{f"{k}_ms": round(1e3 * sum(getattr(s, f"{k}_s") for s in rows) / n, 3)
+                            for k in ("schedule", "execute", "postprocess")}}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policy", default="continuous", choices=["continuous", "static"])
     ap.add_argument("--hf", action="store_true", help="also run HF transformers generate on the same prompts")
     ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--hf-num-seqs", type=int, default=None,
+                    help="run HF on the first N requests only (HF is slow; default: all)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra EngineConfig field, e.g. --engine-arg enforce_eager=true")
@@ -93,10 +117,10 @@ def main(argv: list[str] | None = None) -> None:
                           max_output_len=args.max_output_len, vocab_size=cfg.model_config.vocab_size)
     prompts = [r.prompt_token_ids for r in reqs]
     params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False) for r in reqs]
-    tokens, elapsed = run_engine(llm, prompts, params)
+    tokens, elapsed, breakdown = run_engine(llm, prompts, params)
     result = {"model": args.model, "policy": args.policy, "requests": len(reqs), "output_tokens": tokens,
               "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
-              "device": torch.cuda.get_device_name() if cuda else "cpu"}
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": breakdown}
     print(f"engine ({args.policy}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
     if args.hf:
         runner = getattr(llm.engine.executor, "runner", None)
@@ -106,10 +130,12 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        hf_tokens, hf_s = run_hf(cfg, prompts, [p.max_tokens for p in params], args.hf_batch_size, dtype, device)
+        n = args.hf_num_seqs or len(prompts)
+        hf_tokens, hf_s = run_hf(cfg, prompts[:n], [p.max_tokens for p in params[:n]], args.hf_batch_size,
+                                 dtype, device)
         result.update(hf_tokens=hf_tokens, hf_s=round(hf_s, 3), hf_tok_s=round(hf_tokens / hf_s, 1),
                       speedup_vs_hf=round((tokens / elapsed) / (hf_tokens / hf_s), 2))
-        print(f"HF generate (batch {args.hf_batch_size}): {hf_tokens} tokens in {hf_s:.2f} s = "
+        print(f"HF generate (batch {args.hf_batch_size}, {n} requests): {hf_tokens} tokens in {hf_s:.2f} s = "
               f"{hf_tokens / hf_s:,.0f} tok/s; engine speed-up {result['speedup_vs_hf']}x")
     print(json.dumps(result))
     if args.json:

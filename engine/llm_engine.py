@@ -95,10 +95,12 @@ class LLMEngine:
         t_start = time.perf_counter()
         out = self.scheduler.schedule()
         deltas, self._pending = self._pending, []
+        t_scheduled = t_executed = time.perf_counter()
         if not out.is_empty:
             sampled = self.executor.execute_model(out)
+            t_executed = time.perf_counter()
             deltas += [self._process(u) for u in self.scheduler.update_from_output(out, sampled)]
-        self.last_step_stats = self._stats(out, t_start)
+        self.last_step_stats = self._stats(out, t_start, t_scheduled, t_executed)
         return deltas
 
     def _process(self, update: SequenceUpdate) -> RequestDelta:
@@ -121,10 +123,11 @@ class LLMEngine:
         return RequestDelta(seq.request_id, new_ids, text, finished, reason,
                             seq.num_prompt_tokens, seq.num_cached_tokens, seq.stop_reason if finished else None)
 
-    def _stats(self, out: SchedulerOutput, t_start: float) -> StepStats:
-        bm = self.block_manager
+    def _stats(self, out: SchedulerOutput, t_start: float, t_scheduled: float, t_executed: float) -> StepStats:
+        bm, t_end = self.block_manager, time.perf_counter()
         return StepStats(
-            t_start=t_start, t_end=time.perf_counter(),
+            t_start=t_start, t_end=t_end, schedule_s=t_scheduled - t_start,
+            execute_s=t_executed - t_scheduled, postprocess_s=t_end - t_executed,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_scheduled_seqs=len(out.seqs), num_prefill_tokens=out.num_prefill_tokens,
             num_decode_tokens=out.num_decode_tokens, num_preempted=out.num_preempted,

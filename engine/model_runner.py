@@ -17,7 +17,7 @@ from engine.input_buffers import InputBuffers
 from engine.loader import init_dummy_weights, load_checkpoint
 from engine.models import get_model_class
 from engine.sampler import Sampler, SamplingMetadata
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ScheduledSequence, SchedulerOutput
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -143,6 +143,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-cfg.max_model_len // self.block_size)
         max_tokens = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.buffers = InputBuffers(max_tokens, cfg.max_num_seqs, self.max_blocks_per_seq, self.device)
+        self._table_rows: list[tuple[tuple[str, int] | None, int]] = [(None, 0)] * cfg.max_num_seqs
 
     def prepare_inputs(self, out: SchedulerOutput, pad_to: int | None = None) -> ModelInputs:
         """Write the step's inputs into the staging buffers (vectorised numpy) and copy them to
@@ -154,9 +155,7 @@ class ModelRunner:
         starts = np.fromiter((s.start_pos for s in seqs), np.int64, b)
         num_tokens = int(q_lens.sum())
         width = max(len(s.block_table) for s in seqs)
-        tables = buf.block_tables.np
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = s.block_table
+        tables = self._fill_block_tables(seqs)
         qsl = buf.query_start_loc.np
         qsl[0] = 0
         np.cumsum(q_lens, out=qsl[1 : b + 1])
@@ -195,6 +194,19 @@ class ModelRunner:
             logits_indices=buf.logits_indices.copy(len(sample_rows)),
             sample_rows=sample_rows,
         )
+
+    def _fill_block_tables(self, seqs: list[ScheduledSequence]) -> np.ndarray:
+        """Write block-table rows into staging, only the entries new since the same request last
+        sat in that row (a table only grows until its sequence is preempted)."""
+        tables, rows = self.buffers.block_tables.np, self._table_rows
+        for i, s in enumerate(seqs):
+            key, table = (s.request_id, s.num_preemptions), s.block_table
+            prev_key, written = rows[i]
+            start = written if prev_key == key else 0
+            if start < len(table):
+                tables[i, start : len(table)] = table[start:]
+                rows[i] = (key, len(table))
+        return tables
 
     def _copy_block_tables(self, b: int, rows: int, width: int) -> torch.Tensor:
         table = self.buffers.block_tables.copy(b, width)

@@ -36,6 +36,9 @@ class StepStats:
     kv_waste_reserved_slots: int
     prefix_query_tokens: int  # cumulative
     prefix_hit_tokens: int  # cumulative
+    schedule_s: float = 0.0  # host: scheduler.schedule()
+    execute_s: float = 0.0  # input prep + forward + sampling, up to the sampled ids on the host
+    postprocess_s: float = 0.0  # host: update sequences, detokenize
 
 
 @dataclass

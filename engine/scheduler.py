@@ -32,6 +32,7 @@ class ScheduledSequence:
     sample: bool  # the chunk reaches the last known token: sample the next one
     sampling_params: SamplingParams
     num_output_tokens: int
+    num_preemptions: int = 0  # the block table only grows between preemptions (runner caches rows)
     banned_token_ids: list[int] = field(default_factory=list)  # min_tokens: eos/stop ids masked
 
 
@@ -171,6 +172,7 @@ class Scheduler:
                 sample=sample,
                 sampling_params=params,
                 num_output_tokens=seq.num_output_tokens,
+                num_preemptions=seq.num_preemptions,
                 banned_token_ids=banned,
             )
         )

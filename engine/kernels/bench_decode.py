@@ -1,0 +1,231 @@
+"""H100 microbenchmark: split-K decode and unified attention, bf16, Qwen3-0.6B layer shape.
+
+Run on the GPU machine:  PYTHONPATH=. python3 -m engine.kernels.bench_decode
+CPU check of the script: TRITON_INTERPRET=1 PYTHONPATH=. python -m engine.kernels.bench_decode --smoke
+Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
+
+Decode bytes = K+V of every context token (Hkv x D x 2 B each) + q read + out written; split
+scratch traffic is not counted, so it shows up as lost efficiency. The roof is a measured
+device-to-device copy (bytes read + written). do_bench flushes L2 before every repetition, so
+small shapes are timed cold, as in a real step where 27 other layers pass between reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import triton
+import triton.testing
+
+from engine.attention.metadata import AttentionMetadata
+from engine.attention.torch_backend import paged_attention_ref
+from engine.kernels.decode_attention import (
+    alloc_decode_scratch,
+    choose_num_splits,
+    decode_attention,
+)
+from engine.kernels.unified_attention import unified_attention
+
+HQ, HKV, D = 16, 8, 128
+Tile = tuple[int, int, int]  # decode (BLOCK_N, num_warps, num_stages)
+Cfg = tuple[int, int, int, int]  # unified large tile (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# name: (context lengths, query lengths) for the unified kernel
+Prefill = dict[str, tuple[list[int], list[int]]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    dtype: torch.dtype
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    block_sizes: tuple[int, ...]
+    decode_tiles: tuple[Tile, ...]  # the first is the default
+    prefill_cfgs: tuple[Cfg, ...]  # the first is the default
+    prefill: Prefill
+
+
+FULL = Plan(
+    "cuda", torch.bfloat16, (1, 16, 64, 256), (256, 1024, 2048), (16, 64, 256),
+    ((64, 4, 2), (32, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)),
+    ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)),
+    {"prefill_8x512": ([512] * 8, [512] * 8),
+     "prefix_hit_8x128_on_1536": ([1664] * 8, [128] * 8),
+     "mixed_512+128dec_1k": ([512] + [1024] * 128, [512] + [1] * 128)},
+)
+SMOKE = Plan(  # checks the script itself in the interpreter: tiny shapes, fp32
+    "cuda" if torch.cuda.is_available() else "cpu", torch.float32, (1, 3), (40,), (16,),
+    ((64, 4, 2), (32, 4, 2)), ((32, 32, 4, 2),),
+    {"prefill_2x20": ([20, 33], [20, 33]), "mixed": ([30, 40], [1, 20])},
+)
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor  # [T, Hq, D]
+    k_cache: torch.Tensor  # [num_blocks, bs, Hkv, D]
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+    ref: torch.Tensor  # [T, Hq, D] fp32 torch reference
+
+
+def make_batch(plan: Plan, ctx_lens: list[int], q_lens: list[int], bs: int) -> Batch:
+    """Random cache holding exactly the blocks the batch needs, in shuffled order."""
+    dev, need = plan.device, [triton.cdiv(c, bs) for c in ctx_lens]
+    ids = (torch.randperm(sum(need)) + 1).to(torch.int32)  # block 0 stays the null block
+    table = torch.zeros(len(ctx_lens), max(need), dtype=torch.int32)
+    for i, n in enumerate(need):
+        table[i, :n] = ids[sum(need[:i]):sum(need[:i]) + n]
+    kc = torch.randn(1 + sum(need), bs, HKV, D, device=dev, dtype=plan.dtype)
+    vc = torch.randn_like(kc)
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    q = torch.randn(qsl[-1], HQ, D, device=dev, dtype=plan.dtype)
+    meta = AttentionMetadata(
+        torch.full((qsl[-1],), -1, dtype=torch.int64, device=dev),
+        torch.tensor(qsl, dtype=torch.int32, device=dev),
+        torch.tensor(ctx_lens, dtype=torch.int32, device=dev), table.to(dev),
+        max(q_lens), max(ctx_lens), qsl, list(ctx_lens))
+    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, D ** -0.5)
+    return Batch(q, kc, vc, meta, ref)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_ms(fn, plan: Plan) -> float:
+    if plan.device != "cuda":  # smoke run: one call, host clock
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def copy_bandwidth(plan: Plan) -> float:
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read + written."""
+    x = torch.randn(1 << (28 if plan.device == "cuda" else 20), device=plan.device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / bench_ms(lambda: y.copy_(x), plan) / 1e6
+
+
+def decode_rows(plan: Plan, bsz: int, ctx: int, bs: int, copy_gbs: float, scratch) -> list[dict]:
+    b = make_batch(plan, [ctx] * bsz, [1] * bsz, bs)
+    out = torch.empty_like(b.q)
+    auto = choose_num_splits(bsz, HKV, ctx)
+    nbytes = bsz * ctx * HKV * D * 2 * b.q.element_size() + 2 * b.q.numel() * b.q.element_size()
+    variants = [(t, auto) for t in plan.decode_tiles]
+    extra = sorted({1, max(1, auto // 2), min(16, 2 * auto)} - {auto})
+    variants += [(plan.decode_tiles[0], s) for s in extra]
+    rows = []
+    for (block_n, warps, stages), splits in variants:
+        run = partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens,
+                      b.meta.block_tables, D ** -0.5, splits, scratch, check=False,
+                      block_n=block_n, num_warps=warps, num_stages=stages)
+        out.fill_(float("nan"))  # every variant must write every element
+        run()
+        err = rel_err(out, b.ref)
+        ms = bench_ms(run, plan)
+        gbs = nbytes / ms / 1e6
+        rows.append(dict(kernel="decode", B=bsz, ctx=ctx, bs=bs, block_m=16, block_n=block_n,
+                         warps=warps, stages=stages, splits=splits, default=not rows, us=ms * 1e3,
+                         GBps=gbs, TFLOPs=float("nan"), frac_copy=gbs / copy_gbs, rel_err=err))
+    return rows
+
+
+def prefill_rows(plan: Plan, name: str, ctx_lens: list[int], q_lens: list[int], bs: int,
+                 cfgs: tuple[Cfg, ...]) -> list[dict]:
+    """Unified kernel; TFLOP/s counts causal QK and PV (4 x D x Hq per query-key pair)."""
+    b = make_batch(plan, ctx_lens, q_lens, bs)
+    m, out = b.meta, torch.empty_like(b.q)
+    pairs = sum(n * (c - n) + n * (n + 1) // 2 for c, n in zip(ctx_lens, q_lens))
+    rows = []
+    for i, cfg in enumerate(cfgs):
+        run = partial(unified_attention, b.q, b.k_cache, b.v_cache, out, m.query_start_loc,
+                      m.seq_lens, m.block_tables, m.max_query_len, m.max_seq_len, D ** -0.5,
+                      check=False, large_cfg=cfg)
+        out.fill_(float("nan"))
+        run()
+        err = rel_err(out, b.ref)
+        ms = bench_ms(run, plan)
+        rows.append(dict(kernel=f"unified:{name}", B=len(q_lens), ctx=max(ctx_lens), bs=bs,
+                         block_m=cfg[0], block_n=cfg[1], warps=cfg[2], stages=cfg[3], splits=1,
+                         default=i == 0, us=ms * 1e3, GBps=float("nan"),
+                         TFLOPs=4 * D * HQ * pairs / ms / 1e9, frac_copy=float("nan"), rel_err=err))
+    return rows
+
+
+def print_table(copy_gbs: float, rows: list[dict]) -> None:
+    print(f"\ncopy BW {copy_gbs:.0f} GB/s (read+write). decode default = first tile, auto splits; "
+          "best = fastest variant; maxerr over all variants")
+    print(f"{'B':>4} {'ctx':>5} {'bs':>4} {'sp':>3} {'us':>8} {'GB/s':>6} {'%copy':>6} | "
+          f"{'best us':>8} {'%copy':>6} {'maxerr':>8}  best (BLOCK_N,warps,stages,splits)")
+    dec = [r for r in rows if r["kernel"] == "decode"]
+    for shape in dict.fromkeys((r["B"], r["ctx"], r["bs"]) for r in dec):
+        rs = [r for r in dec if (r["B"], r["ctx"], r["bs"]) == shape]
+        d, best = rs[0], min(rs, key=lambda r: r["us"])
+        print(f"{shape[0]:>4} {shape[1]:>5} {shape[2]:>4} {d['splits']:>3} {d['us']:>8.1f} "
+              f"{d['GBps']:>6.0f} {100 * d['frac_copy']:>5.1f}% | {best['us']:>8.1f} "
+              f"{100 * best['frac_copy']:>5.1f}% {max(r['rel_err'] for r in rs):>8.1e}  "
+              f"({best['block_n']},{best['warps']},{best['stages']},{best['splits']})")
+    print("\nunified: causal TFLOP/s; best cfg = large tile (BLOCK_M,BLOCK_N,warps,stages)")
+    for name in dict.fromkeys(r["kernel"] for r in rows if r["kernel"] != "decode"):
+        rs = [r for r in rows if r["kernel"] == name]
+        d, best = rs[0], min(rs, key=lambda r: r["us"])
+        print(f"{name:<34} default {d['us']:>8.1f} us {d['TFLOPs']:>6.1f} TF | best "
+              f"{best['us']:>8.1f} us {best['TFLOPs']:>6.1f} TF ({best['block_m']},"
+              f"{best['block_n']},{best['warps']},{best['stages']}) maxerr "
+              f"{max(r['rel_err'] for r in rs):.1e}")
+
+
+def write_csv(rows: list[dict]) -> None:
+    if not os.environ.get("OUT"):
+        return
+    path = os.path.join(os.environ["OUT"], "bench_decode.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str]) -> None:
+    plan = SMOKE if "--smoke" in argv else FULL
+    if plan.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("bench_decode needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")
+    torch.manual_seed(0)
+    t0 = time.time()
+    copy_gbs = copy_bandwidth(plan)
+    name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
+    print(f"{name}: copy {copy_gbs:.0f} GB/s, {plan.dtype}", flush=True)
+    scratch = alloc_decode_scratch(max(plan.batches), HQ, D, plan.device)
+    rows: list[dict] = []
+    for bsz in plan.batches:
+        for ctx in plan.contexts:
+            for bs in plan.block_sizes:
+                shape_rows = decode_rows(plan, bsz, ctx, bs, copy_gbs, scratch)
+                rows += shape_rows
+                r = shape_rows[0]
+                print(f"decode B{bsz} ctx{ctx} bs{bs}: {r['us']:.1f} us "
+                      f"{100 * r['frac_copy']:.0f}% [{time.time() - t0:.0f}s]", flush=True)
+    for case, (ctx_lens, q_lens) in plan.prefill.items():
+        rows += prefill_rows(plan, case, ctx_lens, q_lens, 16, plan.prefill_cfgs)
+        print(f"unified {case} [{time.time() - t0:.0f}s]", flush=True)
+    # Decode through the unified kernel (16-row tile, no splits), to compare with the above.
+    bsz, ctx = plan.batches[-1], plan.contexts[-1]
+    rows += prefill_rows(plan, f"decode_{bsz}x{ctx}", [ctx] * bsz, [1] * bsz, 16,
+                         plan.prefill_cfgs[:1])
+    write_csv(rows)
+    print(f"total {time.time() - t0:.0f}s")
+    print_table(copy_gbs, rows)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

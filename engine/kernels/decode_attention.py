@@ -1,0 +1,249 @@
+"""Split-K (flash-decoding) paged attention for decode steps (one query token per sequence).
+
+Stage 1, grid (num_seqs, Hkv, num_splits): a program takes every Q head of one KV group and an
+equal share of the sequence's BLOCK_N-key tiles, and writes its fp32 partial output (already
+normalised) and log2-sum-exp to scratch. Stage 2, grid (num_seqs, Hq): merges the splits by
+log-sum-exp. With one split, stage 1 writes the output directly and stage 2 is skipped.
+
+CUDA-graph safety: seq_lens and block_tables are only read on device, the grids depend only on
+(num_seqs, Hkv, num_splits), scratch is passed in, and a padded lane (seq_len 0) visits no tile,
+reads no block table entry and writes zeros.
+
+Head group in a tl.dot, padded to 16 rows (BLOCK_H): decode is bound by K/V bytes, so the
+tensor-core work wasted on padding rows is free, while the dot keeps the K/V tile in the MMA
+layout with one reduction per tile. Broadcast-multiply-and-sum for a group of 2 would instead
+reduce QK over head_dim across threads (shuffles) every tile and needs a second layout for PV;
+vLLM and SGLang's Triton decode kernels pad to 16 for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 16
+MIN_SPLIT_TOKENS = 64  # a split shorter than one default tile would only add reduce work
+
+
+@dataclass
+class DecodeScratch:
+    """Preallocated split partials for a batch of up to acc.shape[0] sequences."""
+
+    acc: torch.Tensor  # [max_seqs, Hq, max_splits, D] fp32, normalised partial outputs
+    lse: torch.Tensor  # [max_seqs, Hq, max_splits] fp32, log2-sum-exp of each split
+
+    @property
+    def max_seqs(self) -> int:
+        return self.acc.shape[0]
+
+    @property
+    def max_splits(self) -> int:
+        return self.acc.shape[2]
+
+
+def alloc_decode_scratch(max_seqs: int, num_heads: int, head_dim: int, device: torch.device | str,
+                         max_splits: int = MAX_SPLITS) -> DecodeScratch:
+    """Scratch for decode_attention with up to max_seqs sequences and max_splits splits."""
+    if max_seqs < 1 or max_splits < 1:
+        raise ValueError(f"max_seqs {max_seqs} and max_splits {max_splits} must be >= 1")
+    acc = torch.empty(max_seqs, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
+    lse = torch.empty(max_seqs, num_heads, max_splits, dtype=torch.float32, device=device)
+    return DecodeScratch(acc, lse)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int,
+                      num_sms: int = 132) -> int:
+    """~4 programs per SM over (seqs x KV heads x splits), capped at MAX_SPLITS, at least 1, and
+    no more splits than MIN_SPLIT_TOKENS-key chunks of the longest sequence. Host ints only:
+    a captured graph must be captured with the max_seq_len it will replay under (max_model_len)."""
+    target = (4 * num_sms) // max(1, num_seqs * num_kv_heads)
+    by_len = triton.cdiv(max(1, max_seq_len_hint), MIN_SPLIT_TOKENS)
+    return max(1, min(MAX_SPLITS, target, by_len))
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,  # q/out [B, Hq, D]; caches [nb, bs, Hkv, D]
+    acc_ptr, lse_ptr,  # scratch [maxB, Hq, S, D], [maxB, Hq, S] fp32
+    seq_lens_ptr, block_tables_ptr,  # [B] int32, [B, max_blocks] int32
+    scale_log2,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h,
+    stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+    stride_bt, stride_acc_t, stride_acc_h, stride_acc_s, stride_lse_t, stride_lse_h,
+    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Equal tile counts per split, computed on device so one graph fits every length.
+    n_tiles = tl.cdiv(seq_len, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    t_begin = split * per_split
+    t_end = tl.minimum(t_begin + per_split, n_tiles)
+
+    h = tl.arange(0, BLOCK_H)
+    head = kv_head * GROUP + h  # [BLOCK_H]
+    h_ok = h < GROUP
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    hd_mask = h_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + seq * stride_q_t + head[:, None] * stride_q_h + d[None, :],
+                mask=hd_mask, other=0.0)  # [BLOCK_H, D_PAD]; padding rows are 0
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_PAD], tl.float32)
+    bt_row = block_tables_ptr + seq * stride_bt
+    for t in range(t_begin, t_end):
+        pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_ok = pos < seq_len
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h
+        v_row = blk * stride_vc_b + in_blk * stride_vc_s + kv_head * stride_vc_h
+        # Masked loads: slots past seq_len may hold garbage/NaN (0 * NaN = NaN in the PV dot).
+        kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
+                     mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+        v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
+                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # empty split / seq_len 0: zeros
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_o_t + head[:, None] * stride_o_h + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=hd_mask)
+    else:
+        empty = l_i == 0.0
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        row = seq * stride_acc_t + head * stride_acc_h + split * stride_acc_s
+        tl.store(acc_ptr + row[:, None] + d[None, :], o, mask=hd_mask)
+        tl.store(lse_ptr + seq * stride_lse_t + head * stride_lse_h + split, lse, mask=h_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    acc_ptr, lse_ptr, out_ptr,  # scratch as above; out [B, Hq, D]
+    stride_acc_t, stride_acc_h, stride_acc_s, stride_lse_t, stride_lse_h, stride_o_t, stride_o_h,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    s_ok = s < NUM_SPLITS
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    lse = tl.load(lse_ptr + seq * stride_lse_t + head * stride_lse_h + s, mask=s_ok,
+                  other=float("-inf"))  # [SPLITS_PAD]
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # seq_len 0: all splits empty
+    w = tl.exp2(lse - lse_max)  # empty splits weigh 0
+    part = tl.load(acc_ptr + seq * stride_acc_t + head * stride_acc_h
+                   + s[:, None] * stride_acc_s + d[None, :],
+                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [SPLITS_PAD, D_PAD]
+    denom = tl.sum(w, 0)
+    o = tl.sum(w[:, None] * part, 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + d, o.to(out_ptr.dtype.element_ty),
+             mask=d_ok)
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+           seq_lens: torch.Tensor, block_tables: torch.Tensor, num_splits: int,
+           scratch: DecodeScratch | None) -> None:
+    if q.dim() != 3 or out.shape != q.shape:
+        raise ValueError(f"q and out must be [num_seqs, num_heads, head_dim]; got "
+                         f"{tuple(q.shape)}, {tuple(out.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"caches must be [num_blocks, block_size, num_kv_heads, {q.shape[2]}]; "
+                         f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads "
+                         f"{k_cache.shape[2]}")
+    if len({q.dtype, out.dtype, k_cache.dtype, v_cache.dtype}) != 1:
+        raise ValueError(f"q, out, k_cache, v_cache must share one dtype; got {q.dtype}, "
+                         f"{out.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if any(t.stride(-1) != 1 for t in (q, out, k_cache, v_cache)):
+        raise ValueError("q, out, k_cache and v_cache need a contiguous last (head_dim) dimension")
+    num_seqs = q.shape[0]
+    if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (num_seqs,):
+        raise ValueError(f"seq_lens must be int32 [{num_seqs}] (one query per sequence); got "
+                         f"{seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or \
+            block_tables.shape[0] != num_seqs or block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables must be int32 [{num_seqs}, max_blocks] with a contiguous "
+                         f"last dim; got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits {num_splits} must be in [1, {MAX_SPLITS}]")
+    if scratch is not None and num_splits > 1:
+        want = (q.shape[1], q.shape[2])
+        got = (scratch.acc.shape[1], scratch.acc.shape[3])
+        if scratch.max_seqs < num_seqs or scratch.max_splits < num_splits or got != want \
+                or scratch.acc.device != q.device:
+            raise ValueError(f"scratch (max_seqs {scratch.max_seqs}, max_splits "
+                             f"{scratch.max_splits}, heads/dim {got}, {scratch.acc.device}) is too "
+                             f"small for {num_seqs} seqs x {num_splits} splits, heads/dim {want}")
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D], one query token per sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    out: torch.Tensor,  # [B, Hq, D], written in place
+    seq_lens: torch.Tensor,  # [B] int32, context incl. this token; 0 = padded lane
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    scale: float,
+    num_splits: int,
+    scratch: DecodeScratch | None = None,
+    check: bool = True,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Paged decode attention; returns out. Pass a preallocated scratch when num_splits > 1
+    inside a CUDA graph (without one, it is allocated here, which is not capture-safe)."""
+    if check:
+        _check(q, k_cache, v_cache, out, seq_lens, block_tables, num_splits, scratch)
+    num_seqs, num_heads, head_dim = q.shape
+    if num_seqs == 0:
+        return out
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if num_splits > 1 and scratch is None:
+        scratch = alloc_decode_scratch(num_seqs, num_heads, head_dim, q.device, num_splits)
+    # With one split the scratch is never touched; out stands in for its pointers.
+    acc, lse = (scratch.acc, scratch.lse) if num_splits > 1 else (out, out)
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, acc, lse, seq_lens, block_tables,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), acc.stride(0), acc.stride(1), acc.stride(2),
+        lse.stride(0), lse.stride(1),
+        BLOCK_SIZE=k_cache.shape[1], GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            acc, lse, out, acc.stride(0), acc.stride(1), acc.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out

@@ -1,0 +1,223 @@
+"""Unified paged attention (vLLM's triton_unified_attention design, written for this engine).
+
+One launch serves varlen prefill, chunked prefill, prefix-cache hits, decode and mixed batches:
+the new K/V were stored first, so every key is read through the block table. Sequence i has
+q_len queries and seq_len keys; query j sits at position ctx + j (ctx = seq_len - q_len) and sees
+keys 0..ctx + j.
+
+GQA packing: a program owns one KV head and BLOCK_M rows = BLOCK_Q query tokens x GROUP heads,
+so each K/V tile is loaded once for the whole head group and QK^T / PV are tensor-core dots.
+Grid (T // BLOCK_Q + num_seqs, Hkv) is an upper bound on the q-blocks (sequence i starts at
+block qsl[i] // BLOCK_Q + i); each program finds its sequence by bisection and spare ones exit,
+so the grid needs no host-side query lengths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Sequences with at most this many queries use the small (16-row) tile, the rest the large tile.
+SMALL_Q_MAX = 16
+
+
+@triton.jit
+def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
+    """Largest i with qsl[i] // BLOCK_Q + i <= target (first q-block index of sequence i)."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _unified_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,  # q/out [T, Hq, D]; caches [nb, bs, Hkv, D]
+    qsl_ptr, seq_lens_ptr, block_tables_ptr,  # [S+1] int32, [S] int32, [S, max_blocks] int32
+    num_seqs, q_len_split, scale_log2,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h,
+    stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+    stride_bt,
+    LONG: tl.constexpr,  # True: only sequences with q_len > q_len_split; False: the others
+    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    if LONG:
+        if q_len <= q_len_split:
+            return
+    else:
+        if q_len > q_len_split:
+            return
+    q_blk = pid - (q_start // BLOCK_Q + seq)
+    if q_blk * BLOCK_Q >= q_len:  # spare program of the upper-bound grid
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - q_len
+
+    # Row r of the tile = query token r // GROUP of this q-block, head r % GROUP of the group.
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_blk * BLOCK_Q + rows // GROUP  # [BLOCK_M] index within the sequence
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (q_idx < q_len)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    tok = (q_start + q_idx).to(tl.int64)
+    qo_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + tok[:, None] * stride_q_t + head[:, None] * stride_q_h + d[None, :],
+                mask=qo_mask, other=0.0)  # [BLOCK_M, D_PAD]
+    q_pos = ctx + q_idx  # [BLOCK_M] absolute position of each row's query
+
+    # Causal limit of the whole tile: keys past its last query are never visited.
+    kv_end = ctx + tl.minimum(q_blk * BLOCK_Q + BLOCK_Q, q_len)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_off_k = kv_head * stride_kc_h
+    kv_off_v = kv_head * stride_vc_h
+    for start in range(0, kv_end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        pos_ok = pos < kv_end
+        # Tiles ignore block boundaries: each key looks up its own block id.
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_off_k
+        v_row = blk * stride_vc_b + in_blk * stride_vc_s + kv_off_v
+        # Masked loads, not just masked scores: slots past seq_len may hold NaN/garbage and
+        # 0 * NaN in the PV dot would poison the row.
+        kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
+                     mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # log2 units, fp32
+        s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows: avoid inf-inf
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
+                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=qo_mask)
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+           query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+           block_tables: torch.Tensor) -> None:
+    if q.dim() != 3 or out.shape != q.shape:
+        raise ValueError(f"q and out must be [num_tokens, num_heads, head_dim]; got "
+                         f"{tuple(q.shape)}, {tuple(out.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"caches must be [num_blocks, block_size, num_kv_heads, {q.shape[2]}]; "
+                         f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads "
+                         f"{k_cache.shape[2]}")
+    if len({q.dtype, out.dtype, k_cache.dtype, v_cache.dtype}) != 1:
+        raise ValueError(f"q, out, k_cache, v_cache must share one dtype; got {q.dtype}, "
+                         f"{out.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {q.dtype} is unsupported; use float16, bfloat16 or float32")
+    if any(t.stride(-1) != 1 for t in (q, out, k_cache, v_cache)):
+        raise ValueError("q, out, k_cache and v_cache need a contiguous last (head_dim) dimension")
+    num_seqs = seq_lens.shape[0]
+    for name, t, shape in (("query_start_loc", query_start_loc, (num_seqs + 1,)),
+                           ("seq_lens", seq_lens, (num_seqs,))):
+        if t.dtype != torch.int32 or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be int32 {list(shape)}; got {t.dtype} {tuple(t.shape)}")
+    if (block_tables.dtype != torch.int32 or block_tables.dim() != 2
+            or block_tables.shape[0] != num_seqs):
+        raise ValueError(f"block_tables must be int32 [{num_seqs}, max_blocks]; got "
+                         f"{block_tables.dtype} {tuple(block_tables.shape)}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables needs a contiguous last dimension")
+
+
+def _tile_config(group: int, large: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tile (16 rows, as vLLM) for decode-like
+    sequences; 128 rows for prefill so each K/V tile serves 128 / group query tokens."""
+    rows = triton.next_power_of_2(group)
+    if large:
+        return max(128, rows), 64, 8, 2
+    return max(16, rows), 64, 4, 2
+
+
+def _launch(q, k_cache, v_cache, out, qsl, seq_lens, block_tables, scale, q_len_split: int,
+            long: bool, cfg: tuple[int, int, int, int]) -> None:
+    num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // k_cache.shape[2]
+    block_m, block_n, num_warps, num_stages = cfg
+    block_q = block_m // group  # block_m >= next_pow2(group) keeps this >= 1
+    grid = (num_tokens // block_q + seq_lens.shape[0], k_cache.shape[2])
+    _unified_attention_kernel[grid](
+        q, k_cache, v_cache, out, qsl, seq_lens, block_tables,
+        seq_lens.shape[0], q_len_split, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        LONG=long, BLOCK_SIZE=k_cache.shape[1], GROUP=group, HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def unified_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    out: torch.Tensor,  # [T, Hq, D], written in place
+    query_start_loc: torch.Tensor,  # [S+1] int32
+    seq_lens: torch.Tensor,  # [S] int32, context length incl. this step's tokens
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    check: bool = True,
+    small_cfg: tuple[int, int, int, int] | None = None,
+    large_cfg: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Causal paged attention for any mix of prefill chunks and decodes; returns out.
+    max_query_len picks the tiles (host int, no sync); max_seq_len is accepted for the
+    interface and unused (the loop bounds come from seq_lens on device). Rows of out past
+    query_start_loc[-1] (padding tokens) are left unwritten.
+    When some sequence has more than SMALL_Q_MAX queries, two launches run over the same grid
+    scheme: the 16-row tile for the short sequences and the 128-row tile for the long ones, so
+    decodes in a mixed batch do not pay 128-row dots. *_cfg override (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) for tuning."""
+    if check:
+        _check(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables)
+        if not math.isfinite(scale) or max_query_len < 0:
+            raise ValueError(f"bad scale {scale} or max_query_len {max_query_len}")
+    if q.shape[0] == 0 or seq_lens.shape[0] == 0:
+        return out
+    group = q.shape[1] // k_cache.shape[2]
+    small = small_cfg or _tile_config(group, large=False)
+    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale)
+    if max_query_len <= SMALL_Q_MAX:
+        _launch(*args, q_len_split=1 << 30, long=False, cfg=small)
+        return out
+    _launch(*args, q_len_split=SMALL_Q_MAX, long=False, cfg=small)
+    large = large_cfg or _tile_config(group, large=True)
+    _launch(*args, q_len_split=SMALL_Q_MAX, long=True, cfg=large)
+    return out
