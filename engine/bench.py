@@ -66,8 +66,8 @@ def run_hf(config: EngineConfig, prompts: list[list[int]], max_tokens: list[int]
 
 def run_engine(llm: LLM, prompts, params) -> tuple[int, float, dict]:
     """Run through the step API so each step's host/device split is recorded."""
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     engine = llm.engine
+    engine.warm_up()
     stats = []
     t0 = time.perf_counter()
     for p, sp in zip(prompts, params):

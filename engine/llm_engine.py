@@ -136,6 +136,21 @@ class LLMEngine:
             **self.scheduler.kv_stats(),
         )
 
+    def warm_up(self) -> None:
+        """Push a few requests through every kind of step (long prefill, prefill mixed with
+        decodes, decode) so kernel compilation happens before anything is timed."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up() needs an idle engine")
+        vocab = self.config.model_config.vocab_size
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, detokenize=False)
+        n = min(64, self.config.max_model_len - params.max_tokens - 1)
+        for wave in range(2):  # the second wave's prefills share steps with the first's decodes
+            for i in range(3):
+                self.add_request(f"warm-up-{wave}-{i}", [(7 * i + j) % vocab for j in range(n - 20 * i)], params)
+            self.step()
+        while self.has_unfinished_requests():
+            self.step()
+
     def shutdown(self) -> None:
         self.executor.shutdown()
 

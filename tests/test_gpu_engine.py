@@ -27,7 +27,7 @@ def test_gpu_float32_matches_cpu_reference(checkpoint_dirs, eager):
     path = checkpoint_dirs["qwen3"]
     cpu = tokens(LLM(path, device="cpu", dtype="float32"))
     gpu = tokens(LLM(path, device="cuda", dtype="float32", attention_backend="triton", enforce_eager=eager,
-                     max_num_seqs=16, max_model_len=256))
+                     max_num_seqs=16, max_model_len=256, num_kv_blocks=512))
     reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
     assert_matches_hf(cpu, reference)
     assert_matches_hf(gpu, reference)
@@ -40,14 +40,14 @@ def test_gpu_chunked_prefix_and_graph_padding(checkpoint_dirs):
     prompts = PROMPTS + [shared + [i] for i in range(5)]
     reference = hf_greedy(path, prompts, PARAMS.max_tokens)
     llm = LLM(path, device="cuda", dtype="float32", max_num_batched_tokens=64, max_num_seqs=12,
-              max_model_len=256)
+              max_model_len=256, num_kv_blocks=512)
     assert_matches_hf(tokens(llm, prompts), reference)
     assert_matches_hf(tokens(llm, prompts), reference)  # second pass: prefix-cache hits
     assert llm.engine.block_manager.prefix_hit_tokens > 0
 
 
 def test_bf16_engine_runs_preset_and_sampling():
-    llm = LLM("qwen3-0.6b", max_model_len=1024, max_num_seqs=32)
+    llm = LLM("qwen3-0.6b", max_model_len=1024, max_num_seqs=32, num_kv_blocks=4096)
     outs = llm.generate([[1, 2, 3] * k for k in range(1, 20)],
                         SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=16, ignore_eos=True),
                         use_tqdm=False)

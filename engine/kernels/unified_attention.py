@@ -39,7 +39,8 @@ def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# num_seqs varies every step: specialising on it (==1, %16) would recompile mid-run
+@triton.jit(do_not_specialize=["num_seqs", "q_len_split"])
 def _unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,  # q/out [T, Hq, D]; caches [nb, bs, Hkv, D]
     qsl_ptr, seq_lens_ptr, block_tables_ptr,  # [S+1] int32, [S] int32, [S, max_blocks] int32

@@ -45,6 +45,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections fused into one matmul (gate_up_proj)."""
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, tp: TensorParallel = SINGLE):
+        for size in out_sizes:  # each part is split on its own, so each must divide
+            tp.shard(size, "output features of a merged projection")
         self.out_sizes = out_sizes
         super().__init__(in_features, sum(out_sizes), bias, tp)
 

@@ -33,8 +33,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], -1), persistent=False)
         self.register_buffer("sin", torch.cat([freqs.sin(), freqs.sin()], -1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, Hq, D], k: [T, Hkv, D]
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
+        """q: [T, Hq, D], k: [T, Hkv, D]; optional per-head RMSNorms (Qwen3) applied first."""
+        if q.is_cuda:
+            from engine.kernels.rope import qk_norm_rope  # one fused kernel on the GPU
+
+            return qk_norm_rope(q, k, positions, self.cos, self.sin, q_norm.weight if q_norm else None,
+                                k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _apply(q, cos, sin), _apply(k, cos, sin)

@@ -1,0 +1,117 @@
+"""Where a decode step's time goes, against its bytes/bandwidth floor.
+
+    PYTHONPATH=. python3 -m engine.step_profile --model qwen3-0.6b --batch 256 --context 1024
+
+Fills `batch` sequences to `context` tokens, then (1) times decode steps end to end with the
+host clock (what the engine loop sees), (2) times the model part alone with CUDA events
+(graph replay), and (3) lists the kernels of one eager decode step with torch.profiler.
+The floor is (weights + KV read) / measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from engine import LLM, SamplingParams
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def fill(llm: LLM, batch: int, context: int, steps: int) -> None:
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True, detokenize=False)
+    for i in range(batch):
+        engine.add_request(f"p{i}", [(i * 31 + j) % 1000 for j in range(context)], params)
+    while engine.last_step_stats is None or engine.last_step_stats.num_prefill_tokens or engine.scheduler.waiting:
+        engine.step()
+
+
+def step_floor_s(llm: LLM, batch: int, context: int, bw: float) -> float:
+    runner = llm.engine.executor.runner
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv_bytes = batch * context * runner.bytes_per_block // runner.block_size
+    return (weight_bytes + kv_bytes) / bw
+
+
+def profile(model: str, batch: int, context: int, steps: int, eager: bool, bw: float) -> dict:
+    max_len = context + steps + 128
+    llm = LLM(model, max_num_seqs=batch, enforce_eager=eager, max_model_len=max_len,
+              num_kv_blocks=batch * (-(-max_len // 16)) + 16)
+    fill(llm, batch, context, steps)
+    engine = llm.engine
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    host = 0.0
+    for _ in range(steps):
+        engine.step()
+        s = engine.last_step_stats
+        host += s.schedule_s + s.postprocess_s
+    wall = (time.perf_counter() - t0) / steps
+    floor_ms = step_floor_s(llm, batch, context + steps // 2, bw) * 1e3
+    result = {"mode": "eager" if eager else "graph", "batch": batch, "context": context,
+              "step_ms": round(wall * 1e3, 3), "host_sched_post_ms": round(host / steps * 1e3, 3),
+              "floor_ms": round(floor_ms, 3), "step_vs_floor": round(wall * 1e3 / floor_ms, 2)}
+    runner = engine.executor.runner
+    out = engine.scheduler.schedule()  # one more decode step, model part alone
+    graph = runner.graphs.lookup(out) if runner.graphs else None
+    if graph is not None:
+        runner.prepare_inputs(out, pad_to=graph.batch_size)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        result["graph_replay_ms"] = round(start.elapsed_time(end) / 10, 3)
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            runner.execute_model(out)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+        result["kernels"] = len([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA])
+        print(table)
+    engine.scheduler.update_from_output(out, [0] * len(out.seqs))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-0.6b")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    bw = copy_bandwidth()
+    rows = []
+    for eager in (False, True):
+        rows.append(profile(args.model, args.batch, args.context, args.steps, eager, bw))
+        gc.collect()
+        torch.cuda.empty_cache()
+    summary = {"copy_bw_gbs": round(bw / 1e9), "runs": rows}
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Fused elementwise kernels (RMSNorm, residual add + RMSNorm, q/k norm + rotary, SiLU * up)
+against the torch layers they replace on the GPU; fp32/fp16 under TRITON_INTERPRET on CPU,
+bf16 on a GPU. Run: pytest tests/test_fused_kernels.py"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels.rmsnorm import rmsnorm
+from engine.kernels.rope import qk_norm_rope
+from engine.kernels.silu_mul import silu_mul
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 96])
+def test_rmsnorm_with_and_without_residual(dtype, hidden):
+    x, res = torch.randn(2, 7, hidden, device=DEVICE, dtype=dtype).unbind(0)
+    norm = RMSNorm(hidden, 1e-6).to(DEVICE, dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    want = norm._norm(x)
+    assert rel(rmsnorm(x, norm.weight, 1e-6), want) < TOL[dtype]
+    got, got_res = rmsnorm(x, norm.weight, 1e-6, residual=res)
+    want, want_res = norm._norm(x + res), x + res
+    assert rel(got_res, want_res) < TOL[dtype] and rel(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False])
+def test_qk_norm_rope_matches_layers(dtype, norm):
+    t, hq, hkv, d = 5, 4, 2, 32
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEVICE, dtype=dtype)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.view(t, hq, d), k.view(t, hkv, d)  # strided views, as in the model
+    rotary = RotaryEmbedding(d, 64, 10000.0).to(DEVICE)
+    qn, kn = RMSNorm(d).to(DEVICE, dtype), RMSNorm(d).to(DEVICE, dtype)
+    qn.weight.data.uniform_(0.5, 1.5)
+    kn.weight.data.uniform_(0.5, 1.5)
+    pos = torch.tensor([0, 3, 17, 63, 5], device=DEVICE)
+    got_q, got_k = qk_norm_rope(q, k, pos, rotary.cos, rotary.sin, qn.weight if norm else None,
+                                kn.weight if norm else None, qn.eps)
+    rq, rk = (qn(q), kn(k)) if norm else (q, k)
+    cos, sin = rotary.cos[pos].unsqueeze(1), rotary.sin[pos].unsqueeze(1)
+    from engine.layers.rotary import _apply
+
+    assert rel(got_q, _apply(rq, cos, sin)) < TOL[dtype]
+    assert rel(got_k, _apply(rk, cos, sin)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    x = torch.randn(3, 2 * 80, device=DEVICE, dtype=dtype)
+    gate, up = x.chunk(2, dim=-1)
+    assert rel(silu_mul(x), torch.nn.functional.silu(gate) * up) < TOL[dtype]
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="rmsnorm"):
+        rmsnorm(torch.randn(2, 3, 4), torch.ones(4), 1e-6)
+    with pytest.raises(ValueError, match="silu_mul"):
+        silu_mul(torch.randn(3, 5))
