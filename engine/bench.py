@@ -17,25 +17,8 @@ import time
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
+from harness.backends.hf import hf_model_from_config  # the HF baseline's model builder lives there
 from workloads.generators import bench as bench_requests
-
-
-def hf_model_from_config(config: EngineConfig, dtype: torch.dtype, device: str):
-    """An HF model of the same shape (random weights: throughput does not depend on them)."""
-    import transformers
-
-    mc = config.model_config
-    cls = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama"}[mc.architecture]
-    hf_config = getattr(transformers, f"{cls}Config")(
-        vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
-        num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,
-        num_key_value_heads=mc.num_key_value_heads, head_dim=mc.head_dim, rms_norm_eps=mc.rms_norm_eps,
-        rope_theta=mc.rope_theta, max_position_embeddings=mc.max_position_embeddings,
-        tie_word_embeddings=mc.tie_word_embeddings,
-    )
-    with torch.device(device):
-        model = getattr(transformers, f"{cls}ForCausalLM")(hf_config).to(dtype)
-    return model.eval()
 
 
 def run_hf(config: EngineConfig, prompts: list[list[int]], max_tokens: list[int], batch_size: int,
@@ -125,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.hf:
         runner = getattr(llm.engine.executor, "runner", None)
         dtype, device = (runner.dtype, str(runner.device)) if runner else (torch.float32, "cpu")
+        del runner  # the engine's KV cache and graphs must go before HF allocates
         llm.shutdown()
         del llm
         gc.collect()

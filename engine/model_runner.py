@@ -233,7 +233,7 @@ class ModelRunner:
         rows = [out.seqs[i] for i in sample_rows]
         sampling = SamplingMetadata.build(
             [s.sampling_params for s in rows], [s.num_output_tokens for s in rows],
-            [s.banned_token_ids for s in rows], self.mc.vocab_size, self.device,
+            [s.banned_token_ids for s in rows], self.mc.vocab_size, self.device, self.sampler.rng,
         )
         token_ids = self.sampler(logits, sampling).tolist()  # the step's one host sync
         result: list[int | None] = [None] * len(out.seqs)

@@ -4,6 +4,7 @@ generator keyed by (seed, output index), so their tokens do not depend on batch 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +20,17 @@ class SamplingMetadata:
     all_greedy: bool
     seeded: list[tuple[int, int]]  # (row, generator seed)
     banned: list[tuple[int, list[int]]]  # (row, token ids masked out: min_tokens)
+    row_seeds: list[int]  # per-row noise seed: the request's (seed, output index), else random
 
     @classmethod
     def build(cls, params: list[SamplingParams], output_lens: list[int], banned: list[list[int]],
-              vocab_size: int, device: torch.device) -> SamplingMetadata:
+              vocab_size: int, device: torch.device, rng: random.Random) -> SamplingMetadata:
         temps = [p.temperature for p in params]
+        seeded = [(i, _request_seed(p.seed, n)) for i, (p, n) in enumerate(zip(params, output_lens))
+                  if p.seed is not None and p.temperature > 0]
+        row_seeds = [rng.getrandbits(31) for _ in params]
+        for i, seed in seeded:
+            row_seeds[i] = seed
         use_k = any(p.top_k > 0 for p in params)
         use_p = any(p.top_p < 1.0 for p in params)
         return cls(
@@ -31,10 +38,15 @@ class SamplingMetadata:
             top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]).to(device) if use_k else None,
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device) if use_p else None,
             all_greedy=all(t == 0.0 for t in temps),
-            seeded=[(i, p.seed * 1_000_003 + n) for i, (p, n) in enumerate(zip(params, output_lens))
-                    if p.seed is not None and p.temperature > 0],
+            seeded=seeded,
             banned=[(i, ids) for i, ids in enumerate(banned) if ids],
+            row_seeds=row_seeds,
         )
+
+
+def _request_seed(seed: int, output_index: int) -> int:
+    """A seed per (request seed, output position): the same tokens whatever the batch."""
+    return (seed * 1_000_003 + output_index) & 0x7FFFFFFF
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -54,16 +66,23 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
 class Sampler:
     def __init__(self, seed: int, device: torch.device):
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.rng = random.Random(seed)  # row seeds for the GPU kernel's noise
         self.device = device
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:  # [B, V] -> [B]
-        logits = logits.float()
-        for row, ids in meta.banned:
-            logits[row, ids] = float("-inf")
+        if meta.banned:
+            logits = logits.float()  # a copy: the graph's logits buffer stays untouched
+            for row, ids in meta.banned:
+                logits[row, ids] = float("-inf")
+        if logits.is_cuda and meta.top_k is None and meta.top_p is None:
+            from engine.kernels.sample import gumbel_argmax  # one pass, no [B, V] temporaries
+
+            seeds = torch.tensor(meta.row_seeds, dtype=torch.int64).to(logits.device, non_blocking=True)
+            return gumbel_argmax(logits, meta.temperature, seeds)
         greedy = logits.argmax(dim=-1)
         if meta.all_greedy:
             return greedy
-        logits = logits / meta.temperature.clamp(min=1e-5).unsqueeze(1)
+        logits = logits.float() / meta.temperature.clamp(min=1e-5).unsqueeze(1)
         if meta.top_k is not None or meta.top_p is not None:
             logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
         probs = logits.softmax(dim=-1)

@@ -21,7 +21,7 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)  # built once per sequence per step: keep construction cheap
 class ScheduledSequence:
     """One sequence's share of a step. Plain data (no tensors) so it can be pickled to workers."""
 
@@ -111,14 +111,16 @@ class Scheduler:
         return out
 
     def _schedule_running(self, budget: int, out: SchedulerOutput, start: int = 0) -> int:
-        i = start
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
+        i, running, bm = start, self.running, self.block_manager
+        slots_per_block = bm.block_size
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = self._chunk(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if n == 0:
                 i += 1
                 continue
-            while not self.block_manager.allocate_slots(seq, seq.num_computed_tokens + n):
+            need = seq.num_computed_tokens + n
+            while need > len(seq.block_table) * slots_per_block and not bm.allocate_slots(seq, need):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.num_preempted += 1
@@ -155,27 +157,18 @@ class Scheduler:
         return budget if self.config.enable_chunked_prefill else 0
 
     def _emit(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
-        start = seq.num_computed_tokens
-        sample = start + n == seq.num_tokens
-        params = seq.sampling_params
+        start, tokens, params = seq.num_computed_tokens, seq.token_ids, seq.sampling_params
+        sample = start + n == len(tokens)
+        num_output = len(tokens) - seq.num_prompt_tokens
         banned: list[int] = []
-        if sample and seq.num_output_tokens < params.min_tokens:
+        if sample and num_output < params.min_tokens:
             banned = list(params.stop_token_ids)
             if self.eos_token_id is not None and not params.ignore_eos:
                 banned.append(self.eos_token_id)
-        out.seqs.append(
-            ScheduledSequence(
-                request_id=seq.request_id,
-                token_ids=seq.token_ids[start : start + n],
-                start_pos=start,
-                block_table=seq.block_table,
-                sample=sample,
-                sampling_params=params,
-                num_output_tokens=seq.num_output_tokens,
-                num_preemptions=seq.num_preemptions,
-                banned_token_ids=banned,
-            )
-        )
+        out.seqs.append(ScheduledSequence(
+            seq.request_id, tokens[start : start + n], start, seq.block_table, sample, params,
+            num_output, seq.num_preemptions, banned,
+        ))
         if start >= seq.num_prompt_tokens:
             out.num_decode_tokens += n
         else:
@@ -185,12 +178,15 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[SequenceUpdate]:
         """Advance computed counts, append sampled tokens, apply token-level stops."""
         updates = []
+        requests, running = self.requests, SequenceStatus.RUNNING
+        cache_blocks = self.block_manager.cache_full_blocks if self.block_manager.enable_prefix_caching else None
         for sched, token_id in zip(out.seqs, sampled):
-            seq = self.requests.get(sched.request_id)
-            if seq is None or seq.status != SequenceStatus.RUNNING:
+            seq = requests.get(sched.request_id)
+            if seq is None or seq.status is not running:
                 continue  # aborted or preempted meanwhile
             seq.num_computed_tokens += len(sched.token_ids)
-            self.block_manager.cache_full_blocks(seq)
+            if cache_blocks is not None:
+                cache_blocks(seq)
             if not sched.sample:
                 continue
             seq.token_ids.append(token_id)
@@ -208,14 +204,14 @@ class Scheduler:
             self._finish(seq, reason)
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
-        params = seq.sampling_params
-        if seq.num_output_tokens > params.min_tokens:  # stop ids were masked until then
+        params, num_tokens = seq.sampling_params, len(seq.token_ids)
+        if num_tokens - seq.num_prompt_tokens > params.min_tokens:  # stop ids were masked until then
             if token_id == self.eos_token_id and not params.ignore_eos:
                 return FinishReason.STOP
-            if token_id in params.stop_token_ids:
+            if params.stop_token_ids and token_id in params.stop_token_ids:
                 seq.stop_reason = token_id
                 return FinishReason.STOP
-        if seq.num_tokens >= seq.max_total_tokens:
+        if num_tokens >= seq.max_total_tokens:
             return FinishReason.LENGTH
         return None
 
@@ -226,9 +222,11 @@ class Scheduler:
         bs = self.block_manager.block_size
         allocated = stored = internal = 0
         for seq in self.running:
-            allocated += len(seq.block_table) * bs
-            stored += seq.num_tokens
-            internal += -(-seq.num_tokens // bs) * bs - seq.num_tokens
+            n = len(seq.token_ids)
+            allocated += len(seq.block_table)
+            stored += n
+            internal += -(-n // bs) * bs - n
+        allocated *= bs
         return {
             "kv_slots_allocated": allocated,
             "kv_tokens_stored": stored,

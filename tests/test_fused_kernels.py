@@ -69,3 +69,18 @@ def test_shape_errors():
         rmsnorm(torch.randn(2, 3, 4), torch.ones(4), 1e-6)
     with pytest.raises(ValueError, match="silu_mul"):
         silu_mul(torch.randn(3, 5))
+
+
+def test_gumbel_argmax_greedy_rows_and_distribution():
+    from engine.kernels.sample import gumbel_argmax
+
+    logits = torch.randn(3, 5000, device=DEVICE)
+    got = gumbel_argmax(logits, torch.zeros(3, device=DEVICE), torch.arange(3, device=DEVICE))
+    assert torch.equal(got, logits.argmax(-1))
+    probs = torch.tensor([0.1, 0.2, 0.7], device=DEVICE)
+    rows = probs.log().repeat(3000, 1)
+    ids = gumbel_argmax(rows, torch.ones(3000, device=DEVICE), torch.arange(3000, device=DEVICE))
+    freq = torch.bincount(ids, minlength=3).float() / 3000
+    assert torch.allclose(freq, probs, atol=0.03), freq
+    again = gumbel_argmax(rows[:5], torch.ones(5, device=DEVICE), torch.arange(5, device=DEVICE))
+    assert torch.equal(again, ids[:5])  # same seeds, same draws
