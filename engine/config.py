@@ -154,6 +154,7 @@ class EngineConfig:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     dist_init_method: str | None = None  # None: a free localhost port chosen at start
+    dist_timeout_s: float = 600.0  # TP: bounds start-up (loading, profiling), each step and each collective
     tokenizer: str | None = None
     model_config: ModelConfig = field(init=False, repr=False)
 
@@ -165,6 +166,8 @@ class EngineConfig:
         _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         limit = self.model_config.max_position_embeddings
@@ -178,7 +181,7 @@ class EngineConfig:
                 f"must be >= max_model_len ({self.max_model_len})"
             )
         mc = self.model_config
-        for name in ("num_attention_heads", "num_key_value_heads"):
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             if getattr(mc, name) % self.tensor_parallel_size:
                 raise ValueError(
                     f"tensor_parallel_size={self.tensor_parallel_size} does not divide {name}={getattr(mc, name)}"

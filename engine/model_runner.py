@@ -230,6 +230,8 @@ class ModelRunner:
         return self._sample(out, inputs.sample_rows, logits)
 
     def _sample(self, out: SchedulerOutput, sample_rows: list[int], logits: torch.Tensor) -> list[int | None]:
+        if self.tp.rank != 0:  # only the driver's ids are used
+            return [None] * len(out.seqs)
         rows = [out.seqs[i] for i in sample_rows]
         sampling = SamplingMetadata.build(
             [s.sampling_params for s in rows], [s.num_output_tokens for s in rows],

@@ -1,0 +1,177 @@
+"""Tensor parallelism across processes: the driver (the process that owns the LLMEngine) hosts
+rank 0's shard; ranks 1..N-1 are worker processes, each with one shard (engine/tp_worker.py).
+
+Control channel: one `multiprocessing` Connection per worker (a Pipe for spawned workers, an
+authenticated TCP connection under torchrun). Each call (`available_kv_blocks`,
+`allocate_kv_cache`, `execute_model`) is pickled once, sent to every worker, run on rank 0, and
+then every worker's answer is awaited, so all ranks run each step in lockstep and a failure is
+seen at the latest at the end of its step. Model tensors move only through torch.distributed
+collectives (NCCL on CUDA, gloo on CPU).
+
+Failures: a worker that raises sends its message and exits; its peers' collectives then fail
+(gloo) or are aborted by a watcher thread that sees the process end (NCCL). The driver collects
+the messages, shuts every rank down and raises one RuntimeError naming each failed rank. Waits
+are bounded: answers by `config.dist_timeout_s` with liveness checks, collectives by the same
+process-group timeout. Workers die with the driver (pipe EOF, parent-pid watch) and are
+terminated at shutdown, on garbage collection and at interpreter exit.
+
+Launch: single host by default (spawned workers, rendezvous on a TCPStore at a free port, or
+`config.dist_init_method`). Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, LOCAL_RANK set) each
+rank is a torchrun process running the same script: rank 0 drives, the other ranks serve it
+from inside `LLM(...)` and exit when it shuts down.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import weakref
+from multiprocessing.connection import Connection, Listener
+from typing import Any, NoReturn
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.config import EngineConfig
+from engine.distributed import (
+    Rendezvous,
+    TensorParallel,
+    TorchrunEnv,
+    backend_for,
+    init_tensor_parallel,
+    open_store,
+)
+from engine.model_runner import resolve_device
+from engine.scheduler import SchedulerOutput
+from engine.tp_control import WorkerFailure, Workers
+from engine.tp_worker import Shard, serve_torchrun_rank, shard_config, worker_main
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.size = config.tensor_parallel_size
+        self.timeout_s = config.dist_timeout_s
+        self.workers = Workers(self.timeout_s)
+        self._finalizer = weakref.finalize(self, self.workers.close)  # GC and interpreter exit
+        self.shard: Shard | None = None
+        self._error: str | None = None
+        try:
+            if dist.is_initialized():  # checked before anything is spawned
+                raise RuntimeError("torch.distributed is already initialized in this process: "
+                                   "one tensor-parallel engine per process")
+            launch = TorchrunEnv.from_environ()
+            tp = self._start_spawned() if launch is None else self._start_torchrun(launch)
+            self.shard = Shard(shard_config(config, tp.rank if launch is None else launch.local_rank), tp)
+            self._await_workers("start")
+            self.num_kv_blocks = min(self._collective_rpc("available_kv_blocks"))  # every rank must fit it
+            self._collective_rpc("allocate_kv_cache", self.num_kv_blocks)
+        except BaseException as exc:
+            self._fail(exc)
+
+    @property
+    def runner(self):  # rank 0's ModelRunner (engine.bench reads its dtype and device)
+        return self.shard.runner if self.shard is not None else None
+
+    # ---- start-up -----------------------------------------------------------------------
+    def _start_spawned(self) -> TensorParallel:
+        device = resolve_device(self.config)
+        if device.type == "cuda" and torch.cuda.device_count() < self.size:
+            raise ValueError(f"tensor_parallel_size={self.size} needs {self.size} CUDA devices on this host, "
+                             f"found {torch.cuda.device_count()} (multi-node: launch with torchrun)")
+        store = None
+        rdzv = Rendezvous(self.size, backend_for(device), self.timeout_s, init_method=self.config.dist_init_method)
+        if rdzv.init_method is None:
+            store = open_store(self.size, self.timeout_s)
+            rdzv = Rendezvous(self.size, rdzv.backend, self.timeout_s, store_port=store.port)
+        ctx = mp.get_context("spawn")
+        for rank in range(1, self.size):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(rank, self.config, rdzv, theirs, os.getpid()),
+                               name=f"tp-worker-{rank}", daemon=True)  # daemon: terminated at exit
+            proc.start()
+            theirs.close()  # so that our death reaches the worker as EOF
+            self.workers.add(ours, proc)
+        self._await_workers("import")  # all alive before we block in the rendezvous
+        tp = init_tensor_parallel(rdzv, 0, store)
+        self.workers.owns_group = True
+        self.workers.watch_if(rdzv.backend != "gloo")  # NCCL never notices a dead peer by itself
+        return tp
+
+    def _start_torchrun(self, env: TorchrunEnv) -> TensorParallel:
+        if env.world_size != self.size:
+            raise ValueError(f"torchrun WORLD_SIZE={env.world_size} must equal tensor_parallel_size={self.size}")
+        device = resolve_device(shard_config(self.config, env.local_rank))
+        rdzv = Rendezvous(self.size, backend_for(device), self.timeout_s,
+                          init_method=self.config.dist_init_method or "env://")
+        tp = init_tensor_parallel(rdzv, env.rank)
+        self.workers.owns_group = True
+        if env.rank != 0:
+            serve_torchrun_rank(self.config, tp, env.local_rank)  # never returns
+        authkey = os.urandom(32)
+        with Listener(("0.0.0.0", 0), authkey=authkey) as listener:
+            address = (_reachable_ip(os.environ["MASTER_ADDR"]), listener.address[1])
+            dist.broadcast_object_list([address, authkey], src=0)
+            conns: dict[int, Connection] = {}
+            for _ in range(1, self.size):
+                conn = listener.accept()
+                conns[conn.recv()] = conn
+        for rank in range(1, self.size):
+            self.workers.add(conns[rank], None)
+        return tp
+
+    # ---- calls on every rank ------------------------------------------------------------
+    def _collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Run `method` on every rank; results in rank order."""
+        if self._error is not None:
+            raise RuntimeError(f"the tensor-parallel executor has failed earlier: {self._error}")
+        if self.shard is None:
+            raise RuntimeError("the tensor-parallel executor is shut down")
+        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self.workers.send(payload)
+            local = getattr(self.shard, method)(*args)
+            return [local, *self.workers.gather(method)]
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _await_workers(self, phase: str) -> None:
+        try:
+            self.workers.gather(phase)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def execute_model(self, out: SchedulerOutput) -> list[int | None]:
+        return self._collective_rpc("execute_model", out)[0]
+
+    # ---- failure and shutdown -----------------------------------------------------------
+    def _fail(self, exc: BaseException) -> NoReturn:
+        """Shut every rank down, then raise one error naming each failed rank (a worker's own
+        message first: the driver's error is usually its consequence)."""
+        if self.workers.closed:  # already reported (a nested call) or shut down
+            raise exc
+        if isinstance(exc, WorkerFailure):
+            errors = exc.errors
+        else:  # rank 0 failed, perhaps because a worker did (a gloo peer closed): ask them
+            errors = {} if isinstance(exc, KeyboardInterrupt) else self.workers.drain_errors()
+        self.workers.failed = True
+        self.shutdown()
+        if not errors or isinstance(exc, KeyboardInterrupt):
+            raise exc
+        self._error = "; ".join(f"rank {r}: {summary}" for r, (summary, _) in sorted(errors.items()))
+        details = "\n".join(f"--- rank {r} ---\n{tb}" for r, (_, tb) in sorted(errors.items()))
+        raise RuntimeError(f"tensor-parallel worker failed: {self._error}\n{details}") from exc
+
+    def shutdown(self) -> None:
+        self.shard = None  # frees rank 0's weights and KV cache
+        self._finalizer()  # idempotent: Workers.close runs once
+
+
+def _reachable_ip(master_addr: str) -> str:
+    """This host's address on the interface that routes to the master (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((master_addr, 9))
+        return s.getsockname()[0]
+

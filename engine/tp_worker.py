@@ -1,0 +1,157 @@
+"""The rank side of tensor parallelism: a `Shard` (one ModelRunner plus the calls the driver
+makes on every rank) and the loop that serves the driver's calls over a control connection.
+
+Ranks 1..N-1 run `worker_main` in spawned processes (single host) or `serve_torchrun_rank`
+inside a torchrun-launched process (multi-node). The driver (rank 0) sends each call as a
+pickled `(method, args)`; a rank answers `("ok", result)` or `("error", summary, traceback)`
+and then exits, so that its peers' collectives fail instead of waiting for it.
+
+Fault injection for tests: `ENGINE_TP_FAIL_AT=RANK:STEP` makes that rank raise at its STEP-th
+`execute_model` call (STEP 0: while the shard is being built).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Client, Connection
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig
+from engine.distributed import (
+    Rendezvous,
+    TensorParallel,
+    close_tensor_parallel,
+    init_tensor_parallel,
+)
+from engine.model_runner import ModelRunner, resolve_device
+from engine.scheduler import SchedulerOutput
+
+FAIL_ENV = "ENGINE_TP_FAIL_AT"
+STOP = "stop"
+PARENT_POLL_S = 1.0
+
+
+def shard_config(config: EngineConfig, local_rank: int) -> EngineConfig:
+    """Pin a CUDA rank to its node-local device (ModelRunner would use the global rank)."""
+    if config.device in ("auto", "cuda") and resolve_device(config, local_rank).type == "cuda":
+        return config.with_overrides(device=f"cuda:{local_rank}")
+    return config
+
+
+class Shard:
+    """One rank's model shard. The driver calls these methods on every rank in lockstep."""
+
+    def __init__(self, config: EngineConfig, tp: TensorParallel):
+        self.fail_at = _injected_failure_step(tp.rank)
+        self.rank = tp.rank
+        self.steps = 0
+        self._maybe_fail()
+        self.runner = ModelRunner(config, tp)
+
+    def available_kv_blocks(self) -> int:
+        return self.runner.available_kv_blocks()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute_model(self, out: SchedulerOutput) -> list[int | None]:
+        # Every rank samples from the same all-gathered logits with the same seeded generator;
+        # only rank 0's ids are used (the next step's tokens come from the driver's scheduler).
+        self.steps += 1
+        self._maybe_fail()
+        return self.runner.execute_model(out)
+
+    def _maybe_fail(self) -> None:
+        if self.fail_at == self.steps:
+            raise RuntimeError(f"injected failure ({FAIL_ENV}) on rank {self.rank} at step {self.steps}")
+
+
+def _injected_failure_step(rank: int) -> int | None:
+    spec = os.environ.get(FAIL_ENV)
+    if not spec:
+        return None
+    fail_rank, _, step = spec.partition(":")
+    return int(step or 0) if int(fail_rank) == rank else None
+
+
+def serve(conn: Connection, make_shard: Callable[[], Shard]) -> int:
+    """Build the shard, then answer the driver's calls until it says stop or goes away.
+    Returns the process exit code."""
+    try:
+        shard = make_shard()
+        conn.send(("ok", None))
+        while True:
+            try:
+                method, args = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):  # the driver is gone: nobody to answer
+                return 1
+            if method == STOP:
+                return 0
+            result = getattr(shard, method)(*args)
+            conn.send(("ok", None if method == "execute_model" else result))  # rank 0's ids are used
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the driver
+        _report(conn, exc)
+        return 1
+
+
+def _report(conn: Connection, exc: BaseException) -> None:
+    try:
+        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+    except (OSError, EOFError):
+        pass
+
+
+def worker_main(rank: int, config: EngineConfig, rdzv: Rendezvous, conn: Connection, parent_pid: int) -> None:
+    """Entry of a spawned rank (single host)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's; it shuts us down
+    _exit_with_parent(parent_pid)
+    if config.device == "cpu" or not torch.cuda.is_available():
+        # the ranks share the host's cores: without this, N ranks x all cores oversubscribe them
+        torch.set_num_threads(max(1, torch.get_num_threads() // rdzv.world_size))
+    conn.send(("ok", None))  # alive and imported: the driver may now join the rendezvous
+    code = serve(conn, lambda: Shard(shard_config(config, rank), init_tensor_parallel(rdzv, rank)))
+    _leave(conn, code)
+
+
+def serve_torchrun_rank(config: EngineConfig, tp: TensorParallel, local_rank: int) -> None:
+    """A torchrun-launched rank other than 0: connect to the driver's control listener (its
+    address comes over the process group), serve it, then end the process."""
+    box: list[Any] = [None, None]
+    dist.broadcast_object_list(box, src=0)
+    address, authkey = box
+    conn = Client(tuple(address), authkey=authkey)
+    conn.send(tp.rank)
+    code = serve(conn, lambda: Shard(shard_config(config, local_rank), tp))
+    _leave(conn, code)
+
+
+def _leave(conn: Connection, code: int) -> None:
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        close_tensor_parallel(abort=code != 0)
+    finally:
+        # os._exit: skip interpreter teardown, which can block on a broken communicator
+        os._exit(code)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Die with the driver even when stuck in a collective (where a pipe EOF goes unseen)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
