@@ -1,4 +1,5 @@
-"""Sessions: `nox -s tests` (CPU test suite), `nox -s bench` (default sweep), `nox -s lint`.
+"""Sessions: `nox -s tests` (CPU test suite), `nox -s bench` (default sweep), `nox -s load`
+(shim + locust load test, report written), `nox -s lint`.
 
 On a machine without CUDA, torch is pinned to the CPU build (torch==2.13.0) so that no
 multi-GB CUDA wheel is pulled.
@@ -35,9 +36,20 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Default sweep: static vs continuous on the embedded default, report written and summarized."""
+    """Default sweep (harness/bench.py): static vs continuous (and HF on CPU) on a scaled-down
+    bench workload offline, then a random workload at 3 request rates; reports under
+    reports/bench-<timestamp>/, comparison table printed, HTML written. Extra arguments go to
+    `python -m harness bench` (e.g. `nox -s bench -- --ci`)."""
     _install(session, "test")
-    session.run("python", "-m", "engine.bench", "--hf", *session.posargs)
+    session.run("python", "-m", "harness", "bench", *session.posargs)
+
+
+@nox.session
+def load(session: nox.Session) -> None:
+    """Load test: the OpenAI shim on the tiny model, locust against it, a report from what it saw.
+    Arguments go to harness.loadtest, e.g. `nox -s load -- --users 16 --run-time 60s`."""
+    _install(session, "serve,load")
+    session.run("python", "-m", "harness.loadtest", *session.posargs)
 
 
 @nox.session

@@ -112,9 +112,10 @@ class BlockManager:
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the hashes of blocks that became full of computed tokens."""
         bs = self.block_size
-        if not self.enable_prefix_caching or seq.num_computed_tokens // bs <= len(seq.block_hashes):
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
+        if not self.enable_prefix_caching or full <= len(seq.block_hashes):
             return
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+        for i in range(len(seq.block_hashes), full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             block_hash = hash_block(parent, tokens)

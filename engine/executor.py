@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PendingSample
 from engine.scheduler import SchedulerOutput
 
 
@@ -27,8 +27,26 @@ class UniprocExecutor:
     def execute_model(self, out: SchedulerOutput) -> list[int | None]:
         return self.runner.execute_model(out)
 
+    def execute_model_async(self, out: SchedulerOutput) -> PendingSample:
+        return self.runner.execute_model_async(out)
+
     def shutdown(self) -> None:
         pass
+
+
+class ReadySample:
+    """A step result that is already on the host (executors without async launch)."""
+
+    def __init__(self, ids: list[int | None]):
+        self.ids = ids
+
+    def result(self) -> list[int | None]:
+        return self.ids
+
+
+def launch_step(executor: Executor, out: SchedulerOutput) -> PendingSample | ReadySample:
+    launch = getattr(executor, "execute_model_async", None)
+    return launch(out) if launch is not None else ReadySample(executor.execute_model(out))
 
 
 def make_executor(config: EngineConfig) -> Executor:

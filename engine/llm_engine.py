@@ -9,7 +9,8 @@ import time
 from engine.block_manager import BlockManager
 from engine.config import PRESETS, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.executor import make_executor
+from engine.executor import ReadySample, launch_step, make_executor
+from engine.model_runner import PendingSample
 from engine.outputs import RequestDelta, StepStats
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput, SequenceUpdate, make_scheduler
@@ -30,8 +31,17 @@ class LLMEngine:
         self.scheduler = make_scheduler(self.config, self.block_manager, self.eos_token_id)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestDelta] = []  # aborts reported by the next step()
+        self._inflight: list[tuple[SchedulerOutput, PendingSample | ReadySample]] = []  # launched, not yet applied
+        self.async_scheduling = self._resolve_async()
         self._ids = itertools.count()
         self.last_step_stats: StepStats | None = None
+
+    def _resolve_async(self) -> bool:
+        cfg = self.config
+        if cfg.async_scheduling is not None:
+            return cfg.async_scheduling
+        runner = getattr(self.executor, "runner", None)
+        return cfg.tensor_parallel_size == 1 and runner is not None and runner.device.type == "cuda"
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | list[int],
@@ -88,19 +98,27 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._inflight)
 
     # ---- stepping -----------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         t_start = time.perf_counter()
         out = self.scheduler.schedule()
         deltas, self._pending = self._pending, []
-        t_scheduled = t_executed = time.perf_counter()
+        t_scheduled = time.perf_counter()
         if not out.is_empty:
-            sampled = self.executor.execute_model(out)
-            t_executed = time.perf_counter()
-            deltas += [self._process(u) for u in self.scheduler.update_from_output(out, sampled)]
-        self.last_step_stats = self._stats(out, t_start, t_scheduled, t_executed)
+            self._inflight.append((out, launch_step(self.executor, out)))
+        execute_s, post_s = time.perf_counter() - t_scheduled, 0.0
+        # async: keep this step running while the previous one's results are applied
+        keep = 1 if self.async_scheduling and not out.is_empty else 0
+        while len(self._inflight) > keep:
+            done, pending = self._inflight.pop(0)
+            t0 = time.perf_counter()
+            sampled = pending.result()
+            t1 = time.perf_counter()
+            deltas += [self._process(u) for u in self.scheduler.update_from_output(done, sampled)]
+            execute_s, post_s = execute_s + t1 - t0, post_s + time.perf_counter() - t1
+        self.last_step_stats = self._stats(out, t_start, t_scheduled - t_start, execute_s, post_s)
         return deltas
 
     def _process(self, update: SequenceUpdate) -> RequestDelta:
@@ -123,11 +141,12 @@ class LLMEngine:
         return RequestDelta(seq.request_id, new_ids, text, finished, reason,
                             seq.num_prompt_tokens, seq.num_cached_tokens, seq.stop_reason if finished else None)
 
-    def _stats(self, out: SchedulerOutput, t_start: float, t_scheduled: float, t_executed: float) -> StepStats:
-        bm, t_end = self.block_manager, time.perf_counter()
+    def _stats(self, out: SchedulerOutput, t_start: float, schedule_s: float, execute_s: float,
+               post_s: float) -> StepStats:
+        bm = self.block_manager
         return StepStats(
-            t_start=t_start, t_end=t_end, schedule_s=t_scheduled - t_start,
-            execute_s=t_executed - t_scheduled, postprocess_s=t_end - t_executed,
+            t_start=t_start, t_end=time.perf_counter(), schedule_s=schedule_s,
+            execute_s=execute_s, postprocess_s=post_s,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_scheduled_seqs=len(out.seqs), num_prefill_tokens=out.num_prefill_tokens,
             num_decode_tokens=out.num_decode_tokens, num_preempted=out.num_preempted,

@@ -56,6 +56,32 @@ class ModelInputs:
     sample_rows: list[int]  # which scheduled sequences sample
 
 
+class PendingSample:
+    """Sampled ids of a launched step, copied to pinned host memory behind an event, so the
+    host can plan the next step while this one runs."""
+
+    def __init__(self, sampled: torch.Tensor | None, sample_rows: list[int], num_seqs: int):
+        self.sample_rows, self.num_seqs = sample_rows, num_seqs
+        self.host = None
+        if sampled is not None:
+            pinned = sampled.is_cuda
+            self.host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=pinned)
+            self.host.copy_(sampled, non_blocking=pinned)
+            self.event = torch.cuda.Event() if pinned else None
+            if pinned:
+                self.event.record()
+
+    def result(self) -> list[int | None]:
+        out: list[int | None] = [None] * self.num_seqs
+        if self.host is None:
+            return out
+        if self.event is not None:
+            self.event.synchronize()  # the step's one host sync
+        for row, tok in zip(self.sample_rows, self.host.tolist()):
+            out[row] = tok
+        return out
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TensorParallel = SINGLE):
         self.config = config
@@ -73,6 +99,10 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: DecodeGraphs | None = None
+        # the last step's sampled ids on the device, and each sampling sequence's row in them:
+        # placeholder tokens of the next step are gathered from here without a host round trip
+        self._prev_sampled: torch.Tensor | None = None
+        self._prev_rows: dict[int, int] = {}
 
     def _build_model(self) -> torch.nn.Module:
         with torch.device(self.device), _default_dtype(self.dtype):
@@ -214,31 +244,43 @@ class ModelRunner:
             return table
         return self.buffers.block_tables.gpu[:rows]  # padded graph batch: the captured full width
 
-    @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> list[int | None]:
         """Run one step; returns the sampled token per scheduled sequence (None: no sample)."""
+        return self.execute_model_async(out).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, out: SchedulerOutput) -> PendingSample:
+        """Launch one step without waiting for it (on CUDA); `.result()` gives the ids."""
         graph = self.graphs.lookup(out) if self.graphs is not None else None
+        inputs = self.prepare_inputs(out, pad_to=graph.batch_size if graph else None)
+        self._fill_placeholders(out, inputs.input_ids)
         if graph is not None:
-            inputs = self.prepare_inputs(out, pad_to=graph.batch_size)
             logits = graph.replay()[: len(out.seqs)]
         else:
-            inputs = self.prepare_inputs(out)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
-            if not inputs.sample_rows:
-                return [None] * len(out.seqs)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        return self._sample(out, inputs.sample_rows, logits)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices]) if inputs.sample_rows else None
+        sampled = self._sample(out, inputs.sample_rows, logits) if logits is not None else None
+        self._prev_sampled = sampled
+        self._prev_rows = {out.seqs[r].seq_no: i for i, r in enumerate(inputs.sample_rows)}
+        return PendingSample(sampled if self.tp.rank == 0 else None, inputs.sample_rows, len(out.seqs))
 
-    def _sample(self, out: SchedulerOutput, sample_rows: list[int], logits: torch.Tensor) -> list[int | None]:
-        if self.tp.rank != 0:  # only the driver's ids are used
-            return [None] * len(out.seqs)
+    def _fill_placeholders(self, out: SchedulerOutput, input_ids: torch.Tensor) -> None:
+        """Scatter the previous step's sampled ids into this step's inputs, on the device."""
+        dst, src = [], []
+        offset = 0
+        for s in out.seqs:
+            offset += len(s.token_ids)
+            if s.placeholder:
+                dst.append(offset - 1)
+                src.append(self._prev_rows[s.seq_no])
+        if dst:
+            idx = torch.tensor([dst, src], dtype=torch.int64).to(self.device, non_blocking=True)
+            input_ids[idx[0]] = self._prev_sampled[idx[1]]
+
+    def _sample(self, out: SchedulerOutput, sample_rows: list[int], logits: torch.Tensor) -> torch.Tensor:
         rows = [out.seqs[i] for i in sample_rows]
         sampling = SamplingMetadata.build(
             [s.sampling_params for s in rows], [s.num_output_tokens for s in rows],
             [s.banned_token_ids for s in rows], self.mc.vocab_size, self.device, self.sampler.rng,
         )
-        token_ids = self.sampler(logits, sampling).tolist()  # the step's one host sync
-        result: list[int | None] = [None] * len(out.seqs)
-        for row, tok in zip(sample_rows, token_ids):
-            result[row] = tok
-        return result
+        return self.sampler(logits, sampling)  # [num sampled] int64, on the device

@@ -37,8 +37,8 @@ class StepStats:
     prefix_query_tokens: int  # cumulative
     prefix_hit_tokens: int  # cumulative
     schedule_s: float = 0.0  # host: scheduler.schedule()
-    execute_s: float = 0.0  # input prep + forward + sampling, up to the sampled ids on the host
-    postprocess_s: float = 0.0  # host: update sequences, detokenize
+    execute_s: float = 0.0  # launch (input prep, forward, sampling) + waiting for sampled ids
+    postprocess_s: float = 0.0  # host: update sequences, detokenize (async: the previous step's)
 
 
 @dataclass

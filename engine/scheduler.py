@@ -12,6 +12,7 @@ maximum length up front.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ class ScheduledSequence:
     """One sequence's share of a step. Plain data (no tensors) so it can be pickled to workers."""
 
     request_id: str
-    token_ids: list[int]  # tokens whose KV is computed this step
+    token_ids: list[int]  # tokens whose KV is computed this step (last may be a placeholder)
     start_pos: int  # num_computed_tokens before this step
     block_table: list[int]
     sample: bool  # the chunk reaches the last known token: sample the next one
@@ -34,6 +35,8 @@ class ScheduledSequence:
     num_output_tokens: int
     num_preemptions: int = 0  # the block table only grows between preemptions (runner caches rows)
     banned_token_ids: list[int] = field(default_factory=list)  # min_tokens: eos/stop ids masked
+    seq_no: int = -1
+    placeholder: bool = False  # last token is the one the previous step is still sampling
 
 
 @dataclass
@@ -69,9 +72,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
+        self._seq_nos = itertools.count()
 
     # ---- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        seq.seq_no = next(self._seq_nos)
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -115,7 +120,11 @@ class Scheduler:
         slots_per_block = bm.block_size
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = self._chunk(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            known = len(seq.token_ids) + seq.num_inflight
+            if known >= seq.max_total_tokens and seq.num_computed_tokens >= known - 1:
+                i += 1  # its last token is in flight: nothing left to compute
+                continue
+            n = self._chunk(known - seq.num_computed_tokens, budget)
             if n == 0:
                 i += 1
                 continue
@@ -135,6 +144,8 @@ class Scheduler:
         bm, bs = self.block_manager, self.block_manager.block_size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_inflight:  # preempted while its last sample is still in flight
+                break
             cached = bm.find_cached_prefix(seq)
             num_cached = len(cached) * bs
             n = self._chunk(seq.num_tokens - num_cached, budget)
@@ -158,17 +169,22 @@ class Scheduler:
 
     def _emit(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
         start, tokens, params = seq.num_computed_tokens, seq.token_ids, seq.sampling_params
-        sample = start + n == len(tokens)
-        num_output = len(tokens) - seq.num_prompt_tokens
+        known = len(tokens) + seq.num_inflight
+        sample = start + n == known
+        placeholder = start + n > len(tokens)  # the previous step's sample, still on the device
+        num_output = known - seq.num_prompt_tokens
         banned: list[int] = []
         if sample and num_output < params.min_tokens:
             banned = list(params.stop_token_ids)
             if self.eos_token_id is not None and not params.ignore_eos:
                 banned.append(self.eos_token_id)
+        chunk = tokens[start : start + n] + [0] if placeholder else tokens[start : start + n]
         out.seqs.append(ScheduledSequence(
-            seq.request_id, tokens[start : start + n], start, seq.block_table, sample, params,
-            num_output, seq.num_preemptions, banned,
+            seq.request_id, chunk, start, seq.block_table, sample, params,
+            num_output, seq.num_preemptions, banned, seq.seq_no, placeholder,
         ))
+        seq.num_computed_tokens = start + n
+        seq.num_inflight += sample
         if start >= seq.num_prompt_tokens:
             out.num_decode_tokens += n
         else:
@@ -182,17 +198,17 @@ class Scheduler:
         cache_blocks = self.block_manager.cache_full_blocks if self.block_manager.enable_prefix_caching else None
         for sched, token_id in zip(out.seqs, sampled):
             seq = requests.get(sched.request_id)
-            if seq is None or seq.status is not running:
-                continue  # aborted or preempted meanwhile
-            seq.num_computed_tokens += len(sched.token_ids)
-            if cache_blocks is not None:
+            if seq is None or seq.seq_no != sched.seq_no:
+                continue  # finished or aborted meanwhile: this step's work is discarded
+            if cache_blocks is not None and seq.status is running:
                 cache_blocks(seq)
             if not sched.sample:
                 continue
-            seq.token_ids.append(token_id)
+            seq.num_inflight -= 1
+            seq.token_ids.append(token_id)  # also for a sequence preempted meanwhile: still its next token
             reason = self._stop_reason(seq, token_id)
             if reason is not None:
-                self.running.remove(seq)
+                (self.running if seq.status is running else self.waiting).remove(seq)
                 self._finish(seq, reason)
             updates.append(SequenceUpdate(seq, token_id, reason is not None))
         return updates
@@ -222,7 +238,7 @@ class Scheduler:
         bs = self.block_manager.block_size
         allocated = stored = internal = 0
         for seq in self.running:
-            n = len(seq.token_ids)
+            n = seq.num_computed_tokens  # tokens with a written (or being written) KV slot
             allocated += len(seq.block_table)
             stored += n
             internal += -(-n // bs) * bs - n

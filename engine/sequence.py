@@ -21,7 +21,9 @@ class FinishReason(str, enum.Enum):
 
 
 class Sequence:
-    """Prompt plus generated tokens; `num_computed_tokens` of them already have KV in the cache."""
+    """Prompt plus generated tokens. `num_computed_tokens` counts tokens whose KV has been
+    scheduled (advanced when a step is scheduled, so the next step can be planned while this
+    one runs); `num_inflight` counts sampled tokens scheduled but not yet appended."""
 
     def __init__(
         self,
@@ -38,6 +40,8 @@ class Sequence:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_inflight = 0
+        self.seq_no = -1  # unique per scheduler: results of a step are matched by it
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.num_preemptions = 0
         self.block_table: list[int] = []

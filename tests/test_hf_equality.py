@@ -24,6 +24,8 @@ MODES = {
     "prefix": {"enable_prefix_caching": True, "max_num_seqs": 4},
     "preempt": {"num_kv_blocks": 14, "enable_prefix_caching": False},
     "chunked": {"max_num_batched_tokens": 16, "enable_prefix_caching": False},
+    # plan step N+1 before step N's tokens reach the host, with preemption and chunking in play
+    "async": {"async_scheduling": True, "num_kv_blocks": 14, "max_num_batched_tokens": 16},
 }
 
 
@@ -58,8 +60,8 @@ def test_greedy_matches_hf(arch, mode, checkpoint_dirs, references):
         assert_matches_hf(again, references[arch])
         assert stats[-1].prefix_hit_tokens >= 3 * 32, "later shared-prefix prompts should hit 2 blocks each"
         assert stats2[-1].prefix_hit_tokens > stats[-1].prefix_hit_tokens
-    if mode == "preempt":
+    if mode in ("preempt", "async"):
         assert sum(s.num_preempted for s in stats) > 0
-    if mode == "chunked":
+    if mode in ("chunked", "async"):
         assert any(s.num_prefill_tokens and s.num_decode_tokens for s in stats), "no mixed prefill+decode step"
         assert max(s.num_prefill_tokens + s.num_decode_tokens for s in stats) <= 16

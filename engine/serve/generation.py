@@ -1,0 +1,188 @@
+"""One generation request through the AsyncEngine, answered as SSE chunks or one JSON body.
+
+A client that disconnects gets its request aborted (engine.abort_request, so its KV blocks are
+freed at once): a watcher task waits for the ASGI `http.disconnect` message, for streaming and
+non-streaming requests alike, and the streaming response also aborts from its `finally`
+and from a background task, which runs even if the body iterator was never started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from transformers import PreTrainedTokenizerBase
+
+from engine.outputs import RequestDelta
+from engine.sampling_params import SamplingParams
+from engine.serve.async_engine import (
+    AsyncEngine,
+    EngineFailed,
+    EngineOverloaded,
+    RequestRejected,
+    RequestStream,
+)
+from engine.serve.errors import APIError, error_body
+from engine.serve.metrics import ServerMetrics
+from engine.serve.responses import SSE_DONE, ResponseFormat, sse
+
+
+@dataclass
+class ServerState:
+    model_name: str
+    tokenizer: PreTrainedTokenizerBase  # the server's own copy: the engine thread uses the engine's
+    max_model_len: int
+    vocab_size: int
+    metrics: ServerMetrics
+    engine: AsyncEngine | None = None  # set while the app is running (lifespan)
+
+    def running_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            raise APIError(
+                503,
+                "the engine is not running (server starting or stopping)",
+                code="engine_unavailable",
+            )
+        return self.engine
+
+
+@dataclass
+class GenerationRequest:
+    fmt: ResponseFormat
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    t_start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Progress:
+    t_start: float
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_token_s: float | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, delta: RequestDelta) -> None:
+        if delta.new_token_ids and self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.t_start
+        self.token_ids += delta.new_token_ids
+        self.text.append(delta.new_text)
+        self.prompt_tokens, self.cached_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
+        if delta.finished:
+            self.finish_reason = delta.finish_reason
+
+    def record(self, metrics: ServerMetrics) -> None:
+        metrics.observe_request(
+            self.prompt_tokens,
+            len(self.token_ids),
+            self.finish_reason or "error",
+            self.first_token_s,
+            time.perf_counter() - self.t_start,
+        )
+
+
+async def generate(state: ServerState, gen: GenerationRequest, request: Request) -> Response:
+    stream = await _open(state.running_engine(), gen)
+    if gen.stream:
+        return StreamingResponse(
+            _sse_events(state, gen, stream, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(stream.abort),
+        )
+    return await _collect(state, gen, stream, request)
+
+
+async def _open(engine: AsyncEngine, gen: GenerationRequest) -> RequestStream:
+    try:
+        return await engine.add_request(gen.fmt.request_id, gen.prompt_token_ids, gen.params)
+    except EngineOverloaded as e:
+        raise APIError(
+            429, str(e), code="server_overloaded", headers={"Retry-After": "1"}
+        ) from None
+    except RequestRejected as e:
+        raise APIError(400, str(e), code="invalid_request") from None
+    except EngineFailed as e:
+        raise APIError(503, str(e), code="engine_unavailable") from None
+
+
+@asynccontextmanager
+async def _abort_on_disconnect(request: Request, stream: RequestStream) -> AsyncIterator[None]:
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.abort()
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+def _close(stream: RequestStream, progress: _Progress, metrics: ServerMetrics) -> None:
+    """Abort the request if it is still running (client gone, or cancelled) and count it."""
+    if not stream.finished:
+        stream.abort()
+        progress.finish_reason = progress.finish_reason or "abort"
+    progress.record(metrics)
+
+
+async def _sse_events(
+    state: ServerState, gen: GenerationRequest, stream: RequestStream, request: Request
+) -> AsyncIterator[bytes]:
+    progress = _Progress(gen.t_start, prompt_tokens=len(gen.prompt_token_ids))
+    try:
+        async with _abort_on_disconnect(request, stream):
+            async for delta in stream:
+                progress.add(delta)
+                if delta.new_token_ids or (delta.finished and delta.finish_reason != "abort"):
+                    reason = delta.finish_reason if delta.finished else None
+                    yield sse(gen.fmt.chunk(delta.new_text, delta.new_token_ids, reason))
+        if progress.finish_reason == "abort":
+            return  # aborted because the client left: nobody to send the rest to
+        if gen.include_usage:
+            yield sse(
+                gen.fmt.usage_chunk(
+                    progress.prompt_tokens, len(progress.token_ids), progress.cached_tokens
+                )
+            )
+    except EngineFailed as e:  # headers are sent: report in-band, as OpenAI and vLLM do
+        yield sse(error_body(500, str(e), code="engine_failed"))
+    finally:
+        _close(stream, progress, state.metrics)
+    yield SSE_DONE
+
+
+async def _collect(
+    state: ServerState, gen: GenerationRequest, stream: RequestStream, request: Request
+) -> JSONResponse:
+    progress = _Progress(gen.t_start, prompt_tokens=len(gen.prompt_token_ids))
+    try:
+        async with _abort_on_disconnect(request, stream):
+            async for delta in stream:
+                progress.add(delta)
+    except EngineFailed as e:
+        raise APIError(500, str(e), code="engine_failed") from None
+    finally:
+        _close(stream, progress, state.metrics)
+    if progress.finish_reason == "abort":
+        raise APIError(503, "request aborted before it finished", code="aborted")
+    body = gen.fmt.full(
+        "".join(progress.text),
+        progress.token_ids,
+        progress.finish_reason,
+        progress.prompt_tokens,
+        progress.cached_tokens,
+    )
+    return JSONResponse(body)

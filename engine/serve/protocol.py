@@ -1,0 +1,169 @@
+"""Request schemas of the OpenAI API subset we serve, and their mapping to `SamplingParams`.
+
+Fields the OpenAI API has but this engine cannot honour (n > 1, logprobs, penalties, tools ...)
+are rejected with a 400 naming the field, never silently ignored: a benchmark that asked for
+them would otherwise measure something other than it thinks. Unknown fields are ignored, as
+vLLM does, so that clients sending newer OpenAI fields keep working.
+
+Extensions (vLLM's names): top_k, min_tokens, ignore_eos, stop_token_ids.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.sampling_params import SamplingParams
+from engine.serve.errors import APIError
+
+SEED_LIMIT = 2**32  # the sampler derives per-token generator seeds from it; keep them in int64
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Model):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted only at their neutral values (see UNSUPPORTED):
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for /v1/completions
+    echo: bool = False
+    best_of: int | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+# field -> values this server accepts (the OpenAI neutral values)
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (None, 1),
+    "echo": (False,),
+    "logprobs": (None, False, 0),
+    "suffix": (None, ""),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0.0),
+    "frequency_penalty": (None, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def check_supported(req: SamplingRequest) -> None:
+    for name, allowed in UNSUPPORTED.items():
+        if name not in type(req).model_fields:
+            continue
+        value = getattr(req, name)
+        if value not in allowed:
+            shown = " or ".join(repr(a) for a in allowed if a is not None)
+            raise APIError(
+                400,
+                f"'{name}'={value!r:.80} is not supported by this server (use {shown})",
+                param=name,
+                code="unsupported_value",
+            )
+    if req.stream_options is not None and not req.stream:
+        raise APIError(
+            400, "'stream_options' is only allowed when 'stream' is true", param="stream_options"
+        )
+    if req.seed is not None and not 0 <= req.seed < SEED_LIMIT:
+        raise APIError(400, f"'seed'={req.seed} must be in [0, {SEED_LIMIT})", param="seed")
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """One prompt: a string or a list of token ids (a one-element batch is unwrapped)."""
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(
+                400,
+                f"'prompt' holds {len(prompt)} prompts; this server takes one per request",
+                param="prompt",
+                code="unsupported_value",
+            )
+        prompt = prompt[0]
+    if not prompt:
+        raise APIError(400, "'prompt' is empty", param="prompt")
+    return prompt
+
+
+def requested_max_tokens(req: SamplingRequest) -> int | None:
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens
+    return req.max_tokens
+
+
+def sampling_params(req: SamplingRequest, max_tokens: int, vocab_size: int) -> SamplingParams:
+    """SamplingParams for a request; the engine's ValueError becomes a 400 naming the field."""
+    top_k = (
+        req.top_k if req.top_k is None or req.top_k <= vocab_size else vocab_size
+    )  # k >= V: all of it
+    kwargs: dict[str, Any] = {
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "top_k": -1 if top_k is None else top_k,
+        "seed": req.seed,
+        "max_tokens": max_tokens,
+        "min_tokens": req.min_tokens,
+        "stop": req.stop or [],
+        "stop_token_ids": req.stop_token_ids or [],
+        "ignore_eos": req.ignore_eos,
+    }
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        match = re.search(r"SamplingParams\.(\w+)", str(e))
+        raise APIError(
+            400, str(e), param=match.group(1) if match else None, code="invalid_value"
+        ) from None

@@ -1,0 +1,174 @@
+"""The in-process engine as a backend: continuous batching ("engine") or the static-batching
+baseline on the same runner and kernels ("static").
+
+    backend = EngineBackend("tiny", scheduling_policy="static", num_kv_blocks=64)
+    result = backend.run(requests, t0, ReplayOptions(timed=True, max_concurrency=32))
+
+The engine is driven step by step in the calling thread (it is not thread-safe):
+
+- a request is added once its arrival time has passed (timed) or at t=0 (offline), while fewer
+  than ``max_concurrency`` are in flight; ``sent_s`` is when ``add_request`` returned;
+- each delta's new tokens get the time its ``step()`` returned: that is when a streaming
+  server could first send them;
+- a request the engine rejects (``ValueError`` at ``add_request``) gets status "error" with
+  the message, and the run goes on;
+- ``engine.last_step_stats`` becomes one StepRecord per step (times relative to t0, prefix
+  counters relative to the start of this run).
+
+With nothing in flight the loop sleeps until the next arrival instead of spinning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.outputs import RequestDelta, StepStats
+from harness.backends.base import ReplayOptions, RunResult
+from harness.records import RequestRecord, StepRecord
+from workloads.trace import TraceRequest
+
+# A stalled engine (unfinished requests but nothing scheduled) would loop forever; after this
+# many consecutive empty steps the remaining requests are aborted and recorded as errors.
+MAX_IDLE_STEPS = 1000
+_STEP_FIELDS = [f.name for f in dataclasses.fields(StepRecord) if f.name not in ("step", "start_s", "end_s")]
+
+
+class EngineBackend:
+    def __init__(self, model: str = "tiny", scheduling_policy: str = "continuous", warmup: bool = True,
+                 **engine_args: Any):
+        self.engine = LLMEngine(EngineConfig(model=model, scheduling_policy=scheduling_policy, **engine_args))
+        self.name = "static" if scheduling_policy == "static" else "engine"
+        if warmup:
+            self._warmup()
+
+    def _warmup(self) -> None:
+        """Every kind of step once, so kernel compilation and lazy init stay out of the run."""
+        try:
+            self.engine.warm_up()
+            return
+        except ValueError:  # its 64-token prompts do not fit a very small KV cache
+            pass
+        self.engine.add_request("warm-up", [1, 2, 3, 4], SamplingParams(max_tokens=4, ignore_eos=True))
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+
+    def info(self) -> dict[str, Any]:
+        """Engine facts for the report config."""
+        cfg = self.engine.config
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+        fields.pop("dist_init_method", None)  # a random port: noise in the config
+        mc = cfg.model_config
+        return {"engine_config": fields, "num_kv_blocks": self.engine.num_kv_blocks,
+                "block_size": self.engine.block_size, "model_config": dataclasses.asdict(mc),
+                "kv_bytes_per_token": mc.kv_bytes_per_token}
+
+    def run(self, requests: list[TraceRequest], t0: float, options: ReplayOptions) -> RunResult:
+        return _EngineRun(self.engine, requests, t0, options).run(self.info())
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+class _EngineRun:
+    """The state of one replay: records, the arrival queue, what is in flight."""
+
+    def __init__(self, engine: LLMEngine, requests: list[TraceRequest], t0: float, options: ReplayOptions):
+        self.engine, self.t0, self.options = engine, t0, options
+        self.records = {r.request_id: RequestRecord(r.request_id, r.arrival_s if options.timed else 0.0,
+                                                    prefix_group=r.prefix_group) for r in requests}
+        self.order = [r.request_id for r in requests]
+        # Trace order is arrival order (load_trace sorts); offline every request is due at t=0.
+        self.pending = deque(sorted(requests, key=lambda r: self.records[r.request_id].scheduled_s))
+        self.in_flight: set[str] = set()
+        self.steps: list[StepRecord] = []
+        bm = engine.block_manager
+        self.prefix_base = (bm.prefix_query_tokens, bm.prefix_hit_tokens)  # counters are cumulative
+        self.bar = tqdm(total=len(requests), desc="requests", unit="req", leave=False,
+                        disable=None if options.progress else True)  # None: off when not a TTY
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def run(self, info: dict[str, Any]) -> RunResult:
+        idle = 0
+        with self.bar:
+            while self.pending or self.engine.has_unfinished_requests():
+                self._admit_due()
+                if not self.engine.has_unfinished_requests():
+                    self._sleep_until_next_arrival()
+                    continue
+                deltas = self.engine.step()
+                t = self.now()
+                self._record_step(self.engine.last_step_stats)
+                for d in deltas:
+                    self._apply(d, t)
+                idle = 0 if deltas or self.steps[-1].num_scheduled_seqs else idle + 1
+                if idle >= MAX_IDLE_STEPS:
+                    self._abort_stalled()
+        return RunResult([self.records[rid] for rid in self.order], self.steps, info)
+
+    # ---- admission -------------------------------------------------------------------
+    def _admit_due(self) -> None:
+        cap = self.options.max_concurrency
+        while self.pending and (cap is None or len(self.in_flight) < cap):
+            if self.records[self.pending[0].request_id].scheduled_s > self.now():
+                return
+            self._add(self.pending.popleft())
+
+    def _add(self, req: TraceRequest) -> None:
+        rec = self.records[req.request_id]
+        try:
+            self.engine.add_request(req.request_id, req.prompt_input, _sampling_params(req))
+        except ValueError as e:
+            rec.sent_s = rec.finished_s = self.now()
+            rec.status, rec.error = "error", str(e)
+            rec.prompt_tokens = len(req.prompt_token_ids or [])
+            self.bar.update(1)
+            return
+        rec.sent_s = self.now()
+        self.in_flight.add(req.request_id)
+
+    def _sleep_until_next_arrival(self) -> None:
+        if self.pending:
+            due = self.records[self.pending[0].request_id].scheduled_s
+            time.sleep(max(0.0, due - self.now()))
+
+    # ---- results ---------------------------------------------------------------------
+    def _apply(self, d: RequestDelta, t: float) -> None:
+        rec = self.records[d.request_id]
+        rec.prompt_tokens, rec.cached_tokens = d.num_prompt_tokens, d.num_cached_tokens
+        if d.new_token_ids:
+            rec.first_token_s = t if rec.first_token_s is None else rec.first_token_s
+            rec.token_times_s.extend([t] * len(d.new_token_ids))
+            rec.output_tokens += len(d.new_token_ids)
+        if d.finished:
+            rec.finished_s, rec.finish_reason = t, d.finish_reason
+            if rec.status == "pending":  # a stall abort has already written its error
+                rec.status = "aborted" if d.finish_reason == "abort" else "ok"
+            self.in_flight.discard(d.request_id)
+            self.bar.update(1)
+
+    def _record_step(self, s: StepStats) -> None:
+        # StepRecord's fields, taken by name: StepStats may carry more (host timings).
+        stats = {name: getattr(s, name) for name in _STEP_FIELDS}
+        stats["prefix_query_tokens"] -= self.prefix_base[0]
+        stats["prefix_hit_tokens"] -= self.prefix_base[1]
+        self.steps.append(StepRecord(step=len(self.steps), start_s=s.t_start - self.t0,
+                                     end_s=s.t_end - self.t0, **stats))
+
+    def _abort_stalled(self) -> None:
+        for rid in list(self.in_flight):
+            rec = self.records[rid]
+            rec.status, rec.error = "error", f"engine made no progress for {MAX_IDLE_STEPS} steps; aborted"
+            self.engine.abort_request(rid)
+
+
+def _sampling_params(req: TraceRequest) -> SamplingParams:
+    # The harness times tokens, it does not read text: skip detokenizing unless stop strings need it.
+    return SamplingParams(**{"detokenize": False, **req.sampling_kwargs()})

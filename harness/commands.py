@@ -1,0 +1,291 @@
+"""The CLI's commands: each validates an argparse namespace into one object in its constructor
+(bad input raises ValueError: UsageError, TraceError, a spec's own check) and does the work in
+``execute(console) -> exit status``. harness/cli.py builds the parser and calls them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.metrics import Slos
+from harness.run import BACKENDS, RunSpec, WorkloadSpec
+from workloads.trace import load_trace
+
+
+class UsageError(ValueError):
+    """Input the CLI rejects: printed as one `error:` line, exit status 2."""
+
+
+# ---- parsing helpers -------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """JSON if it parses (1, 0.5, true, [1,2], "x"), else a float (inf), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        out[key.strip().replace("-", "_")] = parse_value(value)
+    return out
+
+
+def parse_list(text: str, flag: str, kind: Callable[[str], Any] = str) -> list[Any]:
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} expects a comma-separated list, got {text!r}") from None
+    if not items:
+        raise UsageError(f"{flag} is empty")
+    return items
+
+
+# ---- validation: argparse namespace -> spec objects --------------------------------------
+def workload_spec(ns: argparse.Namespace) -> WorkloadSpec:
+    params = parse_pairs(ns.param, "--param")
+    if ns.trace is not None:
+        if params:
+            raise UsageError("--param applies to generated workloads, not to --trace")
+        load_trace(ns.trace)  # fail now, with the file's row and field, not after loading a model
+    kind = None if ns.trace is not None else (ns.workload or "smoke")
+    spec = WorkloadSpec(kind=kind, params=params, trace=ns.trace, rate=ns.rate, burstiness=ns.burstiness,
+                        seed=ns.seed)
+    if kind is not None:
+        spec.build(vocab_size=None)  # unknown or bad generator parameters fail here (cheap)
+    return spec
+
+
+def engine_args(ns: argparse.Namespace, backends: Sequence[str], model: str) -> dict[str, Any]:
+    args = parse_pairs(ns.engine_arg, "--engine-arg")
+    if any(b in ("engine", "static") for b in backends):
+        check_engine_args(args, model)
+    return args
+
+
+def check_engine_args(args: dict[str, Any], model: str) -> None:
+    """Build the EngineConfig once (cheap: no model), so a bad field fails before any run."""
+    from engine.config import EngineConfig
+
+    unknown = sorted(set(args) - EngineConfig.field_names())
+    if unknown:
+        raise UsageError(f"unknown --engine-arg {unknown}; valid: {', '.join(sorted(EngineConfig.field_names()))}")
+    if "scheduling_policy" in args:
+        raise UsageError("--engine-arg scheduling_policy is set by the backend: use --backend engine or static")
+    EngineConfig(model=model, **args)
+
+
+def bandwidth(ns: argparse.Namespace, backends: Sequence[str], args: dict[str, Any]) -> float | None:
+    """Bytes/s for the roofline figure (only the in-process engine reports the steps it needs)."""
+    text = str(ns.bandwidth_gbps).lower()
+    if text == "off" or not any(b in ("engine", "static") for b in backends):
+        return None
+    if text == "auto":
+        from harness.run import auto_bandwidth
+
+        return auto_bandwidth(args)
+    value = parse_value(text)
+    if not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"--bandwidth-gbps must be a number > 0, 'auto' or 'off', got {ns.bandwidth_gbps!r}")
+    return float(value) * 1e9
+
+
+def common_spec(ns: argparse.Namespace, backends: Sequence[str]) -> dict[str, Any]:
+    if ns.max_concurrency is not None and ns.max_concurrency < 1:
+        raise UsageError(f"--max-concurrency must be >= 1, got {ns.max_concurrency}")
+    if ns.threads is not None and ns.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {ns.threads}")
+    args = engine_args(ns, backends, ns.model)
+    return {"model": ns.model, "max_concurrency": ns.max_concurrency, "engine_args": args,
+            "slos": Slos(ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2el_ms), "telemetry": not ns.no_telemetry,
+            "bandwidth_bytes_per_s": bandwidth(ns, backends, args), "progress": not ns.no_progress}
+
+
+def _fresh_dir(out: str | None, default: str) -> Path:
+    path = Path(out) if out else Path("reports") / time.strftime(f"{default}-%Y%m%d-%H%M%S")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"--out {path} already exists and is not empty; pick a new folder")
+    return path
+
+
+def _metric_directions(specs: Sequence[str]) -> dict[str, str] | None:
+    out = {}
+    for spec in specs:
+        name, _, direction = spec.partition(":")
+        if direction not in ("higher", "lower") or not name:
+            raise UsageError(f"--metric expects NAME:higher or NAME:lower, got {spec!r}")
+        out[name] = direction
+    return out or None
+
+
+# ---- commands: one validated object each, with one entry point ---------------------------
+class RunCommand:
+    def __init__(self, ns: argparse.Namespace):
+        from harness.run import backend_options
+
+        workload = workload_spec(ns)
+        backend_args = backend_options(ns.backend, parse_pairs(ns.backend_arg, "--backend-arg"))
+        self.spec = RunSpec(backend=ns.backend, workload=workload, backend_args=backend_args,
+                            **common_spec(ns, [ns.backend]))
+        self.out = _fresh_dir(ns.out, f"{workload.name}-{ns.backend}")
+        self.threads = ns.threads
+
+    def execute(self, console) -> int:
+        from harness.compare import load_runs, summary_table
+        from harness.run import run_once
+
+        _set_threads(self.threads)
+        run_once(self.spec, self.out)
+        console.print(summary_table(load_runs([self.out]), title=str(self.out)))
+        console.print(f"report: {self.out}")
+        return 0
+
+
+class SweepCommand:
+    def __init__(self, ns: argparse.Namespace):
+        from harness.run import backend_options
+        from harness.sweep import SweepSpec
+
+        backends = parse_list(ns.backends, "--backends")
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise UsageError(f"unknown backend(s) {unknown}; valid backends: {', '.join(BACKENDS)}")
+        given = parse_pairs(ns.backend_arg, "--backend-arg")
+        backend_args = {b: backend_options(b, given, strict=len(backends) == 1) for b in backends}
+        taken = set().union(*backend_args.values())
+        if set(given) - taken:
+            raise UsageError(f"--backend-arg {sorted(set(given) - taken)} is taken by none of {backends}")
+        params: dict[str, Any] = {}
+        if ns.profile == "fixed":
+            if not ns.rates:
+                raise UsageError("--profile fixed needs --rates, e.g. --rates 1,2,4")
+            params["rates"] = parse_list(ns.rates, "--rates", float)
+        elif ns.fractions:
+            params["fractions"] = parse_list(ns.fractions, "--fractions", float)
+        self.spec = SweepSpec(backends=backends, workload=workload_spec(ns), profile=ns.profile,
+                              profile_params=params, backend_args=backend_args,
+                              **common_spec(ns, backends))
+        self.out = _fresh_dir(ns.out, "sweep")
+        self.threads = ns.threads
+
+    def execute(self, console) -> int:
+        from harness.compare import load_runs, summary_table, write_html
+        from harness.sweep import run_sweep
+
+        _set_threads(self.threads)
+        run_sweep(self.spec, self.out)
+        runs = load_runs([self.out])
+        console.print(summary_table(runs, title=str(self.out)))
+        console.print(f"sweep: {self.out / 'sweep.parquet'}\nHTML:  {write_html(runs, self.out / 'compare.html')}")
+        return 0
+
+
+class CompareCommand:
+    def __init__(self, ns: argparse.Namespace):
+        from harness.compare import load_runs
+
+        self.runs = load_runs(ns.reports)
+        self.html = ns.html
+
+    def execute(self, console) -> int:
+        from harness.compare import summary_table, write_html
+
+        console.print(summary_table(self.runs))
+        console.print(f"HTML: {write_html(self.runs, self.html)}")
+        return 0
+
+
+class GateCommand:
+    def __init__(self, ns: argparse.Namespace):
+        from harness import gate
+
+        self.current, self.write_to = ns.current, ns.write_baseline
+        if len(self.current) > 1 and not self.write_to:
+            raise UsageError("gate checks one --current run; several are for --write-baseline")
+        self.observations = [gate.observations(c) for c in self.current]
+        self.metrics_spec, self.reference = _metric_directions(ns.metric), ns.reference
+        self.baseline, own_threshold = gate.load_baseline(ns.baseline) if ns.baseline else ([], None)
+        self.threshold = ns.threshold  # None: each metric's own, then the baseline's
+        self.default = own_threshold if own_threshold is not None else gate.DEFAULT_THRESHOLD
+        for t in (self.threshold, self.default):
+            if t is not None and not 0 <= t < 1:
+                raise UsageError(f"threshold must be in [0, 1), got {t}")
+
+    def execute(self, console) -> int:
+        from harness import gate
+
+        if self.write_to:
+            path = gate.write_baseline(self.current, self.write_to, self.metrics_spec, self.reference,
+                                       self.threshold if self.threshold is not None else gate.DEFAULT_THRESHOLD)
+            console.print(f"baseline written: {path}")
+            return 0
+        results = gate.check(self.baseline, self.observations[0], self.threshold, self.default)
+        console.print(_gate_table(results))
+        failed = [r for r in results if not r.ok]
+        console.print(f"gate {'FAILED' if failed else 'passed'}: {len(results) - len(failed)}/{len(results)} ok")
+        return 1 if failed else 0
+
+
+class BenchCommand:
+    def __init__(self, ns: argparse.Namespace):
+        from harness.bench import CI_PLAN, default_plan, with_overrides
+
+        plan = CI_PLAN if ns.ci else default_plan()
+        self.prefix = "ci" if ns.ci else "bench"
+        extra = parse_pairs(ns.engine_arg, "--engine-arg")
+        self.plan = with_overrides(plan, model=ns.model, threads=ns.threads,
+                                   engine_args={**plan.engine_args, **extra}, hf=False if ns.no_hf else None)
+        if self.plan.threads is not None and self.plan.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {self.plan.threads}")
+        check_engine_args(self.plan.engine_args, self.plan.model)
+        self.out_root, self.telemetry, self.progress = ns.out_root, not ns.no_telemetry, not ns.no_progress
+
+    def execute(self, console) -> int:
+        from harness.bench import run_bench
+        from harness.run import auto_bandwidth
+
+        _set_threads(self.plan.threads)
+        run_bench(self.plan, self.out_root, console, self.prefix, telemetry=self.telemetry, progress=self.progress,
+                  bandwidth=auto_bandwidth(self.plan.engine_args))
+        return 0
+
+
+COMMANDS = {"run": RunCommand, "sweep": SweepCommand, "compare": CompareCommand, "gate": GateCommand,
+            "bench": BenchCommand}
+
+
+def _gate_table(results):
+    from rich.table import Table
+
+    table = Table(title="gate")
+    for col in ("metric", "better", "baseline", "current", "change", "allowed", "result"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in results:
+        cur = "missing" if r.current is None else f"{r.current:.4g}"
+        change = "" if r.change is None else f"{r.change:+.1%}"
+        table.add_row(r.metric.name, r.metric.direction, f"{r.metric.value:.4g}", cur, change,
+                      f"{r.limit / r.metric.value - 1:+.0%}" if r.metric.value else "", "[green]ok[/]" if r.ok else "[red]REGRESSED[/]")
+    return table
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+

@@ -1,0 +1,205 @@
+"""Regression gate: compare a run (or sweep) with a committed baseline; fail past a threshold.
+
+The gated figures are *ratios measured in the same run*: e.g. continuous / static output
+throughput at the same sweep point. Both sides ran on the same machine minutes apart, so the
+machine's speed cancels out, and a baseline written on a laptop gates a CI runner. A single
+report (no second backend to divide by) is gated on its absolute figures instead, which is
+only meaningful against a baseline from the same machine.
+
+Baseline JSON (reports/baselines/*.json), written by ``write_baseline`` from a sweep:
+
+    {"threshold": 0.1, "source": "...", "metrics": [
+        {"workload": "bench", "point": "offline", "metric": "output_throughput",
+         "numerator": "engine", "denominator": "static", "direction": "higher", "value": 1.52},
+        {"workload": "bench", "point": "offline", "metric": "kv_waste_mean", "backend": "engine",
+         "direction": "lower", "value": 0.08}, ...]}
+
+A metric regresses when it is worse than value * (1 -/+ threshold) in its direction (higher or
+lower is better); a figure missing from the current run fails too (it cannot be checked).
+Thresholds: --threshold on the command line overrides all; else a metric's own "threshold"
+(write_baseline gives the near-deterministic figures tight ones, METRIC_THRESHOLDS); else the
+file's "threshold"; else 0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.report import FILES, SWEEP_FILE, load_report, read_metadata
+
+DIRECTIONS = ("higher", "lower")
+DEFAULT_THRESHOLD = 0.1
+# What write_baseline gates by default: name -> which direction is better.
+# (Offline, E2EL ratios add little to throughput and swing more; timed sweeps can add them,
+# e.g. --metric p99_e2el_ms:lower.)
+DEFAULT_METRICS: dict[str, str] = {"output_throughput": "higher", "kv_waste_mean": "lower", "num_steps": "lower"}
+# Offline, num_steps depends on scheduling only (fixed output lengths): its ratio is the same
+# on any machine, so it is gated tightly. KV waste is duration-weighted, so a little timing
+# noise gets in. Timed figures use the baseline's threshold.
+METRIC_THRESHOLDS: dict[str, float] = {"num_steps": 0.02, "kv_waste_mean": 0.25}
+
+
+@dataclass(frozen=True)
+class GateMetric:
+    workload: str
+    point: str
+    metric: str
+    direction: str
+    value: float
+    numerator: str | None = None  # ratio metrics: backend / backend
+    denominator: str | None = None
+    backend: str | None = None  # absolute metrics: one backend's figure
+    threshold: float | None = None  # this metric's own tolerance (None: the baseline's)
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"{self.name}: direction {self.direction!r} is not one of {DIRECTIONS}")
+        if (self.backend is None) == (self.numerator is None or self.denominator is None):
+            raise ValueError(f"{self.name}: give either backend, or numerator and denominator")
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value)):
+            raise ValueError(f"{self.name}: value must be a finite number, got {self.value!r}")
+
+    @property
+    def name(self) -> str:
+        who = self.backend if self.backend is not None else f"{self.numerator}/{self.denominator}"
+        return f"{self.workload}@{self.point} {who} {self.metric}"
+
+    def measure(self, obs: pd.DataFrame) -> float | None:
+        """This metric's value in an observation table (None when it cannot be computed)."""
+        if self.backend is not None:
+            return _lookup(obs, self.workload, self.point, self.backend, self.metric)
+        num = _lookup(obs, self.workload, self.point, self.numerator, self.metric)
+        den = _lookup(obs, self.workload, self.point, self.denominator, self.metric)
+        return None if num is None or not den else num / den
+
+
+@dataclass
+class GateResult:
+    metric: GateMetric
+    current: float | None
+    limit: float
+    ok: bool
+
+    @property
+    def change(self) -> float | None:
+        return None if self.current is None or not self.metric.value else self.current / self.metric.value - 1
+
+
+def _lookup(obs: pd.DataFrame, workload: str, point: str, backend: str, metric: str) -> float | None:
+    if metric not in obs.columns:
+        return None
+    rows = obs[(obs["workload"] == workload) & (obs["point"] == point) & (obs["backend"] == backend)]
+    if rows.empty or pd.isna(rows[metric].iloc[-1]):
+        return None
+    return float(rows[metric].iloc[-1])  # the last row wins if a point was re-run
+
+
+# ---- observations ----------------------------------------------------------------------
+def observations(path: str | Path) -> pd.DataFrame:
+    """One row per run with workload/point/backend labels: a sweep.parquet, or a report."""
+    path = Path(path)
+    if (path / SWEEP_FILE).exists():
+        return pd.read_parquet(path / SWEEP_FILE)
+    if (path / FILES["summary"]).exists():
+        report = load_report(path)
+        config = report.metadata.get("config", {})
+        labels = config.get("labels") or {}
+        workload = config.get("workload") or {}
+        row = {"workload": labels.get("workload") or workload.get("kind") or Path(workload.get("trace") or "trace").stem,
+               "point": labels.get("point") or "run", "backend": labels.get("backend") or config.get("backend"),
+               **report.summary_row()}
+        return pd.DataFrame([row])
+    raise ValueError(f"{path} is neither a sweep folder ({SWEEP_FILE}) nor a report folder ({FILES['summary']})")
+
+
+# ---- baselines -------------------------------------------------------------------------
+def baseline_metrics(obs: pd.DataFrame, metrics: dict[str, str] | None = None,
+                     reference: str = "engine") -> list[GateMetric]:
+    """Ratios reference/other backend at every (workload, point) where both ran; with one
+    backend only (a single report), that backend's absolute figures."""
+    metrics = metrics or DEFAULT_METRICS
+    out = []
+    for (workload, point), rows in obs.groupby(["workload", "point"], sort=False):
+        backends = list(dict.fromkeys(rows["backend"]))
+        pairs = [(reference, b) for b in backends if b != reference] if reference in backends else []
+        for metric, direction in metrics.items():
+            candidates = ([GateMetric(workload, point, metric, direction, 1.0, numerator=n, denominator=d)
+                           for n, d in pairs] if len(backends) > 1
+                          else [GateMetric(workload, point, metric, direction, 1.0, backend=b) for b in backends])
+            for m in candidates:
+                value = m.measure(obs)
+                if value is not None and math.isfinite(value) and value > 0:
+                    out.append(GateMetric(**{**asdict(m), "value": value}))
+    if not out:
+        raise ValueError(f"nothing to gate: no run has {sorted(metrics)} (reference backend {reference!r})")
+    return out
+
+
+def write_baseline(currents: Sequence[str | Path], out: str | Path, metrics: dict[str, str] | None = None,
+                   reference: str = "engine", threshold: float = DEFAULT_THRESHOLD) -> Path:
+    """Baseline JSON from one or more runs of the same sweep: each value is the median over
+    the runs (a metric missing from any run is left out)."""
+    per_run = [baseline_metrics(observations(c), metrics, reference) for c in currents]
+    by_name = [{m.name: m for m in gated} for gated in per_run]
+    common = [name for name in by_name[0] if all(name in run for run in by_name)]
+    merged = [replace(by_name[0][name], value=statistics.median(run[name].value for run in by_name),
+                      threshold=METRIC_THRESHOLDS.get(by_name[0][name].metric)) for name in common]
+    doc = {"description": "expected figures (ratios measured within one run), medians over the source "
+                          "runs; written by `python -m harness gate --write-baseline`",
+           "source": [str(c) for c in currents], "hardware": _hardware(currents[0]), "threshold": threshold,
+           "metrics": [{k: v for k, v in asdict(m).items() if v is not None} for m in merged]}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _hardware(path: str | Path) -> dict[str, Any] | None:
+    """Where the baseline was measured (from the first run's report metadata), for people."""
+    path = Path(path)
+    if (path / SWEEP_FILE).exists():
+        path = path / pd.read_parquet(path / SWEEP_FILE, columns=["run_dir"])["run_dir"].iloc[0]
+    file = path / FILES["requests"]
+    return read_metadata(file).get("hardware") if file.exists() else None
+
+
+def load_baseline(path: str | Path) -> tuple[list[GateMetric], float | None]:
+    """(metrics, the baseline's own threshold or None). A report or sweep folder also works:
+    its figures become the baseline (e.g. to gate a run against another one)."""
+    path = Path(path)
+    if path.is_dir():
+        return baseline_metrics(observations(path)), None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        metrics = [GateMetric(**m) for m in doc["metrics"]]
+    except OSError as e:
+        raise ValueError(f"cannot read baseline {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"baseline {path} is not a gate baseline JSON: {e}") from None
+    return metrics, doc.get("threshold")
+
+
+# ---- the gate ----------------------------------------------------------------------------
+def check(metrics: list[GateMetric], obs: pd.DataFrame, threshold: float | None = None,
+          default: float = DEFAULT_THRESHOLD) -> list[GateResult]:
+    """threshold (the CLI's --threshold) overrides every metric's own; default applies to
+    metrics without one."""
+    for t in (threshold, default):
+        if t is not None and not 0 <= t < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {t}")
+    results = []
+    for m in metrics:
+        t = next(x for x in (threshold, m.threshold, default) if x is not None)
+        current = m.measure(obs)
+        limit = m.value * (1 - t) if m.direction == "higher" else m.value * (1 + t)
+        ok = current is not None and (current >= limit if m.direction == "higher" else current <= limit)
+        results.append(GateResult(m, current, limit, ok))
+    return results

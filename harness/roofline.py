@@ -1,0 +1,63 @@
+"""The bytes-must-move floor of a run, for the summary's roofline_efficiency.
+
+Decode is memory bound: every step must read every weight once and the KV of every token in
+the batch. So the floor of a run is
+
+    sum over steps that ran a batch of (weight_bytes + kv_tokens_stored * kv_bytes_per_token)
+
+divided by the memory bandwidth. ``measure_copy_bandwidth`` measures that bandwidth the way
+the DESIGN's 3.0 TB/s H100 figure was measured: a device-to-device copy, counting the bytes
+read plus the bytes written. Under tensor parallelism pass the bandwidth of all ranks together.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+
+
+def weight_bytes(mc, itemsize: int) -> int:
+    """Bytes of the weights a decode step reads (a ModelConfig's shapes; the input embedding
+    is a row gather, so only the LM head reads the whole vocabulary matrix)."""
+    h, hd = mc.hidden_size, mc.head_dim
+    q, kv = mc.num_attention_heads * hd, mc.num_key_value_heads * hd
+    attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if mc.attention_bias else 0)
+    norms = 2 * h + (2 * hd if mc.qk_norm else 0)
+    layer = attn + 3 * h * mc.intermediate_size + norms
+    return (mc.num_hidden_layers * layer + h + mc.vocab_size * h) * itemsize
+
+
+def kv_bytes_per_token(mc, itemsize: int) -> int:
+    return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * itemsize
+
+
+def bytes_moved(steps: pd.DataFrame, weight_bytes_per_step: int, kv_bytes_per_tok: int) -> float | None:
+    """Weights once per step that ran a batch, plus the KV of every stored token of that step."""
+    if steps is None or steps.empty:
+        return None
+    ran = steps[steps["num_scheduled_seqs"] > 0]
+    if ran.empty:
+        return None
+    return float(len(ran) * weight_bytes_per_step + ran["kv_tokens_stored"].sum() * kv_bytes_per_tok)
+
+
+def measure_copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of a device-to-device copy (read + write), best of ``repeats``."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
+    dst.copy_(src)  # first touch and warm-up
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    del src, dst
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # hand the 2 GiB back before the engine sizes its KV cache
+    return 2 * nbytes / best

@@ -1,0 +1,252 @@
+"""One benchmark run: build a backend by name, build the workload, replay, write the report.
+
+    spec = RunSpec(backend="engine", model="tiny", workload=WorkloadSpec(kind="smoke"))
+    summary = run_once(spec, "reports/smoke-engine")         # the summary row (a dict)
+
+Backends by name (BACKENDS): engine (continuous batching), static (the static-batching
+baseline on the same engine), hf (transformers generate), openai (any OpenAI-compatible
+endpoint; backend_args base_url=..., the model name is sent as is). Each run gets a fresh
+backend: no prefix cache or allocator state leaks from one run into the next.
+
+The report config (Parquet metadata) holds the backend, model, the engine's config fields,
+the workload spec, replay options, telemetry status and any labels the caller adds (a sweep
+adds its point).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import inspect
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.backends.base import Backend, ReplayOptions
+from harness.metrics import Slos
+from harness.replay import ReplayResult, replay
+from harness.report import steps_frame, write_report
+from workloads.generators import GENERATORS, assign_arrivals, generate
+from workloads.trace import TraceRequest, load_trace
+
+
+# ---- backends ------------------------------------------------------------------------------
+def _engine(model: str, engine_args: dict, **kw: Any) -> Backend:
+    from harness.backends.engine import EngineBackend
+
+    return EngineBackend(model, scheduling_policy="continuous", **engine_args, **kw)
+
+
+def _static(model: str, engine_args: dict, **kw: Any) -> Backend:
+    from harness.backends.engine import EngineBackend
+
+    return EngineBackend(model, scheduling_policy="static", **engine_args, **kw)
+
+
+def _hf(model: str, engine_args: dict, **kw: Any) -> Backend:
+    from harness.backends.hf import HFBackend
+
+    return HFBackend(model, **kw)  # engine_args do not apply to transformers
+
+
+def _openai(model: str, engine_args: dict, **kw: Any) -> Backend:
+    from harness.backends.openai import OpenAIBackend  # imported lazily: another module's deps
+
+    return OpenAIBackend(model=model, **kw)
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"engine": _engine, "static": _static, "hf": _hf, "openai": _openai}
+
+
+def check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+class BackendConfigError(ValueError):
+    """A backend refused its configuration (raised while building it, before any request)."""
+
+
+def make_backend(name: str, model: str = "tiny", engine_args: dict | None = None, **backend_args: Any) -> Backend:
+    """A backend by name; unknown names raise ValueError listing the valid ones."""
+    check_backend(name)
+    try:
+        return BACKENDS[name](model, dict(engine_args or {}), **backend_args)
+    except (ValueError, TypeError) as e:
+        raise BackendConfigError(f"backend {name!r}: {e}") from e
+
+
+def backend_options(name: str, args: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """The options in ``args`` that backend ``name``'s constructor takes, checked before any
+    model is loaded. strict: an option it does not take is a ValueError (else dropped: a sweep
+    hands one set of options to several backends)."""
+    check_backend(name)
+    if name in ("engine", "static"):
+        from harness.backends.engine import EngineBackend as cls
+    elif name == "hf":
+        from harness.backends.hf import HFBackend as cls
+    else:
+        try:
+            from harness.backends.openai import OpenAIBackend as cls
+        except ImportError as e:
+            raise ValueError(f"the openai backend is unavailable: {e}") from None
+    params = {k: v for k, v in inspect.signature(cls).parameters.items() if k not in ("model", "scheduling_policy")}
+    missing = [k for k, v in params.items() if v.default is v.empty and v.kind is v.POSITIONAL_OR_KEYWORD
+               and k not in args]
+    if missing:
+        raise ValueError(f"backend {name!r} needs " + ", ".join(f"--backend-arg {k}=..." for k in missing))
+    if name not in ("engine", "static") and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(args)  # it takes anything: let the constructor judge
+    valid = [k for k, v in params.items() if v.kind is not v.VAR_KEYWORD]
+    unknown = sorted(set(args) - set(valid))
+    if unknown and strict:
+        raise ValueError(f"unknown --backend-arg {unknown} for backend {name!r}; valid: {', '.join(valid)}")
+    return {k: v for k, v in args.items() if k in valid}
+
+
+def model_vocab_size(model: str) -> int | None:
+    """The vocabulary of a preset or checkpoint dir (None for another served model name: the
+    generators' defaults then apply)."""
+    from engine.config import EngineConfig
+
+    try:
+        return EngineConfig(model=model).model_config.vocab_size
+    except ValueError:
+        return None
+
+
+# ---- workloads -----------------------------------------------------------------------------
+@dataclass
+class WorkloadSpec:
+    """A generator (kind + params) or a trace file; rate/burstiness re-time the arrivals
+    (None: the generator's default rate, or the trace's own arrival_s)."""
+
+    kind: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    trace: str | None = None
+    rate: float | None = None
+    burstiness: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.kind is None) == (self.trace is None):
+            raise ValueError("give exactly one of a workload kind or a trace file")
+        if self.kind is not None and self.kind not in GENERATORS:
+            raise ValueError(f"unknown workload {self.kind!r}; valid workloads: {', '.join(GENERATORS)}")
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError(f"rate must be > 0 requests/s (inf = offline), got {self.rate}")
+        if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
+            raise ValueError(f"burstiness must be a finite number > 0 (1.0 = Poisson), got {self.burstiness}")
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind is not None else Path(self.trace).stem
+
+    def build(self, vocab_size: int | None = None) -> list[TraceRequest]:
+        """The requests; token-id generators get the model's vocab_size unless params set it."""
+        if self.trace is not None:
+            requests = load_trace(self.trace)
+            return requests if self.rate is None else assign_arrivals(requests, self.rate, self.burstiness, self.seed)
+        params = dict(self.params)
+        accepted = inspect.signature(GENERATORS[self.kind]).parameters
+        if vocab_size is not None and "vocab_size" in accepted:
+            params.setdefault("vocab_size", vocab_size)
+        if self.rate is not None:
+            params.update(rate=self.rate, burstiness=self.burstiness)
+        return generate(self.kind, **params)
+
+    def with_rate(self, rate: float) -> WorkloadSpec:
+        return dataclasses.replace(self, rate=rate)
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- one run -------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    backend: str
+    workload: WorkloadSpec
+    model: str = "tiny"
+    max_concurrency: int | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    backend_args: dict[str, Any] = field(default_factory=dict)  # e.g. hf batch_size, openai base_url
+    slos: Slos = field(default_factory=Slos)
+    telemetry: bool = True
+    bandwidth_bytes_per_s: float | None = None  # for the roofline; None: no roofline figure
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_backend(self.backend)
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+
+    def gpu_indices(self) -> list[int]:
+        """NVML indices to sample: one per tensor-parallel rank of an in-process engine."""
+        tp = self.engine_args.get("tensor_parallel_size", 1) if self.backend in ("engine", "static") else 1
+        return list(range(tp))
+
+
+def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None = None,
+             requests: list[TraceRequest] | None = None) -> dict[str, Any]:
+    """Build the backend, replay the workload (or the given requests), write the report into
+    out_dir, close the backend; returns the summary row."""
+    if requests is None:
+        requests = spec.workload.build(model_vocab_size(spec.model))
+    backend = make_backend(spec.backend, spec.model, spec.engine_args, **spec.backend_args)
+    try:
+        rate = spec.workload.rate
+        options = ReplayOptions(timed=rate is None or math.isfinite(rate), max_concurrency=spec.max_concurrency,
+                                progress=spec.progress)
+        result = replay(backend, requests, options, telemetry=spec.telemetry, gpu_indices=spec.gpu_indices())
+        roofline = _roofline_bytes(backend, result, spec.bandwidth_bytes_per_s)
+    finally:
+        backend.close()
+    del backend  # the last reference: its device memory can go before the next run builds one
+    _free_device_memory()
+    config = {"backend": spec.backend, "model": spec.model, "workload": spec.workload.describe(),
+              "options": dataclasses.asdict(options), "engine_args": spec.engine_args,
+              "backend_args": spec.backend_args, "backend_info": result.run.info,
+              "telemetry": result.telemetry_status, "labels": labels or {}}
+    report = write_report(out_dir, result.run.requests, result.run.steps, result.telemetry, config,
+                          slos=spec.slos, roofline_bytes=roofline,
+                          bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s if roofline else None)
+    return report.summary_row()
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")  # never import torch just for this (openai runs)
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _roofline_bytes(backend: Backend, result: ReplayResult, bandwidth: float | None) -> float | None:
+    """Bytes the run had to move, for backends that report steps (engine, static)."""
+    llm_engine = getattr(backend, "engine", None)
+    if bandwidth is None or llm_engine is None or not result.run.steps:
+        return None
+    from engine.model_runner import resolve_device, resolve_dtype
+    from harness.roofline import bytes_moved, kv_bytes_per_token, weight_bytes
+
+    cfg = llm_engine.config
+    itemsize = resolve_dtype(cfg, resolve_device(cfg)).itemsize
+    mc = cfg.model_config
+    return bytes_moved(steps_frame(result.run.steps), weight_bytes(mc, itemsize), kv_bytes_per_token(mc, itemsize))
+
+
+def auto_bandwidth(engine_args: dict[str, Any]) -> float | None:
+    """Measured copy bandwidth of the engine's device(s) on CUDA, times the tensor-parallel
+    ranks; None on CPU (no roofline: the tiny model there is bound by host overhead)."""
+    import torch
+
+    device = engine_args.get("device", "auto")
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    from harness.roofline import measure_copy_bandwidth
+
+    per_device = measure_copy_bandwidth("cuda" if device == "auto" else device)
+    return per_device * engine_args.get("tensor_parallel_size", 1)

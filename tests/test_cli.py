@@ -1,0 +1,127 @@
+"""The command line: bad input gives one `error:` line and exit status 2, never a traceback;
+a small run writes a report.
+
+Run: .venv/bin/python -m pytest tests/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.commands import parse_value
+from harness.report import load_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _trace(tmp_path: Path, *rows: dict) -> str:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_missing_field_in_trace(tmp_path, capsys):
+    trace = _trace(tmp_path, {"arrival_s": 0, "prompt": "hi", "max_tokens": 4}, {"arrival_s": 1, "prompt": "yo"})
+    assert main(["run", "--trace", trace, "--out", str(tmp_path / "out")]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("python -m harness run: error:")
+    assert "row 2" in line and "'max_tokens'" in line and "missing required field" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_negative_max_tokens_in_trace(tmp_path, capsys):
+    trace = _trace(tmp_path, {"arrival_s": 0, "prompt": "hi", "max_tokens": -3})
+    assert main(["run", "--trace", trace]) == 2
+    line = _error_line(capsys)
+    assert "row 1" in line and "'max_tokens'" in line and "-3" in line
+
+
+def test_unknown_backend_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--backend", "vllm"])
+    assert exc.value.code == 2
+    line = _error_line(capsys)
+    assert "invalid choice: 'vllm'" in line and "engine" in line and "openai" in line
+
+
+def test_unknown_backend_in_a_sweep(capsys):
+    assert main(["sweep", "--backends", "engine,trt"]) == 2
+    assert "valid backends: engine, static, hf, openai" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--workload", "random", "--param", "input_len=-4"], "random input_len"),
+    (["run", "--workload", "smoke", "--param", "nonsense=1"], "unknown parameter"),
+    (["run", "--param", "novalue"], "expects KEY=VALUE"),
+    (["run", "--engine-arg", "block_size=0"], "block_size must be >= 1"),
+    (["run", "--engine-arg", "blocksize=16"], "unknown --engine-arg"),
+    (["run", "--backend", "hf", "--backend-arg", "batchsize=4"], "unknown --backend-arg"),
+    (["run", "--max-concurrency", "0"], "max-concurrency"),
+    (["sweep", "--profile", "fixed"], "needs --rates"),
+    (["sweep", "--profile", "sweep", "--fractions", "0.5,2"], "fractions must be numbers in (0, 1]"),
+    (["gate", "--baseline", "nope.json", "--current", "."], "neither a sweep folder"),
+])
+def test_bad_arguments_give_one_error_line(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in _error_line(capsys)
+
+
+def test_rate_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--rate", "0"])
+    assert exc.value.code == 2
+    assert "must be > 0" in _error_line(capsys)
+
+
+def test_out_folder_must_be_new(tmp_path, capsys):
+    (tmp_path / "x").write_text("taken")
+    assert main(["run", "--out", str(tmp_path)]) == 2
+    assert "already exists" in _error_line(capsys)
+
+
+def test_parse_value():
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("true") is True
+    assert parse_value("inf") == float("inf") and parse_value("torch") == "torch"
+    assert parse_value("[1, 2]") == [1, 2]
+
+
+def test_bad_trace_through_the_real_entry_point(tmp_path):
+    trace = _trace(tmp_path, {"arrival_s": 0, "prompt": "hi", "max_tokens": 0})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--trace", trace], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "must be an int >= 1" in proc.stderr
+
+
+def test_small_run_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--backend", "static", "--workload", "smoke", "--param", "num_prompts=4",
+            "--param", "max_tokens_out=8", "--rate", "inf", "--engine-arg", "device=cpu",
+            "--engine-arg", "num_kv_blocks=64", "--slo-ttft-ms", "5000", "--bandwidth-gbps", "20",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert "report:" in capsys.readouterr().out
+    report = load_report(out)
+    summary = report.summary_row()
+    assert summary["num_ok"] == 4 and summary["slo_ttft_ms"] == 5000 and summary["goodput"] is not None
+    assert summary["roofline_bandwidth_bytes_per_s"] == 20e9 and 0 < summary["roofline_efficiency"] < 1
+    config = report.metadata["config"]
+    assert config["backend"] == "static" and config["workload"]["kind"] == "smoke"
+    assert config["backend_info"]["engine_config"]["scheduling_policy"] == "static"
+    assert config["telemetry"]["nvml_available"] in (True, False)
+    assert report.recompute_summary() == summary
