@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.checks import check_attention_args
+
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 MIN_SPLIT_TOKENS = 64  # a split shorter than one default tile would only add reduce work
@@ -163,28 +165,10 @@ def _decode_reduce_kernel(
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
            seq_lens: torch.Tensor, block_tables: torch.Tensor, num_splits: int,
            scratch: DecodeScratch | None) -> None:
-    if q.dim() != 3 or out.shape != q.shape:
-        raise ValueError(f"q and out must be [num_seqs, num_heads, head_dim]; got "
-                         f"{tuple(q.shape)}, {tuple(out.shape)}")
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"caches must be [num_blocks, block_size, num_kv_heads, {q.shape[2]}]; "
-                         f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    if q.shape[1] % k_cache.shape[2] != 0:
-        raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads "
-                         f"{k_cache.shape[2]}")
-    if len({q.dtype, out.dtype, k_cache.dtype, v_cache.dtype}) != 1:
-        raise ValueError(f"q, out, k_cache, v_cache must share one dtype; got {q.dtype}, "
-                         f"{out.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if any(t.stride(-1) != 1 for t in (q, out, k_cache, v_cache)):
-        raise ValueError("q, out, k_cache and v_cache need a contiguous last (head_dim) dimension")
     num_seqs = q.shape[0]
-    if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (num_seqs,):
-        raise ValueError(f"seq_lens must be int32 [{num_seqs}] (one query per sequence); got "
-                         f"{seq_lens.dtype} {tuple(seq_lens.shape)}")
-    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or \
-            block_tables.shape[0] != num_seqs or block_tables.stride(1) != 1:
-        raise ValueError(f"block_tables must be int32 [{num_seqs}, max_blocks] with a contiguous "
-                         f"last dim; got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if tuple(seq_lens.shape) != (num_seqs,):
+        raise ValueError(f"seq_lens must be [{num_seqs}] (one query per sequence); got {tuple(seq_lens.shape)}")
+    check_attention_args(q, k_cache, v_cache, out, seq_lens, block_tables, rows="num_seqs")
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits {num_splits} must be in [1, {MAX_SPLITS}]")
     if scratch is not None and num_splits > 1:

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.checks import check_attention_args
+
 LOG2E = 1.4426950408889634
 # Sequences with at most this many queries use the small (16-row) tile, the rest the large tile.
 SMALL_Q_MAX = 16
@@ -123,33 +125,11 @@ def _unified_attention_kernel(
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
            block_tables: torch.Tensor) -> None:
-    if q.dim() != 3 or out.shape != q.shape:
-        raise ValueError(f"q and out must be [num_tokens, num_heads, head_dim]; got "
-                         f"{tuple(q.shape)}, {tuple(out.shape)}")
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"caches must be [num_blocks, block_size, num_kv_heads, {q.shape[2]}]; "
-                         f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    if q.shape[1] % k_cache.shape[2] != 0:
-        raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads "
-                         f"{k_cache.shape[2]}")
-    if len({q.dtype, out.dtype, k_cache.dtype, v_cache.dtype}) != 1:
-        raise ValueError(f"q, out, k_cache, v_cache must share one dtype; got {q.dtype}, "
-                         f"{out.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype {q.dtype} is unsupported; use float16, bfloat16 or float32")
-    if any(t.stride(-1) != 1 for t in (q, out, k_cache, v_cache)):
-        raise ValueError("q, out, k_cache and v_cache need a contiguous last (head_dim) dimension")
     num_seqs = seq_lens.shape[0]
-    for name, t, shape in (("query_start_loc", query_start_loc, (num_seqs + 1,)),
-                           ("seq_lens", seq_lens, (num_seqs,))):
-        if t.dtype != torch.int32 or tuple(t.shape) != shape:
-            raise ValueError(f"{name} must be int32 {list(shape)}; got {t.dtype} {tuple(t.shape)}")
-    if (block_tables.dtype != torch.int32 or block_tables.dim() != 2
-            or block_tables.shape[0] != num_seqs):
-        raise ValueError(f"block_tables must be int32 [{num_seqs}, max_blocks]; got "
-                         f"{block_tables.dtype} {tuple(block_tables.shape)}")
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables needs a contiguous last dimension")
+    if query_start_loc.dtype != torch.int32 or tuple(query_start_loc.shape) != (num_seqs + 1,):
+        raise ValueError(f"query_start_loc must be int32 [{num_seqs + 1}] (one more than seq_lens); got "
+                         f"{query_start_loc.dtype} {tuple(query_start_loc.shape)}")
+    check_attention_args(q, k_cache, v_cache, out, seq_lens, block_tables, rows="num_tokens")
 
 
 def _tile_config(group: int, large: bool) -> tuple[int, int, int, int]:
