@@ -54,6 +54,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids = self._tokenize(prompt)
         self._check_fits(token_ids, params)
+        vocab = self.config.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
         seq = Sequence(request_id, token_ids, params, arrival_time, self.config.max_model_len)
         self.scheduler.add(seq)
         if params.detokenize or params.stop:

@@ -35,7 +35,8 @@ class SamplingMetadata:
         use_p = any(p.top_p < 1.0 for p in params)
         return cls(
             temperature=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]).to(device) if use_k else None,
+            top_k=torch.tensor([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]).to(device)
+            if use_k else None,  # top_k above the vocabulary means the whole vocabulary
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device) if use_p else None,
             all_greedy=all(t == 0.0 for t in temps),
             seeded=seeded,

@@ -36,6 +36,7 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
     "prompt, params, match",
     [("", None, "empty"), ([], None, "empty"), ([1, 2, 10_000], None, "outside the vocabulary"),
      ([1] * 64, None, "max_model_len"), ([1.5], None, "integer"), (None, None, "string or a list"),
+     ([1, 2], SamplingParams(stop_token_ids=[600], min_tokens=1), "stop_token_ids"),
      ([1] * 10, SamplingParams(max_tokens=10_000), None)],
 )
 def test_bad_requests_rejected_and_engine_keeps_serving(engine, prompt, params, match):
@@ -120,3 +121,10 @@ def test_unknown_option_and_bad_config():
         EngineConfig(scheduling_policy="fifo")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(tensor_parallel_size=3)
+
+
+def test_top_k_above_vocab_and_top_p_sample_within_vocab():
+    llm = LLM("tiny")
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=1.0, top_k=10_000, top_p=0.9, max_tokens=6,
+                                                   ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 6 and all(0 <= t < llm.engine.config.model_config.vocab_size for t in out.token_ids)

@@ -74,44 +74,25 @@ def test_rows_become_records_relative_to_first_request():
 
 def test_load_run_writes_report_without_errors(tmp_path, capsys):
     out = tmp_path / "load"
-    rc = main(
-        [
-            "--model",
-            "tiny",
-            "--users",
-            "4",
-            "--spawn-rate",
-            "4",
-            "--run-time",
-            "6s",
-            "--stop-timeout",
-            "10",
-            "--out",
-            str(out),
-        ]
-    )
+    args = "--model tiny --users 4 --spawn-rate 4 --run-time 6s --stop-timeout 10 --out".split()
+    rc = main([*args, str(out)])
     printed = capsys.readouterr()
     assert rc == 0, printed.out + printed.err + (out / "locust.out").read_text()
     report = load_report(out)
     summary = report.summary_row()
-    assert (
-        summary["num_requests"] >= 8
-        and summary["num_error"] == 0
-        and summary["num_ok"] == summary["num_requests"]
-    )
+    assert summary["num_requests"] >= 8 and summary["num_error"] == 0
+    assert summary["num_ok"] == summary["num_requests"]
     assert summary["p50_ttft_ms"] is not None and summary["p50_itl_ms"] is not None
     assert (report.requests["output_tokens"] == report.requests["token_times_s"].map(len)).all()
     # locust saw the same requests, plus TTFT and ITL as their own rows
-    stats = {(r["Type"], r["Name"]): r for r in csv.DictReader((out / "locust_stats.csv").open())}
+    rows = csv.DictReader((out / "locust_stats.csv").read_text().splitlines())
+    stats = {(r["Type"], r["Name"]): r for r in rows}
     assert int(stats[("METRIC", "TTFT")]["Request Count"]) >= 1 and ("METRIC", "ITL") in stats
     assert int(stats[("POST", "/v1/completions")]["Failure Count"]) == 0
     # the server counted every generated token the client did
     config = report.metadata["config"]
-    assert (
-        config["server_metrics"]["llmbench_generation_tokens_total"]
-        == summary["total_output_tokens"]
-    )
+    assert config["server_metrics"]["llmbench_generation_tokens_total"] == summary["total_output_tokens"]
     assert "load test report" in printed.out
-    assert all(
-        json.loads(line)["status"] == "ok" for line in (out / "rows.jsonl").read_text().splitlines()
-    )
+    rows_file = (out / "rows.jsonl").read_text().splitlines()
+    assert len(rows_file) == summary["num_requests"]
+    assert all(json.loads(line)["status"] == "ok" for line in rows_file)

@@ -7,14 +7,14 @@ client thread would compete with the server's threads for the GIL and its timing
 more about that than about the server.
 
 TTFT agreement: the same smoke trace (16 requests, timed arrivals over 3.6 s) is replayed
-through the shim and through the in-process EngineBackend, both warmed on these prompts first.
-The HTTP path adds request parsing, tokenization, the hop to the engine thread and the loopback
-round trip, so its TTFT is a little higher. Tolerance: the medians differ by at most 30 ms
-(the tiny model's TTFT is ~5-15 ms on an idle 2-core machine; measured difference +8 to +11 ms
-there, 1 torch thread each). The machine is shared, and another process's burst can stall either replay by
-hundreds of ms, so the comparison gets up to 3 attempts. In the same run, the client's mean
-TTFT from send must lie between the server's own mean TTFT (parse -> first token, /metrics)
-and that plus 30 ms.
+through the shim and through the in-process EngineBackend, both warmed on these prompts first,
+with one torch thread each. The HTTP path adds request parsing, tokenization, the hop to the
+engine thread and the loopback round trip, so its TTFT is a little higher. Tolerance: the
+medians differ by at most 30 ms (the tiny model's TTFT is ~4-15 ms on an idle 2-core machine;
+measured difference +5 to +11 ms there). The machine is shared, and another process's burst can
+stall either replay by hundreds of ms, so the comparison gets up to 3 attempts. In the same
+run, the client's mean TTFT from send must lie between the server's own mean TTFT (parse ->
+first token, from /metrics) and that plus 30 ms.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30) as client:
+        yield client
 
 
 def metrics(client: httpx.Client) -> dict[str, float]:
@@ -399,43 +400,49 @@ def test_overload_gets_clear_429_and_nothing_is_lost(small_server):
 # ---- fuzz ------------------------------------------------------------------------------------
 
 _json = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12),
-    lambda kids: (
-        st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3)
-    ),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3),
     max_leaves=6,
 )
-_message = st.fixed_dictionaries(
-    {
-        "role": st.sampled_from(["system", "user", "assistant", "tool", "bogus"]),
-        "content": st.text(max_size=20) | _json,
-    }
-)
-_FIELDS = {
-    "model": st.sampled_from(["tiny", "other"]) | _json,
-    "prompt": st.text(max_size=40) | st.lists(st.integers(-3, 600), max_size=12) | _json,
-    "messages": st.lists(_message, max_size=3) | _json,
-    "max_tokens": st.integers(-2, 80) | _json,
-    "max_completion_tokens": st.integers(-2, 80),
-    "temperature": st.floats(-1, 3) | _json,
-    "top_p": st.floats(-0.5, 1.5),
-    "top_k": st.integers(-3, 2000),
-    "seed": st.integers(-(2**70), 2**70),
-    "min_tokens": st.integers(-2, 20),
-    "ignore_eos": st.booleans() | _json,
-    "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3) | _json,
-    "stop_token_ids": st.lists(st.integers(-2, 600), max_size=3),
-    "n": st.integers(0, 3),
-    "stream": st.booleans(),
-    "stream_options": st.none() | st.fixed_dictionaries({"include_usage": st.booleans()}),
-    "logprobs": _json,
-    "user": _json,
+
+
+_VALID_SAMPLING = {
+    "max_tokens": st.integers(1, 16), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 2000), "seed": st.integers(-(2**63), 2**63 - 1), "min_tokens": st.integers(0, 1),
+    "ignore_eos": st.booleans(), "stop": st.lists(st.text(min_size=1, max_size=3), max_size=3),
+    "stop_token_ids": st.lists(st.integers(0, 600), max_size=3), "n": st.just(1), "user": st.text(max_size=5),
 }
-_bodies = st.fixed_dictionaries({}, optional=_FIELDS) | _json
+_completion = st.fixed_dictionaries(
+    {"model": st.just("tiny"),
+     "prompt": st.text(min_size=1, max_size=40) | st.lists(st.integers(0, 511), min_size=1, max_size=12)},
+    optional=_VALID_SAMPLING,
+)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=20)}
+)
+_chat = st.fixed_dictionaries(
+    {"model": st.just("tiny"), "messages": st.lists(_message, min_size=1, max_size=3)},
+    optional={**_VALID_SAMPLING, "max_completion_tokens": st.integers(1, 16)},
+)
+_bad_value = _json | st.integers(-(2**70), 2**70) | st.floats(-1e30, 1e30) | st.text(max_size=20)
+
+
+@st.composite
+def _requests(draw) -> tuple[str, object]:
+    """A valid request, or one with one field replaced or dropped, or any JSON at all."""
+    path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    body = draw(_completion if path == "/v1/completions" else _chat)
+    body["stream"] = draw(st.booleans())
+    if body["stream"] and draw(st.booleans()):
+        body["stream_options"] = {"include_usage": draw(st.booleans())}
+    kind = draw(st.sampled_from(["valid", "bad-field", "drop-field", "any-json"]))
+    if kind == "bad-field":
+        body[draw(st.sampled_from(sorted({*body, *_VALID_SAMPLING, "logprobs", "echo"})))] = draw(_bad_value)
+    elif kind == "drop-field":
+        del body[draw(st.sampled_from(sorted(body)))]
+    elif kind == "any-json":
+        body = draw(_json)
+    return path, body
 
 
 @settings(
@@ -445,8 +452,9 @@ _bodies = st.fixed_dictionaries({}, optional=_FIELDS) | _json
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=_bodies)
-def test_fuzz_finds_no_5xx(small_server, path, body):
+@given(case=_requests())
+def test_fuzz_finds_no_5xx(small_server, case):
+    path, body = case
     with httpx.Client(base_url=small_server.url, timeout=20) as client:
         with client.stream("POST", path, json=body) as r:
             raw = r.read().decode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from engine.attention.metadata import AttentionBackend, AttentionMetadata
 
-BACKENDS = ("torch", "triton", "flash_attn")
+BACKENDS = ("torch", "triton")
 
 
 def get_backend(name: str, device_type: str) -> AttentionBackend:
@@ -20,10 +20,6 @@ def get_backend(name: str, device_type: str) -> AttentionBackend:
         from engine.attention.triton_backend import TritonAttention
 
         return TritonAttention()
-    if name == "flash_attn":
-        from engine.attention.flash_attn_backend import FlashAttention
-
-        return FlashAttention()
     raise ValueError(f"attention backend {name!r} is unknown; choose one of {BACKENDS} or 'auto'")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -246,8 +245,6 @@ class AsyncEngine:
             if delta.finished:
                 self._streams.pop(delta.request_id, None)
         self._publish()
-        if deltas:
-            time.sleep(0)
 
     def _mark_started(self, request_id: str, force: bool = False) -> None:
         if force or request_id in self._unstarted:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.sampling_params import SamplingParams
 from engine.serve.errors import APIError
 
-SEED_LIMIT = 2**32  # the sampler derives per-token generator seeds from it; keep them in int64
+SEED_RANGE = (-(2**63), 2**63)  # int64, as OpenAI's API documents seed
 
 
 class _Model(BaseModel):
@@ -117,8 +117,8 @@ def check_supported(req: SamplingRequest) -> None:
         raise APIError(
             400, "'stream_options' is only allowed when 'stream' is true", param="stream_options"
         )
-    if req.seed is not None and not 0 <= req.seed < SEED_LIMIT:
-        raise APIError(400, f"'seed'={req.seed} must be in [0, {SEED_LIMIT})", param="seed")
+    if req.seed is not None and not SEED_RANGE[0] <= req.seed < SEED_RANGE[1]:
+        raise APIError(400, f"'seed'={req.seed} must be a 64-bit signed integer", param="seed")
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
@@ -146,13 +146,13 @@ def requested_max_tokens(req: SamplingRequest) -> int | None:
 
 def sampling_params(req: SamplingRequest, max_tokens: int, vocab_size: int) -> SamplingParams:
     """SamplingParams for a request; the engine's ValueError becomes a 400 naming the field."""
-    top_k = (
-        req.top_k if req.top_k is None or req.top_k <= vocab_size else vocab_size
-    )  # k >= V: all of it
+    # k >= vocab means the whole vocabulary; clamp, since the engine's sampler indexes the k-th
+    # logit and a k past the vocabulary fails the whole step (every request in the batch).
+    top_k = -1 if req.top_k is None else min(req.top_k, vocab_size)
     kwargs: dict[str, Any] = {
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": 1.0 if req.top_p is None else req.top_p,
-        "top_k": -1 if top_k is None else top_k,
+        "top_k": top_k,
         "seed": req.seed,
         "max_tokens": max_tokens,
         "min_tokens": req.min_tokens,

@@ -85,12 +85,8 @@ class OpenAIBackend:
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.base_url, self.model, self.endpoint, self.timeout_s = (
-            _api_root(base_url),
-            model,
-            endpoint,
-            timeout_s,
-        )
+        self.base_url, self.model = _api_root(base_url), model
+        self.endpoint, self.timeout_s = endpoint, timeout_s
         self.url = self.base_url + ENDPOINTS[endpoint]
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._mismatches = 0
@@ -212,9 +208,8 @@ class OpenAIBackend:
                 break
             event = json.loads(data)
             if "error" in event:
-                raise StreamError(
-                    f"error event in stream: {(event['error'] or {}).get('message', event['error'])}"
-                )
+                err = event["error"]
+                raise StreamError(f"error event in stream: {err.get('message', err) if isinstance(err, dict) else err}")
             usage = event.get("usage") or usage
             for choice in event.get("choices") or []:
                 n = _tokens_in(choice)
