@@ -173,7 +173,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-cfg.max_model_len // self.block_size)
         max_tokens = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.buffers = InputBuffers(max_tokens, cfg.max_num_seqs, self.max_blocks_per_seq, self.device)
-        self._table_rows: list[tuple[tuple[str, int] | None, int]] = [(None, 0)] * cfg.max_num_seqs
+        self._table_rows: list[tuple[tuple[int, int] | None, int]] = [(None, 0)] * cfg.max_num_seqs
 
     def prepare_inputs(self, out: SchedulerOutput, pad_to: int | None = None) -> ModelInputs:
         """Write the step's inputs into the staging buffers (vectorised numpy) and copy them to
@@ -226,11 +226,12 @@ class ModelRunner:
         )
 
     def _fill_block_tables(self, seqs: list[ScheduledSequence]) -> np.ndarray:
-        """Write block-table rows into staging, only the entries new since the same request last
-        sat in that row (a table only grows until its sequence is preempted)."""
+        """Write block-table rows into staging, only the entries new since the same sequence last
+        sat in that row (a table only grows until its sequence is preempted). Keyed by seq_no,
+        which is never reused, unlike request ids."""
         tables, rows = self.buffers.block_tables.np, self._table_rows
         for i, s in enumerate(seqs):
-            key, table = (s.request_id, s.num_preemptions), s.block_table
+            key, table = (s.seq_no, s.num_preemptions), s.block_table
             prev_key, written = rows[i]
             start = written if prev_key == key else 0
             if start < len(table):

@@ -128,3 +128,21 @@ def test_top_k_above_vocab_and_top_p_sample_within_vocab():
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=1.0, top_k=10_000, top_p=0.9, max_tokens=6,
                                                    ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 6 and all(0 <= t < llm.engine.config.model_config.vocab_size for t in out.token_ids)
+
+
+def test_reused_request_ids_get_their_own_block_tables():
+    """A finished request's id may come back; the runner's staged block table must be the new
+    sequence's, not rows left from the old one."""
+    engine = LLMEngine(EngineConfig(model="tiny", num_kv_blocks=64, block_size=4, enable_prefix_caching=False))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request("same-id", [9] * 30, params)
+    old_table = None
+    while engine.has_unfinished_requests():
+        old_table = list(engine.scheduler.requests["same-id"].block_table) if engine.scheduler.requests else old_table
+        engine.step()
+    engine.add_request("same-id", [5] * 30, params)
+    engine.step()
+    seq = engine.scheduler.requests["same-id"]
+    assert seq.block_table[:2] != old_table[:2]  # fresh blocks: the free queue hands out others
+    staged = engine.executor.runner.buffers.block_tables.np[0, : len(seq.block_table)].tolist()
+    assert staged == seq.block_table
