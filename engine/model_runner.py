@@ -214,7 +214,7 @@ class ModelRunner:
             block_tables=self._copy_block_tables(b, rows, width),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=qsl[: rows + 1].tolist() if self.device.type == "cpu" else [],
+            query_start_loc_cpu=qsl[: rows + 1].tolist(),
             seq_lens_cpu=buf.seq_lens.np[:rows].tolist(),
         )
         return ModelInputs(

@@ -41,22 +41,31 @@ def paged_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: flo
     return out
 
 
-def paged_decode_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query token per sequence: gather every sequence's blocks at once and run a single
-    masked attention (much faster than the per-sequence loop on CPU)."""
+def paged_attention_batched(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The same attention as `paged_attention_ref` in one masked SDPA call over padded
+    sequences (every sequence's blocks gathered at once): the CPU engine path, where a Python
+    loop over sequences and layers would dominate the step."""
+    qsl, lens, dev = meta.query_start_loc_cpu, meta.seq_lens, q.device
+    b = len(qsl) - 1
+    q_lens = torch.tensor([qsl[i + 1] - qsl[i] for i in range(b)], device=dev)
+    max_q = int(q_lens.max())
     tables = meta.block_tables.long()  # [B, max_blocks]
     k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, max_blocks * bs, D]
     v = v_cache[tables].flatten(1, 2).transpose(1, 2)
-    visible = torch.arange(k.shape[2], device=q.device)[None, :] < meta.seq_lens[:, None]  # [B, L]
+    seq_of_tok = torch.repeat_interleave(torch.arange(b, device=dev), q_lens)
+    row_of_tok = torch.arange(q.shape[0], device=dev) - torch.tensor(qsl[:-1], device=dev)[seq_of_tok]
+    padded = q.new_zeros(b, max_q, *q.shape[1:])
+    padded[seq_of_tok, row_of_tok] = q
+    q_pos = (lens.long() - q_lens)[:, None] + torch.arange(max_q, device=dev)[None, :]  # [B, max_q]
+    keys = torch.arange(k.shape[2], device=dev)
+    visible = keys[None, None, :] <= q_pos[:, :, None]  # causal; also hides keys past seq_len
     o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
-    )  # [B, Hq, 1, D]
-    return o.squeeze(2)
+        padded.transpose(1, 2), k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=True
+    )  # [B, Hq, max_q, D]
+    return o.transpose(1, 2)[seq_of_tok, row_of_tok]
 
 
 class TorchAttention:
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode_only:
-            return paged_decode_ref(q, k_cache, v_cache, meta, scale)
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        return paged_attention_batched(q, k_cache, v_cache, meta, scale)
