@@ -17,7 +17,7 @@ import time
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from harness.backends.hf import hf_model_from_config  # the HF baseline's model builder lives there
+from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
 from workloads.generators import bench as bench_requests
 
 
@@ -31,15 +31,10 @@ def run_hf(config: EngineConfig, prompts: list[list[int]], max_tokens: list[int]
     t0 = time.perf_counter()
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
+        ids, mask = left_pad([prompts[i] for i in batch])
         new = max(max_tokens[i] for i in batch)
         with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, pad_token_id=0)
         useful += sum(max_tokens[i] for i in batch)
     if device.startswith("cuda"):

@@ -137,10 +137,6 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
-    @property
-    def prefix_hit_rate(self) -> float:
-        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
-
     def check_invariants(self, live: list[Sequence]) -> None:
         """Exact reference counts, no leaked or double-freed block (used by property tests)."""
         expected = [0] * len(self.blocks)

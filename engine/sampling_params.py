@@ -40,10 +40,6 @@ class SamplingParams:
             "stop_token_ids", self.stop_token_ids, "must be non-negative integers",
         )
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
 
 def _require(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:

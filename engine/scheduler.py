@@ -115,8 +115,8 @@ class Scheduler:
             self._admit_waiting(budget, out)
         return out
 
-    def _schedule_running(self, budget: int, out: SchedulerOutput, start: int = 0) -> int:
-        i, running, bm = start, self.running, self.block_manager
+    def _schedule_running(self, budget: int, out: SchedulerOutput) -> int:
+        i, running, bm = 0, self.running, self.block_manager
         slots_per_block = bm.block_size
         while i < len(running) and budget > 0:
             seq = running[i]
@@ -192,7 +192,8 @@ class Scheduler:
 
     # ---- results ------------------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[SequenceUpdate]:
-        """Advance computed counts, append sampled tokens, apply token-level stops."""
+        """Append a finished step's sampled tokens, register newly full blocks for prefix
+        caching, apply token-level stops. (Computed counts advanced when the step was scheduled.)"""
         updates = []
         requests, running = self.requests, SequenceStatus.RUNNING
         cache_blocks = self.block_manager.cache_full_blocks if self.block_manager.enable_prefix_caching else None

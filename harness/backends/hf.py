@@ -36,6 +36,17 @@ from harness.records import RequestRecord
 from workloads.trace import TraceRequest
 
 
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, [batch, longest prompt], left padded with id 0."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
 def hf_model_from_config(config: EngineConfig, dtype: torch.dtype, device: str):
     """An HF model of the same shape (random weights: throughput does not depend on them)."""
     import transformers
@@ -159,13 +170,7 @@ class HFBackend:
     def _generate(self, batch: list[TraceRequest], records: dict[str, RequestRecord],
                   prompts: dict[str, list[int]], t0: float) -> float:
         """One left-padded generate call; returns when it ended (seconds after t0)."""
-        width = max(len(prompts[r.request_id]) for r in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)  # [batch, width], pad id 0
-        mask = torch.zeros_like(ids)
-        for row, r in enumerate(batch):
-            p = prompts[r.request_id]
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad([prompts[r.request_id] for r in batch])
         new = max(r.max_tokens for r in batch)
         clock = _StepClock()
         sent = time.perf_counter() - t0
