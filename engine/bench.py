@@ -42,11 +42,42 @@ def run_hf(config: EngineConfig, prompts: list[list[int]], max_tokens: list[int]
     return useful, time.perf_counter() - t0
 
 
-def run_engine(llm: LLM, prompts, params) -> tuple[int, float, dict]:
+class PhaseProfiler:
+    """torch.profiler over the run, one kernel table per phase: "prefill" while steps carry
+    prompt tokens (the start of an offline run), "decode" after. Tracing slows the host, so
+    the run's tok/s under --profile is not the figure to report; the kernel times are."""
+
+    def __init__(self, rows: int = 20):
+        self.rows, self.tables = rows, {}
+        self.phase, self.prof = None, None
+
+    def after_step(self, stats) -> None:
+        phase = "prefill" if stats.num_prefill_tokens else "decode"
+        if phase != self.phase and (self.phase is None or phase == "decode"):
+            self._switch(phase)
+
+    def _switch(self, phase: str | None) -> None:
+        if self.prof is not None:
+            torch.cuda.synchronize()
+            self.prof.stop()
+            self.tables[self.phase] = self.prof.key_averages().table(sort_by="cuda_time_total",
+                                                                     row_limit=self.rows)
+        self.phase, self.prof = phase, None
+        if phase is not None:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.prof.start()
+
+    def finish(self) -> dict[str, str]:
+        self._switch(None)
+        return self.tables
+
+
+def run_engine(llm: LLM, prompts, params, profile: bool = False) -> tuple[int, float, dict]:
     """Run through the step API so each step's host/device split is recorded."""
     engine = llm.engine
     engine.warm_up()
     stats = []
+    phases = PhaseProfiler() if profile else None
     t0 = time.perf_counter()
     for p, sp in zip(prompts, params):
         engine.add_request(None, p, sp)
@@ -54,7 +85,12 @@ def run_engine(llm: LLM, prompts, params) -> tuple[int, float, dict]:
     while engine.has_unfinished_requests():
         tokens += sum(len(d.new_token_ids) for d in engine.step())
         stats.append(engine.last_step_stats)
+        if phases is not None:
+            phases.after_step(stats[-1])
     elapsed = time.perf_counter() - t0
+    if phases is not None:
+        for phase, table in phases.finish().items():
+            print(f"--- kernels, {phase} steps ---\n{table}")
     return tokens, elapsed, step_breakdown(stats)
 
 
@@ -85,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hf-num-seqs", type=int, default=None,
                     help="run HF on the first N requests only (HF is slow; default: all)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", action="store_true",
+                    help="print per-phase CUDA kernel tables (torch.profiler; slows the host)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra EngineConfig field, e.g. --engine-arg enforce_eager=true")
     args = ap.parse_args(argv)
@@ -95,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                           max_output_len=args.max_output_len, vocab_size=cfg.model_config.vocab_size)
     prompts = [r.prompt_token_ids for r in reqs]
     params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False) for r in reqs]
-    tokens, elapsed, breakdown = run_engine(llm, prompts, params)
+    tokens, elapsed, breakdown = run_engine(llm, prompts, params, profile=args.profile and cuda)
     result = {"model": args.model, "policy": args.policy, "requests": len(reqs), "output_tokens": tokens,
               "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": breakdown}

@@ -29,6 +29,9 @@ from engine.kernels.checks import check_attention_args
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 MIN_SPLIT_TOKENS = 64  # a split shorter than one default tile would only add reduce work
+# Programs per SM that choose_num_splits aims for. Sequences in a batch differ in length, so a
+# program's work varies; more, smaller programs even out the last wave. Read at call time.
+TARGET_PROGRAMS_PER_SM = 4
 
 
 @dataclass
@@ -59,10 +62,10 @@ def alloc_decode_scratch(max_seqs: int, num_heads: int, head_dim: int, device: t
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int,
                       num_sms: int = 132) -> int:
-    """~4 programs per SM over (seqs x KV heads x splits), capped at MAX_SPLITS, at least 1, and
+    """~TARGET_PROGRAMS_PER_SM programs per SM over (seqs x KV heads x splits), capped at MAX_SPLITS, at least 1, and
     no more splits than MIN_SPLIT_TOKENS-key chunks of the longest sequence. Host ints only:
     a captured graph must be captured with the max_seq_len it will replay under (max_model_len)."""
-    target = (4 * num_sms) // max(1, num_seqs * num_kv_heads)
+    target = (TARGET_PROGRAMS_PER_SM * num_sms) // max(1, num_seqs * num_kv_heads)
     by_len = triton.cdiv(max(1, max_seq_len_hint), MIN_SPLIT_TOKENS)
     return max(1, min(MAX_SPLITS, target, by_len))
 
