@@ -153,7 +153,7 @@ class EngineConfig:
     scheduling_policy: str = "continuous"
     attention_backend: str = "auto"
     enforce_eager: bool = False
-    async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for one GPU
+    async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     tensor_parallel_size: int = 1
     dist_init_method: str | None = None  # None: a free localhost port chosen at start
     dist_timeout_s: float = 600.0  # TP: bounds start-up (loading, profiling), each step and each collective
@@ -182,8 +182,6 @@ class EngineConfig:
                 f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
                 f"must be >= max_model_len ({self.max_model_len})"
             )
-        if self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling needs tensor_parallel_size=1")
         mc = self.model_config
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             if getattr(mc, name) % self.tensor_parallel_size:

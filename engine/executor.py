@@ -10,10 +10,19 @@ from engine.model_runner import ModelRunner, PendingSample
 from engine.scheduler import SchedulerOutput
 
 
+class StepResult(Protocol):
+    def result(self) -> list[int | None]: ...
+
+
 class Executor(Protocol):
+    """Runs steps on every shard. `execute_model_async` returns once the step is launched; its
+    `result()` waits for the sampled ids (one entry per scheduled sequence, None: no sample)."""
+
     num_kv_blocks: int
 
     def execute_model(self, out: SchedulerOutput) -> list[int | None]: ...
+
+    def execute_model_async(self, out: SchedulerOutput) -> StepResult: ...
 
     def shutdown(self) -> None: ...
 
@@ -32,21 +41,6 @@ class UniprocExecutor:
 
     def shutdown(self) -> None:
         pass
-
-
-class ReadySample:
-    """A step result that is already on the host (executors without async launch)."""
-
-    def __init__(self, ids: list[int | None]):
-        self.ids = ids
-
-    def result(self) -> list[int | None]:
-        return self.ids
-
-
-def launch_step(executor: Executor, out: SchedulerOutput) -> PendingSample | ReadySample:
-    launch = getattr(executor, "execute_model_async", None)
-    return launch(out) if launch is not None else ReadySample(executor.execute_model(out))
 
 
 def make_executor(config: EngineConfig) -> Executor:

@@ -9,8 +9,7 @@ import time
 from engine.block_manager import BlockManager
 from engine.config import PRESETS, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.executor import ReadySample, launch_step, make_executor
-from engine.model_runner import PendingSample
+from engine.executor import StepResult, make_executor
 from engine.outputs import RequestDelta, StepStats
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput, SequenceUpdate, make_scheduler
@@ -31,7 +30,7 @@ class LLMEngine:
         self.scheduler = make_scheduler(self.config, self.block_manager, self.eos_token_id)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestDelta] = []  # aborts reported by the next step()
-        self._inflight: list[tuple[SchedulerOutput, PendingSample | ReadySample]] = []  # launched, not yet applied
+        self._inflight: list[tuple[SchedulerOutput, StepResult]] = []  # launched, not yet applied
         self.async_scheduling = self._resolve_async()
         self._ids = itertools.count()
         self.last_step_stats: StepStats | None = None
@@ -40,8 +39,10 @@ class LLMEngine:
         cfg = self.config
         if cfg.async_scheduling is not None:
             return cfg.async_scheduling
-        runner = getattr(self.executor, "runner", None)
-        return cfg.tensor_parallel_size == 1 and runner is not None and runner.device.type == "cuda"
+        # on CPU a step runs to completion inside its launch, so there is nothing to overlap;
+        # under TP every rank fills placeholders from its own identical samples (tp_executor.py)
+        runner = getattr(self.executor, "runner", None)  # rank 0's under TP
+        return runner is not None and runner.device.type == "cuda"
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | list[int],
@@ -111,7 +112,7 @@ class LLMEngine:
         deltas, self._pending = self._pending, []
         t_scheduled = time.perf_counter()
         if not out.is_empty:
-            self._inflight.append((out, launch_step(self.executor, out)))
+            self._inflight.append((out, self.executor.execute_model_async(out)))
         execute_s, post_s = time.perf_counter() - t_scheduled, 0.0
         # async: keep this step running while the previous one's results are applied
         keep = 1 if self.async_scheduling and not out.is_empty else 0

@@ -36,6 +36,9 @@ class Workers:
         self.timeout_s = timeout_s
         self.conns: list[Connection] = []
         self.procs: list[BaseProcess | None] = []
+        # calls sent to each worker whose answers are not read yet: under async scheduling a
+        # step's answer is read only after the next step is sent, so two may be outstanding
+        self.unanswered: list[int] = []
         self.owns_group = False  # this process joined a torch.distributed group to leave at close
         self.failed = False
         self.closed = False
@@ -45,30 +48,36 @@ class Workers:
     def add(self, conn: Connection, proc: BaseProcess | None) -> None:
         self.conns.append(conn)
         self.procs.append(proc)
+        self.unanswered.append(0)
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p is not None and p.pid is not None]
 
     def send(self, payload: bytes) -> None:
-        for conn in self.conns:
+        for i, conn in enumerate(self.conns):
             conn.send_bytes(payload)
+            self.unanswered[i] += 1
 
     def gather(self, what: str) -> list[Any]:
-        """Every worker's answer to the last call, in rank order; WorkerFailure if any failed."""
+        """Every worker's oldest unread answer, in rank order; WorkerFailure if any failed.
+        Answers come in call order, so gathers must follow the order of the sends."""
         results, errors = self._collect(time.monotonic() + self.timeout_s, what)
         if errors:
             raise WorkerFailure(errors)
         return results
 
     def drain_errors(self) -> Errors:
-        """After rank 0 failed: the messages that workers send within the grace period."""
-        return self._collect(time.monotonic() + ERROR_GRACE_S, "the failed call")[1]
+        """After rank 0 failed: the messages that workers send within the grace period. Answers
+        to earlier calls still unread (an async step's) are skipped: the error comes after them."""
+        return self._collect(time.monotonic() + ERROR_GRACE_S, "the failed call", drain=True)[1]
 
-    def _collect(self, deadline: float, what: str) -> tuple[list[Any], Errors]:
+    def _collect(self, deadline: float, what: str, drain: bool = False) -> tuple[list[Any], Errors]:
         results, errors = [], {}
         for rank in range(1, len(self.conns) + 1):
             status, *rest = self._answer(rank, deadline, what)
+            while drain and status == "ok" and self.unanswered[rank - 1] > 0:
+                status, *rest = self._answer(rank, deadline, what)
             if status == "ok":
                 results.append(rest[0])
             else:
@@ -84,9 +93,13 @@ class Workers:
             return ("error", f"no answer to {what} within the time allowed (timeout {self.timeout_s:.0f} s)", "")
         if conn.poll():  # a message sent just before exiting is still there to read
             try:
-                return conn.recv()
+                answer = conn.recv()
             except (EOFError, OSError):
                 pass
+            else:
+                # start-up messages answer no call: the count stays at 0
+                self.unanswered[rank - 1] = max(0, self.unanswered[rank - 1] - 1)
+                return answer
         if proc is not None:
             proc.join(1.0)
         code = proc.exitcode if proc is not None else None

@@ -3,10 +3,15 @@ rank 0's shard; ranks 1..N-1 are worker processes, each with one shard (engine/t
 
 Control channel: one `multiprocessing` Connection per worker (a Pipe for spawned workers, an
 authenticated TCP connection under torchrun). Each call (`available_kv_blocks`,
-`allocate_kv_cache`, `execute_model`) is pickled once, sent to every worker, run on rank 0, and
-then every worker's answer is awaited, so all ranks run each step in lockstep and a failure is
-seen at the latest at the end of its step. Model tensors move only through torch.distributed
-collectives (NCCL on CUDA, gloo on CPU).
+`allocate_kv_cache`, a step) is pickled once, sent to every worker, run on rank 0, and then
+every worker's answer is awaited, so all ranks run the same calls in the same order. A step
+(`execute_model_async`) returns once launched; its answers are awaited when its result is
+taken, which under async scheduling is after the next step has been launched (so up to two
+answers per worker are outstanding, read in call order). A failure is seen at the latest when
+its step's result is taken. Every rank samples the same ids from the same all-gathered logits
+with the same seeded generator, so each fills the next step's placeholder tokens from its own
+device copy and only rank 0's ids go to the host. Model tensors move only through
+torch.distributed collectives (NCCL on CUDA, gloo on CPU).
 
 Failures: a worker that raises sends its message and exits; its peers' collectives then fail
 (gloo) or are aborted by a watcher thread that sees the process end (NCCL). The driver collects
@@ -27,8 +32,9 @@ import os
 import pickle
 import socket
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import Connection, Listener
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -43,10 +49,12 @@ from engine.distributed import (
     init_tensor_parallel,
     open_store,
 )
-from engine.model_runner import resolve_device
+from engine.model_runner import PendingSample, resolve_device
 from engine.scheduler import SchedulerOutput
 from engine.tp_control import WorkerFailure, Workers
 from engine.tp_worker import Shard, serve_torchrun_rank, shard_config, worker_main
+
+T = TypeVar("T")
 
 
 class MultiprocExecutor:
@@ -125,26 +133,47 @@ class MultiprocExecutor:
     # ---- calls on every rank ------------------------------------------------------------
     def _collective_rpc(self, method: str, *args: Any) -> list[Any]:
         """Run `method` on every rank; results in rank order."""
+        self._send(method, *args)
+        local = self._guarded(getattr(self.shard, method), *args)
+        return [local, *self._gather(method)]
+
+    def _send(self, method: str, *args: Any) -> None:
+        """Start `method` on every worker (their answers are read by `_gather`, in send order)."""
+        self._check_usable()
+        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        self._guarded(self.workers.send, payload)
+
+    def _gather(self, what: str) -> list[Any]:
+        """The workers' answers to the oldest call not gathered yet, in rank order."""
+        self._check_usable()
+        return self._guarded(self.workers.gather, what)
+
+    def _check_usable(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"the tensor-parallel executor has failed earlier: {self._error}")
         if self.shard is None:
             raise RuntimeError("the tensor-parallel executor is shut down")
-        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        """Any failure of a call on the ranks shuts every rank down and names the failed ones."""
         try:
-            self.workers.send(payload)
-            local = getattr(self.shard, method)(*args)
-            return [local, *self.workers.gather(method)]
+            return fn(*args)
         except BaseException as exc:
             self._fail(exc)
 
     def _await_workers(self, phase: str) -> None:
-        try:
-            self.workers.gather(phase)
-        except BaseException as exc:
-            self._fail(exc)
+        self._guarded(self.workers.gather, phase)
 
     def execute_model(self, out: SchedulerOutput) -> list[int | None]:
-        return self._collective_rpc("execute_model", out)[0]
+        return self.execute_model_async(out).result()
+
+    def execute_model_async(self, out: SchedulerOutput) -> PendingStep:
+        """Launch one step on every rank, workers first so that they start at once; the workers'
+        answers are read when the result is taken. Results must be taken in launch order (the
+        engine's in-flight queue is FIFO), as each worker answers its calls in order."""
+        self._send("execute_model", out)  # a worker's execute_model returns once launched
+        local = self._guarded(self.shard.execute_model_async, out)
+        return PendingStep(self, local)
 
     # ---- failure and shutdown -----------------------------------------------------------
     def _fail(self, exc: BaseException) -> NoReturn:
@@ -167,6 +196,21 @@ class MultiprocExecutor:
     def shutdown(self) -> None:
         self.shard = None  # frees rank 0's weights and KV cache
         self._finalizer()  # idempotent: Workers.close runs once
+
+
+class PendingStep:
+    """A step running on every rank: `result()` waits for the workers' answers (a failure on any
+    rank raises there), then gives rank 0's sampled ids."""
+
+    def __init__(self, executor: MultiprocExecutor, local: PendingSample):
+        self.executor, self.local = executor, local
+        self.ids: list[int | None] | None = None
+
+    def result(self) -> list[int | None]:
+        if self.ids is None:  # gather once: a second read would take the next step's answers
+            self.executor._gather("execute_model")
+            self.ids = self.executor._guarded(self.local.result)
+        return self.ids
 
 
 def _reachable_ip(master_addr: str) -> str:

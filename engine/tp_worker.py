@@ -7,7 +7,7 @@ pickled `(method, args)`; a rank answers `("ok", result)` or `("error", summary,
 and then exits, so that its peers' collectives fail instead of waiting for it.
 
 Fault injection for tests: `ENGINE_TP_FAIL_AT=RANK:STEP` makes that rank raise at its STEP-th
-`execute_model` call (STEP 0: while the shard is being built).
+step (`execute_model` or `execute_model_async`; STEP 0: while the shard is being built).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from engine.distributed import (
     close_tensor_parallel,
     init_tensor_parallel,
 )
-from engine.model_runner import ModelRunner, resolve_device
+from engine.model_runner import ModelRunner, PendingSample, resolve_device
 from engine.scheduler import SchedulerOutput
 
 FAIL_ENV = "ENGINE_TP_FAIL_AT"
@@ -65,11 +65,15 @@ class Shard:
         self.runner.allocate_kv_cache(num_blocks)
 
     def execute_model(self, out: SchedulerOutput) -> list[int | None]:
-        # Every rank samples from the same all-gathered logits with the same seeded generator;
-        # only rank 0's ids are used (the next step's tokens come from the driver's scheduler).
+        return self.execute_model_async(out).result()
+
+    def execute_model_async(self, out: SchedulerOutput) -> PendingSample:
+        # Every rank samples from the same all-gathered logits with the same seeded generator, so
+        # each holds the same sampled ids on its device and fills async placeholders from its own
+        # copy; only rank 0's ids reach the host (a worker's result is [None] * n, at once).
         self.steps += 1
         self._maybe_fail()
-        return self.runner.execute_model(out)
+        return self.runner.execute_model_async(out)
 
     def _maybe_fail(self) -> None:
         if self.fail_at == self.steps:

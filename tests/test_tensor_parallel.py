@@ -1,6 +1,7 @@
 """Tensor parallelism: the sharded layers against their unsharded maths (in-process), greedy
-tokens of TP=2 and TP=4 on CPU (gloo) identical to TP=1 and to HF transformers, worker failures
-surfacing in the caller with no process left behind, and TP=2 vs TP=1 on two GPUs (NCCL).
+tokens of TP=2 and TP=4 on CPU (gloo) identical to TP=1 and to HF transformers (also with async
+scheduling, and seeded samples), worker failures surfacing in the caller with no process left
+behind, and TP=2 vs TP=1 on two GPUs (NCCL).
 Run: pytest tests/test_tensor_parallel.py"""
 
 from __future__ import annotations
@@ -139,14 +140,18 @@ def assert_gone(pids: list[int], within_s: float = 10.0) -> None:
     assert not worker_children()
 
 
-def run(engine: LLMEngine, prompts=PROMPTS) -> tuple[list[list[int]], int]:
-    ids = [engine.add_request(None, p, GREEDY) for p in prompts]
+def run(engine: LLMEngine, prompts=PROMPTS, params: SamplingParams = GREEDY,
+        stats: list | None = None) -> tuple[list[list[int]], int]:
+    """Tokens per prompt and the prefix-cache hits; each step's stats go to `stats` if given."""
+    ids = [engine.add_request(None, p, params) for p in prompts]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     hits = 0
     while engine.has_unfinished_requests():
         for d in engine.step():
             tokens[d.request_id] += d.new_token_ids
         hits = engine.last_step_stats.prefix_hit_tokens
+        if stats is not None:
+            stats.append(engine.last_step_stats)
     return [tokens[i] for i in ids], hits
 
 
@@ -195,6 +200,39 @@ def test_tp4_matches_tp1_and_hf(qwen3_gqa8):
     tp_vs_tp1(qwen3_gqa8, 4, by_gc=True)
 
 
+# plan step N+1 before step N's tokens reach the host, with preemption and chunking in play
+ASYNC = {**CPU, "async_scheduling": True, "num_kv_blocks": 10, "max_num_batched_tokens": 16}
+# seeded: a request's noise depends on (seed, output index) only, not on how steps were batched
+SEEDED = SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=MAX_NEW, ignore_eos=True)
+
+
+def test_tp2_async_scheduling_matches_tp1(checkpoint_dirs):
+    """Under TP every rank fills the next step's placeholder tokens from its own sampled ids:
+    a rank filling a different token would put different KV in its shard and change the output.
+    Greedy tokens must match TP=1 (sync) and HF; seeded samples must equal TP=1's."""
+    path = checkpoint_dirs["qwen3"]
+    reference = hf_greedy(path, PROMPTS, MAX_NEW)
+    tp1 = LLMEngine(EngineConfig(model=path, **{**ASYNC, "async_scheduling": False}))
+    want, _ = run(tp1)
+    want_sampled, _ = run(tp1, params=SEEDED)
+    engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, **ASYNC))
+    pids = engine.executor.workers.pids
+    stats: list = []
+    try:
+        assert engine.async_scheduling
+        got, _ = run(engine, stats=stats)
+        got_sampled, _ = run(engine, params=SEEDED, stats=stats)
+    finally:
+        engine.shutdown()
+    assert_gone(pids)
+    assert sum(s.num_preempted for s in stats) > 0
+    assert any(s.num_prefill_tokens and s.num_decode_tokens for s in stats), "no mixed prefill+decode step"
+    assert_matches_hf(got, reference)
+    assert_matches_hf(got, [(w, gaps) for w, (_, gaps) in zip(want, reference)])
+    assert got_sampled == want_sampled
+    assert got_sampled != got  # the sampled run did sample
+
+
 def test_head_counts_must_divide(checkpoint_dirs):
     with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide num_key_value_heads=2"):
         EngineConfig(model=checkpoint_dirs["qwen3"], tensor_parallel_size=4)
@@ -202,12 +240,17 @@ def test_head_counts_must_divide(checkpoint_dirs):
         EngineConfig(model=checkpoint_dirs["llama"], tensor_parallel_size=3)
 
 
-def test_worker_failure_in_step_surfaces_and_cleans_up(checkpoint_dirs, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_worker_failure_in_step_surfaces_and_cleans_up(checkpoint_dirs, monkeypatch, async_scheduling):
+    """Async: rank 0's step 3 fails first (its collective's peer left) while rank 1's answer to
+    step 2 is still unread: the report must reach past it to rank 1's own message."""
     monkeypatch.setenv(FAIL_ENV, "1:3")
     with socket.socket() as s:  # a user-given rendezvous address (the default picks its own)
         s.bind(("127.0.0.1", 0))
         init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["llama"], tensor_parallel_size=2, dist_init_method=init, **CPU))
+    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["llama"], tensor_parallel_size=2, dist_init_method=init,
+                                    async_scheduling=async_scheduling, **CPU))
+    assert engine.async_scheduling == async_scheduling
     pids = engine.executor.workers.pids
     with pytest.raises(RuntimeError, match=r"rank 1: RuntimeError: injected failure .* on rank 1 at step 3"):
         run(engine)
@@ -293,6 +336,7 @@ def test_tp2_matches_tp1_bf16_on_gpus(checkpoint_dirs):
     gpu = dict(dtype="bfloat16", block_size=16, max_model_len=128, num_kv_blocks=64, max_num_seqs=16)
     want, _ = run(LLMEngine(EngineConfig(model=path, **gpu)))
     engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, **gpu))
+    assert engine.async_scheduling  # the default on CUDA, TP included
     got, _ = run(engine)
     engine.shutdown()
     gaps = [g for _, g in hf_greedy(path, PROMPTS, MAX_NEW)]
@@ -308,6 +352,7 @@ def test_worker_failure_on_gpus_surfaces(checkpoint_dirs, monkeypatch):
     engine = LLMEngine(EngineConfig(model=checkpoint_dirs["llama"], tensor_parallel_size=2, dtype="bfloat16",
                                     max_model_len=128, num_kv_blocks=64, max_num_seqs=16, dist_timeout_s=120))
     pids = engine.executor.workers.pids
-    with pytest.raises(RuntimeError, match="injected failure"):
+    assert engine.async_scheduling  # a step's failure may surface after the next one launched
+    with pytest.raises(RuntimeError, match="rank 1: RuntimeError: injected failure"):
         run(engine)
     assert_gone(pids)
