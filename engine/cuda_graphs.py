@@ -61,6 +61,13 @@ class DecodeGraphs:
         hidden = r.model(r.buffers.input_ids.gpu[:b], r.buffers.positions.gpu[:b], r.kv_caches, meta, r.backend)
         return r.model.compute_logits(hidden)
 
+    def release(self) -> None:
+        """Destroy the captured graphs now (not whenever the runner/graphs reference cycle is
+        collected): under TP they hold NCCL work, and the communicator's destroy waits for it."""
+        if self.graphs:
+            torch.cuda.synchronize()
+        self.graphs.clear()
+
     @torch.inference_mode()
     def capture(self) -> None:
         r = self.runner

@@ -167,6 +167,14 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self)
             self.graphs.capture()
 
+    def close(self) -> None:
+        """Free the CUDA graphs and the KV cache (before a tensor-parallel group is destroyed)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+        self.kv_cache, self.kv_caches = None, []
+        self._prev_sampled = None
+
     # ---- one step -----------------------------------------------------------------------
     def _init_buffers(self) -> None:
         cfg = self.config

@@ -63,8 +63,8 @@ class MultiprocExecutor:
         self.size = config.tensor_parallel_size
         self.timeout_s = config.dist_timeout_s
         self.workers = Workers(self.timeout_s)
-        self._finalizer = weakref.finalize(self, self.workers.close)  # GC and interpreter exit
-        self.shard: Shard | None = None
+        self._shard: list[Shard | None] = [None]  # a box the finalizer can empty
+        self._finalizer = weakref.finalize(self, _close, self._shard, self.workers)  # GC, interpreter exit
         self._error: str | None = None
         try:
             if dist.is_initialized():  # checked before anything is spawned
@@ -78,6 +78,14 @@ class MultiprocExecutor:
             self._collective_rpc("allocate_kv_cache", self.num_kv_blocks)
         except BaseException as exc:
             self._fail(exc)
+
+    @property
+    def shard(self) -> Shard | None:
+        return self._shard[0]
+
+    @shard.setter
+    def shard(self, shard: Shard | None) -> None:
+        self._shard[0] = shard
 
     @property
     def runner(self):  # rank 0's ModelRunner (engine.bench reads its dtype and device)
@@ -194,8 +202,20 @@ class MultiprocExecutor:
         raise RuntimeError(f"tensor-parallel worker failed: {self._error}\n{details}") from exc
 
     def shutdown(self) -> None:
-        self.shard = None  # frees rank 0's weights and KV cache
-        self._finalizer()  # idempotent: Workers.close runs once
+        self._finalizer()  # idempotent: rank 0's shard is freed and Workers.close runs once
+
+
+def _close(shard_box: list[Shard | None], workers: Workers) -> None:
+    """Free rank 0's shard (its CUDA graphs before the NCCL group: destroying a communicator
+    that live graphs still use hangs), then stop the workers and leave the group. After a
+    failure the group is aborted instead, and nothing waits on the device (a collective may be
+    stuck on a dead peer)."""
+    shard, shard_box[0] = shard_box[0], None
+    try:
+        if shard is not None and not workers.failed:
+            shard.close()
+    finally:
+        workers.close()
 
 
 class PendingStep:

@@ -75,6 +75,9 @@ class Shard:
         self._maybe_fail()
         return self.runner.execute_model_async(out)
 
+    def close(self) -> None:
+        self.runner.close()
+
     def _maybe_fail(self) -> None:
         if self.fail_at == self.steps:
             raise RuntimeError(f"injected failure ({FAIL_ENV}) on rank {self.rank} at step {self.steps}")
@@ -100,6 +103,7 @@ def serve(conn: Connection, make_shard: Callable[[], Shard]) -> int:
             except (EOFError, OSError):  # the driver is gone: nobody to answer
                 return 1
             if method == STOP:
+                shard.close()  # graphs first: NCCL's destroy waits for graphs that use it
                 return 0
             result = getattr(shard, method)(*args)
             conn.send(("ok", None if method == "execute_model" else result))  # rank 0's ids are used
