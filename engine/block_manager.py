@@ -137,6 +137,15 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (e.g. between benchmark runs that replay the same prompts).
+        Only when no block is in use: a live sequence's blocks may still be shared."""
+        if self.num_used_blocks:
+            raise RuntimeError(f"cannot reset the prefix cache: {self.num_used_blocks} blocks are in use")
+        for block in self.blocks:
+            block.block_hash, block.token_ids = None, ()
+        self.hash_to_block.clear()
+
     def check_invariants(self, live: list[Sequence]) -> None:
         """Exact reference counts, no leaked or double-freed block (used by property tests)."""
         expected = [0] * len(self.blocks)

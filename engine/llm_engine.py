@@ -102,6 +102,12 @@ class LLMEngine:
         self._pending.append(self._delta(seq, [], "", True))
         return True
 
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached prefix block; RuntimeError while requests are unfinished."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("cannot reset the prefix cache while requests are unfinished")
+        self.block_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._inflight)
 

@@ -30,6 +30,7 @@ import pandas as pd
 from rich.console import Console
 
 from harness.compare import load_runs, summary_table, write_html
+from harness.flagship import FLAGSHIP_KV_BLOCKS
 from harness.report import SWEEP_FILE
 from harness.run import WorkloadSpec
 from harness.sweep import SweepSpec, run_sweep
@@ -71,6 +72,14 @@ CUDA_PLAN = BenchPlan(
 # differently to CPU contention), too noisy for a CI gate; `bench` still measures it.
 CI_PLAN = replace(CPU_PLAN, bench_params={**CPU_PLAN.bench_params, "num_seqs": 16}, fractions=(),
                   engine_args={**CPU_PLAN.engine_args, "device": "cpu"}, hf=False)
+
+
+# The GPU gate (`python -m harness bench --gpu-gate`): the full bench workload offline, continuous
+# vs static at the flagship's equal KV memory. reports/baselines/h100_qwen3.json was written from
+# it on an H100 (ratios, and the engine's roofline efficiency = its floor / measured time).
+GPU_GATE_PLAN = BenchPlan(model="qwen3-0.6b", bench_params={}, random_params={}, fractions=(),
+                          engine_args={"num_kv_blocks": FLAGSHIP_KV_BLOCKS}, hf=False)
+GPU_GATE_BASELINE = "reports/baselines/h100_qwen3.json"
 
 
 def default_plan() -> BenchPlan:

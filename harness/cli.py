@@ -93,15 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--reference", default="engine", help="--write-baseline: the numerator backend")
     gate.add_argument("--metric", action="append", default=[], metavar="NAME:higher|lower",
                       help="--write-baseline: a gated figure (default: throughput, KV waste, p50 E2EL)")
+    gate.add_argument("--absolute", action="append", default=[], metavar="NAME:higher|lower",
+                      help="--write-baseline: a figure of the reference backend itself, not a ratio "
+                           "(e.g. roofline_efficiency:higher)")
     bench = sub.add_parser("bench", help="the default job: static vs continuous (and HF), offline and timed")
     bench.add_argument("--out-root", default="reports")
     bench.add_argument("--model", help="default: tiny on CPU, qwen3-0.6b on CUDA")
     bench.add_argument("--engine-arg", action="append", default=[], metavar="K=V")
     bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     bench.add_argument("--ci", action="store_true", help="only the small offline sweep the CI baseline gates")
+    bench.add_argument("--gpu-gate", action="store_true",
+                       help="only the GPU gate sweep (bench workload offline, qwen3-0.6b), gated against "
+                            "reports/baselines/h100_qwen3.json unless --gate names another baseline")
+    bench.add_argument("--gate", metavar="BASELINE_JSON", help="after the run, gate it; exit 1 on a regression")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU)")
     bench.add_argument("--no-telemetry", action="store_true")
     bench.add_argument("--no-progress", action="store_true")
+    fl = sub.add_parser("flagship", help="static vs continuous on a GPU over load, prefix caching, HF "
+                        "(harness/flagship.py); --publish / --table for the committed copy")
+    fl.add_argument("--out-root", default="reports")
+    fl.add_argument("--no-hf", action="store_true", help="skip the HF transformers subset")
+    fl.add_argument("--no-telemetry", action="store_true")
+    fl.add_argument("--no-progress", action="store_true")
+    fl.add_argument("--publish", metavar="RUN_DIR", help="copy a finished run's small parts to --dest")
+    fl.add_argument("--dest", default="reports/flagship")
+    fl.add_argument("--table", metavar="SWEEP_PARQUET", help="print the headline table of a sweep.parquet")
     return ap
 
 

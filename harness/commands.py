@@ -218,6 +218,7 @@ class GateCommand:
             raise UsageError("gate checks one --current run; several are for --write-baseline")
         self.observations = [gate.observations(c) for c in self.current]
         self.metrics_spec, self.reference = _metric_directions(ns.metric), ns.reference
+        self.absolute = _metric_directions(ns.absolute)
         self.baseline, own_threshold = gate.load_baseline(ns.baseline) if ns.baseline else ([], None)
         self.threshold = ns.threshold  # None: each metric's own, then the baseline's
         self.default = own_threshold if own_threshold is not None else gate.DEFAULT_THRESHOLD
@@ -230,22 +231,28 @@ class GateCommand:
 
         if self.write_to:
             path = gate.write_baseline(self.current, self.write_to, self.metrics_spec, self.reference,
-                                       self.threshold if self.threshold is not None else gate.DEFAULT_THRESHOLD)
+                                       self.threshold if self.threshold is not None else gate.DEFAULT_THRESHOLD,
+                                       self.absolute or None)
             console.print(f"baseline written: {path}")
             return 0
         results = gate.check(self.baseline, self.observations[0], self.threshold, self.default)
-        console.print(_gate_table(results))
-        failed = [r for r in results if not r.ok]
-        console.print(f"gate {'FAILED' if failed else 'passed'}: {len(results) - len(failed)}/{len(results)} ok")
-        return 1 if failed else 0
+        return _report_gate(console, results)
 
 
 class BenchCommand:
     def __init__(self, ns: argparse.Namespace):
-        from harness.bench import CI_PLAN, default_plan, with_overrides
+        from harness.bench import (
+            CI_PLAN,
+            GPU_GATE_BASELINE,
+            GPU_GATE_PLAN,
+            default_plan,
+            with_overrides,
+        )
 
-        plan = CI_PLAN if ns.ci else default_plan()
-        self.prefix = "ci" if ns.ci else "bench"
+        if ns.ci and ns.gpu_gate:
+            raise UsageError("--ci and --gpu-gate are two different plans: give one")
+        plan = CI_PLAN if ns.ci else GPU_GATE_PLAN if ns.gpu_gate else default_plan()
+        self.prefix = "ci" if ns.ci else "gpu-gate" if ns.gpu_gate else "bench"
         extra = parse_pairs(ns.engine_arg, "--engine-arg")
         self.plan = with_overrides(plan, model=ns.model, threads=ns.threads,
                                    engine_args={**plan.engine_args, **extra}, hf=False if ns.no_hf else None)
@@ -253,19 +260,67 @@ class BenchCommand:
             raise UsageError(f"--threads must be >= 1, got {self.plan.threads}")
         check_engine_args(self.plan.engine_args, self.plan.model)
         self.out_root, self.telemetry, self.progress = ns.out_root, not ns.no_telemetry, not ns.no_progress
+        self.gate = ns.gate or (GPU_GATE_BASELINE if ns.gpu_gate else None)
+        if self.gate:
+            from harness import gate
+
+            self.baseline, own = gate.load_baseline(self.gate)  # a bad file fails now, not after the run
+            self.default_threshold = own if own is not None else gate.DEFAULT_THRESHOLD
 
     def execute(self, console) -> int:
         from harness.bench import run_bench
         from harness.run import auto_bandwidth
 
         _set_threads(self.plan.threads)
-        run_bench(self.plan, self.out_root, console, self.prefix, telemetry=self.telemetry, progress=self.progress,
-                  bandwidth=auto_bandwidth(self.plan.engine_args))
+        out = run_bench(self.plan, self.out_root, console, self.prefix, telemetry=self.telemetry,
+                        progress=self.progress, bandwidth=auto_bandwidth(self.plan.engine_args))
+        if not self.gate:
+            return 0
+        from harness import gate
+
+        results = gate.check(self.baseline, gate.observations(out), None, self.default_threshold)
+        return _report_gate(console, results)
+
+
+class FlagshipCommand:
+    def __init__(self, ns: argparse.Namespace):
+        self.ns = ns
+        if ns.publish and ns.table:
+            raise UsageError("--publish and --table are separate steps: give one")
+        for path in (ns.publish, ns.table):
+            if path and not Path(path).exists():
+                raise UsageError(f"{path} does not exist")
+
+    def execute(self, console) -> int:
+        from harness import flagship
+
+        ns = self.ns
+        if ns.table:
+            import pandas as pd
+
+            sweep = pd.read_parquet(ns.table)
+            console.print(flagship.headline_table(sweep), markup=False, soft_wrap=True)
+            console.print("\n".join(flagship.ratio_lines(sweep)), markup=False)
+            return 0
+        if ns.publish:
+            console.print(f"published: {flagship.publish(ns.publish, ns.dest)}")
+            return 0
+        from harness.run import auto_bandwidth
+
+        flagship.run_flagship(ns.out_root, hf=not ns.no_hf, telemetry=not ns.no_telemetry,
+                              progress=not ns.no_progress, bandwidth_bytes_per_s=auto_bandwidth({}))
         return 0
 
 
 COMMANDS = {"run": RunCommand, "sweep": SweepCommand, "compare": CompareCommand, "gate": GateCommand,
-            "bench": BenchCommand}
+            "bench": BenchCommand, "flagship": FlagshipCommand}
+
+
+def _report_gate(console, results) -> int:
+    console.print(_gate_table(results))
+    failed = [r for r in results if not r.ok]
+    console.print(f"gate {'FAILED' if failed else 'passed'}: {len(results) - len(failed)}/{len(results)} ok")
+    return 1 if failed else 0
 
 
 def _gate_table(results):

@@ -122,32 +122,37 @@ def observations(path: str | Path) -> pd.DataFrame:
 
 # ---- baselines -------------------------------------------------------------------------
 def baseline_metrics(obs: pd.DataFrame, metrics: dict[str, str] | None = None,
-                     reference: str = "engine") -> list[GateMetric]:
+                     reference: str = "engine", absolute: dict[str, str] | None = None) -> list[GateMetric]:
     """Ratios reference/other backend at every (workload, point) where both ran; with one
-    backend only (a single report), that backend's absolute figures."""
+    backend only (a single report), that backend's absolute figures. `absolute` metrics are
+    the reference backend's own figures wherever it ran (e.g. roofline_efficiency: measured
+    time against its bytes/bandwidth floor, already a ratio)."""
     metrics = metrics or DEFAULT_METRICS
     out = []
     for (workload, point), rows in obs.groupby(["workload", "point"], sort=False):
         backends = list(dict.fromkeys(rows["backend"]))
         pairs = [(reference, b) for b in backends if b != reference] if reference in backends else []
+        candidates = [GateMetric(workload, point, m, d, 1.0, backend=reference)
+                      for m, d in (absolute or {}).items() if reference in backends]
         for metric, direction in metrics.items():
-            candidates = ([GateMetric(workload, point, metric, direction, 1.0, numerator=n, denominator=d)
-                           for n, d in pairs] if len(backends) > 1
-                          else [GateMetric(workload, point, metric, direction, 1.0, backend=b) for b in backends])
-            for m in candidates:
-                value = m.measure(obs)
-                if value is not None and math.isfinite(value) and value > 0:
-                    out.append(GateMetric(**{**asdict(m), "value": value}))
+            candidates += ([GateMetric(workload, point, metric, direction, 1.0, numerator=n, denominator=d)
+                            for n, d in pairs] if len(backends) > 1
+                           else [GateMetric(workload, point, metric, direction, 1.0, backend=b) for b in backends])
+        for m in candidates:
+            value = m.measure(obs)
+            if value is not None and math.isfinite(value) and value > 0:
+                out.append(GateMetric(**{**asdict(m), "value": value}))
     if not out:
         raise ValueError(f"nothing to gate: no run has {sorted(metrics)} (reference backend {reference!r})")
     return out
 
 
 def write_baseline(currents: Sequence[str | Path], out: str | Path, metrics: dict[str, str] | None = None,
-                   reference: str = "engine", threshold: float = DEFAULT_THRESHOLD) -> Path:
+                   reference: str = "engine", threshold: float = DEFAULT_THRESHOLD,
+                   absolute: dict[str, str] | None = None) -> Path:
     """Baseline JSON from one or more runs of the same sweep: each value is the median over
     the runs (a metric missing from any run is left out)."""
-    per_run = [baseline_metrics(observations(c), metrics, reference) for c in currents]
+    per_run = [baseline_metrics(observations(c), metrics, reference, absolute) for c in currents]
     by_name = [{m.name: m for m in gated} for gated in per_run]
     common = [name for name in by_name[0] if all(name in run for run in by_name)]
     merged = [replace(by_name[0][name], value=statistics.median(run[name].value for run in by_name),

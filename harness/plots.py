@@ -116,6 +116,26 @@ FIGURES = [  # (title, function, note when no run has the data)
 ]
 
 
+def load_curves(sweep: Any, workload: str) -> str | None:
+    """Output throughput and TTFT p50/p99 against offered load for the timed points of one
+    workload in a sweep.parquet frame, one colour per backend."""
+    rows = sweep[(sweep["workload"] == workload) & np.isfinite(sweep["rate"])]
+    if rows.empty:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    groups = list(rows.groupby("backend", sort=False))
+    for color, (backend, r) in zip(_colors(len(groups)), groups):
+        r = r.sort_values("rate")
+        ax1.plot(r["rate"], r["output_throughput"], "o-", color=color, label=backend)
+        ax2.plot(r["rate"], r["p50_ttft_ms"], "o-", color=color, label=f"{backend} p50")
+        ax2.plot(r["rate"], r["p99_ttft_ms"], "s--", color=color, label=f"{backend} p99")
+    ax1.set(xlabel="offered load (requests/s)", ylabel="output tokens/s", title=f"{workload}: throughput")
+    ax2.set(xlabel="offered load (requests/s)", ylabel="TTFT (ms)", yscale="log", title=f"{workload}: TTFT")
+    ax1.legend()
+    ax2.legend(fontsize=8)
+    return _png(fig)
+
+
 def _table_html(rows: list[list[str]], labels: list[str]) -> str:
     head = "".join(f"<th>{html.escape(x)}</th>" for x in ["metric", *labels])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)

@@ -8,7 +8,8 @@ receives the summary of the run at the last one, so a sweep can adapt to what it
 Kinds:
     offline   one point, every request at t=0 (max throughput)
     fixed     the given ``rates`` (requests/s), in order
-    sweep     offline first, then ``fractions`` of the request throughput it measured
+    sweep     offline first, then ``fractions`` of the request throughput it measured (> 1:
+              arrivals faster than the engine can serve, to show queueing)
 
 Point labels are stable across machines ("offline", "rate-2", "x0.5"), so a gate can name a
 point even when the measured rates differ.
@@ -28,6 +29,8 @@ class RatePoint:
     rate: float  # requests/s; inf = offline (everything at t=0)
 
 
+MAX_FRACTION = 4.0  # of the offline request rate
+
 Profile = Generator[RatePoint, "dict[str, Any] | None", None]
 
 
@@ -46,8 +49,9 @@ def fixed(rates: Sequence[float] = (1.0,)) -> Profile:
 
 def sweep(fractions: Sequence[float] = (0.25, 0.5, 0.75)) -> Profile:
     fractions = list(fractions) if isinstance(fractions, (list, tuple)) else [fractions]
-    if not fractions or any(not (isinstance(f, (int, float)) and 0 < f <= 1) for f in fractions):
-        raise ValueError(f"sweep profile: fractions must be numbers in (0, 1], got {fractions}")
+    # fractions above 1 ask for more than the offline rate: past saturation, queues must grow
+    if not fractions or any(not (isinstance(f, (int, float)) and 0 < f <= MAX_FRACTION) for f in fractions):
+        raise ValueError(f"sweep profile: fractions must be numbers in (0, {MAX_FRACTION:g}], got {fractions}")
     summary = yield RatePoint("offline", math.inf)
     max_rate = (summary or {}).get("request_throughput")
     if not max_rate:  # nothing finished offline: no rate to take fractions of

@@ -130,6 +130,7 @@ class WorkloadSpec:
     rate: float | None = None
     burstiness: float = 1.0
     seed: int = 0
+    label: str | None = None  # the name in reports and sweep rows (default: kind or trace stem)
 
     def __post_init__(self) -> None:
         if (self.kind is None) == (self.trace is None):
@@ -143,6 +144,8 @@ class WorkloadSpec:
 
     @property
     def name(self) -> str:
+        if self.label is not None:
+            return self.label
         return self.kind if self.kind is not None else Path(self.trace).stem
 
     def build(self, vocab_size: int | None = None) -> list[TraceRequest]:
@@ -191,12 +194,15 @@ class RunSpec:
 
 
 def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None = None,
-             requests: list[TraceRequest] | None = None) -> dict[str, Any]:
+             requests: list[TraceRequest] | None = None, backend: Backend | None = None) -> dict[str, Any]:
     """Build the backend, replay the workload (or the given requests), write the report into
-    out_dir, close the backend; returns the summary row."""
+    out_dir, close the backend; returns the summary row. A `backend` passed in is used as is
+    and left open (a sweep reusing one backend across its points)."""
     if requests is None:
         requests = spec.workload.build(model_vocab_size(spec.model))
-    backend = make_backend(spec.backend, spec.model, spec.engine_args, **spec.backend_args)
+    owned = backend is None
+    if owned:
+        backend = make_backend(spec.backend, spec.model, spec.engine_args, **spec.backend_args)
     try:
         rate = spec.workload.rate
         options = ReplayOptions(timed=rate is None or math.isfinite(rate), max_concurrency=spec.max_concurrency,
@@ -204,9 +210,11 @@ def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None =
         result = replay(backend, requests, options, telemetry=spec.telemetry, gpu_indices=spec.gpu_indices())
         roofline = _roofline_bytes(backend, result, spec.bandwidth_bytes_per_s)
     finally:
-        backend.close()
-    del backend  # the last reference: its device memory can go before the next run builds one
-    _free_device_memory()
+        if owned:
+            backend.close()
+    del backend  # the last reference here: its device memory can go before the next run builds one
+    if owned:
+        _free_device_memory()
     config = {"backend": spec.backend, "model": spec.model, "workload": spec.workload.describe(),
               "options": dataclasses.asdict(options), "engine_args": spec.engine_args,
               "backend_args": spec.backend_args, "backend_info": result.run.info,

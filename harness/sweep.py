@@ -26,7 +26,14 @@ from rich.console import Console
 from harness.metrics import Slos
 from harness.profiles import RatePoint, make_profile
 from harness.report import SWEEP_FILE, append_sweep_summary
-from harness.run import RunSpec, WorkloadSpec, check_backend, model_vocab_size, run_once
+from harness.run import (
+    RunSpec,
+    WorkloadSpec,
+    check_backend,
+    make_backend,
+    model_vocab_size,
+    run_once,
+)
 
 
 @dataclass
@@ -43,6 +50,9 @@ class SweepSpec:
     telemetry: bool = True
     bandwidth_bytes_per_s: float | None = None
     progress: bool = True
+    # Keep each engine/static backend across the points (prefix cache reset between runs)
+    # instead of building a fresh one per run: saves model load and CUDA graph capture.
+    reuse_backends: bool = False
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -67,28 +77,46 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, console: Console | None = No
     vocab = model_vocab_size(spec.model)
     profile = make_profile(spec.profile, **spec.profile_params)
     point = next(profile)
-    while True:
-        summaries = _run_point(spec, point, spec.workload.with_rate(point.rate).build(vocab), out_dir, console)
-        try:
-            point = profile.send(summaries[0])  # the reference backend's summary steers the profile
-        except StopIteration:
-            break
+    kept: dict[str, Any] = {}  # backend name -> a backend reused across points
+    try:
+        while True:
+            requests = spec.workload.with_rate(point.rate).build(vocab)
+            summaries = _run_point(spec, point, requests, out_dir, console, kept)
+            try:
+                point = profile.send(summaries[0])  # the reference backend's summary steers the profile
+            except StopIteration:
+                break
+    finally:
+        for backend in kept.values():
+            backend.close()
     return pd.read_parquet(out_dir / SWEEP_FILE)
 
 
 def _run_point(spec: SweepSpec, point: RatePoint, requests: list, out_dir: Path,
-               console: Console) -> list[dict[str, Any]]:
+               console: Console, kept: dict[str, Any]) -> list[dict[str, Any]]:
     summaries = []
     for backend in spec.backends:
         name = f"{spec.workload.name}-{backend}-{point.label}"
         labels = {"workload": spec.workload.name, "backend": backend, "point": point.label,
                   "rate": point.rate, "model": spec.model, "run_dir": name}
         console.print(f"[bold]{name}[/]: {len(requests)} requests at {_rate(point.rate)}")
-        summary = run_once(spec.run_spec(backend, point.rate), out_dir / name, labels, requests)
+        run_spec = spec.run_spec(backend, point.rate)
+        summary = run_once(run_spec, out_dir / name, labels, requests, backend=_reused(spec, backend, kept))
         append_sweep_summary(out_dir, {**labels, **summary})
         console.print(f"  {_one_line(summary)}")
         summaries.append(summary)
     return summaries
+
+
+def _reused(spec: SweepSpec, backend: str, kept: dict[str, Any]) -> Any | None:
+    """The kept backend for `backend`, reset for the next run (None: build one per run)."""
+    if not spec.reuse_backends or backend not in ("engine", "static"):
+        return None
+    if backend not in kept:
+        kept[backend] = make_backend(backend, spec.model, spec.engine_args, **spec.backend_args.get(backend, {}))
+    else:
+        kept[backend].reset()
+    return kept[backend]
 
 
 def _rate(rate: float) -> str:

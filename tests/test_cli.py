@@ -71,7 +71,7 @@ def test_unknown_backend_in_a_sweep(capsys):
     (["run", "--backend", "hf", "--backend-arg", "batchsize=4"], "unknown --backend-arg"),
     (["run", "--max-concurrency", "0"], "max-concurrency"),
     (["sweep", "--profile", "fixed"], "needs --rates"),
-    (["sweep", "--profile", "sweep", "--fractions", "0.5,2"], "fractions must be numbers in (0, 1]"),
+    (["sweep", "--profile", "sweep", "--fractions", "0.5,5"], "fractions must be numbers in (0, 4]"),
     (["gate", "--baseline", "nope.json", "--current", "."], "neither a sweep folder"),
 ])
 def test_bad_arguments_give_one_error_line(argv, message, capsys):

@@ -78,6 +78,20 @@ def test_write_baseline_takes_medians_and_tight_thresholds(ci_sweep, tmp_path):
     assert steps["threshold"] == gate.METRIC_THRESHOLDS["num_steps"] and 0 < steps["value"] < 1
 
 
+def test_absolute_figures_of_the_reference_backend_are_gated(ci_sweep, tmp_path, capsys):
+    out = tmp_path / "abs.json"
+    assert main(["gate", "--write-baseline", str(out), "--current", str(ci_sweep),
+                 "--absolute", "mean_batch_size:higher"]) == 0
+    doc = json.loads(out.read_text())
+    own = [m for m in doc["metrics"] if m["metric"] == "mean_batch_size"]
+    assert [m["backend"] for m in own] == ["engine"] and "denominator" not in own[0]
+    assert main(["gate", "--baseline", str(out), "--current", str(ci_sweep)]) == 0
+    own[0]["value"] *= 2  # the engine's own batch halved: a regression
+    out.write_text(json.dumps(doc))
+    assert main(["gate", "--baseline", str(out), "--current", str(ci_sweep)]) == 1
+    assert "mean_batch_size" in capsys.readouterr().out
+
+
 def test_missing_point_fails_the_gate(ci_sweep):
     metrics, _ = gate.load_baseline(BASELINE)
     other = gate.GateMetric("random", "x0.5", "output_throughput", "higher", 1.0, numerator="engine",

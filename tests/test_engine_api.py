@@ -146,3 +146,23 @@ def test_reused_request_ids_get_their_own_block_tables():
     assert seq.block_table[:2] != old_table[:2]  # fresh blocks: the free queue hands out others
     staged = engine.executor.runner.buffers.block_tables.np[0, : len(seq.block_table)].tolist()
     assert staged == seq.block_table
+
+
+def test_reset_prefix_cache_forgets_cached_blocks():
+    engine = LLMEngine(EngineConfig(model="tiny", max_model_len=64, num_kv_blocks=40, block_size=4))
+    prompt, params = list(range(1, 18)), SamplingParams(max_tokens=2, ignore_eos=True)
+
+    def cached_tokens() -> int:
+        engine.add_request("r", prompt, params)
+        return next(d.num_cached_tokens for d in drain(engine) if d.finished)
+
+    assert cached_tokens() == 0
+    assert cached_tokens() == 16  # the 4 full prompt blocks are hit
+    engine.add_request("busy", prompt, params)
+    engine.step()
+    with pytest.raises(RuntimeError, match="unfinished"):
+        engine.reset_prefix_cache()
+    drain(engine)
+    engine.reset_prefix_cache()
+    assert cached_tokens() == 0
+    engine.block_manager.check_invariants([])

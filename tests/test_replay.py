@@ -164,3 +164,26 @@ def test_sweep_profile_takes_fractions_of_the_measured_rate():
         profile.send({})
     with pytest.raises(ValueError, match="valid profiles"):
         make_profile("ramp")
+
+
+def test_sweep_reusing_backends_resets_the_prefix_cache(tmp_path, monkeypatch):
+    """One engine serves every point; each point's prefix hits come from its own requests
+    only (the same prompts replayed without a reset would hit on every full block)."""
+    import harness.sweep as sweep_mod
+    from harness.sweep import SweepSpec, run_sweep
+
+    built = []
+    real = sweep_mod.make_backend
+    monkeypatch.setattr(sweep_mod, "make_backend", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    workload = WorkloadSpec(kind="prefix", label="shared", params=dict(
+        num_groups=2, prefix_len=32, suffix_len=8, output_len=4, num_prompts=6))
+    spec = SweepSpec(backends=["engine"], workload=workload, profile="fixed",
+                     profile_params={"rates": [500.0, 1000.0]}, engine_args={"num_kv_blocks": 64, "block_size": 4},
+                     telemetry=False, progress=False, reuse_backends=True)
+    frame = run_sweep(spec, tmp_path)
+    assert built == ["engine"]
+    assert list(frame["run_dir"]) == ["shared-engine-rate-500", "shared-engine-rate-1000"]
+    assert list(frame["workload"]) == ["shared", "shared"]
+    first, second = frame["prefix_cache_hit_rate"]
+    assert 0 < first < 0.9 and second == pytest.approx(first, abs=0.15)
+    assert all(frame["num_ok"] == 6)

@@ -68,6 +68,10 @@ class EngineBackend:
                 "block_size": self.engine.block_size, "model_config": dataclasses.asdict(mc),
                 "kv_bytes_per_token": mc.kv_bytes_per_token}
 
+    def reset(self) -> None:
+        """Ready for another run: no prefix-cache hit may come from an earlier run's prompts."""
+        self.engine.reset_prefix_cache()
+
     def run(self, requests: list[TraceRequest], t0: float, options: ReplayOptions) -> RunResult:
         return _EngineRun(self.engine, requests, t0, options).run(self.info())
 
