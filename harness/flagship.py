@@ -36,8 +36,9 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
+from harness.compare import format_value
 from harness.metrics import Slos
-from harness.report import SWEEP_FILE
+from harness.report import FILES, SWEEP_FILE
 from harness.run import WorkloadSpec
 from harness.sweep import SweepSpec, run_sweep
 
@@ -99,21 +100,16 @@ def run_flagship(out_root: str | Path = "reports", hf: bool = True, console: Con
 
 
 # ---- publishing ------------------------------------------------------------------------------
-HEADLINE = [("output_throughput", "output tok/s", "{:,.0f}"), ("request_throughput", "req/s", "{:.2f}"),
-            ("goodput", "goodput req/s", "{:.2f}"), ("p50_ttft_ms", "TTFT p50 ms", "{:,.0f}"),
-            ("p99_ttft_ms", "TTFT p99 ms", "{:,.0f}"), ("p50_tpot_ms", "TPOT p50 ms", "{:.1f}"),
-            ("p99_e2el_ms", "E2EL p99 ms", "{:,.0f}"), ("kv_waste_internal_mean", "KV waste internal", "{:.1%}"),
-            ("kv_waste_reserved_mean", "KV waste reserved", "{:.1%}"), ("kv_util_mean", "KV util", "{:.0%}"),
-            ("prefix_cache_hit_rate", "prefix hits", "{:.0%}"), ("mean_batch_size", "mean batch", "{:.0f}"),
-            ("num_preemptions", "preempted", "{:.0f}"), ("gpu_util_mean_pct", "GPU util %", "{:.0f}"),
-            ("gpu_power_mean_w", "power W", "{:.0f}"), ("joules_per_output_token", "J/token", "{:.3f}"),
-            ("roofline_efficiency", "roofline", "{:.0%}")]
-
-
-def _fmt(value: Any, pattern: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return pattern.format(value)
+# (summary key, column title, harness.compare.format_value unit)
+HEADLINE = [("output_throughput", "output tok/s", "rate"), ("request_throughput", "req/s", "rate"),
+            ("goodput", "goodput req/s", "rate"), ("p50_ttft_ms", "TTFT p50 ms", "ms"),
+            ("p99_ttft_ms", "TTFT p99 ms", "ms"), ("p50_tpot_ms", "TPOT p50 ms", "ms"),
+            ("p99_e2el_ms", "E2EL p99 ms", "ms"), ("kv_waste_internal_mean", "KV waste internal", "frac"),
+            ("kv_waste_reserved_mean", "KV waste reserved", "frac"), ("kv_util_mean", "KV util", "frac"),
+            ("prefix_cache_hit_rate", "prefix hits", "frac"), ("mean_batch_size", "mean batch", "rate"),
+            ("num_preemptions", "preempted", "count"), ("gpu_util_mean_pct", "GPU util %", "rate"),
+            ("gpu_power_mean_w", "power W", "rate"), ("joules_per_output_token", "J/token", "j"),
+            ("roofline_efficiency", "roofline", "frac")]
 
 
 def headline_table(sweep: pd.DataFrame) -> str:
@@ -124,7 +120,7 @@ def headline_table(sweep: pd.DataFrame) -> str:
     for _, r in sweep.iterrows():
         rate = "inf" if math.isinf(r["rate"]) else f"{r['rate']:.1f}"
         cells = [r["workload"], r["point"], r["backend"], rate, f"{r['num_ok']}/{r['num_requests']}"]
-        cells += [_fmt(r.get(key), pattern) for key, _, pattern in HEADLINE]
+        cells += [format_value(r.get(key), unit) for key, _, unit in HEADLINE]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -157,11 +153,11 @@ def publish(run_dir: str | Path, dest: str | Path = "reports/flagship") -> Path:
     (dest / "summaries").mkdir(parents=True, exist_ok=True)
     shutil.copy(run_dir / SWEEP_FILE, dest / SWEEP_FILE)
     for name in sweep["run_dir"]:
-        shutil.copy(run_dir / name / "summary.parquet", dest / "summaries" / f"{name}.parquet")
+        shutil.copy(run_dir / name / FILES["summary"], dest / "summaries" / f"{name}.parquet")
     bench = load_runs([run_dir / f"bench-{b}-offline" for b in ("engine", "static")])
     _save_png(kv_over_time(bench), dest / "bench_kv_over_time.png")
     _save_png(latency_cdfs(bench), dest / "bench_latency_cdfs.png")
     _save_png(load_curves(sweep, "random"), dest / "random_load_curve.png")
-    text = ["# Flagship tables", "", f"Source: `{run_dir}`", "", headline_table(sweep), "", *ratio_lines(sweep)]
+    text = ["# Flagship tables", "", f"Run folder: `{run_dir.name}`", "", headline_table(sweep), "", *ratio_lines(sweep)]
     (dest / "table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     return dest

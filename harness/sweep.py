@@ -50,8 +50,8 @@ class SweepSpec:
     telemetry: bool = True
     bandwidth_bytes_per_s: float | None = None
     progress: bool = True
-    # Keep each engine/static backend across the points (prefix cache reset between runs)
-    # instead of building a fresh one per run: saves model load and CUDA graph capture.
+    # Keep each backend across the points (Backend.reset between runs, e.g. the engine's prefix
+    # cache) instead of building a fresh one per run: saves model loads and CUDA graph capture.
     reuse_backends: bool = False
 
     def __post_init__(self) -> None:
@@ -110,7 +110,7 @@ def _run_point(spec: SweepSpec, point: RatePoint, requests: list, out_dir: Path,
 
 def _reused(spec: SweepSpec, backend: str, kept: dict[str, Any]) -> Any | None:
     """The kept backend for `backend`, reset for the next run (None: build one per run)."""
-    if not spec.reuse_backends or backend not in ("engine", "static"):
+    if not spec.reuse_backends:
         return None
     if backend not in kept:
         kept[backend] = make_backend(backend, spec.model, spec.engine_args, **spec.backend_args.get(backend, {}))

@@ -62,8 +62,9 @@ def alloc_decode_scratch(max_seqs: int, num_heads: int, head_dim: int, device: t
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int,
                       num_sms: int = 132) -> int:
-    """~TARGET_PROGRAMS_PER_SM programs per SM over (seqs x KV heads x splits), capped at MAX_SPLITS, at least 1, and
-    no more splits than MIN_SPLIT_TOKENS-key chunks of the longest sequence. Host ints only:
+    """~TARGET_PROGRAMS_PER_SM programs per SM over (seqs x KV heads x splits), capped at
+    MAX_SPLITS, at least 1, and no more splits than MIN_SPLIT_TOKENS-key chunks of the longest
+    sequence. Host ints only:
     a captured graph must be captured with the max_seq_len it will replay under (max_model_len)."""
     target = (TARGET_PROGRAMS_PER_SM * num_sms) // max(1, num_seqs * num_kv_heads)
     by_len = triton.cdiv(max(1, max_seq_len_hint), MIN_SPLIT_TOKENS)

@@ -31,4 +31,9 @@ class Backend(Protocol):
         single request's failure: that request's row gets status "error" and the error text."""
         ...
 
+    def reset(self) -> None:
+        """Ready for another run on the same backend (a sweep reusing it across its points):
+        drop state an earlier run could leak into the next, e.g. an engine's prefix cache."""
+        ...
+
     def close(self) -> None: ...

@@ -110,6 +110,9 @@ class HFBackend:
                 "dtype": str(self.dtype).removeprefix("torch."), "decoding": "greedy, min_new_tokens = max_new_tokens",
                 "kv_bytes_per_token": self.config.model_config.kv_bytes_per_token}
 
+    def reset(self) -> None:
+        pass  # greedy `generate` over fresh inputs: nothing carries from one run to the next
+
     def close(self) -> None:
         self.model = None
         if self.device.startswith("cuda"):

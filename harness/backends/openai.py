@@ -111,6 +111,9 @@ class OpenAIBackend:
         }
         return RunResult(records, [], info)
 
+    def reset(self) -> None:
+        pass  # each run opens its own HTTP client (the server's own caches are not ours to clear)
+
     def close(self) -> None:
         pass  # each run opens and closes its own HTTP client
 
