@@ -130,6 +130,10 @@ PRESETS: dict[str, ModelConfig] = {
 # a flash_attn backend (paged KV needs block_size % 256 == 0 there) is not written yet
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 SCHEDULING_POLICIES = ("continuous", "static")
+# What a static batch reserves per request up front: prompt + max_tokens (its own maximum), or
+# max_model_len (the server's maximum, as when output lengths are unknown: the PagedAttention
+# paper's "Orca (Max)" regime).
+STATIC_RESERVATIONS = ("max_tokens", "max_model_len")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -151,10 +155,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "continuous"
+    static_reservation: str = "max_tokens"  # static policy only: see STATIC_RESERVATIONS
     attention_backend: str = "auto"
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     tensor_parallel_size: int = 1
+    disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no symmetric memory)
     dist_init_method: str | None = None  # None: a free localhost port chosen at start
     dist_timeout_s: float = 600.0  # TP: bounds start-up (loading, profiling), each step and each collective
     tokenizer: str | None = None
@@ -165,6 +171,7 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
         _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")

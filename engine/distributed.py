@@ -1,15 +1,58 @@
 """The tensor-parallel group a model shard belongs to, passed explicitly to the layers, and how
-the ranks of one group meet (torch.distributed rendezvous: NCCL on CUDA, gloo on CPU)."""
+the ranks of one group meet (torch.distributed rendezvous: NCCL on CUDA, gloo on CPU).
+
+On GPUs, small all-reduces (the decode step's 2 per layer) skip NCCL: torch's symmetric memory
+maps every rank's buffer into its peers, so one kernel copies, meets its peers at a barrier and
+sums over NVLink (one-shot), or reduces a slice per rank and gathers it (two-shot)."""
 
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+import threading
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+# Sizes up to which symmetric memory beats NCCL, both inside CUDA graphs, 2 ranks (reports/PERF.md):
+# one-shot 14.9 us vs NCCL 24.8 us at 1 MiB, two-shot (with its copies) 40.5 vs 55.9 us at 8 MiB.
+ONE_SHOT_MAX_BYTES = 512 << 10
+TWO_SHOT_MAX_BYTES = 16 << 20
+
+
+class SymmetricAllReduce:
+    """In-place sum over the group through one symmetric-memory buffer (its ranks call it with
+    the same shapes in the same order, as every collective)."""
+
+    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name, self.world_size, self.dtype = group.group_name, group.size(), dtype
+        self.max_numel = max_bytes // dtype.itemsize
+        self.buffer: torch.Tensor | None = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
+        self.handle: Any = symm_mem.rendezvous(self.buffer, self.group_name)  # collective
+
+    def all_reduce(self, x: torch.Tensor) -> bool:
+        """Sum `x` over the ranks in place; False (nothing done) when `x` does not qualify."""
+        n = x.numel()
+        if (self.buffer is None or x.dtype != self.dtype or n > self.max_numel or not x.is_contiguous()
+                or n % (8 * self.world_size)):  # the kernels move 16-byte vectors per rank slice
+            return False
+        buf = self.buffer[:n].view_as(x)
+        if n * x.element_size() <= ONE_SHOT_MAX_BYTES:
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, x, "sum", self.group_name, x)
+        else:
+            buf.copy_(x)
+            torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", self.group_name)
+            x.copy_(buf)
+        return True
+
+    def close(self) -> None:
+        self.handle = self.buffer = None
 
 
 @dataclass(frozen=True)
@@ -17,6 +60,7 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup when size > 1
+    symmetric: SymmetricAllReduce | None = None  # GPU fast path for small all-reduces
 
     def shard(self, n: int, what: str) -> int:
         if n % self.size:
@@ -24,9 +68,21 @@ class TensorParallel:
         return n // self.size
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
+        if self.size > 1 and not (self.symmetric is not None and self.symmetric.all_reduce(x)):
             dist.all_reduce(x, group=self.group)
         return x
+
+    def with_symmetric_memory(self, device: torch.device, dtype: torch.dtype, max_bytes: int) -> TensorParallel:
+        """This group with the symmetric-memory all-reduce for messages up to `max_bytes`
+        (capped at TWO_SHOT_MAX_BYTES). Collective: every rank calls it. Falls back to NCCL
+        alone, with a warning, where the GPUs cannot map each other's memory."""
+        try:
+            symmetric = SymmetricAllReduce(self.group, device, dtype, min(max_bytes, TWO_SHOT_MAX_BYTES))
+        except Exception as e:  # noqa: BLE001 - a missing P2P path: NCCL still works
+            warnings.warn(f"tensor parallel: symmetric-memory all-reduce unavailable, using NCCL only ({e})",
+                          RuntimeWarning, stacklevel=2)
+            return self
+        return replace(self, symmetric=symmetric)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's slice of the last dimension (vocab-parallel logits)."""
@@ -86,17 +142,34 @@ def init_tensor_parallel(rdzv: Rendezvous, rank: int, store: dist.Store | None =
     return TensorParallel(rank, rdzv.world_size, dist.group.WORLD)
 
 
+ABORT_WAIT_S = 10.0  # how long a failed rank waits for its NCCL communicators to abort
+
+
 def close_tensor_parallel(abort: bool = False) -> None:
-    """Leave the process group. `abort` (NCCL only) also unblocks collectives stuck on a dead peer."""
+    """Leave the process group. `abort` (NCCL only) first aborts the communicators, which also
+    unblocks kernels stuck in a collective with a dead peer; that runs on a daemon thread for at
+    most ABORT_WAIT_S, since aborting a communicator that live CUDA graphs captured can block."""
     if not dist.is_initialized():
         return
-    if abort and dist.get_backend() != "gloo":
-        try:
-            dist.distributed_c10d._abort_process_group()  # experimental torch API (NCCL)
-        except Exception:  # noqa: BLE001 - fall back to an ordinary destroy
-            pass
-    if dist.is_initialized():
+    if not abort or dist.get_backend() == "gloo":
         dist.destroy_process_group()
+        return
+    done = threading.Event()
+
+    def abort_and_destroy() -> None:
+        try:
+            # the NCCL backend directly: the composite group's abort would also reach gloo
+            dist.group.WORLD._get_backend(torch.device("cuda")).abort()
+        except Exception:  # noqa: BLE001 - already aborted (the watchdog) or no NCCL backend
+            pass
+        dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=abort_and_destroy, name="tp-nccl-abort", daemon=True).start()
+    if not done.wait(ABORT_WAIT_S):
+        warnings.warn(f"tensor parallel: the NCCL group did not abort within {ABORT_WAIT_S:.0f} s; "
+                      "this process's GPU streams may stay blocked (restart it to use the GPUs again)",
+                      RuntimeWarning, stacklevel=2)
 
 
 @dataclass(frozen=True)

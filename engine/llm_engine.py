@@ -87,11 +87,13 @@ class LLMEngine:
                 f"prompt has {len(token_ids)} tokens but max_model_len is {limit}: "
                 f"at most {limit - 1} prompt tokens leave room for one generated token"
             )
-        need = self.block_manager.blocks_for(min(len(token_ids) + params.max_tokens, limit))
+        tokens = self.scheduler.kv_tokens_needed(min(len(token_ids) + params.max_tokens, limit))
+        need = self.block_manager.blocks_for(tokens)
         if need > self.block_manager.num_usable_blocks:
             raise ValueError(
-                f"request needs {need} KV blocks of {self.block_size} tokens (prompt {len(token_ids)} + "
-                f"max_tokens {params.max_tokens}) but the cache has {self.block_manager.num_usable_blocks}"
+                f"request needs {need} KV blocks of {self.block_size} tokens for {tokens} tokens (prompt "
+                f"{len(token_ids)}, max_tokens {params.max_tokens}, max_model_len {limit}) but the cache "
+                f"has {self.block_manager.num_usable_blocks}"
             )
 
     def abort_request(self, request_id: str) -> bool:

@@ -92,6 +92,10 @@ class ModelRunner:
         self.block_size = config.block_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if tp.size > 1 and not config.disable_custom_all_reduce:
+                max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+                self.tp = tp = tp.with_symmetric_memory(
+                    self.device, self.dtype, max_tokens * self.mc.hidden_size * self.dtype.itemsize)
         self.model = self._build_model()
         self.backend = get_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler(config.seed, self.device)
@@ -174,6 +178,8 @@ class ModelRunner:
             self.graphs = None
         self.kv_cache, self.kv_caches = None, []
         self._prev_sampled = None
+        if self.tp.symmetric is not None:  # its peer mappings go before the group does
+            self.tp.symmetric.close()
 
     # ---- one step -----------------------------------------------------------------------
     def _init_buffers(self) -> None:

@@ -151,15 +151,23 @@ class Scheduler:
             n = self._chunk(seq.num_tokens - num_cached, budget)
             if n == 0 or not bm.allocate_slots(seq, num_cached + n, cached):
                 break
-            bm.record_prefix_lookup(seq.num_tokens, num_cached)
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            seq.num_computed_tokens = num_cached
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = num_cached
-            self.running.append(seq)
+            self._start(seq, num_cached)
             self._emit(seq, n, out)
             budget -= n
+
+    def _start(self, seq: Sequence, num_cached: int) -> None:
+        """Move the head of the waiting queue to running (its blocks are allocated)."""
+        self.block_manager.record_prefix_lookup(seq.num_tokens, num_cached)
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        seq.num_computed_tokens = num_cached
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = num_cached
+        self.running.append(seq)
+
+    def kv_tokens_needed(self, max_total_tokens: int) -> int:
+        """KV slots a request capped at `max_total_tokens` needs at its largest."""
+        return max_total_tokens
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens of `remaining` to run under `budget` (0: not this step)."""
@@ -254,18 +262,24 @@ class Scheduler:
 
 class StaticScheduler(Scheduler):
     """Static batching: admit a batch only when the running one has fully finished, and
-    reserve KV for prompt + max_tokens up front (no preemption can then happen)."""
+    reserve KV up front for each request's maximum (`config.static_reservation`), so no
+    preemption can happen. Prefix-cache hits come from blocks computed by earlier batches."""
+
+    def kv_tokens_needed(self, max_total_tokens: int) -> int:
+        if self.config.static_reservation == "max_model_len":
+            return self.config.max_model_len
+        return max_total_tokens
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         if self.running:
             return
+        bm = self.block_manager
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.allocate_slots(seq, seq.max_total_tokens):
+            cached = bm.find_cached_prefix(seq)
+            if not bm.allocate_slots(seq, self.kv_tokens_needed(seq.max_total_tokens), cached):
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._start(seq, len(cached) * bm.block_size)
         self._schedule_running(budget, out)
 
 

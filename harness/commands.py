@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.metrics import Slos
+from harness.backends.base import ENGINE_BACKENDS
 from harness.run import BACKENDS, RunSpec, WorkloadSpec
 from workloads.trace import load_trace
 
@@ -72,7 +73,7 @@ def workload_spec(ns: argparse.Namespace) -> WorkloadSpec:
 
 def engine_args(ns: argparse.Namespace, backends: Sequence[str], model: str) -> dict[str, Any]:
     args = parse_pairs(ns.engine_arg, "--engine-arg")
-    if any(b in ("engine", "static") for b in backends):
+    if any(b in ENGINE_BACKENDS for b in backends):
         check_engine_args(args, model)
     return args
 
@@ -84,15 +85,17 @@ def check_engine_args(args: dict[str, Any], model: str) -> None:
     unknown = sorted(set(args) - EngineConfig.field_names())
     if unknown:
         raise UsageError(f"unknown --engine-arg {unknown}; valid: {', '.join(sorted(EngineConfig.field_names()))}")
-    if "scheduling_policy" in args:
-        raise UsageError("--engine-arg scheduling_policy is set by the backend: use --backend engine or static")
+    fixed = sorted(set(args) & {k for settings in ENGINE_BACKENDS.values() for k in settings})
+    if fixed:
+        raise UsageError(f"--engine-arg {', '.join(fixed)} is set by the backend: choose --backend "
+                         f"among {', '.join(ENGINE_BACKENDS)}")
     EngineConfig(model=model, **args)
 
 
 def bandwidth(ns: argparse.Namespace, backends: Sequence[str], args: dict[str, Any]) -> float | None:
     """Bytes/s for the roofline figure (only the in-process engine reports the steps it needs)."""
     text = str(ns.bandwidth_gbps).lower()
-    if text == "off" or not any(b in ("engine", "static") for b in backends):
+    if text == "off" or not any(b in ENGINE_BACKENDS for b in backends):
         return None
     if text == "auto":
         from harness.run import auto_bandwidth

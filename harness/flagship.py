@@ -8,7 +8,9 @@ Sweeps (qwen3-0.6b preset, dummy bf16 weights, equal KV memory for every engine 
 FLAGSHIP_KV_BLOCKS blocks of 16 tokens, SLOs below for goodput):
 
 - ``bench``: nano-vllm's bench workload (256 requests, 133,966 output tokens), offline,
-  continuous ("engine") vs "static";
+  continuous ("engine") vs "static" (each request reserves prompt + max_tokens) vs
+  "static-max" (each reserves max_model_len, set to the workload's longest possible request:
+  1024 + 1024 = 2048, as the PagedAttention paper's Orca (Max) reserved a 2048 context);
 - ``random``: 256 requests (input 512, output 256, range ratio 0.5), offline, then Poisson
   arrivals at RANDOM_FRACTIONS of the continuous engine's offline request rate (above 1:
   past saturation, where queues grow), both backends at the same rates;
@@ -26,6 +28,7 @@ telemetry Parquet stays in the run folder.
 from __future__ import annotations
 
 import base64
+import inspect
 import math
 import shutil
 import time
@@ -41,6 +44,7 @@ from harness.metrics import Slos
 from harness.report import FILES, SWEEP_FILE
 from harness.run import WorkloadSpec
 from harness.sweep import SweepSpec, run_sweep
+from workloads.generators import bench as bench_generator
 
 MODEL = "qwen3-0.6b"
 FLAGSHIP_KV_BLOCKS = 2048  # 32,768 token slots: about 29 bench requests' static reservations
@@ -49,6 +53,12 @@ RANDOM_PARAMS = {"num_prompts": 256, "input_len": 512, "output_len": 256, "range
 RANDOM_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 BENCH_PARAMS: dict[str, Any] = {}  # the full bench workload (tests scale it down)
 PREFIX_PARAMS = {"num_groups": 8, "prefix_len": 512, "suffix_len": 128, "output_len": 128, "num_prompts": 256}
+
+
+def bench_max_model_len(params: dict[str, Any]) -> int:
+    """The longest request the bench workload with these parameters can draw."""
+    defaults = inspect.signature(bench_generator).parameters
+    return sum(params.get(k, defaults[k].default) for k in ("max_input_len", "max_output_len"))
 
 
 def _spec(backends: list[str], workload: WorkloadSpec, engine_args: dict[str, Any] | None = None,
@@ -61,7 +71,8 @@ def _spec(backends: list[str], workload: WorkloadSpec, engine_args: dict[str, An
 def flagship_sweeps(hf: bool = True) -> list[SweepSpec]:
     """Every sweep but the bursty one (its rate comes from the random sweep's offline point)."""
     specs = [
-        _spec(["engine", "static"], WorkloadSpec(kind="bench", params=BENCH_PARAMS)),
+        _spec(["engine", "static", "static-max"], WorkloadSpec(kind="bench", params=BENCH_PARAMS),
+              engine_args={"max_model_len": bench_max_model_len(BENCH_PARAMS)}),
         _spec(["engine", "static"], WorkloadSpec(kind="random", params=RANDOM_PARAMS),
               profile="sweep", profile_params={"fractions": list(RANDOM_FRACTIONS)}),
         _spec(["engine", "static"], WorkloadSpec(kind="prefix", params=PREFIX_PARAMS)),
@@ -126,12 +137,14 @@ def headline_table(sweep: pd.DataFrame) -> str:
 
 
 def ratio_lines(sweep: pd.DataFrame) -> list[str]:
-    """Continuous / static output throughput at each (workload, point) that ran both."""
+    """Continuous / static output throughput at each (workload, point) that ran both, for each
+    static baseline."""
     out = []
     for (workload, point), rows in sweep.groupby(["workload", "point"], sort=False):
         by = rows.set_index("backend")["output_throughput"]
-        if "engine" in by and "static" in by and by["static"]:
-            out.append(f"- {workload} {point}: continuous / static = {by['engine'] / by['static']:.2f}x")
+        for static in ("static", "static-max"):
+            if "engine" in by and static in by and by[static]:
+                out.append(f"- {workload} {point}: continuous / {static} = {by['engine'] / by[static]:.2f}x")
     return out
 
 
@@ -154,7 +167,8 @@ def publish(run_dir: str | Path, dest: str | Path = "reports/flagship") -> Path:
     shutil.copy(run_dir / SWEEP_FILE, dest / SWEEP_FILE)
     for name in sweep["run_dir"]:
         shutil.copy(run_dir / name / FILES["summary"], dest / "summaries" / f"{name}.parquet")
-    bench = load_runs([run_dir / f"bench-{b}-offline" for b in ("engine", "static")])
+    bench = load_runs([run_dir / f"bench-{b}-offline" for b in ("engine", "static", "static-max")
+                       if (run_dir / f"bench-{b}-offline").is_dir()])
     _save_png(kv_over_time(bench), dest / "bench_kv_over_time.png")
     _save_png(latency_cdfs(bench), dest / "bench_latency_cdfs.png")
     _save_png(load_curves(sweep, "random"), dest / "random_load_curve.png")

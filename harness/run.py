@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.backends.base import Backend, ReplayOptions
+from harness.backends.base import ENGINE_BACKENDS, Backend, ReplayOptions
 from harness.metrics import Slos
 from harness.replay import ReplayResult, replay
 from harness.report import steps_frame, write_report
@@ -34,16 +34,13 @@ from workloads.trace import TraceRequest, load_trace
 
 
 # ---- backends ------------------------------------------------------------------------------
-def _engine(model: str, engine_args: dict, **kw: Any) -> Backend:
-    from harness.backends.engine import EngineBackend
+def _engine_backend(name: str) -> Callable[..., Backend]:
+    def build(model: str, engine_args: dict, **kw: Any) -> Backend:
+        from harness.backends.engine import EngineBackend
 
-    return EngineBackend(model, scheduling_policy="continuous", **engine_args, **kw)
+        return EngineBackend(model, name, **engine_args, **kw)
 
-
-def _static(model: str, engine_args: dict, **kw: Any) -> Backend:
-    from harness.backends.engine import EngineBackend
-
-    return EngineBackend(model, scheduling_policy="static", **engine_args, **kw)
+    return build
 
 
 def _hf(model: str, engine_args: dict, **kw: Any) -> Backend:
@@ -58,7 +55,8 @@ def _openai(model: str, engine_args: dict, **kw: Any) -> Backend:
     return OpenAIBackend(model=model, **kw)
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"engine": _engine, "static": _static, "hf": _hf, "openai": _openai}
+BACKENDS: dict[str, Callable[..., Backend]] = {
+    **{name: _engine_backend(name) for name in ENGINE_BACKENDS}, "hf": _hf, "openai": _openai}
 
 
 def check_backend(name: str) -> None:
@@ -84,7 +82,7 @@ def backend_options(name: str, args: dict[str, Any], strict: bool = True) -> dic
     model is loaded. strict: an option it does not take is a ValueError (else dropped: a sweep
     hands one set of options to several backends)."""
     check_backend(name)
-    if name in ("engine", "static"):
+    if name in ENGINE_BACKENDS:
         from harness.backends.engine import EngineBackend as cls
     elif name == "hf":
         from harness.backends.hf import HFBackend as cls
@@ -93,12 +91,12 @@ def backend_options(name: str, args: dict[str, Any], strict: bool = True) -> dic
             from harness.backends.openai import OpenAIBackend as cls
         except ImportError as e:
             raise ValueError(f"the openai backend is unavailable: {e}") from None
-    params = {k: v for k, v in inspect.signature(cls).parameters.items() if k not in ("model", "scheduling_policy")}
+    params = {k: v for k, v in inspect.signature(cls).parameters.items() if k not in ("model", "name")}
     missing = [k for k, v in params.items() if v.default is v.empty and v.kind is v.POSITIONAL_OR_KEYWORD
                and k not in args]
     if missing:
         raise ValueError(f"backend {name!r} needs " + ", ".join(f"--backend-arg {k}=..." for k in missing))
-    if name not in ("engine", "static") and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    if name not in ENGINE_BACKENDS and any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return dict(args)  # it takes anything: let the constructor judge
     valid = [k for k, v in params.items() if v.kind is not v.VAR_KEYWORD]
     unknown = sorted(set(args) - set(valid))
@@ -189,7 +187,7 @@ class RunSpec:
 
     def gpu_indices(self) -> list[int]:
         """NVML indices to sample: one per tensor-parallel rank of an in-process engine."""
-        tp = self.engine_args.get("tensor_parallel_size", 1) if self.backend in ("engine", "static") else 1
+        tp = self.engine_args.get("tensor_parallel_size", 1) if self.backend in ENGINE_BACKENDS else 1
         return list(range(tp))
 
 

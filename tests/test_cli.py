@@ -59,7 +59,7 @@ def test_unknown_backend_is_a_usage_error(capsys):
 
 def test_unknown_backend_in_a_sweep(capsys):
     assert main(["sweep", "--backends", "engine,trt"]) == 2
-    assert "valid backends: engine, static, hf, openai" in _error_line(capsys)
+    assert "valid backends: engine, static, static-max, hf, openai" in _error_line(capsys)
 
 
 @pytest.mark.parametrize("argv, message", [

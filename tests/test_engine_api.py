@@ -61,6 +61,14 @@ def test_request_that_can_never_fit_the_cache_is_rejected():
     assert [d.finish_reason for d in drain(small) if d.finished] == ["length"]
 
 
+def test_static_max_needs_room_for_max_model_len():
+    small = LLMEngine(EngineConfig(model="tiny", num_kv_blocks=9, block_size=4, max_model_len=64,
+                                   scheduling_policy="static", static_reservation="max_model_len"))
+    with pytest.raises(ValueError, match="for 64 tokens.*max_model_len 64"):  # 16 blocks, 8 in the cache
+        small.add_request(None, [1] * 3, SamplingParams(max_tokens=2))
+    assert not small.has_unfinished_requests()
+
+
 def test_duplicate_request_id(engine):
     engine.add_request("dup", [1, 2], SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="already in use"):

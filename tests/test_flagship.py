@@ -32,7 +32,8 @@ def flagship_run(tmp_path_factory):
 def test_every_sweep_ran_and_nothing_was_lost(flagship_run):
     sweep = pd.read_parquet(flagship_run / "sweep.parquet")
     runs = set(zip(sweep["workload"], sweep["backend"], sweep["point"]))
-    assert {("bench", "engine", "offline"), ("bench", "static", "offline"), ("random", "static", "x2"),
+    assert {("bench", "engine", "offline"), ("bench", "static", "offline"), ("bench", "static-max", "offline"),
+            ("random", "static", "x2"),
             ("prefix", "engine", "offline"), ("prefix-nocache", "engine", "offline"),
             ("bench-32", "hf", "offline")} <= runs
     bursty = sweep[sweep["workload"] == "random-bursty"]
@@ -41,6 +42,9 @@ def test_every_sweep_ran_and_nothing_was_lost(flagship_run):
     assert (sweep["num_ok"] == sweep["num_requests"]).all()
     hit = sweep.set_index(["workload", "backend"])["prefix_cache_hit_rate"]
     assert hit[("prefix", "engine")] > 0.1 and not hit[("prefix-nocache", "engine")] > 0
+    assert hit[("prefix", "static")] > 0.1  # later static batches hit blocks of earlier ones
+    waste = sweep[sweep["workload"] == "bench"].set_index("backend")["kv_waste_reserved_mean"]
+    assert waste["static-max"] > waste["static"] > waste["engine"]
     assert sweep["goodput"].notna().all()  # the flagship states SLOs
 
 
@@ -57,5 +61,6 @@ def test_publish_and_table(flagship_run, tmp_path, capsys):
     assert main(["flagship", "--table", str(dest / "sweep.parquet")]) == 0
     out = capsys.readouterr().out
     ratio = sweep.set_index(["workload", "backend"]).loc["bench", "output_throughput"]
-    assert f"bench offline: continuous / static = {ratio['engine'] / ratio['static']:.2f}x" in out
+    for static in ("static", "static-max"):
+        assert f"bench offline: continuous / {static} = {ratio['engine'] / ratio[static]:.2f}x" in out
     assert math.isfinite(ratio["engine"])

@@ -1,4 +1,4 @@
-"""Trace replay against the in-process backends (engine, static, hf) on the tiny model, CPU.
+"""Trace replay against the in-process backends (engine, static, static-max, hf) on the tiny model, CPU.
 
 Run: .venv/bin/python -m pytest tests/test_replay.py -q
 """
@@ -26,7 +26,7 @@ from workloads.trace import TraceRequest
 # few enough that the static baseline's up-front reservation limits its batches.
 BENCH = {"num_seqs": 16, "min_input_len": 16, "max_input_len": 64, "min_output_len": 8, "max_output_len": 96,
          "vocab_size": 512}
-ENGINE_ARGS = {"num_kv_blocks": 64, "device": "cpu"}
+ENGINE_ARGS = {"num_kv_blocks": 64, "device": "cpu", "max_model_len": 160}  # 160: the longest BENCH request
 TOO_LONG = TraceRequest(arrival_s=0.0, max_tokens=4, prompt_token_ids=[7] * 2100, request_id="too-long")
 
 
@@ -42,11 +42,11 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def bench_reports(tmp_path_factory):
-    """Offline replay of the same requests (plus one the engine must reject) on both policies."""
+    """Offline replay of the same requests (plus one the engine must reject) on each policy."""
     requests = generate("bench", **BENCH) + [TOO_LONG]
     root = tmp_path_factory.mktemp("replay")
     out = {}
-    for backend in ("engine", "static"):
+    for backend in ("engine", "static", "static-max"):
         spec = RunSpec(backend=backend, workload=WorkloadSpec(kind="bench", params=BENCH, rate=math.inf),
                        engine_args=ENGINE_ARGS, telemetry=False, progress=False)
         run_once(spec, root / backend, requests=requests)
@@ -58,11 +58,21 @@ def test_continuous_beats_static_at_equal_kv_memory(bench_reports):
     _, reports = bench_reports
     cont, static = (reports[b].summary_row() for b in ("engine", "static"))
     blocks = {b: r.metadata["config"]["backend_info"]["num_kv_blocks"] for b, r in reports.items()}
-    assert blocks == {"engine": 64, "static": 64}
+    assert blocks == {"engine": 64, "static": 64, "static-max": 64}
     assert cont["num_steps"] < static["num_steps"]  # scheduling only: exact on any machine
     assert cont["output_throughput"] > static["output_throughput"]
     assert cont["kv_waste_mean"] < static["kv_waste_mean"]
     assert static["kv_waste_reserved_peak"] > 0.2  # the up-front reservation shows up as waste
+
+
+def test_reserving_max_model_len_wastes_more_than_max_tokens(bench_reports):
+    _, reports = bench_reports
+    static, static_max = (reports[b].summary_row() for b in ("static", "static-max"))
+    config = reports["static-max"].metadata["config"]["backend_info"]["engine_config"]
+    assert config["static_reservation"] == "max_model_len" and config["scheduling_policy"] == "static"
+    assert static_max["kv_waste_reserved_mean"] > static["kv_waste_reserved_mean"]
+    assert static_max["mean_batch_size"] < static["mean_batch_size"]  # 6 reservations fit, not up to 10
+    assert static_max["num_steps"] > static["num_steps"]
 
 
 def test_every_request_is_accounted_for(bench_reports):
@@ -151,7 +161,7 @@ def test_replay_fills_in_lost_requests():
 
 
 def test_unknown_backend_lists_the_valid_names():
-    with pytest.raises(ValueError, match="engine, static, hf, openai"):
+    with pytest.raises(ValueError, match="engine, static, static-max, hf, openai"):
         make_backend("vllm")
 
 
@@ -168,7 +178,8 @@ def test_sweep_profile_takes_fractions_of_the_measured_rate():
 
 def test_sweep_reusing_backends_resets_the_prefix_cache(tmp_path, monkeypatch):
     """One engine serves every point; each point's prefix hits come from its own requests
-    only (the same prompts replayed without a reset would hit on every full block)."""
+    only (the same prompts replayed without a reset would hit on every full block). One
+    request at a time, so the hits do not depend on how arrivals overlap."""
     import harness.sweep as sweep_mod
     from harness.sweep import SweepSpec, run_sweep
 
@@ -178,12 +189,12 @@ def test_sweep_reusing_backends_resets_the_prefix_cache(tmp_path, monkeypatch):
     workload = WorkloadSpec(kind="prefix", label="shared", params=dict(
         num_groups=2, prefix_len=32, suffix_len=8, output_len=4, num_prompts=6))
     spec = SweepSpec(backends=["engine"], workload=workload, profile="fixed",
-                     profile_params={"rates": [500.0, 1000.0]}, engine_args={"num_kv_blocks": 64, "block_size": 4},
+                     profile_params={"rates": [500.0, 1000.0]}, engine_args={"num_kv_blocks": 64, "block_size": 4, "max_num_seqs": 1},
                      telemetry=False, progress=False, reuse_backends=True)
     frame = run_sweep(spec, tmp_path)
     assert built == ["engine"]
     assert list(frame["run_dir"]) == ["shared-engine-rate-500", "shared-engine-rate-1000"]
     assert list(frame["workload"]) == ["shared", "shared"]
     first, second = frame["prefix_cache_hit_rate"]
-    assert 0 < first < 0.9 and second == pytest.approx(first, abs=0.15)
+    assert 0 < first < 0.9 and second == first
     assert all(frame["num_ok"] == 6)

@@ -16,15 +16,15 @@ from engine.sequence import FinishReason, Sequence
 BS = 4
 
 
-def make(num_blocks=64, policy="continuous", **kw):
-    cfg = EngineConfig(model="tiny", block_size=BS, scheduling_policy=policy, max_model_len=256, **kw)
+def make(num_blocks=64, policy="continuous", max_model_len=256, **kw):
+    cfg = EngineConfig(model="tiny", block_size=BS, scheduling_policy=policy, max_model_len=max_model_len, **kw)
     bm = BlockManager(num_blocks, BS, cfg.enable_prefix_caching)
     return make_scheduler(cfg, bm, eos_token_id=0), bm
 
 
 def add(sched, rid, n_prompt, max_tokens=4, **params):
     s = Sequence(rid, [1 + (i % 7) for i in range(n_prompt)], SamplingParams(max_tokens=max_tokens, **params),
-                 max_model_len=256)
+                 max_model_len=sched.config.max_model_len)
     sched.add(s)
     return s
 
@@ -88,6 +88,29 @@ def test_static_batches_wait_and_reserve_up_front():
     assert "c" in seen
 
 
+def test_static_max_reserves_max_model_len_per_request():
+    sched, bm = make(num_blocks=10, policy="static", max_model_len=16, static_reservation="max_model_len")
+    for rid in "abc":
+        add(sched, rid, 4, max_tokens=2)
+    out, _ = step(sched)
+    assert {s.request_id for s in out.seqs} == {"a", "b"}  # 9 usable blocks hold two 16-token reservations
+    assert bm.num_used_blocks == 2 * 4
+    assert sched.kv_stats()["kv_waste_reserved_slots"] == 2 * (16 - 4)  # only the prompts are stored yet
+    while sched.has_unfinished():
+        step(sched)
+    assert bm.num_free_blocks == bm.num_usable_blocks
+
+
+def test_static_batches_hit_the_prefix_cache_of_earlier_batches():
+    sched, bm = make(policy="static", max_num_seqs=1)
+    first, second = add(sched, "a", 9), add(sched, "b", 9)  # same prompt
+    while sched.has_unfinished():
+        step(sched)
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 8  # two full blocks; the last prompt token is always computed
+    assert bm.prefix_hit_tokens == 8 and bm.prefix_query_tokens == 18
+
+
 def test_stop_token_respects_min_tokens():
     sched, _ = make()
     s = add(sched, "a", 3, max_tokens=10, min_tokens=2)
@@ -104,12 +127,13 @@ def test_stop_token_respects_min_tokens():
 @given(
     actions=st.lists(st.tuples(st.sampled_from(["add", "step", "abort"]), st.integers(1, 40), st.integers(1, 12)),
                      min_size=1, max_size=50),
-    policy=st.sampled_from(["continuous", "static"]),
+    policy=st.sampled_from(["continuous", "static", "static-max"]),
     caching=st.booleans(),
 )
 def test_random_traffic_never_leaks_blocks(actions, policy, caching):
-    sched, bm = make(num_blocks=20, policy=policy, max_num_batched_tokens=16, max_num_seqs=4,
-                     enable_prefix_caching=caching)
+    reservation = "max_model_len" if policy == "static-max" else "max_tokens"
+    sched, bm = make(num_blocks=20, policy=policy.removesuffix("-max"), max_num_batched_tokens=16, max_num_seqs=4,
+                     enable_prefix_caching=caching, max_model_len=64, static_reservation=reservation)
     n = 0
     for action, a, b in actions:
         if action == "add" and a + b <= 19 * BS:

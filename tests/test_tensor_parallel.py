@@ -330,13 +330,15 @@ BF16_NEAR_TIE = 0.1  # bf16 logits of TP=1 and TP=2 may differ by rounding; a ga
 
 @pytest.mark.gpu
 @two_gpus
-def test_tp2_matches_tp1_bf16_on_gpus(checkpoint_dirs):
+@pytest.mark.parametrize("nccl_only", [False, True])
+def test_tp2_matches_tp1_bf16_on_gpus(checkpoint_dirs, nccl_only):
     path = checkpoint_dirs["qwen3"]
     # few graph sizes: capture (with NCCL inside) and Triton compiles dominate this test's time
     gpu = dict(dtype="bfloat16", block_size=16, max_model_len=128, num_kv_blocks=64, max_num_seqs=16)
     want, _ = run(LLMEngine(EngineConfig(model=path, **gpu)))
-    engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, **gpu))
+    engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, disable_custom_all_reduce=nccl_only, **gpu))
     assert engine.async_scheduling  # the default on CUDA, TP included
+    assert (engine.executor.runner.tp.symmetric is None) == nccl_only  # small all-reduces skip NCCL
     got, _ = run(engine)
     engine.shutdown()
     gaps = [g for _, g in hf_greedy(path, PROMPTS, MAX_NEW)]

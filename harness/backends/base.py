@@ -1,4 +1,4 @@
-"""The small protocol every backend implements (engine, static, hf, openai)."""
+"""The small protocol every backend implements (engine, static, static-max, hf, openai)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ from typing import Any, Protocol
 
 from harness.records import RequestRecord, StepRecord
 from workloads.trace import TraceRequest
+
+# The in-process engine's backends: the engine settings each name stands for (set by the
+# backend, so --engine-arg may not override them).
+ENGINE_BACKENDS: dict[str, dict[str, str]] = {
+    "engine": {"scheduling_policy": "continuous"},
+    "static": {"scheduling_policy": "static", "static_reservation": "max_tokens"},
+    "static-max": {"scheduling_policy": "static", "static_reservation": "max_model_len"},
+}
 
 
 @dataclass

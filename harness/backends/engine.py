@@ -1,7 +1,8 @@
 """The in-process engine as a backend: continuous batching ("engine") or the static-batching
-baseline on the same runner and kernels ("static").
+baseline on the same runner and kernels, reserving each request's prompt + max_tokens
+("static") or max_model_len ("static-max") up front.
 
-    backend = EngineBackend("tiny", scheduling_policy="static", num_kv_blocks=64)
+    backend = EngineBackend("tiny", "static", num_kv_blocks=64)
     result = backend.run(requests, t0, ReplayOptions(timed=True, max_concurrency=32))
 
 The engine is driven step by step in the calling thread (it is not thread-safe):
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.outputs import RequestDelta, StepStats
-from harness.backends.base import ReplayOptions, RunResult
+from harness.backends.base import ENGINE_BACKENDS, ReplayOptions, RunResult
 from harness.records import RequestRecord, StepRecord
 from workloads.trace import TraceRequest
 
@@ -40,10 +41,11 @@ _STEP_FIELDS = [f.name for f in dataclasses.fields(StepRecord) if f.name not in 
 
 
 class EngineBackend:
-    def __init__(self, model: str = "tiny", scheduling_policy: str = "continuous", warmup: bool = True,
-                 **engine_args: Any):
-        self.engine = LLMEngine(EngineConfig(model=model, scheduling_policy=scheduling_policy, **engine_args))
-        self.name = "static" if scheduling_policy == "static" else "engine"
+    def __init__(self, model: str = "tiny", name: str = "engine", warmup: bool = True, **engine_args: Any):
+        if name not in ENGINE_BACKENDS:
+            raise ValueError(f"unknown engine backend {name!r}; valid: {', '.join(ENGINE_BACKENDS)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **ENGINE_BACKENDS[name], **engine_args))
+        self.name = name
         if warmup:
             self._warmup()
 
