@@ -17,11 +17,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
 # Sizes up to which symmetric memory beats NCCL, both inside CUDA graphs, 2 ranks (reports/PERF.md):
 # one-shot 14.9 us vs NCCL 24.8 us at 1 MiB, two-shot (with its copies) 40.5 vs 55.9 us at 8 MiB.
 ONE_SHOT_MAX_BYTES = 512 << 10
 TWO_SHOT_MAX_BYTES = 16 << 20
+
+
+# torch numbers the store exchanges of symmetric-memory rendezvous with one counter per process,
+# so ranks meet only if each has rendezvoused as often as the others. Spawned workers are fresh
+# processes: a driver process that has rendezvoused before would wait for keys they never write.
+# This mirrors that process-wide torch state (see `symmetric_memory_used`).
+_rendezvous_attempts = 0
+
+
+def symmetric_memory_used() -> bool:
+    """Whether this process has attempted a symmetric-memory rendezvous (its counter moved on)."""
+    return _rendezvous_attempts > 0
 
 
 class SymmetricAllReduce:
@@ -31,9 +42,11 @@ class SymmetricAllReduce:
     def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int):
         import torch.distributed._symmetric_memory as symm_mem
 
+        global _rendezvous_attempts
         self.group_name, self.world_size, self.dtype = group.group_name, group.size(), dtype
         self.max_numel = max_bytes // dtype.itemsize
         self.buffer: torch.Tensor | None = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
+        _rendezvous_attempts += 1
         self.handle: Any = symm_mem.rendezvous(self.buffer, self.group_name)  # collective
 
     def all_reduce(self, x: torch.Tensor) -> bool:

@@ -28,9 +28,11 @@ from inside `LLM(...)` and exit when it shuts down.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import socket
+import warnings
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Listener
@@ -48,6 +50,7 @@ from engine.distributed import (
     backend_for,
     init_tensor_parallel,
     open_store,
+    symmetric_memory_used,
 )
 from engine.model_runner import PendingSample, resolve_device
 from engine.scheduler import SchedulerOutput
@@ -72,7 +75,7 @@ class MultiprocExecutor:
                                    "one tensor-parallel engine per process")
             launch = TorchrunEnv.from_environ()
             tp = self._start_spawned() if launch is None else self._start_torchrun(launch)
-            self.shard = Shard(shard_config(config, tp.rank if launch is None else launch.local_rank), tp)
+            self.shard = Shard(shard_config(self.config, tp.rank if launch is None else launch.local_rank), tp)
             self._await_workers("start")
             self.num_kv_blocks = min(self._collective_rpc("available_kv_blocks"))  # every rank must fit it
             self._collective_rpc("allocate_kv_cache", self.num_kv_blocks)
@@ -97,6 +100,11 @@ class MultiprocExecutor:
         if device.type == "cuda" and torch.cuda.device_count() < self.size:
             raise ValueError(f"tensor_parallel_size={self.size} needs {self.size} CUDA devices on this host, "
                              f"found {torch.cuda.device_count()} (multi-node: launch with torchrun)")
+        if device.type == "cuda" and not self.config.disable_custom_all_reduce and symmetric_memory_used():
+            warnings.warn("tensor parallel: this process already set up symmetric memory for an earlier "
+                          "engine and fresh workers cannot join it again (torch counts rendezvous per "
+                          "process); this engine uses NCCL for every all-reduce", RuntimeWarning, stacklevel=3)
+            self.config = self.config.with_overrides(disable_custom_all_reduce=True)
         store = None
         rdzv = Rendezvous(self.size, backend_for(device), self.timeout_s, init_method=self.config.dist_init_method)
         if rdzv.init_method is None:
@@ -215,6 +223,11 @@ def _close(shard_box: list[Shard | None], workers: Workers) -> None:
         if shard is not None and not workers.failed:
             shard.close()
     finally:
+        # the shard's layers hold the process group, some of them in reference cycles: free them
+        # now, so the group is destroyed below while the interpreter is alive (destroyed during
+        # interpreter teardown, gloo's threads sometimes abort the process)
+        shard = None
+        gc.collect()
         workers.close()
 
 

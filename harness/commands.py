@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.metrics import Slos
 from harness.backends.base import ENGINE_BACKENDS
+from harness.metrics import Slos
 from harness.run import BACKENDS, RunSpec, WorkloadSpec
 from workloads.trace import load_trace
 
