@@ -19,6 +19,7 @@ class Executor(Protocol):
     `result()` waits for the sampled ids (one entry per scheduled sequence, None: no sample)."""
 
     num_kv_blocks: int
+    config: EngineConfig  # as the shards run it (the TP executor may fall back from an option)
 
     def execute_model(self, out: SchedulerOutput) -> list[int | None]: ...
 
@@ -29,6 +30,7 @@ class Executor(Protocol):
 
 class UniprocExecutor:
     def __init__(self, config: EngineConfig):
+        self.config = config
         self.runner = ModelRunner(config)
         self.num_kv_blocks = self.runner.available_kv_blocks()
         self.runner.allocate_kv_cache(self.num_kv_blocks)

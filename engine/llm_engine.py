@@ -24,6 +24,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.config.model, self.config.tokenizer, self.config.model in PRESETS)
         self.eos_token_id = mc.eos_token_id if mc.eos_token_id is not None else self.tokenizer.eos_token_id
         self.executor = make_executor(self.config)
+        self.config = self.executor.config  # what runs: reports must not show a setting that fell back
         self.num_kv_blocks = self.executor.num_kv_blocks
         self.block_size = self.config.block_size
         self.block_manager = BlockManager(self.num_kv_blocks, self.block_size, self.config.enable_prefix_caching)

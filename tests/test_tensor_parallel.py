@@ -350,6 +350,7 @@ def test_tp2_matches_tp1_bf16_on_gpus(checkpoint_dirs, nccl_only):
     engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, disable_custom_all_reduce=nccl_only, **gpu))
     assert engine.async_scheduling  # the default on CUDA, TP included
     assert (engine.executor.runner.tp.symmetric is not None) == symmetric
+    assert engine.config.disable_custom_all_reduce == (not symmetric)  # reports show what ran
     got, _ = run(engine)
     engine.shutdown()
     gaps = [g for _, g in hf_greedy(path, PROMPTS, MAX_NEW)]
