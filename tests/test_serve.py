@@ -507,3 +507,16 @@ def test_step_failure_fails_in_flight_with_500_and_is_logged(engine, http, caplo
     finally:
         del engine.step
     assert "engine step failed" in caplog.text and "injected step failure" in caplog.text
+
+
+def test_cli_engine_options_reach_the_config():
+    from engine.serve.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["--scheduling-policy", "static", "--static-reservation", "max_model_len",
+                                      "--disable-custom-all-reduce", "--max-model-len", "256"])
+    cfg = engine_config(args)
+    assert (cfg.scheduling_policy, cfg.static_reservation, cfg.disable_custom_all_reduce,
+            cfg.max_model_len) == ("static", "max_model_len", True, 256)
+    assert engine_config(build_parser().parse_args([])).static_reservation == "max_tokens"
+    with pytest.raises(ValueError, match="static_reservation"):
+        engine_config(build_parser().parse_args(["--static-reservation", "pow2"]))

@@ -30,6 +30,7 @@ ENGINE_OPTIONS: list[tuple[str, str, type]] = [
     ("--max-num-batched-tokens", "max_num_batched_tokens", int),
     ("--max-model-len", "max_model_len", int),
     ("--scheduling-policy", "scheduling_policy", str),
+    ("--static-reservation", "static_reservation", str),
     ("--attention-backend", "attention_backend", str),
     ("--tensor-parallel-size", "tensor_parallel_size", int),
     ("--tokenizer", "tokenizer", str),
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, name, kind in ENGINE_OPTIONS:
         p.add_argument(flag, dest=name, type=kind, default=None, help=f"EngineConfig.{name}")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+    p.add_argument("--disable-custom-all-reduce", action="store_true", default=None,
+                   help="tensor parallel on GPUs: NCCL for every all-reduce")
     p.add_argument(
         "--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None
     )
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     names = [name for _, name, _ in ENGINE_OPTIONS] + [
         "enforce_eager",
+        "disable_custom_all_reduce",
         "enable_prefix_caching",
         "enable_chunked_prefill",
     ]
