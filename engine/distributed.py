@@ -21,6 +21,10 @@ import torch.distributed as dist
 # one-shot 14.9 us vs NCCL 24.8 us at 1 MiB, two-shot (with its copies) 40.5 vs 55.9 us at 8 MiB.
 ONE_SHOT_MAX_BYTES = 512 << 10
 TWO_SHOT_MAX_BYTES = 16 << 20
+# Partial sums up to this size (per slot, 2 ranks) go through the fused all-reduce + RMSNorm:
+# 512 rows of a 4,096 hidden size in bf16, more than a decode step has.
+FUSED_MAX_BYTES = 4 << 20
+FUSED_MAX_PROGRAMS = 128
 
 
 # torch numbers the store exchanges of symmetric-memory rendezvous with one counter per process,
@@ -36,18 +40,33 @@ def symmetric_memory_used() -> bool:
 
 
 class SymmetricAllReduce:
-    """In-place sum over the group through one symmetric-memory buffer (its ranks call it with
-    the same shapes in the same order, as every collective)."""
+    """Sums over the group through one symmetric-memory buffer (its ranks call it with the same
+    shapes in the same order, as every collective). The buffer holds a region for torch's
+    all-reduce kernels and two slots for partial sums that the fused all-reduce + RMSNorm reads
+    straight from every rank (`partial_out`, `all_reduce_rmsnorm`)."""
 
-    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int):
+    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int, fused_bytes: int = 0):
         import torch.distributed._symmetric_memory as symm_mem
 
         global _rendezvous_attempts
         self.group_name, self.world_size, self.dtype = group.group_name, group.size(), dtype
         self.max_numel = max_bytes // dtype.itemsize
-        self.buffer: torch.Tensor | None = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
+        self.slot_numel = fused_bytes // dtype.itemsize
+        # the fused kernel's barrier slots (int32, one per program and rank) follow the two
+        # partial-sum slots: its own, so it does not depend on how torch's kernels use theirs
+        self.epochs = torch.zeros(FUSED_MAX_PROGRAMS, dtype=torch.int32, device=device)
+        signals_start = self.max_numel + 2 * self.slot_numel
+        signals_numel = FUSED_MAX_PROGRAMS * self.world_size * 4 // dtype.itemsize
+        self.buffer: torch.Tensor | None = symm_mem.empty(signals_start + signals_numel, dtype=dtype, device=device)
+        # zeroed before the rendezvous publishes this buffer: no peer can signal into it earlier
+        self.buffer[signals_start:].zero_()
+        torch.cuda.synchronize(device)
         _rendezvous_attempts += 1
-        self.handle: Any = symm_mem.rendezvous(self.buffer, self.group_name)  # collective
+        handle = symm_mem.rendezvous(self.buffer, self.group_name)  # collective
+        self.handle: Any = handle
+        self.rank = handle.rank
+        self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.signal_pads = self.buffer_ptrs + signals_start * dtype.itemsize
 
     def all_reduce(self, x: torch.Tensor) -> bool:
         """Sum `x` over the ranks in place; False (nothing done) when `x` does not qualify."""
@@ -63,6 +82,33 @@ class SymmetricAllReduce:
             torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", self.group_name)
             x.copy_(buf)
         return True
+
+    def _slot_offset(self, slot: int) -> int:
+        return self.max_numel + slot * self.slot_numel
+
+    def partial_out(self, rows: int, cols: int, dtype: torch.dtype, slot: int) -> torch.Tensor | None:
+        """Where a row-parallel GEMM writes partial sums [rows, cols] for `all_reduce_rmsnorm`
+        (None when they do not fit). Successive all-reduces must alternate slots 0 and 1: a rank
+        rewrites a slot only after the barrier of the next all-reduce, so its peers are done
+        reading it."""
+        if self.buffer is None or dtype != self.dtype or rows * cols > self.slot_numel:
+            return None
+        start = self._slot_offset(slot)
+        return self.buffer[start:start + rows * cols].view(rows, cols)
+
+    def all_reduce_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rmsnorm(sum + residual), sum + residual) where `x` is a `partial_out` slot; None otherwise."""
+        if self.buffer is None or x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
+            return None
+        for slot in (0, 1):
+            start = self._slot_offset(slot)
+            if self.slot_numel and x.data_ptr() == self.buffer[start:].data_ptr():
+                from engine.kernels.allreduce_rmsnorm import allreduce_rmsnorm
+
+                return allreduce_rmsnorm(self.buffer_ptrs, self.signal_pads, self.epochs, start, self.rank,
+                                         residual.contiguous(), weight, eps)
+        return None
 
     def close(self) -> None:
         self.handle = self.buffer = None
@@ -85,12 +131,29 @@ class TensorParallel:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def with_symmetric_memory(self, device: torch.device, dtype: torch.dtype, max_bytes: int) -> TensorParallel:
+    def partial_out(self, rows: int, cols: int, dtype: torch.dtype, slot: int) -> torch.Tensor | None:
+        """A buffer for a row-parallel GEMM's partial sums that `all_reduce_rmsnorm` can reduce
+        in one fused kernel (see SymmetricAllReduce.partial_out); None to use any tensor."""
+        return None if self.symmetric is None else self.symmetric.partial_out(rows, cols, dtype, slot)
+
+    def all_reduce_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fused sum over ranks + residual add + RMSNorm of partial sums in a `partial_out`
+        buffer, as (normed, new residual); None where it does not apply (sum, then norm)."""
+        if self.symmetric is None:
+            return None
+        return self.symmetric.all_reduce_rmsnorm(x, residual, weight, eps)
+
+    def with_symmetric_memory(self, device: torch.device, dtype: torch.dtype, max_bytes: int,
+                              fuse_norm: bool = True) -> TensorParallel:
         """This group with the symmetric-memory all-reduce for messages up to `max_bytes`
-        (capped at TWO_SHOT_MAX_BYTES). Collective: every rank calls it. Falls back to NCCL
-        alone, with a warning, where the GPUs cannot map each other's memory."""
+        (capped at TWO_SHOT_MAX_BYTES) and, with `fuse_norm`, the fused all-reduce + RMSNorm for
+        partial sums up to FUSED_MAX_BYTES (less beyond 2 ranks: each rank loads every peer's).
+        Collective: every rank calls it. Falls back to NCCL alone, with a warning, where the
+        GPUs cannot map each other's memory."""
+        fused = min(max_bytes, FUSED_MAX_BYTES // (self.size - 1)) if fuse_norm else 0
         try:
-            symmetric = SymmetricAllReduce(self.group, device, dtype, min(max_bytes, TWO_SHOT_MAX_BYTES))
+            symmetric = SymmetricAllReduce(self.group, device, dtype, min(max_bytes, TWO_SHOT_MAX_BYTES), fused)
         except Exception as e:  # noqa: BLE001 - a missing P2P path: NCCL still works
             warnings.warn(f"tensor parallel: symmetric-memory all-reduce unavailable, using NCCL only ({e})",
                           RuntimeWarning, stacklevel=2)

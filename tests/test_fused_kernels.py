@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.kernels.allreduce_rmsnorm import EPOCH_MOD, allreduce_rmsnorm
 from engine.kernels.rmsnorm import rmsnorm
 from engine.kernels.rope import qk_norm_rope
 from engine.kernels.silu_mul import silu_mul
@@ -65,11 +66,44 @@ def test_silu_mul(dtype):
     assert rel(silu_mul(x), torch.nn.functional.silu(gate) * up) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (3, 2)])
+def test_allreduce_rmsnorm_is_sum_then_residual_norm(dtype, world, rank):
+    """One process plays `rank`: the peers' partials sit in tensors of their own and their
+    barrier signals are already in its pad. More rows than programs: each program loops."""
+    rows, hidden, offset, programs = 7, 96, 40, 3
+    parts = [torch.randn(offset + rows * hidden, device=DEVICE, dtype=dtype) for _ in range(world)]
+    pads = [torch.zeros(programs, world, device=DEVICE, dtype=torch.int32) for _ in range(world)]
+    epochs = torch.zeros(programs, device=DEVICE, dtype=torch.int32)
+    addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], device=DEVICE, dtype=torch.int64)  # noqa: E731
+    weight = torch.empty(hidden, device=DEVICE, dtype=dtype).uniform_(0.5, 1.5)
+    peers = [p for p in range(world) if p != rank]
+    # the peers arrive at epoch 1; then the first of them is already one barrier ahead; then
+    # the counters wrap around
+    rounds = [(0, 1, [1] * len(peers)), (1, 2, [3] + [2] * (len(peers) - 1)), (EPOCH_MOD, 1, [2] * len(peers))]
+    for start, epoch, arrived in rounds:
+        epochs.fill_(start)
+        pads[rank][:, peers] = torch.tensor(arrived, device=DEVICE, dtype=torch.int32)
+        residual = torch.randn(rows, hidden, device=DEVICE, dtype=dtype)
+        out, res_out = allreduce_rmsnorm(addr(parts), addr(pads), epochs, offset, rank, residual, weight, 1e-6)
+        total = sum(p[offset:].view(rows, hidden).float() for p in parts).to(dtype)  # in rank order
+        want, want_res = rmsnorm(total, weight, 1e-6, residual)
+        assert torch.equal(res_out, want_res) and torch.equal(out, want)
+        # this rank's epoch counted, and left in its own slot of every pad
+        assert epochs.tolist() == [epoch] * programs
+        assert all(pads[p][:, rank].tolist() == [epoch] * programs for p in range(world))
+        for part in parts:  # new partial sums, as the next GEMM would write
+            part.normal_()
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="rmsnorm"):
         rmsnorm(torch.randn(2, 3, 4), torch.ones(4), 1e-6)
     with pytest.raises(ValueError, match="silu_mul"):
         silu_mul(torch.randn(3, 5))
+    ptrs = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="allreduce_rmsnorm"):  # a signal pad short
+        allreduce_rmsnorm(ptrs, ptrs[:2], torch.zeros(8, dtype=torch.int32), 0, 0, torch.randn(2, 4), torch.ones(4), 1e-6)
 
 
 def test_gumbel_argmax_greedy_rows_and_distribution():

@@ -9,6 +9,14 @@ import triton.language as tl
 
 
 @triton.jit
+def norm_store_row(x, w, out_row_ptr, cols, mask, hidden, eps):
+    """Store the RMSNorm of row `x` (already summed with its residual) scaled by `w`."""
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
+    tl.store(out_row_ptr + cols, (xf * rstd).to(x.dtype) * w, mask=mask)  # HF order: fp32, cast, scale
+
+
+@triton.jit
 def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,  # rows of [N, H]
     stride_x, stride_res, stride_out, stride_res_out,
@@ -22,11 +30,8 @@ def _rmsnorm_kernel(
     if HAS_RESIDUAL:
         x = x + tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
         tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = (xf * rstd).to(x.dtype) * w  # HF order: normalise in fp32, cast, then scale
-    tl.store(out_ptr + row * stride_out + cols, y, mask=mask)
+    norm_store_row(x, w, out_ptr + row * stride_out, cols, mask, hidden, eps)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -73,11 +73,17 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split across ranks; partial sums are all-reduced."""
+    """y = x W^T with W's input columns split across ranks; partial sums are all-reduced, or
+    with `reduce=False` returned as they are for the RMSNorm that follows to sum (fused with
+    it on GPUs). `slot` picks that fused path's partial-sum buffer: successive row-parallel
+    layers of a model must alternate 0 and 1."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TensorParallel = SINGLE):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TensorParallel = SINGLE,
+                 reduce: bool = True, slot: int = 0):
         super().__init__()
-        self.tp = tp
+        if bias and not reduce:
+            raise ValueError("a row-parallel bias must be added after the sum: use reduce=True")
+        self.tp, self.reduce, self.slot = tp, reduce, slot
         self.in_per_rank = tp.shard(in_features, "input features")
         self.weight = _param(out_features, self.in_per_rank)
         self.weight.weight_loader = self.weight_loader
@@ -90,6 +96,9 @@ class RowParallelLinear(nn.Module):
         _copy(param, loaded.narrow(1, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce:
+            out = self.tp.partial_out(x.shape[0], self.weight.shape[0], x.dtype, self.slot) if x.dim() == 2 else None
+            return F.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
         y = F.linear(x, self.weight)
         self.tp.all_reduce(y)
         if self.bias is not None:

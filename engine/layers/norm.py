@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.distributed import SINGLE, TensorParallel
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -18,7 +20,14 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tp: TensorParallel = SINGLE):
+        """norm(x), or with `residual` (norm(x + residual), x + residual). With `tp`, x holds
+        this rank's partial sums of a row-parallel layer: they are summed over the ranks first,
+        in the same kernel where the GPUs share symmetric memory."""
+        if tp.size > 1:
+            if residual is not None and (fused := tp.all_reduce_rmsnorm(x, residual, self.weight, self.eps)):
+                return fused
+            x = tp.all_reduce(x)
         if x.is_cuda and x.dim() == 2:
             from engine.kernels.rmsnorm import rmsnorm  # triton only where CUDA is
 

@@ -27,7 +27,9 @@ class Attention(nn.Module):
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, False, tp)
+        # o_proj and down_proj leave their sums to the norms after them (slots alternate)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, False, tp,
+                                        reduce=False, slot=0)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -50,7 +52,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, tp)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp, reduce=False, slot=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -63,15 +65,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.tp = tp
 
     def forward(self, positions, h, residual, kv, meta, backend):
+        # h: the embedding (summed) in the first layer, else the previous down_proj's partial sums
         if residual is None:
             h, residual = self.input_layernorm(h), h
         else:
-            h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(positions, h, kv, meta, backend)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+            h, residual = self.input_layernorm(h, residual, self.tp)
+        h = self.self_attn(positions, h, kv, meta, backend)  # partial sums
+        h, residual = self.post_attention_layernorm(h, residual, self.tp)
+        return self.mlp(h), residual  # partial sums
 
 
 class LlamaModel(nn.Module):
@@ -81,12 +85,13 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.tp = tp
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
         for layer, kv in zip(self.layers, kv_caches):
             h, residual = layer(positions, h, residual, kv, meta, backend)
-        h, _ = self.norm(h, residual)
+        h, _ = self.norm(h, residual, self.tp)
         return h  # [T, hidden]
 
 
