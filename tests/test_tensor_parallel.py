@@ -29,6 +29,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.distributed import TensorParallel, symmetric_memory_used
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.norm import RMSNorm
 from engine.tp_worker import FAIL_ENV
 
 MAX_NEW = 8
@@ -110,6 +111,27 @@ def test_mlp_shards_and_row_parallel_bias_added_once():
         row.weight.weight_loader(row.weight, down)
         row.bias.weight_loader(row.bias, bias)
         torch.testing.assert_close(row(ups[r]), want)
+
+
+def test_row_parallel_partial_sums_are_summed_by_the_next_norm():
+    """reduce=False: o_proj / down_proj hand their partial sums to the RMSNorm after them."""
+    size, inter, hidden = 2, 12, 8
+    down, xs = torch.randn(hidden, inter), [torch.randn(3, inter // size) for _ in range(size)]
+    partials = [x @ down[:, r * inter // size:(r + 1) * inter // size].T for r, x in enumerate(xs)]
+    residual, total = torch.randn(3, hidden), sum(partials)
+    norm = RMSNorm(hidden)
+    norm.weight.data.uniform_(0.5, 1.5)
+    for r in range(size):
+        tp = SimTP(r, size, total=total)
+        row = RowParallelLinear(inter, hidden, False, tp, reduce=False)
+        row.weight.weight_loader(row.weight, down)
+        part = row(xs[r])
+        torch.testing.assert_close(part, partials[r])  # not summed here
+        got, got_res = norm(part, residual, tp)
+        torch.testing.assert_close(got_res, total + residual)
+        torch.testing.assert_close(got, norm(total + residual))
+    with pytest.raises(ValueError, match="bias"):
+        RowParallelLinear(inter, hidden, True, SimTP(0, size), reduce=False)
 
 
 def test_merged_column_rejects_uneven_parts():

@@ -1,7 +1,8 @@
 """H100 microbenchmark: split-K decode and unified attention, bf16, Qwen3-0.6B layer shape.
 
-Run on the GPU machine:  PYTHONPATH=. python3 -m engine.kernels.bench_decode
-CPU check of the script: TRITON_INTERPRET=1 PYTHONPATH=. python -m engine.kernels.bench_decode --smoke
+Run on the GPU machine:  PYTHONPATH=. python3 -m engine.kernels.bench_decode [--llama-tp]
+CPU check of the script: TRITON_INTERPRET=1 PYTHONPATH=. python -m engine.kernels.bench_decode --smoke [--llama-tp]
+--llama-tp: llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead (see llama_tp_rows).
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
 
 Decode bytes = K+V of every context token (Hkv x D x 2 B each) + q read + out written; split
@@ -75,19 +76,21 @@ class Batch:
     ref: torch.Tensor  # [T, Hq, D] fp32 torch reference
 
 
-def make_batch(plan: Plan, ctx_lens: list[int], q_lens: list[int], bs: int) -> Batch:
-    """Random cache holding exactly the blocks the batch needs, in shuffled order."""
+def make_batch(plan: Plan, ctx_lens: list[int], q_lens: list[int], bs: int,
+               heads: tuple[int, int] = (HQ, HKV)) -> Batch:
+    """Random cache holding exactly the blocks the batch needs, in shuffled order; heads = (Hq, Hkv)."""
+    hq, hkv = heads
     dev, need = plan.device, [triton.cdiv(c, bs) for c in ctx_lens]
     ids = (torch.randperm(sum(need)) + 1).to(torch.int32)  # block 0 stays the null block
     table = torch.zeros(len(ctx_lens), max(need), dtype=torch.int32)
     for i, n in enumerate(need):
         table[i, :n] = ids[sum(need[:i]):sum(need[:i]) + n]
-    kc = torch.randn(1 + sum(need), bs, HKV, D, device=dev, dtype=plan.dtype)
+    kc = torch.randn(1 + sum(need), bs, hkv, D, device=dev, dtype=plan.dtype)
     vc = torch.randn_like(kc)
     qsl = [0]
     for n in q_lens:
         qsl.append(qsl[-1] + n)
-    q = torch.randn(qsl[-1], HQ, D, device=dev, dtype=plan.dtype)
+    q = torch.randn(qsl[-1], hq, D, device=dev, dtype=plan.dtype)
     meta = AttentionMetadata(
         torch.full((qsl[-1],), -1, dtype=torch.int64, device=dev),
         torch.tensor(qsl, dtype=torch.int32, device=dev),
@@ -196,8 +199,38 @@ def write_csv(rows: list[dict]) -> None:
     print(f"wrote {path}")
 
 
+def llama_tp_rows(plan: Plan, bsz: int, min_ctx: int, max_ctx: int) -> None:
+    """llama-3-8b's decode attention per rank at TP=1 (Hq 32, Hkv 8) and TP=2 (16, 4), context
+    lengths spread like `engine.bench`'s mid-run batches (U[min_ctx, max_ctx]): us and GB/s over
+    the K+V bytes for each split count and tile, to see whether TP's halved program count needs
+    more splits than `choose_num_splits` gives."""
+    rng = torch.Generator().manual_seed(0)
+    ctx = torch.randint(min_ctx, max_ctx + 1, (bsz,), generator=rng).tolist()
+    for heads in ((32, 8), (16, 4)):
+        b = make_batch(plan, ctx, [1] * bsz, 16, heads)
+        out, scratch = torch.empty_like(b.q), alloc_decode_scratch(bsz, heads[0], D, plan.device)
+        nbytes = sum(ctx) * heads[1] * D * 2 * b.q.element_size()
+        auto = choose_num_splits(bsz, heads[1], max(ctx))
+        for block_n, warps, stages in plan.decode_tiles:
+            cells = []
+            for splits in (1, 2, 3, 4, 8):
+                run = partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens,
+                              b.meta.block_tables, D ** -0.5, splits, scratch, check=False,
+                              block_n=block_n, num_warps=warps, num_stages=stages)
+                run()
+                err = rel_err(out, b.ref)
+                ms = bench_ms(run, plan)
+                cells.append(f"s{splits}{'*' if splits == auto else ''} {ms * 1e3:6.1f}us "
+                             f"{nbytes / ms / 1e6:5.0f}GB/s err {err:.0e}")
+            print(f"Hq{heads[0]} Hkv{heads[1]} B{bsz} tile{(block_n, warps, stages)}: " + " | ".join(cells),
+                  flush=True)
+
+
 def main(argv: list[str]) -> None:
     plan = SMOKE if "--smoke" in argv else FULL
+    if "--llama-tp" in argv:  # * marks the split count the engine picks
+        llama_tp_rows(plan, *((3, 5, 40) if plan is SMOKE else (80, 100, 1536)))
+        return
     if plan.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("bench_decode needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")
     torch.manual_seed(0)
