@@ -134,6 +134,10 @@ SCHEDULING_POLICIES = ("continuous", "static")
 # max_model_len (the server's maximum, as when output lengths are unknown: the PagedAttention
 # paper's "Orca (Max)" regime).
 STATIC_RESERVATIONS = ("max_tokens", "max_model_len")
+# "barrier": ranks meet at a barrier, then load each other's partial sums; "push": each rank
+# stores its partials into its peers' memory, the data is the flag (experimental); "off": an
+# all-reduce, then the RMSNorm kernel
+ALL_REDUCE_NORM_FUSIONS = ("barrier", "push", "off")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -161,7 +165,8 @@ class EngineConfig:
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no symmetric memory)
-    fuse_all_reduce_norm: bool = True  # TP on GPUs: sum row-parallel outputs inside the next RMSNorm kernel
+    # TP on GPUs: row-parallel outputs summed inside the next RMSNorm kernel, see ALL_REDUCE_NORM_FUSIONS
+    all_reduce_norm_fusion: str = "barrier"
     dist_init_method: str | None = None  # None: a free localhost port chosen at start
     dist_timeout_s: float = 600.0  # TP: bounds start-up (loading, profiling), each step and each collective
     tokenizer: str | None = None
@@ -173,6 +178,7 @@ class EngineConfig:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
+        _check_choice("all_reduce_norm_fusion", self.all_reduce_norm_fusion, ALL_REDUCE_NORM_FUSIONS)
         _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")

@@ -39,34 +39,70 @@ def symmetric_memory_used() -> bool:
     return _rendezvous_attempts > 0
 
 
+@dataclass(frozen=True)
+class SymmetricLayout:
+    """Element offsets in a rank's symmetric-memory buffer: torch's all-reduce region, then the
+    fused path's two partial-sum slots ("push": a receive slot per rank in each), then ("barrier")
+    its int32 barrier slots, one per program and rank."""
+
+    region: int  # elements for torch's one-shot / two-shot kernels
+    slot: int  # elements of one partial-sum slot (0: no fused path)
+    world: int
+    push: bool
+    itemsize: int
+
+    @property
+    def senders(self) -> int:
+        return self.world if self.push else 1
+
+    def slot_start(self, slot: int) -> int:
+        return self.region + slot * self.senders * self.slot
+
+    def own_start(self, slot: int, rank: int) -> int:
+        """Where `rank`'s GEMM writes its partial sums of `slot`."""
+        return self.slot_start(slot) + (rank * self.slot if self.push else 0)
+
+    @property
+    def signals_start(self) -> int:
+        return self.slot_start(2)
+
+    @property
+    def numel(self) -> int:
+        barrier = 0 if self.push or not self.slot else FUSED_MAX_PROGRAMS * self.world * 4 // self.itemsize
+        return self.signals_start + barrier
+
+
 class SymmetricAllReduce:
     """Sums over the group through one symmetric-memory buffer (its ranks call it with the same
-    shapes in the same order, as every collective). The buffer holds a region for torch's
-    all-reduce kernels and two slots for partial sums that the fused all-reduce + RMSNorm reads
-    straight from every rank (`partial_out`, `all_reduce_rmsnorm`)."""
+    shapes in the same order, as every collective): torch's all-reduce kernels, and the fused
+    all-reduce + RMSNorm over partial sums that a GEMM wrote into the buffer (`partial_out`,
+    `all_reduce_rmsnorm`). "barrier" meets the peers on barrier slots of its own (so it does not
+    depend on how torch's kernels use theirs) and loads their partials; "push" stores this
+    rank's partials into every peer's receive slot."""
 
-    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int, fused_bytes: int = 0):
+    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int, fused_bytes: int = 0,
+                 fusion: str = "barrier"):
         import torch.distributed._symmetric_memory as symm_mem
 
         global _rendezvous_attempts
         self.group_name, self.world_size, self.dtype = group.group_name, group.size(), dtype
         self.max_numel = max_bytes // dtype.itemsize
-        self.slot_numel = fused_bytes // dtype.itemsize
-        # the fused kernel's barrier slots (int32, one per program and rank) follow the two
-        # partial-sum slots: its own, so it does not depend on how torch's kernels use theirs
+        self.layout = layout = SymmetricLayout(self.max_numel, fused_bytes // dtype.itemsize, self.world_size,
+                                               fusion == "push", dtype.itemsize)
         self.epochs = torch.zeros(FUSED_MAX_PROGRAMS, dtype=torch.int32, device=device)
-        signals_start = self.max_numel + 2 * self.slot_numel
-        signals_numel = FUSED_MAX_PROGRAMS * self.world_size * 4 // dtype.itemsize
-        self.buffer: torch.Tensor | None = symm_mem.empty(signals_start + signals_numel, dtype=dtype, device=device)
-        # zeroed before the rendezvous publishes this buffer: no peer can signal into it earlier
-        self.buffer[signals_start:].zero_()
+        self.buffer: torch.Tensor | None = symm_mem.empty(layout.numel, dtype=dtype, device=device)
+        # marks set before the rendezvous publishes this buffer, so no peer can write it earlier:
+        # zeros on the barrier slots, -0.0 ("not arrived") on the receive slots
+        self.buffer[layout.signals_start:].zero_()
+        if layout.push:
+            self.buffer[layout.slot_start(0):layout.signals_start].fill_(-0.0)
         torch.cuda.synchronize(device)
         _rendezvous_attempts += 1
         handle = symm_mem.rendezvous(self.buffer, self.group_name)  # collective
         self.handle: Any = handle
         self.rank = handle.rank
         self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.signal_pads = self.buffer_ptrs + signals_start * dtype.itemsize
+        self.signal_pads = self.buffer_ptrs + layout.signals_start * dtype.itemsize
 
     def all_reduce(self, x: torch.Tensor) -> bool:
         """Sum `x` over the ranks in place; False (nothing done) when `x` does not qualify."""
@@ -83,31 +119,32 @@ class SymmetricAllReduce:
             x.copy_(buf)
         return True
 
-    def _slot_offset(self, slot: int) -> int:
-        return self.max_numel + slot * self.slot_numel
-
     def partial_out(self, rows: int, cols: int, dtype: torch.dtype, slot: int) -> torch.Tensor | None:
         """Where a row-parallel GEMM writes partial sums [rows, cols] for `all_reduce_rmsnorm`
         (None when they do not fit). Successive all-reduces must alternate slots 0 and 1: a rank
-        rewrites a slot only after the barrier of the next all-reduce, so its peers are done
-        reading it."""
-        if self.buffer is None or dtype != self.dtype or rows * cols > self.slot_numel:
+        rewrites a slot only after the next all-reduce has met its peers, so they are done with it."""
+        if self.buffer is None or dtype != self.dtype or rows * cols > self.layout.slot:
             return None
-        start = self._slot_offset(slot)
+        start = self.layout.own_start(slot, self.rank)
         return self.buffer[start:start + rows * cols].view(rows, cols)
 
     def all_reduce_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rmsnorm(sum + residual), sum + residual) where `x` is a `partial_out` slot; None otherwise."""
-        if self.buffer is None or x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
+        layout = self.layout
+        if (self.buffer is None or not layout.slot or x.dim() != 2 or residual.shape != x.shape
+                or residual.dtype != x.dtype):
             return None
-        for slot in (0, 1):
-            start = self._slot_offset(slot)
-            if self.slot_numel and x.data_ptr() == self.buffer[start:].data_ptr():
-                from engine.kernels.allreduce_rmsnorm import allreduce_rmsnorm
+        from engine.kernels.allreduce_rmsnorm import allreduce_rmsnorm, push_allreduce_rmsnorm
 
-                return allreduce_rmsnorm(self.buffer_ptrs, self.signal_pads, self.epochs, start, self.rank,
-                                         residual.contiguous(), weight, eps)
+        for slot in (0, 1):
+            if x.data_ptr() != self.buffer[layout.own_start(slot, self.rank):].data_ptr():
+                continue
+            start, residual = layout.slot_start(slot), residual.contiguous()
+            if layout.push:
+                return push_allreduce_rmsnorm(self.buffer_ptrs, start, layout.slot, self.rank, residual, weight, eps)
+            return allreduce_rmsnorm(self.buffer_ptrs, self.signal_pads, self.epochs, start, self.rank,
+                                     residual, weight, eps)
         return None
 
     def close(self) -> None:
@@ -145,15 +182,17 @@ class TensorParallel:
         return self.symmetric.all_reduce_rmsnorm(x, residual, weight, eps)
 
     def with_symmetric_memory(self, device: torch.device, dtype: torch.dtype, max_bytes: int,
-                              fuse_norm: bool = True) -> TensorParallel:
+                              fusion: str = "barrier") -> TensorParallel:
         """This group with the symmetric-memory all-reduce for messages up to `max_bytes`
-        (capped at TWO_SHOT_MAX_BYTES) and, with `fuse_norm`, the fused all-reduce + RMSNorm for
-        partial sums up to FUSED_MAX_BYTES (less beyond 2 ranks: each rank loads every peer's).
+        (capped at TWO_SHOT_MAX_BYTES) and, unless `fusion` is "off", the fused all-reduce +
+        RMSNorm ("barrier" or "push", EngineConfig.all_reduce_norm_fusion) for partial sums up to
+        FUSED_MAX_BYTES (less beyond 2 ranks: each rank reads every peer's).
         Collective: every rank calls it. Falls back to NCCL alone, with a warning, where the
         GPUs cannot map each other's memory."""
-        fused = min(max_bytes, FUSED_MAX_BYTES // (self.size - 1)) if fuse_norm else 0
+        fused = min(max_bytes, FUSED_MAX_BYTES // (self.size - 1)) if fusion != "off" else 0
         try:
-            symmetric = SymmetricAllReduce(self.group, device, dtype, min(max_bytes, TWO_SHOT_MAX_BYTES), fused)
+            symmetric = SymmetricAllReduce(self.group, device, dtype, min(max_bytes, TWO_SHOT_MAX_BYTES), fused,
+                                           fusion)
         except Exception as e:  # noqa: BLE001 - a missing P2P path: NCCL still works
             warnings.warn(f"tensor parallel: symmetric-memory all-reduce unavailable, using NCCL only ({e})",
                           RuntimeWarning, stacklevel=2)

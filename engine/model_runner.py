@@ -96,7 +96,7 @@ class ModelRunner:
                 max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
                 self.tp = tp = tp.with_symmetric_memory(
                     self.device, self.dtype, max_tokens * self.mc.hidden_size * self.dtype.itemsize,
-                    fuse_norm=config.fuse_all_reduce_norm)
+                    fusion=config.all_reduce_norm_fusion)
         self.model = self._build_model()
         self.backend = get_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler(config.seed, self.device)

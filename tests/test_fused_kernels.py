@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.allreduce_rmsnorm import EPOCH_MOD, allreduce_rmsnorm
+from engine.kernels.allreduce_rmsnorm import EPOCH_MOD, allreduce_rmsnorm, push_allreduce_rmsnorm
 from engine.kernels.rmsnorm import rmsnorm
 from engine.kernels.rope import qk_norm_rope
 from engine.kernels.silu_mul import silu_mul
@@ -94,6 +94,34 @@ def test_allreduce_rmsnorm_is_sum_then_residual_norm(dtype, world, rank):
         assert all(pads[p][:, rank].tolist() == [epoch] * programs for p in range(world))
         for part in parts:  # new partial sums, as the next GEMM would write
             part.normal_()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (3, 2)])
+def test_push_allreduce_rmsnorm_sends_sums_and_resets(dtype, world, rank):
+    """The one-trip variant, one process playing `rank`: its GEMM's partials are in its own
+    slot, the peers' have already arrived in theirs, and the peers' buffers wait for this rank's."""
+    rows, hidden, offset, stride = 5, 96, 24, 5 * 96 + 8
+    neg0 = torch.tensor(-0.0, dtype=dtype)
+    bufs = [torch.full((offset + world * stride,), -0.0, device=DEVICE, dtype=dtype) for _ in range(world)]
+    slot = lambda p, r: bufs[p][offset + r * stride:][:rows * hidden].view(rows, hidden)  # noqa: E731
+    parts = [torch.randn(rows, hidden, device=DEVICE, dtype=dtype) for _ in range(world)]
+    parts[rank][0, :3] = neg0  # sent as +0.0: -0.0 marks "not arrived"
+    for r in range(world):
+        slot(rank, r).copy_(parts[r])
+    residual = torch.randn(rows, hidden, device=DEVICE, dtype=dtype)
+    weight = torch.empty(hidden, device=DEVICE, dtype=dtype).uniform_(0.5, 1.5)
+    addr = torch.tensor([b.data_ptr() for b in bufs], device=DEVICE, dtype=torch.int64)
+    out, res_out = push_allreduce_rmsnorm(addr, offset, stride, rank, residual, weight, 1e-6, max_programs=2)
+    want, want_res = rmsnorm(sum(p.float() for p in parts).to(dtype), weight, 1e-6, residual)
+    assert torch.equal(res_out, want_res) and torch.equal(out, want)
+    sent = parts[rank].clone()
+    sent[0, :3] = 0.0
+    for p in range(world):
+        if p != rank:
+            got = slot(p, rank)  # this rank's partials arrived in every peer, -0.0 as +0.0
+            assert torch.equal(got, sent) and not torch.signbit(got[0, :3]).any()
+            assert torch.signbit(slot(rank, p)).all() and not slot(rank, p).any()  # reset to -0.0
 
 
 def test_shape_errors():

@@ -513,12 +513,14 @@ def test_cli_engine_options_reach_the_config():
     from engine.serve.cli import build_parser, engine_config
 
     args = build_parser().parse_args(["--scheduling-policy", "static", "--static-reservation", "max_model_len",
-                                      "--disable-custom-all-reduce", "--no-fuse-all-reduce-norm",
+                                      "--disable-custom-all-reduce", "--all-reduce-norm-fusion", "off",
                                       "--max-model-len", "256"])
     cfg = engine_config(args)
     assert (cfg.scheduling_policy, cfg.static_reservation, cfg.disable_custom_all_reduce,
-            cfg.fuse_all_reduce_norm, cfg.max_model_len) == ("static", "max_model_len", True, False, 256)
+            cfg.all_reduce_norm_fusion, cfg.max_model_len) == ("static", "max_model_len", True, "off", 256)
     default = engine_config(build_parser().parse_args([]))
-    assert (default.static_reservation, default.fuse_all_reduce_norm) == ("max_tokens", True)
+    assert (default.static_reservation, default.all_reduce_norm_fusion) == ("max_tokens", "barrier")
     with pytest.raises(ValueError, match="static_reservation"):
         engine_config(build_parser().parse_args(["--static-reservation", "pow2"]))
+    with pytest.raises(ValueError, match="all_reduce_norm_fusion"):
+        engine_config(build_parser().parse_args(["--all-reduce-norm-fusion", "magic"]))

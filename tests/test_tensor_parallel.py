@@ -26,7 +26,12 @@ import torch.nn.functional as F
 from checkpoints import assert_matches_hf, build_checkpoint, hf_greedy
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.distributed import TensorParallel, symmetric_memory_used
+from engine.distributed import (
+    FUSED_MAX_PROGRAMS,
+    SymmetricLayout,
+    TensorParallel,
+    symmetric_memory_used,
+)
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
@@ -132,6 +137,24 @@ def test_row_parallel_partial_sums_are_summed_by_the_next_norm():
         torch.testing.assert_close(got, norm(total + residual))
     with pytest.raises(ValueError, match="bias"):
         RowParallelLinear(inter, hidden, True, SimTP(0, size), reduce=False)
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize("push", [False, True])
+def test_symmetric_buffer_regions_never_overlap(world, push):
+    """torch's region, every rank's partial-sum slots (own, or with "push" received) and the
+    barrier slots are disjoint and inside the buffer; a rank writes only its own slots."""
+    layout = SymmetricLayout(region=1000, slot=96, world=world, push=push, itemsize=2)
+    spans = [(0, layout.region)]
+    for slot in (0, 1):
+        starts = {layout.own_start(slot, rank) for rank in range(world)}
+        assert len(starts) == (world if push else 1)  # barrier: every rank its own buffer's one slot
+        spans += [(start, start + layout.slot) for start in sorted(starts)]
+    barrier = layout.numel - layout.signals_start
+    assert barrier == (0 if push else FUSED_MAX_PROGRAMS * world * 4 // 2)
+    spans.append((layout.signals_start, layout.numel))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert spans[-1][1] == layout.numel
 
 
 def test_merged_column_rejects_uneven_parts():
@@ -359,26 +382,51 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 BF16_NEAR_TIE = 0.1  # bf16 logits of TP=1 and TP=2 may differ by rounding; a gap this small may flip
 
 
+GPU = dict(dtype="bfloat16", block_size=16, max_model_len=128, num_kv_blocks=64, max_num_seqs=16)
+
+
+def assert_near_tp1(path: str, got: list[list[int]], want: list[list[int]], prompts=PROMPTS) -> None:
+    """bf16 tokens of TP=2 equal TP=1's up to where HF's top-2 logit gap is a near tie."""
+    gaps = [g for _, g in hf_greedy(path, prompts, MAX_NEW)]
+    for i, (a, b) in enumerate(zip(got, want)):
+        j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        assert j is None or gaps[i][j] < BF16_NEAR_TIE, f"prompt {i} token {j}: TP=2 {a} vs TP=1 {b}"
+
+
 @pytest.mark.gpu
 @two_gpus
 @pytest.mark.parametrize("nccl_only", [False, True])
 def test_tp2_matches_tp1_bf16_on_gpus(checkpoint_dirs, nccl_only):
     path = checkpoint_dirs["qwen3"]
     # few graph sizes: capture (with NCCL inside) and Triton compiles dominate this test's time
-    gpu = dict(dtype="bfloat16", block_size=16, max_model_len=128, num_kv_blocks=64, max_num_seqs=16)
-    want, _ = run(LLMEngine(EngineConfig(model=path, **gpu)))
+    want, _ = run(LLMEngine(EngineConfig(model=path, **GPU)))
     # small all-reduces skip NCCL, in the first engine of a process only (torch's rendezvous count)
     symmetric = not nccl_only and not symmetric_memory_used()
-    engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, disable_custom_all_reduce=nccl_only, **gpu))
+    engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, disable_custom_all_reduce=nccl_only, **GPU))
     assert engine.async_scheduling  # the default on CUDA, TP included
     assert (engine.executor.runner.tp.symmetric is not None) == symmetric
     assert engine.config.disable_custom_all_reduce == (not symmetric)  # reports show what ran
     got, _ = run(engine)
     engine.shutdown()
-    gaps = [g for _, g in hf_greedy(path, PROMPTS, MAX_NEW)]
-    for i, (a, b) in enumerate(zip(got, want)):
-        j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        assert j is None or gaps[i][j] < BF16_NEAR_TIE, f"prompt {i} token {j}: TP=2 {a} vs TP=1 {b}"
+    assert_near_tp1(path, got, want)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_tp2_push_fusion_matches_tp1_on_gpus(checkpoint_dirs, tmp_path):
+    """The experimental one-trip all-reduce + RMSNorm, in a fresh process (symmetric memory is
+    set up once per process)."""
+    path, prompts = checkpoint_dirs["qwen3"], PROMPTS[:3]
+    want, _ = run(LLMEngine(EngineConfig(model=path, **GPU)), prompts)
+    script = tmp_path / "tp_script.py"
+    script.write_text(TORCHRUN_SCRIPT)  # no torchrun here: LLM spawns the worker
+    cfg = dict(GPU, all_reduce_norm_fusion="push")
+    proc = subprocess.run([sys.executable, str(script), path, json.dumps(cfg), json.dumps(prompts)],
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "symmetric-memory all-reduce unavailable" not in proc.stderr
+    got = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS")).split(" ", 1)[1])
+    assert_near_tp1(path, got, want, prompts)
 
 
 @pytest.mark.gpu

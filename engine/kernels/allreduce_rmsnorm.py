@@ -11,7 +11,15 @@ it need not wait for) and waits until each slot [b, p] of its own pad holds e. A
 already have moved on to e + 1 there (it cannot go further: that barrier needs this rank's
 e + 1), so either value passes. Epochs cycle through 1..EPOCH_MOD so they never overflow.
 Whoever calls this alternates between two partial buffers, so a rank that has passed the
-barrier of all-reduce k+1 knows its peers are done reading its buffer of all-reduce k."""
+barrier of all-reduce k+1 knows its peers are done reading its buffer of all-reduce k.
+
+`push_allreduce_rmsnorm` is the one-trip variant (experimental: interpreter-tested, not yet
+timed on GPUs). Each rank stores its partials into its own slot of every peer's receive buffer
+and polls the peers' slots of its own until none holds the "not arrived" mark, -0.0 (senders
+send -0.0 as +0.0), then resets them to the mark. The data is the flag, so there is no barrier
+round trip and no remote load. Two receive buffers alternate as above: a peer writes into this
+rank's buffer of all-reduce k + 2 only after it has this rank's data of k + 1, which is sent
+after the reset of k."""
 
 from __future__ import annotations
 
@@ -85,5 +93,66 @@ def allreduce_rmsnorm(buffers: torch.Tensor, signal_pads: torch.Tensor, epochs: 
     _allreduce_rmsnorm_kernel[grid](
         buffers, signal_pads, epochs, offset, residual, weight, out, res_out, rows, hidden, eps,
         RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(hidden), num_warps=NUM_WARPS,
+    )
+    return out, res_out
+
+
+@triton.jit
+def _push_allreduce_rmsnorm_kernel(
+    buffers, offset, slot_stride,  # int64 [WORLD] base addresses; receive slot of rank r at offset + r * slot_stride
+    res_ptr, w_ptr, out_ptr, res_out_ptr,  # contiguous rows of [N, H]
+    rows, hidden, eps,
+    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
+):
+    bits_ty = tl.int16 if BITS == 16 else tl.int32
+    mark = -(1 << (BITS - 1))  # the bits of -0.0
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    elem = res_ptr.dtype.element_ty
+    own = tl.load(buffers + RANK).to(tl.pointer_type(bits_ty)) + offset
+    for row in range(pid, rows, tl.num_programs(0)):  # every row sent before any is waited for
+        mine = tl.load(own + RANK * slot_stride + row * hidden + cols, mask=mask, other=0)
+        mine = tl.where(mine == mark, 0, mine)  # -0.0 would read as "not arrived"
+        for r in tl.static_range(WORLD):
+            if r != RANK:
+                peer = tl.load(buffers + r).to(tl.pointer_type(bits_ty)) + offset
+                tl.store(peer + RANK * slot_stride + row * hidden + cols, mine, mask=mask)
+    for row in range(pid, rows, tl.num_programs(0)):
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for r in tl.static_range(WORLD):  # rank order: the same sum on every rank
+            src = own + r * slot_stride + row * hidden + cols
+            if r == RANK:
+                got = tl.load(src, mask=mask, other=0)
+                got = tl.where(got == mark, 0, got)  # as sent
+            else:
+                got = tl.load(src, mask=mask, other=0, volatile=True)
+                while tl.max((got == mark).to(tl.int32), axis=0) > 0:
+                    got = tl.load(src, mask=mask, other=0, volatile=True)
+                tl.store(src, tl.full((BLOCK,), mark, bits_ty), mask=mask)  # ready for its next use
+            acc += got.to(elem, bitcast=True).to(tl.float32)
+        x = acc.to(elem) + tl.load(res_ptr + row * hidden + cols, mask=mask, other=0.0)
+        tl.store(res_out_ptr + row * hidden + cols, x, mask=mask)
+        norm_store_row(x, w, out_ptr + row * hidden, cols, mask, hidden, eps)
+
+
+def push_allreduce_rmsnorm(buffers: torch.Tensor, offset: int, slot_stride: int, rank: int,
+                           residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           max_programs: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `allreduce_rmsnorm`, through receive slots: rank r's partials [N, H] are at element
+    offset + r * slot_stride of every rank's buffer (its own written by its GEMM, the others by
+    this kernel); a peer's slot must hold -0.0 everywhere until its data arrives. A program
+    waits for the peers' programs of the same index: `max_programs` keeps them all resident."""
+    rows, hidden = residual.shape
+    if not residual.is_contiguous() or weight.shape != (hidden,) or residual.element_size() not in (2, 4):
+        raise ValueError(f"push_allreduce_rmsnorm needs a contiguous 16- or 32-bit residual [N, H] and weight "
+                         f"[H]; got {tuple(residual.shape)} {residual.dtype} and {tuple(weight.shape)}")
+    out, res_out = torch.empty_like(residual), torch.empty_like(residual)
+    grid = (max(1, min(rows, max_programs)),)
+    _push_allreduce_rmsnorm_kernel[grid](
+        buffers, offset, slot_stride, residual, weight, out, res_out, rows, hidden, eps,
+        RANK=rank, WORLD=buffers.numel(), BLOCK=triton.next_power_of_2(hidden),
+        BITS=8 * residual.element_size(), num_warps=NUM_WARPS,
     )
     return out, res_out

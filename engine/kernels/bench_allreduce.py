@@ -6,7 +6,7 @@ residual threaded through them, are captured in one CUDA graph; µs per step are
 to the GEMM alone. Before timing, it checks that the fused path gives the same bits as the other
 two on every rank, and that the graphs' 64-step chains agree (a barrier race would show there).
 
-    PYTHONPATH=. python3 -m engine.kernels.bench_allreduce [--sizes 1,8,32,72,128,256,512]
+    PYTHONPATH=. python3 -m engine.kernels.bench_allreduce [--sizes 1,8,32,72,128,256,512] [--fusion push]
 """
 
 from __future__ import annotations
@@ -93,11 +93,11 @@ def bench_rows(tp: TensorParallel, rows: int, w_down: torch.Tensor, weight: torc
     return same, times, [graphs, outs, x, res0]
 
 
-def run_rank(rank: int, world: int, port: int, sizes: list[int]) -> None:
+def run_rank(rank: int, world: int, port: int, sizes: list[int], fusion: str) -> None:
     torch.cuda.set_device(rank)
     dev, bf16 = torch.device("cuda", rank), torch.bfloat16
     tp = init_tensor_parallel(Rendezvous(world, "cpu:gloo,cuda:nccl", 120.0, f"tcp://127.0.0.1:{port}"), rank)
-    tp = tp.with_symmetric_memory(dev, bf16, 8192 * HIDDEN * bf16.itemsize)
+    tp = tp.with_symmetric_memory(dev, bf16, 8192 * HIDDEN * bf16.itemsize, fusion)
     seeded = lambda seed: torch.Generator(device=dev).manual_seed(seed)  # noqa: E731
     weight = torch.empty(HIDDEN, device=dev, dtype=bf16).uniform_(0.5, 1.5, generator=seeded(1))
     w_down = torch.randn(HIDDEN, INTER, device=dev, dtype=bf16, generator=seeded(2 + rank)) / INTER ** 0.5
@@ -119,13 +119,15 @@ def run_rank(rank: int, world: int, port: int, sizes: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,8,32,72,128,256,512", help="rows (decode batch sizes)")
+    ap.add_argument("--fusion", default="barrier", choices=["barrier", "push"],
+                    help="the fused kernel's protocol (EngineConfig.all_reduce_norm_fusion)")
     args = ap.parse_args()
     if torch.cuda.device_count() < 2:
         raise SystemExit("bench_allreduce needs 2 CUDA devices")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(run_rank, args=(2, port, [int(n) for n in args.sizes.split(",")]), nprocs=2)
+    mp.spawn(run_rank, args=(2, port, [int(n) for n in args.sizes.split(",")], args.fusion), nprocs=2)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ ENGINE_OPTIONS: list[tuple[str, str, type]] = [
     ("--static-reservation", "static_reservation", str),
     ("--attention-backend", "attention_backend", str),
     ("--tensor-parallel-size", "tensor_parallel_size", int),
+    ("--all-reduce-norm-fusion", "all_reduce_norm_fusion", str),
     ("--tokenizer", "tokenizer", str),
 ]
 
@@ -73,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     p.add_argument("--disable-custom-all-reduce", action="store_true", default=None,
                    help="tensor parallel on GPUs: NCCL for every all-reduce")
-    p.add_argument("--no-fuse-all-reduce-norm", dest="fuse_all_reduce_norm", action="store_false", default=None,
-                   help="tensor parallel on GPUs: all-reduce and RMSNorm as separate kernels")
     p.add_argument(
         "--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None
     )
@@ -88,7 +87,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     names = [name for _, name, _ in ENGINE_OPTIONS] + [
         "enforce_eager",
         "disable_custom_all_reduce",
-        "fuse_all_reduce_norm",
         "enable_prefix_caching",
         "enable_chunked_prefill",
     ]
