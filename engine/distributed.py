@@ -86,9 +86,8 @@ class SymmetricAllReduce:
 
         global _rendezvous_attempts
         self.group_name, self.world_size, self.dtype = group.group_name, group.size(), dtype
-        self.max_numel = max_bytes // dtype.itemsize
-        self.layout = layout = SymmetricLayout(self.max_numel, fused_bytes // dtype.itemsize, self.world_size,
-                                               fusion == "push", dtype.itemsize)
+        self.layout = layout = SymmetricLayout(max_bytes // dtype.itemsize, fused_bytes // dtype.itemsize,
+                                               self.world_size, fusion == "push", dtype.itemsize)
         self.epochs = torch.zeros(FUSED_MAX_PROGRAMS, dtype=torch.int32, device=device)
         self.buffer: torch.Tensor | None = symm_mem.empty(layout.numel, dtype=dtype, device=device)
         # marks set before the rendezvous publishes this buffer, so no peer can write it earlier:
@@ -107,7 +106,7 @@ class SymmetricAllReduce:
     def all_reduce(self, x: torch.Tensor) -> bool:
         """Sum `x` over the ranks in place; False (nothing done) when `x` does not qualify."""
         n = x.numel()
-        if (self.buffer is None or x.dtype != self.dtype or n > self.max_numel or not x.is_contiguous()
+        if (self.buffer is None or x.dtype != self.dtype or n > self.layout.region or not x.is_contiguous()
                 or n % (8 * self.world_size)):  # the kernels move 16-byte vectors per rank slice
             return False
         buf = self.buffer[:n].view_as(x)
