@@ -17,6 +17,7 @@ import time
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.config import parse_value
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
 from workloads.generators import bench as bench_requests
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra EngineConfig field, e.g. --engine-arg enforce_eager=true")
     args = ap.parse_args(argv)
-    extra = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
+    extra = {k: parse_value(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
     llm = LLM(args.model, scheduling_policy=args.policy, **extra)
     cfg = llm.engine.config
     reqs = bench_requests(num_seqs=args.num_seqs, max_input_len=args.max_input_len,

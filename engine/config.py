@@ -15,6 +15,18 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+def parse_value(text: str) -> Any:
+    """JSON if it parses (1, 0.5, true, [1,2], "x"), else a float (inf), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a Llama-family decoder (Llama, Qwen2, Qwen3)."""
@@ -134,9 +146,9 @@ SCHEDULING_POLICIES = ("continuous", "static")
 # max_model_len (the server's maximum, as when output lengths are unknown: the PagedAttention
 # paper's "Orca (Max)" regime).
 STATIC_RESERVATIONS = ("max_tokens", "max_model_len")
-# "barrier": ranks meet at a barrier, then load each other's partial sums; "push": each rank
-# stores its partials into its peers' memory, the data is the flag (experimental); "off": an
-# all-reduce, then the RMSNorm kernel
+# "barrier": ranks meet at a barrier, then load each other's partial sums; "push": for decode
+# batches (up to 128 rows) each rank stores its partials into its peers' memory, the data is the
+# flag, and larger steps use the barrier; "off": an all-reduce, then the RMSNorm kernel
 ALL_REDUCE_NORM_FUSIONS = ("barrier", "push", "off")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -166,7 +178,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no symmetric memory)
     # TP on GPUs: row-parallel outputs summed inside the next RMSNorm kernel, see ALL_REDUCE_NORM_FUSIONS
-    all_reduce_norm_fusion: str = "barrier"
+    all_reduce_norm_fusion: str = "push"
     dist_init_method: str | None = None  # None: a free localhost port chosen at start
     dist_timeout_s: float = 600.0  # TP: bounds start-up (loading, profiling), each step and each collective
     tokenizer: str | None = None

@@ -59,7 +59,7 @@ class DecodeGraphs:
     def _forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
         r = self.runner
         hidden = r.model(r.buffers.input_ids.gpu[:b], r.buffers.positions.gpu[:b], r.kv_caches, meta, r.backend)
-        return r.model.compute_logits(hidden)
+        return r.model.compute_logits(hidden, gather=r.vocab_shard is None)
 
     def release(self) -> None:
         """Destroy the captured graphs now (not whenever the runner/graphs reference cycle is

@@ -22,9 +22,14 @@ import torch.distributed as dist
 ONE_SHOT_MAX_BYTES = 512 << 10
 TWO_SHOT_MAX_BYTES = 16 << 20
 # Partial sums up to this size (per slot, 2 ranks) go through the fused all-reduce + RMSNorm:
-# 512 rows of a 4,096 hidden size in bf16, more than a decode step has.
-FUSED_MAX_BYTES = 4 << 20
+# 8,192 rows of a 4,096 hidden size in bf16, a whole prefill step of the default budget (901 vs
+# 977 us for NCCL + norm there, 2xH200, reports/PERF.md).
+FUSED_MAX_BYTES = 64 << 20
 FUSED_MAX_PROGRAMS = 128
+# "push" sends partials of up to this many rows (decode batches; one row per program): 1 us
+# ahead of the barrier protocol up to 128 rows, behind from 256 and far behind at prefill sizes,
+# where "push" uses the barrier protocol too.
+PUSH_MAX_ROWS = FUSED_MAX_PROGRAMS
 
 
 # torch numbers the store exchanges of symmetric-memory rendezvous with one counter per process,
@@ -41,34 +46,41 @@ def symmetric_memory_used() -> bool:
 
 @dataclass(frozen=True)
 class SymmetricLayout:
-    """Element offsets in a rank's symmetric-memory buffer: torch's all-reduce region, then the
-    fused path's two partial-sum slots ("push": a receive slot per rank in each), then ("barrier")
-    its int32 barrier slots, one per program and rank."""
+    """Element offsets in a rank's symmetric-memory buffer: torch's all-reduce region; the push
+    protocol's two slots, each a receive slot per rank; the barrier protocol's two partial-sum
+    slots; its int32 barrier slots, one per program and rank."""
 
     region: int  # elements for torch's one-shot / two-shot kernels
-    slot: int  # elements of one partial-sum slot (0: no fused path)
+    slot: int  # elements of one barrier partial-sum slot (0: no fused path)
     world: int
-    push: bool
+    push_slot: int  # elements of one push receive slot (0: no push)
     itemsize: int
 
-    @property
-    def senders(self) -> int:
-        return self.world if self.push else 1
+    def push_start(self, slot: int) -> int:
+        return self.region + slot * self.world * self.push_slot
 
-    def slot_start(self, slot: int) -> int:
-        return self.region + slot * self.senders * self.slot
+    def barrier_start(self, slot: int) -> int:
+        return self.push_start(2) + slot * self.slot
 
-    def own_start(self, slot: int, rank: int) -> int:
-        """Where `rank`'s GEMM writes its partial sums of `slot`."""
-        return self.slot_start(slot) + (rank * self.slot if self.push else 0)
+    def own_starts(self, slot: int, rank: int) -> tuple[int, int]:
+        """Where `rank`'s GEMM writes its partial sums of `slot`: (push, barrier)."""
+        return self.push_start(slot) + rank * self.push_slot, self.barrier_start(slot)
+
+    def own_start(self, rows: int, cols: int, slot: int, rank: int) -> int | None:
+        """Where `rank`'s GEMM writes [rows, cols] partial sums of `slot`: its push receive slot
+        for up to PUSH_MAX_ROWS rows that fit there, else the barrier slot; None if neither fits."""
+        push, barrier = self.own_starts(slot, rank)
+        if rows <= PUSH_MAX_ROWS and rows * cols <= self.push_slot:
+            return push
+        return barrier if rows * cols <= self.slot else None
 
     @property
     def signals_start(self) -> int:
-        return self.slot_start(2)
+        return self.barrier_start(2)
 
     @property
     def numel(self) -> int:
-        barrier = 0 if self.push or not self.slot else FUSED_MAX_PROGRAMS * self.world * 4 // self.itemsize
+        barrier = FUSED_MAX_PROGRAMS * self.world * 4 // self.itemsize if self.slot else 0
         return self.signals_start + barrier
 
 
@@ -76,25 +88,25 @@ class SymmetricAllReduce:
     """Sums over the group through one symmetric-memory buffer (its ranks call it with the same
     shapes in the same order, as every collective): torch's all-reduce kernels, and the fused
     all-reduce + RMSNorm over partial sums that a GEMM wrote into the buffer (`partial_out`,
-    `all_reduce_rmsnorm`). "barrier" meets the peers on barrier slots of its own (so it does not
-    depend on how torch's kernels use theirs) and loads their partials; "push" stores this
-    rank's partials into every peer's receive slot."""
+    `all_reduce_rmsnorm`). The barrier protocol meets the peers on barrier slots of its own (so it
+    does not depend on how torch's kernels use theirs) and loads their partials; the push
+    protocol (`push_bytes`, small partials) stores this rank's partials into every peer's
+    receive slot."""
 
     def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int, fused_bytes: int = 0,
-                 fusion: str = "barrier"):
+                 push_bytes: int = 0):  # push_bytes: one receive slot
         import torch.distributed._symmetric_memory as symm_mem
 
         global _rendezvous_attempts
         self.group_name, self.world_size, self.dtype = group.group_name, group.size(), dtype
         self.layout = layout = SymmetricLayout(max_bytes // dtype.itemsize, fused_bytes // dtype.itemsize,
-                                               self.world_size, fusion == "push", dtype.itemsize)
+                                               self.world_size, push_bytes // dtype.itemsize, dtype.itemsize)
         self.epochs = torch.zeros(FUSED_MAX_PROGRAMS, dtype=torch.int32, device=device)
         self.buffer: torch.Tensor | None = symm_mem.empty(layout.numel, dtype=dtype, device=device)
         # marks set before the rendezvous publishes this buffer, so no peer can write it earlier:
         # zeros on the barrier slots, -0.0 ("not arrived") on the receive slots
         self.buffer[layout.signals_start:].zero_()
-        if layout.push:
-            self.buffer[layout.slot_start(0):layout.signals_start].fill_(-0.0)
+        self.buffer[layout.push_start(0):layout.push_start(2)].fill_(-0.0)
         torch.cuda.synchronize(device)
         _rendezvous_attempts += 1
         handle = symm_mem.rendezvous(self.buffer, self.group_name)  # collective
@@ -121,10 +133,11 @@ class SymmetricAllReduce:
     def partial_out(self, rows: int, cols: int, dtype: torch.dtype, slot: int) -> torch.Tensor | None:
         """Where a row-parallel GEMM writes partial sums [rows, cols] for `all_reduce_rmsnorm`
         (None when they do not fit). Successive all-reduces must alternate slots 0 and 1: a rank
-        rewrites a slot only after the next all-reduce has met its peers, so they are done with it."""
-        if self.buffer is None or dtype != self.dtype or rows * cols > self.layout.slot:
+        rewrites a slot only after the next all-reduce has met its peers, so they are done with it
+        (whichever protocol each used)."""
+        start = self.layout.own_start(rows, cols, slot, self.rank)
+        if self.buffer is None or dtype != self.dtype or start is None:
             return None
-        start = self.layout.own_start(slot, self.rank)
         return self.buffer[start:start + rows * cols].view(rows, cols)
 
     def all_reduce_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -136,14 +149,15 @@ class SymmetricAllReduce:
             return None
         from engine.kernels.allreduce_rmsnorm import allreduce_rmsnorm, push_allreduce_rmsnorm
 
+        base = self.buffer.data_ptr()
         for slot in (0, 1):
-            if x.data_ptr() != self.buffer[layout.own_start(slot, self.rank):].data_ptr():
-                continue
-            start, residual = layout.slot_start(slot), residual.contiguous()
-            if layout.push:
-                return push_allreduce_rmsnorm(self.buffer_ptrs, start, layout.slot, self.rank, residual, weight, eps)
-            return allreduce_rmsnorm(self.buffer_ptrs, self.signal_pads, self.epochs, start, self.rank,
-                                     residual, weight, eps)
+            push, barrier = (base + start * self.dtype.itemsize for start in layout.own_starts(slot, self.rank))
+            if x.data_ptr() == push and layout.push_slot:
+                return push_allreduce_rmsnorm(self.buffer_ptrs, layout.push_start(slot), layout.push_slot, self.rank,
+                                              residual.contiguous(), weight, eps, max_programs=self.epochs.numel())
+            if x.data_ptr() == barrier:
+                return allreduce_rmsnorm(self.buffer_ptrs, self.signal_pads, self.epochs, layout.barrier_start(slot),
+                                         self.rank, residual.contiguous(), weight, eps)
         return None
 
     def close(self) -> None:
@@ -180,23 +194,34 @@ class TensorParallel:
             return None
         return self.symmetric.all_reduce_rmsnorm(x, residual, weight, eps)
 
-    def with_symmetric_memory(self, device: torch.device, dtype: torch.dtype, max_bytes: int,
+    def with_symmetric_memory(self, device: torch.device, dtype: torch.dtype, max_rows: int, hidden: int,
                               fusion: str = "barrier") -> TensorParallel:
-        """This group with the symmetric-memory all-reduce for messages up to `max_bytes`
-        (capped at TWO_SHOT_MAX_BYTES) and, unless `fusion` is "off", the fused all-reduce +
-        RMSNorm ("barrier" or "push", EngineConfig.all_reduce_norm_fusion) for partial sums up to
-        FUSED_MAX_BYTES (less beyond 2 ranks: each rank reads every peer's).
+        """This group with the symmetric-memory all-reduce for [max_rows, hidden] messages (capped
+        at TWO_SHOT_MAX_BYTES) and, unless `fusion` is "off", the fused all-reduce + RMSNorm
+        (EngineConfig.all_reduce_norm_fusion) for partial sums up to FUSED_MAX_BYTES (less beyond
+        2 ranks: each rank reads every peer's), with "push" up to PUSH_MAX_ROWS rows.
         Collective: every rank calls it. Falls back to NCCL alone, with a warning, where the
         GPUs cannot map each other's memory."""
+        row_bytes = hidden * dtype.itemsize
+        max_bytes = max_rows * row_bytes
         fused = min(max_bytes, FUSED_MAX_BYTES // (self.size - 1)) if fusion != "off" else 0
+        push = min(fused, min(max_rows, PUSH_MAX_ROWS) * row_bytes) if fusion == "push" else 0
         try:
             symmetric = SymmetricAllReduce(self.group, device, dtype, min(max_bytes, TWO_SHOT_MAX_BYTES), fused,
-                                           fusion)
+                                           push)
         except Exception as e:  # noqa: BLE001 - a missing P2P path: NCCL still works
             warnings.warn(f"tensor parallel: symmetric-memory all-reduce unavailable, using NCCL only ({e})",
                           RuntimeWarning, stacklevel=2)
             return self
         return replace(self, symmetric=symmetric)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[world, *x.shape]: every rank's x, in rank order."""
+        if self.size == 1:
+            return x.unsqueeze(0)
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        return out
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's slice of the last dimension (vocab-parallel logits)."""

@@ -16,7 +16,7 @@ from engine.distributed import SINGLE, TensorParallel
 from engine.input_buffers import InputBuffers
 from engine.loader import init_dummy_weights, load_checkpoint
 from engine.models import get_model_class
-from engine.sampler import Sampler, SamplingMetadata
+from engine.sampler import Sampler, SamplingMetadata, VocabShard
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -94,12 +94,16 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
             if tp.size > 1 and not config.disable_custom_all_reduce:
                 max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
-                self.tp = tp = tp.with_symmetric_memory(
-                    self.device, self.dtype, max_tokens * self.mc.hidden_size * self.dtype.itemsize,
-                    fusion=config.all_reduce_norm_fusion)
+                self.tp = tp = tp.with_symmetric_memory(self.device, self.dtype, max_tokens, self.mc.hidden_size,
+                                                        fusion=config.all_reduce_norm_fusion)
         self.model = self._build_model()
         self.backend = get_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler(config.seed, self.device)
+        # on GPUs each rank samples its own slice of the vocabulary (no logits all-gather)
+        head = self.model.lm_head
+        self.vocab_shard = (VocabShard(tp, head.start, min(head.per_rank, self.mc.vocab_size - head.start),
+                                       self.mc.vocab_size)
+                            if tp.size > 1 and self.device.type == "cuda" else None)
         self.num_kv_heads = self.mc.num_key_value_heads // tp.size
         self.kv_cache: torch.Tensor | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -274,7 +278,8 @@ class ModelRunner:
             logits = graph.replay()[: len(out.seqs)]
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices]) if inputs.sample_rows else None
+            logits = (self.model.compute_logits(hidden[inputs.logits_indices], gather=self.vocab_shard is None)
+                      if inputs.sample_rows else None)
         sampled = self._sample(out, inputs.sample_rows, logits) if logits is not None else None
         self._prev_sampled = sampled
         self._prev_rows = {out.seqs[r].seq_no: i for i, r in enumerate(inputs.sample_rows)}
@@ -299,4 +304,4 @@ class ModelRunner:
             [s.sampling_params for s in rows], [s.num_output_tokens for s in rows],
             [s.banned_token_ids for s in rows], self.mc.vocab_size, self.device, self.sampler.rng,
         )
-        return self.sampler(logits, sampling)  # [num sampled] int64, on the device
+        return self.sampler(logits, sampling, self.vocab_shard)  # [num sampled] int64, on the device

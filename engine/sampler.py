@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.distributed import TensorParallel
 from engine.sampling_params import SamplingParams
 
 
@@ -45,6 +46,21 @@ class SamplingMetadata:
         )
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """Logits that hold one tensor-parallel rank's slice of the vocabulary: columns start ..
+    start + num_cols of it, then padding up to the slice width (the last rank's)."""
+
+    tp: TensorParallel
+    start: int
+    num_cols: int
+    vocab_size: int
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """The whole rows, [n, vocab_size], on every rank."""
+        return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
+
+
 def _request_seed(seed: int, output_index: int) -> int:
     """A seed per (request seed, output position): the same tokens whatever the batch."""
     return (seed * 1_000_003 + output_index) & 0x7FFFFFFF
@@ -74,16 +90,25 @@ class Sampler:
         self.rng = random.Random(seed)  # row seeds for the GPU kernel's noise
         self.device = device
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:  # [B, V] -> [B]
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata,
+                 shard: VocabShard | None = None) -> torch.Tensor:  # [B, V] -> [B]
+        """`shard`: the logits are this rank's slice of the vocabulary. The one-pass kernel samples
+        the slice and the ranks exchange their chunk winners; other paths gather whole rows."""
+        one_pass = logits.is_cuda and meta.top_k is None and meta.top_p is None
+        if shard is not None and not (one_pass and not meta.banned):
+            logits, shard = shard.gather(logits), None
         if meta.banned:
             logits = logits.float()  # a copy: the graph's logits buffer stays untouched
             for row, ids in meta.banned:
                 logits[row, ids] = float("-inf")
-        if logits.is_cuda and meta.top_k is None and meta.top_p is None:
-            from engine.kernels.sample import gumbel_argmax  # one pass, no [B, V] temporaries
+        if one_pass:
+            from engine.kernels.sample import gumbel_argmax, gumbel_chunks, pick_from_chunks
 
             seeds = torch.tensor(meta.row_seeds, dtype=torch.int64).to(logits.device, non_blocking=True)
-            return gumbel_argmax(logits, meta.temperature, seeds)
+            if shard is None:
+                return gumbel_argmax(logits, meta.temperature, seeds)
+            chunks = gumbel_chunks(logits, meta.temperature, seeds, shard.start, shard.num_cols)
+            return pick_from_chunks(shard.tp.all_gather(chunks))  # same seeds on every rank: same ids
         greedy = logits.argmax(dim=-1)
         if meta.all_greedy:
             return greedy

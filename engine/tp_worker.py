@@ -68,9 +68,9 @@ class Shard:
         return self.execute_model_async(out).result()
 
     def execute_model_async(self, out: SchedulerOutput) -> PendingSample:
-        # Every rank samples from the same all-gathered logits with the same seeded generator, so
-        # each holds the same sampled ids on its device and fills async placeholders from its own
-        # copy; only rank 0's ids reach the host (a worker's result is [None] * n, at once).
+        # Every rank samples the same ids (its vocabulary slice, then the ranks' chunk winners, or
+        # the all-gathered logits, with the same seeds), so each fills async placeholders from its
+        # own copy; only rank 0's ids reach the host (a worker's result is [None] * n, at once).
         self.steps += 1
         self._maybe_fail()
         return self.runner.execute_model_async(out)

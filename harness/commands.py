@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.config import parse_value
 from harness.backends.base import ENGINE_BACKENDS
 from harness.metrics import Slos
 from harness.run import BACKENDS, RunSpec, WorkloadSpec
@@ -24,18 +24,6 @@ class UsageError(ValueError):
 
 
 # ---- parsing helpers -------------------------------------------------------------------
-def parse_value(text: str) -> Any:
-    """JSON if it parses (1, 0.5, true, [1,2], "x"), else a float (inf), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
     out = {}
     for pair in pairs:

@@ -173,3 +173,31 @@ def test_gumbel_argmax_across_vocab_chunks():
     finally:
         sample.CHUNK = old
     assert torch.equal(chunked, whole)
+
+
+def test_gumbel_sampling_over_vocab_slices_equals_whole_rows():
+    """Tensor parallelism samples each rank's vocabulary slice and picks among the slices' chunk
+    winners: the same ids as sampling whole rows, greedy ties included (leftmost across slices),
+    with the last slice padded past the vocabulary as the LM head pads it."""
+    from engine.kernels import sample
+
+    vocab, world = 2 * sample.CHUNK + 301, 2
+    per_rank = -(-vocab // world)
+    logits = torch.randn(6, vocab, device=DEVICE)
+    logits[0, [5, per_rank + 9]] = 50.0  # a greedy tie across the two slices
+    logits[1, vocab - 1] = 50.0  # the last real column, next to the padding
+    temps = torch.tensor([0.0, 0.0, 0.0, 0.7, 1.0, 1.5], device=DEVICE)
+    seeds = torch.arange(6, device=DEVICE) + 3
+    padded = torch.cat([logits, torch.full((6, world * per_rank - vocab), 99.0, device=DEVICE)], 1)
+    slices = [sample.gumbel_chunks(padded[:, r * per_rank:(r + 1) * per_rank].contiguous(), temps, seeds,
+                                   col_offset=r * per_rank, num_cols=min(per_rank, vocab - r * per_rank))
+              for r in range(world)]
+    got = sample.pick_from_chunks(torch.stack(slices))
+    whole = sample.gumbel_argmax(logits, temps, seeds)
+    assert torch.equal(got, whole)
+    assert got.tolist()[:2] == [5, vocab - 1]
+    assert torch.equal(got[:3], logits[:3].argmax(-1))
+    with pytest.raises(ValueError, match="num_cols"):
+        sample.gumbel_chunks(logits, temps, seeds, num_cols=vocab + 1)
+    with pytest.raises(ValueError, match="pick_from_chunks"):
+        sample.pick_from_chunks(torch.zeros(3, 6, 2, dtype=torch.int32))

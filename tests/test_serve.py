@@ -519,7 +519,7 @@ def test_cli_engine_options_reach_the_config():
     assert (cfg.scheduling_policy, cfg.static_reservation, cfg.disable_custom_all_reduce,
             cfg.all_reduce_norm_fusion, cfg.max_model_len) == ("static", "max_model_len", True, "off", 256)
     default = engine_config(build_parser().parse_args([]))
-    assert (default.static_reservation, default.all_reduce_norm_fusion) == ("max_tokens", "barrier")
+    assert (default.static_reservation, default.all_reduce_norm_fusion) == ("max_tokens", "push")
     with pytest.raises(ValueError, match="static_reservation"):
         engine_config(build_parser().parse_args(["--static-reservation", "pow2"]))
     with pytest.raises(ValueError, match="all_reduce_norm_fusion"):

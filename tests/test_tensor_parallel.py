@@ -28,6 +28,7 @@ from checkpoints import assert_matches_hf, build_checkpoint, hf_greedy
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.distributed import (
     FUSED_MAX_PROGRAMS,
+    PUSH_MAX_ROWS,
     SymmetricLayout,
     TensorParallel,
     symmetric_memory_used,
@@ -140,21 +141,39 @@ def test_row_parallel_partial_sums_are_summed_by_the_next_norm():
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])
-@pytest.mark.parametrize("push", [False, True])
-def test_symmetric_buffer_regions_never_overlap(world, push):
-    """torch's region, every rank's partial-sum slots (own, or with "push" received) and the
-    barrier slots are disjoint and inside the buffer; a rank writes only its own slots."""
-    layout = SymmetricLayout(region=1000, slot=96, world=world, push=push, itemsize=2)
+@pytest.mark.parametrize("push_slot", [0, 40])
+def test_symmetric_buffer_regions_never_overlap(world, push_slot):
+    """torch's region, the push receive slots (one per sending rank), every rank's barrier
+    partial-sum slot and the barrier signals are disjoint and inside the buffer; a rank's GEMM
+    writes only its own slots."""
+    layout = SymmetricLayout(region=1000, slot=96, world=world, push_slot=push_slot, itemsize=2)
     spans = [(0, layout.region)]
     for slot in (0, 1):
-        starts = {layout.own_start(slot, rank) for rank in range(world)}
-        assert len(starts) == (world if push else 1)  # barrier: every rank its own buffer's one slot
-        spans += [(start, start + layout.slot) for start in sorted(starts)]
-    barrier = layout.numel - layout.signals_start
-    assert barrier == (0 if push else FUSED_MAX_PROGRAMS * world * 4 // 2)
+        starts = [layout.own_starts(slot, rank) for rank in range(world)]
+        assert len({push for push, _ in starts}) == (world if push_slot else 1)  # a receive slot per sender
+        assert len({barrier for _, barrier in starts}) == 1  # each rank its own buffer's one slot
+        spans += [(push, push + push_slot) for push, _ in starts]
+    spans += [(layout.own_starts(slot, 0)[1], layout.own_starts(slot, 0)[1] + layout.slot) for slot in (0, 1)]
+    assert layout.numel - layout.signals_start == FUSED_MAX_PROGRAMS * world * 4 // 2
     spans.append((layout.signals_start, layout.numel))
+    spans.sort()
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
     assert spans[-1][1] == layout.numel
+
+
+def test_symmetric_layout_picks_the_protocol_by_rows():
+    """Decode-sized partials go to the push receive slots, larger ones (prefill) to the barrier
+    slot, and what fits neither to NCCL (None)."""
+    hidden = 8
+    layout = SymmetricLayout(region=64, slot=(PUSH_MAX_ROWS + 40) * hidden, world=2,
+                             push_slot=PUSH_MAX_ROWS * hidden, itemsize=2)
+    push, barrier = layout.own_starts(1, rank=1)
+    assert layout.own_start(3, hidden, 1, 1) == push
+    assert layout.own_start(PUSH_MAX_ROWS, hidden, 1, 1) == push
+    assert layout.own_start(PUSH_MAX_ROWS + 1, hidden, 1, 1) == barrier
+    assert layout.own_start(PUSH_MAX_ROWS + 41, hidden, 1, 1) is None
+    no_push = SymmetricLayout(region=64, slot=16 * hidden, world=2, push_slot=0, itemsize=2)
+    assert no_push.own_start(3, hidden, 0, 0) == no_push.own_starts(0, 0)[1]
 
 
 def test_merged_column_rejects_uneven_parts():
@@ -413,14 +432,14 @@ def test_tp2_matches_tp1_bf16_on_gpus(checkpoint_dirs, nccl_only):
 
 @pytest.mark.gpu
 @two_gpus
-def test_tp2_push_fusion_matches_tp1_on_gpus(checkpoint_dirs, tmp_path):
-    """The experimental one-trip all-reduce + RMSNorm, in a fresh process (symmetric memory is
-    set up once per process)."""
-    path, prompts = checkpoint_dirs["qwen3"], PROMPTS[:3]
+def test_tp2_barrier_fusion_matches_tp1_on_gpus(checkpoint_dirs, tmp_path):
+    """The barrier protocol for every fused all-reduce + RMSNorm (the default pushes decode
+    batches), in a fresh process (symmetric memory is set up once per process)."""
+    path, prompts = checkpoint_dirs["qwen3"], PROMPTS[:3] + [[(7 * i + j) % 256 for j in range(100)] for i in (1, 2)]
     want, _ = run(LLMEngine(EngineConfig(model=path, **GPU)), prompts)
     script = tmp_path / "tp_script.py"
     script.write_text(TORCHRUN_SCRIPT)  # no torchrun here: LLM spawns the worker
-    cfg = dict(GPU, all_reduce_norm_fusion="push")
+    cfg = dict(GPU, all_reduce_norm_fusion="barrier")
     proc = subprocess.run([sys.executable, str(script), path, json.dumps(cfg), json.dumps(prompts)],
                           env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

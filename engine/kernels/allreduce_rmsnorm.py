@@ -13,8 +13,8 @@ e + 1), so either value passes. Epochs cycle through 1..EPOCH_MOD so they never 
 Whoever calls this alternates between two partial buffers, so a rank that has passed the
 barrier of all-reduce k+1 knows its peers are done reading its buffer of all-reduce k.
 
-`push_allreduce_rmsnorm` is the one-trip variant (experimental: interpreter-tested, not yet
-timed on GPUs). Each rank stores its partials into its own slot of every peer's receive buffer
+`push_allreduce_rmsnorm` is the one-trip variant, for decode batches (1 us ahead of the barrier
+up to 128 rows on 2xH200; behind from 256, where each program carries several rows). Each rank stores its partials into its own slot of every peer's receive buffer
 and polls the peers' slots of its own until none holds the "not arrived" mark, -0.0 (senders
 send -0.0 as +0.0), then resets them to the mark. The data is the flag, so there is no barrier
 round trip and no remote load. Two receive buffers alternate as above: a peer writes into this
@@ -27,11 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.rmsnorm import norm_store_row
+from engine.kernels.rmsnorm import NORM_NUM_WARPS, norm_store_row
 
 EPOCH_MOD = 1 << 30
 _EPOCH_MOD: tl.constexpr = tl.constexpr(EPOCH_MOD)  # the kernels' view of it
-NUM_WARPS = 8  # 4, 8, 16: within 0.6 us up to 128 rows, 16 ahead by 1.5 us at 256-512 (2xH200, PERF.md)
+# 4, 8, 16 warps: within 0.6 us up to 128 rows, 16 ahead by 1.5 us at 256-512 (2xH200, PERF.md)
+NUM_WARPS = NORM_NUM_WARPS
 
 
 @triton.jit

@@ -75,21 +75,33 @@ def bench_rows(tp: TensorParallel, rows: int, w_down: torch.Tensor, weight: torc
             chains[name] = rmsnorm(y, weight, EPS, chains[name][1] if i else res0)
         return step
 
-    def equal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    diffs: list[str] = []
+
+    def equal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], what: str) -> bool:
+        for name, u, v in zip(("normed", "residual"), a, b):
+            if not torch.equal(u, v):
+                d = (u.float() - v.float()).abs()
+                diffs.append(f"{what} {name}: {int((d > 0).sum())} of {d.numel()} differ, max {d.max().item():.3g}")
         return all(torch.equal(u, v) for u, v in zip(a, b))
 
     steps = {"gemm": lambda i: x @ w_down.t(), "nccl": separate("nccl", dist.all_reduce),
              "symm": separate("symm", tp.all_reduce), "fused": fused}
     for name in ("nccl", "symm", "fused"):  # one eager step each: the same bits everywhere
         steps[name](0)
-    same = equal(chains["fused"], chains["nccl"]) and equal(chains["fused"], chains["symm"])
+    same = equal(chains["fused"], chains["nccl"], "eager fused/nccl")
+    same &= equal(chains["fused"], chains["symm"], "eager fused/symm")
     peers = [torch.empty_like(chains["fused"][0]) for _ in range(tp.size)]
     dist.all_gather(peers, chains["fused"][0])
-    same &= all(torch.equal(p, peers[0]) for p in peers)
+    if not all(torch.equal(p, peers[0]) for p in peers):
+        same = False
+        diffs.append("ranks' fused outputs differ")
     graphs = {name: capture(step) for name, step in steps.items()}
     outs = {name: chains.get(name) for name in graphs}  # the graphs' last residuals
     times = {name: us_per_step(g) for name, g in graphs.items()}
-    same &= equal(outs["fused"], outs["symm"]) and equal(outs["fused"], outs["nccl"])
+    same &= equal(outs["fused"], outs["symm"], "graph fused/symm")
+    same &= equal(outs["fused"], outs["nccl"], "graph fused/nccl")
+    if diffs:
+        print(f"rank {tp.rank} B={rows}: " + "; ".join(diffs), flush=True)
     return same, times, [graphs, outs, x, res0]
 
 
@@ -97,7 +109,7 @@ def run_rank(rank: int, world: int, port: int, sizes: list[int], fusion: str) ->
     torch.cuda.set_device(rank)
     dev, bf16 = torch.device("cuda", rank), torch.bfloat16
     tp = init_tensor_parallel(Rendezvous(world, "cpu:gloo,cuda:nccl", 120.0, f"tcp://127.0.0.1:{port}"), rank)
-    tp = tp.with_symmetric_memory(dev, bf16, 8192 * HIDDEN * bf16.itemsize, fusion)
+    tp = tp.with_symmetric_memory(dev, bf16, 8192, HIDDEN, fusion)
     seeded = lambda seed: torch.Generator(device=dev).manual_seed(seed)  # noqa: E731
     weight = torch.empty(HIDDEN, device=dev, dtype=bf16).uniform_(0.5, 1.5, generator=seeded(1))
     w_down = torch.randn(HIDDEN, INTER, device=dev, dtype=bf16, generator=seeded(2 + rank)) / INTER ** 0.5

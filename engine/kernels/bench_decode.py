@@ -54,7 +54,7 @@ class Plan:
 
 FULL = Plan(
     "cuda", torch.bfloat16, (1, 16, 64, 256), (256, 1024, 2048), (16, 64, 256),
-    ((64, 4, 2), (32, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)),
+    ((128, 4, 2), (64, 4, 2), (32, 4, 2), (64, 4, 3), (128, 8, 2)),
     ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)),
     {"prefill_8x512": ([512] * 8, [512] * 8),
      "prefix_hit_8x128_on_1536": ([1664] * 8, [128] * 8),
@@ -199,37 +199,45 @@ def write_csv(rows: list[dict]) -> None:
     print(f"wrote {path}")
 
 
-def llama_tp_rows(plan: Plan, bsz: int, min_ctx: int, max_ctx: int) -> None:
+# Tiles for --llama-tp: (BLOCK_N, warps, stages). When a batch has fewer programs than the GPU
+# holds, each program's bytes in flight (BLOCK_N x stages) bound its rate, and the longest
+# sequences finish last; deeper pipelines and wider tiles test that.
+LLAMA_TP_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), (128, 4, 3))
+
+
+def llama_tp_rows(plan: Plan, batches: tuple[int, ...], min_ctx: int, max_ctx: int) -> None:
     """llama-3-8b's decode attention per rank at TP=1 (Hq 32, Hkv 8) and TP=2 (16, 4), context
     lengths spread like `engine.bench`'s mid-run batches (U[min_ctx, max_ctx]): us and GB/s over
     the K+V bytes for each split count and tile, to see whether TP's halved program count needs
-    more splits than `choose_num_splits` gives."""
+    more splits (or deeper tiles) than the engine's defaults give."""
     rng = torch.Generator().manual_seed(0)
-    ctx = torch.randint(min_ctx, max_ctx + 1, (bsz,), generator=rng).tolist()
-    for heads in ((32, 8), (16, 4)):
-        b = make_batch(plan, ctx, [1] * bsz, 16, heads)
-        out, scratch = torch.empty_like(b.q), alloc_decode_scratch(bsz, heads[0], D, plan.device)
-        nbytes = sum(ctx) * heads[1] * D * 2 * b.q.element_size()
-        auto = choose_num_splits(bsz, heads[1], max(ctx))
-        for block_n, warps, stages in plan.decode_tiles:
-            cells = []
-            for splits in (1, 2, 3, 4, 8):
-                run = partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens,
-                              b.meta.block_tables, D ** -0.5, splits, scratch, check=False,
-                              block_n=block_n, num_warps=warps, num_stages=stages)
-                run()
-                err = rel_err(out, b.ref)
-                ms = bench_ms(run, plan)
-                cells.append(f"s{splits}{'*' if splits == auto else ''} {ms * 1e3:6.1f}us "
-                             f"{nbytes / ms / 1e6:5.0f}GB/s err {err:.0e}")
-            print(f"Hq{heads[0]} Hkv{heads[1]} B{bsz} tile{(block_n, warps, stages)}: " + " | ".join(cells),
-                  flush=True)
+    tiles = plan.decode_tiles if plan is SMOKE else LLAMA_TP_TILES
+    for bsz in batches:
+        ctx = torch.randint(min_ctx, max_ctx + 1, (bsz,), generator=rng).tolist()
+        for heads in ((32, 8), (16, 4)):
+            b = make_batch(plan, ctx, [1] * bsz, 16, heads)
+            out, scratch = torch.empty_like(b.q), alloc_decode_scratch(bsz, heads[0], D, plan.device)
+            nbytes = sum(ctx) * heads[1] * D * 2 * b.q.element_size()
+            auto = choose_num_splits(bsz, heads[1], max(ctx))
+            for block_n, warps, stages in tiles:
+                cells = []
+                for splits in (1, 2, 3, 4):
+                    run = partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens,
+                                  b.meta.block_tables, D ** -0.5, splits, scratch, check=False,
+                                  block_n=block_n, num_warps=warps, num_stages=stages)
+                    run()
+                    err = rel_err(out, b.ref)
+                    ms = bench_ms(run, plan)
+                    cells.append(f"s{splits}{'*' if splits == auto else ''} {ms * 1e3:6.1f}us "
+                                 f"{nbytes / ms / 1e6:5.0f}GB/s err {err:.0e}")
+                print(f"Hq{heads[0]} Hkv{heads[1]} B{bsz} tile{(block_n, warps, stages)}: "
+                      + " | ".join(cells), flush=True)
 
 
 def main(argv: list[str]) -> None:
     plan = SMOKE if "--smoke" in argv else FULL
     if "--llama-tp" in argv:  # * marks the split count the engine picks
-        llama_tp_rows(plan, *((3, 5, 40) if plan is SMOKE else (80, 100, 1536)))
+        llama_tp_rows(plan, *(((3,), 5, 40) if plan is SMOKE else ((48, 80, 128), 100, 1536)))
         return
     if plan.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("bench_decode needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")

@@ -7,6 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Shared with the fused all-reduce + RMSNorm kernels: the warps fix the order of the row's sum of
+# squares, so the same warps give the same bits whichever path normalized a row.
+NORM_NUM_WARPS = 8
+
 
 @triton.jit
 def norm_store_row(x, w, out_row_ptr, cols, mask, hidden, eps):
@@ -47,5 +51,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _rmsnorm_kernel[(n,)](
         x, res, weight, out, res_out, x.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
         hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
+        num_warps=NORM_NUM_WARPS,
     )
     return out if residual is None else (out, res_out)

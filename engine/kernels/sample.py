@@ -1,7 +1,14 @@
 """Greedy and temperature sampling in one pass over the logits (Gumbel-max): the winner is
 argmax(logits / T + G) with G = -log(-log(U)) from Philox(seed, token index); rows with T = 0
 take plain argmax. This replaces a float32 copy, softmax, noise tensor and division over
-[batch, vocab] (~1 GB of traffic at batch 256 with a 152k vocabulary) with one read."""
+[batch, vocab] (~1 GB of traffic at batch 256 with a 152k vocabulary) with one read.
+
+Two launches: (row, vocabulary chunk) programs write each chunk's best perturbed logit and its
+column (`gumbel_chunks`), then one small program per row picks the best chunk
+(`pick_from_chunks`). Under tensor parallelism each rank runs the first over its own slice of
+the vocabulary (noise keyed by the global column, so any split draws the same noise), the ranks
+all-gather the chunk winners (a few KB instead of the logits), and every rank picks the same
+token: the result equals one GPU sampling the whole row."""
 
 from __future__ import annotations
 
@@ -13,60 +20,89 @@ CHUNK = 8192  # vocabulary columns per program: a 152k vocabulary is 19 programs
 
 
 @triton.jit
-def _gumbel_chunk_kernel(logits_ptr, temp_ptr, seed_ptr, val_ptr, idx_ptr, stride_row, vocab,
+def _gumbel_chunk_kernel(logits_ptr, temp_ptr, seed_ptr, out_ptr, stride_row, num_cols, col_offset,
                          CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, chunk): the best perturbed logit of one CHUNK of the row, and its column."""
+    """Program (row, chunk): the best perturbed logit of one CHUNK of the row and its global
+    column, stored as int32 planes [2, rows, chunks] (the value's bits, then the column)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
+    num_rows = tl.num_programs(0)
     num_chunks = tl.num_programs(1)
     temp = tl.load(temp_ptr + row)
     seed = tl.load(seed_ptr + row)
     best_val = float("-inf")
     best_idx = 0
-    for start in range(chunk * CHUNK, tl.minimum(vocab, (chunk + 1) * CHUNK), BLOCK):
+    for start in range(chunk * CHUNK, tl.minimum(num_cols, (chunk + 1) * CHUNK), BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < vocab
+        mask = cols < num_cols
         x = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if temp > 0.0:
-            u = tl.maximum(tl.rand(seed, cols), 1e-20)  # keyed by column: any chunking, same noise
+            # keyed by the global column: any chunking or vocabulary split draws the same noise
+            u = tl.maximum(tl.rand(seed, col_offset + cols), 1e-20)
             x = x / temp - tl.log(-tl.log(u))
         x = tl.where(mask, x, float("-inf"))
         val, idx = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
         take = val > best_val  # strict: ties keep the earlier (lower) index, as torch.argmax
-        best_idx = tl.where(take, start + idx, best_idx)
+        best_idx = tl.where(take, col_offset + start + idx, best_idx)
         best_val = tl.where(take, val, best_val)
-    tl.store(val_ptr + row * num_chunks + chunk, best_val)
-    tl.store(idx_ptr + row * num_chunks + chunk, best_idx)
+    cell = row * num_chunks + chunk
+    tl.store(out_ptr + cell, best_val.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + num_rows * num_chunks + cell, best_idx)
 
 
 @triton.jit
-def _argmax_chunks_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, CHUNKS_PAD: tl.constexpr):
+def _pick_chunk_kernel(chunks_ptr, out_ptr, num_rows, num_chunks, GROUPS: tl.constexpr,
+                       CHUNKS_PAD: tl.constexpr):
+    """Program row: the leftmost best of GROUPS x num_chunks chunk winners ([GROUPS, 2, rows,
+    chunks], groups in column order), so the row's leftmost argmax."""
     row = tl.program_id(0)
     c = tl.arange(0, CHUNKS_PAD)
-    ok = c < num_chunks
-    vals = tl.load(val_ptr + row * num_chunks + c, mask=ok, other=float("-inf"))
-    # leftmost best chunk: chunks are in column order, so this is the row's leftmost argmax
+    ok = c < GROUPS * num_chunks
+    cell = (c // num_chunks) * 2 * num_rows * num_chunks + row * num_chunks + c % num_chunks
+    vals = tl.load(chunks_ptr + cell, mask=ok, other=0).to(tl.float32, bitcast=True)
+    vals = tl.where(ok, vals, float("-inf"))
     _, best = tl.max(vals, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    tl.store(out_ptr + row, tl.load(idx_ptr + row * num_chunks + best))
+    best_cell = (best // num_chunks) * 2 * num_rows * num_chunks + row * num_chunks + best % num_chunks
+    tl.store(out_ptr + row, tl.load(chunks_ptr + num_rows * num_chunks + best_cell).to(tl.int64))
+
+
+def gumbel_chunks(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                  col_offset: int = 0, num_cols: int | None = None) -> torch.Tensor:
+    """logits [B, V] (any float dtype, last dim contiguous; columns col_offset .. of the whole
+    vocabulary, the first num_cols of them real), temperature [B] fp32 (0 = greedy), seeds [B]
+    int64 -> the chunk winners, int32 [2, B, chunks] for `pick_from_chunks`."""
+    b, width = logits.shape
+    num_cols = width if num_cols is None else num_cols
+    if (logits.stride(-1) != 1 or temperature.shape != (b,) or seeds.shape != (b,)
+            or not 0 < num_cols <= width or col_offset + num_cols >= 2**31):
+        raise ValueError(f"gumbel_chunks: logits [B, V] contiguous rows, [B] temperature/seeds and "
+                         f"0 < num_cols <= V; got {tuple(logits.shape)}, {tuple(temperature.shape)}, "
+                         f"{tuple(seeds.shape)}, num_cols {num_cols}, col_offset {col_offset}")
+    chunks = triton.cdiv(num_cols, CHUNK)
+    out = torch.empty(2, b, chunks, dtype=torch.int32, device=logits.device)
+    if b:
+        _gumbel_chunk_kernel[(b, chunks)](logits, temperature, seeds, out, logits.stride(0), num_cols,
+                                          col_offset, CHUNK=CHUNK, BLOCK=min(CHUNK, 2048))
+    return out
+
+
+def pick_from_chunks(chunks: torch.Tensor) -> torch.Tensor:
+    """[2, B, C] from `gumbel_chunks`, or [G, 2, B, C] stacked in column order (one per vocabulary
+    slice, e.g. all-gathered over tensor-parallel ranks) -> sampled ids [B] int64."""
+    stacked = chunks.unsqueeze(0) if chunks.dim() == 3 else chunks
+    if stacked.dim() != 4 or stacked.shape[1] != 2 or stacked.dtype != torch.int32 or not stacked.is_contiguous():
+        raise ValueError(f"pick_from_chunks needs contiguous int32 [2, B, C] or [G, 2, B, C]; got "
+                         f"{tuple(chunks.shape)} {chunks.dtype}")
+    groups, _, b, c = stacked.shape
+    out = torch.empty(b, dtype=torch.int64, device=chunks.device)
+    if b:
+        _pick_chunk_kernel[(b,)](stacked, out, b, c, GROUPS=groups,
+                                 CHUNKS_PAD=triton.next_power_of_2(groups * c))
+    return out
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] (any float dtype, last dim contiguous), temperature [B] fp32 (0 = greedy),
-    seeds [B] int64 -> sampled ids [B] int64.
-
-    Two launches: (row, vocabulary chunk) programs, then one small reduce per row. One program
-    per row left most SMs idle at decode batch sizes (257 us at B = 128 on an H100)."""
-    b, vocab = logits.shape
-    if logits.stride(-1) != 1 or temperature.shape != (b,) or seeds.shape != (b,):
-        raise ValueError(f"gumbel_argmax: logits [B, V] contiguous rows and [B] temperature/seeds; got "
-                         f"{tuple(logits.shape)}, {tuple(temperature.shape)}, {tuple(seeds.shape)}")
-    out = torch.empty(b, dtype=torch.int64, device=logits.device)
-    if b == 0:
-        return out
-    chunks = triton.cdiv(vocab, CHUNK)
-    vals = torch.empty(b, chunks, dtype=torch.float32, device=logits.device)
-    idxs = torch.empty(b, chunks, dtype=torch.int64, device=logits.device)
-    _gumbel_chunk_kernel[(b, chunks)](logits, temperature, seeds, vals, idxs, logits.stride(0), vocab,
-                                      CHUNK=CHUNK, BLOCK=min(CHUNK, 2048))
-    _argmax_chunks_kernel[(b,)](vals, idxs, out, chunks, CHUNKS_PAD=triton.next_power_of_2(chunks))
-    return out
+    """logits [B, V], temperature [B] fp32 (0 = greedy), seeds [B] int64 -> sampled ids [B] int64.
+    One program per row would leave most SMs idle at decode batch sizes (257 us at B = 128 on an
+    H100), hence the chunks."""
+    return pick_from_chunks(gumbel_chunks(logits, temperature, seeds))

@@ -34,8 +34,11 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for this rank's vocabulary slice, gathered so every rank sees the full row."""
+    """Logits for this rank's vocabulary slice, gathered so every rank sees the full row unless
+    the caller samples the slices where they are (`gather=False`: [n, per_rank], padded)."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
+    def forward(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
         logits = F.linear(hidden, self.weight)
+        if not gather:
+            return logits
         return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]

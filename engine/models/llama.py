@@ -116,5 +116,6 @@ class LlamaFamilyForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta, backend) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta, backend)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab]; with gather=False, this rank's slice of the vocabulary."""
+        return self.lm_head(hidden, gather)
