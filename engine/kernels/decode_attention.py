@@ -37,8 +37,9 @@ TARGET_PROGRAMS_PER_SM = 4
 # batch with fewer programs than the GPU holds needs (its longest sequences finish last); in the
 # engine the decode step got 8% faster at TP=1 and TP=2 on llama-3-8b (reports/PERF.md).
 DECODE_TILE = (128, 4, 2)
-# Default tiles shrink BLOCK_N to keep the K and V tiles in flight under this (fp32, or
-# head_dim 256, would not fit Hopper's shared memory at 128 keys).
+# Default tiles shrink BLOCK_N so that stages x (K + V tile) stays within this estimate of
+# shared memory: fp32 and head_dim 256 keep the 64-key tiles they were measured with (Triton
+# itself allocated 70 KB for bf16 at 128 keys and 78 KB for fp32 at 64, sm_90 compile).
 TILE_SMEM_BYTES = 128 << 10
 
 

@@ -1,0 +1,106 @@
+"""Compile the engine's GPU-only kernel specializations for a CUDA target on a machine without a
+GPU (Triton's ahead-of-time path: its bundled ptxas, no driver). The interpreter runs the kernels'
+logic on CPU but never lowers them, so a construct the compiler rejects, or a specialization the
+CPU tests never take (bf16, the L2 prefetch, 128-key decode tiles), would otherwise first fail on
+a GPU. Prints one line per kernel and exits 1 if any failed.
+
+    python -m engine.kernels.compile_check [--arch 90]
+
+Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+FLOAT_ARGS = {"eps", "scale_log2"}
+
+
+@dataclass
+class Case:
+    module: str
+    kernel: str
+    constexprs: dict[str, Any]
+    pointers: dict[str, str]  # argument -> Triton pointer type, e.g. "*bf16"
+    options: dict[str, int] = field(default_factory=lambda: {"num_warps": 4})
+
+    @property
+    def name(self) -> str:
+        shown = {k: v for k, v in self.constexprs.items() if k in ("BLOCK_N", "PREFETCH", "BITS", "DOT_PRECISION")}
+        return f"{self.kernel} {shown}" if shown else self.kernel
+
+
+def _ptrs(dtype: str, *names: str) -> dict[str, str]:
+    return {n: f"*{dtype}" for n in names}
+
+
+def cases() -> list[Case]:
+    rows = ("res_ptr", "w_ptr", "out_ptr", "res_out_ptr")
+    fused = {**_ptrs("i64", "buffers"), **_ptrs("bf16", *rows), **_ptrs("i32", "pf_words", "sink")}
+    out = []
+    for prefetch in (False, True):
+        out.append(Case("engine.kernels.allreduce_rmsnorm", "_allreduce_rmsnorm_kernel",
+                        dict(RANK=0, WORLD=2, BLOCK=4096, PREFETCH=prefetch, PF_BLOCK=8192),
+                        {**fused, **_ptrs("i64", "signal_pads"), **_ptrs("i32", "epochs")}, {"num_warps": 8}))
+        out.append(Case("engine.kernels.allreduce_rmsnorm", "_push_allreduce_rmsnorm_kernel",
+                        dict(RANK=1, WORLD=2, BLOCK=4096, BITS=16, PREFETCH=prefetch, PF_BLOCK=8192),
+                        fused, {"num_warps": 8}))
+    out.append(Case("engine.kernels.rmsnorm", "_rmsnorm_kernel", dict(HAS_RESIDUAL=True, BLOCK=4096),
+                    _ptrs("bf16", "x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"), {"num_warps": 8}))
+    out.append(Case("engine.kernels.sample", "_gumbel_chunk_kernel", dict(CHUNK=8192, BLOCK=2048),
+                    {**_ptrs("bf16", "logits_ptr"), **_ptrs("fp32", "temp_ptr"), **_ptrs("i64", "seed_ptr"),
+                     **_ptrs("i32", "out_ptr")}))
+    out.append(Case("engine.kernels.sample", "_pick_chunk_kernel", dict(GROUPS=2, CHUNKS_PAD=32),
+                    {**_ptrs("i32", "chunks_ptr"), **_ptrs("i64", "out_ptr")}))
+    for dtype, block_n, precision in (("bf16", 128, "tf32"), ("bf16", 64, "tf32"), ("fp32", 64, "ieee")):
+        out.append(Case("engine.kernels.decode_attention", "_decode_split_kernel",
+                        dict(BLOCK_SIZE=16, GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_H=16, BLOCK_N=block_n,
+                             NUM_SPLITS=2, DOT_PRECISION=precision),
+                        {**_ptrs(dtype, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
+                         **_ptrs("fp32", "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
+                        {"num_warps": 4, "num_stages": 2}))
+    return out
+
+
+def compile_case(case: Case, arch: int) -> str:
+    """'' on success, else the compiler's complaint."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(case.module), case.kernel)
+    signature = {}
+    for name in fn.arg_names:
+        if name in case.constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = case.pointers.get(name, "fp32" if name in FLOAT_ARGS else "i32")
+    constexprs = {(fn.arg_names.index(k),): v for k, v in case.constexprs.items()}
+    try:
+        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=case.options)
+    except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+        return f"{type(e).__name__}: {str(e)[:2000]}"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: Hopper)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+    failed = 0
+    for case in cases():
+        err = compile_case(case, args.arch)
+        failed += bool(err)
+        print(f"{'FAIL' if err else 'ok  '} sm_{args.arch} {case.name}" + (f"\n  {err}" if err else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
