@@ -45,3 +45,31 @@ def test_banned_ids_are_never_sampled():
     logits = torch.tensor([[5.0, 0.0, 0.0]]).repeat(200, 1)
     ids = sample(logits, [SamplingParams(temperature=1.0)] * 200, banned=[[0]] * 200)
     assert 0 not in ids.tolist()
+
+
+class _TwoRanksGather:
+    """Stands in for a TP group whose other rank holds `rest` (the rest of the vocabulary)."""
+
+    def __init__(self, rest: torch.Tensor):
+        self.rest = rest
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.rest], dim=-1)
+
+
+def test_vocab_slice_without_the_one_pass_kernel_samples_the_gathered_rows():
+    """A rank's vocabulary slice where the one-pass kernel does not apply (here: CPU, top-k and
+    banned ids): the sampler gathers whole rows (the padding cut off) and samples those."""
+    from engine.sampler import VocabShard
+
+    vocab, per_rank = 9, 5
+    logits = torch.randn(6, vocab)
+    logits[0, 7] = 10.0  # greedy row 0 wins on the other rank's slice
+    padded = torch.cat([logits, torch.full((6, 2 * per_rank - vocab), 50.0)], 1)  # padding would win
+    shard = VocabShard(_TwoRanksGather(padded[:, per_rank:]), 0, per_rank, vocab)
+    params = [SamplingParams(temperature=t, top_k=k) for t, k in ((0.0, 0), (1.0, 3), (0.7, 0))] * 2
+    banned = [[], [], [int(logits[2].argmax())], [], [], []]
+    meta = SamplingMetadata.build(params, [0] * 6, banned, vocab, torch.device("cpu"), random.Random(0))
+    got = Sampler(seed=0, device=torch.device("cpu"))(padded[:, :per_rank], meta, shard)
+    want = Sampler(seed=0, device=torch.device("cpu"))(logits, meta)
+    assert torch.equal(got, want) and int(got[0]) == 7 and int(got.max()) < vocab
