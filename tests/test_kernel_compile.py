@@ -1,4 +1,5 @@
-"""The GPU-only kernel specializations compile for Hopper (sm_90) on this CPU machine: the
+"""The engine's Triton kernels, as the GPU path specializes them, compile for Hopper (sm_90) on this
+CPU machine: the
 interpreter tests run the kernels' logic but never lower them (see engine/kernels/compile_check.py)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Compile the engine's GPU-only kernel specializations for a CUDA target on a machine without a
-GPU (Triton's ahead-of-time path: its bundled ptxas, no driver). The interpreter runs the kernels'
+"""Compile the engine's Triton kernels, in the specializations the GPU path uses, for a CUDA
+target on a machine without a GPU (Triton's ahead-of-time path: its bundled ptxas, no driver). The interpreter runs the kernels'
 logic on CPU but never lowers them, so a construct the compiler rejects, or a specialization the
 CPU tests never take (bf16, the L2 prefetch, 128-key decode tiles), would otherwise first fail on
 a GPU. Prints one line per kernel and exits 1 if any failed.
@@ -31,7 +31,8 @@ class Case:
 
     @property
     def name(self) -> str:
-        shown = {k: v for k, v in self.constexprs.items() if k in ("BLOCK_N", "PREFETCH", "BITS", "DOT_PRECISION")}
+        shown = {k: v for k, v in self.constexprs.items()
+                 if k in ("BLOCK_N", "PREFETCH", "BITS", "DOT_PRECISION", "LONG")}
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -57,6 +58,24 @@ def cases() -> list[Case]:
                      **_ptrs("i32", "out_ptr")}))
     out.append(Case("engine.kernels.sample", "_pick_chunk_kernel", dict(GROUPS=2, CHUNKS_PAD=32),
                     {**_ptrs("i32", "chunks_ptr"), **_ptrs("i64", "out_ptr")}))
+    out.append(Case("engine.kernels.decode_attention", "_decode_reduce_kernel",
+                    dict(HEAD_DIM=128, D_PAD=128, NUM_SPLITS=3, SPLITS_PAD=4),
+                    {**_ptrs("fp32", "acc_ptr", "lse_ptr"), **_ptrs("bf16", "out_ptr")}))
+    for long, (block_m, block_n, warps, stages) in ((False, (16, 64, 4, 2)), (True, (128, 64, 8, 2))):
+        out.append(Case("engine.kernels.unified_attention", "_unified_attention_kernel",
+                        dict(LONG=long, BLOCK_SIZE=16, GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_M=block_m,
+                             BLOCK_Q=block_m // 4, BLOCK_N=block_n, DOT_PRECISION="tf32"),
+                        {**_ptrs("bf16", "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
+                         **_ptrs("i32", "qsl_ptr", "seq_lens_ptr", "block_tables_ptr")},
+                        {"num_warps": warps, "num_stages": stages}))
+    out.append(Case("engine.kernels.rope", "_qk_norm_rope_kernel",
+                    dict(NORM=True, HALF=64, NUM_Q_HEADS=16, NUM_KV_HEADS=8, HQ_PAD=16, HKV_PAD=8),
+                    {**_ptrs("bf16", "q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr"),
+                     **_ptrs("fp32", "cos_ptr", "sin_ptr"), **_ptrs("i64", "pos_ptr")}))
+    out.append(Case("engine.kernels.store_kv", "_store_kv_kernel",
+                    dict(BLOCK_SIZE=16, NUM_KV_HEADS=8, HEAD_DIM=128, H_PAD=8, D_PAD=128),
+                    {**_ptrs("bf16", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"), **_ptrs("i64", "slot_ptr")}))
+    out.append(Case("engine.kernels.silu_mul", "_silu_mul_kernel", dict(BLOCK=4096), _ptrs("bf16", "x_ptr", "out_ptr")))
     for dtype, block_n, precision in (("bf16", 128, "tf32"), ("bf16", 64, "tf32"), ("fp32", 64, "ieee")):
         out.append(Case("engine.kernels.decode_attention", "_decode_split_kernel",
                         dict(BLOCK_SIZE=16, GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_H=16, BLOCK_N=block_n,
