@@ -1,6 +1,6 @@
-"""The engine's Triton kernels, as the GPU path specializes them, compile for Hopper (sm_90) on this
-CPU machine: the
-interpreter tests run the kernels' logic but never lower them (see engine/kernels/compile_check.py)."""
+"""The engine's Triton kernels, as the GPU path specializes them, compile for Hopper (sm_90) on
+this CPU machine: the interpreter tests run the kernels' logic but never lower them (see
+engine/kernels/compile_check.py)."""
 
 from __future__ import annotations
 
