@@ -66,6 +66,37 @@ def test_qk_norm_rope_matches_layers(dtype, norm, hq, hkv):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm,hq,hkv", [(True, 4, 2), (False, 6, 3)])
+def test_qk_norm_rope_can_store_k_and_v_into_the_cache(dtype, norm, hq, hkv):
+    """With a KVStore the kernel returns the same q and writes the rotated k (the bits it would
+    have returned) and v into the paged caches at their slots; slot -1 (a padded token) and every
+    other slot stay as they were."""
+    from engine.attention.metadata import KVStore
+
+    t, d, bs = 5, 32, 4
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEVICE, dtype=dtype)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    rotary = RotaryEmbedding(d, 64, 10000.0).to(DEVICE)
+    w = torch.empty(d, device=DEVICE, dtype=dtype).uniform_(0.5, 1.5) if norm else None
+    pos = torch.tensor([0, 3, 17, 63, 5], device=DEVICE)
+    slots = torch.tensor([9, 2, -1, 14, 4], device=DEVICE)
+    k_cache = torch.randn(5, bs, hkv, d, device=DEVICE, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    want_q, want_k = qk_norm_rope(q, k, pos, rotary.cos, rotary.sin, w, w, 1e-6)
+    got_q, got_k = qk_norm_rope(q, k, pos, rotary.cos, rotary.sin, w, w, 1e-6, KVStore(v, k_cache, v_cache, slots))
+    assert got_k is None and torch.equal(got_q, want_q)
+    flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    stored = [i for i, s in enumerate(slots.tolist()) if s >= 0]
+    assert torch.equal(flat_k[slots[stored]], want_k[stored]) and torch.equal(flat_v[slots[stored]], v[stored])
+    untouched = [s for s in range(flat_k.shape[0]) if s not in slots.tolist()]
+    assert torch.equal(flat_k[untouched], k_before.view(-1, hkv, d)[untouched])
+    assert torch.equal(flat_v[untouched], v_before.view(-1, hkv, d)[untouched])
+    with pytest.raises(ValueError, match="slot_mapping"):
+        qk_norm_rope(q, k, pos, rotary.cos, rotary.sin, w, w, 1e-6, KVStore(v, k_cache, v_cache, slots[:3]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul(dtype):
     x = torch.randn(3, 2 * 80, device=DEVICE, dtype=dtype)
     gate, up = x.chunk(2, dim=-1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -29,12 +29,25 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+class KVStore(NamedTuple):
+    """Where a rotary kernel puts this step's K (and copies V): the paged caches, at the slots."""
+
+    v: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = skip
+
+
 class AttentionBackend(Protocol):
+    # True: the model may store this step's K/V itself (its GPU rotary kernel writes them into
+    # the caches) and then passes k = v = None to forward
+    accepts_stored_kv: bool
+
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]; None: already stored
+        v: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,

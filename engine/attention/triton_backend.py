@@ -29,6 +29,8 @@ MIN_SCRATCH_SEQS = 64  # split-K only runs at small batches; one allocation cove
 
 
 class TritonAttention:
+    accepts_stored_kv = True  # k = v = None: the rotary kernel already wrote them (engine.kernels.rope)
+
     def __init__(self) -> None:
         self._checked: set[str] = set()  # kernels whose arguments were validated once
         self._scratch: DecodeScratch | None = None
@@ -57,14 +59,15 @@ class TritonAttention:
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
+        k: torch.Tensor | None,  # [T, Hkv, D]; None with v: this step's K/V are in the caches
+        v: torch.Tensor | None,  # [T, Hkv, D]
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
-        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, check="store" not in self._checked)
+        if k is not None:
+            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, check="store" not in self._checked)
         out = torch.empty_like(q)
         path = "decode" if meta.is_decode_only else "unified"
         check = path not in self._checked

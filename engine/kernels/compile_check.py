@@ -32,7 +32,7 @@ class Case:
     @property
     def name(self) -> str:
         shown = {k: v for k, v in self.constexprs.items()
-                 if k in ("BLOCK_N", "PREFETCH", "BITS", "DOT_PRECISION", "LONG")}
+                 if k in ("BLOCK_N", "PREFETCH", "BITS", "DOT_PRECISION", "LONG", "STORE")}
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -68,10 +68,13 @@ def cases() -> list[Case]:
                         {**_ptrs("bf16", "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
                          **_ptrs("i32", "qsl_ptr", "seq_lens_ptr", "block_tables_ptr")},
                         {"num_warps": warps, "num_stages": stages}))
-    out.append(Case("engine.kernels.rope", "_qk_norm_rope_kernel",
-                    dict(NORM=True, HALF=64, NUM_Q_HEADS=16, NUM_KV_HEADS=8, HQ_PAD=16, HKV_PAD=8),
-                    {**_ptrs("bf16", "q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr"),
-                     **_ptrs("fp32", "cos_ptr", "sin_ptr"), **_ptrs("i64", "pos_ptr")}))
+    for store in (False, True):
+        out.append(Case("engine.kernels.rope", "_qk_norm_rope_kernel",
+                        dict(NORM=True, HALF=64, NUM_Q_HEADS=16, NUM_KV_HEADS=8, HQ_PAD=16, HKV_PAD=8, STORE=store,
+                             BLOCK_SIZE=16),
+                        {**_ptrs("bf16", "q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr", "v_ptr",
+                                 "v_cache_ptr"),
+                         **_ptrs("fp32", "cos_ptr", "sin_ptr"), **_ptrs("i64", "pos_ptr", "slot_ptr")}))
     out.append(Case("engine.kernels.store_kv", "_store_kv_kernel",
                     dict(BLOCK_SIZE=16, NUM_KV_HEADS=8, HEAD_DIM=128, H_PAD=8, D_PAD=128),
                     {**_ptrs("bf16", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"), **_ptrs("i64", "slot_ptr")}))

@@ -40,8 +40,8 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + dst_v, tl.load(v_ptr + src_v, mask=mask), mask=mask)
 
 
-def _check(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           slot_mapping: torch.Tensor) -> None:
+def check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
     if k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"k and v must both be [num_tokens, num_kv_heads, head_dim]; got "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -70,7 +70,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     """k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]
     int64, -1 = skip. Writes in place; no host sync, so it is safe inside a CUDA graph."""
     if check:
-        _check(k, v, k_cache, v_cache, slot_mapping)
+        check_store_args(k, v, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return

@@ -34,13 +34,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.cat([freqs.sin(), freqs.sin()], -1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
-        """q: [T, Hq, D], k: [T, Hkv, D]; optional per-head RMSNorms (Qwen3) applied first."""
+                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, store=None):
+        """q: [T, Hq, D], k: [T, Hkv, D]; optional per-head RMSNorms (Qwen3) applied first.
+        `store` (GPU only, an engine.kernels.rope.KVStore): K goes into the paged cache with V
+        instead of being returned (None in its place)."""
         if q.is_cuda:
             from engine.kernels.rope import qk_norm_rope  # one fused kernel on the GPU
 
             return qk_norm_rope(q, k, positions, self.cos, self.sin, q_norm.weight if q_norm else None,
-                                k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0)
+                                k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0, store)
+        if store is not None:
+            raise ValueError("RotaryEmbedding: storing K/V into the cache is a GPU kernel path")
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         cos = self.cos[positions].unsqueeze(1)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention.metadata import KVStore
 from engine.config import ModelConfig
 from engine.distributed import SINGLE, TensorParallel
 from engine.layers.activation import silu_and_mul
@@ -43,7 +44,12 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k, *((self.q_norm, self.k_norm) if self.qk_norm else ()))
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+        if backend.accepts_stored_kv and q.is_cuda:  # the rotary kernel writes K and V into the caches
+            q, _ = self.rotary(positions, q, k, *norms, store=KVStore(v, kv[0], kv[1], meta.slot_mapping))
+            k = v = None
+        else:
+            q, k = self.rotary(positions, q, k, *norms)
         o = backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
         return self.o_proj(o.reshape(-1, q_size))
 
