@@ -14,9 +14,10 @@ Whoever calls this alternates between two partial buffers, so a rank that has pa
 barrier of all-reduce k+1 knows its peers are done reading its buffer of all-reduce k.
 
 `push_allreduce_rmsnorm` is the one-trip variant, for decode batches (1 us ahead of the barrier
-up to 128 rows on 2xH200; behind from 256, where each program carries several rows). Each rank stores its partials into its own slot of every peer's receive buffer
-and polls the peers' slots of its own until none holds the "not arrived" mark, -0.0 (senders
-send -0.0 as +0.0), then resets them to the mark. The data is the flag, so there is no barrier
+up to 128 rows on 2xH200; behind from 256, where each program carries several rows). Each rank
+stores its partials into its own slot of every peer's receive buffer and polls the peers' slots
+of its own until none holds the "not arrived" mark, -0.0 (senders send -0.0 as +0.0), then
+resets them to the mark. The data is the flag, so there is no barrier
 round trip and no remote load. Two receive buffers alternate as above: a peer writes into this
 rank's buffer of all-reduce k + 2 only after it has this rank's data of k + 1, which is sent
 after the reset of k.
