@@ -304,6 +304,21 @@ def test_triton_backend_matches_torch(dtype, gen):
         assert_close(out, reference(c), c.valid, dtype)
 
 
+def test_triton_backend_with_kv_already_stored(gen):
+    """k = v = None (the GPU rotary kernel wrote this step's K/V into the caches): the backend
+    stores nothing and attends over the caches as they are, as if it had stored them itself."""
+    be = TritonAttention()
+    assert be.accepts_stored_kv and not TorchAttention.accepts_stored_kv
+    for specs in ([(50, 50), (33, 1), (40, 18)], [(51, 1), (0, 1), (41, 1)]):
+        c = build_case(specs, 4, 2, 32, 16, torch.float32, gen)
+        store_kv_ref(c.k, c.v, c.k_cache, c.v_cache, c.meta.slot_mapping)  # what the rotary kernel does
+        kc, vc = c.k_cache.clone(), c.v_cache.clone()
+        out = be.forward(c.q, None, None, c.k_cache, c.v_cache, c.meta, c.scale)
+        torch.testing.assert_close(c.k_cache, kc, rtol=0, atol=0, equal_nan=True)  # untouched
+        torch.testing.assert_close(c.v_cache, vc, rtol=0, atol=0, equal_nan=True)
+        assert_close(out, reference(c), c.valid, torch.float32)
+
+
 # ---------------------------------------------------------------- GPU only (bf16, real shapes)
 
 @pytest.mark.gpu
