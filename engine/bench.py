@@ -18,6 +18,7 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.config import parse_value
+from engine.kernels.jit_watch import watch_jit
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
 from workloads.generators import bench as bench_requests
 
@@ -73,26 +74,32 @@ class PhaseProfiler:
         return self.tables
 
 
-def run_engine(llm: LLM, prompts, params, profile: bool = False) -> tuple[int, float, dict]:
-    """Run through the step API so each step's host/device split is recorded."""
+def run_engine(llm: LLM, prompts, params, profile: bool = False) -> tuple[int, float, dict, list[str] | None]:
+    """Run through the step API so each step's host/device split is recorded. Also returns the
+    Triton specializations this process first met inside the timed run (each a compile there on a
+    fresh machine; see engine.kernels.jit_watch), None where Triton cannot tell."""
     engine = llm.engine
     engine.warm_up()
     stats = []
     phases = PhaseProfiler() if profile else None
-    t0 = time.perf_counter()
-    for p, sp in zip(prompts, params):
-        engine.add_request(None, p, sp)
-    tokens = 0
-    while engine.has_unfinished_requests():
-        tokens += sum(len(d.new_token_ids) for d in engine.step())
-        stats.append(engine.last_step_stats)
-        if phases is not None:
-            phases.after_step(stats[-1])
-    elapsed = time.perf_counter() - t0
+    with watch_jit() as jit:
+        t0 = time.perf_counter()
+        for p, sp in zip(prompts, params):
+            engine.add_request(None, p, sp)
+        tokens = 0
+        while engine.has_unfinished_requests():
+            tokens += sum(len(d.new_token_ids) for d in engine.step())
+            stats.append(engine.last_step_stats)
+            if phases is not None:
+                phases.after_step(stats[-1])
+        elapsed = time.perf_counter() - t0
     if phases is not None:
         for phase, table in phases.finish().items():
             print(f"--- kernels, {phase} steps ---\n{table}")
-    return tokens, elapsed, step_breakdown(stats)
+    if jit.seen:
+        print(f"Triton met {len(jit.seen)} new kernel specializations in the timed run (this process, "
+              f"driver rank): {', '.join(jit.seen)}")
+    return tokens, elapsed, step_breakdown(stats), jit.seen if jit.available else None
 
 
 def step_breakdown(stats) -> dict:
@@ -134,10 +141,11 @@ def main(argv: list[str] | None = None) -> None:
                           max_output_len=args.max_output_len, vocab_size=cfg.model_config.vocab_size)
     prompts = [r.prompt_token_ids for r in reqs]
     params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False) for r in reqs]
-    tokens, elapsed, breakdown = run_engine(llm, prompts, params, profile=args.profile and cuda)
+    tokens, elapsed, breakdown, jit_seen = run_engine(llm, prompts, params, profile=args.profile and cuda)
     result = {"model": args.model, "policy": args.policy, "requests": len(reqs), "output_tokens": tokens,
               "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
-              "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": breakdown}
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": breakdown,
+              "jit_in_timed_run": jit_seen}
     print(f"engine ({args.policy}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
     if args.hf:
         runner = getattr(llm.engine.executor, "runner", None)

@@ -1,6 +1,7 @@
-"""The engine's Triton kernels, as the GPU path specializes them, compile for Hopper (sm_90) on
-this CPU machine: the interpreter tests run the kernels' logic but never lower them (see
-engine/kernels/compile_check.py)."""
+"""Triton tooling without a GPU: the engine's kernels, as the GPU path specializes them, compile
+for Hopper (sm_90) on this CPU machine (the interpreter tests run the kernels' logic but never
+lower them; see engine/kernels/compile_check.py), and engine.bench's watch on new
+specializations (engine/kernels/jit_watch.py)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,32 @@ def test_gpu_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ok = [ln for ln in proc.stdout.splitlines() if ln.startswith("ok   sm_90")]
     assert len(ok) == len(cases()) >= 10, proc.stdout
+
+
+def test_watch_jit_records_chains_and_restores_the_hook():
+    """engine.bench's watch on Triton's jit_cache_hook (Triton calls it for each specialization a
+    process meets): names recorded inside the block, a hook already installed still called (and
+    its answer kept), the old hook back afterwards."""
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from engine.kernels.jit_watch import watch_jit
+
+    calls = []
+    previous = knobs.runtime.jit_cache_hook
+
+    def outer(**kw):
+        calls.append(kw["fn"].name)
+        return None
+
+    knobs.runtime.jit_cache_hook = outer
+    try:
+        with watch_jit() as jit:
+            assert jit.available
+            assert knobs.runtime.jit_cache_hook(fn=SimpleNamespace(module="engine.kernels.sample", name="_pick"),
+                                                key=()) is None
+        assert jit.seen == ["engine.kernels.sample._pick"] and calls == ["_pick"]
+        assert knobs.runtime.jit_cache_hook is outer
+    finally:
+        knobs.runtime.jit_cache_hook = previous
