@@ -43,6 +43,9 @@ NUM_WARPS = NORM_NUM_WARPS
 PREFETCH_PROGRAMS = 128  # extra programs that warm L2 (about one per SM)
 PREFETCH_BLOCK = 8192  # int32 words a prefetch program loads at a time (32 KB in flight)
 _SINK_MAGIC: tl.constexpr = tl.constexpr(0x5EED1E55)  # see _prefetch_to_l2
+# Arguments that change from step to step in eager (prefill) steps: specializing on them (% 16,
+# == 1) would compile new variants mid-run (engine.kernels.jit_watch)
+ROW_COUNTS = ["rows", "row_programs", "pf_count"]
 
 
 @triton.jit
@@ -85,7 +88,7 @@ def _barrier(signal_pads, epochs, slot, RANK: tl.constexpr, WORLD: tl.constexpr)
             seen = tl.atomic_add(own + slot * WORLD + r, 0, sem="acquire", scope="sys")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNTS)
 def _allreduce_rmsnorm_kernel(
     buffers, signal_pads, epochs, offset,  # int64 [WORLD] base addresses; partials start `offset` elements in
     res_ptr, w_ptr, out_ptr, res_out_ptr,  # contiguous rows of [N, H]
@@ -169,7 +172,7 @@ def _prefetch_args(prefetch: Prefetch | None, anything: torch.Tensor) -> tuple:
     return prefetch.words, prefetch.words.numel(), prefetch.sink, PREFETCH_PROGRAMS
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNTS)
 def _push_allreduce_rmsnorm_kernel(
     buffers, offset, slot_stride,  # int64 [WORLD] base addresses; receive slot of rank r at offset + r * slot_stride
     res_ptr, w_ptr, out_ptr, res_out_ptr,  # contiguous rows of [N, H]

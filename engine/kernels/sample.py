@@ -50,7 +50,7 @@ def _gumbel_chunk_kernel(logits_ptr, temp_ptr, seed_ptr, out_ptr, stride_row, nu
     tl.store(out_ptr + num_rows * num_chunks + cell, best_idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_chunks"])  # the batch size varies every step
 def _pick_chunk_kernel(chunks_ptr, out_ptr, num_rows, num_chunks, GROUPS: tl.constexpr,
                        CHUNKS_PAD: tl.constexpr):
     """Program row: the leftmost best of GROUPS x num_chunks chunk winners ([GROUPS, 2, rows,

@@ -41,8 +41,9 @@ def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-# num_seqs varies every step: specialising on it (==1, %16) would recompile mid-run
-@triton.jit(do_not_specialize=["num_seqs", "q_len_split"])
+# num_seqs and the block-table width (stride_bt) vary every step: specialising on them (==1, %16)
+# would recompile mid-run
+@triton.jit(do_not_specialize=["num_seqs", "q_len_split", "stride_bt"])
 def _unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,  # q/out [T, Hq, D]; caches [nb, bs, Hkv, D]
     qsl_ptr, seq_lens_ptr, block_tables_ptr,  # [S+1] int32, [S] int32, [S, max_blocks] int32
