@@ -63,6 +63,15 @@ def _prefetch_to_l2(words, num_words, sink, part, parts, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _residual_norm_store(acc, res_ptr, res_out_ptr, out_ptr, w, row, hidden, cols, mask, eps):
+    """Row `row` of the sum `acc` (fp32): add the residual, store it and its RMSNorm, with the
+    same roundings as an all-reduce in the residual's dtype followed by the RMSNorm kernel."""
+    x = acc.to(res_ptr.dtype.element_ty) + tl.load(res_ptr + row * hidden + cols, mask=mask, other=0.0)
+    tl.store(res_out_ptr + row * hidden + cols, x, mask=mask)
+    norm_store_row(x, w, out_ptr + row * hidden, cols, mask, hidden, eps)
+
+
+@triton.jit
 def _is_prefetcher(pid, row_programs, PREFETCH: tl.constexpr):
     # a compile-time False without PREFETCH: that specialization is the row code alone
     if PREFETCH:
@@ -117,10 +126,7 @@ def _barrier_rows(buffers, signal_pads, epochs, offset, res_ptr, w_ptr, out_ptr,
         for r in tl.static_range(WORLD):  # rank order: the same sum on every rank
             part = tl.load(buffers + r).to(tl.pointer_type(elem)) + offset + row * hidden
             acc += tl.load(part + cols, mask=mask, other=0.0).to(tl.float32)
-        # the same roundings as an all-reduce in `elem` followed by the residual RMSNorm kernel
-        x = acc.to(elem) + tl.load(res_ptr + row * hidden + cols, mask=mask, other=0.0)
-        tl.store(res_out_ptr + row * hidden + cols, x, mask=mask)
-        norm_store_row(x, w, out_ptr + row * hidden, cols, mask, hidden, eps)
+        _residual_norm_store(acc, res_ptr, res_out_ptr, out_ptr, w, row, hidden, cols, mask, eps)
 
 
 def allreduce_rmsnorm(buffers: torch.Tensor, signal_pads: torch.Tensor, epochs: torch.Tensor, offset: int,
@@ -220,9 +226,7 @@ def _push_rows(buffers, offset, slot_stride, res_ptr, w_ptr, out_ptr, res_out_pt
                     got = tl.load(src, mask=mask, other=0, volatile=True)
                 tl.store(src, tl.full((BLOCK,), mark, bits_ty), mask=mask)  # ready for its next use
             acc += got.to(elem, bitcast=True).to(tl.float32)
-        x = acc.to(elem) + tl.load(res_ptr + row * hidden + cols, mask=mask, other=0.0)
-        tl.store(res_out_ptr + row * hidden + cols, x, mask=mask)
-        norm_store_row(x, w, out_ptr + row * hidden, cols, mask, hidden, eps)
+        _residual_norm_store(acc, res_ptr, res_out_ptr, out_ptr, w, row, hidden, cols, mask, eps)
 
 
 def push_allreduce_rmsnorm(buffers: torch.Tensor, offset: int, slot_stride: int, rank: int,

@@ -68,17 +68,13 @@ def bench_rows(tp: TensorParallel, rows: int, w_down: torch.Tensor, weight: torc
     res0 = torch.randn(rows, HIDDEN, device=dev, dtype=bf16, generator=seeded(rows))
     chains: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (normed, residual) of the last step
 
-    def fused(i: int) -> None:
-        part = tp.partial_out(rows, HIDDEN, bf16, i % 2)  # slots alternate as in the model
-        torch.mm(x, w_down.t(), out=part)
-        chains["fused"] = tp.all_reduce_rmsnorm(part, chains["fused"][1] if i else res0, weight, EPS)
-
-    def fused_then_next(name: str, prefetch: torch.Tensor | None) -> Callable[[int], None]:
+    def fused(name: str, prefetch: torch.Tensor | None = None, then_next: bool = False) -> Callable[[int], None]:
         def step(i: int) -> None:
-            part = tp.partial_out(rows, HIDDEN, bf16, i % 2)
+            part = tp.partial_out(rows, HIDDEN, bf16, i % 2)  # slots alternate as in the model
             torch.mm(x, w_down.t(), out=part)
             chains[name] = tp.all_reduce_rmsnorm(part, chains[name][1] if i else res0, weight, EPS, prefetch)
-            chains[name][0] @ w_next.t()  # the GEMM the prefetch is for
+            if then_next:
+                chains[name][0] @ w_next.t()  # the GEMM the prefetch is for
         return step
 
     def separate(name: str, reduce: Callable[[torch.Tensor], object]) -> Callable[[int], None]:
@@ -98,9 +94,9 @@ def bench_rows(tp: TensorParallel, rows: int, w_down: torch.Tensor, weight: torc
         return all(torch.equal(u, v) for u, v in zip(a, b))
 
     steps = {"gemm": lambda i: x @ w_down.t(), "nccl": separate("nccl", dist.all_reduce),
-             "symm": separate("symm", tp.all_reduce), "fused": fused}
+             "symm": separate("symm", tp.all_reduce), "fused": fused("fused")}
     if w_next is not None:
-        steps |= {"next": fused_then_next("next", None), "next+pf": fused_then_next("next+pf", w_next)}
+        steps |= {"next": fused("next", None, True), "next+pf": fused("next+pf", w_next, True)}
     for name in ("nccl", "symm", "fused"):  # one eager step each: the same bits everywhere
         steps[name](0)
     same = equal(chains["fused"], chains["nccl"], "eager fused/nccl")

@@ -74,8 +74,7 @@ def _qk_norm_rope_kernel(
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                 eps: float, store: KVStore | None = None,
-                 check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 eps: float, store: KVStore | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [T, Hq, D], k [T, Hkv, D] (last dim contiguous, any token/head strides); cos/sin
     [max_pos, D] fp32 in rotate-half layout. Returns contiguous (q, k), or with `store` (q, None):
     the rotated K and this step's V are then written into the caches at their slots."""
@@ -83,7 +82,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
     hkv = k.shape[1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or dim % 2 or (dim & (dim - 1)):
         raise ValueError(f"qk_norm_rope needs a contiguous power-of-two head dim, got q {tuple(q.shape)}")
-    if store is not None and check:
+    if store is not None:
         check_store_args(k, *store)
         if store.k_cache.stride() != store.v_cache.stride():
             raise ValueError("qk_norm_rope: k_cache and v_cache need the same strides")

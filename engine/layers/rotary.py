@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from engine.attention.metadata import KVStore
+
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     # float32 from an int64 arange, as HF computes it, so fp32 runs match token for token
@@ -34,10 +36,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.cat([freqs.sin(), freqs.sin()], -1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, store=None):
+                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, store: KVStore | None = None):
         """q: [T, Hq, D], k: [T, Hkv, D]; optional per-head RMSNorms (Qwen3) applied first.
-        `store` (GPU only, an engine.kernels.rope.KVStore): K goes into the paged cache with V
-        instead of being returned (None in its place)."""
+        `store` (GPU only): K goes into the paged cache with V instead of being returned (None in
+        its place)."""
         if q.is_cuda:
             from engine.kernels.rope import qk_norm_rope  # one fused kernel on the GPU
 
