@@ -52,7 +52,11 @@ ROW_COUNTS = ["rows", "row_programs", "pf_count"]
 def _prefetch_to_l2(words, num_words, sink, part, parts, BLOCK: tl.constexpr):
     """Program `part` of `parts` loads its share of num_words int32 words through L2 (.cg), so
     the next kernel reading them finds them there. The xor of what it read goes to `sink` only
-    when it equals _SINK_MAGIC (harmless if it ever does): a use the compiler cannot drop."""
+    when it equals _SINK_MAGIC (harmless if it ever does): a use the compiler cannot drop.
+    The casts let a launch without the prefetch pass any tensor for both: Triton 3.6 type-checks
+    this body even where _is_prefetcher is a compile-time False."""
+    words = words.to(tl.pointer_type(tl.int32))
+    sink = sink.to(tl.pointer_type(tl.int32))
     share = tl.cdiv(num_words, parts)
     acc = tl.zeros((BLOCK,), tl.int32)
     for start in range(part * share, tl.minimum(num_words, (part + 1) * share), BLOCK):
@@ -73,7 +77,7 @@ def _residual_norm_store(acc, res_ptr, res_out_ptr, out_ptr, w, row, hidden, col
 
 @triton.jit
 def _is_prefetcher(pid, row_programs, PREFETCH: tl.constexpr):
-    # a compile-time False without PREFETCH: that specialization is the row code alone
+    # a constant False without PREFETCH, which the compiler folds: that specialization is the row code alone
     if PREFETCH:
         return pid >= row_programs
     else:

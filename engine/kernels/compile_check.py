@@ -42,9 +42,11 @@ def _ptrs(dtype: str, *names: str) -> dict[str, str]:
 
 def cases() -> list[Case]:
     rows = ("res_ptr", "w_ptr", "out_ptr", "res_out_ptr")
-    fused = {**_ptrs("i64", "buffers"), **_ptrs("bf16", *rows), **_ptrs("i32", "pf_words", "sink")}
     out = []
     for prefetch in (False, True):
+        # without the prefetch, the launch passes the residual in place of the prefetch pointers
+        fused = {**_ptrs("i64", "buffers"), **_ptrs("bf16", *rows),
+                 **_ptrs("i32" if prefetch else "bf16", "pf_words", "sink")}
         out.append(Case("engine.kernels.allreduce_rmsnorm", "_allreduce_rmsnorm_kernel",
                         dict(RANK=0, WORLD=2, BLOCK=4096, PREFETCH=prefetch, PF_BLOCK=8192),
                         {**fused, **_ptrs("i64", "signal_pads"), **_ptrs("i32", "epochs")}, {"num_warps": 8}))
