@@ -179,9 +179,6 @@ class EngineConfig:
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no symmetric memory)
     # TP on GPUs: row-parallel outputs summed inside the next RMSNorm kernel, see ALL_REDUCE_NORM_FUSIONS
     all_reduce_norm_fusion: str = "push"
-    # TP on GPUs, experimental (not yet run on GPUs): while a decode step's fused all-reduce waits
-    # for its peers, extra programs load up to this many MiB of the next GEMM's weights into L2
-    all_reduce_prefetch_mib: int = 0
     dist_init_method: str | None = None  # None: a free localhost port chosen at start
     dist_timeout_s: float = 600.0  # TP: bounds start-up (loading, profiling), each step and each collective
     tokenizer: str | None = None
@@ -197,8 +194,6 @@ class EngineConfig:
         _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
-        if self.all_reduce_prefetch_mib < 0:
-            raise ValueError(f"all_reduce_prefetch_mib must be >= 0, got {self.all_reduce_prefetch_mib}")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

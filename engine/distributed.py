@@ -94,7 +94,7 @@ class SymmetricAllReduce:
     receive slot."""
 
     def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int, fused_bytes: int = 0,
-                 push_bytes: int = 0, prefetch_bytes: int = 0):  # push_bytes: one receive slot
+                 push_bytes: int = 0):  # push_bytes: one receive slot
         import torch.distributed._symmetric_memory as symm_mem
 
         global _rendezvous_attempts
@@ -102,8 +102,6 @@ class SymmetricAllReduce:
         self.layout = layout = SymmetricLayout(max_bytes // dtype.itemsize, fused_bytes // dtype.itemsize,
                                                self.world_size, push_bytes // dtype.itemsize, dtype.itemsize)
         self.epochs = torch.zeros(FUSED_MAX_PROGRAMS, dtype=torch.int32, device=device)
-        self.prefetch_bytes = prefetch_bytes
-        self.sink = torch.zeros(1, dtype=torch.int32, device=device)  # the L2 prefetch's scratch word
         self.buffer: torch.Tensor | None = symm_mem.empty(layout.numel, dtype=dtype, device=device)
         # marks set before the rendezvous publishes this buffer, so no peer can write it earlier:
         # zeros on the barrier slots, -0.0 ("not arrived") on the receive slots
@@ -142,35 +140,24 @@ class SymmetricAllReduce:
             return None
         return self.buffer[start:start + rows * cols].view(rows, cols)
 
-    def all_reduce_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                           prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rmsnorm(sum + residual), sum + residual) where `x` is a `partial_out` slot; None otherwise.
-        `prefetch`: the next GEMM's weight, whose first bytes decode-sized calls load into L2."""
+    def all_reduce_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rmsnorm(sum + residual), sum + residual) where `x` is a `partial_out` slot; None otherwise."""
         layout = self.layout
         if (self.buffer is None or not layout.slot or x.dim() != 2 or residual.shape != x.shape
                 or residual.dtype != x.dtype):
             return None
-        from engine.kernels.allreduce_rmsnorm import (
-            Prefetch,
-            allreduce_rmsnorm,
-            push_allreduce_rmsnorm,
-        )
-
-        if prefetch is not None and self.prefetch_bytes and x.shape[0] <= PUSH_MAX_ROWS:
-            prefetch = Prefetch.of(prefetch, self.prefetch_bytes, self.sink)
-        else:
-            prefetch = None
+        from engine.kernels.allreduce_rmsnorm import allreduce_rmsnorm, push_allreduce_rmsnorm
 
         base = self.buffer.data_ptr()
         for slot in (0, 1):
             push, barrier = (base + start * self.dtype.itemsize for start in layout.own_starts(slot, self.rank))
             if x.data_ptr() == push and layout.push_slot:
                 return push_allreduce_rmsnorm(self.buffer_ptrs, layout.push_start(slot), layout.push_slot, self.rank,
-                                              residual.contiguous(), weight, eps, max_programs=self.epochs.numel(),
-                                              prefetch=prefetch)
+                                              residual.contiguous(), weight, eps, max_programs=self.epochs.numel())
             if x.data_ptr() == barrier:
                 return allreduce_rmsnorm(self.buffer_ptrs, self.signal_pads, self.epochs, layout.barrier_start(slot),
-                                         self.rank, residual.contiguous(), weight, eps, prefetch)
+                                         self.rank, residual.contiguous(), weight, eps)
         return None
 
     def close(self) -> None:
@@ -199,22 +186,20 @@ class TensorParallel:
         in one fused kernel (see SymmetricAllReduce.partial_out); None to use any tensor."""
         return None if self.symmetric is None else self.symmetric.partial_out(rows, cols, dtype, slot)
 
-    def all_reduce_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                           prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def all_reduce_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The fused sum over ranks + residual add + RMSNorm of partial sums in a `partial_out`
-        buffer, as (normed, new residual); None where it does not apply (sum, then norm).
-        `prefetch`: the weight the caller reads next (see EngineConfig.all_reduce_prefetch_mib)."""
+        buffer, as (normed, new residual); None where it does not apply (sum, then norm)."""
         if self.symmetric is None:
             return None
-        return self.symmetric.all_reduce_rmsnorm(x, residual, weight, eps, prefetch)
+        return self.symmetric.all_reduce_rmsnorm(x, residual, weight, eps)
 
     def with_symmetric_memory(self, device: torch.device, dtype: torch.dtype, max_rows: int, hidden: int,
-                              fusion: str = "barrier", prefetch_bytes: int = 0) -> TensorParallel:
+                              fusion: str = "barrier") -> TensorParallel:
         """This group with the symmetric-memory all-reduce for [max_rows, hidden] messages (capped
         at TWO_SHOT_MAX_BYTES) and, unless `fusion` is "off", the fused all-reduce + RMSNorm
         (EngineConfig.all_reduce_norm_fusion) for partial sums up to FUSED_MAX_BYTES (less beyond
-        2 ranks: each rank reads every peer's), with "push" up to PUSH_MAX_ROWS rows; decode-sized
-        calls load up to `prefetch_bytes` of the next weight into L2 (EngineConfig.all_reduce_prefetch_mib).
+        2 ranks: each rank reads every peer's), with "push" up to PUSH_MAX_ROWS rows.
         Collective: every rank calls it. Falls back to NCCL alone, with a warning, where the
         GPUs cannot map each other's memory."""
         row_bytes = hidden * dtype.itemsize
@@ -223,7 +208,7 @@ class TensorParallel:
         push = min(fused, min(max_rows, PUSH_MAX_ROWS) * row_bytes) if fusion == "push" else 0
         try:
             symmetric = SymmetricAllReduce(self.group, device, dtype, min(max_bytes, TWO_SHOT_MAX_BYTES), fused,
-                                           push, prefetch_bytes)
+                                           push)
         except Exception as e:  # noqa: BLE001 - a missing P2P path: NCCL still works
             warnings.warn(f"tensor parallel: symmetric-memory all-reduce unavailable, using NCCL only ({e})",
                           RuntimeWarning, stacklevel=2)

@@ -95,8 +95,7 @@ class ModelRunner:
             if tp.size > 1 and not config.disable_custom_all_reduce:
                 max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
                 self.tp = tp = tp.with_symmetric_memory(self.device, self.dtype, max_tokens, self.mc.hidden_size,
-                                                        fusion=config.all_reduce_norm_fusion,
-                                                        prefetch_bytes=config.all_reduce_prefetch_mib << 20)
+                                                        fusion=config.all_reduce_norm_fusion)
         self.model = self._build_model()
         self.backend = get_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler(config.seed, self.device)

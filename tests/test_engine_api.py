@@ -129,8 +129,8 @@ def test_unknown_option_and_bad_config():
         EngineConfig(scheduling_policy="fifo")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="all_reduce_prefetch_mib"):
-        EngineConfig(all_reduce_prefetch_mib=-1)
+    with pytest.raises(ValueError, match="all_reduce_norm_fusion"):
+        EngineConfig(all_reduce_norm_fusion="fast")
 
 
 def test_top_k_above_vocab_and_top_p_sample_within_vocab():

@@ -7,13 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.kernels.allreduce_rmsnorm as allreduce_mod
-from engine.kernels.allreduce_rmsnorm import (
-    EPOCH_MOD,
-    Prefetch,
-    allreduce_rmsnorm,
-    push_allreduce_rmsnorm,
-)
+from engine.kernels.allreduce_rmsnorm import EPOCH_MOD, allreduce_rmsnorm, push_allreduce_rmsnorm
 from engine.kernels.rmsnorm import rmsnorm
 from engine.kernels.rope import qk_norm_rope
 from engine.kernels.silu_mul import silu_mul
@@ -103,33 +97,11 @@ def test_silu_mul(dtype):
     assert rel(silu_mul(x), torch.nn.functional.silu(gate) * up) < TOL[dtype]
 
 
-def l2_prefetch(on: bool, monkeypatch) -> Prefetch | None:
-    """A weight for the fused kernels' extra programs to load (3 of them here), or None. Its
-    first word is the sink's magic value and the rest zeros, so the first program's xor (over
-    words 0..83) is the magic: it writes the sink, which shows it read its share."""
-    if not on:
-        return None
-    monkeypatch.setattr(allreduce_mod, "PREFETCH_PROGRAMS", 3)
-    words = torch.zeros(37 * 25, device=DEVICE, dtype=torch.int32)
-    words[0] = allreduce_mod._SINK_MAGIC.value
-    weight = words.view(torch.float16).view(37, 50)
-    return Prefetch.of(weight, 1000, torch.full((1,), 7, device=DEVICE, dtype=torch.int32))
-
-
-def assert_prefetched(prefetch: Prefetch | None, before: torch.Tensor | None) -> None:
-    if prefetch is not None:  # the words left as they were; the first program's xor in the sink
-        assert torch.equal(prefetch.words, before) and prefetch.words.numel() == 250  # the first 1,000 bytes
-        assert prefetch.sink.item() == allreduce_mod._SINK_MAGIC.value
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("world,rank,prefetch", [(2, 0, False), (2, 1, True), (3, 2, False)])
-def test_allreduce_rmsnorm_is_sum_then_residual_norm(dtype, world, rank, prefetch, monkeypatch):
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (3, 2)])
+def test_allreduce_rmsnorm_is_sum_then_residual_norm(dtype, world, rank):
     """One process plays `rank`: the peers' partials sit in tensors of their own and their
-    barrier signals are already in its pad. More rows than programs: each program loops. The
-    L2 prefetch programs change nothing a test can see (their own epochs are never counted)."""
-    prefetch = l2_prefetch(prefetch, monkeypatch)
-    before = prefetch.words.clone() if prefetch else None
+    barrier signals are already in its pad. More rows than programs: each program loops."""
     rows, hidden, offset, programs = 7, 96, 40, 3
     parts = [torch.randn(offset + rows * hidden, device=DEVICE, dtype=dtype) for _ in range(world)]
     pads = [torch.zeros(programs, world, device=DEVICE, dtype=torch.int32) for _ in range(world)]
@@ -144,8 +116,7 @@ def test_allreduce_rmsnorm_is_sum_then_residual_norm(dtype, world, rank, prefetc
         epochs.fill_(start)
         pads[rank][:, peers] = torch.tensor(arrived, device=DEVICE, dtype=torch.int32)
         residual = torch.randn(rows, hidden, device=DEVICE, dtype=dtype)
-        out, res_out = allreduce_rmsnorm(addr(parts), addr(pads), epochs, offset, rank, residual, weight, 1e-6,
-                                         prefetch)
+        out, res_out = allreduce_rmsnorm(addr(parts), addr(pads), epochs, offset, rank, residual, weight, 1e-6)
         total = sum(p[offset:].view(rows, hidden).float() for p in parts).to(dtype)  # in rank order
         want, want_res = rmsnorm(total, weight, 1e-6, residual)
         assert torch.equal(res_out, want_res) and torch.equal(out, want)
@@ -154,12 +125,11 @@ def test_allreduce_rmsnorm_is_sum_then_residual_norm(dtype, world, rank, prefetc
         assert all(pads[p][:, rank].tolist() == [epoch] * programs for p in range(world))
         for part in parts:  # new partial sums, as the next GEMM would write
             part.normal_()
-    assert_prefetched(prefetch, before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("world,rank,prefetch", [(2, 0, True), (2, 1, False), (3, 2, False)])
-def test_push_allreduce_rmsnorm_sends_sums_and_resets(dtype, world, rank, prefetch, monkeypatch):
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (3, 2)])
+def test_push_allreduce_rmsnorm_sends_sums_and_resets(dtype, world, rank):
     """The one-trip variant, one process playing `rank`: its GEMM's partials are in its own
     slot, the peers' have already arrived in theirs, and the peers' buffers wait for this rank's."""
     rows, hidden, offset, stride = 5, 96, 24, 5 * 96 + 8
@@ -173,11 +143,7 @@ def test_push_allreduce_rmsnorm_sends_sums_and_resets(dtype, world, rank, prefet
     residual = torch.randn(rows, hidden, device=DEVICE, dtype=dtype)
     weight = torch.empty(hidden, device=DEVICE, dtype=dtype).uniform_(0.5, 1.5)
     addr = torch.tensor([b.data_ptr() for b in bufs], device=DEVICE, dtype=torch.int64)
-    prefetch = l2_prefetch(prefetch, monkeypatch)
-    before = prefetch.words.clone() if prefetch else None
-    out, res_out = push_allreduce_rmsnorm(addr, offset, stride, rank, residual, weight, 1e-6, max_programs=2,
-                                          prefetch=prefetch)
-    assert_prefetched(prefetch, before)
+    out, res_out = push_allreduce_rmsnorm(addr, offset, stride, rank, residual, weight, 1e-6, max_programs=2)
     want, want_res = rmsnorm(sum(p.float() for p in parts).to(dtype), weight, 1e-6, residual)
     assert torch.equal(res_out, want_res) and torch.equal(out, want)
     sent = parts[rank].clone()

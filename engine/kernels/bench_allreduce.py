@@ -5,10 +5,8 @@ then the sum over the ranks and the residual RMSNorm, either as NCCL + norm, sym
 residual threaded through them, are captured in one CUDA graph; µs per step are printed next
 to the GEMM alone. Before timing, it checks that the fused path gives the same bits as the other
 two on every rank, and that the graphs' 64-step chains agree (a barrier race would show there).
---prefetch-mib N adds the fused step followed by gate_up's GEMM, with and without the L2 prefetch.
 
     PYTHONPATH=. python3 -m engine.kernels.bench_allreduce [--sizes 1,8,32,72,128,256,512] [--fusion push]
-        [--prefetch-mib 24]
 """
 
 from __future__ import annotations
@@ -58,24 +56,17 @@ def us_per_step(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
 
 
 def bench_rows(tp: TensorParallel, rows: int, w_down: torch.Tensor, weight: torch.Tensor,
-               seeded: Callable[[int], torch.Generator],
-               w_next: torch.Tensor | None = None) -> tuple[bool, dict[str, float], list]:
-    """(same bits on every path and rank, us per step of each path, what the graphs read).
-    With `w_next` (gate_up's weight), the fused step is also timed followed by that GEMM, with
-    and without the all-reduce loading the start of it into L2."""
+               seeded: Callable[[int], torch.Generator]) -> tuple[bool, dict[str, float], list]:
+    """(same bits on every path and rank, us per step of each path, what the graphs read)."""
     dev, bf16 = w_down.device, w_down.dtype
     x = torch.randn(rows, INTER, device=dev, dtype=bf16, generator=seeded(1000 * rows + tp.rank))
     res0 = torch.randn(rows, HIDDEN, device=dev, dtype=bf16, generator=seeded(rows))
     chains: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (normed, residual) of the last step
 
-    def fused(name: str, prefetch: torch.Tensor | None = None, then_next: bool = False) -> Callable[[int], None]:
-        def step(i: int) -> None:
-            part = tp.partial_out(rows, HIDDEN, bf16, i % 2)  # slots alternate as in the model
-            torch.mm(x, w_down.t(), out=part)
-            chains[name] = tp.all_reduce_rmsnorm(part, chains[name][1] if i else res0, weight, EPS, prefetch)
-            if then_next:
-                chains[name][0] @ w_next.t()  # the GEMM the prefetch is for
-        return step
+    def fused(i: int) -> None:
+        part = tp.partial_out(rows, HIDDEN, bf16, i % 2)  # slots alternate as in the model
+        torch.mm(x, w_down.t(), out=part)
+        chains["fused"] = tp.all_reduce_rmsnorm(part, chains["fused"][1] if i else res0, weight, EPS)
 
     def separate(name: str, reduce: Callable[[torch.Tensor], object]) -> Callable[[int], None]:
         def step(i: int) -> None:
@@ -94,9 +85,7 @@ def bench_rows(tp: TensorParallel, rows: int, w_down: torch.Tensor, weight: torc
         return all(torch.equal(u, v) for u, v in zip(a, b))
 
     steps = {"gemm": lambda i: x @ w_down.t(), "nccl": separate("nccl", dist.all_reduce),
-             "symm": separate("symm", tp.all_reduce), "fused": fused("fused")}
-    if w_next is not None:
-        steps |= {"next": fused("next", None, True), "next+pf": fused("next+pf", w_next, True)}
+             "symm": separate("symm", tp.all_reduce), "fused": fused}
     for name in ("nccl", "symm", "fused"):  # one eager step each: the same bits everywhere
         steps[name](0)
     same = equal(chains["fused"], chains["nccl"], "eager fused/nccl")
@@ -111,33 +100,27 @@ def bench_rows(tp: TensorParallel, rows: int, w_down: torch.Tensor, weight: torc
     times = {name: us_per_step(g) for name, g in graphs.items()}
     same &= equal(outs["fused"], outs["symm"], "graph fused/symm")
     same &= equal(outs["fused"], outs["nccl"], "graph fused/nccl")
-    if w_next is not None:  # loading L2 on the side changes no bits
-        same &= equal(outs["fused"], outs["next+pf"], "graph fused/fused with prefetch")
     if diffs:
         print(f"rank {tp.rank} B={rows}: " + "; ".join(diffs), flush=True)
     return same, times, [graphs, outs, x, res0]
 
 
-def run_rank(rank: int, world: int, port: int, sizes: list[int], fusion: str, prefetch_mib: int) -> None:
+def run_rank(rank: int, world: int, port: int, sizes: list[int], fusion: str) -> None:
     torch.cuda.set_device(rank)
     dev, bf16 = torch.device("cuda", rank), torch.bfloat16
     tp = init_tensor_parallel(Rendezvous(world, "cpu:gloo,cuda:nccl", 120.0, f"tcp://127.0.0.1:{port}"), rank)
-    tp = tp.with_symmetric_memory(dev, bf16, 8192, HIDDEN, fusion, prefetch_bytes=prefetch_mib << 20)
+    tp = tp.with_symmetric_memory(dev, bf16, 8192, HIDDEN, fusion)
     seeded = lambda seed: torch.Generator(device=dev).manual_seed(seed)  # noqa: E731
     weight = torch.empty(HIDDEN, device=dev, dtype=bf16).uniform_(0.5, 1.5, generator=seeded(1))
     w_down = torch.randn(HIDDEN, INTER, device=dev, dtype=bf16, generator=seeded(2 + rank)) / INTER ** 0.5
-    w_next = (torch.randn(2 * INTER, HIDDEN, device=dev, dtype=bf16, generator=seeded(9)) / HIDDEN ** 0.5
-              if prefetch_mib else None)
     ok, keep = True, []  # the graphs of every size stay alive to the end (they read their inputs)
     for rows in sizes:
-        same, t, held = bench_rows(tp, rows, w_down, weight, seeded, w_next)
+        same, t, held = bench_rows(tp, rows, w_down, weight, seeded)
         ok &= same
         keep.append(held)
         if rank == 0:
             print(f"B={rows:4d} same bits: {same} | us/step gemm {t['gemm']:6.1f}  +nccl+norm {t['nccl']:6.1f}"
-                  f"  +symm+norm {t['symm']:6.1f}  +fused {t['fused']:6.1f}"
-                  + (f"  +fused+gate_up {t['next']:6.1f}  same, {prefetch_mib} MiB prefetched {t['next+pf']:6.1f}"
-                     if w_next is not None else ""), flush=True)
+                  f"  +symm+norm {t['symm']:6.1f}  +fused {t['fused']:6.1f}", flush=True)
     if rank == 0:
         print("ALL SAME" if ok else "MISMATCH", flush=True)
     tp.symmetric.close()
@@ -150,16 +133,13 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,8,32,72,128,256,512", help="rows (decode batch sizes)")
     ap.add_argument("--fusion", default="barrier", choices=["barrier", "push"],
                     help="the fused kernel's protocol (EngineConfig.all_reduce_norm_fusion)")
-    ap.add_argument("--prefetch-mib", type=int, default=0,
-                    help="also time the fused step followed by gate_up's GEMM, with this many MiB of its "
-                         "weights loaded into L2 by the all-reduce and without (all_reduce_prefetch_mib)")
     args = ap.parse_args()
     if torch.cuda.device_count() < 2:
         raise SystemExit("bench_allreduce needs 2 CUDA devices")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(run_rank, args=(2, port, [int(n) for n in args.sizes.split(",")], args.fusion, args.prefetch_mib),
+    mp.spawn(run_rank, args=(2, port, [int(n) for n in args.sizes.split(",")], args.fusion),
              nprocs=2)
 
 

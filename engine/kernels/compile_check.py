@@ -1,7 +1,7 @@
 """Compile the engine's Triton kernels, in the specializations the GPU path uses, for a CUDA
 target on a machine without a GPU (Triton's ahead-of-time path: its bundled ptxas, no driver). The interpreter runs the kernels'
 logic on CPU but never lowers them, so a construct the compiler rejects, or a specialization the
-CPU tests never take (bf16, the L2 prefetch, 128-key decode tiles), would otherwise first fail on
+CPU tests never take (bf16, 128-key decode tiles), would otherwise first fail on
 a GPU. Prints one line per kernel and exits 1 if any failed.
 
     python -m engine.kernels.compile_check [--arch 90]
@@ -32,7 +32,7 @@ class Case:
     @property
     def name(self) -> str:
         shown = {k: v for k, v in self.constexprs.items()
-                 if k in ("BLOCK_N", "PREFETCH", "BITS", "DOT_PRECISION", "LONG", "STORE")}
+                 if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE")}
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -42,17 +42,11 @@ def _ptrs(dtype: str, *names: str) -> dict[str, str]:
 
 def cases() -> list[Case]:
     rows = ("res_ptr", "w_ptr", "out_ptr", "res_out_ptr")
-    out = []
-    for prefetch in (False, True):
-        # without the prefetch, the launch passes the residual in place of the prefetch pointers
-        fused = {**_ptrs("i64", "buffers"), **_ptrs("bf16", *rows),
-                 **_ptrs("i32" if prefetch else "bf16", "pf_words", "sink")}
-        out.append(Case("engine.kernels.allreduce_rmsnorm", "_allreduce_rmsnorm_kernel",
-                        dict(RANK=0, WORLD=2, BLOCK=4096, PREFETCH=prefetch, PF_BLOCK=8192),
-                        {**fused, **_ptrs("i64", "signal_pads"), **_ptrs("i32", "epochs")}, {"num_warps": 8}))
-        out.append(Case("engine.kernels.allreduce_rmsnorm", "_push_allreduce_rmsnorm_kernel",
-                        dict(RANK=1, WORLD=2, BLOCK=4096, BITS=16, PREFETCH=prefetch, PF_BLOCK=8192),
-                        fused, {"num_warps": 8}))
+    fused = {**_ptrs("i64", "buffers"), **_ptrs("bf16", *rows)}
+    out = [Case("engine.kernels.allreduce_rmsnorm", "_allreduce_rmsnorm_kernel", dict(RANK=0, WORLD=2, BLOCK=4096),
+                {**fused, **_ptrs("i64", "signal_pads"), **_ptrs("i32", "epochs")}, {"num_warps": 8}),
+           Case("engine.kernels.allreduce_rmsnorm", "_push_allreduce_rmsnorm_kernel",
+                dict(RANK=1, WORLD=2, BLOCK=4096, BITS=16), fused, {"num_warps": 8})]
     out.append(Case("engine.kernels.rmsnorm", "_rmsnorm_kernel", dict(HAS_RESIDUAL=True, BLOCK=4096),
                     _ptrs("bf16", "x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"), {"num_warps": 8}))
     out.append(Case("engine.kernels.sample", "_gumbel_chunk_kernel", dict(CHUNK=8192, BLOCK=2048),

@@ -20,14 +20,12 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tp: TensorParallel = SINGLE,
-                prefetch: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tp: TensorParallel = SINGLE):
         """norm(x), or with `residual` (norm(x + residual), x + residual). With `tp`, x holds
         this rank's partial sums of a row-parallel layer: they are summed over the ranks first,
-        in the same kernel where the GPUs share symmetric memory (which may also load the start
-        of `prefetch`, the weight read next, into L2)."""
+        in the same kernel where the GPUs share symmetric memory."""
         if tp.size > 1:
-            if residual is not None and (fused := tp.all_reduce_rmsnorm(x, residual, self.weight, self.eps, prefetch)):
+            if residual is not None and (fused := tp.all_reduce_rmsnorm(x, residual, self.weight, self.eps)):
                 return fused
             x = tp.all_reduce(x)
         if x.is_cuda and x.dim() == 2:

@@ -78,9 +78,9 @@ class DecoderLayer(nn.Module):
         if residual is None:
             h, residual = self.input_layernorm(h), h
         else:
-            h, residual = self.input_layernorm(h, residual, self.tp, self.self_attn.qkv_proj.weight)
+            h, residual = self.input_layernorm(h, residual, self.tp)
         h = self.self_attn(positions, h, kv, meta, backend)  # partial sums
-        h, residual = self.post_attention_layernorm(h, residual, self.tp, self.mlp.gate_up_proj.weight)
+        h, residual = self.post_attention_layernorm(h, residual, self.tp)
         return self.mlp(h), residual  # partial sums
 
 
