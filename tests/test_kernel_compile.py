@@ -10,17 +10,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine.kernels.compile_check import cases
 
 REPO = str(Path(__file__).resolve().parents[1])
 
 
-def test_gpu_kernels_compile_for_sm90():
+# `nox -s tests` installs the GPU machines' Triton here (noxfile.DEVICE_TRITON): the kernels must
+# compile under it as well as under this environment's
+DEVICE_TRITON = os.environ.get("ENGINE_COMPILE_CHECK_TRITON")
+
+
+@pytest.mark.parametrize("triton_dir", [None] + ([DEVICE_TRITON] if DEVICE_TRITON else []),
+                         ids=lambda d: "installed-triton" if d is None else "device-triton")
+def test_gpu_kernels_compile_for_sm90(triton_dir):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # JIT kernels, not interpreted
-    env["PYTHONPATH"] = REPO
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, REPO) if p)
     proc = subprocess.run([sys.executable, "-m", "engine.kernels.compile_check", "--arch", "90"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    version = proc.stdout.splitlines()[0]
+    if triton_dir is not None:  # the side directory's Triton, not the environment's, did the compiling
+        dist = next(Path(triton_dir).glob("triton-*.dist-info")).name  # triton-3.6.0.dist-info
+        assert version == "triton " + dist.removeprefix("triton-").removesuffix(".dist-info"), version
     ok = [ln for ln in proc.stdout.splitlines() if ln.startswith("ok   sm_90")]
     assert len(ok) == len(cases()) >= 10, proc.stdout
 

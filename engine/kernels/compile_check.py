@@ -6,6 +6,10 @@ a GPU. Prints one line per kernel and exits 1 if any failed.
 
     python -m engine.kernels.compile_check [--arch 90]
 
+Triton versions differ in what they accept (3.6, on the GPU machines, type-checks branches that
+3.9 folds away), so `nox -s tests` also runs it under the GPU machines' version, installed to a
+side directory put first on PYTHONPATH.
+
 Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
 """
 
@@ -112,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+    import triton
+
+    print(f"triton {triton.__version__}", flush=True)  # the GPU machines may run another version
     failed = 0
     for case in cases():
         err = compile_case(case, args.arch)
