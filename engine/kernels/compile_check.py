@@ -36,7 +36,7 @@ class Case:
     @property
     def name(self) -> str:
         shown = {k: v for k, v in self.constexprs.items()
-                 if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE")}
+                 if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS")}
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -79,12 +79,15 @@ def cases() -> list[Case]:
                     dict(BLOCK_SIZE=16, NUM_KV_HEADS=8, HEAD_DIM=128, H_PAD=8, D_PAD=128),
                     {**_ptrs("bf16", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"), **_ptrs("i64", "slot_ptr")}))
     out.append(Case("engine.kernels.silu_mul", "_silu_mul_kernel", dict(BLOCK=4096), _ptrs("bf16", "x_ptr", "out_ptr")))
-    for dtype, block_n, precision in (("bf16", 128, "tf32"), ("bf16", 64, "tf32"), ("fp32", 64, "ieee")):
+    for dtype, block_n, precision, splits in (("bf16", 128, "tf32", 2), ("bf16", 128, "tf32", 1),
+                                              ("bf16", 64, "tf32", 2), ("fp32", 64, "ieee", 2)):
+        # one split: the launch passes `out` in place of the fp32 scratch
+        scratch = "fp32" if splits > 1 else dtype
         out.append(Case("engine.kernels.decode_attention", "_decode_split_kernel",
                         dict(BLOCK_SIZE=16, GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_H=16, BLOCK_N=block_n,
-                             NUM_SPLITS=2, DOT_PRECISION=precision),
+                             NUM_SPLITS=splits, DOT_PRECISION=precision),
                         {**_ptrs(dtype, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
-                         **_ptrs("fp32", "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
+                         **_ptrs(scratch, "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
                         {"num_warps": 4, "num_stages": 2}))
     return out
 

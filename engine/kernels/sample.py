@@ -50,6 +50,13 @@ def _gumbel_chunk_kernel(logits_ptr, temp_ptr, seed_ptr, out_ptr, stride_row, nu
     tl.store(out_ptr + num_rows * num_chunks + cell, best_idx)
 
 
+@triton.jit
+def _winner_cell(c, row, num_rows, num_chunks):
+    """Offset of the value plane's cell for chunk c of the stacked [GROUPS, 2, rows, chunks]
+    winners (c counts across groups; the column plane is num_rows * num_chunks further on)."""
+    return (c // num_chunks) * 2 * num_rows * num_chunks + row * num_chunks + c % num_chunks
+
+
 @triton.jit(do_not_specialize=["num_rows", "num_chunks"])  # the batch size varies every step
 def _pick_chunk_kernel(chunks_ptr, out_ptr, num_rows, num_chunks, GROUPS: tl.constexpr,
                        CHUNKS_PAD: tl.constexpr):
@@ -58,12 +65,12 @@ def _pick_chunk_kernel(chunks_ptr, out_ptr, num_rows, num_chunks, GROUPS: tl.con
     row = tl.program_id(0)
     c = tl.arange(0, CHUNKS_PAD)
     ok = c < GROUPS * num_chunks
-    cell = (c // num_chunks) * 2 * num_rows * num_chunks + row * num_chunks + c % num_chunks
-    vals = tl.load(chunks_ptr + cell, mask=ok, other=0).to(tl.float32, bitcast=True)
+    vals = tl.load(chunks_ptr + _winner_cell(c, row, num_rows, num_chunks), mask=ok, other=0)
+    vals = vals.to(tl.float32, bitcast=True)
     vals = tl.where(ok, vals, float("-inf"))
     _, best = tl.max(vals, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    best_cell = (best // num_chunks) * 2 * num_rows * num_chunks + row * num_chunks + best % num_chunks
-    tl.store(out_ptr + row, tl.load(chunks_ptr + num_rows * num_chunks + best_cell).to(tl.int64))
+    best_col = chunks_ptr + num_rows * num_chunks + _winner_cell(best, row, num_rows, num_chunks)
+    tl.store(out_ptr + row, tl.load(best_col).to(tl.int64))
 
 
 def gumbel_chunks(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
