@@ -4,16 +4,18 @@ runner's persistent input buffers, so a replay only needs those buffers filled."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.input_buffers import InputBuffers
 from engine.scheduler import SchedulerOutput
 
-if TYPE_CHECKING:
-    from engine.model_runner import ModelRunner
+# (batch size, attention metadata) -> logits: the model part of a decode step, reading its token
+# ids and positions from the persistent input buffers
+DecodeForward = Callable[[int, AttentionMetadata], torch.Tensor]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -34,9 +36,12 @@ class CapturedGraph:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
-        self.sizes = graph_batch_sizes(runner.config.max_num_seqs)
+    """`forward` runs the model on the first b rows of `buffers`; graphs are captured for every
+    size of the ladder up to max_num_seqs."""
+
+    def __init__(self, forward: DecodeForward, buffers: InputBuffers, max_num_seqs: int, max_model_len: int):
+        self.forward, self.buffers, self.max_model_len = forward, buffers, max_model_len
+        self.sizes = graph_batch_sizes(max_num_seqs)
         self.graphs: dict[int, CapturedGraph] = {}
 
     def lookup(self, out: SchedulerOutput) -> CapturedGraph | None:
@@ -47,7 +52,7 @@ class DecodeGraphs:
         return self.graphs[next(s for s in self.sizes if s >= b)]
 
     def _metadata(self, b: int) -> AttentionMetadata:
-        buf, max_len = self.runner.buffers, self.runner.config.max_model_len
+        buf, max_len = self.buffers, self.max_model_len
         # max_seq_len = max_model_len so the host-chosen split count suits any replayed length;
         # real lengths are read from seq_lens on the device.
         return AttentionMetadata(
@@ -56,34 +61,26 @@ class DecodeGraphs:
             max_query_len=1, max_seq_len=max_len, query_start_loc_cpu=[], seq_lens_cpu=[max_len] * b,
         )
 
-    def _forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
-        r = self.runner
-        hidden = r.model(r.buffers.input_ids.gpu[:b], r.buffers.positions.gpu[:b], r.kv_caches, meta, r.backend)
-        return r.model.compute_logits(hidden, gather=r.vocab_shard is None)
-
     def release(self) -> None:
-        """Destroy the captured graphs now (not whenever the runner/graphs reference cycle is
-        collected): under TP they hold NCCL work, and the communicator's destroy waits for it."""
+        """Destroy the captured graphs now (not whenever they are collected): under TP they hold
+        NCCL work, and the communicator's destroy waits for it."""
         if self.graphs:
             torch.cuda.synchronize()
         self.graphs.clear()
 
     @torch.inference_mode()
     def capture(self) -> None:
-        r = self.runner
-        buf = r.buffers
+        buf = self.buffers
         buf.slot_mapping.gpu.fill_(-1)  # capture-time lanes store nothing and read nothing
         buf.seq_lens.gpu.zero_()
-        if hasattr(r.backend, "reserve"):
-            r.backend.reserve(self.sizes[-1], r.mc.num_attention_heads // r.tp.size, r.mc.head_dim, r.device)
         pool = None
         for b in reversed(self.sizes):  # largest first so smaller graphs reuse its pool
             meta = self._metadata(b)
-            self._forward(b, meta)  # warm-up: compiles kernels outside the capture
+            self.forward(b, meta)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(b, meta)
+                logits = self.forward(b, meta)
             pool = graph.pool() if pool is None else pool
             self.graphs[b] = CapturedGraph(b, graph, logits)
         torch.cuda.synchronize()

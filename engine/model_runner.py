@@ -173,8 +173,17 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(self.mc.num_hidden_layers)]
         self._init_buffers()
         if self.device.type == "cuda" and not self.config.enforce_eager:
-            self.graphs = DecodeGraphs(self)
+            cfg = self.config
+            self.backend.reserve(cfg.max_num_seqs, self.mc.num_attention_heads // self.tp.size, self.mc.head_dim,
+                                 self.device)
+            self.graphs = DecodeGraphs(self._decode_forward, self.buffers, cfg.max_num_seqs, cfg.max_model_len)
             self.graphs.capture()
+
+    def _decode_forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
+        """The model part of a decode step of b rows, read from the input buffers (graph capture)."""
+        hidden = self.model(self.buffers.input_ids.gpu[:b], self.buffers.positions.gpu[:b], self.kv_caches, meta,
+                            self.backend)
+        return self.model.compute_logits(hidden, gather=self.vocab_shard is None)
 
     def close(self) -> None:
         """Free the CUDA graphs and the KV cache (before a tensor-parallel group is destroyed)."""

@@ -91,7 +91,7 @@ class MultiprocExecutor:
         self._shard[0] = shard
 
     @property
-    def runner(self):  # rank 0's ModelRunner (engine.bench reads its dtype and device)
+    def runner(self):  # rank 0's ModelRunner (harness.studies.throughput reads its dtype and device)
         return self.shard.runner if self.shard is not None else None
 
     # ---- start-up -----------------------------------------------------------------------

@@ -30,7 +30,7 @@ import pandas as pd
 from rich.console import Console
 
 from harness.compare import load_runs, summary_table, write_html
-from harness.flagship import FLAGSHIP_KV_BLOCKS
+from harness.studies.flagship import FLAGSHIP_KV_BLOCKS
 from harness.report import SWEEP_FILE
 from harness.run import WorkloadSpec
 from harness.sweep import SweepSpec, run_sweep

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-telemetry", action="store_true")
     bench.add_argument("--no-progress", action="store_true")
     fl = sub.add_parser("flagship", help="static vs continuous on a GPU over load, prefix caching, HF "
-                        "(harness/flagship.py); --publish / --table for the committed copy")
+                        "(harness/studies/flagship.py); --publish / --table for the committed copy")
     fl.add_argument("--out-root", default="reports")
     fl.add_argument("--no-hf", action="store_true", help="skip the HF transformers subset")
     fl.add_argument("--no-telemetry", action="store_true")

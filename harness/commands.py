@@ -283,7 +283,7 @@ class FlagshipCommand:
                 raise UsageError(f"{path} does not exist")
 
     def execute(self, console) -> int:
-        from harness import flagship
+        from harness.studies import flagship
 
         ns = self.ns
         if ns.table:

@@ -43,6 +43,10 @@ class AttentionBackend(Protocol):
     # the caches) and then passes k = v = None to forward
     accepts_stored_kv: bool
 
+    def reserve(self, max_seqs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
+        """Allocate any per-batch scratch up front (before CUDA graph capture)."""
+        ...
+
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]

@@ -68,6 +68,9 @@ def paged_attention_batched(q, k_cache, v_cache, meta: AttentionMetadata, scale:
 class TorchAttention:
     accepts_stored_kv = False
 
+    def reserve(self, max_seqs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
+        pass  # no scratch: the reference path allocates per call
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_batched(q, k_cache, v_cache, meta, scale)

@@ -35,7 +35,7 @@ _EPOCH_MOD: tl.constexpr = tl.constexpr(EPOCH_MOD)  # the kernels' view of it
 # 4, 8, 16 warps: within 0.6 us up to 128 rows, 16 ahead by 1.5 us at 256-512 (2xH200, PERF.md)
 NUM_WARPS = NORM_NUM_WARPS
 # Arguments that change from step to step in eager (prefill) steps: specializing on them (% 16,
-# == 1) would compile new variants mid-run (engine.kernels.jit_watch)
+# == 1) would compile new variants mid-run (harness.kernels.jit_watch)
 ROW_COUNTS = ["rows"]
 
 

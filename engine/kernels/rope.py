@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention.metadata import KVStore
 from engine.kernels.store_kv import check_store_args
 
 
@@ -74,17 +73,18 @@ def _qk_norm_rope_kernel(
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                 eps: float, store: KVStore | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 eps: float, store: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [T, Hq, D], k [T, Hkv, D] (last dim contiguous, any token/head strides); cos/sin
     [max_pos, D] fp32 in rotate-half layout. Returns contiguous (q, k), or with `store` (q, None):
-    the rotated K and this step's V are then written into the caches at their slots."""
+    the rotated K and this step's V are then written into the caches at their slots. `store` is
+    (v, k_cache, v_cache, slot_mapping): the attention layer's KVStore."""
     t, hq, dim = q.shape
     hkv = k.shape[1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or dim % 2 or (dim & (dim - 1)):
         raise ValueError(f"qk_norm_rope needs a contiguous power-of-two head dim, got q {tuple(q.shape)}")
     if store is not None:
         check_store_args(k, *store)
-        if store.k_cache.stride() != store.v_cache.stride():
+        if store[1].stride() != store[2].stride():
             raise ValueError("qk_norm_rope: k_cache and v_cache need the same strides")
     q_out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((t, hkv, dim), dtype=k.dtype, device=k.device) if store is None else None
@@ -99,7 +99,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
         v.stride(0), v.stride(1), *(v_dst.stride()[:3] if store is not None else (0, 0, 0)),
         NORM=norm, HALF=dim // 2, NUM_Q_HEADS=hq, NUM_KV_HEADS=hkv,
         HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
-        STORE=store is not None, BLOCK_SIZE=store.k_cache.shape[1] if store is not None else 1,
+        STORE=store is not None, BLOCK_SIZE=store[1].shape[1] if store is not None else 1,
         num_warps=4 if hq * dim >= 2048 else 1,
     )
     return q_out, k_out

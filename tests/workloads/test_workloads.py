@@ -25,7 +25,7 @@ from workloads.generators import (
 )
 from workloads.trace import TraceError, TraceRequest, load_trace, save_trace, with_request_ids
 
-TRACES_DIR = Path(__file__).resolve().parent.parent / "workloads" / "traces"
+TRACES_DIR = Path(__file__).resolve().parents[2] / "workloads" / "traces"
 
 
 # --- bench ----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from harness.loadtest import running, scrape_metrics, start_server, wait_healthy
 from harness.replay import replay
 from workloads.trace import TraceRequest, load_trace
 
-SMOKE = Path(__file__).resolve().parent.parent / "workloads" / "traces" / "smoke.jsonl"
+SMOKE = Path(__file__).resolve().parents[2] / "workloads" / "traces" / "smoke.jsonl"
 TTFT_MEDIAN_TOLERANCE_S = 0.030
 MAX_ATTEMPTS = 3
 # One torch thread on both sides: with two OpenMP threads on a busy 2-core machine a step

@@ -1,7 +1,7 @@
 """H100 microbenchmark: split-K decode and unified attention, bf16, Qwen3-0.6B layer shape.
 
-Run on the GPU machine:  PYTHONPATH=. python3 -m engine.kernels.bench_decode [--llama-tp]
-CPU check of the script: TRITON_INTERPRET=1 PYTHONPATH=. python -m engine.kernels.bench_decode --smoke [--llama-tp]
+Run on the GPU machine:  PYTHONPATH=. python3 -m harness.kernels.bench_decode [--llama-tp]
+CPU check of the script: TRITON_INTERPRET=1 PYTHONPATH=. python -m harness.kernels.bench_decode --smoke [--llama-tp]
 --llama-tp: llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead (see llama_tp_rows).
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
 
@@ -207,7 +207,7 @@ LLAMA_TP_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), 
 
 def llama_tp_rows(plan: Plan, batches: tuple[int, ...], min_ctx: int, max_ctx: int) -> None:
     """llama-3-8b's decode attention per rank at TP=1 (Hq 32, Hkv 8) and TP=2 (16, 4), context
-    lengths spread like `engine.bench`'s mid-run batches (U[min_ctx, max_ctx]): us and GB/s over
+    lengths spread like `harness.studies.throughput`'s mid-run batches (U[min_ctx, max_ctx]): us and GB/s over
     the K+V bytes for each split count and tile, to see whether TP's halved program count needs
     more splits (or deeper tiles) than the engine's defaults give."""
     rng = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ logic on CPU but never lowers them, so a construct the compiler rejects, or a sp
 CPU tests never take (bf16, 128-key decode tiles), would otherwise first fail on
 a GPU. Prints one line per kernel and exits 1 if any failed.
 
-    python -m engine.kernels.compile_check [--arch 90]
+    python -m harness.kernels.compile_check [--arch 90]
 
 Triton versions differ in what they accept (3.6, on the GPU machines, type-checks branches that
 3.9 folds away), so `nox -s tests` also runs it under the GPU machines' version, installed to a

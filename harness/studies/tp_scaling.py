@@ -1,7 +1,7 @@
-"""Tensor-parallel scaling: `engine.bench` at TP=1 and TP=N in alternating fresh processes, and
+"""Tensor-parallel scaling: `harness.studies.throughput` at TP=1 and TP=N in alternating fresh processes, and
 the throughput ratio of each pair.
 
-    python -m engine.tp_scaling --model llama-3-8b --num-seqs 128 --max-output-len 512 --tp 2 --pairs 2
+    python -m harness.studies.tp_scaling --model llama-3-8b --num-seqs 128 --max-output-len 512 --tp 2 --pairs 2
 
 The first run of each configuration is run and reported but left out of the ratio: on 2xH200 the
 first full run of a configuration in a fresh machine came out 3-6% slower than the next ones,
@@ -21,16 +21,16 @@ from pathlib import Path
 
 
 def run_bench(bench_args: list[str], tp: int, engine_args: list[str], timeout_s: float) -> dict:
-    """One `engine.bench` in a fresh process; its JSON result."""
+    """One `harness.studies.throughput` in a fresh process; its JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "engine.bench", *bench_args, "--json", str(out),
+        cmd = [sys.executable, "-m", "harness.studies.throughput", *bench_args, "--json", str(out),
                "--engine-arg", f"tensor_parallel_size={tp}"]
         for arg in engine_args:
             cmd += ["--engine-arg", arg]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"engine.bench at TP={tp} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"harness.studies.throughput at TP={tp} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
 
 

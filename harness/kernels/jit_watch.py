@@ -3,7 +3,7 @@
 Triton compiles (or, with a warm disk cache, loads) a kernel once per specialization: integer
 arguments are specialized on divisibility by 16 and on == 1 unless marked `do_not_specialize`.
 A specialization first met inside a timed run costs a compile there on a fresh machine (seconds
-in all), a cache load on later runs. `engine.bench` reports them, so a slow first run can be told
+in all), a cache load on later runs. `harness.studies.throughput` reports them, so a slow first run can be told
 apart from a slow GPU (reports/PERF.md, session 5: first runs 3-6% slower).
 """
 

@@ -18,7 +18,7 @@ from harness.cli import main
 from harness.commands import parse_value
 from harness.report import load_report
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _trace(tmp_path: Path, *rows: dict) -> str:

@@ -6,7 +6,7 @@ residual threaded through them, are captured in one CUDA graph; µs per step are
 to the GEMM alone. Before timing, it checks that the fused path gives the same bits as the other
 two on every rank, and that the graphs' 64-step chains agree (a barrier race would show there).
 
-    PYTHONPATH=. python3 -m engine.kernels.bench_allreduce [--sizes 1,8,32,72,128,256,512] [--fusion push]
+    PYTHONPATH=. python3 -m harness.kernels.bench_allreduce [--sizes 1,8,32,72,128,256,512] [--fusion push]
 """
 
 from __future__ import annotations

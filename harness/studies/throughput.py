@@ -1,8 +1,8 @@
 """Offline throughput: nano-vllm's bench workload (seed 0, token-id prompts, ignore_eos) through
 the engine, and optionally HF transformers `generate` on the same prompts in the same process.
 
-    python -m engine.bench                          # tiny on CPU, scaled-down workload
-    python -m engine.bench --model qwen3-0.6b --hf  # the full workload on a GPU (133,966 tokens)
+    python -m harness.studies.throughput                          # tiny on CPU, scaled-down workload
+    python -m harness.studies.throughput --model qwen3-0.6b --hf  # the full workload on a GPU (133,966 tokens)
 
 Throughput = output tokens / wall time, prefill included.
 """
@@ -18,7 +18,7 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.config import parse_value
-from engine.kernels.jit_watch import watch_jit
+from harness.kernels.jit_watch import watch_jit
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
 from workloads.generators import bench as bench_requests
 
@@ -77,7 +77,7 @@ class PhaseProfiler:
 def run_engine(llm: LLM, prompts, params, profile: bool = False) -> tuple[int, float, dict, list[str] | None]:
     """Run through the step API so each step's host/device split is recorded. Also returns the
     Triton specializations this process first met inside the timed run (each a compile there on a
-    fresh machine; see engine.kernels.jit_watch), None where Triton cannot tell."""
+    fresh machine; see harness.kernels.jit_watch), None where Triton cannot tell."""
     engine = llm.engine
     engine.warm_up()
     stats = []

@@ -44,7 +44,7 @@ _SHARED = [_rng.randrange(256) for _ in range(33)]
 PROMPTS = [[_rng.randrange(256) for _ in range(n)] for n in (1, 6, 17, 40)]
 PROMPTS += [_SHARED + [_rng.randrange(256) for _ in range(n)] for n in (2, 9)]
 CPU = dict(device="cpu", dtype="float32", block_size=16, max_model_len=128, num_kv_blocks=48)
-REPO = str(Path(__file__).resolve().parents[1])
+REPO = str(Path(__file__).resolve().parents[2])
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
 
 
@@ -464,7 +464,7 @@ def test_worker_failure_on_gpus_surfaces(checkpoint_dirs, monkeypatch):
 
 
 def test_tp_scaling_reports_pairs_after_the_first(tmp_path, monkeypatch):
-    """`engine.tp_scaling` on CPU: fresh TP=1 and TP=2 bench processes, the first pair shown but
+    """`harness.studies.tp_scaling` on CPU: fresh TP=1 and TP=2 bench processes, the first pair shown but
     not counted; a bad TP-only engine option fails with the bench's message."""
     from engine import tp_scaling
 

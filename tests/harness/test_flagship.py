@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from harness import flagship
+from harness.studies import flagship
 from harness.cli import main
 
 

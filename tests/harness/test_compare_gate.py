@@ -22,7 +22,7 @@ from harness.compare import load_runs, summary_table
 from harness.report import SWEEP_FILE
 from harness.sweep import run_sweep
 
-BASELINE = Path(__file__).resolve().parent.parent / "reports" / "baselines" / "cpu_tiny.json"
+BASELINE = Path(__file__).resolve().parents[2] / "reports" / "baselines" / "cpu_tiny.json"
 
 
 @pytest.fixture(scope="module")

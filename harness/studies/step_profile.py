@@ -1,6 +1,6 @@
 """Where a decode step's time goes, against its bytes/bandwidth floor.
 
-    PYTHONPATH=. python3 -m engine.step_profile --model qwen3-0.6b --batch 256 --context 1024
+    PYTHONPATH=. python3 -m harness.studies.step_profile --model qwen3-0.6b --batch 256 --context 1024
 
 Fills `batch` sequences to `context` tokens, then (1) times decode steps end to end with the
 host clock (what the engine loop sees), (2) times the model part alone with CUDA events

@@ -1,7 +1,7 @@
 """Triton tooling without a GPU: the engine's kernels, as the GPU path specializes them, compile
 for Hopper (sm_90) on this CPU machine (the interpreter tests run the kernels' logic but never
-lower them; see engine/kernels/compile_check.py), and engine.bench's watch on new
-specializations (engine/kernels/jit_watch.py)."""
+lower them; see harness/kernels/compile_check.py), and harness.studies.throughput's watch on new
+specializations (harness/kernels/jit_watch.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.kernels.compile_check import cases
+from harness.kernels.compile_check import cases
 
-REPO = str(Path(__file__).resolve().parents[1])
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 # `nox -s tests` installs the GPU machines' Triton here (noxfile.DEVICE_TRITON): the kernels must
@@ -27,7 +27,7 @@ DEVICE_TRITON = os.environ.get("ENGINE_COMPILE_CHECK_TRITON")
 def test_gpu_kernels_compile_for_sm90(triton_dir):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # JIT kernels, not interpreted
     env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, REPO) if p)
-    proc = subprocess.run([sys.executable, "-m", "engine.kernels.compile_check", "--arch", "90"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "harness.kernels.compile_check", "--arch", "90"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     version = proc.stdout.splitlines()[0]
@@ -39,14 +39,14 @@ def test_gpu_kernels_compile_for_sm90(triton_dir):
 
 
 def test_watch_jit_records_chains_and_restores_the_hook():
-    """engine.bench's watch on Triton's jit_cache_hook (Triton calls it for each specialization a
+    """harness.studies.throughput's watch on Triton's jit_cache_hook (Triton calls it for each specialization a
     process meets): names recorded inside the block, a hook already installed still called (and
     its answer kept), the old hook back afterwards."""
     from types import SimpleNamespace
 
     from triton import knobs
 
-    from engine.kernels.jit_watch import watch_jit
+    from harness.kernels.jit_watch import watch_jit
 
     calls = []
     previous = knobs.runtime.jit_cache_hook
