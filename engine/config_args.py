@@ -65,6 +65,7 @@ NEGATIVE_ALIASES: dict[str, str] = {
 }
 _FIELDS_KEY = "engine_flag_fields"  # namespace attribute: the fields this parser has flags for
 _DEFAULTS_KEY = "engine_flag_defaults"  # namespace attribute: the tool's own defaults
+_SKIPPED_KEY = "engine_flag_skipped"  # namespace attribute: fields the tool sets itself
 
 
 class UsageError(ValueError):
@@ -81,11 +82,16 @@ def flag_name(field: str) -> str:
 
 def add_engine_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                     defaults: Mapping[str, Any] | None = None, skip: Collection[str] = (),
-                    aliases: Mapping[str, Sequence[str]] | None = None) -> None:
-    """One `--field-name` per EngineConfig init field (but `skip`, which the tool sets itself),
-    plus `--engine-arg K=V`. `defaults`: the tool's own default for a field (shown in help,
-    returned by `engine_kwargs` unless the user sets the field); `aliases`: extra spellings."""
-    defaults, aliases = dict(defaults or {}), dict(aliases or {})
+                    spellings: Mapping[str, Sequence[str]] | None = None) -> None:
+    """One `--field-name` per EngineConfig init field, plus `--engine-arg K=V`.
+
+    defaults: the tool's own default for a field (shown in help, returned by `engine_kwargs`
+        unless the user sets the field).
+    skip: fields the tool sets from an option of its own (`--model`); no flag, and
+        `--engine-arg` on them is a UsageError.
+    spellings: a field's flags in place of `--field-name`, e.g. `--engine-seed` where `--seed`
+        already means something else, or an old spelling kept next to the new one."""
+    defaults, spellings = dict(defaults or {}), dict(spellings or {})
     hints = typing.get_type_hints(EngineConfig)
     comments = field_comments()
     names = []
@@ -98,7 +104,7 @@ def add_engine_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
         text = comments.get(f.name) or FIELD_HELP.get(f.name) or f"EngineConfig.{f.name}"
         text = re.sub(r"\bNone:", "default:", text)  # the comments' "None: ..." is what no flag means
         text = (f"{text} (default: {default})" if default is not None else text).replace("%", "%%")
-        flags = [flag_name(f.name), *aliases.get(f.name, ())]
+        flags = list(spellings.get(f.name, [flag_name(f.name)]))
         if kind is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=text)
@@ -112,8 +118,8 @@ def add_engine_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     parser.add_argument("--engine-arg", action="append", default=[], metavar="K=V",
                         help="any EngineConfig field as KEY=VALUE (JSON values), repeatable; "
                              "the same as its flag")
-    parser.set_defaults(**{_FIELDS_KEY: tuple(names), _DEFAULTS_KEY: {k: defaults[k] for k in names
-                                                                       if k in defaults}})
+    parser.set_defaults(**{_FIELDS_KEY: tuple(names), _SKIPPED_KEY: tuple(skip),
+                           _DEFAULTS_KEY: {k: defaults[k] for k in names if k in defaults}})
 
 
 def engine_kwargs(namespace: argparse.Namespace, extra_pairs: Sequence[str] | None = None) -> dict[str, Any]:
@@ -126,12 +132,16 @@ def engine_kwargs(namespace: argparse.Namespace, extra_pairs: Sequence[str] | No
     unknown = sorted(set(pairs) - EngineConfig.field_names())
     if unknown:
         raise UsageError(f"unknown --engine-arg {unknown}; valid: {', '.join(sorted(EngineConfig.field_names()))}")
+    owned = sorted(set(pairs) & set(getattr(namespace, _SKIPPED_KEY, ())))
+    if owned:
+        raise UsageError(f"--engine-arg {', '.join(owned)}: set by this command's own "
+                         f"{', '.join(flag_name(n) for n in owned)}")
     flags = {name: getattr(namespace, name) for name in getattr(namespace, _FIELDS_KEY, ())
              if getattr(namespace, name, None) is not None}
     both = sorted(set(flags) & set(pairs))
     if both:
         raise UsageError("given both as a flag and as --engine-arg: "
-                         + ", ".join(f"{flag_name(n)} {flags[n]!r} and --engine-arg {n}={pairs[n]!r}" for n in both))
+                         + ", ".join(f"{n}={flags[n]!r} and --engine-arg {n}={pairs[n]!r}" for n in both))
     return {**getattr(namespace, _DEFAULTS_KEY, {}), **pairs, **flags}
 
 
