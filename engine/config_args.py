@@ -99,7 +99,7 @@ def add_engine_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
         if f.name in skip:
             continue
         names.append(f.name)
-        kind = _unwrap_optional(hints[f.name])
+        kind = unwrap_optional(hints[f.name])
         default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
         text = comments.get(f.name) or FIELD_HELP.get(f.name) or f"EngineConfig.{f.name}"
         text = re.sub(r"\bNone:", "default:", text)  # the comments' "None: ..." is what no flag means
@@ -156,11 +156,11 @@ def parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
     return out
 
 
-def field_comments() -> dict[str, str]:
-    """Each EngineConfig field's comment in config.py: the one ending its line, else the comment
+def field_comments(cls: type = EngineConfig) -> dict[str, str]:
+    """Each field's comment in the class's source: the one ending its line, else the comment
     lines right above it. Empty when the source is not available (a frozen build)."""
     try:
-        source = inspect.getsource(EngineConfig)
+        source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
     out: dict[str, str] = {}
@@ -191,7 +191,7 @@ def _trailing_comments(source: str) -> dict[int, str]:
     return out
 
 
-def _unwrap_optional(hint: Any) -> Any:
+def unwrap_optional(hint: Any) -> Any:
     """`int | None` -> int (None is what the flag's absence means)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
