@@ -63,7 +63,7 @@ NEGATIVE_ALIASES: dict[str, str] = {
     "--no-prefix-caching": "enable_prefix_caching",
     "--no-chunked-prefill": "enable_chunked_prefill",
 }
-_FIELDS_KEY = "engine_flag_fields"  # namespace attribute: the fields this parser has flags for
+_FIELDS_KEY = "engine_flag_fields"  # namespace attribute: {field: dest} of the flags this parser has
 _DEFAULTS_KEY = "engine_flag_defaults"  # namespace attribute: the tool's own defaults
 _SKIPPED_KEY = "engine_flag_skipped"  # namespace attribute: fields the tool sets itself
 
@@ -94,32 +94,33 @@ def add_engine_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     defaults, spellings = dict(defaults or {}), dict(spellings or {})
     hints = typing.get_type_hints(EngineConfig)
     comments = field_comments()
-    names = []
+    dests: dict[str, str] = {}
     for f in engine_fields():
         if f.name in skip:
             continue
-        names.append(f.name)
         kind = unwrap_optional(hints[f.name])
         default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
         text = comments.get(f.name) or FIELD_HELP.get(f.name) or f"EngineConfig.{f.name}"
         text = re.sub(r"\bNone:", "default:", text)  # the comments' "None: ..." is what no flag means
         text = (f"{text} (default: {default})" if default is not None else text).replace("%", "%%")
         flags = list(spellings.get(f.name, [flag_name(f.name)]))
+        # a field spelled otherwise keeps off the dest of the option it gave way to (--seed)
+        dests[f.name] = dest = f.name if flag_name(f.name) in flags else f"engine_{f.name}"
         if kind is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=text)
             for alias, target in NEGATIVE_ALIASES.items():
                 if target == f.name:
-                    parser.add_argument(alias, dest=f.name, action="store_false", default=None,
+                    parser.add_argument(alias, dest=dest, action="store_false", default=None,
                                         help=f"same as --no-{flag_name(f.name)[2:]}")
         else:
-            parser.add_argument(*flags, dest=f.name, type=_converter(kind), default=None,
+            parser.add_argument(*flags, dest=dest, type=_converter(kind), default=None,
                                 choices=FIELD_CHOICES.get(f.name), metavar=_metavar(f.name, kind), help=text)
     parser.add_argument("--engine-arg", action="append", default=[], metavar="K=V",
                         help="any EngineConfig field as KEY=VALUE (JSON values), repeatable; "
                              "the same as its flag")
-    parser.set_defaults(**{_FIELDS_KEY: tuple(names), _SKIPPED_KEY: tuple(skip),
-                           _DEFAULTS_KEY: {k: defaults[k] for k in names if k in defaults}})
+    parser.set_defaults(**{_FIELDS_KEY: dests, _SKIPPED_KEY: tuple(skip),
+                           _DEFAULTS_KEY: {k: defaults[k] for k in dests if k in defaults}})
 
 
 def engine_kwargs(namespace: argparse.Namespace, extra_pairs: Sequence[str] | None = None) -> dict[str, Any]:
@@ -136,8 +137,8 @@ def engine_kwargs(namespace: argparse.Namespace, extra_pairs: Sequence[str] | No
     if owned:
         raise UsageError(f"--engine-arg {', '.join(owned)}: set by this command's own "
                          f"{', '.join(flag_name(n) for n in owned)}")
-    flags = {name: getattr(namespace, name) for name in getattr(namespace, _FIELDS_KEY, ())
-             if getattr(namespace, name, None) is not None}
+    given = {name: getattr(namespace, dest, None) for name, dest in getattr(namespace, _FIELDS_KEY, {}).items()}
+    flags = {name: value for name, value in given.items() if value is not None}
     both = sorted(set(flags) & set(pairs))
     if both:
         raise UsageError("given both as a flag and as --engine-arg: "

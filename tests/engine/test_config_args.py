@@ -95,7 +95,12 @@ def test_skip_spellings_and_old_aliases():
     assert "--model" not in p._option_string_actions and "--seed" not in p._option_string_actions
     args = p.parse_args(["--engine-seed", "3", "--policy", "static", "--no-prefix-caching"])
     assert engine_kwargs(args) == {"seed": 3, "scheduling_policy": "static", "enable_prefix_caching": False}
-    assert engine_kwargs(p.parse_args(["--engine-arg", "seed=5"])) == {"seed": 5}  # no flag, still reachable
+    assert engine_kwargs(p.parse_args(["--engine-arg", "seed=5"])) == {"seed": 5}
+    own = argparse.ArgumentParser()
+    own.add_argument("--seed", type=int, default=0)  # the tool's own --seed is not the engine's
+    add_engine_args(own, spellings={"seed": ("--engine-seed",)})
+    args = own.parse_args(["--seed", "9"])
+    assert args.seed == 9 and engine_kwargs(args) == {}
 
 
 @pytest.mark.parametrize("argv", [["--dtype", "float8"], ["--max-num-seqs", "many"], ["--scheduling-policy", "x"]])
