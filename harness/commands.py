@@ -19,7 +19,6 @@ from harness.metrics import Slos
 from harness.run import BACKENDS, RunSpec, WorkloadSpec
 from workloads.trace import load_trace
 
-
 __all__ = ["COMMANDS", "UsageError", "parse_list", "parse_pairs", "parse_value"]
 
 

@@ -20,6 +20,7 @@ from engine.config_args import add_engine_args, engine_kwargs
 from engine.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING, create_app
 from engine.serve.server import LOOPBACK, serve
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmbench serve", description="OpenAI-compatible server for the llmbench engine."

@@ -20,8 +20,8 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.config_args import add_engine_args, engine_kwargs
-from harness.kernels.jit_watch import watch_jit
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
+from harness.kernels.jit_watch import watch_jit
 from workloads.generators import bench as bench_requests
 
 
