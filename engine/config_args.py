@@ -98,29 +98,35 @@ def add_engine_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     for f in engine_fields():
         if f.name in skip:
             continue
-        kind = unwrap_optional(hints[f.name])
-        default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
-        text = comments.get(f.name) or FIELD_HELP.get(f.name) or f"EngineConfig.{f.name}"
-        text = re.sub(r"\bNone:", "default:", text)  # the comments' "None: ..." is what no flag means
-        text = (f"{text} (default: {default})" if default is not None else text).replace("%", "%%")
         flags = list(spellings.get(f.name, [flag_name(f.name)]))
         # a field spelled otherwise keeps off the dest of the option it gave way to (--seed)
         dests[f.name] = dest = f.name if flag_name(f.name) in flags else f"engine_{f.name}"
-        if kind is bool:
-            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                                help=text)
-            for alias, target in NEGATIVE_ALIASES.items():
-                if target == f.name:
-                    parser.add_argument(alias, dest=dest, action="store_false", default=None,
-                                        help=f"same as --no-{flag_name(f.name)[2:]}")
-        else:
-            parser.add_argument(*flags, dest=dest, type=_converter(kind), default=None,
-                                choices=FIELD_CHOICES.get(f.name), metavar=_metavar(f.name, kind), help=text)
+        default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+        _add_flag(parser, f.name, unwrap_optional(hints[f.name]), flags, dest, _help(f.name, default, comments))
     parser.add_argument("--engine-arg", action="append", default=[], metavar="K=V",
                         help="any EngineConfig field as KEY=VALUE (JSON values), repeatable; "
                              "the same as its flag")
     parser.set_defaults(**{_FIELDS_KEY: dests, _SKIPPED_KEY: tuple(skip),
                            _DEFAULTS_KEY: {k: defaults[k] for k in dests if k in defaults}})
+
+
+def _add_flag(parser, name: str, kind: Any, flags: list[str], dest: str, text: str) -> None:
+    if kind is bool:
+        parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        for alias in (alias for alias, target in NEGATIVE_ALIASES.items() if target == name):
+            parser.add_argument(alias, dest=dest, action="store_false", default=None,
+                                help=f"same as --no-{flag_name(name)[2:]}")
+    else:
+        parser.add_argument(*flags, dest=dest, type=_converter(kind), default=None, choices=FIELD_CHOICES.get(name),
+                            metavar=_metavar(name, kind), help=text)
+
+
+def _help(name: str, default: Any, comments: Mapping[str, str]) -> str:
+    text = comments.get(name) or FIELD_HELP.get(name) or f"EngineConfig.{name}"
+    text = re.sub(r"\bNone:", "default:", text)  # the comments' "None: ..." is what no flag means
+    if default is not None:
+        text += f" (default: {default})"
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def engine_kwargs(namespace: argparse.Namespace, extra_pairs: Sequence[str] | None = None) -> dict[str, Any]:
