@@ -8,6 +8,7 @@ touching a parser.
 Every flag defaults to None, "the config's default", so `engine_kwargs` returns only what the user
 set. `--engine-arg K=V` stays as a generic alias (scripts use it; it also reaches fields a tool
 hides as a flag); it is parsed here and only here. Giving one field both ways is a usage error.
+The harness's commands build on this module; engine/ never imports harness/.
 """
 
 from __future__ import annotations
