@@ -1,14 +1,23 @@
-"""Command line: parse -> validate into one spec object -> call one entry point.
+"""`llmbench`: one command line with subcommands, as `vllm serve` / `vllm bench`.
 
-    python -m harness run --backend engine --model tiny --workload smoke --out reports/smoke
-    python -m harness run --backend static --trace workloads/traces/bench_tiny.jsonl --rate 4 \\
-        --engine-arg num_kv_blocks=64 --slo-ttft-ms 500 --out reports/static-r4
-    python -m harness sweep --backends engine,static --workload random --param num_prompts=32 \\
+    llmbench serve --model tiny --port 8000 [--max-num-seqs 64 ...]    # engine/serve/cli.py
+    llmbench run --backend engine --model tiny --workload smoke --out reports/smoke
+    llmbench run --backend static --trace workloads/traces/bench_tiny.jsonl --rate 4 \\
+        --num-kv-blocks 64 --slo-ttft-ms 500 --out reports/static-r4
+    llmbench sweep --backends engine,static --workload random --param num_prompts=32 \\
         --profile sweep --fractions 0.3,0.6,0.9 --out reports/sweep-random
-    python -m harness compare reports/a reports/b [--html out.html]
-    python -m harness gate --baseline reports/baselines/cpu_tiny.json --current reports/sweep-random
-    python -m harness gate --write-baseline reports/baselines/cpu_tiny.json --current reports/sweep
-    python -m harness bench            # the default job (nox -s bench)
+    llmbench compare reports/a reports/b [--html out.html]
+    llmbench gate --baseline reports/baselines/cpu_tiny.json --current reports/sweep-random
+    llmbench gate --write-baseline reports/baselines/cpu_tiny.json --current reports/sweep
+    llmbench bench            # the default job (nox -s bench)
+    llmbench studies throughput|tp-scaling|step-profile ...            # harness/studies/
+    llmbench kernels bench-decode|bench-allreduce|compile-check ...    # harness/kernels/
+
+run, sweep, bench, serve and the throughput study take every EngineConfig field as a flag
+(engine/config_args.py); `--engine-arg KEY=VALUE` is the same. `python -m harness ...` is
+`llmbench ...`. serve, the studies and the kernel benchmarks keep their own parser and
+main(argv): they are mounted by module name and imported only when named, so
+`llmbench serve --help` loads no harness code.
 
 Bad input (an unknown backend, a malformed trace, a bad --param) prints one `error:` line and
 exits with status 2; a failed gate exits with status 1.
@@ -17,13 +26,33 @@ exits with status 2; a failed gate exits with status 1.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
-from harness.commands import COMMANDS
-from harness.profiles import PROFILES
-from harness.run import BACKENDS, BackendConfigError
-from workloads.generators import GENERATORS
+from engine.config_args import add_engine_args
+
+PROG = "llmbench"
+# Subcommands with a parser and main(argv) of their own: name -> (module, one-line help).
+MOUNTED: dict[str, tuple[str, str]] = {
+    "serve": ("engine.serve.cli", "OpenAI-compatible HTTP server for the engine"),
+}
+# Groups of mounted subcommands (`llmbench studies throughput ...`): name -> (help, members).
+GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "studies": ("one-off measurements (harness/studies/)", {
+        "throughput": ("harness.studies.throughput", "offline throughput, engine vs HF generate"),
+        "tp-scaling": ("harness.studies.tp_scaling", "TP=N / TP=1 throughput in fresh processes"),
+        "step-profile": ("harness.studies.step_profile", "where a decode step's time goes (GPU)"),
+    }),
+    "kernels": ("kernel microbenchmarks and compile checks (harness/kernels/)", {
+        "bench-decode": ("harness.kernels.bench_decode", "split-K decode and unified attention (GPU)"),
+        "bench-allreduce": ("harness.kernels.bench_allreduce", "the TP all-reduce paths (2 GPUs)"),
+        "compile-check": ("harness.kernels.compile_check", "compile the Triton kernels for a GPU, without one"),
+    }),
+}
+# run/sweep/bench name the model with their own --model (every backend takes it), and --seed
+# re-times a trace there, so the engine's seed is --engine-seed.
+HARNESS_ENGINE_FLAGS = {"skip": ("model",), "spellings": {"seed": ("--engine-seed",)}}
 
 
 def positive_float(text: str) -> float:
@@ -35,6 +64,8 @@ def positive_float(text: str) -> float:
 
 # ---- the parser ------------------------------------------------------------------------
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    from workloads.generators import GENERATORS
+
     g = p.add_argument_group("workload")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--workload", choices=list(GENERATORS), help="a generator (default: smoke)")
@@ -47,11 +78,10 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                    "takes --param seed=N)")
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backend and measurement")
     g.add_argument("--model", default="tiny", help="preset, checkpoint dir, or served model name (openai)")
     g.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
-    g.add_argument("--engine-arg", action="append", default=[], metavar="K=V", help="EngineConfig field, repeatable")
     g.add_argument("--backend-arg", action="append", default=[], metavar="K=V",
                    help="backend option, e.g. batch_size=32 (hf), base_url=http://... (openai)")
     for name in ("ttft", "tpot", "e2el"):
@@ -61,16 +91,28 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "GB/s, 'auto' (measured on CUDA, none on CPU) or 'off'")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     g.add_argument("--no-progress", action="store_true")
+    _add_engine_flags(p)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (EngineConfig fields, for the engine and static backends)")
+    add_engine_args(g, **HARNESS_ENGINE_FLAGS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m harness", description="Replay LLM workloads, write Parquet "
-                                 "reports, compare and gate them.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    """The whole tree; the mounted subcommands show by name only (their parsers are their own)."""
+    from harness.profiles import PROFILES
+    from harness.run import BACKENDS
+
+    ap = argparse.ArgumentParser(prog=PROG, description="Serve the engine, replay LLM workloads against it "
+                                 "and other backends, write Parquet reports, compare and gate them.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, text) in MOUNTED.items():
+        sub.add_parser(name, help=text, add_help=False)
     run = sub.add_parser("run", help="replay one workload against one backend")
     run.add_argument("--backend", default="engine", choices=list(BACKENDS))
     _add_workload_args(run)
-    _add_engine_args(run)
+    _add_backend_args(run)
     run.add_argument("--out", help="report folder (default: reports/<workload>-<backend>-<time>)")
     sweep = sub.add_parser("sweep", help="several backends x the rate points of a profile")
     sweep.add_argument("--backends", default="engine,static", help="comma-separated, the first steers the profile")
@@ -78,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--rates", help="fixed profile: comma-separated requests/s")
     sweep.add_argument("--fractions", help="sweep profile: fractions of the offline rate, e.g. 0.3,0.6,0.9")
     _add_workload_args(sweep)
-    _add_engine_args(sweep)
+    _add_backend_args(sweep)
     sweep.add_argument("--out", help="sweep folder (default: reports/sweep-<time>)")
     cmp = sub.add_parser("compare", help="side-by-side table and an HTML page of plots")
     cmp.add_argument("reports", nargs="+", help="report folders or sweep folders")
@@ -99,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the default job: static vs continuous (and HF), offline and timed")
     bench.add_argument("--out-root", default="reports")
     bench.add_argument("--model", help="default: tiny on CPU, qwen3-0.6b on CUDA")
-    bench.add_argument("--engine-arg", action="append", default=[], metavar="K=V")
     bench.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     bench.add_argument("--ci", action="store_true", help="only the small offline sweep the CI baseline gates")
     bench.add_argument("--gpu-gate", action="store_true",
@@ -109,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU)")
     bench.add_argument("--no-telemetry", action="store_true")
     bench.add_argument("--no-progress", action="store_true")
+    _add_engine_flags(bench)
     fl = sub.add_parser("flagship", help="static vs continuous on a GPU over load, prefix caching, HF "
                         "(harness/studies/flagship.py); --publish / --table for the committed copy")
     fl.add_argument("--out-root", default="reports")
@@ -118,11 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--publish", metavar="RUN_DIR", help="copy a finished run's small parts to --dest")
     fl.add_argument("--dest", default="reports/flagship")
     fl.add_argument("--table", metavar="SWEEP_PARQUET", help="print the headline table of a sweep.parquet")
+    for name, (text, _) in GROUPS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MOUNTED:
+        return _run_mounted(MOUNTED[argv[0]][0], argv[1:])
+    if argv and argv[0] in GROUPS:
+        return _run_group(argv[0], argv[1:])
     from rich.console import Console
+
+    from harness.commands import COMMANDS
+    from harness.run import BackendConfigError
 
     parser = build_parser()
     ns = parser.parse_args(argv)  # shape errors: usage + error line, exit 2
@@ -134,6 +186,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command.execute(Console())
     except BackendConfigError as e:  # a backend refused its options (other errors are bugs: traceback)
         return _fail(parser, ns, e)
+
+
+def _run_group(group: str, argv: list[str]) -> int:
+    """`llmbench studies NAME ...`: NAME's own main; anything else gets the group's usage."""
+    text, members = GROUPS[group]
+    if argv and argv[0] in members:
+        return _run_mounted(members[argv[0]][0], argv[1:])
+    parser = argparse.ArgumentParser(prog=f"{PROG} {group}", description=text)
+    sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
+    for name, (_, help_text) in members.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    parser.parse_args(argv)  # prints the help or the usage error, and exits
+    return 2
+
+
+def _run_mounted(module: str, argv: list[str]) -> int:
+    """Import the module only now and hand it the rest of the line. Its parser names itself
+    (`llmbench serve`); its main(argv) returns the exit status (None, or a result: 0)."""
+    status = importlib.import_module(module).main(argv)
+    return status if isinstance(status, int) else 0
 
 
 def _fail(parser: argparse.ArgumentParser, ns: argparse.Namespace, error: Exception) -> int:

@@ -13,27 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import parse_value
+from engine.config_args import UsageError, engine_kwargs, parse_pairs
 from harness.backends.base import ENGINE_BACKENDS
 from harness.metrics import Slos
 from harness.run import BACKENDS, RunSpec, WorkloadSpec
 from workloads.trace import load_trace
 
-
-class UsageError(ValueError):
-    """Input the CLI rejects: printed as one `error:` line, exit status 2."""
+__all__ = ["COMMANDS", "UsageError", "parse_list", "parse_pairs", "parse_value"]
 
 
-# ---- parsing helpers -------------------------------------------------------------------
-def parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        out[key.strip().replace("-", "_")] = parse_value(value)
-    return out
-
-
+# ---- parsing helpers (K=V pairs: engine/config_args.py) ----------------------------------
 def parse_list(text: str, flag: str, kind: Callable[[str], Any] = str) -> list[Any]:
     try:
         items = [kind(x.strip()) for x in text.split(",") if x.strip()]
@@ -60,7 +49,7 @@ def workload_spec(ns: argparse.Namespace) -> WorkloadSpec:
 
 
 def engine_args(ns: argparse.Namespace, backends: Sequence[str], model: str) -> dict[str, Any]:
-    args = parse_pairs(ns.engine_arg, "--engine-arg")
+    args = engine_kwargs(ns)  # the engine flags and --engine-arg pairs
     if any(b in ENGINE_BACKENDS for b in backends):
         check_engine_args(args, model)
     return args
@@ -244,7 +233,7 @@ class BenchCommand:
             raise UsageError("--ci and --gpu-gate are two different plans: give one")
         plan = CI_PLAN if ns.ci else GPU_GATE_PLAN if ns.gpu_gate else default_plan()
         self.prefix = "ci" if ns.ci else "gpu-gate" if ns.gpu_gate else "bench"
-        extra = parse_pairs(ns.engine_arg, "--engine-arg")
+        extra = engine_kwargs(ns)
         self.plan = with_overrides(plan, model=ns.model, threads=ns.threads,
                                    engine_args={**plan.engine_args, **extra}, hf=False if ns.no_hf else None)
         if self.plan.threads is not None and self.plan.threads < 1:

@@ -3,6 +3,8 @@
     python -m engine.serve --model tiny --port 8000 [--api-key KEY] [--max-waiting 256]
         [--max-num-seqs 256 --block-size 16 --tensor-parallel-size 1 ...]
 
+Every EngineConfig field is a flag (engine/config_args.py); `--engine-arg KEY=VALUE` sets one too.
+
 Binds 127.0.0.1 unless --host says otherwise. The API key may also come from LLMBENCH_API_KEY
 (so it does not show in `ps`). Invalid options are usage errors (exit 2), naming the value.
 """
@@ -12,35 +14,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
 
 from engine.config import EngineConfig
+from engine.config_args import add_engine_args, engine_kwargs
 from engine.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING, create_app
 from engine.serve.server import LOOPBACK, serve
-
-# (flag, EngineConfig field, type) for the engine options the server exposes
-ENGINE_OPTIONS: list[tuple[str, str, type]] = [
-    ("--dtype", "dtype", str),
-    ("--device", "device", str),
-    ("--seed", "seed", int),
-    ("--block-size", "block_size", int),
-    ("--num-kv-blocks", "num_kv_blocks", int),
-    ("--gpu-memory-utilization", "gpu_memory_utilization", float),
-    ("--max-num-seqs", "max_num_seqs", int),
-    ("--max-num-batched-tokens", "max_num_batched_tokens", int),
-    ("--max-model-len", "max_model_len", int),
-    ("--scheduling-policy", "scheduling_policy", str),
-    ("--static-reservation", "static_reservation", str),
-    ("--attention-backend", "attention_backend", str),
-    ("--tensor-parallel-size", "tensor_parallel_size", int),
-    ("--all-reduce-norm-fusion", "all_reduce_norm_fusion", str),
-    ("--tokenizer", "tokenizer", str),
-]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="llmbench-serve", description="OpenAI-compatible server for the llmbench engine."
+        prog="llmbench serve", description="OpenAI-compatible server for the llmbench engine."
     )
     p.add_argument(
         "--model",
@@ -69,29 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413"
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    for flag, name, kind in ENGINE_OPTIONS:
-        p.add_argument(flag, dest=name, type=kind, default=None, help=f"EngineConfig.{name}")
-    p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
-    p.add_argument("--disable-custom-all-reduce", action="store_true", default=None,
-                   help="tensor parallel on GPUs: NCCL for every all-reduce")
-    p.add_argument(
-        "--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None
-    )
-    p.add_argument(
-        "--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false", default=None
-    )
+    # every EngineConfig field but --model (above) as a flag; --no-prefix-caching and
+    # --no-chunked-prefill stay as aliases
+    add_engine_args(p.add_argument_group("engine"), skip=("model",))
     return p
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    names = [name for _, name, _ in ENGINE_OPTIONS] + [
-        "enforce_eager",
-        "disable_custom_all_reduce",
-        "enable_prefix_caching",
-        "enable_chunked_prefill",
-    ]
-    overrides: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    return EngineConfig(model=args.model, **overrides)
+    return EngineConfig(model=args.model, **engine_kwargs(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ residual threaded through them, are captured in one CUDA graph; µs per step are
 to the GEMM alone. Before timing, it checks that the fused path gives the same bits as the other
 two on every rank, and that the graphs' 64-step chains agree (a barrier race would show there).
 
-    PYTHONPATH=. python3 -m harness.kernels.bench_allreduce [--sizes 1,8,32,72,128,256,512] [--fusion push]
+    llmbench kernels bench-allreduce [--sizes 1,8,32,72,128,256,512] [--fusion push]
 """
 
 from __future__ import annotations
@@ -128,12 +128,16 @@ def run_rank(rank: int, world: int, port: int, sizes: list[int], fusion: str) ->
     close_tensor_parallel()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmbench kernels bench-allreduce", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,8,32,72,128,256,512", help="rows (decode batch sizes)")
     ap.add_argument("--fusion", default="barrier", choices=["barrier", "push"],
                     help="the fused kernel's protocol (EngineConfig.all_reduce_norm_fusion)")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if torch.cuda.device_count() < 2:
         raise SystemExit("bench_allreduce needs 2 CUDA devices")
     with socket.socket() as s:
@@ -141,7 +145,8 @@ def main() -> None:
         port = s.getsockname()[1]
     mp.spawn(run_rank, args=(2, port, [int(n) for n in args.sizes.split(",")], args.fusion),
              nprocs=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

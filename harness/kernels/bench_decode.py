@@ -1,7 +1,8 @@
 """H100 microbenchmark: split-K decode and unified attention, bf16, Qwen3-0.6B layer shape.
 
-Run on the GPU machine:  PYTHONPATH=. python3 -m harness.kernels.bench_decode [--llama-tp]
-CPU check of the script: TRITON_INTERPRET=1 PYTHONPATH=. python -m harness.kernels.bench_decode --smoke [--llama-tp]
+Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp]
+CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp]
+(`python -m harness.kernels.bench_decode` is the same command.)
 --llama-tp: llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead (see llama_tp_rows).
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
 
@@ -13,6 +14,7 @@ small shapes are timed cold, as in a real step where 27 other layers pass betwee
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import sys
@@ -234,11 +236,20 @@ def llama_tp_rows(plan: Plan, batches: tuple[int, ...], min_ctx: int, max_ctx: i
                       + " | ".join(cells), flush=True)
 
 
-def main(argv: list[str]) -> None:
-    plan = SMOKE if "--smoke" in argv else FULL
-    if "--llama-tp" in argv:  # * marks the split count the engine picks
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmbench kernels bench-decode", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="a few small shapes (CPU: with TRITON_INTERPRET=1)")
+    ap.add_argument("--llama-tp", action="store_true",
+                    help="llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    if args.llama_tp:  # * marks the split count the engine picks
         llama_tp_rows(plan, *(((3,), 5, 40) if plan is SMOKE else ((48, 80, 128), 100, 1536)))
-        return
+        return 0
     if plan.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("bench_decode needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")
     torch.manual_seed(0)
@@ -266,7 +277,8 @@ def main(argv: list[str]) -> None:
     write_csv(rows)
     print(f"total {time.time() - t0:.0f}s")
     print_table(copy_gbs, rows)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main())

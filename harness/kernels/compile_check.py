@@ -4,7 +4,7 @@ logic on CPU but never lowers them, so a construct the compiler rejects, or a sp
 CPU tests never take (bf16, 128-key decode tiles), would otherwise first fail on
 a GPU. Prints one line per kernel and exits 1 if any failed.
 
-    python -m harness.kernels.compile_check [--arch 90]
+    llmbench kernels compile-check [--arch 90]     (or python -m harness.kernels.compile_check)
 
 Triton versions differ in what they accept (3.6, on the GPU machines, type-checks branches that
 3.9 folds away), so `nox -s tests` also runs it under the GPU machines' version, installed to a
@@ -113,10 +113,14 @@ def compile_case(case: Case, arch: int) -> str:
     return ""
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmbench kernels compile-check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: Hopper)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
     import triton

@@ -1,6 +1,6 @@
 """Where a decode step's time goes, against its bytes/bandwidth floor.
 
-    PYTHONPATH=. python3 -m harness.studies.step_profile --model qwen3-0.6b --batch 256 --context 1024
+    llmbench studies step-profile --model qwen3-0.6b --batch 256 --context 1024
 
 Fills `batch` sequences to `context` tokens, then (1) times decode steps end to end with the
 host clock (what the engine loop sees), (2) times the model part alone with CUDA events
@@ -92,14 +92,19 @@ def profile(model: str, batch: int, context: int, steps: int, eager: bool, bw: f
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmbench studies step-profile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen3-0.6b")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--json", help="write the summary here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     bw = copy_bandwidth()
     rows = []
     for eager in (False, True):
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,10 +1,12 @@
 """Offline throughput: nano-vllm's bench workload (seed 0, token-id prompts, ignore_eos) through
 the engine, and optionally HF transformers `generate` on the same prompts in the same process.
 
-    python -m harness.studies.throughput                          # tiny on CPU, scaled-down workload
-    python -m harness.studies.throughput --model qwen3-0.6b --hf  # the full workload on a GPU (133,966 tokens)
+    llmbench studies throughput                          # tiny on CPU, scaled-down workload
+    llmbench studies throughput --model qwen3-0.6b --hf  # the full workload on a GPU (133,966 tokens)
 
-Throughput = output tokens / wall time, prefill included.
+Throughput = output tokens / wall time, prefill included. Every EngineConfig field is a flag
+(`--enforce-eager`, `--tensor-parallel-size 2`, or `--engine-arg KEY=VALUE`); `--policy` is
+`--scheduling-policy`. `python -m harness.studies.throughput` is the same command.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import time
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.config import parse_value
-from harness.kernels.jit_watch import watch_jit
+from engine.config_args import add_engine_args, engine_kwargs
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
+from harness.kernels.jit_watch import watch_jit
 from workloads.generators import bench as bench_requests
 
 
@@ -116,14 +118,13 @@ def step_breakdown(stats) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen3-0.6b" if cuda else "tiny")
+    ap = argparse.ArgumentParser(prog="llmbench studies throughput", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-seqs", type=int, default=256 if cuda else 64)
     ap.add_argument("--max-input-len", type=int, default=1024 if cuda else 256)
     ap.add_argument("--max-output-len", type=int, default=1024 if cuda else 128)
-    ap.add_argument("--policy", default="continuous", choices=["continuous", "static"])
     ap.add_argument("--hf", action="store_true", help="also run HF transformers generate on the same prompts")
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--hf-num-seqs", type=int, default=None,
@@ -131,22 +132,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="print per-phase CUDA kernel tables (torch.profiler; slows the host)")
-    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra EngineConfig field, e.g. --engine-arg enforce_eager=true")
+    add_engine_args(ap.add_argument_group("engine (EngineConfig fields)"),
+                    defaults={"model": "qwen3-0.6b" if cuda else "tiny"},
+                    spellings={"scheduling_policy": ("--scheduling-policy", "--policy")})
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
-    extra = {k: parse_value(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
-    llm = LLM(args.model, scheduling_policy=args.policy, **extra)
+    try:
+        kwargs = engine_kwargs(args)
+    except ValueError as e:
+        ap.error(str(e))
+    cuda = torch.cuda.is_available()
+    llm = LLM(**kwargs)
     cfg = llm.engine.config
     reqs = bench_requests(num_seqs=args.num_seqs, max_input_len=args.max_input_len,
                           max_output_len=args.max_output_len, vocab_size=cfg.model_config.vocab_size)
     prompts = [r.prompt_token_ids for r in reqs]
     params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False) for r in reqs]
     tokens, elapsed, breakdown, jit_seen = run_engine(llm, prompts, params, profile=args.profile and cuda)
-    result = {"model": args.model, "policy": args.policy, "requests": len(reqs), "output_tokens": tokens,
+    result = {"model": cfg.model, "policy": cfg.scheduling_policy, "requests": len(reqs), "output_tokens": tokens,
               "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": breakdown,
               "jit_in_timed_run": jit_seen}
-    print(f"engine ({args.policy}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
+    print(f"engine ({cfg.scheduling_policy}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
     if args.hf:
         runner = getattr(llm.engine.executor, "runner", None)
         dtype, device = (runner.dtype, str(runner.device)) if runner else (torch.float32, "cpu")
@@ -167,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

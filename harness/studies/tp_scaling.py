@@ -1,7 +1,7 @@
 """Tensor-parallel scaling: `harness.studies.throughput` at TP=1 and TP=N in alternating fresh processes, and
 the throughput ratio of each pair.
 
-    python -m harness.studies.tp_scaling --model llama-3-8b --num-seqs 128 --max-output-len 512 --tp 2 --pairs 2
+    llmbench studies tp-scaling --model llama-3-8b --num-seqs 128 --max-output-len 512 --tp 2 --pairs 2
 
 The first run of each configuration is run and reported but left out of the ratio: on 2xH200 the
 first full run of a configuration in a fresh machine came out 3-6% slower than the next ones,
@@ -41,14 +41,21 @@ def describe(tp: int, r: dict) -> str:
             f"prefill {prefill.get('execute_ms', 0):7.1f} ms/step")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmbench studies tp-scaling", description=__doc__.split("\n\n")[0],
+                                 epilog="Other options go to each `llmbench studies throughput` run.")
     ap.add_argument("--tp", type=int, default=2, help="the tensor-parallel size compared with 1")
     ap.add_argument("--pairs", type=int, default=2, help="TP=1 / TP=N pairs after the first (discarded) pair")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="EngineConfig field for the TP=N runs")
     ap.add_argument("--timeout-s", type=float, default=900.0, help="per run")
     ap.add_argument("--json", help="write the runs and ratios here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The runs and ratios (`llmbench` takes a non-int result as exit status 0)."""
+    ap = build_parser()
     args, bench_args = ap.parse_known_args(argv)
     if args.tp < 2 or args.pairs < 1:
         ap.error("--tp must be >= 2 and --pairs >= 1")

@@ -520,7 +520,6 @@ def test_cli_engine_options_reach_the_config():
             cfg.all_reduce_norm_fusion, cfg.max_model_len) == ("static", "max_model_len", True, "off", 256)
     default = engine_config(build_parser().parse_args([]))
     assert (default.static_reservation, default.all_reduce_norm_fusion) == ("max_tokens", "push")
-    with pytest.raises(ValueError, match="static_reservation"):
-        engine_config(build_parser().parse_args(["--static-reservation", "pow2"]))
-    with pytest.raises(ValueError, match="all_reduce_norm_fusion"):
-        engine_config(build_parser().parse_args(["--all-reduce-norm-fusion", "magic"]))
+    for bad in (["--static-reservation", "pow2"], ["--all-reduce-norm-fusion", "magic"]):
+        with pytest.raises(SystemExit):  # the flags take their choices from engine/config.py
+            build_parser().parse_args(bad)
