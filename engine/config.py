@@ -1,5 +1,10 @@
 """Configuration: model shape (`ModelConfig`, presets or a HF checkpoint) and the engine knobs
-(`EngineConfig`). Every user-facing value is validated in `__post_init__`."""
+(`EngineConfig`). Every user-facing value is validated in `__post_init__`, and the values that
+depend on the machine or the model argument ("auto" device and dtype, preset or checkpoint) are
+resolved there once; everything else reads the resolved values from the config.
+
+The lists of choices belong to their registries (engine.attention.BACKENDS,
+engine.models.ARCHITECTURES, engine.dtypes.DTYPES); only their names are imported here."""
 
 from __future__ import annotations
 
@@ -8,11 +13,11 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = {
-    "Qwen3ForCausalLM": "qwen3",
-    "Qwen2ForCausalLM": "qwen2",
-    "LlamaForCausalLM": "llama",
-}
+import torch
+
+from engine.attention import BACKENDS
+from engine.dtypes import DTYPES, dtype_name
+from engine.models import ARCHITECTURES, FAMILIES
 
 
 def parse_value(text: str) -> Any:
@@ -50,11 +55,8 @@ class ModelConfig:
     bos_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES.values():
-            raise ValueError(
-                f"architecture {self.architecture!r} is not supported; "
-                f"choose one of {sorted(SUPPORTED_ARCHITECTURES.values())}"
-            )
+        if self.architecture not in FAMILIES:
+            raise ValueError(f"architecture {self.architecture!r} is not supported; choose one of {list(FAMILIES)}")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -68,21 +70,19 @@ class ModelConfig:
         ):
             raise ValueError(f"rope_scaling {self.rope_scaling!r} is not supported (default, llama3)")
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """KV bytes per token for all layers at 2 bytes/element (bf16/fp16)."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 2
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Bytes of K and V one token takes in the cache, all layers and KV heads (all ranks
+        together: a rank holds 1/tensor_parallel_size of it), at `itemsize` bytes per element."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
 
     @classmethod
     def from_hf_dir(cls, path: str) -> ModelConfig:
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
         archs = cfg.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if arch is None:
-            raise ValueError(
-                f"{path}: architectures {archs} not supported; choose one of {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"{path}: architectures {archs} not supported; choose one of {sorted(ARCHITECTURES)}")
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -139,8 +139,7 @@ PRESETS: dict[str, ModelConfig] = {
     ),
 }
 
-# a flash_attn backend (paged KV needs block_size % 256 == 0 there) is not written yet
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", *BACKENDS)  # auto: triton on CUDA, torch on CPU
 SCHEDULING_POLICIES = ("continuous", "static")
 # What a static batch reserves per request up front: prompt + max_tokens (its own maximum), or
 # max_model_len (the server's maximum, as when output lengths are unknown: the PagedAttention
@@ -150,7 +149,8 @@ STATIC_RESERVATIONS = ("max_tokens", "max_model_len")
 # batches (up to 128 rows) each rank stores its partials into its peers' memory, the data is the
 # flag, and larger steps use the barrier; "off": an all-reduce, then the RMSNorm kernel
 ALL_REDUCE_NORM_FUSIONS = ("barrier", "push", "off")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 on CUDA, float32 on CPU
+LOAD_FORMATS = ("dummy", "checkpoint")  # a preset name: random weights; a directory: its safetensors
 
 
 @dataclass
@@ -182,11 +182,17 @@ class EngineConfig:
     dist_init_method: str | None = None  # None: a free localhost port chosen at start
     dist_timeout_s: float = 600.0  # TP: bounds start-up (loading, profiling), each step and each collective
     tokenizer: str | None = None
+    # Resolved in __post_init__ (never passed in; dataclasses.replace resolves them again)
     model_config: ModelConfig = field(init=False, repr=False)
+    load_format: str = field(init=False)  # see LOAD_FORMATS
+    device_type: str = field(init=False)  # "cuda" | "cpu": what device="auto" became
+    resolved_dtype: str = field(init=False)  # a DTYPES name: what dtype="auto" became
 
     def __post_init__(self) -> None:
-        self.model_config = _resolve_model(self.model)
-        _check_choice("dtype", self.dtype, DTYPES)
+        self.model_config, self.load_format = _resolve_model(self.model)
+        _check_choice("dtype", self.dtype, DTYPE_CHOICES)
+        self.device_type = _resolve_device_type(self.device)
+        self.resolved_dtype = _resolve_dtype(self.dtype, self.device_type)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
@@ -215,6 +221,33 @@ class EngineConfig:
                     f"tensor_parallel_size={self.tensor_parallel_size} does not divide {name}={getattr(mc, name)}"
                 )
 
+    @property
+    def is_preset(self) -> bool:
+        return self.load_format == "dummy"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.resolved_dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes per token at the dtype the engine runs, all ranks together."""
+        return self.model_config.kv_bytes_per_token(self.torch_dtype.itemsize)
+
+    def device_for_rank(self, rank: int = 0) -> torch.device:
+        """The device of tensor-parallel rank `rank`: device="cuda" or "auto" on a CUDA host
+        gives rank r cuda:r; an explicit index ("cuda:1") is used as given."""
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        device = torch.device(self.device if self.device != "auto" else "cuda")
+        return device if device.index is not None else torch.device("cuda", rank)
+
+    def describe(self) -> dict[str, Any]:
+        """The user's settings and what they resolved to, for report metadata (JSON-able)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_config"}
+        out["torch_dtype"] = dtype_name(self.torch_dtype)
+        return out
+
     def with_overrides(self, **kwargs: Any) -> EngineConfig:
         return replace(self, **kwargs)
 
@@ -223,14 +256,33 @@ class EngineConfig:
         return {f.name for f in fields(cls) if f.init}
 
 
-def _resolve_model(model: str) -> ModelConfig:
+def _resolve_model(model: str) -> tuple[ModelConfig, str]:
+    """The model's shape and load format: a preset name (dummy weights) or a checkpoint dir."""
     if model in PRESETS:
-        return PRESETS[model]
+        return PRESETS[model], "dummy"
     if os.path.isdir(model):
-        return ModelConfig.from_hf_dir(model)
+        return ModelConfig.from_hf_dir(model), "checkpoint"
     raise ValueError(
         f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a local checkpoint directory"
     )
+
+
+def _resolve_device_type(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r} is not valid; choose 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+    return parsed.type
+
+
+def _resolve_dtype(dtype: str, device_type: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    return dtype
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

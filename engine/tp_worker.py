@@ -33,7 +33,7 @@ from engine.distributed import (
     close_tensor_parallel,
     init_tensor_parallel,
 )
-from engine.model_runner import ModelRunner, PendingSample, resolve_device
+from engine.model_runner import ModelRunner, PendingSample
 from engine.scheduler import SchedulerOutput
 
 FAIL_ENV = "ENGINE_TP_FAIL_AT"
@@ -43,8 +43,8 @@ PARENT_POLL_S = 1.0
 
 def shard_config(config: EngineConfig, local_rank: int) -> EngineConfig:
     """Pin a CUDA rank to its node-local device (ModelRunner would use the global rank)."""
-    if config.device in ("auto", "cuda") and resolve_device(config, local_rank).type == "cuda":
-        return config.with_overrides(device=f"cuda:{local_rank}")
+    if config.device_type == "cuda" and config.device in ("auto", "cuda"):
+        return config.with_overrides(device=str(config.device_for_rank(local_rank)))
     return config
 
 

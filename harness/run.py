@@ -235,13 +235,11 @@ def _roofline_bytes(backend: Backend, result: ReplayResult, bandwidth: float | N
     llm_engine = getattr(backend, "engine", None)
     if bandwidth is None or llm_engine is None or not result.run.steps:
         return None
-    from engine.model_runner import resolve_device, resolve_dtype
-    from harness.roofline import bytes_moved, kv_bytes_per_token, weight_bytes
+    from harness.roofline import bytes_moved, weight_bytes
 
-    cfg = llm_engine.config
-    itemsize = resolve_dtype(cfg, resolve_device(cfg)).itemsize
-    mc = cfg.model_config
-    return bytes_moved(steps_frame(result.run.steps), weight_bytes(mc, itemsize), kv_bytes_per_token(mc, itemsize))
+    cfg = llm_engine.config  # as it ran: device and dtype resolved
+    weights = weight_bytes(cfg.model_config, cfg.torch_dtype.itemsize)
+    return bytes_moved(steps_frame(result.run.steps), weights, cfg.kv_bytes_per_token)
 
 
 def auto_bandwidth(engine_args: dict[str, Any]) -> float | None:

@@ -1,14 +1,12 @@
-"""Model registry: architecture name -> model class."""
+"""Model registry. This package's names are plain data, so that the configuration can validate
+against them without importing the model code: HF `architectures` entry -> the family name a
+`ModelConfig` carries. The classes are looked up in engine/models/registry.py."""
 
 from __future__ import annotations
 
-from engine.models.llama import LlamaFamilyForCausalLM
-
-MODELS = {"llama": LlamaFamilyForCausalLM, "qwen2": LlamaFamilyForCausalLM, "qwen3": LlamaFamilyForCausalLM}
-
-
-def get_model_class(architecture: str):
-    try:
-        return MODELS[architecture]
-    except KeyError:
-        raise ValueError(f"architecture {architecture!r} is not supported; choose one of {sorted(MODELS)}") from None
+ARCHITECTURES: dict[str, str] = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+}
+FAMILIES: tuple[str, ...] = tuple(sorted(set(ARCHITECTURES.values())))

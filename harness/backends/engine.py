@@ -63,12 +63,12 @@ class EngineBackend:
     def info(self) -> dict[str, Any]:
         """Engine facts for the report config."""
         cfg = self.engine.config
-        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+        fields = cfg.describe()  # the settings and what "auto" resolved to
         fields.pop("dist_init_method", None)  # a random port: noise in the config
         mc = cfg.model_config
         return {"engine_config": fields, "num_kv_blocks": self.engine.num_kv_blocks,
                 "block_size": self.engine.block_size, "model_config": dataclasses.asdict(mc),
-                "kv_bytes_per_token": mc.kv_bytes_per_token}
+                "kv_bytes_per_token": cfg.kv_bytes_per_token}
 
     def reset(self) -> None:
         """Ready for another run: no prefix-cache hit may come from an earlier run's prompts."""
