@@ -19,6 +19,7 @@ from engine.models.registry import get_model_class
 from engine.sampler import Sampler, SamplingMetadata, VocabShard
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()

@@ -15,7 +15,8 @@ from typing import Any
 from engine.config import parse_value
 from harness.backends.base import ENGINE_BACKENDS
 from harness.metrics import Slos
-from harness.run import BACKENDS, RunSpec, WorkloadSpec
+from harness.run import BACKENDS, RunSpec
+from workloads.spec import WorkloadSpec
 from workloads.trace import load_trace
 
 

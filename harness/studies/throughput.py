@@ -18,8 +18,8 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.config import parse_value
-from harness.kernels.jit_watch import watch_jit
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
+from harness.kernels.jit_watch import watch_jit
 from workloads.generators import bench as bench_requests
 
 
