@@ -1,6 +1,9 @@
-"""Model registry. This package's names are plain data, so that the configuration can validate
-against them without importing the model code: HF `architectures` entry -> the family name a
-`ModelConfig` carries. The classes are looked up in engine/models/registry.py."""
+"""Models: the architecture names (here, plain data, so that the configuration validates against
+them without importing model code), the model shapes and presets (config.py), the family ->
+class lookup (registry.py) and the model code (llama.py).
+
+ARCHITECTURES maps a HF config.json `architectures` entry to the family name a `ModelConfig`
+carries."""
 
 from __future__ import annotations
 
