@@ -19,7 +19,7 @@ import torch
 
 from engine.attention import BACKENDS
 from engine.dtypes import DTYPES, dtype_name
-from engine.models.config import PRESETS, ModelConfig  # re-exported: engine.config is their public home
+from engine.models.config import PRESETS, ModelConfig  # also imported from here by callers
 
 
 def parse_value(text: str) -> Any:
