@@ -123,7 +123,7 @@ def worker_main(rank: int, config: EngineConfig, rdzv: Rendezvous, conn: Connect
     """Entry of a spawned rank (single host)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's; it shuts us down
     _exit_with_parent(parent_pid)
-    if config.device == "cpu" or not torch.cuda.is_available():
+    if config.device_type == "cpu":
         # the ranks share the host's cores: without this, N ranks x all cores oversubscribe them
         torch.set_num_threads(max(1, torch.get_num_threads() // rdzv.world_size))
     conn.send(("ok", None))  # alive and imported: the driver may now join the rendezvous
