@@ -466,7 +466,7 @@ def test_worker_failure_on_gpus_surfaces(checkpoint_dirs, monkeypatch):
 def test_tp_scaling_reports_pairs_after_the_first(tmp_path, monkeypatch):
     """`harness.studies.tp_scaling` on CPU: fresh TP=1 and TP=2 bench processes, the first pair shown but
     not counted; a bad TP-only engine option fails with the bench's message."""
-    from engine import tp_scaling
+    from harness.studies import tp_scaling
 
     monkeypatch.setenv("PYTHONPATH", REPO)
     small = ["--num-seqs", "2", "--max-input-len", "110", "--max-output-len", "100"]
