@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import SINGLE, TensorParallel
 from engine.input_buffers import InputBuffers
-from engine.loader import init_dummy_weights, load_checkpoint
+from engine.loader import load_weights
 from engine.models.registry import get_model_class
 from engine.sampler import Sampler, SamplingMetadata, VocabShard
 from engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -99,10 +99,7 @@ class ModelRunner:
     def _build_model(self) -> torch.nn.Module:
         with torch.device(self.device), _default_dtype(self.dtype):
             model = get_model_class(self.mc.architecture)(self.mc, self.tp)
-        if self.config.load_format == "dummy":
-            init_dummy_weights(model, self.config.seed)
-        else:
-            load_checkpoint(model, self.config.model)
+        load_weights(model, self.config)
         return model.eval()
 
     # ---- KV cache -----------------------------------------------------------------------
