@@ -5,8 +5,8 @@ Every user-facing value is validated in `__post_init__`, and the values that dep
 machine or the model argument ("auto" device and dtype, preset or checkpoint) are resolved there
 once; everything else reads the resolved values from the config.
 
-The lists of choices belong to their registries (engine.attention.BACKENDS,
-engine.models.ARCHITECTURES, engine.dtypes.DTYPES); only their names are imported here."""
+The lists of choices belong to their registries (engine.attention.BACKENDS, engine.dtypes.DTYPES;
+ModelConfig checks architectures against engine.models.ARCHITECTURES); only names are imported."""
 
 from __future__ import annotations
 
