@@ -1,5 +1,12 @@
-"""Configuration: model shape (`ModelConfig`, presets or a HF checkpoint) and the engine knobs
-(`EngineConfig`). Every user-facing value is validated in `__post_init__`."""
+"""Configuration: the engine knobs (`EngineConfig`). The model's shape (`ModelConfig`) and the
+presets live with the models (engine/models/config.py) and are re-exported here.
+
+Every user-facing value is validated in `__post_init__`, and the values that depend on the
+machine or the model argument ("auto" device and dtype, preset or checkpoint) are resolved there
+once; everything else reads the resolved values from the config.
+
+The lists of choices belong to their registries (engine.attention.BACKENDS, engine.dtypes.DTYPES;
+ModelConfig checks architectures against engine.models.ARCHITECTURES); only names are imported."""
 
 from __future__ import annotations
 
@@ -8,11 +15,11 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = {
-    "Qwen3ForCausalLM": "qwen3",
-    "Qwen2ForCausalLM": "qwen2",
-    "LlamaForCausalLM": "llama",
-}
+import torch
+
+from engine.attention import BACKENDS
+from engine.dtypes import DTYPES, dtype_name
+from engine.models.config import PRESETS, ModelConfig  # also imported from here by callers
 
 
 def parse_value(text: str) -> Any:
@@ -27,120 +34,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of a Llama-family decoder (Llama, Qwen2, Qwen3)."""
-
-    architecture: str  # "llama" | "qwen2" | "qwen3"
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int = 0  # 0: hidden_size // num_attention_heads
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # qwen2: bias on q/k/v
-    qk_norm: bool = False  # qwen3: RMSNorm on q and k per head
-    eos_token_id: int | None = None
-    bos_token_id: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES.values():
-            raise ValueError(
-                f"architecture {self.architecture!r} is not supported; "
-                f"choose one of {sorted(SUPPORTED_ARCHITECTURES.values())}"
-            )
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (
-            "default",
-            "llama3",
-        ):
-            raise ValueError(f"rope_scaling {self.rope_scaling!r} is not supported (default, llama3)")
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """KV bytes per token for all layers at 2 bytes/element (bf16/fp16)."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 2
-
-    @classmethod
-    def from_hf_dir(cls, path: str) -> ModelConfig:
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
-        archs = cfg.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ValueError(
-                f"{path}: architectures {archs} not supported; choose one of {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
-        eos = cfg.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        return cls(
-            architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"],
-            num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            head_dim=cfg.get("head_dim") or 0,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rope_scaling=_rope_scaling(cfg),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", arch == "qwen2"),
-            qk_norm=arch == "qwen3",
-            eos_token_id=eos,
-            bos_token_id=cfg.get("bos_token_id"),
-        )
-
-
-def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        return None
-    return scaling
-
-
-# Named presets with dummy (random) weights. Shapes follow the public configs.
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(
-        architecture="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=2048, tie_word_embeddings=True, qk_norm=True, eos_token_id=256,
-    ),
-    "qwen3-0.6b": ModelConfig(
-        architecture="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
-        tie_word_embeddings=True, qk_norm=True, eos_token_id=151645,
-    ),
-    "llama-3-8b": ModelConfig(
-        architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192, eos_token_id=128001,
-    ),
-    "llama-3-70b": ModelConfig(
-        architecture="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
-        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192, eos_token_id=128001,
-    ),
-}
-
-# a flash_attn backend (paged KV needs block_size % 256 == 0 there) is not written yet
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", *BACKENDS)  # auto: triton on CUDA, torch on CPU
 SCHEDULING_POLICIES = ("continuous", "static")
 # What a static batch reserves per request up front: prompt + max_tokens (its own maximum), or
 # max_model_len (the server's maximum, as when output lengths are unknown: the PagedAttention
@@ -150,7 +44,8 @@ STATIC_RESERVATIONS = ("max_tokens", "max_model_len")
 # batches (up to 128 rows) each rank stores its partials into its peers' memory, the data is the
 # flag, and larger steps use the barrier; "off": an all-reduce, then the RMSNorm kernel
 ALL_REDUCE_NORM_FUSIONS = ("barrier", "push", "off")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 on CUDA, float32 on CPU
+LOAD_FORMATS = ("dummy", "checkpoint")  # a preset name: random weights; a directory: its safetensors
 
 
 @dataclass
@@ -182,11 +77,17 @@ class EngineConfig:
     dist_init_method: str | None = None  # None: a free localhost port chosen at start
     dist_timeout_s: float = 600.0  # TP: bounds start-up (loading, profiling), each step and each collective
     tokenizer: str | None = None
+    # Resolved in __post_init__ (never passed in; dataclasses.replace resolves them again)
     model_config: ModelConfig = field(init=False, repr=False)
+    load_format: str = field(init=False)  # see LOAD_FORMATS
+    device_type: str = field(init=False)  # "cuda" | "cpu": what device="auto" became
+    resolved_dtype: str = field(init=False)  # a DTYPES name: what dtype="auto" became
 
     def __post_init__(self) -> None:
-        self.model_config = _resolve_model(self.model)
-        _check_choice("dtype", self.dtype, DTYPES)
+        self.model_config, self.load_format = _resolve_model(self.model)
+        _check_choice("dtype", self.dtype, DTYPE_CHOICES)
+        self.device_type = _resolve_device_type(self.device)
+        self.resolved_dtype = _resolve_dtype(self.dtype, self.device_type)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
@@ -215,6 +116,33 @@ class EngineConfig:
                     f"tensor_parallel_size={self.tensor_parallel_size} does not divide {name}={getattr(mc, name)}"
                 )
 
+    @property
+    def is_preset(self) -> bool:
+        return self.load_format == "dummy"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.resolved_dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes per token at the dtype the engine runs, all ranks together."""
+        return self.model_config.kv_bytes_per_token(self.torch_dtype.itemsize)
+
+    def device_for_rank(self, rank: int = 0) -> torch.device:
+        """The device of tensor-parallel rank `rank`: device="cuda" or "auto" on a CUDA host
+        gives rank r cuda:r; an explicit index ("cuda:1") is used as given."""
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        device = torch.device(self.device if self.device != "auto" else "cuda")
+        return device if device.index is not None else torch.device("cuda", rank)
+
+    def describe(self) -> dict[str, Any]:
+        """The user's settings and what they resolved to, for report metadata (JSON-able)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_config"}
+        out["torch_dtype"] = dtype_name(self.torch_dtype)
+        return out
+
     def with_overrides(self, **kwargs: Any) -> EngineConfig:
         return replace(self, **kwargs)
 
@@ -223,14 +151,33 @@ class EngineConfig:
         return {f.name for f in fields(cls) if f.init}
 
 
-def _resolve_model(model: str) -> ModelConfig:
+def _resolve_model(model: str) -> tuple[ModelConfig, str]:
+    """The model's shape and load format: a preset name (dummy weights) or a checkpoint dir."""
     if model in PRESETS:
-        return PRESETS[model]
+        return PRESETS[model], "dummy"
     if os.path.isdir(model):
-        return ModelConfig.from_hf_dir(model)
+        return ModelConfig.from_hf_dir(model), "checkpoint"
     raise ValueError(
         f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a local checkpoint directory"
     )
+
+
+def _resolve_device_type(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r} is not valid; choose 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+    return parsed.type
+
+
+def _resolve_dtype(dtype: str, device_type: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    return dtype
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

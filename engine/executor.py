@@ -16,9 +16,13 @@ class StepResult(Protocol):
 
 class Executor(Protocol):
     """Runs steps on every shard. `execute_model_async` returns once the step is launched; its
-    `result()` waits for the sampled ids (one entry per scheduled sequence, None: no sample)."""
+    `result()` waits for the sampled ids (one entry per scheduled sequence, None: no sample).
 
-    num_kv_blocks: int
+    This is all a caller may use. The device and dtype the shards run are the config's resolved
+    `device_type` / `torch_dtype`; the shards themselves (model, KV cache, input buffers) stay
+    inside the executor."""
+
+    num_kv_blocks: int  # KV blocks every shard holds (the minimum over the ranks)
     config: EngineConfig  # as the shards run it (the TP executor may fall back from an option)
 
     def execute_model(self, out: SchedulerOutput) -> list[int | None]: ...
@@ -29,9 +33,12 @@ class Executor(Protocol):
 
 
 class UniprocExecutor:
+    """One shard in this process. `runner` is not part of `Executor`: only code that measures
+    the model itself (harness.studies.step_profile, tests) reaches it, on a TP=1 engine."""
+
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner: ModelRunner = ModelRunner(config)
         self.num_kv_blocks = self.runner.available_kv_blocks()
         self.runner.allocate_kv_cache(self.num_kv_blocks)
 

@@ -7,7 +7,7 @@ import itertools
 import time
 
 from engine.block_manager import BlockManager
-from engine.config import PRESETS, EngineConfig
+from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import StepResult, make_executor
 from engine.outputs import RequestDelta, StepStats
@@ -21,7 +21,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         self.config = config if config is not None else EngineConfig(**kwargs)
         mc = self.config.model_config
-        self.tokenizer = load_tokenizer(self.config.model, self.config.tokenizer, self.config.model in PRESETS)
+        self.tokenizer = load_tokenizer(self.config.model, self.config.tokenizer, self.config.is_preset)
         self.eos_token_id = mc.eos_token_id if mc.eos_token_id is not None else self.tokenizer.eos_token_id
         self.executor = make_executor(self.config)
         self.config = self.executor.config  # what runs: reports must not show a setting that fell back
@@ -42,8 +42,7 @@ class LLMEngine:
             return cfg.async_scheduling
         # on CPU a step runs to completion inside its launch, so there is nothing to overlap;
         # under TP every rank fills placeholders from its own identical samples (tp_executor.py)
-        runner = getattr(self.executor, "runner", None)  # rank 0's under TP
-        return runner is not None and runner.device.type == "cuda"
+        return cfg.device_type == "cuda"
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | list[int],

@@ -1,5 +1,6 @@
-"""Weights: from a HF checkpoint directory (safetensors, sharded through each parameter's
-`weight_loader`) or dummy random values for named presets (as vLLM's load_format="dummy")."""
+"""Weights, by the config's resolved load format: "checkpoint" reads a HF checkpoint directory
+(safetensors, sharded through each parameter's `weight_loader`); "dummy" (named presets, as
+vLLM's load_format="dummy") fills random values."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import os
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from engine.config import EngineConfig
+
+
+def load_weights(model: nn.Module, config: EngineConfig) -> None:
+    if config.load_format == "dummy":
+        init_dummy_weights(model, config.seed)
+    else:
+        load_checkpoint(model, config.model)
 
 
 def _default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:

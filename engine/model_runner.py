@@ -10,31 +10,14 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, get_backend
-from engine.config import PRESETS, EngineConfig
+from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import SINGLE, TensorParallel
 from engine.input_buffers import InputBuffers
-from engine.loader import init_dummy_weights, load_checkpoint
-from engine.models import get_model_class
+from engine.loader import load_weights
+from engine.models.registry import get_model_class
 from engine.sampler import Sampler, SamplingMetadata, VocabShard
 from engine.scheduler import ScheduledSequence, SchedulerOutput
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
-    if config.device == "auto":
-        return torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(config.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{rank}")
-    return device
-
-
-def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
-    if config.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[config.dtype]
 
 
 @contextlib.contextmanager
@@ -87,8 +70,8 @@ class ModelRunner:
         self.config = config
         self.mc = config.model_config
         self.tp = tp
-        self.device = resolve_device(config, tp.rank)
-        self.dtype = resolve_dtype(config, self.device)
+        self.device = config.device_for_rank(tp.rank)
+        self.dtype = config.torch_dtype
         self.block_size = config.block_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -116,17 +99,14 @@ class ModelRunner:
     def _build_model(self) -> torch.nn.Module:
         with torch.device(self.device), _default_dtype(self.dtype):
             model = get_model_class(self.mc.architecture)(self.mc, self.tp)
-        if self.config.model in PRESETS:
-            init_dummy_weights(model, self.config.seed)
-        else:
-            load_checkpoint(model, self.config.model)
+        load_weights(model, self.config)
         return model.eval()
 
     # ---- KV cache -----------------------------------------------------------------------
     @property
     def bytes_per_block(self) -> int:
-        elems = 2 * self.mc.num_hidden_layers * self.block_size * self.num_kv_heads * self.mc.head_dim
-        return elems * self.dtype.itemsize
+        """KV bytes of one block on this rank (its 1/tp.size of the KV heads)."""
+        return self.block_size * self.mc.kv_bytes_per_token(self.dtype.itemsize) // self.tp.size
 
     def available_kv_blocks(self) -> int:
         """Blocks that fit this device's KV budget (before the engine takes the min over ranks)."""

@@ -3,7 +3,7 @@ for `LLM.generate` (vLLM's RequestOutput / CompletionOutput shape)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -18,10 +18,11 @@ class RequestDelta:
     stop_reason: int | str | None = None
 
 
-@dataclass
-class StepStats:
-    t_start: float  # time.perf_counter()
-    t_end: float
+@dataclass(kw_only=True)
+class StepCounts:
+    """What one engine step did and what the KV cache held after it: the counts the harness
+    records per step (harness.records.StepRecord derives from this class)."""
+
     num_running: int
     num_waiting: int
     num_scheduled_seqs: int
@@ -36,6 +37,18 @@ class StepStats:
     kv_waste_reserved_slots: int
     prefix_query_tokens: int  # cumulative
     prefix_hit_tokens: int  # cumulative
+
+    def counts(self) -> dict[str, int]:
+        """The StepCounts fields of this object (a subclass may carry more)."""
+        return {f.name: getattr(self, f.name) for f in fields(StepCounts)}
+
+
+@dataclass(kw_only=True)
+class StepStats(StepCounts):
+    """`LLMEngine.last_step_stats`: the step's counts, its clock times and host timings."""
+
+    t_start: float  # time.perf_counter()
+    t_end: float
     schedule_s: float = 0.0  # host: scheduler.schedule()
     execute_s: float = 0.0  # launch (input prep, forward, sampling) + waiting for sampled ids
     postprocess_s: float = 0.0  # host: update sequences, detokenize (async: the previous step's)

@@ -52,7 +52,7 @@ from engine.distributed import (
     open_store,
     symmetric_memory_used,
 )
-from engine.model_runner import PendingSample, resolve_device
+from engine.model_runner import PendingSample
 from engine.scheduler import SchedulerOutput
 from engine.tp_control import WorkerFailure, Workers
 from engine.tp_worker import Shard, serve_torchrun_rank, shard_config, worker_main
@@ -90,23 +90,20 @@ class MultiprocExecutor:
     def shard(self, shard: Shard | None) -> None:
         self._shard[0] = shard
 
-    @property
-    def runner(self):  # rank 0's ModelRunner (harness.studies.throughput reads its dtype and device)
-        return self.shard.runner if self.shard is not None else None
-
     # ---- start-up -----------------------------------------------------------------------
     def _start_spawned(self) -> TensorParallel:
-        device = resolve_device(self.config)
-        if device.type == "cuda" and torch.cuda.device_count() < self.size:
+        device_type = self.config.device_type
+        if device_type == "cuda" and torch.cuda.device_count() < self.size:
             raise ValueError(f"tensor_parallel_size={self.size} needs {self.size} CUDA devices on this host, "
                              f"found {torch.cuda.device_count()} (multi-node: launch with torchrun)")
-        if device.type == "cuda" and not self.config.disable_custom_all_reduce and symmetric_memory_used():
+        if device_type == "cuda" and not self.config.disable_custom_all_reduce and symmetric_memory_used():
             warnings.warn("tensor parallel: this process already set up symmetric memory for an earlier "
                           "engine and fresh workers cannot join it again (torch counts rendezvous per "
                           "process); this engine uses NCCL for every all-reduce", RuntimeWarning, stacklevel=3)
             self.config = self.config.with_overrides(disable_custom_all_reduce=True)
         store = None
-        rdzv = Rendezvous(self.size, backend_for(device), self.timeout_s, init_method=self.config.dist_init_method)
+        rdzv = Rendezvous(self.size, backend_for(self.config.device_for_rank()), self.timeout_s,
+                          init_method=self.config.dist_init_method)
         if rdzv.init_method is None:
             store = open_store(self.size, self.timeout_s)
             rdzv = Rendezvous(self.size, rdzv.backend, self.timeout_s, store_port=store.port)
@@ -127,8 +124,7 @@ class MultiprocExecutor:
     def _start_torchrun(self, env: TorchrunEnv) -> TensorParallel:
         if env.world_size != self.size:
             raise ValueError(f"torchrun WORLD_SIZE={env.world_size} must equal tensor_parallel_size={self.size}")
-        device = resolve_device(shard_config(self.config, env.local_rank))
-        rdzv = Rendezvous(self.size, backend_for(device), self.timeout_s,
+        rdzv = Rendezvous(self.size, backend_for(self.config.device_for_rank()), self.timeout_s,
                           init_method=self.config.dist_init_method or "env://")
         tp = init_tensor_parallel(rdzv, env.rank)
         self.workers.owns_group = True

@@ -33,7 +33,7 @@ from engine.distributed import (
     close_tensor_parallel,
     init_tensor_parallel,
 )
-from engine.model_runner import ModelRunner, PendingSample, resolve_device
+from engine.model_runner import ModelRunner, PendingSample
 from engine.scheduler import SchedulerOutput
 
 FAIL_ENV = "ENGINE_TP_FAIL_AT"
@@ -43,8 +43,8 @@ PARENT_POLL_S = 1.0
 
 def shard_config(config: EngineConfig, local_rank: int) -> EngineConfig:
     """Pin a CUDA rank to its node-local device (ModelRunner would use the global rank)."""
-    if config.device in ("auto", "cuda") and resolve_device(config, local_rank).type == "cuda":
-        return config.with_overrides(device=f"cuda:{local_rank}")
+    if config.device_type == "cuda" and config.device in ("auto", "cuda"):
+        return config.with_overrides(device=str(config.device_for_rank(local_rank)))
     return config
 
 
@@ -123,7 +123,7 @@ def worker_main(rank: int, config: EngineConfig, rdzv: Rendezvous, conn: Connect
     """Entry of a spawned rank (single host)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's; it shuts us down
     _exit_with_parent(parent_pid)
-    if config.device == "cpu" or not torch.cuda.is_available():
+    if config.device_type == "cpu":
         # the ranks share the host's cores: without this, N ranks x all cores oversubscribe them
         torch.set_num_threads(max(1, torch.get_num_threads() // rdzv.world_size))
     conn.send(("ok", None))  # alive and imported: the driver may now join the rendezvous

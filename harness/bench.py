@@ -30,10 +30,10 @@ import pandas as pd
 from rich.console import Console
 
 from harness.compare import load_runs, summary_table, write_html
-from harness.studies.flagship import FLAGSHIP_KV_BLOCKS
 from harness.report import SWEEP_FILE
-from harness.run import WorkloadSpec
+from harness.studies.flagship import FLAGSHIP_KV_BLOCKS
 from harness.sweep import SweepSpec, run_sweep
+from workloads.spec import WorkloadSpec
 
 
 @dataclass

@@ -16,7 +16,8 @@ from engine.config import parse_value
 from engine.config_args import UsageError, engine_kwargs, parse_pairs
 from harness.backends.base import ENGINE_BACKENDS
 from harness.metrics import Slos
-from harness.run import BACKENDS, RunSpec, WorkloadSpec
+from harness.run import BACKENDS, RunSpec
+from workloads.spec import WorkloadSpec
 from workloads.trace import load_trace
 
 __all__ = ["COMMANDS", "UsageError", "parse_list", "parse_pairs", "parse_value"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.outputs import StepCounts
+
 
 @dataclass
 class RequestRecord:
@@ -27,26 +29,13 @@ class RequestRecord:
 
 
 @dataclass
-class StepRecord:
-    """One engine step (continuous or static backend)."""
+class StepRecord(StepCounts):
+    """One engine step (continuous or static backend): the engine's StepCounts (prefix counts
+    relative to the run start) and when the step ran."""
 
     step: int
     start_s: float
     end_s: float
-    num_running: int
-    num_waiting: int
-    num_scheduled_seqs: int
-    num_prefill_tokens: int
-    num_decode_tokens: int
-    num_preempted: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    kv_slots_allocated: int
-    kv_tokens_stored: int
-    kv_waste_internal_slots: int
-    kv_waste_reserved_slots: int
-    prefix_query_tokens: int  # cumulative
-    prefix_hit_tokens: int  # cumulative
 
 
 @dataclass

@@ -5,9 +5,11 @@ the batch. So the floor of a run is
 
     sum over steps that ran a batch of (weight_bytes + kv_tokens_stored * kv_bytes_per_token)
 
-divided by the memory bandwidth. ``measure_copy_bandwidth`` measures that bandwidth the way
-the DESIGN's 3.0 TB/s H100 figure was measured: a device-to-device copy, counting the bytes
-read plus the bytes written. Under tensor parallelism pass the bandwidth of all ranks together.
+divided by the memory bandwidth (KV bytes per token: ModelConfig.kv_bytes_per_token at the
+run's element size). ``measure_copy_bandwidth`` is the project's one measurement of that
+bandwidth (the roofline, harness.studies.step_profile, harness.kernels.bench_decode): a
+device-to-device copy, counting the bytes read plus the bytes written. Under tensor
+parallelism pass the bandwidth of all ranks together.
 """
 
 from __future__ import annotations
@@ -28,10 +30,6 @@ def weight_bytes(mc, itemsize: int) -> int:
     return (mc.num_hidden_layers * layer + h + mc.vocab_size * h) * itemsize
 
 
-def kv_bytes_per_token(mc, itemsize: int) -> int:
-    return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * itemsize
-
-
 def bytes_moved(steps: pd.DataFrame, weight_bytes_per_step: int, kv_bytes_per_tok: int) -> float | None:
     """Weights once per step that ran a batch, plus the KV of every stored token of that step."""
     if steps is None or steps.empty:
@@ -43,21 +41,34 @@ def bytes_moved(steps: pd.DataFrame, weight_bytes_per_step: int, kv_bytes_per_to
 
 
 def measure_copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of a device-to-device copy (read + write), best of ``repeats``."""
+    """Bytes/s of a device-to-device copy of ``nbytes`` (read + write), best of ``repeats``.
+    On CUDA each copy is timed with events (no host sync in the interval), on the CPU with
+    the host clock."""
     import torch
 
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
     dst.copy_(src)  # first touch and warm-up
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        best = min(best, time.perf_counter() - start)
+    best = min(_time_copy(dst, src) for _ in range(repeats))
     del src, dst
     if device.startswith("cuda"):
         torch.cuda.empty_cache()  # hand the 2 GiB back before the engine sizes its KV cache
     return 2 * nbytes / best
+
+
+def _time_copy(dst, src) -> float:
+    """Seconds of one dst.copy_(src)."""
+    import torch
+
+    if not src.is_cuda:
+        start = time.perf_counter()
+        dst.copy_(src)
+        return time.perf_counter() - start
+    with torch.cuda.device(src.device):  # the events go on the copy's device
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+    return start.elapsed_time(end) / 1e3

@@ -1,6 +1,6 @@
 """One benchmark run: build a backend by name, build the workload, replay, write the report.
 
-    spec = RunSpec(backend="engine", model="tiny", workload=WorkloadSpec(kind="smoke"))
+    spec = RunSpec(backend="engine", model="tiny", workload=WorkloadSpec(kind="smoke"))  # workloads.spec
     summary = run_once(spec, "reports/smoke-engine")         # the summary row (a dict)
 
 Backends by name (BACKENDS): engine (continuous batching), static (the static-batching
@@ -29,8 +29,8 @@ from harness.backends.base import ENGINE_BACKENDS, Backend, ReplayOptions
 from harness.metrics import Slos
 from harness.replay import ReplayResult, replay
 from harness.report import steps_frame, write_report
-from workloads.generators import GENERATORS, assign_arrivals, generate
-from workloads.trace import TraceRequest, load_trace
+from workloads.spec import WorkloadSpec
+from workloads.trace import TraceRequest
 
 
 # ---- backends ------------------------------------------------------------------------------
@@ -116,74 +116,38 @@ def model_vocab_size(model: str) -> int | None:
         return None
 
 
-# ---- workloads -----------------------------------------------------------------------------
-@dataclass
-class WorkloadSpec:
-    """A generator (kind + params) or a trace file; rate/burstiness re-time the arrivals
-    (None: the generator's default rate, or the trace's own arrival_s)."""
-
-    kind: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    trace: str | None = None
-    rate: float | None = None
-    burstiness: float = 1.0
-    seed: int = 0
-    label: str | None = None  # the name in reports and sweep rows (default: kind or trace stem)
-
-    def __post_init__(self) -> None:
-        if (self.kind is None) == (self.trace is None):
-            raise ValueError("give exactly one of a workload kind or a trace file")
-        if self.kind is not None and self.kind not in GENERATORS:
-            raise ValueError(f"unknown workload {self.kind!r}; valid workloads: {', '.join(GENERATORS)}")
-        if self.rate is not None and not self.rate > 0:
-            raise ValueError(f"rate must be > 0 requests/s (inf = offline), got {self.rate}")
-        if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
-            raise ValueError(f"burstiness must be a finite number > 0 (1.0 = Poisson), got {self.burstiness}")
-
-    @property
-    def name(self) -> str:
-        if self.label is not None:
-            return self.label
-        return self.kind if self.kind is not None else Path(self.trace).stem
-
-    def build(self, vocab_size: int | None = None) -> list[TraceRequest]:
-        """The requests; token-id generators get the model's vocab_size unless params set it."""
-        if self.trace is not None:
-            requests = load_trace(self.trace)
-            return requests if self.rate is None else assign_arrivals(requests, self.rate, self.burstiness, self.seed)
-        params = dict(self.params)
-        accepted = inspect.signature(GENERATORS[self.kind]).parameters
-        if vocab_size is not None and "vocab_size" in accepted:
-            params.setdefault("vocab_size", vocab_size)
-        if self.rate is not None:
-            params.update(rate=self.rate, burstiness=self.burstiness)
-        return generate(self.kind, **params)
-
-    def with_rate(self, rate: float) -> WorkloadSpec:
-        return dataclasses.replace(self, rate=rate)
-
-    def describe(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 # ---- one run -------------------------------------------------------------------------------
-@dataclass
-class RunSpec:
-    backend: str
+@dataclass(kw_only=True)
+class RunSettings:
+    """What every run of a spec shares (a RunSpec is one run; a SweepSpec runs several backends
+    at several rates with the same settings)."""
+
     workload: WorkloadSpec
     model: str = "tiny"
     max_concurrency: int | None = None
     engine_args: dict[str, Any] = field(default_factory=dict)
-    backend_args: dict[str, Any] = field(default_factory=dict)  # e.g. hf batch_size, openai base_url
     slos: Slos = field(default_factory=Slos)
     telemetry: bool = True
     bandwidth_bytes_per_s: float | None = None  # for the roofline; None: no roofline figure
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_backend(self.backend)
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+
+    def settings(self) -> dict[str, Any]:
+        """The RunSettings fields of this spec, by name (not copied)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RunSettings)}
+
+
+@dataclass(kw_only=True)
+class RunSpec(RunSettings):
+    backend: str
+    backend_args: dict[str, Any] = field(default_factory=dict)  # e.g. hf batch_size, openai base_url
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_backend(self.backend)
 
     def gpu_indices(self) -> list[int]:
         """NVML indices to sample: one per tensor-parallel rank of an in-process engine."""
@@ -235,13 +199,11 @@ def _roofline_bytes(backend: Backend, result: ReplayResult, bandwidth: float | N
     llm_engine = getattr(backend, "engine", None)
     if bandwidth is None or llm_engine is None or not result.run.steps:
         return None
-    from engine.model_runner import resolve_device, resolve_dtype
-    from harness.roofline import bytes_moved, kv_bytes_per_token, weight_bytes
+    from harness.roofline import bytes_moved, weight_bytes
 
-    cfg = llm_engine.config
-    itemsize = resolve_dtype(cfg, resolve_device(cfg)).itemsize
-    mc = cfg.model_config
-    return bytes_moved(steps_frame(result.run.steps), weight_bytes(mc, itemsize), kv_bytes_per_token(mc, itemsize))
+    cfg = llm_engine.config  # as it ran: device and dtype resolved
+    weights = weight_bytes(cfg.model_config, cfg.torch_dtype.itemsize)
+    return bytes_moved(steps_frame(result.run.steps), weights, cfg.kv_bytes_per_token)
 
 
 def auto_bandwidth(engine_args: dict[str, Any]) -> float | None:

@@ -23,12 +23,11 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from harness.metrics import Slos
 from harness.profiles import RatePoint, make_profile
 from harness.report import SWEEP_FILE, append_sweep_summary
 from harness.run import (
+    RunSettings,
     RunSpec,
-    WorkloadSpec,
     check_backend,
     make_backend,
     model_vocab_size,
@@ -36,25 +35,21 @@ from harness.run import (
 )
 
 
-@dataclass
-class SweepSpec:
+@dataclass(kw_only=True)
+class SweepSpec(RunSettings):
+    """The backends, the rate profile and per-backend options; the rest (RunSettings: workload,
+    model, engine_args, SLOs, ...) is what each of its runs gets."""
+
     backends: list[str]
-    workload: WorkloadSpec
-    model: str = "tiny"
     profile: str = "sweep"
     profile_params: dict[str, Any] = field(default_factory=dict)
-    max_concurrency: int | None = None
-    engine_args: dict[str, Any] = field(default_factory=dict)
     backend_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # backend name -> its args
-    slos: Slos = field(default_factory=Slos)
-    telemetry: bool = True
-    bandwidth_bytes_per_s: float | None = None
-    progress: bool = True
     # Keep each backend across the points (Backend.reset between runs, e.g. the engine's prefix
     # cache) instead of building a fresh one per run: saves model loads and CUDA graph capture.
     reuse_backends: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.backends:
             raise ValueError("a sweep needs at least one backend")
         for name in [*self.backends, *self.backend_args]:
@@ -64,11 +59,8 @@ class SweepSpec:
         make_profile(self.profile, **self.profile_params)  # fail now on a bad profile, not mid-sweep
 
     def run_spec(self, backend: str, rate: float) -> RunSpec:
-        return RunSpec(backend=backend, workload=self.workload.with_rate(rate), model=self.model,
-                       max_concurrency=self.max_concurrency, engine_args=self.engine_args,
-                       backend_args=self.backend_args.get(backend, {}), slos=self.slos,
-                       telemetry=self.telemetry, bandwidth_bytes_per_s=self.bandwidth_bytes_per_s,
-                       progress=self.progress)
+        return RunSpec(**{**self.settings(), "workload": self.workload.with_rate(rate)}, backend=backend,
+                       backend_args=self.backend_args.get(backend, {}))
 
 
 def run_sweep(spec: SweepSpec, out_dir: str | Path, console: Console | None = None) -> pd.DataFrame:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from engine.attention.metadata import AttentionBackend, AttentionMetadata
 
+# The backends by name: EngineConfig.attention_backend is one of these or "auto". A flash_attn
+# backend (paged KV needs block_size % 256 == 0 there) is not written yet.
 BACKENDS = ("torch", "triton")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from engine.dtypes import DTYPES
 
 
 def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -21,8 +21,8 @@ def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if len({q.dtype, out.dtype, k_cache.dtype, v_cache.dtype}) != 1:
         raise ValueError(f"q, out, k_cache, v_cache must share one dtype; got {q.dtype}, "
                          f"{out.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"dtype {q.dtype} is unsupported; use float16, bfloat16 or float32")
+    if q.dtype not in DTYPES.values():
+        raise ValueError(f"dtype {q.dtype} is unsupported; use one of {', '.join(DTYPES)}")
     if any(t.stride(-1) != 1 for t in (q, out, k_cache, v_cache)):
         raise ValueError("q, out, k_cache and v_cache need a contiguous last (head_dim) dimension")
     num_seqs = seq_lens.shape[0]

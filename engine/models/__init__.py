@@ -1,14 +1,15 @@
-"""Model registry: architecture name -> model class."""
+"""Models: the architecture names (here, plain data, so that the configuration validates against
+them without importing model code), the model shapes and presets (config.py), the family ->
+class lookup (registry.py) and the model code (llama.py).
+
+ARCHITECTURES maps a HF config.json `architectures` entry to the family name a `ModelConfig`
+carries."""
 
 from __future__ import annotations
 
-from engine.models.llama import LlamaFamilyForCausalLM
-
-MODELS = {"llama": LlamaFamilyForCausalLM, "qwen2": LlamaFamilyForCausalLM, "qwen3": LlamaFamilyForCausalLM}
-
-
-def get_model_class(architecture: str):
-    try:
-        return MODELS[architecture]
-    except KeyError:
-        raise ValueError(f"architecture {architecture!r} is not supported; choose one of {sorted(MODELS)}") from None
+ARCHITECTURES: dict[str, str] = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+}
+FAMILIES: tuple[str, ...] = tuple(sorted(set(ARCHITECTURES.values())))

@@ -9,13 +9,13 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.attention.metadata import KVStore
-from engine.config import ModelConfig
 from engine.distributed import SINGLE, TensorParallel
 from engine.layers.activation import silu_and_mul
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
+from engine.models.config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # ([num_blocks, block_size, Hkv, D],) * 2
 

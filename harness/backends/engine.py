@@ -37,7 +37,6 @@ from workloads.trace import TraceRequest
 # A stalled engine (unfinished requests but nothing scheduled) would loop forever; after this
 # many consecutive empty steps the remaining requests are aborted and recorded as errors.
 MAX_IDLE_STEPS = 1000
-_STEP_FIELDS = [f.name for f in dataclasses.fields(StepRecord) if f.name not in ("step", "start_s", "end_s")]
 
 
 class EngineBackend:
@@ -63,12 +62,12 @@ class EngineBackend:
     def info(self) -> dict[str, Any]:
         """Engine facts for the report config."""
         cfg = self.engine.config
-        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+        fields = cfg.describe()  # the settings and what "auto" resolved to
         fields.pop("dist_init_method", None)  # a random port: noise in the config
         mc = cfg.model_config
         return {"engine_config": fields, "num_kv_blocks": self.engine.num_kv_blocks,
                 "block_size": self.engine.block_size, "model_config": dataclasses.asdict(mc),
-                "kv_bytes_per_token": mc.kv_bytes_per_token}
+                "kv_bytes_per_token": cfg.kv_bytes_per_token}
 
     def reset(self) -> None:
         """Ready for another run: no prefix-cache hit may come from an earlier run's prompts."""
@@ -161,8 +160,7 @@ class _EngineRun:
             self.bar.update(1)
 
     def _record_step(self, s: StepStats) -> None:
-        # StepRecord's fields, taken by name: StepStats may carry more (host timings).
-        stats = {name: getattr(s, name) for name in _STEP_FIELDS}
+        stats = s.counts()  # StepStats also carries host timings, which StepRecord does not
         stats["prefix_query_tokens"] -= self.prefix_base[0]
         stats["prefix_hit_tokens"] -= self.prefix_base[1]
         self.steps.append(StepRecord(step=len(self.steps), start_s=s.t_start - self.t0,

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from engine.config import PRESETS, EngineConfig
+from engine.config import EngineConfig
 from engine.tokenizer import load_tokenizer
 from harness.backends.base import ReplayOptions, RunResult
 from harness.records import RequestRecord
@@ -85,17 +85,18 @@ class HFBackend:
                  device: str | None = None, dtype: str | None = None, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.config = EngineConfig(model=model)  # resolves presets and checkpoint dirs alike
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # bf16 on GPUs (as the engine), fp32 on CPU where bf16 matmuls are slow.
-        self.dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
+        # resolved as the engine resolves them: presets and checkpoint dirs alike, bf16 on GPUs,
+        # fp32 on CPU (where bf16 matmuls are slow)
+        self.config = EngineConfig(model=model, device=device or "auto", dtype=dtype or "auto")
+        self.device = device or self.config.device_type
+        self.dtype = self.config.torch_dtype
         self.batch_size, self.sort_by_length, self.seed = batch_size, sort_by_length, seed
         self.model = self._load(model)
-        self.tokenizer = load_tokenizer(model, None, model in PRESETS)
+        self.tokenizer = load_tokenizer(model, None, self.config.is_preset)
         self.max_len = self.config.model_config.max_position_embeddings
 
     def _load(self, model: str):
-        if model in PRESETS:
+        if self.config.is_preset:
             # Reproducible random weights without touching the caller's global RNG state.
             devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
             with torch.random.fork_rng(devices=devices):
@@ -108,7 +109,7 @@ class HFBackend:
     def info(self) -> dict[str, Any]:
         return {"hf_batch_size": self.batch_size, "sort_by_length": self.sort_by_length, "device": self.device,
                 "dtype": str(self.dtype).removeprefix("torch."), "decoding": "greedy, min_new_tokens = max_new_tokens",
-                "kv_bytes_per_token": self.config.model_config.kv_bytes_per_token}
+                "kv_bytes_per_token": self.config.kv_bytes_per_token}
 
     def reset(self) -> None:
         pass  # greedy `generate` over fresh inputs: nothing carries from one run to the next

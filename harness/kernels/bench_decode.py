@@ -34,6 +34,7 @@ from engine.kernels.decode_attention import (
     decode_attention,
 )
 from engine.kernels.unified_attention import unified_attention
+from harness.roofline import measure_copy_bandwidth
 
 HQ, HKV, D = 16, 8, 128
 Tile = tuple[int, int, int]  # decode (BLOCK_N, num_warps, num_stages)
@@ -112,13 +113,6 @@ def bench_ms(fn, plan: Plan) -> float:
         fn()
         return (time.perf_counter() - t) * 1e3
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-
-
-def copy_bandwidth(plan: Plan) -> float:
-    """GB/s of a 1 GiB device-to-device copy, counting bytes read + written."""
-    x = torch.randn(1 << (28 if plan.device == "cuda" else 20), device=plan.device)
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / bench_ms(lambda: y.copy_(x), plan) / 1e6
 
 
 def decode_rows(plan: Plan, bsz: int, ctx: int, bs: int, copy_gbs: float, scratch) -> list[dict]:
@@ -254,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("bench_decode needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")
     torch.manual_seed(0)
     t0 = time.time()
-    copy_gbs = copy_bandwidth(plan)
+    copy_gbs = measure_copy_bandwidth(plan.device, 1 << (30 if plan.device == "cuda" else 22)) / 1e9
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
     print(f"{name}: copy {copy_gbs:.0f} GB/s, {plan.dtype}", flush=True)
     scratch = alloc_decode_scratch(max(plan.batches), HQ, D, plan.device)

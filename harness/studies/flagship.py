@@ -42,9 +42,9 @@ from rich.console import Console
 from harness.compare import format_value
 from harness.metrics import Slos
 from harness.report import FILES, SWEEP_FILE
-from harness.run import WorkloadSpec
 from harness.sweep import SweepSpec, run_sweep
 from workloads.generators import bench as bench_generator
+from workloads.spec import WorkloadSpec
 
 MODEL = "qwen3-0.6b"
 FLAGSHIP_KV_BLOCKS = 2048  # 32,768 token slots: about 29 bench requests' static reservations

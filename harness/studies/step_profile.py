@@ -18,21 +18,18 @@ import time
 import torch
 
 from engine import LLM, SamplingParams
+from engine.executor import UniprocExecutor
+from engine.model_runner import ModelRunner
+from harness.roofline import measure_copy_bandwidth
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        y.copy_(x)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
+def model_runner(llm: LLM) -> ModelRunner:
+    """The engine's one shard: this study times the model itself, so it reaches past the
+    Executor interface, which only a single-process (TP=1) engine allows."""
+    executor = llm.engine.executor
+    if not isinstance(executor, UniprocExecutor):
+        raise ValueError("step_profile needs tensor_parallel_size=1")
+    return executor.runner
 
 
 def fill(llm: LLM, batch: int, context: int, steps: int) -> None:
@@ -45,9 +42,8 @@ def fill(llm: LLM, batch: int, context: int, steps: int) -> None:
 
 
 def step_floor_s(llm: LLM, batch: int, context: int, bw: float) -> float:
-    runner = llm.engine.executor.runner
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    kv_bytes = batch * context * runner.bytes_per_block // runner.block_size
+    weight_bytes = sum(p.numel() * p.element_size() for p in model_runner(llm).model.parameters())
+    kv_bytes = batch * context * llm.engine.config.kv_bytes_per_token
     return (weight_bytes + kv_bytes) / bw
 
 
@@ -69,7 +65,7 @@ def profile(model: str, batch: int, context: int, steps: int, eager: bool, bw: f
     result = {"mode": "eager" if eager else "graph", "batch": batch, "context": context,
               "step_ms": round(wall * 1e3, 3), "host_sched_post_ms": round(host / steps * 1e3, 3),
               "floor_ms": round(floor_ms, 3), "step_vs_floor": round(wall * 1e3 / floor_ms, 2)}
-    runner = engine.executor.runner
+    runner = model_runner(llm)
     out = engine.scheduler.schedule()  # one more decode step, model part alone
     graph = runner.graphs.lookup(out) if runner.graphs else None
     if graph is not None:
@@ -105,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bw = copy_bandwidth()
+    bw = measure_copy_bandwidth("cuda")
     rows = []
     for eager in (False, True):
         rows.append(profile(args.model, args.batch, args.context, args.steps, eager, bw))

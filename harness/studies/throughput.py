@@ -159,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
               "jit_in_timed_run": jit_seen}
     print(f"engine ({cfg.scheduling_policy}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
     if args.hf:
-        runner = getattr(llm.engine.executor, "runner", None)
-        dtype, device = (runner.dtype, str(runner.device)) if runner else (torch.float32, "cpu")
-        del runner  # the engine's KV cache and graphs must go before HF allocates
+        # HF runs where the engine's rank 0 ran, at the engine's dtype
+        dtype, device = cfg.torch_dtype, str(cfg.device_for_rank(0))
         llm.shutdown()
         del llm
         gc.collect()

@@ -282,7 +282,7 @@ def test_tp2_async_scheduling_matches_tp1(checkpoint_dirs):
     want_sampled, _ = run(tp1, params=SEEDED)
     engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, **ASYNC))
     pids = engine.executor.workers.pids
-    group_holder = weakref.ref(engine.executor.runner.tp)
+    group_holder = weakref.ref(engine.executor.shard.runner.tp)
     stats: list = []
     try:
         assert engine.async_scheduling
@@ -423,7 +423,7 @@ def test_tp2_matches_tp1_bf16_on_gpus(checkpoint_dirs, nccl_only):
     symmetric = not nccl_only and not symmetric_memory_used()
     engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, disable_custom_all_reduce=nccl_only, **GPU))
     assert engine.async_scheduling  # the default on CUDA, TP included
-    assert (engine.executor.runner.tp.symmetric is not None) == symmetric
+    assert (engine.executor.shard.runner.tp.symmetric is not None) == symmetric
     assert engine.config.disable_custom_all_reduce == (not symmetric)  # reports show what ran
     got, _ = run(engine)
     engine.shutdown()

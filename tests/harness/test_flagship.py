@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.studies import flagship
 from harness.cli import main
+from harness.studies import flagship
 
 
 @pytest.fixture(scope="module")

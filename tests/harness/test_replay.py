@@ -18,8 +18,9 @@ from harness.profiles import make_profile
 from harness.records import RequestRecord
 from harness.replay import replay
 from harness.report import load_report
-from harness.run import RunSpec, WorkloadSpec, make_backend, run_once
+from harness.run import RunSpec, make_backend, run_once
 from workloads.generators import generate
+from workloads.spec import WorkloadSpec
 from workloads.trace import TraceRequest
 
 # Scaled-down bench workload; 64 KV blocks of 16 tokens for both policies (equal KV memory),

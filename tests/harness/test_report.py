@@ -32,8 +32,11 @@ def _records():
                       prefix_group=None if i % 2 else "g0")
         for i in range(5)
     ] + [RequestRecord("bad", 0.2, sent_s=0.2, finished_s=0.2, status="error", error="prompt too long")]
-    steps = [StepRecord(k, 0.05 * k, 0.05 * (k + 1), 5, 0, 5, 0, 5, 0, 4 + k, 64, 64 + 16 * k, 50 + 10 * k,
-                        8, 6, 100 * k, 30 * k) for k in range(8)]
+    steps = [StepRecord(k, 0.05 * k, 0.05 * (k + 1), num_running=5, num_waiting=0, num_scheduled_seqs=5,
+                        num_prefill_tokens=0, num_decode_tokens=5, num_preempted=0, kv_blocks_used=4 + k,
+                        kv_blocks_total=64, kv_slots_allocated=64 + 16 * k, kv_tokens_stored=50 + 10 * k,
+                        kv_waste_internal_slots=8, kv_waste_reserved_slots=6, prefix_query_tokens=100 * k,
+                        prefix_hit_tokens=30 * k) for k in range(8)]
     telemetry = [TelemetrySample(0.1 * k, 0, 80.0, 40.0, 1e9 + k, 250.0, 1980.0, 5000.0 + 30 * k) for k in range(9)]
     return requests, steps, telemetry
 

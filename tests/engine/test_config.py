@@ -1,0 +1,103 @@
+"""EngineConfig resolves device, dtype and load format once; the lists of choices come from
+their registries; KV bytes per token follow the element size the engine runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+
+import pytest
+import torch
+
+from engine import attention
+from engine.config import ATTENTION_BACKENDS, DTYPE_CHOICES, EngineConfig
+from engine.dtypes import DTYPES
+from engine.models import ARCHITECTURES, FAMILIES
+from engine.models.registry import MODELS, get_model_class
+
+
+def test_cpu_resolves_to_float32():
+    cfg = EngineConfig(model="tiny", device="cpu")
+    assert (cfg.device_type, cfg.resolved_dtype, cfg.torch_dtype) == ("cpu", "float32", torch.float32)
+    assert cfg.device_for_rank(0) == cfg.device_for_rank(3) == torch.device("cpu")
+    assert cfg.dtype == "auto"  # the user's setting stays as given
+
+
+def test_cuda_resolves_to_bfloat16_and_one_device_per_rank():
+    # resolving needs no GPU: nothing is allocated
+    cfg = EngineConfig(model="tiny", device="cuda")
+    assert (cfg.device_type, cfg.torch_dtype) == ("cuda", torch.bfloat16)
+    assert [cfg.device_for_rank(r) for r in range(3)] == [torch.device("cuda", r) for r in range(3)]
+    pinned = EngineConfig(model="tiny", device="cuda:1", dtype="float16")
+    assert pinned.device_for_rank(0) == pinned.device_for_rank(2) == torch.device("cuda", 1)
+    assert pinned.torch_dtype == torch.float16
+
+
+def test_auto_device_follows_the_host():
+    cfg = EngineConfig(model="tiny")
+    assert cfg.device_type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cfg.device_for_rank(1).type == cfg.device_type
+
+
+@pytest.mark.parametrize("kw, needle", [({"device": "tpu"}, "device="), ({"device": "cuda:x"}, "device="),
+                                         ({"dtype": "float64"}, "dtype=")])
+def test_bad_device_or_dtype_is_a_value_error(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        EngineConfig(model="tiny", **kw)
+
+
+def test_load_format(checkpoint_dirs):
+    preset = EngineConfig(model="tiny", device="cpu")
+    assert (preset.load_format, preset.is_preset) == ("dummy", True)
+    ckpt = EngineConfig(model=checkpoint_dirs["llama"], device="cpu")
+    assert (ckpt.load_format, ckpt.is_preset) == ("checkpoint", False)
+
+
+def test_replace_and_pickle_resolve_again():
+    cfg = EngineConfig(model="tiny", device="cuda")
+    cpu = dataclasses.replace(cfg, device="cpu")
+    assert (cpu.device_type, cpu.torch_dtype) == ("cpu", torch.float32)
+    assert cfg.with_overrides(dtype="float16").torch_dtype == torch.float16
+    back = pickle.loads(pickle.dumps(cfg))  # as sent to tensor-parallel workers
+    assert back == cfg and back.device_for_rank(1) == torch.device("cuda", 1)
+
+
+def test_describe_shows_settings_and_resolved_values():
+    described = EngineConfig(model="tiny", device="cpu").describe()
+    json.dumps(described)  # report metadata is JSON
+    assert described["dtype"] == "auto" and described["torch_dtype"] == "float32"
+    assert described["device_type"] == "cpu" and described["load_format"] == "dummy"
+    assert set(EngineConfig.field_names()) <= set(described)
+
+
+def test_kv_bytes_per_token_uses_the_element_size():
+    mc = EngineConfig(model="tiny").model_config
+    per_element = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim  # K and V
+    assert EngineConfig(model="tiny", device="cpu").kv_bytes_per_token == 4 * per_element
+    assert EngineConfig(model="tiny", device="cpu", dtype="bfloat16").kv_bytes_per_token == 2 * per_element
+
+
+def test_model_runner_block_bytes_agree_with_config():
+    from engine.model_runner import ModelRunner
+
+    cfg = EngineConfig(model="tiny", device="cpu", block_size=8, num_kv_blocks=4)
+    runner = ModelRunner(cfg)
+    assert runner.bytes_per_block == cfg.block_size * cfg.kv_bytes_per_token
+    runner.allocate_kv_cache(4)
+    assert runner.kv_cache.numel() * runner.kv_cache.element_size() == 4 * runner.bytes_per_block
+
+
+def test_choices_come_from_the_registries():
+    assert ATTENTION_BACKENDS == ("auto", *attention.BACKENDS)
+    assert DTYPE_CHOICES == ("auto", *DTYPES)
+    assert set(MODELS) == set(FAMILIES) == set(ARCHITECTURES.values())
+    for family in FAMILIES:
+        assert get_model_class(family) is MODELS[family]
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(model="tiny", attention_backend="flash_attn")
+
+
+def test_every_listed_attention_backend_builds():
+    for name in attention.BACKENDS:
+        assert attention.get_backend(name, "cpu") is not None

@@ -1,0 +1,163 @@
+"""ModelRunner.prepare_inputs on the CPU with the tiny preset: the step's tensors (positions,
+slot mapping from the block tables, query_start_loc, seq_lens, logits_indices), padding to a
+graph size, and block-table staging rows that are rewritten only where they changed.
+
+Expected values come from `reference_inputs`, a plain per-token loop over the scheduled
+sequences (the runner computes them vectorised)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.model_runner import ModelInputs, ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledSequence, SchedulerOutput
+
+BLOCK = 4
+MAX_MODEL_LEN = 64
+NUM_BLOCKS = 48
+MAX_SEQS = 8
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    config = EngineConfig(model="tiny", device="cpu", block_size=BLOCK, max_model_len=MAX_MODEL_LEN,
+                          num_kv_blocks=NUM_BLOCKS, max_num_seqs=MAX_SEQS, max_num_batched_tokens=64)
+    r = ModelRunner(config)
+    r.allocate_kv_cache(NUM_BLOCKS)
+    return r
+
+
+def scheduled(seq_no: int, token_ids: list[int], start_pos: int, table: list[int], sample: bool = True,
+              num_preemptions: int = 0) -> ScheduledSequence:
+    return ScheduledSequence(request_id=f"r{seq_no}", token_ids=token_ids, start_pos=start_pos, block_table=table,
+                             sample=sample, sampling_params=SamplingParams(), num_output_tokens=0,
+                             num_preemptions=num_preemptions, seq_no=seq_no)
+
+
+def reference_inputs(seqs: list[ScheduledSequence]) -> dict[str, list[int]]:
+    ids, positions, slots, qsl, seq_lens, logits = [], [], [], [0], [], []
+    for s in seqs:
+        for k, tok in enumerate(s.token_ids):
+            pos = s.start_pos + k
+            ids.append(tok)
+            positions.append(pos)
+            slots.append(s.block_table[pos // BLOCK] * BLOCK + pos % BLOCK)
+        qsl.append(len(ids))
+        seq_lens.append(s.start_pos + len(s.token_ids))
+        if s.sample:
+            logits.append(len(ids) - 1)
+    return {"input_ids": ids, "positions": positions, "slot_mapping": slots, "query_start_loc": qsl,
+            "seq_lens": seq_lens, "logits_indices": logits}
+
+
+def as_lists(inputs: ModelInputs) -> dict[str, list[int]]:
+    # on the CPU the returned tensors are views of the staging buffers: read them before the next step
+    meta = inputs.meta
+    return {"input_ids": inputs.input_ids.tolist(), "positions": inputs.positions.tolist(),
+            "slot_mapping": meta.slot_mapping.tolist(), "query_start_loc": meta.query_start_loc.tolist(),
+            "seq_lens": meta.seq_lens.tolist(), "logits_indices": inputs.logits_indices.tolist()}
+
+
+def staged_row(runner: ModelRunner, row: int, n: int) -> list[int]:
+    return runner.buffers.block_tables.np[row, :n].tolist()
+
+
+def test_mixed_step_matches_reference(runner):
+    seqs = [
+        scheduled(100, [11, 12, 13, 14, 15, 16], 0, [3, 7]),  # a whole prompt, crosses a block boundary
+        scheduled(101, [21], 9, [5, 2, 9]),  # a decode at position 9 (third block)
+        scheduled(102, [31, 32, 33], 4, [1, 4], sample=False),  # a prefill chunk short of the prompt's end
+    ]
+    inputs = runner.prepare_inputs(SchedulerOutput(seqs))
+    got = as_lists(inputs)
+    assert got == reference_inputs(seqs)
+    # spot checks against the arithmetic done by hand: slot = block * 4 + offset
+    assert got["slot_mapping"][:6] == [12, 13, 14, 15, 28, 29]
+    assert got["slot_mapping"][6] == 9 * BLOCK + 1
+    assert inputs.sample_rows == [0, 1]
+    meta = inputs.meta
+    assert (meta.max_query_len, meta.max_seq_len) == (6, 10)
+    assert meta.query_start_loc_cpu == [0, 6, 7, 10] and meta.seq_lens_cpu == [6, 10, 7]
+    assert tuple(meta.block_tables.shape) == (3, 3)  # as wide as the longest table
+    for row, s in enumerate(seqs):
+        assert meta.block_tables[row, : len(s.block_table)].tolist() == s.block_table
+
+
+def test_random_steps_match_reference(runner):
+    rng = random.Random(0)
+    seq_no = 1000
+    for _ in range(25):
+        seqs = []
+        for _ in range(rng.randint(1, MAX_SEQS)):
+            start = rng.randint(0, 40)
+            n = rng.choice([1, 1, rng.randint(1, 8)])
+            blocks = -(-(start + n) // BLOCK)
+            table = rng.sample(range(1, NUM_BLOCKS), blocks)
+            seqs.append(scheduled(seq_no, [rng.randrange(512) for _ in range(n)], start, table,
+                                  sample=rng.random() < 0.8))
+            seq_no += 1
+        inputs = runner.prepare_inputs(SchedulerOutput(seqs))
+        assert as_lists(inputs) == reference_inputs(seqs)
+        assert inputs.sample_rows == [i for i, s in enumerate(seqs) if s.sample]
+
+
+def test_decode_batch_padded_to_graph_size(runner):
+    seqs = [scheduled(200 + i, [40 + i], 5 + i, [10 + i, 20 + i, 30 + i]) for i in range(3)]
+    inputs = runner.prepare_inputs(SchedulerOutput(seqs), pad_to=8)
+    got, want = as_lists(inputs), reference_inputs(seqs)
+    assert got["input_ids"][:3] == want["input_ids"] and len(got["input_ids"]) == 8
+    assert got["positions"][:3] == want["positions"] and got["positions"][3:] == [0] * 5
+    assert got["slot_mapping"][:3] == want["slot_mapping"]
+    assert got["slot_mapping"][3:] == [-1] * 5  # padded lanes store nothing
+    assert got["seq_lens"] == want["seq_lens"] + [0] * 5  # ... and read nothing
+    assert got["query_start_loc"] == [0, 1, 2, 3, 3, 3, 3, 3, 3]  # empty queries after the real rows
+    assert got["logits_indices"] == [0, 1, 2]
+    meta = inputs.meta
+    assert meta.seq_lens_cpu == got["seq_lens"] and meta.query_start_loc_cpu == got["query_start_loc"]
+    # a padded batch reads the captured full width of the block-table buffer
+    assert tuple(meta.block_tables.shape) == (8, runner.max_blocks_per_seq)
+    assert meta.block_tables[:3, :3].tolist() == [s.block_table for s in seqs]
+
+
+def test_padding_not_applied_when_batch_is_full(runner):
+    seqs = [scheduled(300 + i, [1], 3, [i + 1]) for i in range(4)]
+    inputs = runner.prepare_inputs(SchedulerOutput(seqs), pad_to=4)
+    assert as_lists(inputs) == reference_inputs(seqs)
+    assert tuple(inputs.meta.block_tables.shape) == (4, 1)
+
+
+def test_block_table_rows_rewritten_only_where_new(runner):
+    runner.prepare_inputs(SchedulerOutput([scheduled(400, [1, 2, 3, 4, 5], 0, [6, 7])]))
+    assert staged_row(runner, 0, 2) == [6, 7]
+    # Mark an entry the runner has already written: the same sequence in the same row, with a
+    # grown table, must write only its new entry and leave the marked one alone.
+    runner.buffers.block_tables.np[0, 0] = 99
+    runner.prepare_inputs(SchedulerOutput([scheduled(400, [9], 8, [6, 7, 8])]))
+    assert staged_row(runner, 0, 3) == [99, 7, 8]
+
+    # another sequence in that row: the whole table is written
+    runner.prepare_inputs(SchedulerOutput([scheduled(401, [9], 4, [11, 12])]))
+    assert staged_row(runner, 0, 2) == [11, 12]
+
+    # a sequence moving to another row is written in full there
+    runner.buffers.block_tables.np[1, :3] = 0
+    seqs = [scheduled(402, [1], 0, [13]), scheduled(401, [9], 5, [11, 12])]
+    inputs = runner.prepare_inputs(SchedulerOutput(seqs))
+    assert staged_row(runner, 1, 2) == [11, 12]
+    assert as_lists(inputs) == reference_inputs(seqs)
+
+
+def test_block_table_rewritten_after_preemption(runner):
+    runner.prepare_inputs(SchedulerOutput([scheduled(500, [1, 2, 3, 4, 5, 6], 0, [14, 15])]))
+    runner.buffers.block_tables.np[0, 0] = 99  # what the next step must overwrite
+    # Preempted (recompute) and rescheduled with new blocks: the table is not an extension of
+    # the one written before, so the row is written from its start.
+    seqs = [scheduled(500, [1, 2, 3, 4, 5, 6], 0, [16, 17], num_preemptions=1)]
+    inputs = runner.prepare_inputs(SchedulerOutput(seqs))
+    assert staged_row(runner, 0, 2) == [16, 17]
+    assert as_lists(inputs)["slot_mapping"] == [64, 65, 66, 67, 68, 69]
+    assert as_lists(inputs) == reference_inputs(seqs)
