@@ -171,6 +171,7 @@ def field_comments(cls: type = EngineConfig) -> dict[str, str]:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
+    flags = {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else None
     out: dict[str, str] = {}
     above: list[str] = []
     trailing = _trailing_comments(source)
@@ -180,7 +181,7 @@ def field_comments(cls: type = EngineConfig) -> dict[str, str]:
             above.append(stripped.lstrip("# "))
             continue
         match = re.match(r"\s+(\w+)\s*:", line)
-        if match and match.group(1) not in out:
+        if match and match.group(1) not in out and (flags is None or match.group(1) in flags):
             text = trailing.get(number) or " ".join(above)
             if text:
                 out[match.group(1)] = text
