@@ -1,50 +1,125 @@
-"""Incremental detokenization: decode a short window of the newest tokens each step instead of
-the whole output, hold text back while it ends in an incomplete UTF-8 sequence, and hold back
-the last (longest stop string - 1) characters so a stop string is never half streamed."""
+"""Incremental detokenization of a request's output tokens, with stop strings.
+
+Text is produced by one of two decoders. A fast (Rust-backed) tokenizer streams through
+`tokenizers.decoders.DecodeStream`, which keeps a short window of the newest ids in Rust
+(about a microsecond a token); any other tokenizer decodes a window of the newest ids twice in
+Python per call (prefix and prefix + new) and emits the difference. Both hold text back while it
+ends in an incomplete UTF-8 sequence and flush it on the final call, so the concatenated deltas
+equal `tokenizer.decode(all_ids, skip_special_tokens=True)`.
+
+On top, `IncrementalDetokenizer` holds back the last (longest stop string - 1) characters so a
+stop string is never half streamed, and cuts the text before the earliest stop string."""
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
+
+INCOMPLETE = "\ufffd"  # what a decode of a partial UTF-8 sequence ends with
+
+
+class StreamDecoder:
+    """Rust streaming decode of a fast tokenizer's backend (`PreTrainedTokenizerFast._tokenizer`)."""
+
+    def __init__(self, backend: Tokenizer):
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self.token_ids: list[int] = []
+        self._decoded = 0  # characters produced so far
+        self._resync = False  # the stream lost its place: decode everything until it can restart
+
+    def push(self, ids: list[int], final: bool) -> str:
+        self.token_ids += ids
+        text = None
+        if not self._resync:
+            try:
+                text = self._stream.step(self._backend, ids[0] if len(ids) == 1 else ids)
+            except Exception:  # DecodeStream's "invalid prefix": its window no longer decodes consistently
+                self._resync = True
+        if self._resync or (final and text is None):
+            return self._from_full_decode(final)
+        if text is None:
+            return ""
+        self._decoded += len(text)
+        return text
+
+    def _from_full_decode(self, final: bool) -> str:
+        # rare (a resync) or once per request (the final flush): one decode of the whole output
+        full = self._backend.decode(self.token_ids, skip_special_tokens=True)
+        if not final and full.endswith(INCOMPLETE):
+            return ""
+        if self._resync and not final:
+            # a stream seeded with every id decodes them as its prefix, then only the newest ids
+            self._stream = DecodeStream(self.token_ids, skip_special_tokens=True)
+        self._resync = False
+        text, self._decoded = full[self._decoded :], len(full)
+        return text
+
+
+class WindowDecoder:
+    """Any tokenizer: decode ids[prefix_offset:read_offset] and ids[prefix_offset:], emit the
+    difference once it does not end in an incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self._tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, ids: list[int], final: bool) -> str:
+        self.token_ids += ids
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.token_ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or (not final and full.endswith(INCOMPLETE)):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        return full[len(prefix) :]
+
+
+def make_decoder(tokenizer: PreTrainedTokenizerBase) -> StreamDecoder | WindowDecoder:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # transformers' decode may also clean up spaces around punctuation, which the Rust side does not
+    if isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return StreamDecoder(backend)
+    return WindowDecoder(tokenizer)
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]):
-        self.tokenizer = tokenizer
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.token_ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.text = ""
-        self.emitted = 0  # characters of `text` already returned as deltas
+        self.decoder = make_decoder(tokenizer)
+        self._held = ""  # decoded, not yet returned: at most `holdback` characters between calls
+        self.stop_hit: str | None = None
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    @property
+    def token_ids(self) -> list[int]:
+        return self.decoder.token_ids
 
     def add(self, new_token_ids: list[int], final: bool = False) -> tuple[str, str | None]:
         """Append tokens; return (text delta, stop string hit or None). Once a stop string is
-        hit the text is cut before it and everything up to there is flushed."""
-        self.token_ids.extend(new_token_ids)
-        prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.token_ids[self.prefix_offset :])
-        stop_hit = None
-        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-            stop_hit = self._append(full[len(prefix) :])
-        return self._emit(flush=final or stop_hit is not None), stop_hit
+        hit the text is cut before it, everything up to there is flushed, and later calls
+        return nothing."""
+        new_text = self.decoder.push(new_token_ids, final)
+        if not self.stop:
+            return new_text, None
+        if self.stop_hit is not None:
+            return "", None
+        return self._check_stops(new_text, final)
 
-    def _append(self, new_text: str) -> str | None:
-        # a stop string can only start in the held-back tail of the old text or in the new text
-        start = max(0, len(self.text) - self.holdback)
-        self.text += new_text
-        hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
-        if not hits:
-            return None
-        idx, stop = min(hits)  # the earliest stop string wins
-        self.text = self.text[:idx]
-        return stop
-
-    def _emit(self, flush: bool) -> str:
-        end = len(self.text) if flush else max(self.emitted, len(self.text) - self.holdback)
-        delta, self.emitted = self.text[self.emitted : end], end
-        return delta
+    def _check_stops(self, new_text: str, final: bool) -> tuple[str, str | None]:
+        # a stop string can only start in the held-back tail or in the new text
+        text = self._held + new_text
+        if new_text:
+            hits = [(i, s) for s in self.stop if (i := text.find(s)) >= 0]
+            if hits:
+                idx, self.stop_hit = min(hits)  # the earliest stop string wins
+                self._held = ""
+                return text[:idx], self.stop_hit
+        cut = len(text) if final else max(0, len(text) - self.holdback)
+        self._held = text[cut:]
+        return text[:cut], None
