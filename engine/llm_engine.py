@@ -136,18 +136,18 @@ class LLMEngine:
         return deltas
 
     def _process(self, update: SequenceUpdate) -> RequestDelta:
-        seq, finished = update.seq, update.finished
+        seq, finished, new_ids = update.seq, update.finished, [update.new_token_id]
         text = ""
         detok = self.detokenizers.get(seq.request_id)
         if detok is not None:
-            text, stop_hit = detok.add([update.new_token_id], final=finished)
+            text, stop_hit = detok.add(new_ids, finished)
             if stop_hit is not None and not finished:
                 seq.stop_reason = stop_hit
                 self.scheduler.finish_request(seq, FinishReason.STOP)
                 finished = True
         if finished:
             self.detokenizers.pop(seq.request_id, None)
-        return self._delta(seq, [update.new_token_id], text, finished)
+        return self._delta(seq, new_ids, text, finished)
 
     @staticmethod
     def _delta(seq: Sequence, new_ids: list[int], text: str, finished: bool) -> RequestDelta:
