@@ -1,22 +1,75 @@
 """Incremental detokenization of a request's output tokens, with stop strings.
 
-Text is produced by one of two decoders. A fast (Rust-backed) tokenizer streams through
-`tokenizers.decoders.DecodeStream`, which keeps a short window of the newest ids in Rust
-(about a microsecond a token); any other tokenizer decodes a window of the newest ids twice in
-Python per call (prefix and prefix + new) and emits the difference. Both hold text back while it
-ends in an incomplete UTF-8 sequence and flush it on the final call, so the concatenated deltas
-equal `tokenizer.decode(all_ids, skip_special_tokens=True)`.
+Text comes from one of three decoders, each holding text back while it ends in an incomplete
+UTF-8 sequence and flushing it on the final call, so the concatenated deltas equal
+`tokenizer.decode(all_ids, skip_special_tokens=True)`:
+- byte-level BPE (GPT-2, Qwen, Llama 3: a fast tokenizer whose decoder is ByteLevel): each id's
+  bytes come from a table built once per tokenizer and go through Python's incremental UTF-8
+  decoder, a fraction of a microsecond a token and never more, whatever the ids;
+- any other fast tokenizer: `tokenizers.decoders.DecodeStream`, which decodes a short window of
+  the newest ids in Rust (about a microsecond a token while the text is valid UTF-8);
+- anything else: decode a window of the newest ids twice in Python (prefix, prefix + new).
 
 On top, `IncrementalDetokenizer` holds back the last (longest stop string - 1) characters so a
 stop string is never half streamed, and cuts the text before the earliest stop string."""
 
 from __future__ import annotations
 
+import codecs
+import functools
+
 from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
+from tokenizers.decoders import ByteLevel, DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 INCOMPLETE = "\ufffd"  # what a decode of a partial UTF-8 sequence ends with
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """ByteLevel's character for each byte (GPT-2's bytes_to_unicode), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {chr(b): b for b in printable}
+    chars.update({chr(256 + i): b for i, b in enumerate(others)})
+    return chars
+
+
+@functools.lru_cache(maxsize=4)  # one table per tokenizer (151k ids take ~0.1 s), not per request
+def byte_table(backend: Tokenizer) -> tuple[bytes, ...]:
+    """The bytes each id decodes to with skip_special_tokens: ByteLevel maps each character of a
+    token back to its byte, or takes the token's own UTF-8 if some character has no byte;
+    special and unknown ids give nothing."""
+    chars = _gpt2_byte_chars()
+    trans = {ord(c): b for c, b in chars.items()}
+    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    table = []
+    for i in range(backend.get_vocab_size(with_added_tokens=True)):
+        token = backend.id_to_token(i)
+        if token is None or i in special:
+            table.append(b"")
+        elif all(c in chars for c in token):
+            table.append(token.translate(trans).encode("latin-1"))
+        else:
+            table.append(token.encode())
+    return tuple(table)
+
+
+class ByteLevelDecoder:
+    """Byte-level BPE: table lookup plus an incremental UTF-8 decoder (which holds back at most
+    the three bytes of an unfinished character and replaces invalid bytes as a full decode does)."""
+
+    def __init__(self, table: tuple[bytes, ...]):
+        self._table = table
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.token_ids: list[int] = []
+
+    def push(self, ids: list[int], final: bool) -> str:
+        self.token_ids += ids
+        table, n = self._table, len(self._table)
+        if len(ids) == 1:
+            i = ids[0]
+            return self._utf8.decode(table[i] if 0 <= i < n else b"", final)
+        return self._utf8.decode(b"".join(table[i] for i in ids if 0 <= i < n), final)
 
 
 class StreamDecoder:
@@ -80,12 +133,14 @@ class WindowDecoder:
         return full[len(prefix) :]
 
 
-def make_decoder(tokenizer: PreTrainedTokenizerBase) -> StreamDecoder | WindowDecoder:
+def make_decoder(tokenizer: PreTrainedTokenizerBase) -> ByteLevelDecoder | StreamDecoder | WindowDecoder:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     # transformers' decode may also clean up spaces around punctuation, which the Rust side does not
-    if isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return StreamDecoder(backend)
-    return WindowDecoder(tokenizer)
+    if not isinstance(backend, Tokenizer) or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return WindowDecoder(tokenizer)
+    if isinstance(backend.decoder, ByteLevel):
+        return ByteLevelDecoder(byte_table(backend))
+    return StreamDecoder(backend)
 
 
 class IncrementalDetokenizer:

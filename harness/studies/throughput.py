@@ -4,7 +4,8 @@ the engine, and optionally HF transformers `generate` on the same prompts in the
     python -m harness.studies.throughput                          # tiny on CPU, scaled-down workload
     python -m harness.studies.throughput --model qwen3-0.6b --hf  # the full workload on a GPU (133,966 tokens)
 
-Throughput = output tokens / wall time, prefill included.
+Throughput = output tokens / wall time, prefill included, with incremental detokenization of
+every output token (as `LLM.generate` does) unless --no-detokenize.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="print per-phase CUDA kernel tables (torch.profiler; slows the host)")
+    ap.add_argument("--no-detokenize", action="store_true",
+                    help="skip incremental detokenization (default: on, as LLM.generate does)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra EngineConfig field, e.g. --engine-arg enforce_eager=true")
     args = ap.parse_args(argv)
@@ -140,13 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     reqs = bench_requests(num_seqs=args.num_seqs, max_input_len=args.max_input_len,
                           max_output_len=args.max_output_len, vocab_size=cfg.model_config.vocab_size)
     prompts = [r.prompt_token_ids for r in reqs]
-    params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False) for r in reqs]
+    detokenize = not args.no_detokenize
+    params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=detokenize)
+              for r in reqs]
     tokens, elapsed, breakdown, jit_seen = run_engine(llm, prompts, params, profile=args.profile and cuda)
-    result = {"model": args.model, "policy": args.policy, "requests": len(reqs), "output_tokens": tokens,
-              "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
+    result = {"model": args.model, "policy": args.policy, "detokenize": detokenize, "requests": len(reqs),
+              "output_tokens": tokens, "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": breakdown,
               "jit_in_timed_run": jit_seen}
-    print(f"engine ({args.policy}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
+    mode = "on" if detokenize else "off"
+    print(f"engine ({args.policy}, detokenize {mode}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
     if args.hf:
         runner = getattr(llm.engine.executor, "runner", None)
         dtype, device = (runner.dtype, str(runner.device)) if runner else (torch.float32, "cpu")

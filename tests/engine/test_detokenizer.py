@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from engine import LLM, SamplingParams
-from engine.detokenizer import IncrementalDetokenizer, StreamDecoder, WindowDecoder
+from engine.detokenizer import ByteLevelDecoder, IncrementalDetokenizer, StreamDecoder, WindowDecoder
 from engine.tokenizer import build_byte_tokenizer
 
 CORPUS = [
@@ -34,7 +34,7 @@ def build_bpe_tokenizer() -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
-    tok.add_tokens(["<tool>"])
+    tok.add_tokens(["<tool>", "<tool> é"])  # the second has a character ByteLevel has no byte for
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
@@ -111,20 +111,32 @@ def id_sequences(draw, tok):
     return ids, draw(st.lists(st.integers(0, 64), max_size=6))
 
 
-@pytest.mark.parametrize("name", TOKENIZERS)
-def test_fast_tokenizers_use_the_rust_stream(name):
-    assert isinstance(IncrementalDetokenizer(TOKENIZERS[name], []).decoder, StreamDecoder)
-    assert isinstance(IncrementalDetokenizer(SlowTokenizer(TOKENIZERS[name]), []).decoder, WindowDecoder)
+def make_detok(tok, decoder: str, stop: list[str] | None = None) -> IncrementalDetokenizer:
+    """The detokenizer with the decoder it picks ("auto") or a forced one."""
+    if decoder == "window":
+        tok = SlowTokenizer(tok)
+    detok = IncrementalDetokenizer(tok, stop or [])
+    if decoder == "stream":
+        detok.decoder = StreamDecoder(tok.backend_tokenizer)
+    return detok
 
 
+@pytest.mark.parametrize("name, picked", [("byte", ByteLevelDecoder), ("bpe", ByteLevelDecoder),
+                                          ("byte_fallback", StreamDecoder)])
+def test_each_tokenizer_gets_its_fastest_exact_decoder(name, picked):
+    assert type(IncrementalDetokenizer(TOKENIZERS[name], []).decoder) is picked
+    assert type(IncrementalDetokenizer(SlowTokenizer(TOKENIZERS[name]), []).decoder) is WindowDecoder
+
+
+@pytest.mark.parametrize("decoder", ["auto", "stream"])
 @pytest.mark.parametrize("name", TOKENIZERS)
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
-def test_streamed_text_equals_full_decode(name, data):
+def test_streamed_text_equals_full_decode(name, decoder, data):
     tok = TOKENIZERS[name]
     ids, cuts = data.draw(id_sequences(tok))
     chunks = chunked(ids, cuts) if data.draw(st.booleans()) else [[i] for i in ids] or [[]]
-    deltas, stop = stream(IncrementalDetokenizer(tok, []), chunks)
+    deltas, stop = stream(make_detok(tok, decoder), chunks)
     assert stop is None
     assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
 
@@ -139,10 +151,10 @@ def test_slow_tokenizer_fallback_equals_full_decode(name, data):
     assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("slow", [False, True])
-def test_incomplete_utf8_is_held_back_until_complete(slow):
+@pytest.mark.parametrize("decoder", ["auto", "stream", "window"])
+def test_incomplete_utf8_is_held_back_until_complete(decoder):
     tok = TOKENIZERS["byte"]
-    detok = IncrementalDetokenizer(SlowTokenizer(tok) if slow else tok, [])
+    detok = make_detok(tok, decoder)
     ids = byte_ids(tok, "a日b")
     assert len(ids) == 5  # 日 is three bytes, one token each
     assert [detok.add([i])[0] for i in ids] == ["a", "", "", "日", "b"]
@@ -250,14 +262,13 @@ def interleaved_run(make, outputs: list[list[int]]) -> list[str]:
     return ["".join(p) for p in pieces]
 
 
-@pytest.mark.parametrize("decoder", ["window", "stream"])
+@pytest.mark.parametrize("decoder", ["window", "stream", "auto"])  # window: the old detokenizer
 @pytest.mark.parametrize("name", ["byte", "bpe"])
 def test_bench_detokenizer_per_token(benchmark, name, decoder):
     tok = TOKENIZERS[name]
     text_ids = byte_ids(tok, " ".join(CORPUS) * 4)
     outputs = [(text_ids[s * 7 :] + text_ids)[:TOKENS] for s in range(STREAMS)]
-    wrapped = tok if decoder == "stream" else SlowTokenizer(tok)
-    texts = benchmark.pedantic(interleaved_run, args=(lambda: IncrementalDetokenizer(wrapped, []), outputs),
+    texts = benchmark.pedantic(interleaved_run, args=(lambda: make_detok(tok, decoder), outputs),
                                rounds=2, iterations=1)
     benchmark.extra_info["tokens"] = STREAMS * TOKENS
     assert texts == [tok.decode(o, skip_special_tokens=True) for o in outputs]
