@@ -6,6 +6,8 @@ Run: pytest tests/engine/test_detokenizer.py   (timings: add --benchmark-only)""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -271,6 +273,20 @@ def test_bench_detokenizer_per_token(benchmark, name, decoder):
     texts = benchmark.pedantic(interleaved_run, args=(lambda: make_detok(tok, decoder), outputs),
                                rounds=2, iterations=1)
     benchmark.extra_info["tokens"] = STREAMS * TOKENS
+    assert texts == [tok.decode(o, skip_special_tokens=True) for o in outputs]
+
+
+@pytest.mark.parametrize("decoder", ["window", "stream", "auto"])
+def test_bench_detokenizer_random_model_ids(benchmark, decoder):
+    """A random-weight qwen3-0.6b samples ids over 151,936 while the presets' byte tokenizer
+    knows 257: most ids decode to nothing, so a decoder that waits for text re-decodes an ever
+    longer window (the old one, and DecodeStream); the byte table does not."""
+    tok = TOKENIZERS["byte"]
+    rng = random.Random(0)
+    outputs = [[rng.randrange(151_936) for _ in range(TOKENS // 4)] for _ in range(STREAMS)]
+    texts = benchmark.pedantic(interleaved_run, args=(lambda: make_detok(tok, decoder), outputs),
+                               rounds=2, iterations=1)
+    benchmark.extra_info["tokens"] = STREAMS * TOKENS // 4
     assert texts == [tok.decode(o, skip_special_tokens=True) for o in outputs]
 
 
