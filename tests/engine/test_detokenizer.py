@@ -102,7 +102,7 @@ def id_sequences(draw, tok):
     vocab = len(tok)
     if any(is_byte_fallback(tok, i) for i in range(vocab)):
         others = [i for i in range(vocab) if not is_byte_fallback(tok, i)]
-        groups = draw(st.lists(st.one_of(st.characters().map(lambda c: byte_ids(tok, c)),
+        groups = draw(st.lists(st.one_of(st.characters(codec="utf-8").map(lambda c: byte_ids(tok, c)),
                                          st.sampled_from(others).map(lambda i: [i])), max_size=30))
         ids = [i for g in groups for i in g]
     else:
