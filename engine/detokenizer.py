@@ -25,33 +25,39 @@ from transformers import PreTrainedTokenizerBase
 INCOMPLETE = "\ufffd"  # what a decode of a partial UTF-8 sequence ends with
 
 
-def _gpt2_byte_chars() -> dict[str, int]:
-    """ByteLevel's character for each byte (GPT-2's bytes_to_unicode), inverted."""
+def _byte_level_translation() -> dict[int, int]:
+    """str.translate table from ByteLevel's characters (GPT-2's bytes_to_unicode) back to the
+    bytes they stand for; other characters below 256 go to U+FFFF so a token holding one fails
+    the latin-1 encode and falls back to its own UTF-8, as ByteLevel's decoder does."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
-    chars = {chr(b): b for b in printable}
-    chars.update({chr(256 + i): b for i, b in enumerate(others)})
-    return chars
+    trans = {c: 0xFFFF for c in others}
+    trans.update({b: b for b in printable})
+    trans.update({256 + i: b for i, b in enumerate(others)})
+    return trans
 
 
-@functools.lru_cache(maxsize=4)  # one table per tokenizer (151k ids take ~0.1 s), not per request
+@functools.lru_cache(maxsize=4)  # one table per tokenizer (a 151k vocabulary takes ~0.4 s), not per request
 def byte_table(backend: Tokenizer) -> tuple[bytes, ...]:
-    """The bytes each id decodes to with skip_special_tokens: ByteLevel maps each character of a
-    token back to its byte, or takes the token's own UTF-8 if some character has no byte;
-    special and unknown ids give nothing."""
-    chars = _gpt2_byte_chars()
-    trans = {ord(c): b for c, b in chars.items()}
+    """The bytes each id decodes to with skip_special_tokens; special ids and ids the vocabulary
+    lacks give nothing."""
+    trans = _byte_level_translation()
     special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-    table = []
-    for i in range(backend.get_vocab_size(with_added_tokens=True)):
-        token = backend.id_to_token(i)
-        if token is None or i in special:
-            table.append(b"")
-        elif all(c in chars for c in token):
-            table.append(token.translate(trans).encode("latin-1"))
-        else:
-            table.append(token.encode())
+    table = [b""] * backend.get_vocab_size(with_added_tokens=True)
+    for token, i in backend.get_vocab(with_added_tokens=True).items():
+        if i in special or i >= len(table):
+            continue
+        try:
+            table[i] = token.translate(trans).encode("latin-1")
+        except UnicodeEncodeError:  # a character with no byte: ByteLevel keeps the token's UTF-8
+            table[i] = token.encode()
     return tuple(table)
+
+
+def prepare_detokenization(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Build what the detokenizers of this tokenizer share (the byte table) now, not in the
+    first request's step."""
+    make_decoder(tokenizer)
 
 
 class ByteLevelDecoder:
@@ -78,16 +84,22 @@ class StreamDecoder:
     def __init__(self, backend: Tokenizer):
         self._backend = backend
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._vocab = backend.get_vocab_size(with_added_tokens=True)
         self.token_ids: list[int] = []
         self._decoded = 0  # characters produced so far
         self._resync = False  # the stream lost its place: decode everything until it can restart
 
     def push(self, ids: list[int], final: bool) -> str:
         self.token_ids += ids
+        # ids the vocabulary lacks decode to nothing; kept out, they cannot grow the stream's window
+        if len(ids) == 1:
+            known = ids[0] if 0 <= ids[0] < self._vocab else None
+        else:
+            known = [i for i in ids if 0 <= i < self._vocab] or None
         text = None
-        if not self._resync:
+        if known is not None and not self._resync:
             try:
-                text = self._stream.step(self._backend, ids[0] if len(ids) == 1 else ids)
+                text = self._stream.step(self._backend, known)
             except Exception:  # DecodeStream's "invalid prefix": its window no longer decodes consistently
                 self._resync = True
         if self._resync or (final and text is None):

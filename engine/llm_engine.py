@@ -8,7 +8,7 @@ import time
 
 from engine.block_manager import BlockManager
 from engine.config import PRESETS, EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, prepare_detokenization
 from engine.executor import StepResult, make_executor
 from engine.outputs import RequestDelta, StepStats
 from engine.sampling_params import SamplingParams
@@ -22,6 +22,7 @@ class LLMEngine:
         self.config = config if config is not None else EngineConfig(**kwargs)
         mc = self.config.model_config
         self.tokenizer = load_tokenizer(self.config.model, self.config.tokenizer, self.config.model in PRESETS)
+        prepare_detokenization(self.tokenizer)
         self.eos_token_id = mc.eos_token_id if mc.eos_token_id is not None else self.tokenizer.eos_token_id
         self.executor = make_executor(self.config)
         self.config = self.executor.config  # what runs: reports must not show a setting that fell back
