@@ -94,21 +94,23 @@ def is_byte_fallback(tok, i: int) -> bool:
 
 @st.composite
 def id_sequences(draw, tok):
-    """Random ids mixed with the ids of real multi-byte text, and cut points for several ids a
-    call. ByteFallback decodes a run of <0xNN> tokens that is not valid UTF-8 as one U+FFFD per
+    """Random ids (some past the vocabulary) mixed with the ids of real multi-byte text, and cut
+    points for several ids a call. ByteFallback decodes a run of <0xNN> tokens that is not valid UTF-8 as one U+FFFD per
     token, which changes text already decoded when a bad byte follows good ones (no incremental
     decoder can match a full decode there), so for such tokenizers byte tokens come only in
     whole characters, each character's bytes still one token apiece."""
     vocab = len(tok)
     if any(is_byte_fallback(tok, i) for i in range(vocab)):
         others = [i for i in range(vocab) if not is_byte_fallback(tok, i)]
+        # ids past the vocabulary (a model's vocabulary may be larger) decode to nothing
+        others += [vocab, vocab + 1, 151_935]
         groups = draw(st.lists(st.one_of(st.characters(codec="utf-8").map(lambda c: byte_ids(tok, c)),
                                          st.sampled_from(others).map(lambda i: [i])), max_size=30))
         ids = [i for g in groups for i in g]
     else:
         # random byte ids split characters and make invalid sequences; text ids make valid ones
         text_ids = byte_ids(tok, draw(st.text(max_size=12)))
-        rand_ids = draw(st.lists(st.integers(0, vocab - 1), max_size=30))
+        rand_ids = draw(st.lists(st.one_of(st.integers(0, vocab - 1), st.integers(vocab, 151_935)), max_size=30))
         ids = draw(st.permutations(text_ids + rand_ids)) if draw(st.booleans()) else rand_ids + text_ids
     return ids, draw(st.lists(st.integers(0, 64), max_size=6))
 
