@@ -38,9 +38,9 @@ def _byte_level_translation() -> dict[int, int]:
 
 
 @functools.lru_cache(maxsize=4)  # one table per tokenizer (a 151k vocabulary takes ~0.4 s), not per request
-def byte_table(backend: Tokenizer) -> tuple[bytes, ...]:
-    """The bytes each id decodes to with skip_special_tokens; special ids and ids the vocabulary
-    lacks give nothing."""
+def byte_table(backend: Tokenizer) -> tuple[tuple[bytes, ...], tuple[str | None, ...]]:
+    """The bytes each id decodes to with skip_special_tokens (special ids and ids the vocabulary
+    lacks give nothing), and their text where those bytes are valid UTF-8 on their own."""
     trans = _byte_level_translation()
     special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
     table = [b""] * backend.get_vocab_size(with_added_tokens=True)
@@ -51,7 +51,14 @@ def byte_table(backend: Tokenizer) -> tuple[bytes, ...]:
             table[i] = token.translate(trans).encode("latin-1")
         except UnicodeEncodeError:  # a character with no byte: ByteLevel keeps the token's UTF-8
             table[i] = token.encode()
-    return tuple(table)
+    return tuple(table), tuple(_utf8_or_none(b) for b in table)
+
+
+def _utf8_or_none(data: bytes) -> str | None:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def prepare_detokenization(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -61,21 +68,30 @@ def prepare_detokenization(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 class ByteLevelDecoder:
-    """Byte-level BPE: table lookup plus an incremental UTF-8 decoder (which holds back at most
-    the three bytes of an unfinished character and replaces invalid bytes as a full decode does)."""
+    """Byte-level BPE: table lookup, then UTF-8 decoding that keeps back at most the three bytes
+    of an unfinished character and replaces invalid bytes as a full decode does. The common
+    case, a token that is whole characters with nothing kept back, is one lookup."""
 
-    def __init__(self, table: tuple[bytes, ...]):
-        self._table = table
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def __init__(self, tables: tuple[tuple[bytes, ...], tuple[str | None, ...]]):
+        self._bytes, self._texts = tables
+        self._buffer = b""  # the start of an unfinished character
         self.token_ids: list[int] = []
 
     def push(self, ids: list[int], final: bool) -> str:
         self.token_ids += ids
-        table, n = self._table, len(self._table)
+        n = len(self._bytes)
         if len(ids) == 1:
             i = ids[0]
-            return self._utf8.decode(table[i] if 0 <= i < n else b"", final)
-        return self._utf8.decode(b"".join(table[i] for i in ids if 0 <= i < n), final)
+            if not self._buffer:
+                text = self._texts[i] if 0 <= i < n else ""
+                if text is not None:
+                    return text
+            data = self._buffer + self._bytes[i] if 0 <= i < n else self._buffer
+        else:
+            data = self._buffer + b"".join([self._bytes[i] for i in ids if 0 <= i < n])
+        text, used = codecs.utf_8_decode(data, "replace", final)
+        self._buffer = data[used:]
+        return text
 
 
 class StreamDecoder:
@@ -181,12 +197,10 @@ class IncrementalDetokenizer:
     def _check_stops(self, new_text: str, final: bool) -> tuple[str, str | None]:
         # a stop string can only start in the held-back tail or in the new text
         text = self._held + new_text
-        if new_text:
-            hits = [(i, s) for s in self.stop if (i := text.find(s)) >= 0]
-            if hits:
-                idx, self.stop_hit = min(hits)  # the earliest stop string wins
-                self._held = ""
-                return text[:idx], self.stop_hit
+        if new_text and any(s in text for s in self.stop):
+            idx, self.stop_hit = min((text.find(s), s) for s in self.stop if s in text)  # the earliest wins
+            self._held = ""
+            return text[:idx], self.stop_hit
         cut = len(text) if final else max(0, len(text) - self.holdback)
         self._held = text[cut:]
         return text[:cut], None
