@@ -75,10 +75,8 @@ class ByteLevelDecoder:
     def __init__(self, tables: tuple[tuple[bytes, ...], tuple[str | None, ...]]):
         self._bytes, self._texts = tables
         self._buffer = b""  # the start of an unfinished character
-        self.token_ids: list[int] = []
 
     def push(self, ids: list[int], final: bool) -> str:
-        self.token_ids += ids
         n = len(self._bytes)
         if len(ids) == 1:
             i = ids[0]
@@ -178,10 +176,6 @@ class IncrementalDetokenizer:
         self.decoder = make_decoder(tokenizer)
         self._held = ""  # decoded, not yet returned: at most `holdback` characters between calls
         self.stop_hit: str | None = None
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.decoder.token_ids
 
     def add(self, new_token_ids: list[int], final: bool = False) -> tuple[str, str | None]:
         """Append tokens; return (text delta, stop string hit or None). Once a stop string is
