@@ -159,10 +159,24 @@ class WindowDecoder:
         return full[len(prefix) :]
 
 
+# every pattern transformers' clean_up_tokenization rewrites
+CLEAN_UP_PROBE = "a . b ? c ! d , e ' f n't g 'm h 's i 've j 're"
+
+
+@functools.lru_cache(maxsize=4)  # per tokenizer: one probe, not one per request
+def _decodes_like_backend(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's decode is its Rust backend's: transformers may also clean up
+    spaces before punctuation (clean_up_tokenization_spaces), which transformers 5 skips for BPE
+    models; asking the tokenizer itself holds for either version."""
+    backend = tokenizer.backend_tokenizer
+    ids = backend.encode(CLEAN_UP_PROBE, add_special_tokens=False).ids
+    return tokenizer.decode(ids, skip_special_tokens=True) == backend.decode(ids, skip_special_tokens=True)
+
+
 def make_decoder(tokenizer: PreTrainedTokenizerBase) -> ByteLevelDecoder | StreamDecoder | WindowDecoder:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    # transformers' decode may also clean up spaces around punctuation, which the Rust side does not
-    if not isinstance(backend, Tokenizer) or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+    if not isinstance(backend, Tokenizer) or (
+            getattr(tokenizer, "clean_up_tokenization_spaces", False) and not _decodes_like_backend(tokenizer)):
         return WindowDecoder(tokenizer)
     if isinstance(backend.decoder, ByteLevel):
         return ByteLevelDecoder(byte_table(backend))

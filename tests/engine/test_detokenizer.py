@@ -132,6 +132,22 @@ def test_each_tokenizer_gets_its_fastest_exact_decoder(name, picked):
     assert type(IncrementalDetokenizer(SlowTokenizer(TOKENIZERS[name]), []).decoder) is WindowDecoder
 
 
+def test_space_clean_up_that_changes_text_falls_back_to_windows():
+    """transformers' clean_up_tokenization_spaces rewrites " ." and the like after decoding, which
+    the Rust decoders do not; transformers 5 skips it for BPE models unless forced."""
+    text = "Hi , there . It 's fine !"
+    skipped = build_byte_tokenizer()
+    skipped.clean_up_tokenization_spaces = True
+    assert type(IncrementalDetokenizer(skipped, []).decoder) is ByteLevelDecoder
+    ids = byte_ids(skipped, text)
+    assert "".join(stream(IncrementalDetokenizer(skipped, []), [[i] for i in ids])[0]) == skipped.decode(ids) == text
+    forced = build_byte_tokenizer()
+    forced.clean_up_tokenization_spaces = True
+    forced.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    assert forced.decode(ids) != text  # the clean-up applies
+    assert type(IncrementalDetokenizer(forced, []).decoder) is WindowDecoder
+
+
 @pytest.mark.parametrize("decoder", ["auto", "stream"])
 @pytest.mark.parametrize("name", TOKENIZERS)
 @settings(max_examples=300, deadline=None)
