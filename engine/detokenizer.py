@@ -93,7 +93,10 @@ class ByteLevelDecoder:
 
 
 class StreamDecoder:
-    """Rust streaming decode of a fast tokenizer's backend (`PreTrainedTokenizerFast._tokenizer`)."""
+    """Rust streaming decode of a fast tokenizer's backend (`PreTrainedTokenizerFast._tokenizer`).
+    Ids that never complete a character (invalid byte-fallback runs) grow its window until one
+    does; byte-level tokenizers, whose random-model output does that all the time, take
+    ByteLevelDecoder instead."""
 
     def __init__(self, backend: Tokenizer):
         self._backend = backend
@@ -184,6 +187,9 @@ def make_decoder(tokenizer: PreTrainedTokenizerBase) -> ByteLevelDecoder | Strea
 
 
 class IncrementalDetokenizer:
+    """One request's output text, delta by delta, cut at the first stop string. Only output ids
+    are fed (no prompt context), so the text equals a decode of the output ids alone."""
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]):
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
