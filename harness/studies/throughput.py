@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
               "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": breakdown,
               "jit_in_timed_run": jit_seen}
     mode = "on" if detokenize else "off"
-    print(f"engine ({args.policy}, detokenize {mode}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
+    print(f"engine ({args.policy}, detokenize {mode}): {tokens} tokens in {elapsed:.2f} s = "
+          f"{tokens / elapsed:,.0f} tok/s")
     if args.hf:
         runner = getattr(llm.engine.executor, "runner", None)
         dtype, device = (runner.dtype, str(runner.device)) if runner else (torch.float32, "cpu")
