@@ -38,9 +38,10 @@ def _byte_level_translation() -> dict[int, int]:
 
 
 @functools.lru_cache(maxsize=4)  # one table per tokenizer (a 151k vocabulary takes ~0.4 s), not per request
-def byte_table(backend: Tokenizer) -> tuple[tuple[bytes, ...], tuple[str | None, ...]]:
+def byte_table(backend: Tokenizer) -> tuple[tuple[bytes, ...], tuple[tuple[str, bytes], ...]]:
     """The bytes each id decodes to with skip_special_tokens (special ids and ids the vocabulary
-    lacks give nothing), and their text where those bytes are valid UTF-8 on their own."""
+    lacks give nothing), and what an incremental UTF-8 decode of those bytes alone gives: the
+    text, and the start of an unfinished character it keeps back."""
     trans = _byte_level_translation()
     special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
     table = [b""] * backend.get_vocab_size(with_added_tokens=True)
@@ -51,14 +52,12 @@ def byte_table(backend: Tokenizer) -> tuple[tuple[bytes, ...], tuple[str | None,
             table[i] = token.translate(trans).encode("latin-1")
         except UnicodeEncodeError:  # a character with no byte: ByteLevel keeps the token's UTF-8
             table[i] = token.encode()
-    return tuple(table), tuple(_utf8_or_none(b) for b in table)
+    return tuple(table), tuple(_decode_start(b) for b in table)
 
 
-def _utf8_or_none(data: bytes) -> str | None:
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return None
+def _decode_start(data: bytes) -> tuple[str, bytes]:
+    text, used = codecs.utf_8_decode(data, "replace", False)
+    return text, data[used:]
 
 
 def prepare_detokenization(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -69,11 +68,11 @@ def prepare_detokenization(tokenizer: PreTrainedTokenizerBase) -> None:
 
 class ByteLevelDecoder:
     """Byte-level BPE: table lookup, then UTF-8 decoding that keeps back at most the three bytes
-    of an unfinished character and replaces invalid bytes as a full decode does. The common
-    case, a token that is whole characters with nothing kept back, is one lookup."""
+    of an unfinished character and replaces invalid bytes as a full decode does. With nothing
+    kept back (the common case), a token is one lookup."""
 
-    def __init__(self, tables: tuple[tuple[bytes, ...], tuple[str | None, ...]]):
-        self._bytes, self._texts = tables
+    def __init__(self, tables: tuple[tuple[bytes, ...], tuple[tuple[str, bytes], ...]]):
+        self._bytes, self._starts = tables
         self._buffer = b""  # the start of an unfinished character
 
     def push(self, ids: list[int], final: bool) -> str:
@@ -81,8 +80,9 @@ class ByteLevelDecoder:
         if len(ids) == 1:
             i = ids[0]
             if not self._buffer:
-                text = self._texts[i] if 0 <= i < n else ""
-                if text is not None:
+                text, rest = self._starts[i] if 0 <= i < n else ("", b"")
+                if not rest or not final:
+                    self._buffer = rest
                     return text
             data = self._buffer + self._bytes[i] if 0 <= i < n else self._buffer
         else:
