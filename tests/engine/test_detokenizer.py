@@ -1,7 +1,8 @@
 """Incremental detokenizer: the streamed text equals a full decode, stop strings are cut at the
 earliest match and never half streamed, incomplete UTF-8 is held back until complete or final.
-Benchmarks (pytest-benchmark, time per token of old window vs Rust stream decode, and
-`LLM("tiny").generate` with detokenization on and off) assert text only, never a time.
+Benchmarks (pytest-benchmark: time per token of the old window decode, Rust's DecodeStream
+and the decoder picked, on text and on a random model's ids; `LLM("tiny").generate` with
+detokenization on and off) assert text only, never a time.
 Run: pytest tests/engine/test_detokenizer.py   (timings: add --benchmark-only)"""
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def is_byte_fallback(tok, i: int) -> bool:
 @st.composite
 def id_sequences(draw, tok):
     """Random ids (some past the vocabulary) mixed with the ids of real multi-byte text, and cut
-    points for several ids a call. ByteFallback decodes a run of <0xNN> tokens that is not valid UTF-8 as one U+FFFD per
-    token, which changes text already decoded when a bad byte follows good ones (no incremental
-    decoder can match a full decode there), so for such tokenizers byte tokens come only in
-    whole characters, each character's bytes still one token apiece."""
+    points for several ids a call. ByteFallback decodes a run of <0xNN> tokens that is not
+    valid UTF-8 as one U+FFFD per token, which changes text already decoded when a bad byte
+    follows good ones (no incremental decoder can match a full decode there), so for such
+    tokenizers byte tokens come only in whole characters, each character's bytes still one
+    token apiece."""
     vocab = len(tok)
     if any(is_byte_fallback(tok, i) for i in range(vocab)):
         others = [i for i in range(vocab) if not is_byte_fallback(tok, i)]
