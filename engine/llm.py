@@ -38,18 +38,21 @@ class LLM:
                 self.engine.abort_request(rid)
             self.engine.step()  # drain the abort deltas
             raise
+        texts: dict[str, list[str]] = {rid: [] for rid in added}  # joined once, at the end
         with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 for d in self.engine.step():
                     out = outputs[d.request_id]
                     comp = out.outputs[0]
                     comp.token_ids += d.new_token_ids
-                    comp.text += d.new_text
-                    out.num_cached_tokens = d.num_cached_tokens
+                    if d.new_text:
+                        texts[d.request_id].append(d.new_text)
                     if d.finished:
                         out.finished, comp.finish_reason, comp.stop_reason = True, d.finish_reason, d.stop_reason
+                        out.num_cached_tokens = d.num_cached_tokens
                         bar.update(1)
         for rid, prompt in zip(added, prompts):
+            outputs[rid].outputs[0].text = "".join(texts[rid])
             outputs[rid].prompt_token_ids = prompt if not isinstance(prompt, str) else self.engine.tokenizer(prompt).input_ids
         return [outputs[rid] for rid in added]
 

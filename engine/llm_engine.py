@@ -8,7 +8,7 @@ import time
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, prepare_detokenization
 from engine.executor import StepResult, make_executor
 from engine.outputs import RequestDelta, StepStats
 from engine.sampling_params import SamplingParams
@@ -22,6 +22,7 @@ class LLMEngine:
         self.config = config if config is not None else EngineConfig(**kwargs)
         mc = self.config.model_config
         self.tokenizer = load_tokenizer(self.config.model, self.config.tokenizer, self.config.is_preset)
+        prepare_detokenization(self.tokenizer)
         self.eos_token_id = mc.eos_token_id if mc.eos_token_id is not None else self.tokenizer.eos_token_id
         self.executor = make_executor(self.config)
         self.config = self.executor.config  # what runs: reports must not show a setting that fell back
@@ -135,18 +136,18 @@ class LLMEngine:
         return deltas
 
     def _process(self, update: SequenceUpdate) -> RequestDelta:
-        seq, finished = update.seq, update.finished
+        seq, finished, new_ids = update.seq, update.finished, [update.new_token_id]
         text = ""
         detok = self.detokenizers.get(seq.request_id)
         if detok is not None:
-            text, stop_hit = detok.add([update.new_token_id], final=finished)
+            text, stop_hit = detok.add(new_ids, finished)
             if stop_hit is not None and not finished:
                 seq.stop_reason = stop_hit
                 self.scheduler.finish_request(seq, FinishReason.STOP)
                 finished = True
         if finished:
             self.detokenizers.pop(seq.request_id, None)
-        return self._delta(seq, [update.new_token_id], text, finished)
+        return self._delta(seq, new_ids, text, finished)
 
     @staticmethod
     def _delta(seq: Sequence, new_ids: list[int], text: str, finished: bool) -> RequestDelta:

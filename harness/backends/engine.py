@@ -15,6 +15,9 @@ The engine is driven step by step in the calling thread (it is not thread-safe):
   the message, and the run goes on;
 - ``engine.last_step_stats`` becomes one StepRecord per step (times relative to t0, prefix
   counters relative to the start of this run).
+- requests are detokenized as a server would (the text is dropped, its host cost is timed);
+  ``detokenize=False`` (``--backend-arg detokenize=false``) times tokens only, and ``info()``
+  records which.
 
 With nothing in flight the loop sleeps until the next arrival instead of spinning.
 """
@@ -40,9 +43,15 @@ MAX_IDLE_STEPS = 1000
 
 
 class EngineBackend:
-    def __init__(self, model: str = "tiny", name: str = "engine", warmup: bool = True, **engine_args: Any):
+    def __init__(self, model: str = "tiny", name: str = "engine", warmup: bool = True, detokenize: bool = True,
+                 **engine_args: Any):
+        """detokenize: stream text as a server would (the default, its host cost included); False
+        times tokens only (stop strings still detokenize the requests that carry them)."""
         if name not in ENGINE_BACKENDS:
             raise ValueError(f"unknown engine backend {name!r}; valid: {', '.join(ENGINE_BACKENDS)}")
+        if not isinstance(detokenize, bool):
+            raise ValueError(f"detokenize must be true or false, got {detokenize!r}")
+        self.detokenize = detokenize
         self.engine = LLMEngine(EngineConfig(model=model, **ENGINE_BACKENDS[name], **engine_args))
         self.name = name
         if warmup:
@@ -67,14 +76,14 @@ class EngineBackend:
         mc = cfg.model_config
         return {"engine_config": fields, "num_kv_blocks": self.engine.num_kv_blocks,
                 "block_size": self.engine.block_size, "model_config": dataclasses.asdict(mc),
-                "kv_bytes_per_token": cfg.kv_bytes_per_token}
+                "kv_bytes_per_token": cfg.kv_bytes_per_token, "detokenize": self.detokenize}
 
     def reset(self) -> None:
         """Ready for another run: no prefix-cache hit may come from an earlier run's prompts."""
         self.engine.reset_prefix_cache()
 
     def run(self, requests: list[TraceRequest], t0: float, options: ReplayOptions) -> RunResult:
-        return _EngineRun(self.engine, requests, t0, options).run(self.info())
+        return _EngineRun(self.engine, requests, t0, options, self.detokenize).run(self.info())
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -83,8 +92,9 @@ class EngineBackend:
 class _EngineRun:
     """The state of one replay: records, the arrival queue, what is in flight."""
 
-    def __init__(self, engine: LLMEngine, requests: list[TraceRequest], t0: float, options: ReplayOptions):
-        self.engine, self.t0, self.options = engine, t0, options
+    def __init__(self, engine: LLMEngine, requests: list[TraceRequest], t0: float, options: ReplayOptions,
+                 detokenize: bool = True):
+        self.engine, self.t0, self.options, self.detokenize = engine, t0, options, detokenize
         self.records = {r.request_id: RequestRecord(r.request_id, r.arrival_s if options.timed else 0.0,
                                                     prefix_group=r.prefix_group) for r in requests}
         self.order = [r.request_id for r in requests]
@@ -129,7 +139,7 @@ class _EngineRun:
     def _add(self, req: TraceRequest) -> None:
         rec = self.records[req.request_id]
         try:
-            self.engine.add_request(req.request_id, req.prompt_input, _sampling_params(req))
+            self.engine.add_request(req.request_id, req.prompt_input, _sampling_params(req, self.detokenize))
         except ValueError as e:
             rec.sent_s = rec.finished_s = self.now()
             rec.status, rec.error = "error", str(e)
@@ -173,6 +183,7 @@ class _EngineRun:
             self.engine.abort_request(rid)
 
 
-def _sampling_params(req: TraceRequest) -> SamplingParams:
-    # The harness times tokens, it does not read text: skip detokenizing unless stop strings need it.
-    return SamplingParams(**{"detokenize": False, **req.sampling_kwargs()})
+def _sampling_params(req: TraceRequest, detokenize: bool = True) -> SamplingParams:
+    # The text itself is dropped, but producing it is part of serving: timed unless turned off
+    # (the engine detokenizes requests with stop strings either way).
+    return SamplingParams(**{"detokenize": detokenize, **req.sampling_kwargs()})

@@ -6,7 +6,8 @@ the engine, and optionally HF transformers `generate` on the same prompts in the
 
 Throughput = output tokens / wall time, prefill included. Every EngineConfig field is a flag
 (`--enforce-eager`, `--tensor-parallel-size 2`, or `--engine-arg KEY=VALUE`); `--policy` is
-`--scheduling-policy`. `python -m harness.studies.throughput` is the same command.
+`--scheduling-policy`. `python -m harness.studies.throughput` is the same command. Output is detokenized
+incrementally (as `LLM.generate` does) unless --no-detokenize.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="print per-phase CUDA kernel tables (torch.profiler; slows the host)")
+    ap.add_argument("--no-detokenize", action="store_true",
+                    help="skip incremental detokenization (default: on, as LLM.generate does)")
     add_engine_args(ap.add_argument_group("engine (EngineConfig fields)"),
                     defaults={"model": "qwen3-0.6b" if cuda else "tiny"},
                     spellings={"scheduling_policy": ("--scheduling-policy", "--policy")})
@@ -151,13 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     reqs = bench_requests(num_seqs=args.num_seqs, max_input_len=args.max_input_len,
                           max_output_len=args.max_output_len, vocab_size=cfg.model_config.vocab_size)
     prompts = [r.prompt_token_ids for r in reqs]
-    params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False) for r in reqs]
+    detokenize = not args.no_detokenize
+    params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=detokenize)
+              for r in reqs]
     tokens, elapsed, breakdown, jit_seen = run_engine(llm, prompts, params, profile=args.profile and cuda)
-    result = {"model": cfg.model, "policy": cfg.scheduling_policy, "requests": len(reqs), "output_tokens": tokens,
-              "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
+    result = {"model": cfg.model, "policy": cfg.scheduling_policy, "detokenize": detokenize, "requests": len(reqs),
+              "output_tokens": tokens, "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": breakdown,
               "jit_in_timed_run": jit_seen}
-    print(f"engine ({cfg.scheduling_policy}): {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:,.0f} tok/s")
+    mode = "on" if detokenize else "off"
+    print(f"engine ({cfg.scheduling_policy}, detokenize {mode}): {tokens} tokens in {elapsed:.2f} s = "
+          f"{tokens / elapsed:,.0f} tok/s")
     if args.hf:
         # HF runs where the engine's rank 0 ran, at the engine's dtype
         dtype, device = cfg.torch_dtype, str(cfg.device_for_rank(0))

@@ -97,6 +97,42 @@ def test_summary_recomputes_from_requests_parquet(bench_reports):
         assert report.summary_row()["num_error"] == 1
 
 
+def test_engine_backends_time_the_detokenized_path_by_default(bench_reports):
+    for report in bench_reports[1].values():
+        assert report.metadata["config"]["backend_info"]["detokenize"] is True
+
+
+@pytest.mark.parametrize("detokenize", [True, False])
+def test_detokenize_option_reaches_the_engine(detokenize):
+    from harness.run import backend_options
+
+    assert backend_options("engine", {"detokenize": detokenize}) == {"detokenize": detokenize}
+    backend = EngineBackend("tiny", warmup=False, detokenize=detokenize, **ENGINE_ARGS)
+    texts = []
+    step = backend.engine.step
+
+    def spy():
+        deltas = step()
+        texts.extend(d.new_text for d in deltas)
+        return deltas
+
+    backend.engine.step = spy
+    try:
+        requests = [TraceRequest(0.0, max_tokens=6, prompt_token_ids=list(range(40, 52)), request_id="a"),
+                    TraceRequest(0.0, max_tokens=6, prompt_token_ids=list(range(60, 70)), request_id="b")]
+        run = replay(backend, requests, ReplayOptions(timed=False, progress=False), telemetry=False).run
+    finally:
+        backend.close()
+    assert run.info["detokenize"] is detokenize
+    assert [r.output_tokens for r in run.requests] == [6, 6]
+    assert any(texts) is detokenize  # the tiny model's bytes decode to some text
+
+
+def test_detokenize_option_must_be_a_bool():
+    with pytest.raises(ValueError, match="detokenize"):
+        EngineBackend("tiny", warmup=False, detokenize="no", **ENGINE_ARGS)
+
+
 def test_timed_replay_honours_arrivals_and_concurrency():
     requests = generate("smoke", num_prompts=8, min_tokens_out=4, max_tokens_out=8, rate=40.0)
     backend = EngineBackend("tiny", **ENGINE_ARGS)
