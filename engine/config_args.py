@@ -27,7 +27,7 @@ from typing import Any
 from engine.config import (
     ALL_REDUCE_NORM_FUSIONS,
     ATTENTION_BACKENDS,
-    DTYPES,
+    DTYPE_CHOICES,
     SCHEDULING_POLICIES,
     STATIC_RESERVATIONS,
     EngineConfig,
@@ -36,7 +36,7 @@ from engine.config import (
 
 # The fields whose values come from a fixed tuple in engine/config.py.
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
-    "dtype": DTYPES,
+    "dtype": DTYPE_CHOICES,
     "attention_backend": ATTENTION_BACKENDS,
     "scheduling_policy": SCHEDULING_POLICIES,
     "static_reservation": STATIC_RESERVATIONS,

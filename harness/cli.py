@@ -43,6 +43,7 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
         "throughput": ("harness.studies.throughput", "offline throughput, engine vs HF generate"),
         "tp-scaling": ("harness.studies.tp_scaling", "TP=N / TP=1 throughput in fresh processes"),
         "step-profile": ("harness.studies.step_profile", "where a decode step's time goes (GPU)"),
+        "detokenize-cost": ("harness.studies.detokenize_cost", "LLM.generate with and without detokenization"),
     }),
     "kernels": ("kernel microbenchmarks and compile checks (harness/kernels/)", {
         "bench-decode": ("harness.kernels.bench_decode", "split-K decode and unified attention (GPU)"),

@@ -132,3 +132,12 @@ def test_help_comes_from_the_fields_comments():
         # ("None: X" reads "default: X" there)
         words = " ".join(w for w in comment.split() if w != "None:")
         assert words in " ".join(w for w in helps[name].split() if w != "default:"), name
+
+
+def test_each_choice_list_holds_its_fields_default():
+    """A choices tuple that lost a value (e.g. dtype's "auto") would make the default unreachable."""
+    from engine.config_args import FIELD_CHOICES
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    for name, choices in FIELD_CHOICES.items():
+        assert defaults[name] in choices, name

@@ -461,21 +461,3 @@ def test_worker_failure_on_gpus_surfaces(checkpoint_dirs, monkeypatch):
     with pytest.raises(RuntimeError, match="rank 1: RuntimeError: injected failure"):
         run(engine)
     assert_gone(pids)
-
-
-def test_tp_scaling_reports_pairs_after_the_first(tmp_path, monkeypatch):
-    """`harness.studies.tp_scaling` on CPU: fresh TP=1 and TP=2 bench processes, the first pair shown but
-    not counted; a bad TP-only engine option fails with the bench's message."""
-    from harness.studies import tp_scaling
-
-    monkeypatch.setenv("PYTHONPATH", REPO)
-    small = ["--num-seqs", "2", "--max-input-len", "110", "--max-output-len", "100"]
-    out = tmp_path / "scaling.json"
-    result = tp_scaling.main(["--pairs", "1", "--json", str(out), *small])
-    assert [r["counted"] for r in result["runs"]] == [False, True]
-    pair = result["runs"][1]
-    assert pair["tp1"]["output_tokens"] == pair["tp2"]["output_tokens"] > 0  # the same workload
-    assert result["ratios"] == [pair["tp2"]["engine_tok_s"] / pair["tp1"]["engine_tok_s"]]
-    assert json.loads(out.read_text())["median_ratio"] == result["median_ratio"]
-    with pytest.raises(RuntimeError, match="all_reduce_norm_fusion"):
-        tp_scaling.main(["--pairs", "1", "--engine-arg", "all_reduce_norm_fusion=bogus", *small])
