@@ -31,7 +31,9 @@ when the backend is built, so their start-up is not in the run), each with its s
 wall-clock instant and map it onto their own perf_counter, so every timestamp stays on the
 caller's t0 axis (to within microseconds). One Python process tops out at some tens of
 thousands of SSE events per second (``python -m harness.ceiling`` measures it); use workers
-when a server streams faster than that.
+when a server streams faster than that. The workers are started with "spawn" (safe beside CUDA
+and threads), so a script that builds such a backend needs the ``if __name__ == "__main__":``
+guard that multiprocessing asks for.
 """
 
 from __future__ import annotations
@@ -184,8 +186,10 @@ class OpenAIBackend:
             leave=False,
             disable=None if options.progress else True,
         )
+        # No certificate store to load for a plain-http server (it costs ~40 ms per client).
+        verify = self.base_url.startswith("https://")
         async with httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout_s), limits=limits, headers=self._headers
+            timeout=httpx.Timeout(self.timeout_s), limits=limits, headers=self._headers, verify=verify
         ) as client:
 
             async def one(req: TraceRequest, rec: RequestRecord) -> None:
