@@ -16,6 +16,10 @@ one client process takes in when it has a core to itself (on a machine whose cor
 and other work share, the wall-clock figure understates the client). Each request asks for
 ``--chunks x --tokens-per-chunk`` tokens; every token is counted by the client (harness/sse.py)
 and checked against the server's usage.
+
+Reading the numbers: when the client falls behind, events queue in the socket and one read
+brings several, which makes each cheaper (and their timestamps late). ``--interval-ms`` paces
+the mock like a server's steps; a client keeps up with a pace when its CPU stays under a core.
 """
 
 from __future__ import annotations
@@ -85,11 +89,13 @@ def tree_cpu_s(pid: int) -> float | None:
 
 # ---- the mock -------------------------------------------------------------------------------
 @contextmanager
-def mock_server(tokens_per_chunk: int, chunks: int, processes: int, impl: str, log_dir: Path) -> Iterator[tuple[str, int]]:
+def mock_server(tokens_per_chunk: int, chunks: int, processes: int, impl: str, log_dir: Path,
+                interval_ms: float = 0.0) -> Iterator[tuple[str, int]]:
     """(url, pid) of a running harness.mock_server; stopped with SIGTERM on exit."""
     port = _free_port()
     cmd = [sys.executable, "-m", "harness.mock_server", "--port", str(port), "--tokens-per-chunk",
-           str(tokens_per_chunk), "--chunks", str(chunks), "--processes", str(processes), "--impl", impl]
+           str(tokens_per_chunk), "--chunks", str(chunks), "--processes", str(processes), "--impl", impl,
+           "--interval-ms", str(interval_ms)]
     with running(_spawn(cmd, log_dir / f"mock-{port}.log", {})) as proc:
         url = f"http://{LOOPBACK}:{port}"
         wait_healthy(url, proc, timeout_s=60)
@@ -147,7 +153,7 @@ def measure_locust(url: str, args: argparse.Namespace, k: int, processes: int, o
 
 
 def measure(client: str, processes: int, k: int, args: argparse.Namespace, work: Path) -> Ceiling:
-    with mock_server(k, args.chunks, args.server_processes, args.server_impl, work) as (url, pid):
+    with mock_server(k, args.chunks, args.server_processes, args.server_impl, work, args.interval_ms) as (url, pid):
         server_cpu0 = tree_cpu_s(pid)
         if client == "openai":
             got = measure_openai(url, args, k, processes)
@@ -172,6 +178,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--run-time", default="10s", help="locust: run time per run (default 10s)")
     p.add_argument("--server-processes", type=int, default=1, help="mock server processes (SO_REUSEPORT)")
     p.add_argument("--server-impl", choices=["asyncio", "starlette"], default="asyncio")
+    p.add_argument("--interval-ms", type=float, default=0.0,
+                   help="mock: pause between a stream's events (0: as fast as the client reads; a pace "
+                        "such as 2 ms at 64 streams makes every event arrive in a read of its own)")
     p.add_argument("--out", default=None, help="write the rows as JSON to this file")
     return p
 

@@ -3,9 +3,10 @@
     backend = OpenAIBackend("http://127.0.0.1:8000/v1", "tiny", api_key=None, num_workers=1)
     result = backend.run(requests, t0, ReplayOptions(timed=True, max_concurrency=64))
 
-One asyncio task per trace request (httpx.AsyncClient; at most `max_concurrency` in flight).
-The SSE stream is read as raw bytes and parsed by harness/sse.py, the core the locust client
-shares. What is measured, all on the client's perf_counter clock relative to t0:
+One asyncio task per trace request (at most `max_concurrency` in flight), each on a keep-alive
+HTTP/1.1 connection of its own from harness/backends/http1.py (a small asyncio client: httpx
+spent most of the client's CPU in per-chunk framing). The SSE stream is read as raw bytes and
+parsed by harness/sse.py, the core the locust client shares. What is measured, all on the client's perf_counter clock relative to t0:
 
 - ``sent_s``: just before the HTTP request is written (after waiting for a concurrency slot);
 - ``first_token_s``: arrival of the first SSE chunk that carries a token; a chat server's
@@ -45,11 +46,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
 from tqdm.auto import tqdm
 
 from harness.backends.base import ReplayOptions, RunResult
+from harness.backends.http1 import ConnectionPool, Response
 from harness.records import RequestRecord
 from harness.sse import SSEDecoder, StreamError, StreamState
 from workloads.trace import TraceRequest, with_request_ids
@@ -103,7 +105,10 @@ class OpenAIBackend:
         self.endpoint, self.timeout_s, self.num_workers = endpoint, timeout_s, num_workers
         self.url = self.base_url + ENDPOINTS[endpoint]
         self._api_key = api_key
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._path = urlsplit(self.url).path
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._mismatches = 0
         self._pool = _start_workers(num_workers) if num_workers > 1 else None
 
@@ -177,8 +182,9 @@ class OpenAIBackend:
     ) -> None:
         cap = options.max_concurrency
         slots: asyncio.Semaphore | None = asyncio.Semaphore(cap) if cap else None
-        # One connection per request in flight: a pooled wait would add client-side queueing to TTFT.
-        limits = httpx.Limits(max_connections=cap, max_keepalive_connections=cap)
+        # One connection per request in flight (the pool opens as many as asked for): a pooled
+        # wait would add client-side queueing to TTFT.
+        pool = ConnectionPool(self.base_url.removesuffix("/v1"), self.timeout_s)
         bar = tqdm(
             total=len(requests),
             desc="requests",
@@ -186,22 +192,20 @@ class OpenAIBackend:
             leave=False,
             disable=None if options.progress else True,
         )
-        # No certificate store to load for a plain-http server (it costs ~40 ms per client).
-        verify = self.base_url.startswith("https://")
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout_s), limits=limits, headers=self._headers, verify=verify
-        ) as client:
 
-            async def one(req: TraceRequest, rec: RequestRecord) -> None:
-                await self._one(client, req, rec, t0, options.timed, slots)
-                bar.update(1)
+        async def one(req: TraceRequest, rec: RequestRecord) -> None:
+            await self._one(pool, req, rec, t0, options.timed, slots)
+            bar.update(1)
 
+        try:
             with bar:
                 await asyncio.gather(*(one(r, rec) for r, rec in zip(requests, records)))
+        finally:
+            await pool.close()
 
     async def _one(
         self,
-        client: httpx.AsyncClient,
+        pool: ConnectionPool,
         req: TraceRequest,
         rec: RequestRecord,
         t0: float,
@@ -215,7 +219,7 @@ class OpenAIBackend:
             rec.sent_s = time.perf_counter() - t0
             state = StreamState()
             try:
-                await self._stream(client, self._body(req), rec, state, t0)
+                await self._stream(pool, self._body(req), rec, state, t0)
             except Exception as e:  # never lose a request: any failure becomes its error row
                 rec.status, rec.error = "error", f"{type(e).__name__}: {e}"
                 _take_counts(rec, state)  # what arrived before the failure still happened
@@ -243,33 +247,37 @@ class OpenAIBackend:
 
     async def _stream(
         self,
-        client: httpx.AsyncClient,
+        pool: ConnectionPool,
         body: dict[str, Any],
         rec: RequestRecord,
         state: StreamState,
         t0: float,
     ) -> None:
-        async with client.stream("POST", self.url, json=body) as resp:
-            if resp.status_code != 200:
+        async with pool.post(self._path, json.dumps(body).encode(), self._headers) as resp:
+            if resp.status != 200:
+                raw = await resp.read_all()
                 rec.finished_s = time.perf_counter() - t0
-                rec.status, rec.error = "error", _error_text(resp.status_code, await resp.aread())
+                rec.status, rec.error = "error", _error_text(resp.status, raw)
                 return
-            await _read_events(resp, state, t0)
-        rec.finished_s = time.perf_counter() - t0
+            done_at = await _read_events(resp, state, t0)
+        rec.finished_s = (done_at if done_at is not None else time.perf_counter()) - t0
         self._mismatches += _finish(rec, state)
 
 
-async def _read_events(resp: httpx.Response, state: StreamState, t0: float) -> None:
-    """Feed the response's bytes through the SSE decoder until "[DONE]" or the end.
-    Every event completed by one network read gets that read's time."""
-    decoder = SSEDecoder()
-    async for raw in resp.aiter_bytes():
-        t = time.perf_counter() - t0
+async def _read_events(resp: Response, state: StreamState, t0: float) -> float | None:
+    """Feed the response's bytes through the SSE decoder to the end of the body (so the
+    connection can be reused); returns when "[DONE]" arrived (perf_counter), if it did. Every
+    event completed by one network read gets that read's time."""
+    decoder, done_at = SSEDecoder(), None
+    async for raw in resp.body():
+        t = time.perf_counter()
         for data in decoder.feed(raw):
-            if state.on_data(data, t):
-                return
+            if done_at is None and state.on_data(data, t - t0):
+                done_at = t
     for data in decoder.close():
-        state.on_data(data, time.perf_counter() - t0)
+        if done_at is None and state.on_data(data, time.perf_counter() - t0):
+            done_at = time.perf_counter()
+    return done_at
 
 
 def _take_counts(rec: RequestRecord, state: StreamState) -> int:

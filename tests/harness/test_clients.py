@@ -55,8 +55,10 @@ def test_openai_backend_counts_multi_token_chunks(mock4):
             assert rec.status == "ok", rec.error
             assert rec.output_tokens == len(rec.token_times_s) == req.max_tokens
             assert rec.first_token_s == rec.token_times_s[0] and rec.finish_reason == "length"
-            # a chunk's tokens share its arrival time: 10 tokens in chunks of 4, 4, 2
-            assert len(set(rec.token_times_s)) == -(-req.max_tokens // 4)
+            # a chunk's tokens share its arrival time (10 tokens in chunks of 4, 4, 2; one read
+            # may bring several chunks)
+            assert rec.token_times_s == sorted(rec.token_times_s)
+            assert len(set(rec.token_times_s)) <= -(-req.max_tokens // 4)
         assert result.info["usage_mismatches"] == 0
 
 
