@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -70,12 +69,6 @@ class Ceiling:
 
 
 # ---- CPU accounting -------------------------------------------------------------------------
-def _children_cpu_s() -> float:
-    """CPU seconds of this process and of its children that have exited and been waited for."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def tree_cpu_s(pid: int) -> float | None:
     """CPU seconds of a live process and its live descendants (Linux /proc; None elsewhere)."""
     try:
@@ -112,13 +105,12 @@ def measure_openai(url: str, args: argparse.Namespace, k: int, processes: int) -
     requests = [TraceRequest(arrival_s=0.0, max_tokens=args.chunks * k, prompt_token_ids=[1, 2, 3, 4],
                              request_id=f"r{i}", ignore_eos=True) for i in range(n_requests)]
     backend = OpenAIBackend(url, "mock", num_workers=processes)  # workers start here, untimed
-    cpu0 = _children_cpu_s()
     try:
         t0 = time.perf_counter()
         result = backend.run(requests, t0, ReplayOptions(timed=False, max_concurrency=args.streams, progress=False))
     finally:
-        backend.close()  # joins the workers: their CPU time is now in RUSAGE_CHILDREN
-    cpu = _children_cpu_s() - cpu0
+        backend.close()
+    cpu = result.info["client_cpu_s"]  # the run only: not the workers' start-up
     records = result.requests
     ok = [r for r in records if r.status == "ok" and r.output_tokens == len(r.token_times_s)]
     finished = [r.finished_s for r in records if r.finished_s is not None]
@@ -140,9 +132,10 @@ def measure_locust(url: str, args: argparse.Namespace, k: int, processes: int, o
     run_args = argparse.Namespace(locustfile=str(LOCUSTFILE), users=args.streams, spawn_rate=args.streams,
                                   run_time=args.run_time, stop_timeout=30, processes=processes, wait="0",
                                   trace=str(trace))
-    cpu0 = _children_cpu_s()
+    (out / "cpu.jsonl").unlink(missing_ok=True)
     rc = run_locust(run_args, url, out, "mock")
-    cpu = _children_cpu_s() - cpu0
+    # CPU during the test, as each locust process reported it (not locust's start-up)
+    cpu = sum(r["cpu_s"] for r in read_rows(out / "cpu.jsonl")) or None
     rows = read_rows(rows_path)
     if rc != 0:
         print(f"  locust exited with {rc}; see {out}/locust.out", file=sys.stderr)

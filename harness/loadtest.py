@@ -142,7 +142,7 @@ def run_locust(args: argparse.Namespace, url: str, out: Path, model: str | None)
     if args.processes != 1:
         flags["--processes"] = args.processes  # locust forks this many workers under one master
     cmd = [sys.executable, "-m", "locust", "--headless", "--only-summary", *_flags(flags)]
-    env = {"LLMBENCH_LOCUST_ROWS": str(out / "rows.jsonl")}
+    env = {"LLMBENCH_LOCUST_ROWS": str(out / "rows.jsonl"), "LLMBENCH_LOCUST_CPU": str(out / "cpu.jsonl")}
     if args.wait is not None:
         env["LLMBENCH_LOCUST_WAIT"] = args.wait
     if model:

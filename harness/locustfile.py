@@ -27,7 +27,8 @@ workloads/traces/smoke.jsonl) round-robin from a per-user offset, with `wait_tim
 Environment: LLMBENCH_MODEL (else the first id from GET /v1/models), LLMBENCH_API_KEY or
 OPENAI_API_KEY (optional), LLMBENCH_LOCUST_ROWS: a JSONL file to which every request appends
 one row of raw times (epoch seconds; per chunk: ``chunk_times`` and ``chunk_tokens``) and
-counts, for harness.loadtest to turn into a report.
+counts, for harness.loadtest to turn into a report. LLMBENCH_LOCUST_CPU: a file to which every
+locust process appends the CPU seconds it spent during the test.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from geventhttpclient import HTTPClient
-from locust import User, between, constant, task
+from locust import User, between, constant, events, task
 from locust.env import Environment
 from locust.exception import StopUser
 
@@ -55,7 +56,7 @@ from harness.sse import SSEDecoder, StreamError, StreamState  # noqa: E402  (no 
 
 DEFAULT_TRACE = REPO_ROOT / "workloads" / "traces" / "smoke.jsonl"
 ROWS_ENV, TRACE_ENV, MODEL_ENV = "LLMBENCH_LOCUST_ROWS", "LLMBENCH_LOCUST_TRACE", "LLMBENCH_MODEL"
-WAIT_ENV = "LLMBENCH_LOCUST_WAIT"
+WAIT_ENV, CPU_ENV = "LLMBENCH_LOCUST_WAIT", "LLMBENCH_LOCUST_CPU"
 REQUEST_FIELDS = (
     "max_tokens",
     "temperature",
@@ -215,6 +216,26 @@ class CompletionsClient:
             os.write(fd, (json.dumps(row) + "\n").encode())
         finally:
             os.close(fd)
+
+
+@events.test_start.add_listener
+def _cpu_at_start(environment: Environment, **_: Any) -> None:
+    environment.llmbench_cpu0 = time.process_time()  # kept on the environment, not in the module
+
+
+@events.test_stop.add_listener
+def _cpu_at_stop(environment: Environment, **_: Any) -> None:
+    """LLMBENCH_LOCUST_CPU: append this process's CPU seconds during the test (every locust
+    process, master and workers, adds its line), so harness.ceiling can count client CPU."""
+    path, cpu0 = os.environ.get(CPU_ENV), getattr(environment, "llmbench_cpu0", None)
+    if not path or cpu0 is None:
+        return
+    line = json.dumps({"pid": os.getpid(), "cpu_s": time.process_time() - cpu0}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 class OpenAIStreamingUser(User):

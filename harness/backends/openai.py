@@ -114,8 +114,9 @@ class OpenAIBackend:
 
     def run(self, requests: list[TraceRequest], t0: float, options: ReplayOptions) -> RunResult:
         requests = with_request_ids(requests)
+        cpu0 = time.process_time()
         if self._pool is not None:
-            records, self._mismatches = self._run_workers(requests, t0, options)
+            records, self._mismatches, cpu_s = self._run_workers(requests, t0, options)
         else:
             records = [
                 RequestRecord(
@@ -125,6 +126,7 @@ class OpenAIBackend:
             ]
             self._mismatches = 0
             asyncio.run(self._run_all(requests, records, t0, options))
+            cpu_s = time.process_time() - cpu0
         info = {
             "base_url": self.base_url,
             "model": self.model,
@@ -132,6 +134,7 @@ class OpenAIBackend:
             "timeout_s": self.timeout_s,
             "num_workers": self.num_workers,
             "usage_mismatches": self._mismatches,
+            "client_cpu_s": cpu_s,  # CPU the client processes spent on this run
             "clock": "client side: times are when SSE chunks arrived at this process",
         }
         return RunResult(records, [], info)
@@ -151,7 +154,7 @@ class OpenAIBackend:
 
     def _run_workers(
         self, requests: list[TraceRequest], t0: float, options: ReplayOptions
-    ) -> tuple[list[RequestRecord], int]:
+    ) -> tuple[list[RequestRecord], int, float]:
         n = self.num_workers
         cap = options.max_concurrency
         if cap is not None:
@@ -165,12 +168,13 @@ class OpenAIBackend:
             for share, c in zip(shares, caps) if share
         ]
         by_id: dict[str, RequestRecord] = {}
-        mismatches = 0
+        mismatches, cpu_s = 0, 0.0
         for future in futures:
-            records, worker_mismatches = future.result()
+            records, worker_mismatches, worker_cpu_s = future.result()
             by_id.update((r.request_id, r) for r in records)
             mismatches += worker_mismatches
-        return [by_id[r.request_id] for r in requests if r.request_id in by_id], mismatches
+            cpu_s += worker_cpu_s
+        return [by_id[r.request_id] for r in requests if r.request_id in by_id], mismatches, cpu_s
 
     # ---- one process ---------------------------------------------------------------------
     async def _run_all(
@@ -312,8 +316,8 @@ def _start_workers(n: int) -> ProcessPoolExecutor:
 
 def _worker_run(
     backend_args: dict[str, Any], requests: list[TraceRequest], t0_epoch: float, options: ReplayOptions
-) -> tuple[list[RequestRecord], int]:
+) -> tuple[list[RequestRecord], int, float]:
     """One worker's share: t0 arrives as a wall-clock instant, mapped onto this process's clock."""
     backend = OpenAIBackend(**backend_args)
     result = backend.run(requests, t0_epoch - _epoch_offset(), options)
-    return result.requests, result.info["usage_mismatches"]
+    return result.requests, result.info["usage_mismatches"], result.info["client_cpu_s"]

@@ -92,3 +92,28 @@ def test_pool_refused_and_bad_url():
         asyncio.run(refused())
     with pytest.raises(ValueError):
         ConnectionPool("ftp://x")
+
+
+def test_a_quiet_stream_times_out():
+    async def scenario():
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()
+            await asyncio.sleep(5)  # then nothing more
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        pool = ConnectionPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout_s=0.3)
+        got = []
+        try:
+            async with pool.post("/", b"", {}) as resp:
+                async for data in resp.body():
+                    got.append(data)
+        finally:
+            server.close()
+            await pool.close()
+        return got
+
+    with pytest.raises(TimeoutError, match="no data"):
+        asyncio.run(scenario())
