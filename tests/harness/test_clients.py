@@ -90,7 +90,7 @@ def test_ceiling_drives_both_clients(tmp_path, capsys):
     out = tmp_path / "ceiling.json"
     rc = ceiling_main(["--client", "openai", "locust", "--processes", "1", "2", "--tokens-per-chunk", "3",
                        "--streams", "4", "--chunks", "5", "--requests", "12", "--run-time", "2s",
-                       "--out", str(out)])
+                       "--server-processes", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     rows = json.loads(Path(out).read_text())
@@ -100,3 +100,4 @@ def test_ceiling_drives_both_clients(tmp_path, capsys):
         assert row["tokens"] == row["requests"] * 15  # every token counted, none twice
         assert row["tok_per_s_per_process"] == pytest.approx(row["tok_per_s"] / row["processes"])
     assert rows[0]["requests"] == rows[1]["requests"] == 12
+    assert all(r["server_processes"] == 2 for r in rows)  # two mock processes on one port
