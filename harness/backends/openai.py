@@ -163,18 +163,21 @@ class OpenAIBackend:
         caps = [None if cap is None else cap // n + (i < cap % n) for i in range(n)]
         t0_epoch = t0 + _epoch_offset()
         futures = [
-            self._pool.submit(_worker_run, self._worker_args(), share, t0_epoch,
-                              ReplayOptions(options.timed, c, progress=False))
+            (share, self._pool.submit(_worker_run, self._worker_args(), share, t0_epoch,
+                                      ReplayOptions(options.timed, c, progress=False)))
             for share, c in zip(shares, caps) if share
         ]
         by_id: dict[str, RequestRecord] = {}
         mismatches, cpu_s = 0, 0.0
-        for future in futures:
-            records, worker_mismatches, worker_cpu_s = future.result()
+        for share, future in futures:
+            try:
+                records, worker_mismatches, worker_cpu_s = future.result()
+            except Exception as e:  # a worker died: its requests become error rows, not lost ones
+                records, worker_mismatches, worker_cpu_s = _failed(share, options, e), 0, 0.0
             by_id.update((r.request_id, r) for r in records)
             mismatches += worker_mismatches
             cpu_s += worker_cpu_s
-        return [by_id[r.request_id] for r in requests if r.request_id in by_id], mismatches, cpu_s
+        return [by_id[r.request_id] for r in requests], mismatches, cpu_s
 
     # ---- one process ---------------------------------------------------------------------
     async def _run_all(
@@ -312,6 +315,12 @@ def _start_workers(n: int) -> ProcessPoolExecutor:
     for future in [pool.submit(_epoch_offset) for _ in range(n)]:
         future.result()
     return pool
+
+
+def _failed(requests: list[TraceRequest], options: ReplayOptions, error: Exception) -> list[RequestRecord]:
+    return [RequestRecord(r.request_id, r.arrival_s if options.timed else 0.0, prefix_group=r.prefix_group,
+                          status="error", error=f"client worker failed: {type(error).__name__}: {error}")
+            for r in requests]
 
 
 def _worker_run(
