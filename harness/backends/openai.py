@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 from tqdm.auto import tqdm
 
 from harness.backends.base import ReplayOptions, RunResult
-from harness.backends.http1 import ConnectionPool, Response
+from harness.backends.http1 import ConnectionPool
 from harness.records import RequestRecord
 from harness.sse import SSEDecoder, StreamError, StreamState
 from workloads.trace import TraceRequest, with_request_ids
@@ -260,31 +260,37 @@ class OpenAIBackend:
         state: StreamState,
         t0: float,
     ) -> None:
-        async with pool.post(self._path, json.dumps(body).encode(), self._headers) as resp:
-            if resp.status != 200:
-                raw = await resp.read_all()
-                rec.finished_s = time.perf_counter() - t0
-                rec.status, rec.error = "error", _error_text(resp.status, raw)
-                return
-            done_at = await _read_events(resp, state, t0)
-        rec.finished_s = (done_at if done_at is not None else time.perf_counter()) - t0
+        reader = _EventReader(state, t0)
+        resp = await pool.request("POST", self._path, json.dumps(body).encode(), self._headers, reader.on_body)
+        if resp.status != 200:
+            rec.finished_s = time.perf_counter() - t0
+            rec.status, rec.error = "error", _error_text(resp.status, resp.body)
+            return
+        reader.close()
+        rec.finished_s = (reader.done_at if reader.done_at is not None else time.perf_counter()) - t0
         self._mismatches += _finish(rec, state)
 
 
-async def _read_events(resp: Response, state: StreamState, t0: float) -> float | None:
-    """Feed the response's bytes through the SSE decoder to the end of the body (so the
-    connection can be reused); returns when "[DONE]" arrived (perf_counter), if it did. Every
-    event completed by one network read gets that read's time."""
-    decoder, done_at = SSEDecoder(), None
-    async for raw in resp.body():
-        t = time.perf_counter()
-        for data in decoder.feed(raw):
-            if done_at is None and state.on_data(data, t - t0):
-                done_at = t
-    for data in decoder.close():
-        if done_at is None and state.on_data(data, time.perf_counter() - t0):
-            done_at = time.perf_counter()
-    return done_at
+class _EventReader:
+    """The SSE body of one response, fed read by read (from the connection's data_received):
+    every event completed by a read gets that read's time; the time "[DONE]" arrived is
+    kept as done_at. The body is read to its end either way, so the connection can be reused."""
+
+    __slots__ = ("decoder", "state", "t0", "done_at")
+
+    def __init__(self, state: StreamState, t0: float):
+        self.decoder, self.state, self.t0 = SSEDecoder(), state, t0
+        self.done_at: float | None = None
+
+    def on_body(self, data: bytes, t: float) -> None:
+        for event in self.decoder.feed(data):
+            if self.done_at is None and self.state.on_data(event, t - self.t0):
+                self.done_at = t
+
+    def close(self) -> None:
+        for event in self.decoder.close():
+            if self.done_at is None and self.state.on_data(event, time.perf_counter() - self.t0):
+                self.done_at = time.perf_counter()
 
 
 def _take_counts(rec: RequestRecord, state: StreamState) -> int:

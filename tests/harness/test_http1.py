@@ -64,15 +64,15 @@ def test_pool_reuses_connections_and_retries_a_stale_one():
     async def scenario(close_after_first: bool):
         server, url, seen, connections = await _serve([ok, bad], close_after_first)
         pool = ConnectionPool(url, timeout_s=5)
-        async with pool.post("/v1/x", b'{"a":1}', {"Content-Type": "application/json"}) as resp:
-            body = b"".join([d async for d in resp.body()])
-            assert resp.status == 200 and body == b"data: a\n\ndata: b\n\n"
+        got = []
+        resp = await pool.request("POST", "/v1/x", b'{"a":1}', {"Content-Type": "application/json"},
+                                  lambda data, t: got.append(data))
+        assert resp.status == 200 and b"".join(got) == b"data: a\n\ndata: b\n\n" and resp.body == b""
         await asyncio.sleep(0.05)  # let a closing server's FIN arrive
-        async with pool.post("/v1/x", b"{}", {}) as resp:
-            status, text = resp.status, await resp.read_all()
+        resp = await pool.request("POST", "/v1/x", b"{}", {}, lambda data, t: got.append(data))
         await pool.close()
         server.close()
-        return status, text, seen, len(connections)
+        return resp.status, resp.body, seen, len(connections)
 
     status, text, seen, n_conn = asyncio.run(scenario(close_after_first=False))
     assert (status, text, len(seen), n_conn) == (429, b"slow!", 2, 1)  # one keep-alive connection
@@ -85,13 +85,35 @@ def test_pool_reuses_connections_and_retries_a_stale_one():
 def test_pool_refused_and_bad_url():
     async def refused():
         pool = ConnectionPool("http://127.0.0.1:9", timeout_s=2)
-        async with pool.post("/", b"", {}):
-            pass
+        await pool.request("POST", "/", b"", {}, lambda data, t: None)
 
     with pytest.raises(OSError):
         asyncio.run(refused())
     with pytest.raises(ValueError):
         ConnectionPool("ftp://x")
+
+
+def test_a_callback_error_ends_the_request_and_drops_the_connection():
+    ok = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"data: a\n\n", b"data: b\n\n")
+
+    def boom(data, t):
+        raise RuntimeError("bad event")
+
+    async def scenario():
+        server, url, seen, connections = await _serve([ok], close_after_first=False)
+        pool = ConnectionPool(url, timeout_s=5)
+        try:
+            with pytest.raises(RuntimeError, match="bad event"):
+                await pool.request("POST", "/", b"", {}, boom)
+            got = []
+            resp = await pool.request("POST", "/", b"", {}, lambda data, t: got.append(data))
+            assert resp.status == 200 and b"".join(got) == b"data: a\n\ndata: b\n\n"
+        finally:
+            await pool.close()
+            server.close()
+        return len(connections)
+
+    assert asyncio.run(scenario()) == 2  # the failed exchange's connection was not reused
 
 
 def test_a_quiet_stream_times_out():
@@ -105,15 +127,11 @@ def test_a_quiet_stream_times_out():
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         pool = ConnectionPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout_s=0.3)
-        got = []
         try:
-            async with pool.post("/", b"", {}) as resp:
-                async for data in resp.body():
-                    got.append(data)
+            await pool.request("POST", "/", b"", {}, lambda data, t: None)
         finally:
             server.close()
             await pool.close()
-        return got
 
     with pytest.raises(TimeoutError, match="no data"):
         asyncio.run(scenario())
