@@ -36,7 +36,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.loadtest import LOCUSTFILE, LOOPBACK, _free_port, _spawn, read_rows, running, run_locust, wait_healthy
+from harness.loadtest import (
+    LOCUSTFILE,
+    LOOPBACK,
+    free_port,
+    read_rows,
+    run_locust,
+    running,
+    spawn_logged,
+    wait_healthy,
+)
 
 CLIENTS = ("openai", "locust")
 
@@ -85,11 +94,11 @@ def tree_cpu_s(pid: int) -> float | None:
 def mock_server(tokens_per_chunk: int, chunks: int, processes: int, impl: str, log_dir: Path,
                 interval_ms: float = 0.0) -> Iterator[tuple[str, int]]:
     """(url, pid) of a running harness.mock_server; stopped with SIGTERM on exit."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "harness.mock_server", "--port", str(port), "--tokens-per-chunk",
            str(tokens_per_chunk), "--chunks", str(chunks), "--processes", str(processes), "--impl", impl,
            "--interval-ms", str(interval_ms)]
-    with running(_spawn(cmd, log_dir / f"mock-{port}.log", {})) as proc:
+    with running(spawn_logged(cmd, log_dir / f"mock-{port}.log", {})) as proc:
         url = f"http://{LOOPBACK}:{port}"
         wait_healthy(url, proc, timeout_s=60)
         yield url, proc.pid

@@ -58,7 +58,7 @@ def parse_duration_s(text: str) -> float:
 # ---- processes -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
@@ -71,7 +71,7 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+def spawn_logged(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
         # A session of its own: a terminal's Ctrl-C reaches only us, and we stop it in order.
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
@@ -85,7 +85,7 @@ def _flags(flags: dict[str, object]) -> list[str]:
 def start_server(model: str, port: int, server_args: list[str], log_path: Path,
                  env: dict[str, str] | None = None) -> subprocess.Popen:
     flags = {"--model": model, "--host": LOOPBACK, "--port": port, "--log-level": "warning"}
-    return _spawn([sys.executable, "-m", "engine.serve", *_flags(flags), *server_args], log_path, env or {})
+    return spawn_logged([sys.executable, "-m", "engine.serve", *_flags(flags), *server_args], log_path, env or {})
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
@@ -149,7 +149,7 @@ def run_locust(args: argparse.Namespace, url: str, out: Path, model: str | None)
         env["LLMBENCH_MODEL"] = model
     if args.trace:
         env["LLMBENCH_LOCUST_TRACE"] = str(Path(args.trace).resolve())
-    with running(_spawn(cmd, out / "locust.out", env)) as proc:
+    with running(spawn_logged(cmd, out / "locust.out", env)) as proc:
         try:  # locust stops itself; the margin covers its start-up and the stop timeout
             return proc.wait(parse_duration_s(args.run_time) + args.stop_timeout + 120)
         except subprocess.TimeoutExpired:
@@ -275,7 +275,7 @@ def _run(args: argparse.Namespace, out: Path) -> tuple[int, dict[str, float]]:
         url = args.host.rstrip("/").removesuffix("/v1") if args.host else None
         proc = None
         if url is None:
-            port = _free_port()
+            port = free_port()
             server = start_server(args.model, port, args.server_args, out / "server.log")
             proc = stack.enter_context(running(server))
             url = f"http://{LOOPBACK}:{port}"

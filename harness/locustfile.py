@@ -52,7 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `locust -f harness/locustfile.py` puts only harness/ on the path
     sys.path.insert(0, str(REPO_ROOT))
 
-from harness.sse import SSEDecoder, StreamError, StreamState  # noqa: E402  (no torch, no engine)
+from harness.sse import EventReader, StreamError, StreamState  # noqa: E402  (no torch, no engine)
 
 DEFAULT_TRACE = REPO_ROOT / "workloads" / "traces" / "smoke.jsonl"
 ROWS_ENV, TRACE_ENV, MODEL_ENV = "LLMBENCH_LOCUST_ROWS", "LLMBENCH_LOCUST_TRACE", "LLMBENCH_MODEL"
@@ -162,16 +162,13 @@ class CompletionsClient:
                 except Exception:
                     message = raw[:300].decode("utf-8", "replace")
                 raise RuntimeError(f"HTTP {resp.status_code}: {message}")
-            decoder = SSEDecoder()
+            reader = EventReader(state)
             # One SSE event per readline (geventhttpclient's C parser undoes the chunked framing).
             while event := resp.readline(EVENT_END):
-                t = time.perf_counter()
-                for data in decoder.feed(event):
-                    if state.on_data(data, t):
-                        resp.read()  # the end of the body, so the connection can be reused
-                        return
-            for data in decoder.close():
-                state.on_data(data, time.perf_counter())
+                if reader.feed(event, time.perf_counter()):
+                    resp.read()  # the end of the body, so the connection can be reused
+                    return
+            reader.close(time.perf_counter())
         finally:
             resp.release()
 

@@ -38,7 +38,7 @@ from typing import Any
 from harness.loadtest import (
     LOCUSTFILE,
     LOOPBACK,
-    _free_port,
+    free_port,
     print_summary,
     read_rows,
     rows_to_records,
@@ -168,7 +168,7 @@ def _warm_up(url: str, model: str) -> None:
 def run_served(args: argparse.Namespace, workload: WorkloadSpec, requests: list,
                engine_args: dict[str, Any], out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The served run's summary and facts about the server (exit code, stream interval)."""
-    port = _free_port()
+    port = free_port()
     server_args = [*server_flags(engine_args), *args.server_args]
     proc = start_server(args.model, port, server_args, out / "server.log")
     url = f"http://{LOOPBACK}:{port}"

@@ -1,12 +1,12 @@
 """The SSE client core both load generators share: split a byte stream into events, count tokens.
 
-    decoder, state = SSEDecoder(), StreamState()
+    reader = EventReader(t0=t0)
     for chunk in byte_chunks:                       # as the socket hands them over
-        t = time.perf_counter()
-        for data in decoder.feed(chunk):
-            if state.on_data(data, t):              # True at "[DONE]"
-                break
-    state.token_times()                             # one time per token; state.usage, .finish_reason
+        reader.feed(chunk, time.perf_counter())     # True once "[DONE]" arrived (reader.done_at)
+    reader.close(time.perf_counter())
+    reader.state.token_times()                      # one time per token; .usage, .finish_reason
+
+(EventReader = SSEDecoder, which splits bytes into events, + StreamState, which counts them.)
 
 Used by harness/backends/openai.py (httpx, asyncio) and harness/locustfile.py (requests, gevent),
 so both clients count the same way. No torch, engine or gevent-unsafe imports, no module state.
@@ -189,3 +189,27 @@ class StreamState:
         cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
         return (int(u.get("prompt_tokens") or 0),
                 int(completion) if completion is not None else self.num_tokens, int(cached or 0))
+
+
+class EventReader:
+    """One response body fed read by read: every event a read completes gets that read's time
+    (minus t0); done_at is when "[DONE]" arrived. Events after "[DONE]" are ignored."""
+
+    __slots__ = ("decoder", "state", "t0", "done_at")
+
+    def __init__(self, state: StreamState | None = None, t0: float = 0.0):
+        self.decoder, self.state, self.t0 = SSEDecoder(), state or StreamState(), t0
+        self.done_at: float | None = None
+
+    def feed(self, data: bytes, t: float) -> bool:
+        """Take the bytes one read returned at time t; True once "[DONE]" has arrived."""
+        for event in self.decoder.feed(data):
+            if self.done_at is None and self.state.on_data(event, t - self.t0):
+                self.done_at = t - self.t0
+        return self.done_at is not None
+
+    def close(self, t: float) -> None:
+        """The body ended (at time t): take a last event that lacked its blank line."""
+        for event in self.decoder.close():
+            if self.done_at is None and self.state.on_data(event, t - self.t0):
+                self.done_at = t - self.t0

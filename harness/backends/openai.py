@@ -6,7 +6,8 @@
 One asyncio task per trace request (at most `max_concurrency` in flight), each on a keep-alive
 HTTP/1.1 connection of its own from harness/backends/http1.py (a small asyncio client: httpx
 spent most of the client's CPU in per-chunk framing). The SSE stream is read as raw bytes and
-parsed by harness/sse.py, the core the locust client shares. What is measured, all on the client's perf_counter clock relative to t0:
+parsed by harness/sse.py, the core the locust client shares. What is measured, all on the
+client's perf_counter clock relative to t0:
 
 - ``sent_s``: just before the HTTP request is written (after waiting for a concurrency slot);
 - ``first_token_s``: arrival of the first SSE chunk that carries a token; a chat server's
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 from harness.backends.base import ReplayOptions, RunResult
 from harness.backends.http1 import ConnectionPool
 from harness.records import RequestRecord
-from harness.sse import SSEDecoder, StreamError, StreamState
+from harness.sse import EventReader, StreamError, StreamState
 from workloads.trace import TraceRequest, with_request_ids
 
 ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
@@ -260,37 +261,16 @@ class OpenAIBackend:
         state: StreamState,
         t0: float,
     ) -> None:
-        reader = _EventReader(state, t0)
-        resp = await pool.request("POST", self._path, json.dumps(body).encode(), self._headers, reader.on_body)
+        reader = EventReader(state, t0)
+        resp = await pool.request("POST", self._path, json.dumps(body).encode(), self._headers, reader.feed)
         if resp.status != 200:
             rec.finished_s = time.perf_counter() - t0
             rec.status, rec.error = "error", _error_text(resp.status, resp.body)
             return
-        reader.close()
-        rec.finished_s = (reader.done_at if reader.done_at is not None else time.perf_counter()) - t0
+        # The body was read to its end (so the connection can be reused); finished is "[DONE]".
+        reader.close(time.perf_counter())
+        rec.finished_s = reader.done_at if reader.done_at is not None else time.perf_counter() - t0
         self._mismatches += _finish(rec, state)
-
-
-class _EventReader:
-    """The SSE body of one response, fed read by read (from the connection's data_received):
-    every event completed by a read gets that read's time; the time "[DONE]" arrived is
-    kept as done_at. The body is read to its end either way, so the connection can be reused."""
-
-    __slots__ = ("decoder", "state", "t0", "done_at")
-
-    def __init__(self, state: StreamState, t0: float):
-        self.decoder, self.state, self.t0 = SSEDecoder(), state, t0
-        self.done_at: float | None = None
-
-    def on_body(self, data: bytes, t: float) -> None:
-        for event in self.decoder.feed(data):
-            if self.done_at is None and self.state.on_data(event, t - self.t0):
-                self.done_at = t
-
-    def close(self) -> None:
-        for event in self.decoder.close():
-            if self.done_at is None and self.state.on_data(event, time.perf_counter() - self.t0):
-                self.done_at = time.perf_counter()
 
 
 def _take_counts(rec: RequestRecord, state: StreamState) -> int:

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.sse import SSEDecoder, StreamError, StreamState, choice_tokens, fast_token_count
+from harness.sse import (
+    EventReader,
+    SSEDecoder,
+    StreamError,
+    StreamState,
+    choice_tokens,
+    fast_token_count,
+)
 
 
 def chunk(ids, finish=None, text="x", **extra) -> bytes:
@@ -107,3 +114,17 @@ def test_state_without_usage_counts_chunks_and_text():
 def test_state_errors(data, match):
     with pytest.raises(StreamError, match=match):
         StreamState().on_data(data, 0.0)
+
+
+def test_event_reader_times_events_by_read_and_stops_at_done():
+    reader = EventReader(t0=10.0)
+    wire = sse(chunk([1]), chunk([2, 3], finish="stop"), b"[DONE]", chunk([9]))
+    assert reader.feed(wire[:20], 11.0) is False
+    assert reader.feed(wire[20:], 12.5) is True
+    reader.close(13.0)
+    # both chunks completed in the second read; the chunk after [DONE] is ignored
+    assert reader.state.token_times() == [2.5, 2.5, 2.5] and reader.done_at == 2.5
+    tail = EventReader()
+    tail.feed(b"data: " + chunk([4], finish="length"), 1.0)  # no blank line: the body just ends
+    tail.close(2.0)
+    assert tail.state.token_times() == [2.0] and tail.state.finish_reason == "length"
