@@ -251,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     requests = workload.build(model_vocab_size(args.model))
     with sigterm_as_exit():
-        served, facts = run_served(args, workload, requests, engine_args, out)
+        try:
+            served, facts = run_served(args, workload, requests, engine_args, out)
+        except (RuntimeError, TimeoutError) as e:  # the server did not start or serve
+            log = (out / "server.log").read_text(errors="replace").strip().splitlines()[-5:]
+            print(f"error: {e}; the end of {out}/server.log:", *log, sep="\n  ", file=sys.stderr)
+            return 1
         local = run_in_process(args, workload, requests, engine_args, out)
     result = served_result(args, served, local, facts, engine_args)
     (out / SERVED_FILE).write_text(json.dumps(result, indent=2) + "\n")

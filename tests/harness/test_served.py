@@ -43,3 +43,8 @@ def test_bad_arguments_exit_2(tmp_path):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", str(tmp_path / "x")])
         assert e.value.code == 2
+
+
+def test_a_server_that_does_not_start_is_an_error(tmp_path, capsys):
+    rc = main(["--model", "tiny", *TINY_BENCH, "--server-arg=--no-such-flag", "--out", str(tmp_path / "s")])
+    assert rc == 1 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
