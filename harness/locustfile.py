@@ -42,6 +42,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from geventhttpclient import HTTPClient
 from locust import User, between, constant, events, task
@@ -111,10 +112,10 @@ class CompletionsClient:
         timeout_s: float = 300.0,
     ):
         root = base_url.rstrip("/").removesuffix("/v1")
-        self.path = root.split("://", 1)[-1].partition("/")[2]
-        self.prefix = "/" + self.path + "/v1" if self.path else "/v1"
+        self.prefix = urlsplit(root).path.rstrip("/") + "/v1"  # "/v1", or "/api/v1" behind a path
         self.environment, self.rows_path, self.timeout_s = environment, rows_path, timeout_s
-        self.http = HTTPClient.from_url(root + "/", concurrency=1, connection_timeout=timeout_s,
+        # One keep-alive connection per user; a response not read to its end closes it.
+        self.http = HTTPClient.from_url(root, concurrency=1, connection_timeout=timeout_s,
                                         network_timeout=timeout_s)
         self.headers = {"Content-Type": "application/json"}
         if api_key:
