@@ -101,3 +101,10 @@ def test_ceiling_drives_both_clients(tmp_path, capsys):
         assert row["tok_per_s_per_process"] == pytest.approx(row["tok_per_s"] / row["processes"])
     assert rows[0]["requests"] == rows[1]["requests"] == 12
     assert all(r["server_processes"] == 2 for r in rows)  # two mock processes on one port
+
+
+def test_starlette_mock_serves_the_same_stream(tmp_path):
+    reqs = [TraceRequest(arrival_s=0.0, max_tokens=7, prompt_token_ids=[1], request_id=f"s{i}") for i in range(3)]
+    with mock_server(2, 8, 1, "starlette", tmp_path) as (url, _):
+        result = OpenAIBackend(url, "mock").run(reqs, time.perf_counter(), ReplayOptions(timed=False, progress=False))
+    assert [(r.status, r.output_tokens, len(r.token_times_s)) for r in result.requests] == [("ok", 7, 7)] * 3

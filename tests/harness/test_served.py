@@ -48,3 +48,14 @@ def test_bad_arguments_exit_2(tmp_path):
 def test_a_server_that_does_not_start_is_an_error(tmp_path, capsys):
     rc = main(["--model", "tiny", *TINY_BENCH, "--server-arg=--no-such-flag", "--out", str(tmp_path / "s")])
     assert rc == 1 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_served_with_locust(tmp_path, capsys):
+    out = tmp_path / "served-locust"
+    rc = main(["--model", "tiny", "--workload", "bench", *TINY_BENCH, "--client", "locust", "--run-time", "3s",
+               "--max-concurrency", "2", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out + printed.err
+    result = json.loads((out / "served.json").read_text())
+    assert result["client"] == "locust" and result["served_ok"] >= 1 and result["ratio"] > 0
+    assert list(pd.read_parquet(out / "sweep.parquet")["backend"]) == ["served-locust", "engine"]
