@@ -3,9 +3,11 @@
     python -m harness.loadtest --model tiny --users 4 --spawn-rate 4 --run-time 8s --out reports/load-tiny
     nox -s load -- --users 16 --run-time 60s
     python -m harness.loadtest --host http://127.0.0.1:8000 ...   # an already running server
+    python -m harness.loadtest --users 256 --processes 4 --wait 0 ...   # closed loop, 4 locust workers
 
 1. start `python -m engine.serve` on a free 127.0.0.1 port (unless --host) and wait for /health;
-2. run locust headless (harness/locustfile.py) for --run-time with --users, writing
+2. run locust headless (harness/locustfile.py) for --run-time with --users (over --processes
+   forked locust workers; each user waits --wait seconds between requests), writing
    locust's CSV and HTML next to the report; its users append raw rows to rows.jsonl;
 3. stop everything it started, also on errors, Ctrl-C and SIGTERM;
 4. turn the rows into RequestRecords (times relative to the first request) and write a
@@ -56,7 +58,7 @@ def parse_duration_s(text: str) -> float:
 # ---- processes -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
@@ -69,7 +71,7 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+def spawn_logged(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
         # A session of its own: a terminal's Ctrl-C reaches only us, and we stop it in order.
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
@@ -83,7 +85,7 @@ def _flags(flags: dict[str, object]) -> list[str]:
 def start_server(model: str, port: int, server_args: list[str], log_path: Path,
                  env: dict[str, str] | None = None) -> subprocess.Popen:
     flags = {"--model": model, "--host": LOOPBACK, "--port": port, "--log-level": "warning"}
-    return _spawn([sys.executable, "-m", "engine.serve", *_flags(flags), *server_args], log_path, env or {})
+    return spawn_logged([sys.executable, "-m", "engine.serve", *_flags(flags), *server_args], log_path, env or {})
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
@@ -137,13 +139,17 @@ def run_locust(args: argparse.Namespace, url: str, out: Path, model: str | None)
     flags = {"-f": args.locustfile, "-u": args.users, "-r": args.spawn_rate, "--run-time": args.run_time,
              "--host": url, "--stop-timeout": args.stop_timeout, "--csv": out / "locust",
              "--html": out / "locust.html", "--loglevel": "WARNING", "--logfile": out / "locust.log"}
+    if args.processes != 1:
+        flags["--processes"] = args.processes  # locust forks this many workers under one master
     cmd = [sys.executable, "-m", "locust", "--headless", "--only-summary", *_flags(flags)]
-    env = {"LLMBENCH_LOCUST_ROWS": str(out / "rows.jsonl")}
+    env = {"LLMBENCH_LOCUST_ROWS": str(out / "rows.jsonl"), "LLMBENCH_LOCUST_CPU": str(out / "cpu.jsonl")}
+    if args.wait is not None:
+        env["LLMBENCH_LOCUST_WAIT"] = args.wait
     if model:
         env["LLMBENCH_MODEL"] = model
     if args.trace:
         env["LLMBENCH_LOCUST_TRACE"] = str(Path(args.trace).resolve())
-    with running(_spawn(cmd, out / "locust.out", env)) as proc:
+    with running(spawn_logged(cmd, out / "locust.out", env)) as proc:
         try:  # locust stops itself; the margin covers its start-up and the stop timeout
             return proc.wait(parse_duration_s(args.run_time) + args.stop_timeout + 120)
         except subprocess.TimeoutExpired:
@@ -168,10 +174,24 @@ def rows_to_records(rows: list[dict[str, Any]]) -> list[RequestRecord]:
     t0 = min((r["scheduled"] for r in rows), default=0.0)
     records = []
     for row in sorted(rows, key=lambda r: r["scheduled"]):
-        counts = {k: v for k, v in row.items() if k not in _TIME_KEYS and k != "token_times"}
+        counts = {k: v for k, v in row.items() if k not in _TIME_KEYS and k not in _TOKEN_KEYS}
         times = {field: None if row[k] is None else row[k] - t0 for k, field in _TIME_KEYS.items()}
-        records.append(RequestRecord(**counts, **times, token_times_s=[t - t0 for t in row["token_times"]]))
+        records.append(RequestRecord(**counts, **times, token_times_s=[t - t0 for t in _token_times(row)]))
     return records
+
+
+_TOKEN_KEYS = ("token_times", "chunk_times", "chunk_tokens")
+
+
+def _token_times(row: dict[str, Any]) -> list[float]:
+    """One time per token: a row holds per-chunk times and token counts (or, from an older
+    locustfile, one time per token)."""
+    if "chunk_times" not in row:
+        return row["token_times"]
+    out: list[float] = []
+    for t, n in zip(row["chunk_times"], row["chunk_tokens"]):
+        out += [t] * n
+    return out
 
 
 def scrape_metrics(url: str) -> dict[str, float]:
@@ -200,13 +220,22 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness.loadtest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.loadtest", description=__doc__.split("\n")[0])
+    return add_arguments(parser)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The load test's options on `p` (a parser of its own, or a CLI subcommand's)."""
     p.add_argument("--model", default="tiny", help="model the started server loads (default: tiny)")
     p.add_argument("--host", default=None, help="use this running server instead of starting one")
     p.add_argument("--served-model", default=None, help="model name to send (default: ask /v1/models)")
     p.add_argument("--users", "-u", type=int, default=4)
     p.add_argument("--spawn-rate", "-r", type=float, default=4.0)
     p.add_argument("--run-time", "-t", default="8s", help="locust --run-time (default: 8s)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="locust worker processes (locust --processes; -1: one per core)")
+    p.add_argument("--wait", default=None,
+                   help='seconds a user waits between requests: "MIN,MAX" or one number (default 0.05,0.25)')
     p.add_argument("--stop-timeout", type=int, default=30, help="seconds users get to finish a request")
     p.add_argument("--trace", default=None, help="JSONL trace whose prompts users send (default: smoke)")
     p.add_argument("--locustfile", default=str(LOCUSTFILE))
@@ -220,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     if args.users < 1 or args.spawn_rate <= 0 or args.stop_timeout < 0:
         parser.error("--users must be >= 1, --spawn-rate > 0 and --stop-timeout >= 0")
+    if args.processes == 0 or args.processes < -1:
+        parser.error("--processes must be >= 1, or -1 for one per core")
+    if args.wait is not None:
+        try:
+            parts = [float(x) for x in args.wait.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) not in (1, 2) or min(parts) < 0:
+            parser.error(f"--wait {args.wait!r}: give MIN,MAX or one number of seconds >= 0")
     try:
         parse_duration_s(args.run_time)
     except ValueError as e:
@@ -237,7 +275,7 @@ def _run(args: argparse.Namespace, out: Path) -> tuple[int, dict[str, float]]:
         url = args.host.rstrip("/").removesuffix("/v1") if args.host else None
         proc = None
         if url is None:
-            port = _free_port()
+            port = free_port()
             server = start_server(args.model, port, args.server_args, out / "server.log")
             proc = stack.enter_context(running(server))
             url = f"http://{LOOPBACK}:{port}"
@@ -257,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no request completed; see {out}/locust.out, locust.log and server.log", file=sys.stderr)
         return 1
-    names = ("model", "host", "users", "spawn_rate", "run_time", "server_args", "trace")
+    names = ("model", "host", "users", "spawn_rate", "run_time", "server_args", "trace", "processes", "wait")
     config = {"kind": "loadtest", "backend": "locust", **{n: getattr(args, n) for n in names},
               "locust_exit_code": locust_rc, "server_metrics": server_metrics}
     summary = write_report(out, records, [], [], config).summary_row()

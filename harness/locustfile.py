@@ -4,20 +4,31 @@
 
 No torch or engine imports: locust monkey-patches the standard library with gevent, and each
 user is a greenlet. `OpenAIStreamingUser` (abstract) owns a `CompletionsClient` that streams
-one request, timing it with time.perf_counter, and fires `environment.events.request` for:
+one request over geventhttpclient (locust's own fast HTTP client; one keep-alive connection per
+user) and parses it with harness/sse.py, the SSE core the openai backend shares, so both
+clients count tokens the same way. Timing uses time.perf_counter. It reports to locust:
 
-- the request, name "/v1/completions": response_time = whole request in ms, response_length =
-  output tokens; a failure is passed as `exception` (never raised into locust);
-- "TTFT" and "ITL" (request_type "METRIC"): time to the first token-carrying chunk, and every
-  gap between consecutive tokens, in ms, so locust's tables and charts show their percentiles.
+- the request, name "/v1/completions" (fired as a request event): response_time = whole
+  request in ms, response_length = output tokens; a failure is passed as `exception` (never
+  raised into locust);
+- "TTFT" (ms) and "TPOT_us" (microseconds: locust rounds to whole units, and a fast server's
+  TPOT is under a millisecond), method "METRIC": time to the first token-carrying chunk, and the
+  mean time per output token after the first, once per successful request. They are logged
+  straight into their own stats rows, not fired as request events, so locust's "Aggregated"
+  row counts HTTP requests only. Per-token gaps (ITL) are in the harness report
+  (harness.loadtest), not in locust's tables: a stats entry per token would cost the client
+  more than the parsing does.
 
 Debug one user with `python harness/locustfile.py http://HOST:PORT` (locust.run_single_user).
 `TraceUser` sends the prompts of a trace file (LLMBENCH_LOCUST_TRACE, default
-workloads/traces/smoke.jsonl) round-robin from a per-user offset, with `wait_time` between.
+workloads/traces/smoke.jsonl) round-robin from a per-user offset, with `wait_time` between
+(LLMBENCH_LOCUST_WAIT="MIN,MAX" seconds, default "0.05,0.25"; "0" for a closed loop).
 
 Environment: LLMBENCH_MODEL (else the first id from GET /v1/models), LLMBENCH_API_KEY or
 OPENAI_API_KEY (optional), LLMBENCH_LOCUST_ROWS: a JSONL file to which every request appends
-one row of raw times (epoch seconds) and counts, for harness.loadtest to turn into a report.
+one row of raw times (epoch seconds; per chunk: ``chunk_times`` and ``chunk_tokens``) and
+counts, for harness.loadtest to turn into a report. LLMBENCH_LOCUST_CPU: a file to which every
+locust process appends the CPU seconds it spent during the test.
 """
 
 from __future__ import annotations
@@ -26,18 +37,27 @@ import itertools
 import json
 import os
 import random
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import requests
-from locust import User, between, task
+from geventhttpclient import HTTPClient
+from locust import User, between, constant, events, task
 from locust.env import Environment
 from locust.exception import StopUser
 
-DEFAULT_TRACE = Path(__file__).resolve().parent.parent / "workloads" / "traces" / "smoke.jsonl"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `locust -f harness/locustfile.py` puts only harness/ on the path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from harness.sse import EventReader, StreamError, StreamState  # noqa: E402  (no torch, no engine)
+
+DEFAULT_TRACE = REPO_ROOT / "workloads" / "traces" / "smoke.jsonl"
 ROWS_ENV, TRACE_ENV, MODEL_ENV = "LLMBENCH_LOCUST_ROWS", "LLMBENCH_LOCUST_TRACE", "LLMBENCH_MODEL"
+WAIT_ENV, CPU_ENV = "LLMBENCH_LOCUST_WAIT", "LLMBENCH_LOCUST_CPU"
 REQUEST_FIELDS = (
     "max_tokens",
     "temperature",
@@ -51,6 +71,7 @@ REQUEST_FIELDS = (
 # Immutable per process: maps perf_counter readings onto wall time, so rows from several
 # processes (distributed workers) share one time axis.
 EPOCH_OFFSET_S = time.time() - time.perf_counter()
+EVENT_END = b"\n\n"  # what ends an SSE event on the servers we drive (ours, vLLM, SGLang)
 
 
 def load_trace_bodies(path: str | Path) -> list[dict[str, Any]]:
@@ -68,9 +89,17 @@ def load_trace_bodies(path: str | Path) -> list[dict[str, Any]]:
     return bodies
 
 
-def _tokens_in(choice: dict[str, Any]) -> int:
-    ids = choice.get("token_ids")  # our shim (and vLLM's return_token_ids) say exactly
-    return len(ids) if isinstance(ids, list) else int(bool(choice.get("text")))
+def parse_wait(text: str | None) -> Any:
+    """LLMBENCH_LOCUST_WAIT: "MIN,MAX" seconds (uniform) or one number (constant)."""
+    if not text:
+        return between(0.05, 0.25)
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 0:
+        raise ValueError(f"{WAIT_ENV}={text!r}: give MIN,MAX or one number of seconds >= 0")
+    return constant(parts[0]) if len(parts) == 1 else between(*parts)
 
 
 class CompletionsClient:
@@ -82,18 +111,24 @@ class CompletionsClient:
         rows_path: str | None = None,
         timeout_s: float = 300.0,
     ):
-        self.base_url = base_url.rstrip("/").removesuffix("/v1") + "/v1"
+        root = base_url.rstrip("/").removesuffix("/v1")
+        self.prefix = urlsplit(root).path.rstrip("/") + "/v1"  # "/v1", or "/api/v1" behind a path
         self.environment, self.rows_path, self.timeout_s = environment, rows_path, timeout_s
-        self.session = requests.Session()
+        # One keep-alive connection per user; a response not read to its end closes it.
+        self.http = HTTPClient.from_url(root, concurrency=1, connection_timeout=timeout_s,
+                                        network_timeout=timeout_s)
+        self.headers = {"Content-Type": "application/json"}
         if api_key:
-            self.session.headers["Authorization"] = f"Bearer {api_key}"
+            self.headers["Authorization"] = f"Bearer {api_key}"
 
     def served_model(self) -> str:
         start = time.perf_counter()
         try:
-            resp = self.session.get(self.base_url + "/models", timeout=self.timeout_s)
-            resp.raise_for_status()
-            model, error = resp.json()["data"][0]["id"], None
+            resp = self.http.get(self.prefix + "/models", headers=self.headers)
+            body = resp.read()
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {body[:300]!r}")
+            model, error = json.loads(body)["data"][0]["id"], None
         except Exception as e:  # reported to locust, then the user stops
             model, error = None, e
         self._fire("GET", "/v1/models", time.perf_counter() - start, 0, error)
@@ -103,77 +138,56 @@ class CompletionsClient:
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """Stream one completion; returns (and records) its raw row. Never raises."""
-        row: dict[str, Any] = {
-            "request_id": f"locust-{uuid.uuid4().hex[:16]}",
-            "token_times": [],
-            "first_token": None,
-            "finish_reason": None,
-            "usage": None,
-        }
+        row: dict[str, Any] = {"request_id": f"locust-{uuid.uuid4().hex[:16]}"}
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        state = StreamState()
         row["scheduled"] = row["sent"] = start = time.perf_counter()
         error: Exception | None = None
         try:
-            self._stream(body, row)
-            if row["finish_reason"] is None:
-                raise RuntimeError("stream ended without a finish_reason")
+            self._stream(json.dumps(body).encode(), state)
+            if state.finish_reason is None:
+                raise StreamError("stream ended without a finish_reason")
         except Exception as e:
             error = e
         row["finished"] = end = time.perf_counter()
-        self._report(row, start, end, error)
+        self._report(row, state, start, end, error)
         return row
 
-    def _stream(self, body: dict[str, Any], row: dict[str, Any]) -> None:
-        with self.session.post(
-            self.base_url + "/completions", json=body, stream=True, timeout=self.timeout_s
-        ) as resp:
+    def _stream(self, body: bytes, state: StreamState) -> None:
+        resp = self.http.post(self.prefix + "/completions", body, headers=self.headers)
+        try:
             if resp.status_code != 200:
+                raw = resp.read()
                 try:
-                    message = resp.json()["error"]["message"]
+                    message = json.loads(raw)["error"]["message"]
                 except Exception:
-                    message = resp.text[:300]
+                    message = raw[:300].decode("utf-8", "replace")
                 raise RuntimeError(f"HTTP {resp.status_code}: {message}")
-            # chunk_size=None: hand over data as it arrives, so each SSE event gets its own time
-            for line in resp.iter_lines(chunk_size=None, decode_unicode=False):
-                t = time.perf_counter()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
+            reader = EventReader(state)
+            # One SSE event per readline (geventhttpclient's C parser undoes the chunked framing).
+            while event := resp.readline(EVENT_END):
+                if reader.feed(event, time.perf_counter()):
+                    resp.read()  # the end of the body, so the connection can be reused
                     return
-                self._event(json.loads(data), row, t)
-
-    @staticmethod
-    def _event(event: dict[str, Any], row: dict[str, Any], t: float) -> None:
-        if "error" in event:
-            raise RuntimeError(f"error event in stream: {event['error']}")
-        row["usage"] = event.get("usage") or row["usage"]
-        for choice in event.get("choices") or []:
-            n = _tokens_in(choice)
-            if n and row["first_token"] is None:
-                row["first_token"] = t
-            row["token_times"].extend([t] * n)
-            row["finish_reason"] = choice.get("finish_reason") or row["finish_reason"]
+            reader.close(time.perf_counter())
+        finally:
+            resp.release()
 
     def _report(
-        self, row: dict[str, Any], start: float, end: float, error: Exception | None
+        self, row: dict[str, Any], state: StreamState, start: float, end: float, error: Exception | None
     ) -> None:
-        usage = row.pop("usage") or {}
-        row["output_tokens"] = int(usage.get("completion_tokens") or len(row["token_times"]))
-        row["prompt_tokens"] = int(usage.get("prompt_tokens") or 0)
-        row["cached_tokens"] = int(
-            (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        )
-        row["status"] = (
-            "error" if error else ("aborted" if row["finish_reason"] == "abort" else "ok")
-        )
+        row["first_token"], row["finish_reason"] = state.first_token, state.finish_reason
+        row["chunk_times"], row["chunk_tokens"] = state.chunk_times, state.chunk_tokens
+        row["prompt_tokens"], row["output_tokens"], row["cached_tokens"] = state.usage_counts()
+        row["status"] = "error" if error else ("aborted" if state.finish_reason == "abort" else "ok")
         row["error"] = f"{type(error).__name__}: {error}" if error else None
         self._fire("POST", "/v1/completions", end - start, row["output_tokens"], error)
-        if error is None and row["first_token"] is not None:
-            self._fire("METRIC", "TTFT", row["first_token"] - start, 0, None)
-            times = row["token_times"]
-            for a, b in itertools.pairwise(times):
-                self._fire("METRIC", "ITL", b - a, 0, None)
+        if error is None and state.first_token is not None:
+            stats = self.environment.stats
+            stats.get("TTFT", "METRIC").log((state.first_token - start) * 1000.0, 0)
+            if state.num_tokens > 1:
+                tpot = (end - state.first_token) / (state.num_tokens - 1)
+                stats.get("TPOT_us", "METRIC").log(tpot * 1e6, 0)  # locust rounds to whole units
         self._append_row(row)
 
     def _fire(
@@ -193,13 +207,33 @@ class CompletionsClient:
             return
         for key in ("scheduled", "sent", "first_token", "finished"):
             row[key] = None if row[key] is None else row[key] + EPOCH_OFFSET_S
-        row["token_times"] = [t + EPOCH_OFFSET_S for t in row["token_times"]]
+        row["chunk_times"] = [t + EPOCH_OFFSET_S for t in row["chunk_times"]]
         # One O_APPEND write per row: whole lines even with several processes on one file.
         fd = os.open(self.rows_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (json.dumps(row) + "\n").encode())
         finally:
             os.close(fd)
+
+
+@events.test_start.add_listener
+def _cpu_at_start(environment: Environment, **_: Any) -> None:
+    environment.llmbench_cpu0 = time.process_time()  # kept on the environment, not in the module
+
+
+@events.test_stop.add_listener
+def _cpu_at_stop(environment: Environment, **_: Any) -> None:
+    """LLMBENCH_LOCUST_CPU: append this process's CPU seconds during the test (every locust
+    process, master and workers, adds its line), so harness.ceiling can count client CPU."""
+    path, cpu0 = os.environ.get(CPU_ENV), getattr(environment, "llmbench_cpu0", None)
+    if not path or cpu0 is None:
+        return
+    line = json.dumps({"pid": os.getpid(), "cpu_s": time.process_time() - cpu0}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 class OpenAIStreamingUser(User):
@@ -221,9 +255,12 @@ class OpenAIStreamingUser(User):
         if not self.model:
             self.model = self.client.served_model()
 
+    def on_stop(self) -> None:
+        self.client.http.close()
+
 
 class TraceUser(OpenAIStreamingUser):
-    wait_time = between(0.05, 0.25)
+    wait_time = parse_wait(os.environ.get(WAIT_ENV))
 
     def __init__(self, environment: Environment):
         super().__init__(environment)
@@ -239,8 +276,6 @@ class TraceUser(OpenAIStreamingUser):
 
 
 if __name__ == "__main__":  # debug one user in-process: python harness/locustfile.py http://127.0.0.1:8000
-    import sys
-
     from locust import run_single_user
 
     if len(sys.argv) != 2:

@@ -70,6 +70,11 @@ def test_rows_become_records_relative_to_first_request():
     a, b = rows_to_records(rows)
     assert (a.request_id, a.scheduled_s, a.first_token_s, a.status) == ("a", 0.0, None, "error")
     assert (b.scheduled_s, b.first_token_s, b.token_times_s) == (1.0, 1.5, [1.5, 2.0])
+    # the locustfile's rows hold one time per chunk and its token count
+    chunked = {k: v for k, v in rows[0].items() if k != "token_times"}
+    chunked.update(chunk_times=[101.5, 102.0], chunk_tokens=[1, 3], output_tokens=4)
+    (c,) = rows_to_records([chunked])
+    assert c.token_times_s == [0.5, 1.0, 1.0, 1.0] and c.output_tokens == 4
 
 
 def test_load_run_writes_report_without_errors(tmp_path, capsys):
@@ -84,11 +89,16 @@ def test_load_run_writes_report_without_errors(tmp_path, capsys):
     assert summary["num_ok"] == summary["num_requests"]
     assert summary["p50_ttft_ms"] is not None and summary["p50_itl_ms"] is not None
     assert (report.requests["output_tokens"] == report.requests["token_times_s"].map(len)).all()
-    # locust saw the same requests, plus TTFT and ITL as their own rows
+    # locust saw the same requests, plus TTFT and TPOT as their own rows, which the Aggregated
+    # row does not count as requests
     rows = csv.DictReader((out / "locust_stats.csv").read_text().splitlines())
     stats = {(r["Type"], r["Name"]): r for r in rows}
-    assert int(stats[("METRIC", "TTFT")]["Request Count"]) >= 1 and ("METRIC", "ITL") in stats
+    posts = int(stats[("POST", "/v1/completions")]["Request Count"])
+    assert int(stats[("METRIC", "TTFT")]["Request Count"]) == posts >= 1
+    assert ("METRIC", "TPOT_us") in stats
     assert int(stats[("POST", "/v1/completions")]["Failure Count"]) == 0
+    http = sum(int(r["Request Count"]) for (kind, _), r in stats.items() if kind in ("GET", "POST"))
+    assert int(stats[("", "Aggregated")]["Request Count"]) == http
     # the server counted every generated token the client did
     config = report.metadata["config"]
     assert config["server_metrics"]["llmbench_generation_tokens_total"] == summary["total_output_tokens"]

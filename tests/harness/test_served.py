@@ -1,0 +1,61 @@
+"""harness/served.py: the tiny model served over HTTP and in process, on a tiny bench workload."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from harness.served import main, server_flags
+
+TINY_BENCH = ["--param", "num_seqs=6", "--param", "min_input_len=8", "--param", "max_input_len=32",
+              "--param", "min_output_len=8", "--param", "max_output_len=16"]
+
+
+def test_server_flags():
+    flags = server_flags({"max_num_seqs": 8, "enforce_eager": True, "enable_prefix_caching": False, "dtype": "float32"})
+    assert flags == ["--max-num-seqs", "8", "--enforce-eager", "--no-prefix-caching", "--dtype", "float32"]
+
+
+def test_served_vs_in_process(tmp_path, capsys):
+    out = tmp_path / "served"
+    rc = main(["--model", "tiny", "--workload", "bench", *TINY_BENCH, "--engine-arg", "max_num_seqs=4",
+               "--processes", "2", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out + printed.err + (out / "server.log").read_text()
+    result = json.loads((out / "served.json").read_text())
+    assert result["served_ok"] == result["in_process_ok"] == 6
+    assert result["ratio"] == pytest.approx(result["served_output_tok_s"] / result["in_process_output_tok_s"])
+    assert result["client"] == "openai" and result["client_processes"] == 2
+    assert result["server_args"] == ["--max-num-seqs", "4"]
+    sweep = pd.read_parquet(out / "sweep.parquet")
+    assert list(sweep["backend"]) == ["served-openai", "engine"]
+    # both sides generated the same tokens for the same requests
+    assert sweep["total_output_tokens"].nunique() == 1
+    assert "served / in-process output throughput" in printed.out
+    with pytest.raises(SystemExit):  # a folder that holds a served run is not overwritten
+        main(["--model", "tiny", "--out", str(out)])
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    for argv in (["--engine-arg", "no_such_field=1"], ["--param", "oops"], ["--processes", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(tmp_path / "x")])
+        assert e.value.code == 2
+
+
+def test_a_server_that_does_not_start_is_an_error(tmp_path, capsys):
+    rc = main(["--model", "tiny", *TINY_BENCH, "--server-arg=--no-such-flag", "--out", str(tmp_path / "s")])
+    assert rc == 1 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_served_with_locust(tmp_path, capsys):
+    out = tmp_path / "served-locust"
+    rc = main(["--model", "tiny", "--workload", "bench", *TINY_BENCH, "--client", "locust", "--run-time", "3s",
+               "--max-concurrency", "2", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out + printed.err
+    result = json.loads((out / "served.json").read_text())
+    assert result["client"] == "locust" and result["served_ok"] >= 1 and result["ratio"] > 0
+    assert list(pd.read_parquet(out / "sweep.parquet")["backend"]) == ["served-locust", "engine"]
