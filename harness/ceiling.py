@@ -188,7 +188,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(prog="python -m harness.ceiling",
+    return add_arguments(argparse.ArgumentParser(prog="llmbench ceiling",
                                                  description=__doc__.split("\n")[0]))
 
 

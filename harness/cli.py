@@ -36,6 +36,10 @@ PROG = "llmbench"
 # Subcommands with a parser and main(argv) of their own: name -> (module, one-line help).
 MOUNTED: dict[str, tuple[str, str]] = {
     "serve": ("engine.serve.cli", "OpenAI-compatible HTTP server for the engine"),
+    "served": ("harness.served", "the same workload over HTTP and in process, and their ratio"),
+    "load": ("harness.loadtest", "locust against the server (started here unless --host), a report"),
+    "mock-server": ("harness.mock_server", "an endpoint streaming fixed tokens (no model)"),
+    "ceiling": ("harness.ceiling", "a load generator's ceiling in tok/s against the mock"),
 }
 # Groups of mounted subcommands (`llmbench studies throughput ...`): name -> (help, members).
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {

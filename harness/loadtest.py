@@ -220,7 +220,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.loadtest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="llmbench load", description=__doc__.split("\n")[0])
     return add_arguments(parser)
 
 

@@ -293,7 +293,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(prog="python -m harness.mock_server",
+    return add_arguments(argparse.ArgumentParser(prog="llmbench mock-server",
                                                  description=__doc__.split("\n")[0]))
 
 

@@ -104,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(prog="python -m harness.served",
+    return add_arguments(argparse.ArgumentParser(prog="llmbench served",
                                                  description=__doc__.split("\n")[0]))
 
 
