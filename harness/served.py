@@ -27,14 +27,18 @@ sides and the server stopped cleanly, 1 otherwise, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import math
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from engine.config_args import parse_pairs
 from harness.loadtest import (
     LOCUSTFILE,
     LOOPBACK,
@@ -50,38 +54,19 @@ from harness.loadtest import (
     wait_healthy,
 )
 from harness.report import append_sweep_summary, write_report
-from harness.run import RunSpec, WorkloadSpec, model_vocab_size, run_once
+from harness.run import RunSpec, make_backend, model_vocab_size, run_once
+from workloads.generators import GENERATORS
+from workloads.spec import WorkloadSpec
 
 SERVED_FILE = "served.json"
 CLIENTS = ("openai", "locust")
 
 
 # ---- arguments ------------------------------------------------------------------------------
-def parse_pairs(pairs: list[str], flag: str) -> dict[str, Any]:
-    from engine.config import parse_value
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        out[key.strip().replace("-", "_")] = parse_value(value)
-    return out
-
-
-def server_flags(engine_args: dict[str, Any]) -> list[str]:
-    """EngineConfig fields as `python -m engine.serve` flags (max_num_seqs=8 -> --max-num-seqs 8;
-    True -> the bare flag; enable_prefix_caching=False -> --no-prefix-caching)."""
-    flags: list[str] = []
-    for key, value in engine_args.items():
-        flag = "--" + key.replace("_", "-")
-        if key == "enable_prefix_caching":
-            flags += [] if value else ["--no-prefix-caching"]
-        elif value is True:
-            flags.append(flag)
-        elif value is not False:
-            flags += [flag, str(value)]
-    return flags
+def server_flags(engine_arg_pairs: list[str]) -> list[str]:
+    """The --engine-arg pairs as the server's own `--engine-arg` flags: one parser reads them on
+    both sides (engine/config_args.py)."""
+    return [f"--engine-arg={pair}" for pair in engine_arg_pairs]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -98,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--client", choices=CLIENTS, default="openai")
     p.add_argument("--processes", type=int, default=1, help="client processes (default 1)")
     p.add_argument("--run-time", default="30s", help="locust client: run time (default 30s)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs on each side against one server / one engine (their medians are compared)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--out", required=True, help="report folder")
     return p
@@ -165,29 +152,49 @@ def _warm_up(url: str, model: str) -> None:
         raise RuntimeError(f"the server failed its warm-up requests: {errors[0]}")
 
 
-def run_served(args: argparse.Namespace, workload: WorkloadSpec, requests: list,
-               engine_args: dict[str, Any], out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The served run's summary and facts about the server (exit code, stream interval)."""
+def _run_dir(out: Path, workload: WorkloadSpec, side: str, i: int, repeat: int) -> Path:
+    return out / (f"{workload.name}-{side}" if repeat == 1 else f"{workload.name}-{side}-{i + 1}")
+
+
+def request_sets(workload: WorkloadSpec, vocab_size: int | None, repeat: int) -> list[list]:
+    """The requests of each repeat, the same on both sides. A generated workload gets a new seed
+    per repeat (seed, seed + 1, ...), so no run hits the prefix blocks an earlier run left in
+    the server's cache (the server's cache cannot be reset from here); a trace is replayed as
+    is, and its later repeats may hit them, on both sides alike."""
+    if workload.kind is None or "seed" not in inspect.signature(GENERATORS[workload.kind]).parameters:
+        return [workload.build(vocab_size)] * repeat
+    base = workload.params.get("seed", 0)
+    return [dataclasses.replace(workload, params={**workload.params, "seed": base + i}).build(vocab_size)
+            for i in range(repeat)]
+
+
+def run_served(args: argparse.Namespace, workload: WorkloadSpec, request_sets: list[list],
+               engine_args: dict[str, Any], out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The served runs' summaries (--repeat of them against one server) and facts about the
+    server (exit code, stream interval)."""
     port = free_port()
-    server_args = [*server_flags(engine_args), *args.server_args]
+    server_args = [*server_flags(args.engine_arg), *args.server_args]
     proc = start_server(args.model, port, server_args, out / "server.log")
     url = f"http://{LOOPBACK}:{port}"
-    run_dir = out / f"{workload.name}-served"
-    labels = _labels(workload, f"served-{args.client}", run_dir.name, args.model)
+    summaries = []
     try:
         wait_healthy(url, proc, args.startup_timeout)
         _warm_up(url, args.model)
-        if args.client == "openai":
-            summary = _served_openai(args, url, workload, requests, engine_args, run_dir, labels)
-        else:
-            summary = _served_locust(args, url, requests, run_dir, labels)
+        for i in range(args.repeat):
+            run_dir = _run_dir(out, workload, "served", i, args.repeat)
+            labels = _labels(workload, f"served-{args.client}", run_dir.name, args.model)
+            if args.client == "openai":
+                summary = _served_openai(args, url, workload, request_sets[i], engine_args, run_dir, labels)
+            else:
+                summary = _served_locust(args, url, request_sets[i], run_dir, labels)
+            append_sweep_summary(out, {**labels, **summary})
+            summaries.append(summary)
         metrics = scrape_metrics(url)
     finally:
         stop_process(proc, timeout_s=60)
     facts = {"server_exit_code": proc.returncode, "server_args": server_args,
              "stream_interval": _stream_interval(metrics, server_args), "url": url}
-    append_sweep_summary(out, {**labels, **summary})
-    return summary, facts
+    return summaries, facts
 
 
 # ---- the in-process side and the result ------------------------------------------------------
@@ -196,41 +203,59 @@ def _labels(workload: WorkloadSpec, backend: str, run_dir: str, model: str) -> d
             "rate": math.inf if workload.rate is None else workload.rate, "model": model, "run_dir": run_dir}
 
 
-def run_in_process(args: argparse.Namespace, workload: WorkloadSpec, requests: list,
-                   engine_args: dict[str, Any], out: Path) -> dict[str, Any]:
-    run_dir = out / f"{workload.name}-engine"
-    labels = _labels(workload, "engine", run_dir.name, args.model)
+def run_in_process(args: argparse.Namespace, workload: WorkloadSpec, request_sets: list[list],
+                   engine_args: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """--repeat runs through one in-process engine, as the served side runs against one server
+    (no prefix-cache reset between them: the server gets none either)."""
     spec = RunSpec(backend="engine", workload=workload, model=args.model, max_concurrency=args.max_concurrency,
                    engine_args=engine_args, telemetry=True)
-    summary = run_once(spec, run_dir, labels, requests=requests)
-    append_sweep_summary(out, {**labels, **summary})
-    return summary
+    backend = make_backend("engine", args.model, engine_args)
+    summaries = []
+    try:
+        for i in range(args.repeat):
+            run_dir = _run_dir(out, workload, "engine", i, args.repeat)
+            labels = _labels(workload, "engine", run_dir.name, args.model)
+            summary = run_once(spec, run_dir, labels, requests=request_sets[i], backend=backend)
+            append_sweep_summary(out, {**labels, **summary})
+            summaries.append(summary)
+    finally:
+        backend.close()
+    return summaries
 
 
-def served_result(args: argparse.Namespace, served: dict[str, Any], local: dict[str, Any],
+def _median(summaries: list[dict[str, Any]], key: str) -> float | None:
+    values = [s[key] for s in summaries if s[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def served_result(args: argparse.Namespace, served: list[dict[str, Any]], local: list[dict[str, Any]],
                   facts: dict[str, Any], engine_args: dict[str, Any]) -> dict[str, Any]:
-    s, e = served["output_throughput"], local["output_throughput"]
+    """Medians over the repeats; the ratio is median served / median in-process."""
+    s, e = _median(served, "output_throughput"), _median(local, "output_throughput")
     return {"model": args.model, "workload": args.workload if args.trace is None else args.trace,
-            "client": args.client, "client_processes": args.processes,
+            "client": args.client, "client_processes": args.processes, "repeat": args.repeat,
             "served_output_tok_s": s, "in_process_output_tok_s": e,
             "ratio": s / e if s is not None and e else None,
-            "served_ok": served["num_ok"], "served_requests": served["num_requests"],
-            "in_process_ok": local["num_ok"], "in_process_requests": local["num_requests"],
+            "served_runs_tok_s": [r["output_throughput"] for r in served],
+            "in_process_runs_tok_s": [r["output_throughput"] for r in local],
+            "served_ok": sum(r["num_ok"] for r in served), "served_requests": sum(r["num_requests"] for r in served),
+            "in_process_ok": sum(r["num_ok"] for r in local),
+            "in_process_requests": sum(r["num_requests"] for r in local),
             "stream_interval": facts["stream_interval"], "server_exit_code": facts["server_exit_code"],
             "server_args": facts["server_args"], "engine_args": engine_args,
             "max_concurrency": args.max_concurrency}
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[WorkloadSpec, dict[str, Any]]:
-    if args.processes < 1:
-        parser.error("--processes must be >= 1")
+    if args.processes < 1 or args.repeat < 1:
+        parser.error("--processes and --repeat must be >= 1")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error("--max-concurrency must be >= 1")
     if (Path(args.out) / SERVED_FILE).exists():
         parser.error(f"{args.out} already holds a served run; pick another --out")
     try:
         params = parse_pairs(args.param, "--param")
-        engine_args = parse_pairs(args.engine_arg, "--engine-arg")
+        engine_args = parse_pairs(args.engine_arg, "--engine-arg")  # the server parses the same pairs
         if args.trace is not None and params:
             raise ValueError("--param applies to generated workloads, not to --trace")
         workload = WorkloadSpec(kind=None if args.trace else args.workload, params=params, trace=args.trace,
@@ -249,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     workload, engine_args = _check(parser, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    requests = workload.build(model_vocab_size(args.model))
+    requests = request_sets(workload, model_vocab_size(args.model), args.repeat)
     with sigterm_as_exit():
         try:
             served, facts = run_served(args, workload, requests, engine_args, out)
@@ -260,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         local = run_in_process(args, workload, requests, engine_args, out)
     result = served_result(args, served, local, facts, engine_args)
     (out / SERVED_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    print_summary(served, out / f"{workload.name}-served")
-    print_summary(local, out / f"{workload.name}-engine")
+    for i, (one_served, one_local) in enumerate(zip(served, local)):
+        print_summary(one_served, _run_dir(out, workload, "served", i, args.repeat))
+        print_summary(one_local, _run_dir(out, workload, "engine", i, args.repeat))
     ratio = result["ratio"]
     print(f"served / in-process output throughput: {'n/a' if ratio is None else f'{ratio:.3f}'} "
           f"({_tok(result['served_output_tok_s'])} vs {_tok(result['in_process_output_tok_s'])} tok/s; "
@@ -270,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if not clean_stop:
         print(f"the server exited with status {facts['server_exit_code']} after SIGTERM; see {out}/server.log",
               file=sys.stderr)
-    failed = served["num_error"] or local["num_error"] or served["num_ok"] == 0
+    failed = any(r["num_error"] for r in served + local) or result["served_ok"] == 0
     return 0 if clean_stop and not failed else 1
 
 

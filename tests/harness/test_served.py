@@ -13,26 +13,42 @@ TINY_BENCH = ["--param", "num_seqs=6", "--param", "min_input_len=8", "--param", 
               "--param", "min_output_len=8", "--param", "max_output_len=16"]
 
 
-def test_server_flags():
-    flags = server_flags({"max_num_seqs": 8, "enforce_eager": True, "enable_prefix_caching": False, "dtype": "float32"})
-    assert flags == ["--max-num-seqs", "8", "--enforce-eager", "--no-prefix-caching", "--dtype", "float32"]
+def test_server_flags_pass_the_pairs_to_the_servers_own_parser():
+    from engine.serve.cli import build_parser, engine_config
+
+    pairs = ["max_num_seqs=8", "enforce_eager=true", "enable_prefix_caching=false", "dtype=float32"]
+    config = engine_config(build_parser().parse_args(server_flags(pairs)))
+    assert (config.max_num_seqs, config.enforce_eager, config.enable_prefix_caching, config.dtype) == (
+        8, True, False, "float32")
+
+
+def test_repeats_of_a_generator_get_their_own_seeds():
+    from harness.served import request_sets
+    from workloads.spec import WorkloadSpec
+
+    sets = request_sets(WorkloadSpec(kind="bench", params={"num_seqs": 3, "seed": 5}), 512, 3)
+    prompts = [[r.prompt_token_ids for r in one] for one in sets]
+    assert prompts[0] == [r.prompt_token_ids for r in WorkloadSpec(kind="bench", params={"num_seqs": 3, "seed": 5}).build(512)]
+    assert prompts[0] != prompts[1] != prompts[2]
 
 
 def test_served_vs_in_process(tmp_path, capsys):
     out = tmp_path / "served"
     rc = main(["--model", "tiny", "--workload", "bench", *TINY_BENCH, "--engine-arg", "max_num_seqs=4",
-               "--processes", "2", "--out", str(out)])
+               "--processes", "2", "--repeat", "2", "--out", str(out)])
     printed = capsys.readouterr()
     assert rc == 0, printed.out + printed.err + (out / "server.log").read_text()
     result = json.loads((out / "served.json").read_text())
-    assert result["served_ok"] == result["in_process_ok"] == 6
+    assert result["served_ok"] == result["in_process_ok"] == 12
+    assert len(result["served_runs_tok_s"]) == len(result["in_process_runs_tok_s"]) == 2
     assert result["ratio"] == pytest.approx(result["served_output_tok_s"] / result["in_process_output_tok_s"])
     assert result["client"] == "openai" and result["client_processes"] == 2
-    assert result["server_args"] == ["--max-num-seqs", "4"]
+    assert result["server_args"] == ["--engine-arg=max_num_seqs=4"]
     sweep = pd.read_parquet(out / "sweep.parquet")
-    assert list(sweep["backend"]) == ["served-openai", "engine"]
-    # both sides generated the same tokens for the same requests
-    assert sweep["total_output_tokens"].nunique() == 1
+    assert list(sweep["backend"]) == ["served-openai"] * 2 + ["engine"] * 2
+    # both sides generated the same tokens for the same requests, repeat by repeat
+    served, local = sweep[sweep["backend"] == "engine"], sweep[sweep["backend"] != "engine"]
+    assert list(served["total_output_tokens"]) == list(local["total_output_tokens"])
     assert "served / in-process output throughput" in printed.out
     with pytest.raises(SystemExit):  # a folder that holds a served run is not overwritten
         main(["--model", "tiny", "--out", str(out)])
