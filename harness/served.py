@@ -50,7 +50,7 @@ from harness.loadtest import (
     wait_healthy,
 )
 from harness.report import append_sweep_summary, write_report
-from harness.run import RunSpec, WorkloadSpec, model_vocab_size, run_once
+from harness.run import RunSpec, WorkloadSpec, build_workload, run_once
 
 SERVED_FILE = "served.json"
 CLIENTS = ("openai", "locust")
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     workload, engine_args = _check(parser, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    requests = workload.build(model_vocab_size(args.model))
+    requests = build_workload(workload, args.model)
     with sigterm_as_exit():
         try:
             served, facts = run_served(args, workload, requests, engine_args, out)

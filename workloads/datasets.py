@@ -332,10 +332,17 @@ def dataset_params(name: str) -> list[str]:
     return own + ([f for f in _SELECTION_FIELDS if f not in own] if name != "synthetic" else [])
 
 
-def load_dataset(name: str, tokenizer: Any, **params: Any) -> list[TraceRequest]:
-    """The requests of dataset `name`; unknown names or parameters raise ValueError."""
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """Unknown parameter names and bad selection values raise ValueError (nothing is read)."""
     allowed = dataset_params(name)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for dataset {name!r}; allowed: {', '.join(allowed)}")
+    if name != "synthetic":
+        Selection(**{k: v for k, v in params.items() if k in _SELECTION_FIELDS})
+
+
+def load_dataset(name: str, tokenizer: Any, **params: Any) -> list[TraceRequest]:
+    """The requests of dataset `name`; unknown names or parameters raise ValueError."""
+    check_params(name, params)
     return DATASETS[name](tokenizer, **params)
