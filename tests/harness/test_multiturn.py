@@ -165,3 +165,29 @@ def test_openai_backend_matches_the_engine_turn_by_turn(trace, engine_result):
     local = {r.request_id: r for r in engine_result[0].run.requests}
     assert [r.prompt_tokens for r in records] == [local[r.request_id].prompt_tokens for r in records]
     assert [r.output_tokens for r in records] == [local[r.request_id].output_tokens for r in records]
+
+
+def test_cli_runs_a_sharegpt_conversation_dataset(tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(_sharegpt_rows()))
+    out = tmp_path / "run"
+    status = main(["run", "--dataset", "sharegpt", "--dataset-path", str(path), "--dataset-tokenizer", "tiny",
+                   "--param", "multi_turn=true", "--param", "num_prompts=2", "--param", "output_len=4",
+                   "--param", "min_output_len=1", "--device", "cpu", "--no-telemetry", "--no-progress",
+                   "--out", str(out)])
+    assert status == 0
+    report = load_report(out)
+    assert len(report.requests) == 2 * TURNS and (report.requests["status"] == "ok").all()
+    assert report.summary_row()["num_conversations"] == 2
+    assert report.metadata["config"]["workload"]["dataset"] == "sharegpt"
+
+
+def test_cli_refuses_dataset_flags_without_a_dataset_and_bad_parameters(tmp_path, capsys):
+    from harness.cli import main
+
+    assert main(["run", "--workload", "smoke", "--dataset-path", "x.json"]) == 2
+    assert "go with --dataset" in capsys.readouterr().err
+    assert main(["run", "--dataset", "sharegpt", "--dataset-path", "x.json", "--param", "num_prompt=3"]) == 2
+    assert "unknown parameter" in capsys.readouterr().err
