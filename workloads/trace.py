@@ -155,7 +155,8 @@ def validate_row(row: Any, path: str | Path, row_no: int) -> TraceRequest:
         values["stop"] = [values["stop"]]
     for key in values:
         if key not in _CHECKS:
-            raise TraceError(path, f"unknown field; allowed: {', '.join(_FIELD_NAMES)}", row_no, key)
+            hint = " (a ShareGPT file is a dataset: --dataset sharegpt)" if "conversations" in values else ""
+            raise TraceError(path, f"unknown field{hint}; allowed: {', '.join(_FIELD_NAMES)}", row_no, key)
     for key in ("arrival_s", "max_tokens"):
         if key not in values:
             raise TraceError(path, "missing required field", row_no, key)

@@ -191,3 +191,22 @@ def test_cli_refuses_dataset_flags_without_a_dataset_and_bad_parameters(tmp_path
     assert "go with --dataset" in capsys.readouterr().err
     assert main(["run", "--dataset", "sharegpt", "--dataset-path", "x.json", "--param", "num_prompt=3"]) == 2
     assert "unknown parameter" in capsys.readouterr().err
+
+
+def test_client_workers_keep_a_conversation_together(trace):
+    from harness.backends.openai import _units
+
+    units = _units(trace)
+    assert len(units) == CONVERSATIONS
+    assert all(len({r.conversation_id for r in u}) == 1 and [r.turn for r in u] == list(range(TURNS))
+               for u in units)
+
+
+def test_cli_refuses_a_trace_with_broken_turn_numbers(tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"arrival_s": 0, "max_tokens": 2, "prompt": "x", "conversation_id": "c",
+                                        "turn": t}) + "\n" for t in (0, 2)))
+    assert main(["run", "--trace", str(path)]) == 2
+    assert "turns must be 0..1" in capsys.readouterr().err

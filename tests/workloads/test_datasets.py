@@ -243,3 +243,10 @@ def test_bad_conversation_rows_are_refused(tmp_path, row, field):
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(TraceError, match=f"field '{field}'"):
         load_trace(path)
+
+
+def test_a_sharegpt_file_given_as_a_trace_points_to_the_dataset(tmp_path):
+    path = tmp_path / "sg.jsonl"
+    path.write_text(json.dumps({"id": "c0", "conversations": []}) + "\n")
+    with pytest.raises(TraceError, match="--dataset sharegpt"):
+        load_trace(path)
