@@ -39,6 +39,7 @@ token-id generators: a dummy-weight model's EOS would otherwise end outputs at r
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -47,19 +48,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from workloads.dataset_rows import Turn, row_turns
 from workloads.generators import assign_arrivals
 from workloads.synthetic import synthetic_text
 from workloads.tokens import TokenCounter
 from workloads.trace import TraceRequest
 
-USER_ROLES = ("human", "user")
-ASSISTANT_ROLES = ("gpt", "assistant", "chatgpt", "bard", "bing", "model")
-OUTPUT_LEN_FIELDS = ("output_len", "max_tokens", "output_tokens")
-ANSWER_FIELDS = ("completion", "response", "output", "answer")
 HF_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
-
-Turn = tuple[str, "str | int | None"]  # (user message, answer text / answer length / none)
-
 
 @dataclass
 class Selection:
@@ -121,51 +116,6 @@ def _output_range(spec: Any) -> tuple[int, int] | None:
         raise ValueError(f"output_len must be None/'dataset', an int >= 1, or a range [lo, hi] / 'lo:hi' "
                          f"with 1 <= lo <= hi, got {spec!r}")
     return lo, hi
-
-
-# ---- rows -> turns ------------------------------------------------------------------------
-def _message(msg: Any) -> tuple[str | None, str | None]:
-    if not isinstance(msg, dict):
-        return None, None
-    role, text = msg.get("from", msg.get("role")), msg.get("value", msg.get("content"))
-    return (role.lower() if isinstance(role, str) else None), (text if isinstance(text, str) else None)
-
-
-def _conversation_turns(messages: Any) -> list[Turn]:
-    """(user, answer) pairs from the start of a conversation, up to the first break in the
-    user/assistant alternation (system messages are skipped); a last unanswered user message
-    is a turn without an answer."""
-    turns: list[Turn] = []
-    user: str | None = None
-    for msg in messages if isinstance(messages, list) else ():
-        role, text = _message(msg)
-        if role == "system" or text is None:
-            continue
-        if role in USER_ROLES and user is None and text:
-            user = text
-        elif role in ASSISTANT_ROLES and user is not None:
-            turns.append((user, text))
-            user = None
-        else:
-            break
-    return turns + ([(user, None)] if user is not None else [])
-
-
-def _row_turns(row: Any, prompt_field: str, output_field: str | None, where: str) -> list[Turn]:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: a row must be an object, got {type(row).__name__}")
-    for key in ("conversations", "messages"):
-        if row.get(key) is not None:
-            return _conversation_turns(row[key])
-    prompt = row.get(prompt_field)
-    if not isinstance(prompt, str):
-        raise ValueError(f"{where}: no text field {prompt_field!r} (nor 'conversations'/'messages'); "
-                         f"fields: {', '.join(map(str, row))}")
-    candidates = (output_field,) if output_field else OUTPUT_LEN_FIELDS + ANSWER_FIELDS
-    answer = next((row[k] for k in candidates if row.get(k) is not None), None)
-    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int))):
-        raise ValueError(f"{where}: output field must be an int length or a text, got {answer!r:.60}")
-    return [(prompt, answer)] if prompt else []
 
 
 # ---- turns -> requests --------------------------------------------------------------------
@@ -243,7 +193,7 @@ def _select(rows: Sequence[Any], tokenizer: Any, sel: Selection, name: str, sour
     for i in order:
         if builder.done():
             break
-        builder.add(_row_turns(rows[i], prompt_field, output_field, f"{source}: row {i + 1}"))
+        builder.add(row_turns(rows[i], prompt_field, output_field, f"{source}: row {i + 1}"))
     return builder.result(source)
 
 
@@ -323,8 +273,6 @@ _SELECTION_FIELDS = tuple(f.name for f in fields(Selection))
 
 def dataset_params(name: str) -> list[str]:
     """The parameters dataset `name` takes (besides the tokenizer)."""
-    import inspect
-
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     own = [k for k, p in inspect.signature(DATASETS[name]).parameters.items()

@@ -131,15 +131,14 @@ def test_failed_turn_writes_off_the_rest_of_its_conversation(trace):
 
 def test_history_grows_turn_by_turn_in_the_chat_prompt():
     tok, history = build_byte_tokenizer(), History()
-    lengths = []
+    prompts = []
     for t in range(3):
-        ids = chat_prompt_token_ids(tok, history.ask(f"question {t}"))
-        lengths.append(len(ids))
+        prompts.append(chat_prompt_token_ids(tok, history.ask(f"question {t}")))
         history.answer(f"answer {t}")
-        if t:
-            assert ids[:previous_len] == previous  # the earlier prompt is a prefix of the later one
-        previous, previous_len = ids, len(ids)
-    assert lengths == sorted(lengths) and len(set(lengths)) == 3
+    for earlier, later in zip(prompts, prompts[1:]):
+        assert len(later) > len(earlier)
+        assert later[:len(earlier)] == earlier  # the earlier prompt is a prefix of the later one
+    assert [m["role"] for m in history.messages] == ["user", "assistant"] * 3
 
 
 def test_chat_prompt_matches_the_server_formatting():
