@@ -22,6 +22,7 @@ from engine import EngineConfig
 from engine.tokenizer import build_byte_tokenizer
 from harness.backends.base import ReplayOptions
 from harness.backends.engine import EngineBackend
+from harness.metrics import per_turn_stats
 from harness.replay import replay
 from harness.report import load_report, write_report
 from workloads.chat import History, chat_prompt_token_ids
@@ -115,6 +116,10 @@ def test_report_has_per_turn_columns_and_summary(engine_result, tmp_path):
     assert row["ttft_p50_ms_turn_0"] is not None and row[f"ttft_p50_ms_turn_{TURNS - 1}"] is not None
     assert row["mean_cached_tokens_later_turns"] > 0
     assert report.recompute_summary() == row
+    table = per_turn_stats(df)
+    assert table["turn"].tolist() == list(range(TURNS)) and (table["num"] == CONVERSATIONS).all()
+    assert table["mean_prompt_tokens"].is_monotonic_increasing
+    assert table["mean_cached_tokens"].iloc[0] == 0 < table["mean_cached_tokens"].iloc[-1]
 
 
 def test_failed_turn_writes_off_the_rest_of_its_conversation(trace):
