@@ -395,7 +395,8 @@ def _start_workers(n: int) -> ProcessPoolExecutor:
 
 def _failed(requests: list[TraceRequest], options: ReplayOptions, error: Exception) -> list[RequestRecord]:
     return [RequestRecord(r.request_id, r.arrival_s if options.timed else 0.0, prefix_group=r.prefix_group,
-                          conversation_id=r.conversation_id, turn=r.turn, status="error", error=f"client worker failed: {type(error).__name__}: {error}")
+                          conversation_id=r.conversation_id, turn=r.turn, status="error",
+                          error=f"client worker failed: {type(error).__name__}: {error}")
             for r in requests]
 
 
