@@ -4,6 +4,8 @@
     llmbench run --backend engine --model tiny --workload smoke --out reports/smoke
     llmbench run --backend static --trace workloads/traces/bench_tiny.jsonl --rate 4 \\
         --num-kv-blocks 64 --slo-ttft-ms 500 --out reports/static-r4
+    llmbench run --dataset sharegpt --dataset-path sg.json --param num_prompts=200 \\
+        --param multi_turn=true --dataset-tokenizer tiny
     llmbench sweep --backends engine,static --workload random --param num_prompts=32 \\
         --profile sweep --fractions 0.3,0.6,0.9 --out reports/sweep-random
     llmbench compare reports/a reports/b [--html out.html]
@@ -69,13 +71,20 @@ def positive_float(text: str) -> float:
 
 # ---- the parser ------------------------------------------------------------------------
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    from workloads.datasets import DATASETS
     from workloads.generators import GENERATORS
 
     g = p.add_argument_group("workload")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--workload", choices=list(GENERATORS), help="a generator (default: smoke)")
     src.add_argument("--trace", help="a .jsonl or .parquet trace file")
-    g.add_argument("--param", action="append", default=[], metavar="K=V", help="generator parameter, repeatable")
+    src.add_argument("--dataset", choices=list(DATASETS), help="a dataset source (workloads/datasets.py), "
+                     "sized with the model's tokenizer")
+    g.add_argument("--dataset-path", help="--dataset: the local file (hf: a file or glob)")
+    g.add_argument("--dataset-tokenizer", help="--dataset: a tokenizer/checkpoint dir or a preset name "
+                   "(default: the engine's --tokenizer, else the --model's)")
+    g.add_argument("--param", action="append", default=[], metavar="K=V",
+                   help="generator or dataset parameter, repeatable")
     g.add_argument("--rate", type=positive_float, help="requests/s (inf = offline); default: the "
                    "generator's own, or the trace's arrival_s")
     g.add_argument("--burstiness", type=positive_float, default=1.0, help="gamma shape; 1.0 = Poisson")

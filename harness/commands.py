@@ -17,6 +17,7 @@ from engine.config_args import UsageError, engine_kwargs, parse_pairs
 from harness.backends.base import ENGINE_BACKENDS
 from harness.metrics import Slos
 from harness.run import BACKENDS, RunSpec
+from workloads.chat import conversations
 from workloads.spec import WorkloadSpec
 from workloads.trace import load_trace
 
@@ -40,7 +41,17 @@ def workload_spec(ns: argparse.Namespace) -> WorkloadSpec:
     if ns.trace is not None:
         if params:
             raise UsageError("--param applies to generated workloads, not to --trace")
-        load_trace(ns.trace)  # fail now, with the file's row and field, not after loading a model
+        # Fail now, with the file's row and field (or a conversation's turns), not after loading a model.
+        conversations(load_trace(ns.trace))
+    if ns.dataset is None and (ns.dataset_path is not None or ns.dataset_tokenizer is not None):
+        raise UsageError("--dataset-path and --dataset-tokenizer go with --dataset")
+    if ns.dataset is not None:
+        # The engine's own --tokenizer (a directory) sizes the prompts too unless one is named.
+        tokenizer = ns.dataset_tokenizer or getattr(ns, "tokenizer", None)
+        spec = WorkloadSpec(dataset=ns.dataset, dataset_path=ns.dataset_path, tokenizer=tokenizer,
+                            params=params, rate=ns.rate, burstiness=ns.burstiness, seed=ns.seed)
+        spec.check()  # unknown or bad dataset parameters fail here, before any file is read
+        return spec
     kind = None if ns.trace is not None else (ns.workload or "smoke")
     spec = WorkloadSpec(kind=kind, params=params, trace=ns.trace, rate=ns.rate, burstiness=ns.burstiness,
                         seed=ns.seed)

@@ -10,6 +10,7 @@ Parquet round trip does, so a summary recomputed from the files is identical).
     request_latencies(requests) -> DataFrame     per-request ttft_s, ttft_sent_s, tpot_s, e2el_s
     inter_token_latencies(requests) -> ndarray   pooled gaps, seconds
     throughput(requests), goodput(requests, slos), kv_stats(steps), telemetry_stats(telemetry, n)
+    conversation_stats(requests), per_turn_stats(requests)     multi-turn chat workloads
     roofline_efficiency(bytes_moved, bandwidth_bytes_per_s, measured_s)
 
 Undefined figures (no successful requests, no steps, no NVML) are None, never 0 or NaN.
@@ -56,6 +57,11 @@ METRIC_DEFINITIONS: dict[str, str] = {
            "mean power (W, per GPU), mean SM clock; None when NVML was unavailable",
     "gpu_energy_j": "sum over GPUs of last - first total-energy counter reading",
     "joules_per_output_token": "gpu_energy_j / sum(output_tokens of ok requests)",
+    "conversations": "rows with a conversation_id are turns of multi-turn chats: num_conversations "
+                     "(distinct ids), mean_turns_per_conversation (turn rows / conversations), "
+                     "ttft_p50_ms_first_turn / _later_turns and ttft_p50_ms_turn_<k> (k < 8; ok "
+                     "rows; a later turn's scheduled_s is when the previous answer finished), "
+                     "mean_cached_tokens_later_turns (ok rows with turn >= 1); None without turns",
     "roofline_efficiency": "(roofline_bytes / roofline_bandwidth_bytes_per_s) / duration_s: "
                            "the bytes-must-move floor over measured time (bytes from the caller)",
 }
@@ -271,8 +277,55 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None,
     row.update(kv_stats(steps))
     row.update(telemetry_stats(telemetry, out_tokens))
     row.update(_roofline(row["duration_s"], roofline_bytes, bandwidth_bytes_per_s))
+    row.update(conversation_stats(requests))
     # One rule for undefined figures everywhere (e.g. NaN from rows with missing timestamps).
     return {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in row.items()}
+
+
+MAX_TURN_COLUMNS = 8  # ttft_p50_ms_turn_<k> for k below this (a sweep's columns stay few)
+
+
+def _turn_rows(requests: pd.DataFrame) -> pd.DataFrame:
+    if "conversation_id" not in requests.columns:  # a report written before conversations
+        return requests.iloc[0:0].assign(conversation_id=None, turn=None)
+    return requests[requests["conversation_id"].notna()]
+
+
+def per_turn_stats(requests: pd.DataFrame) -> pd.DataFrame:
+    """Per turn index of multi-turn chats: rows, ok rows, p50 TTFT (ms), mean prompt and cached
+    tokens of the ok rows."""
+    turns = _turn_rows(requests)
+    ok = ok_requests(turns)
+    ttft_ms = (ok["first_token_s"] - ok["scheduled_s"]) * 1000.0
+    grouped = ok.assign(ttft_ms=ttft_ms, turn=ok["turn"].astype(int)).groupby("turn")
+    table = pd.DataFrame({"num_ok": grouped.size(), "p50_ttft_ms": grouped["ttft_ms"].median(),
+                          "mean_prompt_tokens": grouped["prompt_tokens"].mean(),
+                          "mean_cached_tokens": grouped["cached_tokens"].mean()})
+    table.insert(0, "num", turns.assign(turn=turns["turn"].astype(int)).groupby("turn").size())
+    return table.rename_axis("turn").reset_index()
+
+
+def conversation_stats(requests: pd.DataFrame) -> dict[str, float | int | None]:
+    """The summary's multi-turn figures (METRIC_DEFINITIONS["conversations"])."""
+    turns = _turn_rows(requests)
+    n = int(turns["conversation_id"].nunique())
+    ok = ok_requests(turns)
+    ttft_ms = (ok["first_token_s"] - ok["scheduled_s"]) * 1000.0
+    turn = ok["turn"].astype(int)
+    later = turn >= 1
+
+    def p50(mask: pd.Series) -> float | None:
+        values = ttft_ms[mask].dropna()
+        return float(values.median()) if len(values) else None
+
+    row: dict[str, float | int | None] = {
+        "num_conversations": n, "mean_turns_per_conversation": len(turns) / n if n else None,
+        "ttft_p50_ms_first_turn": p50(turn == 0), "ttft_p50_ms_later_turns": p50(later),
+        "mean_cached_tokens_later_turns": float(ok["cached_tokens"][later].mean()) if later.any() else None,
+    }
+    for k in sorted(set(turn) & set(range(MAX_TURN_COLUMNS))):
+        row[f"ttft_p50_ms_turn_{k}"] = p50(turn == k)
+    return row
 
 
 def slos_from_summary(row: dict) -> Slos:

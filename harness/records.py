@@ -26,6 +26,8 @@ class RequestRecord:
     error: str | None = None
     finish_reason: str | None = None
     prefix_group: str | None = None
+    conversation_id: str | None = None  # multi-turn chat: the conversation and this turn's index
+    turn: int | None = None
 
 
 @dataclass

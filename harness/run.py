@@ -116,6 +116,30 @@ def model_vocab_size(model: str) -> int | None:
         return None
 
 
+def workload_tokenizer(workload: WorkloadSpec, model: str) -> Any:
+    """The tokenizer a dataset workload sizes its prompts with (None for other workloads):
+    workload.tokenizer, else the model's; a preset name gives the presets' byte tokenizer."""
+    if workload.dataset is None:
+        return None
+    from engine.config import PRESETS
+    from engine.tokenizer import build_byte_tokenizer
+
+    name = workload.tokenizer or model
+    if name in PRESETS:
+        return build_byte_tokenizer()
+    if not Path(name).is_dir():
+        raise ValueError(f"tokenizer {name!r} is neither a preset ({', '.join(PRESETS)}) nor a local "
+                         "directory: pass --tokenizer DIR")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def build_workload(workload: WorkloadSpec, model: str) -> list[TraceRequest]:
+    """The workload's requests for this model (its vocabulary, or its tokenizer for datasets)."""
+    return workload.build(model_vocab_size(model), tokenizer=workload_tokenizer(workload, model))
+
+
 # ---- one run -------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class RunSettings:
@@ -161,7 +185,7 @@ def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None =
     out_dir, close the backend; returns the summary row. A `backend` passed in is used as is
     and left open (a sweep reusing one backend across its points)."""
     if requests is None:
-        requests = spec.workload.build(model_vocab_size(spec.model))
+        requests = build_workload(spec.workload, spec.model)
     owned = backend is None
     if owned:
         backend = make_backend(spec.backend, spec.model, spec.engine_args, **spec.backend_args)

@@ -54,7 +54,7 @@ from harness.loadtest import (
     wait_healthy,
 )
 from harness.report import append_sweep_summary, write_report
-from harness.run import RunSpec, make_backend, model_vocab_size, run_once
+from harness.run import RunSpec, build_workload, make_backend, run_once
 from workloads.generators import GENERATORS
 from workloads.spec import WorkloadSpec
 
@@ -156,15 +156,15 @@ def _run_dir(out: Path, workload: WorkloadSpec, side: str, i: int, repeat: int) 
     return out / (f"{workload.name}-{side}" if repeat == 1 else f"{workload.name}-{side}-{i + 1}")
 
 
-def request_sets(workload: WorkloadSpec, vocab_size: int | None, repeat: int) -> list[list]:
+def request_sets(workload: WorkloadSpec, model: str, repeat: int) -> list[list]:
     """The requests of each repeat, the same on both sides. A generated workload gets a new seed
     per repeat (seed, seed + 1, ...), so no run hits the prefix blocks an earlier run left in
     the server's cache (the server's cache cannot be reset from here); a trace is replayed as
     is, and its later repeats may hit them, on both sides alike."""
     if workload.kind is None or "seed" not in inspect.signature(GENERATORS[workload.kind]).parameters:
-        return [workload.build(vocab_size)] * repeat
+        return [build_workload(workload, model)] * repeat
     base = workload.params.get("seed", 0)
-    return [dataclasses.replace(workload, params={**workload.params, "seed": base + i}).build(vocab_size)
+    return [build_workload(dataclasses.replace(workload, params={**workload.params, "seed": base + i}), model)
             for i in range(repeat)]
 
 
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     workload, engine_args = _check(parser, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    requests = request_sets(workload, model_vocab_size(args.model), args.repeat)
+    requests = request_sets(workload, args.model, args.repeat)
     with sigterm_as_exit():
         try:
             served, facts = run_served(args, workload, requests, engine_args, out)

@@ -32,6 +32,7 @@ from harness.run import (
     make_backend,
     model_vocab_size,
     run_once,
+    workload_tokenizer,
 )
 
 
@@ -66,13 +67,13 @@ class SweepSpec(RunSettings):
 def run_sweep(spec: SweepSpec, out_dir: str | Path, console: Console | None = None) -> pd.DataFrame:
     """Run every (point, backend); returns sweep.parquet as a DataFrame (all rows in it)."""
     out_dir, console = Path(out_dir), console or Console(stderr=True)
-    vocab = model_vocab_size(spec.model)
+    vocab, tokenizer = model_vocab_size(spec.model), workload_tokenizer(spec.workload, spec.model)
     profile = make_profile(spec.profile, **spec.profile_params)
     point = next(profile)
     kept: dict[str, Any] = {}  # backend name -> a backend reused across points
     try:
         while True:
-            requests = spec.workload.with_rate(point.rate).build(vocab)
+            requests = spec.workload.with_rate(point.rate).build(vocab, tokenizer=tokenizer)
             summaries = _run_point(spec, point, requests, out_dir, console, kept)
             try:
                 point = profile.send(summaries[0])  # the reference backend's summary steers the profile

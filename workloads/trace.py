@@ -8,6 +8,9 @@ Row fields (JSON keys / Parquet columns):
     max_tokens        int >= 1 (required)
     prefix_group      str, optional: requests sharing a prompt prefix
     request_id        str, optional, unique within the trace
+    conversation_id   str, optional: the row is one turn of a multi-turn chat (text prompt:
+                      the user's message; the backend sends it with the conversation so far)
+    turn              int >= 0, with conversation_id: the turn's index (0, 1, 2 ... per conversation)
     temperature, top_k, top_p, seed, min_tokens, ignore_eos, stop: optional sampling fields,
                       passed to the engine's SamplingParams when present
 
@@ -54,6 +57,8 @@ TRACE_SCHEMA = pa.schema(
         ("min_tokens", pa.int64()),
         ("ignore_eos", pa.bool_()),
         ("stop", pa.list_(pa.string())),
+        ("conversation_id", pa.string()),
+        ("turn", pa.int64()),
     ]
 )
 
@@ -83,6 +88,8 @@ class TraceRequest:
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop: list[str] | None = None
+    conversation_id: str | None = None
+    turn: int | None = None
 
     @property
     def prompt_input(self) -> str | list[int]:
@@ -134,6 +141,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "min_tokens": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "ignore_eos": (lambda v: isinstance(v, bool), "a bool"),
     "stop": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a string or list of strings"),
+    "conversation_id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "turn": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
 }
 
 
@@ -146,7 +155,8 @@ def validate_row(row: Any, path: str | Path, row_no: int) -> TraceRequest:
         values["stop"] = [values["stop"]]
     for key in values:
         if key not in _CHECKS:
-            raise TraceError(path, f"unknown field; allowed: {', '.join(_FIELD_NAMES)}", row_no, key)
+            hint = " (a ShareGPT file is a dataset: --dataset sharegpt)" if "conversations" in values else ""
+            raise TraceError(path, f"unknown field{hint}; allowed: {', '.join(_FIELD_NAMES)}", row_no, key)
     for key in ("arrival_s", "max_tokens"):
         if key not in values:
             raise TraceError(path, "missing required field", row_no, key)
@@ -158,6 +168,11 @@ def validate_row(row: Any, path: str | Path, row_no: int) -> TraceRequest:
         which = "both" if "prompt" in values else "neither"
         raise TraceError(path, f"exactly one of prompt / prompt_token_ids is required, got {which}",
                          row_no, "prompt")
+    if ("conversation_id" in values) != ("turn" in values):
+        raise TraceError(path, "conversation_id and turn go together", row_no,
+                         "turn" if "conversation_id" in values else "conversation_id")
+    if "conversation_id" in values and "prompt" not in values:
+        raise TraceError(path, "a conversation turn needs a text prompt (its user message)", row_no, "prompt")
     values["arrival_s"] = float(values["arrival_s"])
     for key in ("temperature", "top_p"):
         if key in values:

@@ -20,10 +20,18 @@ The engine is driven step by step in the calling thread (it is not thread-safe):
   records which.
 
 With nothing in flight the loop sleeps until the next arrival instead of spinning.
+
+Multi-turn conversations (trace rows with conversation_id and turn, workloads/chat.py): turn k
+is due when turn k-1 has finished (and not before its own arrival_s; its ``scheduled_s`` is that
+moment); its prompt is the conversation so far, built with workloads.chat.chat_prompt_token_ids
+(the server's chat formatting), with the model's streamed answers as the assistant turns. Those
+requests are always detokenized (the answer text is the next turn's history). When a turn
+fails, the conversation's later turns become error rows without being sent.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from collections import deque
@@ -35,6 +43,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.outputs import RequestDelta, StepStats
 from harness.backends.base import ENGINE_BACKENDS, ReplayOptions, RunResult
 from harness.records import RequestRecord, StepRecord
+from workloads.chat import History, chat_prompt_token_ids, conversations
 from workloads.trace import TraceRequest
 
 # A stalled engine (unfinished requests but nothing scheduled) would loop forever; after this
@@ -96,10 +105,18 @@ class _EngineRun:
                  detokenize: bool = True):
         self.engine, self.t0, self.options, self.detokenize = engine, t0, options, detokenize
         self.records = {r.request_id: RequestRecord(r.request_id, r.arrival_s if options.timed else 0.0,
-                                                    prefix_group=r.prefix_group) for r in requests}
+                                                    prefix_group=r.prefix_group, conversation_id=r.conversation_id,
+                                                    turn=r.turn) for r in requests}
         self.order = [r.request_id for r in requests]
+        # Later turns wait for the previous answer: only first turns (and plain requests) start queued.
+        self.next_turns = {r.request_id: turns[i + 1] for turns in conversations(requests).values()
+                           for i, r in enumerate(turns[:-1])}
+        self.histories: dict[str, History] = {}
+        self.answers: dict[str, list[str]] = {}  # a conversation turn's streamed text so far
+        follow_ups = set(t.request_id for t in self.next_turns.values())
         # Trace order is arrival order (load_trace sorts); offline every request is due at t=0.
-        self.pending = deque(sorted(requests, key=lambda r: self.records[r.request_id].scheduled_s))
+        self.pending = deque(sorted((r for r in requests if r.request_id not in follow_ups),
+                                    key=lambda r: self.records[r.request_id].scheduled_s))
         self.in_flight: set[str] = set()
         self.steps: list[StepRecord] = []
         bm = engine.block_manager
@@ -138,16 +155,43 @@ class _EngineRun:
 
     def _add(self, req: TraceRequest) -> None:
         rec = self.records[req.request_id]
+        prompt = req.prompt_input
+        if req.conversation_id is not None:  # the conversation so far, as the chat endpoint builds it
+            history = self.histories.setdefault(req.conversation_id, History())
+            prompt = chat_prompt_token_ids(self.engine.tokenizer, history.ask(req.prompt))
+            self.answers[req.request_id] = []
         try:
-            self.engine.add_request(req.request_id, req.prompt_input, _sampling_params(req, self.detokenize))
+            self.engine.add_request(req.request_id, prompt, _sampling_params(req, self.detokenize))
         except ValueError as e:
             rec.sent_s = rec.finished_s = self.now()
             rec.status, rec.error = "error", str(e)
-            rec.prompt_tokens = len(req.prompt_token_ids or [])
+            rec.prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
             self.bar.update(1)
+            self._end_turn(req.request_id)
             return
         rec.sent_s = self.now()
         self.in_flight.add(req.request_id)
+
+    def _end_turn(self, rid: str) -> None:
+        """A conversation turn is over: queue the next turn (due now, or at its arrival), or,
+        when this one failed, write the rest of the conversation off as errors."""
+        nxt = self.next_turns.get(rid)
+        text = "".join(self.answers.pop(rid, []))
+        if nxt is None:
+            return
+        rec, now = self.records[rid], self.now()
+        if rec.status == "ok":
+            self.histories[nxt.conversation_id].answer(text)
+            due = self.records[nxt.request_id]
+            due.scheduled_s = max(due.scheduled_s, now)
+            bisect.insort(self.pending, nxt, key=lambda r: self.records[r.request_id].scheduled_s)
+            return
+        while nxt is not None:
+            later = self.records[nxt.request_id]
+            later.scheduled_s = later.sent_s = later.finished_s = max(later.scheduled_s, now)
+            later.status, later.error = "error", f"not sent: turn {rec.turn} of the conversation failed"
+            self.bar.update(1)
+            nxt = self.next_turns.get(nxt.request_id)
 
     def _sleep_until_next_arrival(self) -> None:
         if self.pending:
@@ -158,6 +202,8 @@ class _EngineRun:
     def _apply(self, d: RequestDelta, t: float) -> None:
         rec = self.records[d.request_id]
         rec.prompt_tokens, rec.cached_tokens = d.num_prompt_tokens, d.num_cached_tokens
+        if d.request_id in self.answers:
+            self.answers[d.request_id].append(d.new_text)
         if d.new_token_ids:
             rec.first_token_s = t if rec.first_token_s is None else rec.first_token_s
             rec.token_times_s.extend([t] * len(d.new_token_ids))
@@ -168,6 +214,7 @@ class _EngineRun:
                 rec.status = "aborted" if d.finish_reason == "abort" else "ok"
             self.in_flight.discard(d.request_id)
             self.bar.update(1)
+            self._end_turn(d.request_id)
 
     def _record_step(self, s: StepStats) -> None:
         stats = s.counts()  # StepStats also carries host timings, which StepRecord does not
@@ -185,5 +232,7 @@ class _EngineRun:
 
 def _sampling_params(req: TraceRequest, detokenize: bool = True) -> SamplingParams:
     # The text itself is dropped, but producing it is part of serving: timed unless turned off
-    # (the engine detokenizes requests with stop strings either way).
+    # (the engine detokenizes requests with stop strings either way). A conversation turn's
+    # text is the next turn's history, so it is always produced.
+    detokenize = detokenize or req.conversation_id is not None
     return SamplingParams(**{"detokenize": detokenize, **req.sampling_kwargs()})

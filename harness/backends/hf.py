@@ -121,6 +121,8 @@ class HFBackend:
 
     # ---- the replay loop ---------------------------------------------------------------
     def run(self, requests: list[TraceRequest], t0: float, options: ReplayOptions) -> RunResult:
+        if any(r.conversation_id is not None for r in requests):  # static batches cannot wait for answers
+            raise ValueError("the hf backend does not replay multi-turn conversations; use engine, static or openai")
         now = lambda: time.perf_counter() - t0
         records = {r.request_id: RequestRecord(r.request_id, r.arrival_s if options.timed else 0.0,
                                                prefix_group=r.prefix_group) for r in requests}

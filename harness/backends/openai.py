@@ -22,6 +22,14 @@ client's perf_counter clock relative to t0:
 - ``prompt_tokens``/``output_tokens``/``cached_tokens``: from the final ``usage`` chunk
   (``stream_options.include_usage`` is always requested), else counted from chunks.
 
+Multi-turn conversations (trace rows with conversation_id and turn, workloads/chat.py) always go
+to ``/chat/completions``, whatever ``endpoint`` says: turn k is sent once turn k-1's stream has
+ended (and not before its own arrival_s; its ``scheduled_s`` is that moment), with ``messages``
+holding every earlier user message and, as the assistant's turns, the text the server streamed
+back. Those streams are JSON-decoded in full to collect that text. A failed turn ends its
+conversation: the later turns become error rows without being sent. With workers, a
+conversation stays in one worker.
+
 Failures never raise: an HTTP error, a refused connection, an in-stream error event or a
 stream that ends without a finish_reason gives that request status "error" with the text.
 Sampling fields outside the OpenAI API (top_k, min_tokens, ignore_eos) are sent only when the
@@ -58,7 +66,8 @@ from tqdm.auto import tqdm
 from harness.backends.base import ReplayOptions, RunResult
 from harness.backends.http1 import ConnectionPool
 from harness.records import RequestRecord
-from harness.sse import EventReader, StreamError, StreamState
+from harness.sse import DONE, EventReader, StreamError, StreamState
+from workloads.chat import History, conversations
 from workloads.trace import TraceRequest, with_request_ids
 
 ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
@@ -125,7 +134,8 @@ class OpenAIBackend:
         else:
             records = [
                 RequestRecord(
-                    r.request_id, r.arrival_s if options.timed else 0.0, prefix_group=r.prefix_group
+                    r.request_id, r.arrival_s if options.timed else 0.0, prefix_group=r.prefix_group,
+                    conversation_id=r.conversation_id, turn=r.turn,
                 )
                 for r in requests
             ]
@@ -164,7 +174,8 @@ class OpenAIBackend:
         cap = options.max_concurrency
         if cap is not None:
             n = min(n, cap)  # every worker needs at least one slot
-        shares = [requests[i::n] for i in range(n)]
+        units = _units(requests)  # a conversation's turns stay together
+        shares = [[r for unit in units[i::n] for r in unit] for i in range(n)]
         caps = [None if cap is None else cap // n + (i < cap % n) for i in range(n)]
         t0_epoch = t0 + _epoch_offset()
         futures = [
@@ -209,9 +220,26 @@ class OpenAIBackend:
             await self._one(pool, req, rec, t0, options.timed, slots)
             bar.update(1)
 
+        async def conversation(turns: list[TraceRequest]) -> None:
+            history = History()
+            for i, req in enumerate(turns):
+                rec = by_id[req.request_id]
+                if i > 0:  # due once the previous answer is in (and not before its own arrival)
+                    rec.scheduled_s = max(rec.scheduled_s, time.perf_counter() - t0)
+                text = await self._one(pool, req, rec, t0, options.timed, slots, history)
+                bar.update(1)
+                if rec.status != "ok":
+                    _write_off(turns[i + 1:], by_id, rec, time.perf_counter() - t0)
+                    bar.update(len(turns) - i - 1)
+                    return
+                history.answer(text)
+
+        by_id = {rec.request_id: rec for rec in records}
+        convs = conversations(requests)
+        plain = [one(r, rec) for r, rec in zip(requests, records) if r.conversation_id is None]
         try:
             with bar:
-                await asyncio.gather(*(one(r, rec) for r, rec in zip(requests, records)))
+                await asyncio.gather(*plain, *(conversation(turns) for turns in convs.values()))
         finally:
             await pool.close()
 
@@ -223,20 +251,30 @@ class OpenAIBackend:
         t0: float,
         timed: bool,
         slots: asyncio.Semaphore | None,
-    ) -> None:
+        history: History | None = None,
+    ) -> str:
+        """Send one request and record it; returns the streamed text of a conversation turn."""
         if timed:
             await asyncio.sleep(max(0.0, t0 + rec.scheduled_s - time.perf_counter()))
         slot: AbstractAsyncContextManager[Any] = slots if slots is not None else nullcontext()
         async with slot:
             rec.sent_s = time.perf_counter() - t0
-            state = StreamState()
+            state = _ChatTextState() if history is not None else StreamState()
             try:
-                await self._stream(pool, self._body(req), rec, state, t0)
+                body, path = (self._body(req), self._path) if history is None else self._turn_body(req, history)
+                await self._stream(pool, body, rec, state, t0, path)
             except Exception as e:  # never lose a request: any failure becomes its error row
                 rec.status, rec.error = "error", f"{type(e).__name__}: {e}"
                 _take_counts(rec, state)  # what arrived before the failure still happened
             if rec.finished_s is None:
                 rec.finished_s = time.perf_counter() - t0
+        return "".join(state.parts) if isinstance(state, _ChatTextState) else ""
+
+    def _turn_body(self, req: TraceRequest, history: History) -> tuple[dict[str, Any], str]:
+        """A conversation turn: the chat endpoint, with the conversation so far."""
+        body = {"model": self.model, **req.sampling_kwargs(), "messages": history.ask(req.prompt),
+                "stream": True, "stream_options": {"include_usage": True}}
+        return body, urlsplit(self.base_url + ENDPOINTS["chat"]).path
 
     def _body(self, req: TraceRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -264,9 +302,11 @@ class OpenAIBackend:
         rec: RequestRecord,
         state: StreamState,
         t0: float,
+        path: str | None = None,
     ) -> None:
         reader = EventReader(state, t0)
-        resp = await pool.request("POST", self._path, json.dumps(body).encode(), self._headers, reader.feed)
+        resp = await pool.request("POST", path or self._path, json.dumps(body).encode(), self._headers,
+                                  reader.feed)
         if resp.status != 200:
             rec.finished_s = time.perf_counter() - t0
             rec.status, rec.error = "error", _error_text(resp.status, resp.body)
@@ -275,6 +315,52 @@ class OpenAIBackend:
         reader.close(time.perf_counter())
         rec.finished_s = reader.done_at if reader.done_at is not None else time.perf_counter() - t0
         self._mismatches += _finish(rec, state)
+
+
+class _ChatTextState(StreamState):
+    """A StreamState that also keeps the chat text (``delta.content``) the stream carried."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+
+    def on_data(self, data: bytes, t: float) -> bool:
+        if data.strip() != DONE:
+            try:
+                event = json.loads(data)
+            except ValueError:
+                event = None  # StreamState raises for it
+            for choice in (event.get("choices") or ()) if isinstance(event, dict) else ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                    self.parts.append(delta["content"])
+        return super().on_data(data, t)
+
+
+def _units(requests: list[TraceRequest]) -> list[list[TraceRequest]]:
+    """Requests as units of work: a plain request alone, a conversation's turns together."""
+    units: list[list[TraceRequest]] = []
+    by_conv: dict[str, list[TraceRequest]] = {}
+    for r in requests:
+        if r.conversation_id is None:
+            units.append([r])
+        elif r.conversation_id not in by_conv:
+            by_conv[r.conversation_id] = [r]
+            units.append(by_conv[r.conversation_id])
+        else:
+            by_conv[r.conversation_id].append(r)
+    return units
+
+
+def _write_off(turns: list[TraceRequest], by_id: dict[str, RequestRecord], failed: RequestRecord,
+               now: float) -> None:
+    """The turns after a failed one: error rows, never sent."""
+    for req in turns:
+        rec = by_id[req.request_id]
+        rec.scheduled_s = rec.sent_s = rec.finished_s = max(rec.scheduled_s, now)
+        rec.status, rec.error = "error", f"not sent: turn {failed.turn} of the conversation failed"
 
 
 def _take_counts(rec: RequestRecord, state: StreamState) -> int:
@@ -309,7 +395,8 @@ def _start_workers(n: int) -> ProcessPoolExecutor:
 
 def _failed(requests: list[TraceRequest], options: ReplayOptions, error: Exception) -> list[RequestRecord]:
     return [RequestRecord(r.request_id, r.arrival_s if options.timed else 0.0, prefix_group=r.prefix_group,
-                          status="error", error=f"client worker failed: {type(error).__name__}: {error}")
+                          conversation_id=r.conversation_id, turn=r.turn, status="error",
+                          error=f"client worker failed: {type(error).__name__}: {error}")
             for r in requests]
 
 

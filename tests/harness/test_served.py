@@ -26,7 +26,7 @@ def test_repeats_of_a_generator_get_their_own_seeds():
     from harness.served import request_sets
     from workloads.spec import WorkloadSpec
 
-    sets = request_sets(WorkloadSpec(kind="bench", params={"num_seqs": 3, "seed": 5}), 512, 3)
+    sets = request_sets(WorkloadSpec(kind="bench", params={"num_seqs": 3, "seed": 5}), "tiny", 3)
     prompts = [[r.prompt_token_ids for r in one] for one in sets]
     assert prompts[0] == [r.prompt_token_ids for r in WorkloadSpec(kind="bench", params={"num_seqs": 3, "seed": 5}).build(512)]
     assert prompts[0] != prompts[1] != prompts[2]
