@@ -101,3 +101,89 @@ def test_calls_after_shutdown_raise():
     with pytest.raises(RuntimeError, match="shut down"):
         engine.step()
     engine.shutdown()  # idempotent
+
+
+# ---- broken checkpoints --------------------------------------------------------------------
+CPU = dict(device="cpu", dtype="float32", block_size=16, max_model_len=64, num_kv_blocks=16)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory) -> str:
+    return build_checkpoint("qwen3", str(tmp_path_factory.mktemp("ckpt") / "qwen3"))
+
+
+@pytest.fixture
+def broken(good_checkpoint, tmp_path) -> str:
+    """A copy of the good checkpoint to break."""
+    return shutil.copytree(good_checkpoint, tmp_path / "broken")
+
+
+def _weights(path) -> str:
+    (file,) = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")]
+    return file
+
+
+def test_checkpoint_without_tokenizer_says_so_and_runs_on_token_ids(broken):
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(broken, name)):
+            os.remove(os.path.join(broken, name))
+    with pytest.raises(ValueError, match=r"no tokenizer files .*tokenizer=.*skip_tokenizer_init=True") as e:
+        LLMEngine(EngineConfig(model=str(broken), **CPU))
+    assert str(broken) in str(e.value)
+    llm = LLM(str(broken), skip_tokenizer_init=True, **CPU)
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].text == ""
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        llm.generate("hello", use_tqdm=False)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        llm.generate([[1, 2]], SamplingParams(stop=["x"]), use_tqdm=False)
+    with pytest.raises(ValueError, match="exclude each other"):
+        EngineConfig(model=str(broken), skip_tokenizer_init=True, tokenizer=str(broken))
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("model.layers.1.self_attn.k_proj.weight", (64, 64)),  # fewer rows: the shard loader's narrow fails
+    ("model.layers.0.mlp.up_proj.weight", (256, 64)),  # more rows: a narrow would load a slice silently
+    ("model.norm.weight", (32,)),
+])
+def test_wrong_shaped_tensor_names_file_tensor_and_shapes(broken, name, shape):
+    file = _weights(broken)
+    tensors = load_file(file)
+    want = tuple(tensors[name].shape)
+    tensors[name] = torch.zeros(shape)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        LLMEngine(EngineConfig(model=str(broken), **CPU))
+    msg = str(e.value)
+    assert file in msg and repr(name) in msg and f"has shape {shape}" in msg and f"expected {want}" in msg
+
+
+def test_truncated_safetensors_file_is_named(broken):
+    file = _weights(broken)
+    size = os.path.getsize(file)
+    with open(file, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ValueError, match="truncated or corrupt") as e:
+        LLMEngine(EngineConfig(model=str(broken), **CPU))
+    assert file in str(e.value)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda cfg: cfg.pop("hidden_size"), "lacks the field 'hidden_size'"),
+    (lambda cfg: cfg.update(num_key_value_heads=0), "num_key_value_heads must be an integer >= 1"),
+    (lambda cfg: cfg.update(num_attention_heads="4"), "num_attention_heads must be an integer"),
+])
+def test_bad_config_json_is_named(broken, edit, match):
+    path = os.path.join(broken, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    edit(cfg)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(model=str(broken), **CPU)
+    with open(path, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="config.json: cannot be read as JSON"):
+        EngineConfig(model=str(broken), **CPU)
