@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import threading
 import warnings
 from dataclasses import dataclass, replace
@@ -259,9 +260,23 @@ def backend_for(device: torch.device) -> str:
 
 
 def open_store(world_size: int, timeout_s: float, host: str = "127.0.0.1") -> dist.TCPStore:
-    """The driver's rendezvous store on a port the OS picks (read it back from `.port`)."""
-    return dist.TCPStore(host, 0, world_size, is_master=True,
-                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    """The driver's rendezvous store on a port the OS picks (read it back from `.port`),
+    listening on `host` only. torch's TCPStore binds every interface when it makes its own
+    socket (whatever the host), so it gets one already bound here. The store has no
+    authentication: on loopback only processes of this host can reach it."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(address)
+        sock.listen(max(world_size, 16))
+        store = dist.TCPStore(host, sock.getsockname()[1], world_size, is_master=True,
+                              timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                              master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store's server owns the descriptor now and closes it
+    return store
 
 
 def init_tensor_parallel(rdzv: Rendezvous, rank: int, store: dist.Store | None = None) -> TensorParallel:
