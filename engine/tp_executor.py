@@ -25,13 +25,13 @@ Launch: single host by default (spawned workers, rendezvous on a TCPStore at a f
 rank is a torchrun process running the same script: rank 0 drives, the other ranks serve it
 from inside `LLM(...)` and exit when it shuts down.
 
-Exposure: the spawned launch's store listens on loopback only (`Rendezvous.store_host`) and
-its control channel is a pipe, so nothing listens beyond this host. Under torchrun the control
-listener binds the one address the other ranks reach rank 0 at (loopback with --standalone),
-and authenticates them with ENGINE_TP_AUTHKEY / ENGINE_TP_AUTHKEY_FILE when set (never sent),
-else with a random key sent over the process group (`tp_worker.control_authkey`). The
-collectives' own sockets (gloo, NCCL's bootstrap) follow torch's and NCCL's interface choice:
-GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME pin them (e.g. to "lo" on one host).
+Exposure: in the spawned launch the rendezvous store and gloo listen on loopback only
+(`Rendezvous.store_host`, `distributed.gloo_interface`; a user's `dist_init_method` or
+GLOO_SOCKET_IFNAME wins) and the control channel is a pipe. NCCL's bootstrap (GPUs) follows
+NCCL_SOCKET_IFNAME ("lo" keeps it on loopback). Under torchrun the control listener binds the
+one address the other ranks reach rank 0 at (loopback with --standalone) and authenticates them
+with ENGINE_TP_AUTHKEY / ENGINE_TP_AUTHKEY_FILE when set (never sent), else with a random key
+sent over the process group (`tp_worker.control_authkey`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection, Listener
 from typing import Any, NoReturn, TypeVar
 
@@ -118,11 +119,10 @@ class MultiprocExecutor:
             self.config = self.config.with_overrides(disable_custom_all_reduce=True)
         store = None
         rdzv = Rendezvous(self.size, backend_for(self.config.device_for_rank()), self.timeout_s,
-                          init_method=self.config.dist_init_method)
+                          init_method=self.config.dist_init_method, single_host=True)
         if rdzv.init_method is None:
             store = open_store(self.size, self.timeout_s, rdzv.store_host)
-            rdzv = Rendezvous(self.size, rdzv.backend, self.timeout_s, store_host=rdzv.store_host,
-                              store_port=store.port)
+            rdzv = replace(rdzv, store_port=store.port)
         ctx = mp.get_context("spawn")
         for rank in range(1, self.size):
             ours, theirs = ctx.Pipe()

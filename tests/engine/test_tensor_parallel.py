@@ -371,6 +371,21 @@ def test_store_binds_the_host_it_is_given():
         assert [a.ip for a in listening] == [host]
 
 
+def test_gloo_interface_is_set_for_the_group_creation_only(monkeypatch):
+    from engine.distributed import GLOO_IFNAME_ENV, gloo_interface, loopback_interface
+
+    monkeypatch.delenv(GLOO_IFNAME_ENV, raising=False)
+    lo = loopback_interface()
+    assert lo in ("lo", "lo0")
+    with gloo_interface(lo):
+        assert os.environ[GLOO_IFNAME_ENV] == lo
+    assert GLOO_IFNAME_ENV not in os.environ
+    monkeypatch.setenv(GLOO_IFNAME_ENV, "eth7")  # the user's choice wins
+    with gloo_interface(lo):
+        assert os.environ[GLOO_IFNAME_ENV] == "eth7"
+    assert os.environ[GLOO_IFNAME_ENV] == "eth7"
+
+
 def test_torchrun_control_key_from_the_environment(tmp_path, monkeypatch):
     from engine.tp_worker import AUTHKEY_ENV, AUTHKEY_FILE_ENV, control_authkey
 
