@@ -10,7 +10,6 @@ from typing import Any
 
 from engine.models import ARCHITECTURES, FAMILIES
 
-
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads")
 

@@ -206,8 +206,8 @@ BAD_ROWS = [
     ('{"arrival_s": 0, "prompt": "\\ud800", "max_tokens": 1}', "prompt", "valid Unicode"),
     ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": ["\\udfff"]}', "stop", "valid Unicode"),
     ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": [""]}', "stop", "non-empty"),
-    ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": ["%s"]}' % ("x" * 257), "stop", "256 characters"),
-    ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": %s}' % json.dumps(["x"] * 65), "stop", "at most 64"),
+    (json.dumps({"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": ["x" * 257]}), "stop", "256 characters"),
+    (json.dumps({"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": ["x"] * 65}), "stop", "at most 64"),
     ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "seed": 100000000000000000000}', "seed", "int"),
 ]
 
