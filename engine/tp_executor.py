@@ -267,10 +267,12 @@ def unguarded_main_call() -> str | None:
     the call is guarded or there is no script file (python -c, a notebook)."""
     main = sys.modules.get("__main__")
     file = getattr(main, "__file__", None)
+    if not file:
+        return None
     frame = sys._getframe(1)
     while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)):
         frame = frame.f_back
-    if not file or frame is None:
+    if frame is None:  # not called from the script's top level (a thread, an interactive session)
         return None
     try:
         with open(file, encoding="utf-8") as f:
@@ -279,8 +281,9 @@ def unguarded_main_call() -> str | None:
         return None
     line = frame.f_lineno
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and _is_main_test(node.test) and node.body[0].lineno <= line <= node.body[-1].end_lineno:
-            return None
+        if isinstance(node, ast.If) and _is_main_test(node.test):
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or line):
+                return None
     return f"{file}:{line}"
 
 
