@@ -96,6 +96,27 @@ def test_unusable_prompts_are_value_errors(llm, prompts, match):
     assert len(out[0].outputs[0].token_ids) == 2
 
 
+PROMPTS = st.one_of(
+    SURROGATE_TEXT, st.text(max_size=80), st.none(), st.integers(), st.floats(),
+    st.lists(st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.booleans(), st.floats(), st.text()),
+             max_size=8),
+    st.lists(st.integers(min_value=0, max_value=511), max_size=80), st.tuples(st.integers(0, 600)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(prompt=PROMPTS)
+def test_arbitrary_prompts_raise_only_value_errors(llm, prompt):
+    engine = llm.engine
+    try:
+        rid = engine.add_request(None, prompt, SamplingParams(max_tokens=1))
+    except ValueError:
+        return
+    assert engine.abort_request(rid)
+    engine.step()  # drains the abort
+
+
 def test_calls_after_shutdown_raise():
     engine = LLMEngine(EngineConfig(model="tiny", max_model_len=64, num_kv_blocks=16, block_size=4))
     llm = LLM.__new__(LLM)
