@@ -76,7 +76,8 @@ class EngineConfig:
     all_reduce_norm_fusion: str = "push"
     dist_init_method: str | None = None  # None: a free localhost port chosen at start
     dist_timeout_s: float = 600.0  # TP: bounds start-up (loading, profiling), each step and each collective
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # None: the checkpoint's own (presets: a byte-level tokenizer)
+    skip_tokenizer_init: bool = False  # no tokenizer (vLLM's name): token-id prompts only, no stop strings or text
     # Resolved in __post_init__ (never passed in; dataclasses.replace resolves them again)
     model_config: ModelConfig = field(init=False, repr=False)
     load_format: str = field(init=False)  # see LOAD_FORMATS
@@ -95,6 +96,10 @@ class EngineConfig:
         _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
+        if not isinstance(self.skip_tokenizer_init, bool):
+            raise ValueError(f"skip_tokenizer_init must be a bool, got {self.skip_tokenizer_init!r}")
+        if self.skip_tokenizer_init and self.tokenizer is not None:
+            raise ValueError("tokenizer and skip_tokenizer_init=True exclude each other: choose one")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -7,10 +7,13 @@ sums over NVLink (one-shot), or reduces a slice per rank and gathers it (two-sho
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import socket
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -247,6 +250,7 @@ class Rendezvous:
     init_method: str | None = None
     store_host: str = "127.0.0.1"
     store_port: int = 0
+    single_host: bool = False  # every rank on this host: gloo listens on loopback (see gloo_interface)
 
     @property
     def timeout(self) -> datetime.timedelta:
@@ -259,9 +263,23 @@ def backend_for(device: torch.device) -> str:
 
 
 def open_store(world_size: int, timeout_s: float, host: str = "127.0.0.1") -> dist.TCPStore:
-    """The driver's rendezvous store on a port the OS picks (read it back from `.port`)."""
-    return dist.TCPStore(host, 0, world_size, is_master=True,
-                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    """The driver's rendezvous store on a port the OS picks (read it back from `.port`),
+    listening on `host` only. torch's TCPStore binds every interface when it makes its own
+    socket (whatever the host), so it gets one already bound here. The store has no
+    authentication: on loopback only processes of this host can reach it."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(address)
+        sock.listen(max(world_size, 16))
+        store = dist.TCPStore(host, sock.getsockname()[1], world_size, is_master=True,
+                              timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                              master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store's server owns the descriptor now and closes it
+    return store
 
 
 def init_tensor_parallel(rdzv: Rendezvous, rank: int, store: dist.Store | None = None) -> TensorParallel:
@@ -269,16 +287,44 @@ def init_tensor_parallel(rdzv: Rendezvous, rank: int, store: dist.Store | None =
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized in this process: "
                            "one tensor-parallel engine per process")
-    if rdzv.init_method is not None:
-        dist.init_process_group(rdzv.backend, init_method=rdzv.init_method, rank=rank,
-                                world_size=rdzv.world_size, timeout=rdzv.timeout)
-    else:
-        if store is None:
-            store = dist.TCPStore(rdzv.store_host, rdzv.store_port, rdzv.world_size, is_master=False,
-                                  timeout=rdzv.timeout)
-        dist.init_process_group(rdzv.backend, store=store, rank=rank, world_size=rdzv.world_size,
-                                timeout=rdzv.timeout)
+    with gloo_interface(loopback_interface() if rdzv.single_host else None):
+        if rdzv.init_method is not None:
+            dist.init_process_group(rdzv.backend, init_method=rdzv.init_method, rank=rank,
+                                    world_size=rdzv.world_size, timeout=rdzv.timeout)
+        else:
+            if store is None:
+                store = dist.TCPStore(rdzv.store_host, rdzv.store_port, rdzv.world_size, is_master=False,
+                                      timeout=rdzv.timeout)
+            dist.init_process_group(rdzv.backend, store=store, rank=rank, world_size=rdzv.world_size,
+                                    timeout=rdzv.timeout)
     return TensorParallel(rank, rdzv.world_size, dist.group.WORLD)
+
+
+GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
+
+
+@contextlib.contextmanager
+def gloo_interface(interface: str | None) -> Iterator[None]:
+    """gloo listens on the address this host's name resolves to (often its network address)
+    unless GLOO_SOCKET_IFNAME names an interface, and reads that variable only while a group is
+    made: set it to `interface` for that call alone. A value the user set wins; None: no change."""
+    if interface is None or os.environ.get(GLOO_IFNAME_ENV):
+        yield
+        return
+    os.environ[GLOO_IFNAME_ENV] = interface
+    try:
+        yield
+    finally:
+        os.environ.pop(GLOO_IFNAME_ENV, None)
+
+
+def loopback_interface() -> str | None:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS); None if none is found."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
 
 
 ABORT_WAIT_S = 10.0  # how long a failed rank waits for its NCCL communicators to abort

@@ -21,9 +21,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         self.config = config if config is not None else EngineConfig(**kwargs)
         mc = self.config.model_config
-        self.tokenizer = load_tokenizer(self.config.model, self.config.tokenizer, self.config.is_preset)
-        prepare_detokenization(self.tokenizer)
-        self.eos_token_id = mc.eos_token_id if mc.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.tokenizer = None  # skip_tokenizer_init: token ids in and out, no text
+        if not self.config.skip_tokenizer_init:
+            self.tokenizer = load_tokenizer(self.config.model, self.config.tokenizer, self.config.is_preset)
+            prepare_detokenization(self.tokenizer)
+        self.eos_token_id = mc.eos_token_id
+        if self.eos_token_id is None and self.tokenizer is not None:
+            self.eos_token_id = self.tokenizer.eos_token_id
+        self._shut_down = False
         self.executor = make_executor(self.config)
         self.config = self.executor.config  # what runs: reports must not show a setting that fell back
         self.num_kv_blocks = self.executor.num_kv_blocks
@@ -48,6 +53,7 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     sampling_params: SamplingParams | None = None, arrival_time: float | None = None) -> str:
+        self._check_running()
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -61,13 +67,17 @@ class LLMEngine:
         if bad:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
         seq = Sequence(request_id, token_ids, params, arrival_time, self.config.max_model_len)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init=True): "
+                             "use stop_token_ids")
         self.scheduler.add(seq)
-        if params.detokenize or params.stop:
+        if self.tokenizer is not None and (params.detokenize or params.stop):
             self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
         return request_id
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            check_text_prompt(prompt, self.tokenizer is not None)
             token_ids = self.tokenizer(prompt).input_ids
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             token_ids = list(prompt)
@@ -116,6 +126,7 @@ class LLMEngine:
 
     # ---- stepping -----------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        self._check_running()
         t_start = time.perf_counter()
         out = self.scheduler.schedule()
         deltas, self._pending = self._pending, []
@@ -185,10 +196,29 @@ class LLMEngine:
             self.step()
 
     def shutdown(self) -> None:
+        """Free the model and stop any workers; later calls to add_request or step raise."""
+        self._shut_down = True
         self.executor.shutdown()
+
+    def _check_running(self) -> None:
+        if self._shut_down:
+            raise RuntimeError("the engine is shut down: create a new one")
 
     def __enter__(self) -> LLMEngine:
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def check_text_prompt(prompt: str, has_tokenizer: bool) -> None:
+    """ValueError for a text prompt the tokenizer cannot take: text that is not valid Unicode
+    (a lone UTF-16 surrogate, e.g. from a JSON escape), or any text without a tokenizer."""
+    if not has_tokenizer:
+        raise ValueError("text prompts need a tokenizer (the engine runs with skip_tokenizer_init=True): "
+                         "pass token ids")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"prompt is not valid Unicode: {exc.reason} at character {exc.start} "
+                         f"({prompt[exc.start:exc.end]!r})") from None

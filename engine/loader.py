@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.config import EngineConfig
+from engine.models.config import ModelConfig
 
 
 def load_weights(model: nn.Module, config: EngineConfig) -> None:
@@ -33,10 +34,11 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise ValueError(f"{path}: no *.safetensors files found")
     params = dict(model.named_parameters())
     stacked = getattr(model, "stacked_params", {})
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    model_config = model.config if isinstance(getattr(model, "config", None), ModelConfig) else None
+    tied = getattr(model_config, "tie_word_embeddings", False)
     loaded: set[str] = set()
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
                     continue
@@ -48,11 +50,55 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
                 if target not in params:
                     raise ValueError(f"{file}: tensor {name!r} has no matching model parameter")
                 param = params[target]
-                getattr(param, "weight_loader", _default_loader)(param, f.get_tensor(name), shard)
+                tensor = _read_tensor(f, file, name)
+                found, expected = tuple(tensor.shape), expected_shape(model_config, name) if model_config else None
+                if expected is not None and found != expected:  # before a shard loader narrows it
+                    raise ValueError(_shape_error(file, name, found, expected))
+                try:
+                    getattr(param, "weight_loader", _default_loader)(param, tensor, shard)
+                except (RuntimeError, ValueError, IndexError) as exc:  # the shard's own check
+                    raise ValueError(_shape_error(file, name, found, expected, exc)) from exc
                 loaded.add(target)
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+
+
+def _open_safetensors(file: str):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as exc:  # safetensors' errors name neither the file nor the likely cause
+        raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+def _read_tensor(f, file: str, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as exc:
+        raise ValueError(f"{file}: tensor {name!r} cannot be read (truncated or corrupt file?): {exc}") from exc
+
+
+def _shape_error(file: str, name: str, found: tuple[int, ...], expected: tuple[int, ...] | None,
+                 exc: BaseException | None = None) -> str:
+    want = f"expected {expected}" if expected is not None else "which does not fit the model's parameter"
+    why = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    return f"{file}: tensor {name!r} has shape {found}, {want} from the checkpoint's config.json{why}"
+
+
+def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
+    """The full (unsharded) shape of checkpoint tensor `name` that config.json implies, for the
+    Llama family's tensor names; None for a name not listed (its loader still checks its shard)."""
+    h, hd, inter, vocab = config.hidden_size, config.head_dim, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes = {
+        "embed_tokens.weight": (vocab, h), "lm_head.weight": (vocab, h), "norm.weight": (h,),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h), "o_proj.weight": (h, q),
+        "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj.bias": (h,),
+        "q_norm.weight": (hd,), "k_norm.weight": (hd,),
+        "gate_proj.weight": (inter, h), "up_proj.weight": (inter, h), "down_proj.weight": (h, inter),
+    }
+    return shapes.get(".".join(name.split(".")[-2:]))
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:

@@ -21,6 +21,8 @@ JOIN_S = 5.0  # a stopped worker's time to exit before it is terminated
 FAILED_JOIN_S = 0.5  # the same after a failure (it may be stuck in a collective)
 
 Errors = dict[int, tuple[str, str]]  # rank -> (summary, traceback)
+MAIN_GUARD_HINT = ('A script that uses tensor parallelism must create the engine under `if __name__ == "__main__":` '
+                   "(see the multiprocessing docs, 'Safe importing of main module').")
 
 
 class WorkerFailure(RuntimeError):
@@ -103,6 +105,9 @@ class Workers:
         if proc is not None:
             proc.join(1.0)
         code = proc.exitcode if proc is not None else None
+        if what == "import":  # died before our code ran in it: while importing the main module
+            return ("error", f"exited (exit code {code}) while starting, before it could report (its error is "
+                             f"on stderr). {MAIN_GUARD_HINT}", "")
         return ("error", f"exited (exit code {code}) during {what} without a message", "")
 
     # ---- liveness and shutdown ----------------------------------------------------------

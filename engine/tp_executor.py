@@ -24,17 +24,28 @@ Launch: single host by default (spawned workers, rendezvous on a TCPStore at a f
 `config.dist_init_method`). Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, LOCAL_RANK set) each
 rank is a torchrun process running the same script: rank 0 drives, the other ranks serve it
 from inside `LLM(...)` and exit when it shuts down.
+
+Exposure: in the spawned launch the rendezvous store and gloo listen on loopback only
+(`Rendezvous.store_host`, `distributed.gloo_interface`; a user's `dist_init_method` or
+GLOO_SOCKET_IFNAME wins) and the control channel is a pipe. NCCL's bootstrap (GPUs) follows
+NCCL_SOCKET_IFNAME ("lo" keeps it on loopback). Under torchrun the control listener binds the
+one address the other ranks reach rank 0 at (loopback with --standalone) and authenticates them
+with ENGINE_TP_AUTHKEY / ENGINE_TP_AUTHKEY_FILE when set (never sent), else with a random key
+sent over the process group (`tp_worker.control_authkey`).
 """
 
 from __future__ import annotations
 
+import ast
 import gc
 import os
 import pickle
 import socket
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection, Listener
 from typing import Any, NoReturn, TypeVar
 
@@ -54,8 +65,8 @@ from engine.distributed import (
 )
 from engine.model_runner import PendingSample
 from engine.scheduler import SchedulerOutput
-from engine.tp_control import WorkerFailure, Workers
-from engine.tp_worker import Shard, serve_torchrun_rank, shard_config, worker_main
+from engine.tp_control import MAIN_GUARD_HINT, WorkerFailure, Workers
+from engine.tp_worker import Shard, control_authkey, serve_torchrun_rank, shard_config, worker_main
 
 T = TypeVar("T")
 
@@ -92,6 +103,11 @@ class MultiprocExecutor:
 
     # ---- start-up -----------------------------------------------------------------------
     def _start_spawned(self) -> TensorParallel:
+        call_site = unguarded_main_call()
+        if call_site is not None:
+            raise RuntimeError(f"{call_site} starts a tensor-parallel engine when the script is imported: its "
+                               f"worker processes import the script again (multiprocessing's spawn), so each "
+                               f"would start one more. {MAIN_GUARD_HINT}")
         device_type = self.config.device_type
         if device_type == "cuda" and torch.cuda.device_count() < self.size:
             raise ValueError(f"tensor_parallel_size={self.size} needs {self.size} CUDA devices on this host, "
@@ -103,10 +119,10 @@ class MultiprocExecutor:
             self.config = self.config.with_overrides(disable_custom_all_reduce=True)
         store = None
         rdzv = Rendezvous(self.size, backend_for(self.config.device_for_rank()), self.timeout_s,
-                          init_method=self.config.dist_init_method)
+                          init_method=self.config.dist_init_method, single_host=True)
         if rdzv.init_method is None:
-            store = open_store(self.size, self.timeout_s)
-            rdzv = Rendezvous(self.size, rdzv.backend, self.timeout_s, store_port=store.port)
+            store = open_store(self.size, self.timeout_s, rdzv.store_host)
+            rdzv = replace(rdzv, store_port=store.port)
         ctx = mp.get_context("spawn")
         for rank in range(1, self.size):
             ours, theirs = ctx.Pipe()
@@ -130,10 +146,13 @@ class MultiprocExecutor:
         self.workers.owns_group = True
         if env.rank != 0:
             serve_torchrun_rank(self.config, tp, env.local_rank)  # never returns
-        authkey = os.urandom(32)
-        with Listener(("0.0.0.0", 0), authkey=authkey) as listener:
-            address = (_reachable_ip(os.environ["MASTER_ADDR"]), listener.address[1])
-            dist.broadcast_object_list([address, authkey], src=0)
+        # the listener binds the one address the workers reach it at (loopback under --standalone)
+        env_key = control_authkey()
+        authkey = env_key or os.urandom(32)
+        with Listener((_reachable_ip(os.environ["MASTER_ADDR"]), 0), authkey=authkey) as listener:
+            # a key from the environment never travels; else the random key goes to the ranks
+            # over the process group's own connections (see control_authkey)
+            dist.broadcast_object_list([listener.address, None if env_key else authkey], src=0)
             conns: dict[int, Connection] = {}
             for _ in range(1, self.size):
                 conn = listener.accept()
@@ -202,8 +221,8 @@ class MultiprocExecutor:
         if not errors or isinstance(exc, KeyboardInterrupt):
             raise exc
         self._error = "; ".join(f"rank {r}: {summary}" for r, (summary, _) in sorted(errors.items()))
-        details = "\n".join(f"--- rank {r} ---\n{tb}" for r, (_, tb) in sorted(errors.items()))
-        raise RuntimeError(f"tensor-parallel worker failed: {self._error}\n{details}") from exc
+        details = "".join(f"\n--- rank {r} ---\n{tb}" for r, (_, tb) in sorted(errors.items()) if tb)
+        raise RuntimeError(f"tensor-parallel worker failed: {self._error}{details}") from exc
 
     def shutdown(self) -> None:
         self._finalizer()  # idempotent: rank 0's shard is freed and Workers.close runs once
@@ -240,6 +259,42 @@ class PendingStep:
             self.executor._gather("execute_model")
             self.ids = self.executor._guarded(self.local.result)
         return self.ids
+
+
+def unguarded_main_call() -> str | None:
+    """"file:line" of the script's top-level statement that is creating this engine if it lies
+    outside an `if __name__ == "__main__":` block (spawned workers re-run such code); None when
+    the call is guarded or there is no script file (python -c, a notebook)."""
+    main = sys.modules.get("__main__")
+    file = getattr(main, "__file__", None)
+    if not file:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)):
+        frame = frame.f_back
+    if frame is None:  # not called from the script's top level (a thread, an interactive session)
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):  # unreadable: the workers' own error will tell
+        return None
+    line = frame.f_lineno
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_test(node.test):
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or line):
+                return None
+    return f"{file}:{line}"
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """`__name__ == "__main__"`, either way round."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = {s.id for s in sides if isinstance(s, ast.Name)}
+    consts = {s.value for s in sides if isinstance(s, ast.Constant)}
+    return names == {"__name__"} and consts == {"__main__"}
 
 
 def _reachable_ip(master_addr: str) -> str:

@@ -37,6 +37,8 @@ from engine.model_runner import ModelRunner, PendingSample
 from engine.scheduler import SchedulerOutput
 
 FAIL_ENV = "ENGINE_TP_FAIL_AT"
+AUTHKEY_ENV = "ENGINE_TP_AUTHKEY"  # torchrun: the control channel's shared secret (same on every rank)
+AUTHKEY_FILE_ENV = "ENGINE_TP_AUTHKEY_FILE"  # or a file holding it
 STOP = "stop"
 PARENT_POLL_S = 1.0
 
@@ -133,14 +135,44 @@ def worker_main(rank: int, config: EngineConfig, rdzv: Rendezvous, conn: Connect
 
 def serve_torchrun_rank(config: EngineConfig, tp: TensorParallel, local_rank: int) -> None:
     """A torchrun-launched rank other than 0: connect to the driver's control listener (its
-    address comes over the process group), serve it, then end the process."""
+    address, and its key unless the environment gives one, come over the process group), serve
+    it, then end the process."""
     box: list[Any] = [None, None]
     dist.broadcast_object_list(box, src=0)
     address, authkey = box
+    if authkey is None:
+        authkey = control_authkey()
+        if authkey is None:
+            raise RuntimeError(f"rank 0 takes the tensor-parallel control key from {AUTHKEY_ENV} or "
+                               f"{AUTHKEY_FILE_ENV}, which rank {tp.rank} lacks: set it on every rank")
     conn = Client(tuple(address), authkey=authkey)
     conn.send(tp.rank)
     code = serve(conn, lambda: Shard(shard_config(config, local_rank), tp))
     _leave(conn, code)
+
+
+def control_authkey() -> bytes | None:
+    """The torchrun control channel's key from the environment: ENGINE_TP_AUTHKEY (the secret
+    itself) or ENGINE_TP_AUTHKEY_FILE (a file holding it); None if neither is set, and rank 0
+    then makes a random key and sends it to the other ranks over the process group (the
+    connections torch.distributed made between the ranks; clear text on the network between
+    nodes). Spawned workers need none of this: their channel is a pipe."""
+    secret = os.environ.get(AUTHKEY_ENV)
+    path = os.environ.get(AUTHKEY_FILE_ENV)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                secret_bytes = f.read().strip()
+        except OSError as exc:
+            raise RuntimeError(f"{AUTHKEY_FILE_ENV}={path}: cannot read the key ({exc})") from exc
+    elif secret:
+        secret_bytes = secret.encode()
+    else:
+        return None
+    if len(secret_bytes) < 16:
+        raise RuntimeError(f"the tensor-parallel control key ({AUTHKEY_FILE_ENV if path else AUTHKEY_ENV}) "
+                           "must be at least 16 bytes")
+    return secret_bytes
 
 
 def _leave(conn: Connection, code: int) -> None:

@@ -23,7 +23,13 @@ API:
     with_request_ids(requests) -> list[TraceRequest]  fills missing ids as "req-00000"...
     TraceRequest.prompt_input, TraceRequest.sampling_kwargs()   what a backend needs
 Every validation failure raises TraceError(ValueError) naming the file, the row (1-based;
-for JSONL it is the line number) and the field.
+for JSONL it is the line number) and the field. A trace with no rows is an error too.
+
+Limits (what the engine / server would reject, checked here so a trace fails at load, not
+mid-run): max_tokens <= MAX_TOKENS_LIMIT; at most MAX_STOP_STRINGS stop strings of at most
+MAX_STOP_STRING_CHARS characters (engine/sampling_params.py's numbers, repeated here because
+workloads/ does not import the engine; tests/workloads keeps them equal); text valid Unicode
+(no lone surrogates, which JSON's \\ud800 escapes can carry); integers within int64.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ import pyarrow.parquet as pq
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seed", "min_tokens", "ignore_eos", "stop")
 TRACE_EXTENSIONS = (".jsonl", ".parquet")
+MAX_TOKENS_LIMIT = 10_000_000  # beyond any supported model's context: a typo, not a request
+MAX_STOP_STRINGS = 64  # = engine.sampling_params.MAX_STOP_STRINGS
+MAX_STOP_STRING_CHARS = 256  # = engine.sampling_params.MAX_STOP_STRING_CHARS
+INT64_MAX = 2**63 - 1
 
 # Parquet column types; an explicit schema keeps all-null columns typed (e.g. no prefix_group).
 TRACE_SCHEMA = pa.schema(
@@ -116,7 +126,24 @@ _FIELD_NAMES = tuple(f.name for f in fields(TraceRequest))
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int subclass
+    # bool is an int subclass; ints end up in int64 columns and tensors
+    return isinstance(v, int) and not isinstance(v, bool) and -INT64_MAX - 1 <= v <= INT64_MAX
+
+
+def _is_text(v: Any) -> bool:
+    """A non-empty string that is valid Unicode (encodes to UTF-8)."""
+    if not isinstance(v, str) or not v:
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_stop_list(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) <= MAX_STOP_STRINGS
+            and all(_is_text(s) and len(s) <= MAX_STOP_STRING_CHARS for s in v))
 
 
 def _is_number(v: Any) -> bool:
@@ -126,8 +153,8 @@ def _is_number(v: Any) -> bool:
 # field -> (check, description of what is allowed)
 _CHECKS: dict[str, tuple[Any, str]] = {
     "arrival_s": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
-    "max_tokens": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "prompt": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "max_tokens": (lambda v: _is_int(v) and 1 <= v <= MAX_TOKENS_LIMIT, f"an int >= 1 and <= {MAX_TOKENS_LIMIT:_}"),
+    "prompt": (_is_text, "a non-empty string of valid Unicode"),
     "prompt_token_ids": (
         lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(t) and t >= 0 for t in v),
         "a non-empty list of ints >= 0",
@@ -140,7 +167,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "seed": (_is_int, "an int"),
     "min_tokens": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "ignore_eos": (lambda v: isinstance(v, bool), "a bool"),
-    "stop": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a string or list of strings"),
+    "stop": (_is_stop_list, f"a string or list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                            f"{MAX_STOP_STRING_CHARS} characters (valid Unicode)"),
     "conversation_id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "turn": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
 }
@@ -201,16 +229,19 @@ def _suffix(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> list[TraceRequest]:
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit in a string
+    except (OSError, UnicodeDecodeError) as e:  # missing, a directory, not UTF-8
+        raise TraceError(path, f"cannot read: {e}") from None
     requests = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) are not rows
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TraceError(path, f"bad JSON: {e.msg} at column {e.colno}", line_no) from None
-            requests.append(validate_row(row, path, line_no))
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline) are not rows
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TraceError(path, f"bad JSON: {e.msg} at column {e.colno}", line_no) from None
+        requests.append(validate_row(row, path, line_no))
     return requests
 
 
@@ -227,6 +258,8 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
     path = Path(path)
     reader = _read_jsonl if _suffix(path) == ".jsonl" else _read_parquet
     requests = reader(path)
+    if not requests:
+        raise TraceError(path, "the trace has no requests (an empty file?)")
     _check_unique_ids(requests, path)  # row numbers are file order, so check before sorting
     return sorted(requests, key=lambda r: r.arrival_s)
 

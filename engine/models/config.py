@@ -10,6 +10,9 @@ from typing import Any
 
 from engine.models import ARCHITECTURES, FAMILIES
 
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -36,6 +39,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in FAMILIES:
             raise ValueError(f"architecture {self.architecture!r} is not supported; choose one of {list(FAMILIES)}")
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model config: {name} must be an integer >= 1, got {value!r}")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -56,8 +63,25 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dir(cls, path: str) -> ModelConfig:
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
+        file = os.path.join(path, "config.json")
+        try:
+            with open(file, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: not a HF checkpoint directory (no config.json)") from None
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+            raise ValueError(f"{file}: cannot be read as JSON ({exc})") from exc
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+        try:
+            return cls._from_hf_dict(cfg, path)
+        except KeyError as exc:
+            raise ValueError(f"{file}: lacks the field {exc.args[0]!r}") from None
+        except (TypeError, AttributeError) as exc:  # a field of the wrong JSON type
+            raise ValueError(f"{file}: a field has the wrong type ({exc})") from exc
+
+    @classmethod
+    def _from_hf_dict(cls, cfg: dict[str, Any], path: str) -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if arch is None:

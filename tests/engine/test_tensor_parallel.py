@@ -36,7 +36,7 @@ from engine.distributed import (
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
-from engine.tp_worker import FAIL_ENV
+from engine.tp_worker import AUTHKEY_ENV, FAIL_ENV
 
 MAX_NEW = 8
 _rng = random.Random(7)
@@ -340,6 +340,105 @@ def test_worker_failure_at_start_surfaces_and_cleans_up(checkpoint_dirs, monkeyp
     assert_gone([])
 
 
+def _listening(pids: list[int]) -> list[str]:
+    """The addresses these processes listen on (TCP, IPv4 and IPv6)."""
+    return [c.laddr.ip for c in psutil.net_connections("inet") if c.pid in pids and c.status == psutil.CONN_LISTEN]
+
+
+def test_spawned_tp_listens_on_loopback_only(checkpoint_dirs):
+    """The rendezvous store (torch binds every interface unless handed a bound socket) and
+    everything else the driver and its worker open listen on loopback."""
+    engine = LLMEngine(EngineConfig(model=checkpoint_dirs["llama"], tensor_parallel_size=2, **CPU))
+    pids = engine.executor.workers.pids
+    try:
+        addresses = _listening([os.getpid(), *pids])
+    finally:
+        engine.shutdown()
+    assert_gone(pids)
+    assert addresses and all(ip in ("127.0.0.1", "::1") for ip in addresses), addresses
+
+
+def test_store_binds_the_host_it_is_given():
+    from engine.distributed import open_store
+
+    for host in ("127.0.0.1", "::1"):
+        store = open_store(2, 5.0, host)
+        try:
+            listening = [c.laddr for c in psutil.net_connections("inet")
+                         if c.pid == os.getpid() and c.status == psutil.CONN_LISTEN and c.laddr.port == store.port]
+        finally:
+            del store
+        assert [a.ip for a in listening] == [host]
+
+
+def test_gloo_interface_is_set_for_the_group_creation_only(monkeypatch):
+    from engine.distributed import GLOO_IFNAME_ENV, gloo_interface, loopback_interface
+
+    monkeypatch.delenv(GLOO_IFNAME_ENV, raising=False)
+    lo = loopback_interface()
+    assert lo in ("lo", "lo0")
+    with gloo_interface(lo):
+        assert os.environ[GLOO_IFNAME_ENV] == lo
+    assert GLOO_IFNAME_ENV not in os.environ
+    monkeypatch.setenv(GLOO_IFNAME_ENV, "eth7")  # the user's choice wins
+    with gloo_interface(lo):
+        assert os.environ[GLOO_IFNAME_ENV] == "eth7"
+    assert os.environ[GLOO_IFNAME_ENV] == "eth7"
+
+
+def test_torchrun_control_key_from_the_environment(tmp_path, monkeypatch):
+    from engine.tp_worker import AUTHKEY_ENV, AUTHKEY_FILE_ENV, control_authkey
+
+    monkeypatch.delenv(AUTHKEY_ENV, raising=False)
+    monkeypatch.delenv(AUTHKEY_FILE_ENV, raising=False)
+    assert control_authkey() is None  # rank 0 then makes a random one
+    monkeypatch.setenv(AUTHKEY_ENV, "short")
+    with pytest.raises(RuntimeError, match="at least 16 bytes"):
+        control_authkey()
+    monkeypatch.setenv(AUTHKEY_ENV, "a-secret-of-some-length")
+    assert control_authkey() == b"a-secret-of-some-length"
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"from-a-file-0123456789\n")
+    monkeypatch.setenv(AUTHKEY_FILE_ENV, str(key_file))
+    assert control_authkey() == b"from-a-file-0123456789"  # the file wins over the variable
+    monkeypatch.setenv(AUTHKEY_FILE_ENV, str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="cannot read the key"):
+        control_authkey()
+
+
+UNGUARDED = """
+from engine import LLM
+llm = LLM("tiny", tensor_parallel_size=2, device="cpu", num_kv_blocks=8)
+"""
+# guarded, but the workers' import of the script fails: the fallback message
+FAILS_IN_WORKER = """
+import sys
+if __name__ != "__main__":
+    sys.exit("the worker cannot import this script")
+from engine import LLM
+if __name__ == "__main__":
+    llm = LLM("tiny", tensor_parallel_size=2, device="cpu", num_kv_blocks=8)
+"""
+
+
+@pytest.mark.parametrize("script, match", [
+    (UNGUARDED, r"unguarded\.py:3 starts a tensor-parallel engine when the script is imported"),
+    (FAILS_IN_WORKER, r"rank 1: exited \(exit code 1\) while starting, before it could report"),
+])
+def test_script_without_main_guard_gets_the_hint(tmp_path, script, match):
+    import re
+
+    path = tmp_path / ("unguarded.py" if script is UNGUARDED else "fails.py")
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, str(path)], env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    # the caller's exception, as the traceback ends
+    error = next(ln for ln in reversed(proc.stderr.splitlines()) if ln.startswith("RuntimeError:"))
+    assert re.search(match, error), proc.stderr[-3000:]
+    assert 'if __name__ == "__main__":' in error
+
+
 DRIVER = """
 import os, sys
 from engine import LLMEngine, EngineConfig
@@ -379,14 +478,19 @@ if __name__ == "__main__":
 """
 
 
-def test_torchrun_launch_matches_tp1(checkpoint_dirs, tmp_path):
-    """Both ranks launched by torchrun (the multi-node path, here on one host)."""
+@pytest.mark.parametrize("env_key", [False, True])
+def test_torchrun_launch_matches_tp1(checkpoint_dirs, tmp_path, env_key):
+    """Both ranks launched by torchrun (the multi-node path, here on one host), with the control
+    channel's key made by rank 0 or given in the environment."""
     path, prompts = checkpoint_dirs["llama"], PROMPTS[:3]
     want, _ = run(LLMEngine(EngineConfig(model=path, **CPU)), prompts)
     script = tmp_path / "tp_script.py"
     script.write_text(TORCHRUN_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = REPO
+    env.pop(AUTHKEY_ENV, None)
+    if env_key:
+        env[AUTHKEY_ENV] = "a-shared-secret-on-every-rank"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            path, json.dumps(CPU), json.dumps(prompts)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

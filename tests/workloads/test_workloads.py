@@ -201,6 +201,14 @@ BAD_ROWS = [
     ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "temperature": -1}', "temperature", ">= 0"),
     ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "max_token": 1}', "max_token", "unknown field"),
     ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "ignore_eos": 1}', "ignore_eos", "bool"),
+    # limits the engine and server apply, checked at load
+    ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1000000000}', "max_tokens", "<= 10_000_000"),
+    ('{"arrival_s": 0, "prompt": "\\ud800", "max_tokens": 1}', "prompt", "valid Unicode"),
+    ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": ["\\udfff"]}', "stop", "valid Unicode"),
+    ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": [""]}', "stop", "non-empty"),
+    (json.dumps({"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": ["x" * 257]}), "stop", "256 characters"),
+    (json.dumps({"arrival_s": 0, "prompt": "p", "max_tokens": 1, "stop": ["x"] * 65}), "stop", "at most 64"),
+    ('{"arrival_s": 0, "prompt": "p", "max_tokens": 1, "seed": 100000000000000000000}', "seed", "int"),
 ]
 
 
@@ -226,6 +234,31 @@ def test_bad_json_line_and_non_object(tmp_path):
         load_trace(path)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_empty_trace_is_an_error_naming_the_file(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("\n\n")
+    else:
+        pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("arrival_s", pa.float64())])), path)
+    with pytest.raises(TraceError, match="has no requests") as e:
+        load_trace(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(TraceError, match="cannot read") as e:
+        load_trace(tmp_path / "missing.jsonl")
+    assert "missing.jsonl" in str(e.value)
+
+
+def test_trace_limits_equal_the_engines():
+    """workloads/ repeats the engine's limits (it does not import engine/): they must agree."""
+    from engine import sampling_params
+    from workloads import trace
+
+    assert trace.MAX_STOP_STRINGS == sampling_params.MAX_STOP_STRINGS
+    assert trace.MAX_STOP_STRING_CHARS == sampling_params.MAX_STOP_STRING_CHARS
+    assert trace.INT64_MAX == sampling_params.MAX_INT
+
+
 def test_duplicate_request_id(tmp_path):
     path = tmp_path / "dup.jsonl"
     row = {"arrival_s": 0, "prompt": "p", "max_tokens": 1, "request_id": "x"}
@@ -246,7 +279,7 @@ def test_bad_parquet_row(tmp_path):
     table = pa.Table.from_pylist([{"arrival_s": 0.0, "prompt": "a", "max_tokens": 1},
                                   {"arrival_s": 1.0, "prompt": "b", "max_tokens": 0}])
     pq.write_table(table, path)
-    with pytest.raises(TraceError, match="row 2: field 'max_tokens': must be an int >= 1, got 0"):
+    with pytest.raises(TraceError, match="row 2: field 'max_tokens': must be an int >= 1 and <= 10_000_000, got 0"):
         load_trace(path)
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(TraceError, match="cannot read Parquet"):
