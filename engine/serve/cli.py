@@ -137,5 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_server_count > 1:
         return run_servers(config, app_kwargs, args.host, args.port, args.api_server_count,
                            args.log_level)
-    serve(app, args.host, args.port, args.log_level)
+    try:
+        serve(app, args.host, args.port, args.log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after shutting down
+        pass
     return 0

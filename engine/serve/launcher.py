@@ -80,13 +80,15 @@ def run_servers(config: EngineConfig, app_kwargs: dict[str, Any], host: str, por
 
 def _supervise(core: BaseProcess, apis: list[BaseProcess]) -> bool:
     """Block until a signal (True: asked to stop) or a child's exit (False)."""
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # both set explicitly: a shell starts background jobs with SIGINT ignored
+    previous = {s: signal.signal(s, _raise_keyboard_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         ready = wait([p.sentinel for p in (core, *apis)])
     except KeyboardInterrupt:
         return True
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     dead = [p for p in (core, *apis) if p.sentinel in ready]
     for proc in dead:
         proc.join(1.0)
