@@ -301,6 +301,14 @@ def test_sigint_leaves_no_process_behind(tmp_path):
     assert not wait_gone(children), f"left behind: {children}"
 
 
+def test_core_exits_when_the_api_process_is_killed(tmp_path):
+    srv = Server(tmp_path)
+    core = core_pid(srv.proc.pid)
+    srv.proc.kill()  # SIGKILL: no shutdown code runs in the API process
+    srv.proc.wait(10)
+    assert not wait_gone({core}), "the engine core outlived its API process"
+
+
 def test_two_api_servers_share_one_core(tmp_path, llm):
     srv = Server(tmp_path, "--api-server-count", "2", "--max-model-len", "2048")
     children = set(srv.children)
