@@ -14,6 +14,7 @@ metrics.py       /metrics (Prometheus text); chat.py prompts; server.py uvicorn;
 
 from engine.serve.app import create_app
 from engine.serve.async_engine import AsyncEngine
+from engine.serve.cli import main
 from engine.serve.core_client import CoreClient
 from engine.serve.engine_client import (
     EngineClient,
@@ -21,7 +22,6 @@ from engine.serve.engine_client import (
     EngineOverloaded,
     RequestRejected,
 )
-from engine.serve.cli import main
 from engine.serve.server import ServerThread, free_port
 
 __all__ = [

@@ -31,9 +31,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from engine.config import PRESETS, EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.serve.async_engine import AsyncEngine
+from engine.serve.chat import chat_prompt_token_ids, text_prompt_token_ids
 from engine.serve.core_client import CoreClient
 from engine.serve.engine_client import EngineClient
-from engine.serve.chat import chat_prompt_token_ids, text_prompt_token_ids
 from engine.serve.errors import APIError, error_response, install_error_handlers
 from engine.serve.generation import GenerationRequest, ServerState, generate
 from engine.serve.metrics import ServerMetrics

@@ -18,7 +18,6 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
 from engine.serve.engine_client import (
     ACCEPTED,
@@ -27,19 +26,15 @@ from engine.serve.engine_client import (
     EngineSnapshot,
     RequestRejected,
     RequestStream,
-    TokenDelta,
     engine_params,
+    engine_snapshot,
+    token_delta,
 )
 
 # Re-exported: callers imported them from here before the seam had its own module.
 __all__ = ["AsyncEngine", "EngineFailed", "EngineOverloaded", "EngineSnapshot", "RequestRejected"]
 
 logger = logging.getLogger(__name__)
-
-
-def token_delta(d: RequestDelta) -> TokenDelta:
-    return TokenDelta(d.request_id, d.new_token_ids, d.finished, d.finish_reason,
-                      d.num_prompt_tokens, d.num_cached_tokens, d.stop_reason)
 
 
 @dataclass
@@ -240,18 +235,6 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         self.snapshot = engine_snapshot(self.engine, self._num_steps, self._num_preemptions)
-
-
-def engine_snapshot(engine: LLMEngine, num_steps: int, num_preemptions: int) -> EngineSnapshot:
-    bm, sched = engine.block_manager, engine.scheduler
-    return EngineSnapshot(
-        num_running=len(sched.running),
-        num_waiting=len(sched.waiting),
-        kv_blocks_used=bm.num_used_blocks,
-        kv_blocks_total=bm.num_usable_blocks,
-        num_steps=num_steps,
-        num_preemptions=num_preemptions,
-    )
 
 
 def _deliver(items: list[tuple[RequestStream, object]]) -> None:

@@ -21,9 +21,13 @@ import dataclasses
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
 
 
 class EngineOverloaded(Exception):
@@ -48,6 +52,12 @@ class TokenDelta(NamedTuple):
     num_prompt_tokens: int
     num_cached_tokens: int
     stop_reason: int | str | None = None  # the stop token id that ended it
+
+
+def token_delta(d: RequestDelta) -> TokenDelta:
+    """The engine's delta without its text (the engine makes none for the server)."""
+    return TokenDelta(d.request_id, d.new_token_ids, d.finished, d.finish_reason,
+                      d.num_prompt_tokens, d.num_cached_tokens, d.stop_reason)
 
 
 def merge_deltas(first: TokenDelta, later: list[TokenDelta]) -> TokenDelta:
@@ -75,6 +85,18 @@ class EngineSnapshot:
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+def engine_snapshot(engine: LLMEngine, num_steps: int, num_preemptions: int) -> EngineSnapshot:
+    bm, sched = engine.block_manager, engine.scheduler
+    return EngineSnapshot(
+        num_running=len(sched.running),
+        num_waiting=len(sched.waiting),
+        kv_blocks_used=bm.num_used_blocks,
+        kv_blocks_total=bm.num_usable_blocks,
+        num_steps=num_steps,
+        num_preemptions=num_preemptions,
+    )
 
 
 def engine_params(params: SamplingParams) -> SamplingParams:

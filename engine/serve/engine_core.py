@@ -33,7 +33,6 @@ from multiprocessing.connection import Connection, wait
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.serve.async_engine import engine_snapshot, token_delta
 from engine.serve.core_messages import (
     AbortRequest,
     AddRequest,
@@ -42,16 +41,19 @@ from engine.serve.core_messages import (
     CoreReady,
     Shutdown,
 )
+from engine.serve.engine_client import EngineSnapshot, engine_snapshot, token_delta
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY_S = 0.25
+CORE_PROCESS_NAME = "llmbench-core"  # what ps/top show (/proc/PID/comm)
 
 
 def run_engine_core(config: EngineConfig, conns: list[Connection], log_level: str = "INFO") -> None:
     """Process entry point (spawn): build the engine, serve `conns` until told to stop."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s engine-core: %(message)s")
     set_parent_death_signal()
+    set_process_name(CORE_PROCESS_NAME)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -73,16 +75,27 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def set_parent_death_signal() -> None:
-    """Ask Linux for a SIGTERM when the parent dies, so a SIGKILLed server orphans nothing."""
+def _prctl(option: int, arg: int | bytes) -> bool:
     if not sys.platform.startswith("linux"):
-        return
+        return False
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, arg) == 0
     except OSError:
-        logger.warning("could not set the parent-death signal; relying on the connection EOF")
+        return False
+
+
+def set_parent_death_signal() -> None:
+    """Ask Linux for a SIGTERM when the parent dies, so a SIGKILLed server orphans nothing."""
+    if not _prctl(1, signal.SIGTERM):  # PR_SET_PDEATHSIG
+        logger.info("no parent-death signal on this OS; relying on the connection EOF")
+
+
+def set_process_name(name: str) -> None:
+    """The name ps/top show for this process (Linux, 15 bytes at most); spawned children
+    otherwise all read as `python`."""
+    _prctl(15, name.encode()[:15])  # PR_SET_NAME
 
 
 class EngineCore:
@@ -175,7 +188,7 @@ class EngineCore:
             logger.exception("draining aborts after a failed step failed")
 
     # ---- output -------------------------------------------------------------------------
-    def _snapshot(self):
+    def _snapshot(self) -> EngineSnapshot:
         return engine_snapshot(self.engine, self.num_steps, self.num_preemptions)
 
     def _send(self, idle: bool) -> None:

@@ -31,7 +31,7 @@ import uvicorn
 
 from engine.config import EngineConfig
 from engine.serve.core_client import spawn_core, stop_process
-from engine.serve.engine_core import set_parent_death_signal
+from engine.serve.engine_core import set_parent_death_signal, set_process_name
 from engine.serve.server import bind_socket, uvicorn_config
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def run_api_server(index: int, config: EngineConfig, conn: Connection, sock: soc
     from engine.serve.app import create_app  # the app module is heavy: only in this child
 
     set_parent_death_signal()
+    set_process_name(f"llmbench-api-{index}")
     logging.basicConfig(level=log_level.upper(),
                         format=f"%(asctime)s %(levelname)s api-{index} %(name)s: %(message)s")
     app = create_app(config, core_connection=conn, log_level=log_level.upper(), **app_kwargs)

@@ -25,8 +25,16 @@ import httpx
 import pytest
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
-from engine.serve import CoreClient, EngineOverloaded, RequestRejected, ServerThread, create_app, free_port
+from engine.serve import (
+    CoreClient,
+    EngineOverloaded,
+    RequestRejected,
+    ServerThread,
+    create_app,
+    free_port,
+)
 from engine.serve.engine_client import RequestStream, TokenDelta
+from engine.serve.engine_core import CORE_PROCESS_NAME
 from engine.serve.output_processor import OutputProcessor
 from engine.tokenizer import build_byte_tokenizer
 
@@ -70,13 +78,18 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def core_pid(server_pid: int) -> int:
-    """The engine core: the server's spawned child that is not the resource tracker."""
-    for pid in descendants(server_pid):
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        if b"spawn_main" in cmd and alive(pid):
-            return pid
-    raise AssertionError(f"no engine core process under {server_pid}")
+    """The engine core process (it names itself, engine_core.CORE_PROCESS_NAME)."""
+    cores = [p for p in descendants(server_pid) if comm(p) == CORE_PROCESS_NAME and alive(p)]
+    assert len(cores) == 1, f"engine core processes under {server_pid}: {cores}"
+    return cores[0]
 
 
 class Server:
@@ -328,8 +341,8 @@ def test_two_api_servers_share_one_core(tmp_path, llm):
             return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), timeout=60)
 
         assert asyncio.run(burst()) == expected
-        api_servers = [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert len(api_servers) == 3  # two API servers and the core
+        names = sorted(comm(p) for p in children if comm(p).startswith("llmbench"))
+        assert names == sorted([CORE_PROCESS_NAME, "llmbench-api-0", "llmbench-api-1"])
     finally:
         assert srv.stop(signal.SIGINT)
     assert not wait_gone(children), f"left behind: {children}"
@@ -419,3 +432,15 @@ def test_stream_interval_coalesces(interval_server):
         whole = client.post("/v1/completions", json=body).json()["choices"][0]
         assert [t for e in events for t in e["choices"][0]["token_ids"]] == whole["token_ids"]
         assert client.get("/v1/models").json()["data"][0]["stream_interval"] == 4
+
+
+def test_two_api_servers_all_stop_when_the_core_dies(tmp_path):
+    """With several API processes the supervisor stops them all and exits 1: a load balancer
+    or a restart policy sees a dead server, not a half-working one."""
+    srv = Server(tmp_path, "--api-server-count", "2")
+    children = set(srv.children)
+    assert {comm(p) for p in children} >= {CORE_PROCESS_NAME, "llmbench-api-0", "llmbench-api-1"}
+    os.kill(core_pid(srv.proc.pid), signal.SIGKILL)
+    assert srv.proc.wait(30) == 1
+    assert not wait_gone(children), f"left behind: {children}"
+
