@@ -3,7 +3,8 @@
 Token deltas from the engine become text here (output_processor.py: detokenization, stop
 strings; a stop string aborts the request in the engine). A stream sends one chunk per engine
 step with all of that step's tokens (more if it fell behind: the RequestStream merges what
-queued up), or, with stream_interval K > 1, one chunk per K tokens (and the last one).
+queued up), or, with stream_interval K > 1 (vLLM's rule), the first token at once (TTFT is not
+delayed), then a chunk whenever K tokens are pending, and the last one.
 
 A client that disconnects gets its request aborted (engine.abort_request, so its KV blocks are
 freed at once): a watcher task waits for the ASGI `http.disconnect` message, for streaming and
@@ -189,7 +190,7 @@ async def _sse_events(
     state: ServerState, gen: GenerationRequest, stream: RequestStream, request: Request
 ) -> AsyncIterator[bytes]:
     progress = _Progress(gen.t_start, prompt_tokens=len(gen.prompt_token_ids))
-    pending, interval = _Pending(), state.stream_interval
+    pending, interval, sent_any = _Pending(), state.stream_interval, False
     try:
         async with _abort_on_disconnect(request, stream):
             async for delta in _text_deltas(gen, stream, state):
@@ -197,13 +198,12 @@ async def _sse_events(
                 pending.add(delta)
                 if delta.finished and delta.finish_reason == "abort":
                     break  # the client left: nobody to send the rest to
-                if len(pending.token_ids) >= interval or (delta.finished and pending.token_ids):
+                n = len(pending.token_ids)
+                if delta.finished or (n and (not sent_any or n >= interval)):
                     text, ids = pending.take()
+                    sent_any = True
                     reason = delta.finish_reason if delta.finished else None
                     yield sse(gen.fmt.chunk(text, ids, reason))
-                elif delta.finished:  # finished with no new token (rare): still say why
-                    text, ids = pending.take()
-                    yield sse(gen.fmt.chunk(text, ids, delta.finish_reason))
         if progress.finish_reason == "abort":
             return
         if gen.include_usage:

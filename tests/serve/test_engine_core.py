@@ -348,6 +348,19 @@ def test_two_api_servers_share_one_core(tmp_path, llm):
     assert not wait_gone(children), f"left behind: {children}"
 
 
+def test_cli_server_flags():
+    from engine.serve.cli import build_parser, main
+
+    args = build_parser().parse_args(["--stream-interval", "4", "--api-server-count", "2"])
+    assert (args.stream_interval, args.api_server_count, args.engine_in_process) == (4, 2, False)
+    assert build_parser().parse_args(["--engine-in-process"]).engine_in_process
+    for bad in (["--api-server-count", "0"], ["--api-server-count", "2", "--engine-in-process"],
+                ["--stream-interval", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(bad)
+        assert exc.value.code == 2, bad
+
+
 # ---- the core client without HTTP -------------------------------------------------------------
 
 
@@ -428,7 +441,9 @@ def test_stream_interval_coalesces(interval_server):
             lines = [line[5:] for line in r.iter_lines() if line.startswith("data:")]
         events = [json.loads(line) for line in lines[:-1]]
         sizes = [len(e["choices"][0]["token_ids"]) for e in events]
-        assert sum(sizes) == 10 and all(s >= 4 for s in sizes[:-1]) and len(sizes) <= 3, sizes
+        # the first token at once (TTFT), then chunks of at least 4, then the rest
+        assert sizes[0] == 1 and sum(sizes) == 10, sizes
+        assert all(s >= 4 for s in sizes[1:-1]) and len(sizes) <= 4, sizes
         whole = client.post("/v1/completions", json=body).json()["choices"][0]
         assert [t for e in events for t in e["choices"][0]["token_ids"]] == whole["token_ids"]
         assert client.get("/v1/models").json()["data"][0]["stream_interval"] == 4
