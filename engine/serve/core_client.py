@@ -220,8 +220,9 @@ class CoreClient:
                 loop.call_soon_threadsafe(self._dispatch, msg)
         except (EOFError, OSError):
             if not self._stopping:
+                reason = f"the engine core process died ({self._exit_info()})"  # here: it may wait
                 try:
-                    loop.call_soon_threadsafe(self._core_died)
+                    loop.call_soon_threadsafe(self._core_died, reason)
                 except RuntimeError:
                     pass
         except RuntimeError:  # the loop is closed: nobody to deliver to
@@ -233,8 +234,7 @@ class CoreClient:
         self.process.join(2.0)  # the EOF comes a moment before the exit status
         return f"exit code {self.process.exitcode}"
 
-    def _core_died(self) -> None:
-        reason = f"the engine core process died ({self._exit_info()})"
+    def _core_died(self, reason: str) -> None:
         logger.error("%s; failing %d requests in flight", reason, len(self._streams))
         self.failure = EngineFailed(reason)
         self._fail_all(self.failure)
