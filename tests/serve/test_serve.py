@@ -346,11 +346,12 @@ def test_non_stream_disconnect_frees_blocks(server, http):
 
 @pytest.fixture(scope="module")
 def small_server():
-    """max_num_seqs=2, max_waiting=2, max_model_len=64: easy to overload, fast to fuzz."""
-    eng = LLMEngine(EngineConfig(model="tiny", max_num_seqs=2, max_model_len=64))
-    with ServerThread(create_app(eng, "tiny", max_waiting=2)) as srv:
+    """max_num_seqs=2, max_waiting=2, max_model_len=64: easy to overload, fast to fuzz. The
+    engine runs in its own core process (the served default), so overload and fuzz cross the
+    process boundary; the module's `server` covers the in-process engine."""
+    config = EngineConfig(model="tiny", max_num_seqs=2, max_model_len=64)
+    with ServerThread(create_app(config, "tiny", max_waiting=2)) as srv:
         yield srv
-    eng.shutdown()
 
 
 async def _burst(url: str, n: int) -> list[tuple[int, dict | list]]:
