@@ -133,13 +133,37 @@ def wait_gone(pids: set[int], timeout_s: float = 10) -> set[int]:
     return left
 
 
+@pytest.fixture
+def start_server(tmp_path):
+    """Servers a test starts, killed at its end whatever happened (a failed assertion must not
+    leave a server running)."""
+    started: list[Server] = []
+
+    def start(*args: str) -> Server:
+        started.append(Server(tmp_path, *args))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(10)
+            for pid in srv.children:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("core"), "--max-model-len", "2048")
     children = set(srv.children)
-    assert core_pid(srv.proc.pid) in children
-    yield srv
-    assert srv.stop(signal.SIGTERM)
+    try:
+        assert core_pid(srv.proc.pid) in children
+        yield srv
+        assert srv.stop(signal.SIGTERM)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
     assert not wait_gone(children), f"SIGTERM left behind: {children}"
 
 
@@ -274,8 +298,8 @@ def _running(text: str) -> float:
     return float(line.split()[1])
 
 
-def test_core_death_gives_5xx_and_503_health_and_nothing_hangs(tmp_path):
-    srv = Server(tmp_path)
+def test_core_death_gives_5xx_and_503_health_and_nothing_hangs(start_server):
+    srv = start_server()
     children = set(srv.children)
 
     async def in_flight() -> tuple[list[str], httpx.Response]:
@@ -313,12 +337,12 @@ def test_core_death_gives_5xx_and_503_health_and_nothing_hangs(tmp_path):
     assert not wait_gone(children)
 
 
-def test_sigint_leaves_no_process_behind(tmp_path):
+def test_sigint_leaves_no_process_behind(start_server):
     """Stopped while a stream is open: shutdown must not wait for it, and must end the core
     (and anything it started) too. (SIGTERM: the module server's teardown, and the core-death
     and two-API-server tests.)"""
     sig = signal.SIGINT
-    srv = Server(tmp_path)
+    srv = start_server()
     children = set(srv.children)
     assert core_pid(srv.proc.pid) in children
     with httpx.Client(base_url=srv.url, timeout=30) as client:
@@ -329,16 +353,16 @@ def test_sigint_leaves_no_process_behind(tmp_path):
     assert not wait_gone(children), f"left behind: {children}"
 
 
-def test_core_exits_when_the_api_process_is_killed(tmp_path):
-    srv = Server(tmp_path)
+def test_core_exits_when_the_api_process_is_killed(start_server):
+    srv = start_server()
     core = core_pid(srv.proc.pid)
     srv.proc.kill()  # SIGKILL: no shutdown code runs in the API process
     srv.proc.wait(10)
     assert not wait_gone({core}), "the engine core outlived its API process"
 
 
-def test_two_api_servers_share_one_core(tmp_path, llm):
-    srv = Server(tmp_path, "--api-server-count", "2", "--max-model-len", "2048")
+def test_two_api_servers_share_one_core(llm, start_server):
+    srv = start_server("--api-server-count", "2", "--max-model-len", "2048")
     children = set(srv.children)
     try:
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -464,17 +488,21 @@ def test_stream_interval_coalesces(interval_server):
         assert client.get("/v1/models").json()["data"][0]["stream_interval"] == 4
 
 
-def test_two_api_servers_all_stop_when_the_core_dies(tmp_path):
+def test_two_api_servers_all_stop_when_the_core_dies(start_server):
     """With several API processes the supervisor stops them all and exits 1: a load balancer
     or a restart policy sees a dead server, not a half-working one."""
-    srv = Server(tmp_path, "--api-server-count", "2")
+    srv = start_server("--api-server-count", "2")
     children = set(srv.children)
-    # /health answered once one API server ran: the other may still be starting
-    deadline, want = time.monotonic() + 60, {CORE_PROCESS_NAME, "llmbench-api-0", "llmbench-api-1"}
-    while not {comm(p) for p in children} >= want:
-        assert time.monotonic() < deadline, {p: comm(p) for p in children}
-        time.sleep(0.1)
-    os.kill(core_pid(srv.proc.pid), signal.SIGKILL)
-    assert srv.proc.wait(30) == 1
+    try:
+        # /health answered once one API server ran: the other may still be starting
+        want = {CORE_PROCESS_NAME, "llmbench-api-0", "llmbench-api-1"}
+        deadline = time.monotonic() + 60
+        while not {comm(p) for p in children} >= want:
+            assert time.monotonic() < deadline, {p: comm(p) for p in children}
+            time.sleep(0.1)
+        os.kill(core_pid(srv.proc.pid), signal.SIGKILL)
+        assert srv.proc.wait(30) == 1
+    finally:
+        srv.stop()  # a no-op once it exited
     assert not wait_gone(children), f"left behind: {children}"
 
