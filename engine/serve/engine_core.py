@@ -128,7 +128,9 @@ class EngineCore:
     # ---- input --------------------------------------------------------------------------
     def _drain(self, block: bool) -> bool:
         """Apply every message waiting on any connection; False: time to stop."""
-        for conn in wait(self.conns, timeout=None if block else 0):
+        # busy: one poll per connection (cheaper than building a selector every step)
+        ready = wait(self.conns) if block else [c for c in self.conns if c.poll()]
+        for conn in ready:
             index = self.conns.index(conn)
             while True:
                 try:
