@@ -2,27 +2,38 @@
 
     POST /v1/completions        prompt: string or token-id list; SSE with "stream": true
     POST /v1/chat/completions   messages through the chat template (engine/serve/chat.py)
-    GET  /v1/models             the one served model
-    GET  /health                200 while the engine loop runs, 503 otherwise
+    GET  /v1/models             the one served model (and how it is served: engine, stream_interval)
+    GET  /health                200 while the engine runs, 503 otherwise (e.g. the core died)
     GET  /metrics               Prometheus text (engine/serve/metrics.py)
 
 Every error is a 4xx/5xx with an OpenAI error object (engine/serve/errors.py).
+
+The routes talk to an `EngineClient` (engine_client.py) only: the engine core process
+(core_client.py, the default for an EngineConfig) or a thread of this process (async_engine.py,
+for an LLMEngine or engine_in_process=True). Either way this process tokenizes (on one worker
+thread, off the event loop), detokenizes and matches stop strings (output_processor.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from multiprocessing.connection import Connection
+from typing import TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from engine.config import EngineConfig
+from engine.config import PRESETS, EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.serve.async_engine import AsyncEngine
 from engine.serve.chat import chat_prompt_token_ids, text_prompt_token_ids
+from engine.serve.core_client import CoreClient
+from engine.serve.engine_client import EngineClient
 from engine.serve.errors import APIError, error_response, install_error_handlers
 from engine.serve.generation import GenerationRequest, ServerState, generate
 from engine.serve.metrics import ServerMetrics
@@ -37,12 +48,14 @@ from engine.serve.protocol import (
     sampling_params,
 )
 from engine.serve.responses import ResponseFormat
+from engine.tokenizer import load_tokenizer
 
 DEFAULT_MAX_WAITING = 256
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 def _state(request: Request) -> ServerState:
@@ -83,6 +96,13 @@ def _prepare(
     return GenerationRequest(fmt, prompt_token_ids, params, req.stream, include_usage, t_start)
 
 
+async def _tokenize(state: ServerState, fn: Callable[..., T], *args: object) -> T:
+    """Run `fn(encoder_tokenizer, *args)` on the tokenizer thread: a long prompt or a chat
+    template must not stall the event loop that streams every other client's tokens."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state.tokenizer_pool, fn, state.encoder, *args)
+
+
 def _check_request(state: ServerState, req: SamplingRequest) -> None:
     if req.model != state.model_name:
         raise APIError(
@@ -99,7 +119,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     t_start = time.perf_counter()
     state = _state(request)
     _check_request(state, body)
-    ids = text_prompt_token_ids(state.tokenizer, completion_prompt(body))
+    ids = await _tokenize(state, text_prompt_token_ids, completion_prompt(body))
     gen = _prepare(state, body, ids, ResponseFormat("completion", state.model_name), t_start)
     return await generate(state, gen, request)
 
@@ -109,7 +129,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     t_start = time.perf_counter()
     state = _state(request)
     _check_request(state, body)
-    ids = chat_prompt_token_ids(state.tokenizer, body.messages)
+    ids = await _tokenize(state, chat_prompt_token_ids, body.messages)
     gen = _prepare(state, body, ids, ResponseFormat("chat", state.model_name), t_start)
     return await generate(state, gen, request)
 
@@ -123,6 +143,8 @@ async def models(request: Request) -> JSONResponse:
         "created": 0,
         "owned_by": "llmbench",
         "max_model_len": state.max_model_len,
+        "engine": state.engine_kind,  # "core-process" | "in-process"
+        "stream_interval": state.stream_interval,
     }
     return JSONResponse({"object": "list", "data": [card]})
 
@@ -132,7 +154,7 @@ async def health(request: Request) -> Response:
     engine = _state(request).engine
     if engine is None or not engine.is_alive:
         reason = engine.failure if engine is not None and engine.failure else "not running"
-        return error_response(503, f"engine loop is down: {reason}", code="engine_unavailable")
+        return error_response(503, f"engine is down: {reason}", code="engine_unavailable")
     return JSONResponse({"status": "ok"})
 
 
@@ -150,37 +172,76 @@ def create_app(
     api_key: str | None = None,
     max_waiting: int = DEFAULT_MAX_WAITING,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    *,
+    engine_in_process: bool = False,
+    core_connection: Connection | None = None,
+    stream_interval: int = 1,
+    log_level: str = "INFO",
 ) -> FastAPI:
-    """An app serving one engine. Given an EngineConfig, the engine is built now and shut down
-    with the app; given an LLMEngine, the caller keeps ownership. The engine loop thread runs
-    while the app runs (its lifespan), so one engine must not back two running apps at once."""
-    owned = isinstance(engine_or_config, EngineConfig)
-    engine = LLMEngine(engine_or_config) if owned else engine_or_config
-    if not isinstance(engine, LLMEngine):
-        raise ValueError(
-            f"engine_or_config must be an LLMEngine or EngineConfig, got {type(engine).__name__}"
-        )
+    """An app serving one engine.
+
+    - an LLMEngine: served from a thread of this process; the caller keeps ownership.
+    - an EngineConfig: an engine core process is spawned when the app starts and stopped with
+      it; with engine_in_process=True the engine is built here and served from a thread;
+      with core_connection, the app joins a core a launcher started (several API processes).
+
+    The engine runs while the app runs (its lifespan), so one engine must not back two running
+    apps at once. stream_interval K: a stream sends a chunk once K tokens are pending (or it
+    finished); 1 = one chunk per engine step."""
     if max_waiting < 1:
         raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+    if isinstance(engine_or_config, LLMEngine):
+        config, tokenizer = engine_or_config.config, engine_or_config.tokenizer
+        in_process = True
+    elif isinstance(engine_or_config, EngineConfig):
+        config = engine_or_config
+        tokenizer = load_tokenizer(config.model, config.tokenizer, config.model in PRESETS)
+        in_process = engine_in_process
+    else:
+        raise ValueError(
+            "engine_or_config must be an LLMEngine or EngineConfig, "
+            f"got {type(engine_or_config).__name__}"
+        )
     state = ServerState(
-        model_name=served_model_name or engine.config.model,
-        tokenizer=copy.deepcopy(engine.tokenizer),  # HF fast tokenizers are not thread-safe
-        max_model_len=engine.config.max_model_len,
-        vocab_size=engine.config.model_config.vocab_size,
+        model_name=served_model_name or config.model,
+        tokenizer=tokenizer,
+        # HF fast tokenizers are not thread-safe: the tokenizer thread gets its own copy
+        encoder=copy.deepcopy(tokenizer),
+        max_model_len=config.max_model_len,
+        vocab_size=config.model_config.vocab_size,
         metrics=ServerMetrics(known_paths=ROUTES),
+        engine_kind="in-process" if in_process else "core-process",
+        stream_interval=stream_interval,
     )
+
+    def make_client() -> EngineClient:
+        if isinstance(engine_or_config, LLMEngine):
+            return AsyncEngine(engine_or_config, max_waiting)
+        if in_process:
+            return AsyncEngine(LLMEngine(config), max_waiting)
+        if core_connection is not None:
+            return CoreClient(core_connection, max_waiting)
+        return CoreClient.spawn(config, max_waiting, log_level)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.engine = AsyncEngine(engine, max_waiting)
-        state.engine.start()
+        client = make_client()
+        state.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         try:
+            client.start()
+            if isinstance(client, CoreClient) and client.ready is not None:
+                state.max_model_len = client.ready.max_model_len  # what the core runs with
+            state.engine = client
             yield
         finally:
-            state.engine.stop()
             state.engine = None
-            if owned:
-                engine.shutdown()
+            client.stop()
+            state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+            if in_process and not isinstance(engine_or_config, LLMEngine):
+                assert isinstance(client, AsyncEngine)
+                client.engine.shutdown()
 
     app = FastAPI(title="llmbench OpenAI-compatible server", lifespan=lifespan)
     app.state.server = state

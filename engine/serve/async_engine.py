@@ -1,14 +1,12 @@
-"""`AsyncEngine`: an asyncio front for the (not thread-safe) `LLMEngine`.
+"""`AsyncEngine`: the in-process `EngineClient` (engine_client.py): the (not thread-safe)
+`LLMEngine` on one background thread of this process.
 
-One background thread owns the engine and runs its step loop. Callers on any asyncio loop send
-commands (add / abort) through a lock-protected deque and get deltas back on a per-request
-asyncio.Queue, filled with `loop.call_soon_threadsafe`. The thread sleeps on a condition while
-the engine has nothing to do, so an idle server burns no CPU.
-
-Admission control: at most `max_waiting` requests may be accepted but not yet started (no token
-produced: queued in the scheduler or still in prefill). Past that, `add_request` raises
-`EngineOverloaded` at once, which the HTTP layer turns into a 429, so an overload shows up as
-fast, clear refusals instead of unbounded queueing.
+Callers on any asyncio loop send commands (add / abort) through a lock-protected deque; after
+each step the thread hands every loop its requests' token deltas in one
+`loop.call_soon_threadsafe`, merged per request. The thread sleeps on a condition while the
+engine has nothing to do, so an idle server burns no CPU. `python -m engine.serve` runs the
+engine in its own process instead (core_client.py); this one serves tests and callers that
+pass their own LLMEngine to `create_app`, and shares the GIL with HTTP and detokenization.
 """
 
 from __future__ import annotations
@@ -16,92 +14,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
+from engine.serve.engine_client import (
+    ACCEPTED,
+    EngineFailed,
+    EngineOverloaded,
+    EngineSnapshot,
+    RequestRejected,
+    RequestStream,
+    engine_params,
+    engine_snapshot,
+    token_delta,
+)
+
+# Re-exported: callers imported them from here before the seam had its own module.
+__all__ = ["AsyncEngine", "EngineFailed", "EngineOverloaded", "EngineSnapshot", "RequestRejected"]
 
 logger = logging.getLogger(__name__)
-
-
-class EngineOverloaded(Exception):
-    """Too many requests waiting; the caller should retry later (HTTP 429)."""
-
-
-class RequestRejected(ValueError):
-    """The engine refused the request (its ValueError from add_request; HTTP 400)."""
-
-
-class EngineFailed(RuntimeError):
-    """The step loop raised; every request in flight at that moment gets this (HTTP 500)."""
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """Gauges published by the loop thread after each step (replaced whole, never mutated)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    num_steps: int = 0
-
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
-
-
-_ACCEPTED = object()  # first item on a stream once add_request succeeded
-
-
-class RequestStream:
-    """Deltas of one request, consumed on the asyncio loop that created it."""
-
-    def __init__(self, request_id: str, owner: AsyncEngine, loop: asyncio.AbstractEventLoop):
-        self.request_id = request_id
-        self.finished = False
-        self._owner = owner
-        self._loop = loop
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
-
-    def put(self, item: object) -> None:
-        """Called from the loop thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-            pass
-
-    async def wait_accepted(self) -> None:
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestDelta:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        assert isinstance(item, RequestDelta)
-        self.finished = item.finished
-        return item
-
-    def abort(self) -> None:
-        """Abort if still running (client gone); a no-op once finished. Safe to call twice."""
-        if not self.finished:
-            self._owner.abort(self.request_id)
 
 
 @dataclass
 class _Add:
     stream: RequestStream
+    loop: asyncio.AbstractEventLoop
     prompt_token_ids: list[int]
     params: SamplingParams
 
@@ -125,9 +64,11 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         # Owned by the loop thread only:
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
         self._unstarted: set[str] = set()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = defaultdict(list)
         self._num_steps = 0
+        self._num_preemptions = 0
 
     # ---- lifecycle (caller side) ---------------------------------------------------------
     def start(self) -> None:
@@ -159,9 +100,7 @@ class AsyncEngine:
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> RequestStream:
-        """Queue a request and wait until the engine accepted it. Raises EngineOverloaded,
-        RequestRejected (bad input) or EngineFailed (the loop is not running)."""
-        stream = RequestStream(request_id, self, asyncio.get_running_loop())
+        stream = RequestStream(request_id, self.abort)
         with self._cond:
             if not self.is_alive:
                 raise EngineFailed(f"the engine loop is not running ({self.failure or 'stopped'})")
@@ -171,7 +110,8 @@ class AsyncEngine:
                     f"(max_waiting={self.max_waiting}); retry later"
                 )
             self._num_unstarted += 1
-            self._commands.append(_Add(stream, prompt_token_ids, params))
+            add = _Add(stream, asyncio.get_running_loop(), prompt_token_ids, engine_params(params))
+            self._commands.append(add)
             self._cond.notify()
         try:
             await stream.wait_accepted()
@@ -196,6 +136,7 @@ class AsyncEngine:
                     self._apply(command)
                 if self.engine.has_unfinished_requests():
                     self._step()
+                self._flush()
         except BaseException as e:  # the thread must not die silently: log and fail everyone
             self.failure = e
             logger.exception("engine loop thread died")
@@ -203,6 +144,7 @@ class AsyncEngine:
             error = EngineFailed(f"the engine loop stopped ({self.failure or 'shutdown'})")
             self._fail_all(error)  # aborts them too: a caller-owned engine may outlive this loop
             self._fail_queued(error)
+            self._flush()
 
     def _wait_for_work(self) -> list[_Add | _Abort] | None:
         with self._cond:
@@ -214,6 +156,18 @@ class AsyncEngine:
             self._commands.clear()
         return commands
 
+    def _send(self, stream: RequestStream, loop: asyncio.AbstractEventLoop, item: object) -> None:
+        self._outbox[loop].append((stream, item))
+
+    def _flush(self) -> None:
+        """One hand-over per caller loop per step, not one per token."""
+        for loop, items in self._outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                pass
+        self._outbox.clear()
+
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
             self.engine.abort_request(command.request_id)  # False if unknown or already done
@@ -223,11 +177,11 @@ class AsyncEngine:
             self.engine.add_request(stream.request_id, command.prompt_token_ids, command.params)
         except ValueError as e:
             self._mark_started(stream.request_id, force=True)
-            stream.put(RequestRejected(str(e)))
+            self._send(stream, command.loop, RequestRejected(str(e)))
             return
-        self._streams[stream.request_id] = stream
+        self._streams[stream.request_id] = (stream, command.loop)
         self._unstarted.add(stream.request_id)
-        stream.put(_ACCEPTED)
+        self._send(stream, command.loop, ACCEPTED)
 
     def _step(self) -> None:
         try:
@@ -237,11 +191,13 @@ class AsyncEngine:
             self._fail_all(EngineFailed(f"engine step failed: {type(e).__name__}: {e}"))
             return
         self._num_steps += 1
+        stats = self.engine.last_step_stats
+        self._num_preemptions += stats.num_preempted if stats is not None else 0
         for delta in deltas:
             self._mark_started(delta.request_id)
-            stream = self._streams.get(delta.request_id)
-            if stream is not None:
-                stream.put(delta)
+            entry = self._streams.get(delta.request_id)
+            if entry is not None:
+                self._send(entry[0], entry[1], token_delta(delta))
             if delta.finished:
                 self._streams.pop(delta.request_id, None)
         self._publish()
@@ -254,13 +210,13 @@ class AsyncEngine:
 
     def _fail_all(self, error: Exception) -> None:
         """Every request in flight gets `error` and is aborted in the engine (KV blocks freed)."""
-        for request_id, stream in list(self._streams.items()):
+        for request_id, (stream, loop) in list(self._streams.items()):
             try:
                 self.engine.abort_request(request_id)
             except Exception:
                 logger.exception("abort of %s after a failed step also failed", request_id)
             self._mark_started(request_id)
-            stream.put(error)
+            self._send(stream, loop, error)
         self._streams.clear()
         try:
             self.engine.step()  # drain the abort deltas it queued (nothing left to schedule)
@@ -275,15 +231,12 @@ class AsyncEngine:
             self._commands.clear()
         for command in pending:
             self._mark_started(command.stream.request_id, force=True)
-            command.stream.put(error)
+            self._send(command.stream, command.loop, error)
 
     def _publish(self) -> None:
-        bm = self.engine.block_manager
-        sched = self.engine.scheduler
-        self.snapshot = EngineSnapshot(
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
-            kv_blocks_used=bm.num_used_blocks,
-            kv_blocks_total=bm.num_usable_blocks,
-            num_steps=self._num_steps,
-        )
+        self.snapshot = engine_snapshot(self.engine, self._num_steps, self._num_preemptions)
+
+
+def _deliver(items: list[tuple[RequestStream, object]]) -> None:
+    for stream, item in items:
+        stream.put(item)

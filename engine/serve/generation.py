@@ -1,4 +1,10 @@
-"""One generation request through the AsyncEngine, answered as SSE chunks or one JSON body.
+"""One generation request through the EngineClient, answered as SSE chunks or one JSON body.
+
+Token deltas from the engine become text here (output_processor.py: detokenization, stop
+strings; a stop string aborts the request in the engine). A stream sends one chunk per engine
+step with all of that step's tokens (more if it fell behind: the RequestStream merges what
+queued up), or, with stream_interval K > 1 (vLLM's rule), the first token at once (TTFT is not
+delayed), then a chunk whenever K tokens are pending, and the last one.
 
 A client that disconnects gets its request aborted (engine.abort_request, so its KV blocks are
 freed at once): a watcher task waits for the ASGI `http.disconnect` message, for streaming and
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -21,8 +28,8 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
-from engine.serve.async_engine import (
-    AsyncEngine,
+from engine.serve.engine_client import (
+    EngineClient,
     EngineFailed,
     EngineOverloaded,
     RequestRejected,
@@ -30,19 +37,24 @@ from engine.serve.async_engine import (
 )
 from engine.serve.errors import APIError, error_body
 from engine.serve.metrics import ServerMetrics
+from engine.serve.output_processor import OutputProcessor
 from engine.serve.responses import SSE_DONE, ResponseFormat, sse
 
 
 @dataclass
 class ServerState:
     model_name: str
-    tokenizer: PreTrainedTokenizerBase  # the server's own copy: the engine thread uses the engine's
+    tokenizer: PreTrainedTokenizerBase  # detokenizes, on the event loop
+    encoder: PreTrainedTokenizerBase  # its own copy: tokenizes, on the tokenizer thread only
     max_model_len: int
     vocab_size: int
     metrics: ServerMetrics
-    engine: AsyncEngine | None = None  # set while the app is running (lifespan)
+    engine_kind: str = "core-process"
+    stream_interval: int = 1
+    engine: EngineClient | None = None  # set while the app is running (lifespan)
+    tokenizer_pool: ThreadPoolExecutor | None = None  # one thread, set while running
 
-    def running_engine(self) -> AsyncEngine:
+    def running_engine(self) -> EngineClient:
         if self.engine is None:
             raise APIError(
                 503,
@@ -97,13 +109,17 @@ async def generate(state: ServerState, gen: GenerationRequest, request: Request)
         return StreamingResponse(
             _sse_events(state, gen, stream, request),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                "X-Stream-Interval": str(state.stream_interval),
+            },
             background=BackgroundTask(stream.abort),
         )
     return await _collect(state, gen, stream, request)
 
 
-async def _open(engine: AsyncEngine, gen: GenerationRequest) -> RequestStream:
+async def _open(engine: EngineClient, gen: GenerationRequest) -> RequestStream:
     try:
         return await engine.add_request(gen.fmt.request_id, gen.prompt_token_ids, gen.params)
     except EngineOverloaded as e:
@@ -138,19 +154,58 @@ def _close(stream: RequestStream, progress: _Progress, metrics: ServerMetrics) -
     progress.record(metrics)
 
 
+@dataclass
+class _Pending:
+    """Tokens not yet sent (stream_interval > 1 holds them back)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+    def add(self, delta: RequestDelta) -> None:
+        self.token_ids += delta.new_token_ids
+        self.text.append(delta.new_text)
+
+    def take(self) -> tuple[str, list[int]]:
+        out = "".join(self.text), self.token_ids
+        self.token_ids, self.text = [], []
+        return out
+
+
+async def _text_deltas(
+    gen: GenerationRequest, stream: RequestStream, state: ServerState
+) -> AsyncIterator[RequestDelta]:
+    """The stream's token deltas as text deltas; ends at the finishing delta. A stop string
+    ends it here: the engine is told to abort (its later tokens are dropped)."""
+    out = OutputProcessor(state.tokenizer, gen.params)
+    async for token_delta in stream:
+        delta = out.process(token_delta)
+        if out.stopped:
+            stream.abort()
+        yield delta
+        if delta.finished:
+            return
+
+
 async def _sse_events(
     state: ServerState, gen: GenerationRequest, stream: RequestStream, request: Request
 ) -> AsyncIterator[bytes]:
     progress = _Progress(gen.t_start, prompt_tokens=len(gen.prompt_token_ids))
+    pending, interval, sent_any = _Pending(), state.stream_interval, False
     try:
         async with _abort_on_disconnect(request, stream):
-            async for delta in stream:
+            async for delta in _text_deltas(gen, stream, state):
                 progress.add(delta)
-                if delta.new_token_ids or (delta.finished and delta.finish_reason != "abort"):
+                pending.add(delta)
+                if delta.finished and delta.finish_reason == "abort":
+                    break  # the client left: nobody to send the rest to
+                n = len(pending.token_ids)
+                if delta.finished or (n and (not sent_any or n >= interval)):
+                    text, ids = pending.take()
+                    sent_any = True
                     reason = delta.finish_reason if delta.finished else None
-                    yield sse(gen.fmt.chunk(delta.new_text, delta.new_token_ids, reason))
+                    yield sse(gen.fmt.chunk(text, ids, reason))
         if progress.finish_reason == "abort":
-            return  # aborted because the client left: nobody to send the rest to
+            return
         if gen.include_usage:
             yield sse(
                 gen.fmt.usage_chunk(
@@ -170,7 +225,7 @@ async def _collect(
     progress = _Progress(gen.t_start, prompt_tokens=len(gen.prompt_token_ids))
     try:
         async with _abort_on_disconnect(request, stream):
-            async for delta in stream:
+            async for delta in _text_deltas(gen, stream, state):
                 progress.add(delta)
     except EngineFailed as e:
         raise APIError(500, str(e), code="engine_failed") from None

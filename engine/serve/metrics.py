@@ -2,8 +2,9 @@
 gauges and histograms do not need prometheus_client).
 
 Counters and histograms are updated by handlers on the server's event loop, one thread, so they
-need no lock; the engine gauges come from the `EngineSnapshot` that the engine loop thread
-replaces whole after every step.
+need no lock; the engine gauges come from the `EngineSnapshot` the engine publishes after its
+steps (from the core process, in its per-step message). With several API server processes each
+counts its own requests and responses; the engine gauges are the one engine's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.serve.async_engine import EngineSnapshot
+from engine.serve.engine_client import EngineSnapshot
 
 PREFIX = "llmbench_"
 LATENCY_BUCKETS_S = (
@@ -89,6 +90,7 @@ class ServerMetrics:
             ("kv_blocks_total", "gauge", "Usable KV cache blocks.", snap.kv_blocks_total),
             ("kv_cache_usage_ratio", "gauge", "KV blocks used / total (0..1).", repr(snap.kv_usage)),
             ("engine_steps_total", "counter", "Engine steps run.", snap.num_steps),
+            ("num_preemptions_total", "counter", "Sequences preempted (recomputed later).", snap.num_preemptions),
             ("prompt_tokens_total", "counter", "Prompt tokens of requests the engine accepted.", self.prompt_tokens),
             ("generation_tokens_total", "counter", "Tokens generated (all requests, aborted ones too).",
              self.generation_tokens),

@@ -1,9 +1,10 @@
 """Response bodies of /v1/completions and /v1/chat/completions, whole and streamed (SSE).
 
-Streaming sends one chunk per engine delta, that is one chunk per generated token, even when
-the token adds no text yet (an incomplete UTF-8 sequence, or text held back while it may still
-become a stop string). Each choice also carries `token_ids` (an extension, as in vLLM's
-`return_token_ids`), so clients can count tokens per chunk exactly instead of guessing from text.
+Streaming sends one chunk per engine step with all of that step's new tokens (or per
+--stream-interval tokens: generation.py), even when they add no text yet (an incomplete UTF-8
+sequence, or text held back while it may still become a stop string). Each choice also carries
+`token_ids` (an extension, as in vLLM's `return_token_ids`), so clients can count tokens per chunk
+exactly instead of guessing from text.
 Chat streams put `role` in the first token's chunk rather than in an empty chunk of its own, so a
 client that times "first chunk" gets the first token.
 """

@@ -39,7 +39,7 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
-def _config(app: Any, log_level: str) -> uvicorn.Config:
+def uvicorn_config(app: Any, log_level: str) -> uvicorn.Config:
     # A short graceful-shutdown window: streams still open then are cancelled (and aborted).
     return uvicorn.Config(
         app,
@@ -53,7 +53,7 @@ def _config(app: Any, log_level: str) -> uvicorn.Config:
 def serve(app: Any, host: str = LOOPBACK, port: int = 8000, log_level: str = "info") -> None:
     sock = bind_socket(host, port)
     try:
-        uvicorn.Server(_config(app, log_level)).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])
     finally:
         sock.close()
 
@@ -64,7 +64,7 @@ class ServerThread:
     def __init__(self, app: Any, host: str = LOOPBACK, port: int = 0, log_level: str = "warning"):
         self.sock = bind_socket(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(_config(app, log_level))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level))
         self.thread = threading.Thread(
             target=self.server.run,
             kwargs={"sockets": [self.sock]},

@@ -127,7 +127,9 @@ def test_completion_stream_matches_non_stream(oai):
     assert [
         t for c in token_chunks for t in c.choices[0].model_extra["token_ids"]
     ] == whole.choices[0].model_extra["token_ids"]
-    assert len(token_chunks) == 10  # one chunk per token
+    # one chunk per engine step, each with all of that step's tokens (one here: plain decode),
+    # fewer if the stream fell behind and merged what queued up
+    assert 1 <= len(token_chunks) <= 10
     assert "".join(c.choices[0].text for c in token_chunks) == whole.choices[0].text
     assert token_chunks[-1].choices[0].finish_reason == "length"
     usage = chunks[-1].usage  # the final chunk: no choices, only usage
@@ -161,7 +163,8 @@ def test_chat_non_stream_and_stream(oai, engine):
     token_chunks = [c for c in chunks if c.choices]
     assert token_chunks[0].choices[0].delta.role == "assistant"  # role rides on the first token
     assert "".join(c.choices[0].delta.content for c in token_chunks) == r.choices[0].message.content
-    assert chunks[-1].usage.completion_tokens == len(token_chunks) == 6
+    assert chunks[-1].usage.completion_tokens == 6 >= len(token_chunks)
+    assert sum(len(c.choices[0].model_extra["token_ids"]) for c in token_chunks) == 6
 
 
 def test_models_health_metrics(http, oai):
@@ -343,11 +346,12 @@ def test_non_stream_disconnect_frees_blocks(server, http):
 
 @pytest.fixture(scope="module")
 def small_server():
-    """max_num_seqs=2, max_waiting=2, max_model_len=64: easy to overload, fast to fuzz."""
-    eng = LLMEngine(EngineConfig(model="tiny", max_num_seqs=2, max_model_len=64))
-    with ServerThread(create_app(eng, "tiny", max_waiting=2)) as srv:
+    """max_num_seqs=2, max_waiting=2, max_model_len=64: easy to overload, fast to fuzz. The
+    engine runs in its own core process (the served default), so overload and fuzz cross the
+    process boundary; the module's `server` covers the in-process engine."""
+    config = EngineConfig(model="tiny", max_num_seqs=2, max_model_len=64)
+    with ServerThread(create_app(config, "tiny", max_waiting=2)) as srv:
         yield srv
-    eng.shutdown()
 
 
 async def _burst(url: str, n: int) -> list[tuple[int, dict | list]]:
