@@ -88,6 +88,17 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     for name in ("ttft", "tpot", "e2el"):
         g.add_argument(f"--slo-{name}-ms", type=positive_float, help=f"{name.upper()} SLO for goodput")
     g.add_argument("--no-telemetry", action="store_true", help="do not sample NVML")
+    g.add_argument("--warmup", metavar="N|Ts", help="leave the first N requests (or those sent in the first "
+                   "T seconds, e.g. 5s) out of the summary; flagged window=warmup in requests.parquet")
+    g.add_argument("--cooldown", metavar="N|Ts", help="leave the last N requests to finish (or those "
+                   "finishing in the last T seconds) out of the summary; flagged window=cooldown")
+    g.add_argument("--duration", metavar="SECONDS", help="time-bounded run: send nothing after this "
+                   "(e.g. 60, 60s, 2m); unsent requests are recorded with status not_sent")
+    g.add_argument("--percentiles", default="50,90,95,99", help="latency percentiles of the summary, "
+                   "e.g. 50,90,95,99,99.9 (columns p99.9_ttft_ms ...)")
+    g.add_argument("--scrape-interval", default="0.5", metavar="SECONDS",
+                   help="openai backend: scrape the server's /metrics this often into "
+                        "server_metrics.parquet ('off' to disable; default 0.5)")
     g.add_argument("--bandwidth-gbps", default="auto", help="memory bandwidth for the roofline figure: "
                    "GB/s, 'auto' (measured on CUDA, none on CPU) or 'off'")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 from engine.config import parse_value
 from engine.config_args import UsageError, engine_kwargs, parse_pairs
 from harness.backends.base import ENGINE_BACKENDS
-from harness.metrics import Slos
+from harness.metrics import Slos, check_percentiles
 from harness.run import BACKENDS, RunSpec
+from harness.window import parse_bound
 from workloads.spec import WorkloadSpec
 from workloads.trace import load_trace
 
@@ -85,6 +87,31 @@ def bandwidth(ns: argparse.Namespace, backends: Sequence[str], args: dict[str, A
     return float(value) * 1e9
 
 
+def parse_seconds(text: str, flag: str) -> float:
+    """"90", "90s", "1.5m", "1h" -> seconds (> 0)."""
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([smh]?)", text.strip().lower())
+    value = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)] if m else 0.0
+    if not value > 0:
+        raise UsageError(f"{flag} expects a duration > 0 such as 60, 60s or 2m, got {text!r}")
+    return value
+
+
+def measurement_spec(ns: argparse.Namespace) -> dict[str, Any]:
+    """The steady-state window, deadline, percentiles and scrape period of run/sweep."""
+    try:
+        window = {"warmup": parse_bound(ns.warmup), "cooldown": parse_bound(ns.cooldown)}
+    except ValueError as e:
+        raise UsageError(f"--warmup/--cooldown: {e}") from None
+    percentiles = parse_list(ns.percentiles, "--percentiles", float)
+    try:
+        check_percentiles(percentiles)
+    except ValueError as e:
+        raise UsageError(f"--percentiles: {e}") from None
+    scrape = None if str(ns.scrape_interval).lower() == "off" else parse_seconds(ns.scrape_interval, "--scrape-interval")
+    return {**window, "percentiles": tuple(percentiles), "scrape_interval_s": scrape,
+            "duration_s": parse_seconds(ns.duration, "--duration") if ns.duration else None}
+
+
 def common_spec(ns: argparse.Namespace, backends: Sequence[str]) -> dict[str, Any]:
     if ns.max_concurrency is not None and ns.max_concurrency < 1:
         raise UsageError(f"--max-concurrency must be >= 1, got {ns.max_concurrency}")
@@ -93,7 +120,8 @@ def common_spec(ns: argparse.Namespace, backends: Sequence[str]) -> dict[str, An
     args = engine_args(ns, backends, ns.model)
     return {"model": ns.model, "max_concurrency": ns.max_concurrency, "engine_args": args,
             "slos": Slos(ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2el_ms), "telemetry": not ns.no_telemetry,
-            "bandwidth_bytes_per_s": bandwidth(ns, backends, args), "progress": not ns.no_progress}
+            "bandwidth_bytes_per_s": bandwidth(ns, backends, args), "progress": not ns.no_progress,
+            **measurement_spec(ns)}
 
 
 def _fresh_dir(out: str | None, default: str) -> Path:
@@ -131,7 +159,7 @@ class RunCommand:
 
         _set_threads(self.threads)
         run_once(self.spec, self.out)
-        console.print(summary_table(load_runs([self.out]), title=str(self.out)))
+        console.print(summary_table(load_runs([self.out]), title=str(self.out), width=console.width))
         console.print(f"report: {self.out}")
         return 0
 
@@ -170,7 +198,7 @@ class SweepCommand:
         _set_threads(self.threads)
         run_sweep(self.spec, self.out)
         runs = load_runs([self.out])
-        console.print(summary_table(runs, title=str(self.out)))
+        console.print(summary_table(runs, title=str(self.out), width=console.width))
         console.print(f"sweep: {self.out / 'sweep.parquet'}\nHTML:  {write_html(runs, self.out / 'compare.html')}")
         return 0
 
@@ -185,7 +213,7 @@ class CompareCommand:
     def execute(self, console) -> int:
         from harness.compare import summary_table, write_html
 
-        console.print(summary_table(self.runs))
+        console.print(summary_table(self.runs, width=console.width))
         console.print(f"HTML: {write_html(self.runs, self.html)}")
         return 0
 

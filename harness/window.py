@@ -4,11 +4,12 @@ the summary.
     warmup, cooldown = parse_bound("10"), parse_bound("5s")   # 10 requests, 5 seconds
     flag_window(records, warmup, cooldown)                    # sets RequestRecord.window
 
-Warm-up is counted from the start: the first N requests sent (by sent_s, else scheduled_s), or
+Warm-up is counted from the start: the first N requests sent (by sent_s), or
 those sent in the first T seconds of the run. Cool-down is counted from the end: the last N
 requests to finish, or those finishing in the last T seconds (the drain, when the load falls).
-A request in both is warm-up. Requests that never ran (not_sent, errors without a finish
-time) are placed by their scheduled time. The rows stay in the Parquet with their flag.
+A request in both is warm-up. Requests never sent (not_sent past --duration, refused before
+sending) stay steady: they count in num_not_sent / num_error, in no latency. The rows stay in
+the Parquet with their flag.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ def parse_bound(text: str | int | float | None) -> Bound:
 
 
 def _start(r: RequestRecord) -> float:
-    return r.sent_s if r.sent_s is not None else r.scheduled_s
+    return r.sent_s
 
 
 def _end(r: RequestRecord) -> float:
-    return r.finished_s if r.finished_s is not None else r.scheduled_s
+    return r.finished_s if r.finished_s is not None else r.sent_s
 
 
 def flag_window(records: Sequence[RequestRecord], warmup: Bound = Bound(),
@@ -69,6 +70,7 @@ def flag_window(records: Sequence[RequestRecord], warmup: Bound = Bound(),
     """Set each record's window in place (every record starts as steady)."""
     for r in records:
         r.window = "steady"
+    records = [r for r in records if r.sent_s is not None]
     if not records:
         return
     if cooldown:
