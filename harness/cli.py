@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a sweep folder or a report folder; --write-baseline: repeat it to take medians")
     gate.add_argument("--threshold", type=float, help="allowed relative regression (default: the baseline's, else 0.1)")
     gate.add_argument("--reference", default="engine", help="--write-baseline: the numerator backend")
+    gate.add_argument("--ratios-only", action="store_true",
+                      help="gate only the ratios (e.g. a baseline from another device: its absolute figures "
+                           "are refused otherwise)")
     gate.add_argument("--metric", action="append", default=[], metavar="NAME:higher|lower",
                       help="--write-baseline: a gated figure (default: throughput, KV waste, p50 E2EL)")
     gate.add_argument("--absolute", action="append", default=[], metavar="NAME:higher|lower",
@@ -157,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ci", action="store_true", help="only the small offline sweep the CI baseline gates")
     bench.add_argument("--gpu-gate", action="store_true",
                        help="only the GPU gate sweep (bench workload offline, qwen3-0.6b), gated against "
-                            "reports/baselines/h100_qwen3.json unless --gate names another baseline")
+                            "this GPU's reports/baselines/<device-slug>_qwen3.json (e.g. h200_qwen3.json) "
+                            "unless --gate names another baseline")
     bench.add_argument("--gate", metavar="BASELINE_JSON", help="after the run, gate it; exit 1 on a regression")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU)")
     bench.add_argument("--no-telemetry", action="store_true")

@@ -229,6 +229,9 @@ class GateCommand:
         self.metrics_spec, self.reference = _metric_directions(ns.metric), ns.reference
         self.absolute = _metric_directions(ns.absolute)
         self.baseline, own_threshold = gate.load_baseline(ns.baseline) if ns.baseline else ([], None)
+        self.devices = (gate.baseline_device(ns.baseline), gate.run_context(self.current[0])["device"]) \
+            if ns.baseline else None
+        self.ratios_only = ns.ratios_only
         self.threshold = ns.threshold  # None: each metric's own, then the baseline's
         self.default = own_threshold if own_threshold is not None else gate.DEFAULT_THRESHOLD
         for t in (self.threshold, self.default):
@@ -244,19 +247,14 @@ class GateCommand:
                                        self.absolute or None)
             console.print(f"baseline written: {path}")
             return 0
-        results = gate.check(self.baseline, self.observations[0], self.threshold, self.default)
+        results = gate.check(self.baseline, self.observations[0], self.threshold, self.default,
+                             devices=self.devices, ratios_only=self.ratios_only)
         return _report_gate(console, results)
 
 
 class BenchCommand:
     def __init__(self, ns: argparse.Namespace):
-        from harness.bench import (
-            CI_PLAN,
-            GPU_GATE_BASELINE,
-            GPU_GATE_PLAN,
-            default_plan,
-            with_overrides,
-        )
+        from harness.bench import CI_PLAN, GPU_GATE_PLAN, default_plan, with_overrides
 
         if ns.ci and ns.gpu_gate:
             raise UsageError("--ci and --gpu-gate are two different plans: give one")
@@ -269,7 +267,7 @@ class BenchCommand:
             raise UsageError(f"--threads must be >= 1, got {self.plan.threads}")
         check_engine_args(self.plan.engine_args, self.plan.model)
         self.out_root, self.telemetry, self.progress = ns.out_root, not ns.no_telemetry, not ns.no_progress
-        self.gate = ns.gate or (GPU_GATE_BASELINE if ns.gpu_gate else None)
+        self.gate = ns.gate or (_gpu_gate_baseline() if ns.gpu_gate else None)
         if self.gate:
             from harness import gate
 
@@ -287,8 +285,23 @@ class BenchCommand:
             return 0
         from harness import gate
 
-        results = gate.check(self.baseline, gate.observations(out), None, self.default_threshold)
+        results = gate.check(self.baseline, gate.observations(out), None, self.default_threshold,
+                             devices=(gate.baseline_device(self.gate), gate.run_context(out)["device"]))
         return _report_gate(console, results)
+
+
+def _gpu_gate_baseline() -> str:
+    """reports/baselines/<this GPU's slug>_qwen3.json (the GPU gate's model is qwen3-0.6b)."""
+    import torch
+
+    from harness import gate
+
+    if not torch.cuda.is_available():
+        raise UsageError("--gpu-gate needs a CUDA device (or name a baseline with --gate)")
+    try:
+        return str(gate.device_baseline(torch.cuda.get_device_name(0), "qwen3"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 class FlagshipCommand:
@@ -328,6 +341,8 @@ COMMANDS = {"run": RunCommand, "sweep": SweepCommand, "compare": CompareCommand,
 def _report_gate(console, results) -> int:
     console.print(_gate_table(results))
     failed = [r for r in results if not r.ok]
+    for reason in dict.fromkeys(r.refused for r in results if r.refused):
+        console.print(f"[red]refused[/]: {reason}", markup=True, highlight=False)
     console.print(f"gate {'FAILED' if failed else 'passed'}: {len(results) - len(failed)}/{len(results)} ok")
     return 1 if failed else 0
 
@@ -342,7 +357,8 @@ def _gate_table(results):
         cur = "missing" if r.current is None else f"{r.current:.4g}"
         change = "" if r.change is None else f"{r.change:+.1%}"
         table.add_row(r.metric.name, r.metric.direction, f"{r.metric.value:.4g}", cur, change,
-                      f"{r.limit / r.metric.value - 1:+.0%}" if r.metric.value else "", "[green]ok[/]" if r.ok else "[red]REGRESSED[/]")
+                      f"{r.limit / r.metric.value - 1:+.0%}" if r.metric.value else "",
+                      "[green]ok[/]" if r.ok else "[red]REFUSED[/]" if r.refused else "[red]REGRESSED[/]")
     return table
 
 
