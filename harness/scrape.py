@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 import threading
 import time
 import urllib.error
@@ -58,6 +59,23 @@ def parse_metrics(text: str, t_s: float) -> list[tuple[float, str, str, str, flo
     return rows
 
 
+def fetch_samples(base_url: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """One scrape as {sample name with its labels, as in the text: value}, histogram buckets
+    left out; {} when the server has no /metrics."""
+    try:
+        with urllib.request.urlopen(metrics_url(base_url), timeout=timeout_s) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError):
+        return {}
+    out = {}
+    for _, _, name, labels, value in parse_metrics(text, 0.0):
+        if name.endswith(("_bucket", "_created")):
+            continue
+        pairs = json.loads(labels)
+        out[name + ("{" + ",".join(f'{k}="{v}"' for k, v in pairs.items()) + "}" if pairs else "")] = value
+    return out
+
+
 def base_name(family: str) -> str:
     for prefix in PREFIXES:
         if family.startswith(prefix):
@@ -68,10 +86,14 @@ def base_name(family: str) -> str:
 class MetricsScraper:
     """GET <server>/metrics every interval_s on a daemon thread until stopped."""
 
-    def __init__(self, base_url: str, t0: float, interval_s: float = 0.5, timeout_s: float = 5.0):
+    def __init__(self, base_url: str, t0: float, interval_s: float = 0.5, timeout_s: float = 5.0,
+                 clock: Callable[[], float] = time.perf_counter):
+        """clock: what t_s is measured on (minus t0): perf_counter for in-process runs, time.time
+        for a load test whose rows carry epoch seconds."""
         if not (interval_s > 0 and math.isfinite(interval_s)):
             raise ValueError(f"the scrape interval must be a finite number of seconds > 0, got {interval_s}")
         self.url, self.t0, self.interval_s, self.timeout_s = metrics_url(base_url), t0, interval_s, timeout_s
+        self.clock = clock
         self.rows: list[tuple[float, str, str, str, float]] = []
         self.scrapes = self.errors = 0
         self.last_error: str | None = None
@@ -82,7 +104,7 @@ class MetricsScraper:
         try:
             with urllib.request.urlopen(self.url, timeout=self.timeout_s) as resp:
                 text = resp.read().decode("utf-8", "replace")
-            self.rows += parse_metrics(text, time.perf_counter() - self.t0)
+            self.rows += parse_metrics(text, self.clock() - self.t0)
             self.scrapes += 1
         except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: not Prometheus text
             self.errors += 1
