@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd

@@ -35,7 +35,13 @@ from tqdm.auto import tqdm
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.outputs import RequestDelta, StepStats
-from harness.backends.base import NOT_SENT, ENGINE_BACKENDS, ReplayOptions, RunResult, not_sent_error
+from harness.backends.base import (
+    ENGINE_BACKENDS,
+    NOT_SENT,
+    ReplayOptions,
+    RunResult,
+    not_sent_error,
+)
 from harness.records import RequestRecord, StepRecord
 from workloads.trace import TraceRequest
 
