@@ -70,7 +70,7 @@ COMPARE_METRICS: list[tuple[str, str, str]] = [
     ("server_kv_usage_peak", "server KV usage peak", "frac"),
     ("server_preemptions", "server preemptions", "count"),
 ]
-# Counts that are shown only when some run has a non-zero one (most runs have none).
+# Counts shown only when some run has a non-zero one (most runs have none), without ratios.
 HIDDEN_WHEN_ZERO = {"num_not_sent", "num_warmup", "num_cooldown"}
 
 
@@ -173,7 +173,7 @@ def table_rows(runs: Sequence[Run]) -> list[list[str]]:
         if key == "num_ok":
             cells = [f"{s['num_ok']} / {s['num_requests']}" for s in summaries]
         else:
-            cells = [format_value(v, unit) + ("" if ref is None else _ratio(v, values[ref]))
+            cells = [format_value(v, unit) + ("" if ref is None or key in HIDDEN_WHEN_ZERO else _ratio(v, values[ref]))
                      for v, ref in zip(values, refs)]
         rows.append([title, *cells])
     return rows
