@@ -8,7 +8,7 @@ duration, completed, failed, total_input_tokens, total_output_tokens, request_th
 request_goodput, output_throughput, total_token_throughput, then for ttft, tpot, itl, e2el:
 mean_X_ms, median_X_ms, std_X_ms and pP_X_ms for each summary percentile; per request, in
 trace order: input_lens, output_lens, ttfts (seconds), itls (seconds, one list per request),
-errors ("" when ok). As in vLLM, a failed request has ttft 0.0, no itls and output_len 0.
+start_times (sent_s on the run clock; null when never sent), errors ("" when ok). As in vLLM, a failed request has ttft 0.0, no itls and output_len 0.
 Our ttft is first token - scheduled arrival (harness/metrics.py), so client-side queueing
 under --max-concurrency counts; vLLM's is measured from the send.
 Provenance keys vLLM also writes: date, backend, model_id, request_rate, burstiness,
@@ -82,7 +82,8 @@ def vllm_result(summary: Mapping[str, Any], requests: pd.DataFrame,
 
 
 def _per_request(steady: pd.DataFrame) -> dict[str, list]:
-    cols: dict[str, list] = {"input_lens": [], "output_lens": [], "ttfts": [], "itls": [], "errors": []}
+    cols: dict[str, list] = {"input_lens": [], "output_lens": [], "ttfts": [], "itls": [], "start_times": [],
+                             "errors": []}
     for row in steady.itertuples(index=False):
         ok = row.status == "ok"
         times = [] if row.token_times_s is None else list(row.token_times_s)
@@ -90,6 +91,7 @@ def _per_request(steady: pd.DataFrame) -> dict[str, list]:
         cols["output_lens"].append(int(row.output_tokens) if ok else 0)
         cols["ttfts"].append(float(row.first_token_s - row.scheduled_s) if ok else 0.0)
         cols["itls"].append([float(b - a) for a, b in zip(times, times[1:])] if ok else [])
+        cols["start_times"].append(None if pd.isna(row.sent_s) else float(row.sent_s))
         cols["errors"].append("" if ok else (row.error or row.status))
     return cols
 
