@@ -183,7 +183,7 @@ def test_vllm_json_and_csv_round_trip(tmp_path):
     assert doc["itls"][0] == pytest.approx([0.28 / 3] * 3) and doc["itls"][5] == []
     assert doc["input_lens"] == [8] * 5 + [5] and doc["output_lens"] == [4] * 5 + [0]
     assert doc["errors"] == [""] * 5 + ["boom"]
-    assert doc["start_times"] == pytest.approx([0.1 * i for i in range(6)])
+    assert doc["start_times"] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.6])
     csv_row = pd.read_csv(tmp_path / "run" / SUMMARY_CSV).iloc[0]
     assert csv_row["num_ok"] == 5 and csv_row["mean_ttft_ms"] == pytest.approx(summary["mean_ttft_ms"])
     append_sweep_summary(tmp_path, {"backend": "engine", **summary})
