@@ -11,6 +11,12 @@ backend: no prefix cache or allocator state leaks from one run into the next.
 The report config (Parquet metadata) holds the backend, model, the engine's config fields,
 the workload spec, replay options, telemetry status and any labels the caller adds (a sweep
 adds its point).
+
+Measurement settings (RunSettings): ``warmup``/``cooldown`` (harness/window.py: flagged in
+requests.parquet, left out of the summary), ``duration_s`` (nothing is sent after it; the
+requests left get status "not_sent", in-flight ones finish), ``percentiles`` (the summary's
+pNN columns) and, for the openai backend, ``scrape_interval_s`` (the server's /metrics into
+server_metrics.parquet, harness/scrape.py).
 """
 
 from __future__ import annotations
