@@ -84,6 +84,17 @@ def test_engine_run_keeps_warmup_rows_in_the_parquet(tmp_path):
     assert report.recompute_summary() == pytest.approx(summary)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--warmup", "5m"], "--warmup/--cooldown"),
+    (["--duration", "soon"], "--duration expects a duration"),
+    (["--percentiles", "50,101"], "--percentiles"),
+    (["--scrape-interval", "0"], "--scrape-interval"),
+])
+def test_bad_measurement_flags_are_usage_errors(flags, message, capsys):
+    assert main(["run", "--backend", "engine", "--workload", "smoke", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 # ---- time-bounded runs -----------------------------------------------------------------------
 def _late_trace(n: int = 12) -> list[TraceRequest]:
     # half the requests arrive at 0.0-0.25 s, half at 30 s: past a 1 s deadline
@@ -146,6 +157,7 @@ def test_scraper_writes_server_metrics_during_an_openai_run(server, tmp_path):
     statuses = report.requests["status"].value_counts().to_dict()
     assert statuses.get("not_sent", 0) >= 1 and statuses.get("ok", 0) >= 1
     assert summary["num_not_sent"] == statuses["not_sent"] and len(report.requests) == 24
+    assert report.recompute_summary() == pytest.approx(summary)  # server_* figures included
 
 
 def test_scraper_reads_vllm_names_as_ours():
