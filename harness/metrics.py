@@ -35,7 +35,9 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "ok": "latency and throughput figures use requests with status == 'ok' only",
     "window": "only rows with window == 'steady' enter the summary; warm-up and cool-down rows "
               "(--warmup/--cooldown, harness/window.py) stay in requests.parquet, counted in "
-              "num_warmup/num_cooldown",
+              "num_warmup/num_cooldown; when some were left out, step and telemetry figures use "
+              "the steps overlapping and the samples inside [first steady scheduled_s, last steady "
+              "finished_s], and the prefix hit rate counts from the last step before it",
     "not_sent": "requests still unsent at the --duration deadline: status 'not_sent', counted in "
                 "num_not_sent, in no latency or throughput figure",
     "ttft": "first_token_s - scheduled_s (scheduled = trace arrival time)",
@@ -97,6 +99,34 @@ def steady_requests(requests: pd.DataFrame) -> pd.DataFrame:
     if "window" not in requests.columns:
         return requests
     return requests[requests["window"].fillna("steady") == "steady"]
+
+
+def steady_window(requests: pd.DataFrame) -> tuple[float, float] | None:
+    """(first steady scheduled_s, last steady finished_s) when warm-up or cool-down rows were
+    left out; None when every row is steady (the whole run counts)."""
+    if "window" not in requests.columns or (requests["window"].fillna("steady") == "steady").all():
+        return None
+    steady = steady_requests(requests)
+    if steady.empty or steady["finished_s"].isna().all():
+        return None
+    return float(steady["scheduled_s"].min()), float(steady["finished_s"].max())
+
+
+def _steps_in_window(steps: pd.DataFrame | None, window: tuple[float, float]
+                     ) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(steps overlapping the window, steps that ended before it)."""
+    if steps is None or steps.empty:
+        return steps, None
+    lo, hi = window
+    return steps[(steps["end_s"] > lo) & (steps["start_s"] < hi)], steps[steps["end_s"] <= lo]
+
+
+def _prefix_hit_rate_since(steps: pd.DataFrame, before: pd.DataFrame) -> float | None:
+    """Prefix hits / queries between the last step before the window and the last in it (the
+    counters are cumulative over the run)."""
+    last, base = steps.loc[steps["step"].idxmax()], before.loc[before["step"].idxmax()]
+    queries = last["prefix_query_tokens"] - base["prefix_query_tokens"]
+    return float((last["prefix_hit_tokens"] - base["prefix_hit_tokens"]) / queries) if queries > 0 else None
 
 
 def ok_requests(requests: pd.DataFrame) -> pd.DataFrame:
@@ -290,7 +320,7 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None,
     percentiles = check_percentiles(percentiles)
     window = requests["window"].fillna("steady") if "window" in requests.columns else None
     excluded = {f"num_{w}": 0 if window is None else int((window == w).sum()) for w in ("warmup", "cooldown")}
-    requests = steady_requests(requests)
+    all_requests, requests = requests, steady_requests(requests)
     ok = ok_requests(requests)
     out_tokens = int(ok["output_tokens"].sum())
     status = requests["status"]
@@ -308,7 +338,13 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None,
     for name in LATENCY_METRICS:
         values = inter_token_latencies(requests) if name == "itl" else lat[f"{name}_s"]
         row.update(latency_stats(name, values, percentiles))
+    window, before = steady_window(all_requests), None
+    if window is not None:  # engine-side figures over the same span as the request figures
+        steps, before = _steps_in_window(steps, window)
+        telemetry = None if telemetry is None else telemetry[telemetry["t_s"].between(*window)]
     row.update(kv_stats(steps))
+    if before is not None and not before.empty and steps is not None and not steps.empty:
+        row["prefix_cache_hit_rate"] = _prefix_hit_rate_since(steps, before)
     row.update(telemetry_stats(telemetry, out_tokens))
     row.update(_roofline(row["duration_s"], roofline_bytes, bandwidth_bytes_per_s))
     # One rule for undefined figures everywhere (e.g. NaN from rows with missing timestamps).

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.backends.base import ENGINE_BACKENDS, Backend, ReplayOptions
-from harness.metrics import PERCENTILES, Slos, check_percentiles
+from harness.metrics import PERCENTILES, Slos, check_percentiles, steady_window
 from harness.replay import ReplayResult, replay
-from harness.report import steps_frame, write_report
+from harness.report import requests_frame, steps_frame, write_report
 from harness.window import Bound, flag_window
 from workloads.spec import WorkloadSpec
 from workloads.trace import TraceRequest
@@ -189,6 +189,7 @@ def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None =
         scraper = _scraper(spec)
         result = replay(backend, requests, options, telemetry=spec.telemetry, gpu_indices=spec.gpu_indices(),
                         scraper=scraper)
+        flag_window(result.run.requests, spec.warmup, spec.cooldown)
         roofline = _roofline_bytes(backend, result, spec.bandwidth_bytes_per_s)
     finally:
         if owned:
@@ -196,7 +197,6 @@ def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None =
     del backend  # the last reference here: its device memory can go before the next run builds one
     if owned:
         _free_device_memory()
-    flag_window(result.run.requests, spec.warmup, spec.cooldown)
     config = {"backend": spec.backend, "model": spec.model, "workload": spec.workload.describe(),
               "options": dataclasses.asdict(options), "engine_args": spec.engine_args,
               "backend_args": spec.backend_args, "backend_info": result.run.info,
@@ -236,7 +236,11 @@ def _roofline_bytes(backend: Backend, result: ReplayResult, bandwidth: float | N
 
     cfg = llm_engine.config  # as it ran: device and dtype resolved
     weights = weight_bytes(cfg.model_config, cfg.torch_dtype.itemsize)
-    return bytes_moved(steps_frame(result.run.steps), weights, cfg.kv_bytes_per_token)
+    steps = steps_frame(result.run.steps)
+    window = steady_window(requests_frame(result.run.requests))
+    if window is not None:  # the bytes of the steps the summary's duration covers
+        steps = steps[(steps["end_s"] > window[0]) & (steps["start_s"] < window[1])]
+    return bytes_moved(steps, weights, cfg.kv_bytes_per_token) if not steps.empty else None
 
 
 def auto_bandwidth(engine_args: dict[str, Any]) -> float | None:

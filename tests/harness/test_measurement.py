@@ -72,6 +72,30 @@ def test_warmup_and_cooldown_rows_are_flagged_and_left_out_of_the_summary():
     assert [r.window for r in recs] == ["warmup"] * 2 + ["steady"] * 3 + ["cooldown", "steady"]
 
 
+def test_step_figures_cover_the_steady_window_only():
+    from harness.records import StepRecord
+    from harness.report import steps_frame
+
+    recs = [_ok("w", 0.0, 0.05, 0.1), _ok("a", 1.0, 1.1, 1.5), _ok("b", 1.2, 1.3, 2.0)]
+    recs[0].window = "warmup"
+
+    def step(k, start, end, seqs, query, hit):
+        return StepRecord(k, start, end, num_running=seqs, num_waiting=0, num_scheduled_seqs=seqs,
+                          num_prefill_tokens=0, num_decode_tokens=seqs, num_preempted=0, kv_blocks_used=1,
+                          kv_blocks_total=10, kv_slots_allocated=16, kv_tokens_stored=8, kv_waste_internal_slots=8,
+                          kv_waste_reserved_slots=0, prefix_query_tokens=query, prefix_hit_tokens=hit)
+
+    # the warm-up step ran 8 sequences with all-hit prefixes; the steady ones 2, half hits
+    steps = steps_frame([step(0, 0.0, 0.1, 8, 100, 100), step(1, 1.0, 1.4, 2, 150, 125),
+                         step(2, 1.4, 2.0, 2, 200, 150)])
+    s = summarize(requests_frame(recs), steps)
+    assert s["num_steps"] == 2 and s["mean_batch_size"] == 2.0
+    assert s["prefix_cache_hit_rate"] == pytest.approx(50 / 100)  # not 150 / 200 over the whole run
+    recs[0].window = "steady"  # nothing left out: the whole run, as before windows existed
+    whole = summarize(requests_frame(recs), steps)
+    assert whole["num_steps"] == 3 and whole["prefix_cache_hit_rate"] == pytest.approx(150 / 200)
+
+
 def test_engine_run_keeps_warmup_rows_in_the_parquet(tmp_path):
     spec = RunSpec(backend="engine", workload=WorkloadSpec(kind="smoke"), telemetry=False, progress=False,
                    warmup=Bound(requests=3), cooldown=Bound(requests=2), percentiles=(50, 99.9))
