@@ -1,5 +1,6 @@
 """Sessions: `nox -s tests` (CPU test suite), `nox -s bench` (default sweep), `nox -s load`
-(shim + locust load test, report written), `nox -s lint`.
+(shim + locust load test, report written), `nox -s perf` (CPU hot-path benchmarks against a
+saved baseline), `nox -s lint`.
 
 On a machine without CUDA, torch is pinned to the CPU build (torch==2.13.0) so that no
 multi-GB CUDA wheel is pulled.
@@ -39,7 +40,9 @@ def tests(session: nox.Session) -> None:
         session.run("python", "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(device_triton),
                     DEVICE_TRITON)
     session.env["ENGINE_COMPILE_CHECK_TRITON"] = str(device_triton)
-    session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
+    # --benchmark-disable: pytest-benchmark tests (tests/perf, the detokenizer's) run once, as
+    # correctness tests; `nox -s perf` times them
+    session.run("python", "-m", "pytest", *(session.posargs or ["-q", "--benchmark-disable"]))
 
 
 @nox.session
@@ -58,6 +61,33 @@ def load(session: nox.Session) -> None:
     Arguments go to harness.loadtest, e.g. `nox -s load -- --users 16 --run-time 60s`."""
     _install(session, "serve,load")
     session.run("python", "-m", "harness.loadtest", *session.posargs)
+
+
+PERF_STORAGE = "file://reports/baselines/perf"
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """Time the engine's CPU hot paths (tests/perf: block manager with prefix hashing, a
+    scheduler step at 256 running requests, prepare_inputs at 256 decodes) with pytest-benchmark
+    and compare with the latest run saved under reports/baselines/perf/<machine>/ (committed; pytest-benchmark
+    names the folder by OS, Python version and bitness, e.g. Linux-CPython-3.11-64bit; without one
+    for this machine it only warns).
+
+    The gate is deliberately generous: it fails only when a median is more than 2.5x the saved
+    one (--benchmark-compare-fail=median:150%). The baseline was saved on a shared 2-core VM
+    where other processes' bursts move medians by tens of percent; a tighter gate would fail on
+    noise. It catches an accidental O(n^2) or a Python loop where numpy was, not 10%.
+
+    `nox -s perf -- --benchmark-save=cpu` saves a new baseline instead (commit reports/baselines/perf/);
+    other arguments go to pytest."""
+    _install(session, "test")
+    common = ["python", "-m", "pytest", "tests/perf", "-q", "--benchmark-enable",
+              f"--benchmark-storage={PERF_STORAGE}", "--benchmark-max-time=0.5", "--benchmark-min-rounds=20"]
+    if any(a.startswith("--benchmark-save") for a in session.posargs):
+        session.run(*common, *session.posargs)
+        return
+    session.run(*common, "--benchmark-compare", "--benchmark-compare-fail=median:150%", *session.posargs)
 
 
 @nox.session

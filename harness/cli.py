@@ -101,6 +101,17 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     for name in ("ttft", "tpot", "e2el"):
         g.add_argument(f"--slo-{name}-ms", type=positive_float, help=f"{name.upper()} SLO for goodput")
     g.add_argument("--no-telemetry", action="store_true", help="do not sample NVML")
+    g.add_argument("--warmup", metavar="N|Ts", help="leave the first N requests (or those sent in the first "
+                   "T seconds, e.g. 5s) out of the summary; flagged window=warmup in requests.parquet")
+    g.add_argument("--cooldown", metavar="N|Ts", help="leave the last N requests to finish (or those "
+                   "finishing in the last T seconds) out of the summary; flagged window=cooldown")
+    g.add_argument("--duration", metavar="SECONDS", help="time-bounded run: send nothing after this "
+                   "(e.g. 60, 60s, 2m); unsent requests are recorded with status not_sent")
+    g.add_argument("--percentiles", default="50,90,95,99", help="latency percentiles of the summary, "
+                   "e.g. 50,90,95,99,99.9 (columns p99.9_ttft_ms ...)")
+    g.add_argument("--scrape-interval", default="0.5", metavar="SECONDS",
+                   help="openai backend: scrape the server's /metrics this often into "
+                        "server_metrics.parquet ('off' to disable; default 0.5)")
     g.add_argument("--bandwidth-gbps", default="auto", help="memory bandwidth for the roofline figure: "
                    "GB/s, 'auto' (measured on CUDA, none on CPU) or 'off'")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
@@ -147,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a sweep folder or a report folder; --write-baseline: repeat it to take medians")
     gate.add_argument("--threshold", type=float, help="allowed relative regression (default: the baseline's, else 0.1)")
     gate.add_argument("--reference", default="engine", help="--write-baseline: the numerator backend")
+    gate.add_argument("--ratios-only", action="store_true",
+                      help="gate only the ratios (e.g. a baseline from another device: its absolute figures "
+                           "are refused otherwise)")
     gate.add_argument("--metric", action="append", default=[], metavar="NAME:higher|lower",
                       help="--write-baseline: a gated figure (default: throughput, KV waste, p50 E2EL)")
     gate.add_argument("--absolute", action="append", default=[], metavar="NAME:higher|lower",
@@ -159,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ci", action="store_true", help="only the small offline sweep the CI baseline gates")
     bench.add_argument("--gpu-gate", action="store_true",
                        help="only the GPU gate sweep (bench workload offline, qwen3-0.6b), gated against "
-                            "reports/baselines/h100_qwen3.json unless --gate names another baseline")
+                            "this GPU's reports/baselines/<device-slug>_qwen3.json (e.g. h200_qwen3.json) "
+                            "unless --gate names another baseline")
     bench.add_argument("--gate", metavar="BASELINE_JSON", help="after the run, gate it; exit 1 on a regression")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU)")
     bench.add_argument("--no-telemetry", action="store_true")

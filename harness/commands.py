@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 from engine.config import parse_value
 from engine.config_args import UsageError, engine_kwargs, parse_pairs
 from harness.backends.base import ENGINE_BACKENDS
-from harness.metrics import Slos
+from harness.metrics import Slos, check_percentiles
 from harness.run import BACKENDS, RunSpec
+from harness.window import parse_bound
 from workloads.chat import conversations
 from workloads.spec import WorkloadSpec
 from workloads.trace import load_trace
@@ -96,6 +98,31 @@ def bandwidth(ns: argparse.Namespace, backends: Sequence[str], args: dict[str, A
     return float(value) * 1e9
 
 
+def parse_seconds(text: str, flag: str) -> float:
+    """"90", "90s", "1.5m", "1h" -> seconds (> 0)."""
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([smh]?)", text.strip().lower())
+    value = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)] if m else 0.0
+    if not value > 0:
+        raise UsageError(f"{flag} expects a duration > 0 such as 60, 60s or 2m, got {text!r}")
+    return value
+
+
+def measurement_spec(ns: argparse.Namespace) -> dict[str, Any]:
+    """The steady-state window, deadline, percentiles and scrape period of run/sweep."""
+    try:
+        window = {"warmup": parse_bound(ns.warmup), "cooldown": parse_bound(ns.cooldown)}
+    except ValueError as e:
+        raise UsageError(f"--warmup/--cooldown: {e}") from None
+    percentiles = parse_list(ns.percentiles, "--percentiles", float)
+    try:
+        check_percentiles(percentiles)
+    except ValueError as e:
+        raise UsageError(f"--percentiles: {e}") from None
+    scrape = None if str(ns.scrape_interval).lower() == "off" else parse_seconds(ns.scrape_interval, "--scrape-interval")
+    return {**window, "percentiles": tuple(percentiles), "scrape_interval_s": scrape,
+            "duration_s": parse_seconds(ns.duration, "--duration") if ns.duration else None}
+
+
 def common_spec(ns: argparse.Namespace, backends: Sequence[str]) -> dict[str, Any]:
     if ns.max_concurrency is not None and ns.max_concurrency < 1:
         raise UsageError(f"--max-concurrency must be >= 1, got {ns.max_concurrency}")
@@ -104,7 +131,8 @@ def common_spec(ns: argparse.Namespace, backends: Sequence[str]) -> dict[str, An
     args = engine_args(ns, backends, ns.model)
     return {"model": ns.model, "max_concurrency": ns.max_concurrency, "engine_args": args,
             "slos": Slos(ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2el_ms), "telemetry": not ns.no_telemetry,
-            "bandwidth_bytes_per_s": bandwidth(ns, backends, args), "progress": not ns.no_progress}
+            "bandwidth_bytes_per_s": bandwidth(ns, backends, args), "progress": not ns.no_progress,
+            **measurement_spec(ns)}
 
 
 def _fresh_dir(out: str | None, default: str) -> Path:
@@ -142,7 +170,7 @@ class RunCommand:
 
         _set_threads(self.threads)
         run_once(self.spec, self.out)
-        console.print(summary_table(load_runs([self.out]), title=str(self.out)))
+        console.print(summary_table(load_runs([self.out]), title=str(self.out), width=console.width))
         console.print(f"report: {self.out}")
         return 0
 
@@ -181,7 +209,7 @@ class SweepCommand:
         _set_threads(self.threads)
         run_sweep(self.spec, self.out)
         runs = load_runs([self.out])
-        console.print(summary_table(runs, title=str(self.out)))
+        console.print(summary_table(runs, title=str(self.out), width=console.width))
         console.print(f"sweep: {self.out / 'sweep.parquet'}\nHTML:  {write_html(runs, self.out / 'compare.html')}")
         return 0
 
@@ -196,7 +224,7 @@ class CompareCommand:
     def execute(self, console) -> int:
         from harness.compare import summary_table, write_html
 
-        console.print(summary_table(self.runs))
+        console.print(summary_table(self.runs, width=console.width))
         console.print(f"HTML: {write_html(self.runs, self.html)}")
         return 0
 
@@ -212,6 +240,9 @@ class GateCommand:
         self.metrics_spec, self.reference = _metric_directions(ns.metric), ns.reference
         self.absolute = _metric_directions(ns.absolute)
         self.baseline, own_threshold = gate.load_baseline(ns.baseline) if ns.baseline else ([], None)
+        self.devices = (gate.baseline_device(ns.baseline), gate.run_context(self.current[0])["device"]) \
+            if ns.baseline else None
+        self.ratios_only = ns.ratios_only
         self.threshold = ns.threshold  # None: each metric's own, then the baseline's
         self.default = own_threshold if own_threshold is not None else gate.DEFAULT_THRESHOLD
         for t in (self.threshold, self.default):
@@ -227,19 +258,14 @@ class GateCommand:
                                        self.absolute or None)
             console.print(f"baseline written: {path}")
             return 0
-        results = gate.check(self.baseline, self.observations[0], self.threshold, self.default)
+        results = gate.check(self.baseline, self.observations[0], self.threshold, self.default,
+                             devices=self.devices, ratios_only=self.ratios_only)
         return _report_gate(console, results)
 
 
 class BenchCommand:
     def __init__(self, ns: argparse.Namespace):
-        from harness.bench import (
-            CI_PLAN,
-            GPU_GATE_BASELINE,
-            GPU_GATE_PLAN,
-            default_plan,
-            with_overrides,
-        )
+        from harness.bench import CI_PLAN, GPU_GATE_PLAN, default_plan, with_overrides
 
         if ns.ci and ns.gpu_gate:
             raise UsageError("--ci and --gpu-gate are two different plans: give one")
@@ -252,7 +278,7 @@ class BenchCommand:
             raise UsageError(f"--threads must be >= 1, got {self.plan.threads}")
         check_engine_args(self.plan.engine_args, self.plan.model)
         self.out_root, self.telemetry, self.progress = ns.out_root, not ns.no_telemetry, not ns.no_progress
-        self.gate = ns.gate or (GPU_GATE_BASELINE if ns.gpu_gate else None)
+        self.gate = ns.gate or (_gpu_gate_baseline() if ns.gpu_gate else None)
         if self.gate:
             from harness import gate
 
@@ -270,8 +296,23 @@ class BenchCommand:
             return 0
         from harness import gate
 
-        results = gate.check(self.baseline, gate.observations(out), None, self.default_threshold)
+        results = gate.check(self.baseline, gate.observations(out), None, self.default_threshold,
+                             devices=(gate.baseline_device(self.gate), gate.run_context(out)["device"]))
         return _report_gate(console, results)
+
+
+def _gpu_gate_baseline() -> str:
+    """reports/baselines/<this GPU's slug>_qwen3.json (the GPU gate's model is qwen3-0.6b)."""
+    import torch
+
+    from harness import gate
+
+    if not torch.cuda.is_available():
+        raise UsageError("--gpu-gate needs a CUDA device (or name a baseline with --gate)")
+    try:
+        return str(gate.device_baseline(torch.cuda.get_device_name(0), "qwen3"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 class FlagshipCommand:
@@ -311,6 +352,8 @@ COMMANDS = {"run": RunCommand, "sweep": SweepCommand, "compare": CompareCommand,
 def _report_gate(console, results) -> int:
     console.print(_gate_table(results))
     failed = [r for r in results if not r.ok]
+    for reason in dict.fromkeys(r.refused for r in results if r.refused):
+        console.print(f"[red]refused[/]: {reason}", markup=True, highlight=False)
     console.print(f"gate {'FAILED' if failed else 'passed'}: {len(results) - len(failed)}/{len(results)} ok")
     return 1 if failed else 0
 
@@ -325,7 +368,8 @@ def _gate_table(results):
         cur = "missing" if r.current is None else f"{r.current:.4g}"
         change = "" if r.change is None else f"{r.change:+.1%}"
         table.add_row(r.metric.name, r.metric.direction, f"{r.metric.value:.4g}", cur, change,
-                      f"{r.limit / r.metric.value - 1:+.0%}" if r.metric.value else "", "[green]ok[/]" if r.ok else "[red]REGRESSED[/]")
+                      f"{r.limit / r.metric.value - 1:+.0%}" if r.metric.value else "",
+                      "[green]ok[/]" if r.ok else "[red]REFUSED[/]" if r.refused else "[red]REGRESSED[/]")
     return table
 
 

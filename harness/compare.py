@@ -5,8 +5,16 @@
     html = write_html(runs, "reports/compare.html")        # harness/plots.py draws the figures
 
 A path may be one report folder (it has summary.parquet) or a sweep folder (it has
-sweep.parquet): a sweep expands to its runs in sweep order. Each cell after the first column
-also shows the ratio to the first run, so "continuous vs static" reads off directly.
+sweep.parquet): a sweep expands to its runs in sweep order.
+
+Ratios are taken at equal load: a run that a sweep labelled with a point (workload + point,
+e.g. random@x0.5) is divided by the first run listed at that same point (the first backend's
+run there); the first run at each point shows no ratio. Runs without a point label (plain
+reports) are divided by the first such run. So "continuous vs static at 0.6x of offline"
+reads off directly, and no cell divides a run at one rate by a run at another.
+
+On a terminal narrower than the table, summary_table splits the runs over several tables
+(each repeating the metric column) instead of folding the headers.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 
 from harness.report import FILES, SWEEP_FILE, Report, load_report
@@ -26,6 +35,9 @@ from harness.report import FILES, SWEEP_FILE, Report, load_report
 # (summary key, row title, unit): unit picks the number format.
 COMPARE_METRICS: list[tuple[str, str, str]] = [
     ("num_ok", "ok / requests", "count"),
+    ("num_not_sent", "not sent (--duration)", "count"),
+    ("num_warmup", "warm-up excluded", "count"),
+    ("num_cooldown", "cool-down excluded", "count"),
     ("duration_s", "duration (s)", "s"),
     ("output_throughput", "output tok/s", "rate"),
     ("total_token_throughput", "total tok/s", "rate"),
@@ -52,7 +64,14 @@ COMPARE_METRICS: list[tuple[str, str, str]] = [
     ("gpu_util_mean_pct", "GPU util mean (%)", "rate"),
     ("joules_per_output_token", "J / output token", "j"),
     ("roofline_efficiency", "roofline efficiency", "frac"),
+    ("server_queue_mean", "server queue mean", "rate"),
+    ("server_queue_peak", "server queue peak", "rate"),
+    ("server_kv_usage_mean", "server KV usage mean", "frac"),
+    ("server_kv_usage_peak", "server KV usage peak", "frac"),
+    ("server_preemptions", "server preemptions", "count"),
 ]
+# Counts shown only when some run has a non-zero one (most runs have none), without ratios.
+HIDDEN_WHEN_ZERO = {"num_not_sent", "num_warmup", "num_cooldown"}
 
 
 @dataclass
@@ -63,6 +82,14 @@ class Run:
     @property
     def summary(self) -> dict[str, Any]:
         return self.report.summary_row()
+
+    @property
+    def point(self) -> tuple[str, str] | None:
+        """(workload, point) a sweep labelled this run with; None for a plain report."""
+        labels = (self.report.metadata.get("config") or {}).get("labels") or {}
+        if labels.get("point") is None:
+            return None
+        return str(labels.get("workload")), str(labels["point"])
 
 
 def find_reports(paths: Sequence[str | Path]) -> list[Path]:
@@ -123,30 +150,62 @@ def _ratio(value: Any, first: Any) -> str:
     return f" ({value / first:.2f}x)"
 
 
+def reference_index(runs: Sequence[Run]) -> list[int | None]:
+    """For each run, the index of the run its ratios divide by (None: itself, no ratio): the
+    first run at the same (workload, point), or for unlabelled runs the first unlabelled run."""
+    first: dict[tuple[str, str] | None, int] = {}
+    out: list[int | None] = []
+    for i, r in enumerate(runs):
+        ref = first.setdefault(r.point, i)
+        out.append(None if ref == i else ref)
+    return out
+
+
 def table_rows(runs: Sequence[Run]) -> list[list[str]]:
     """[title, cell per run] for every metric that at least one run has."""
     summaries = [r.summary for r in runs]
+    refs = reference_index(runs)
     rows = []
     for key, title, unit in COMPARE_METRICS:
         values = [s.get(key) for s in summaries]
-        if all(v is None for v in values):
+        if all(v is None for v in values) or (key in HIDDEN_WHEN_ZERO and not any(values)):
             continue
         if key == "num_ok":
             cells = [f"{s['num_ok']} / {s['num_requests']}" for s in summaries]
         else:
-            cells = [format_value(v, unit) + (_ratio(v, values[0]) if i else "") for i, v in enumerate(values)]
+            cells = [format_value(v, unit) + ("" if ref is None or key in HIDDEN_WHEN_ZERO else _ratio(v, values[ref]))
+                     for v, ref in zip(values, refs)]
         rows.append([title, *cells])
     return rows
 
 
-def summary_table(runs: Sequence[Run], title: str = "comparison") -> Table:
-    table = Table(title=title, show_lines=False)
-    table.add_column("metric", style="bold")
-    for r in runs:
-        table.add_column(r.label, justify="right", overflow="fold")
-    for row in table_rows(runs):
-        table.add_row(*row)
-    return table
+def summary_table(runs: Sequence[Run], title: str = "comparison", width: int | None = None) -> RenderableType:
+    """One table, or, when it is wider than `width` (default: rich's idea of the terminal,
+    80 columns when output is not a terminal), several with as many runs each as fit."""
+    rows = table_rows(runs)
+    width = width or Console().width
+    metric_w = max(len("metric"), *(len(r[0]) for r in rows)) if rows else len("metric")
+    col_w = [max(len(r.label), *(len(row[i + 1]) for row in rows)) if rows else len(r.label)
+             for i, r in enumerate(runs)]
+    chunks, current, used = [], [], metric_w + 4  # borders and padding: 3 per column, 1 at the end
+    for i, w in enumerate(col_w):
+        if current and used + w + 3 > width:
+            chunks.append(current)
+            current, used = [], metric_w + 4
+        current.append(i)
+        used += w + 3
+    chunks.append(current)
+    tables = []
+    for n, chunk in enumerate(chunks):
+        part = f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else ""
+        table = Table(title=title + part, show_lines=False)
+        table.add_column("metric", style="bold", no_wrap=True)
+        for i in chunk:
+            table.add_column(runs[i].label, justify="right", no_wrap=True)
+        for row in rows:
+            table.add_row(row[0], *(row[i + 1] for i in chunk))
+        tables.append(table)
+    return tables[0] if len(tables) == 1 else Group(*tables)
 
 
 def default_html_path(runs: Sequence[Run]) -> Path:
@@ -162,5 +221,17 @@ def write_html(runs: Sequence[Run], path: str | Path | None = None) -> Path:
 
     path = Path(path) if path is not None else default_html_path(runs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(comparison_page(runs, table_rows(runs)), encoding="utf-8")
+    path.write_text(comparison_page(runs, table_rows(runs), sweep_frame(runs)), encoding="utf-8")
     return path
+
+
+def sweep_frame(runs: Sequence[Run]) -> pd.DataFrame | None:
+    """One row per run that a sweep labelled with a rate (workload, backend, rate + its summary),
+    for the load curves; None when no run has a rate."""
+    rows = []
+    for r in runs:
+        labels = (r.report.metadata.get("config") or {}).get("labels") or {}
+        if labels.get("rate") is not None and labels.get("backend") is not None:
+            rows.append({**r.summary, "workload": labels.get("workload"), "backend": labels["backend"],
+                         "point": labels.get("point"), "rate": float(labels["rate"])})
+    return pd.DataFrame(rows) if rows else None

@@ -13,6 +13,10 @@
 4. turn the rows into RequestRecords (times relative to the first request) and write a
    report with harness.report.write_report; print a summary.
 
+While locust runs, the server's /metrics is scraped every --scrape-interval seconds
+(harness/scrape.py) into server_metrics.parquet, on the requests' clock, and its queue, KV
+usage and preemptions join the summary (server_* columns).
+
 Exit status: 0 when every request succeeded, 1 when any failed, none ran or locust failed,
 2 for bad arguments.
 """
@@ -196,13 +200,9 @@ def _token_times(row: dict[str, Any]) -> list[float]:
 
 def scrape_metrics(url: str) -> dict[str, float]:
     """The server's /metrics samples without histogram buckets ({} if it has no /metrics)."""
-    try:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except (urllib.error.URLError, OSError):
-        return {}
-    samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    return {name: float(value) for name, value in samples if "_bucket{" not in name}
+    from harness.scrape import fetch_samples
+
+    return fetch_samples(url)
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -241,6 +241,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--locustfile", default=str(LOCUSTFILE))
     p.add_argument("--out", default=None, help="report folder (default: reports/load-<model>-<time>)")
     p.add_argument("--startup-timeout", type=float, default=180.0)
+    p.add_argument("--scrape-interval", type=float, default=0.5,
+                   help="seconds between scrapes of the server's /metrics (0: only once at the end)")
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
                    help="argument for `python -m engine.serve` (repeatable): --server-arg=--max-num-seqs=8")
     return p
@@ -249,6 +251,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     if args.users < 1 or args.spawn_rate <= 0 or args.stop_timeout < 0:
         parser.error("--users must be >= 1, --spawn-rate > 0 and --stop-timeout >= 0")
+    if args.scrape_interval < 0:
+        parser.error("--scrape-interval must be >= 0")
     if args.processes == 0 or args.processes < -1:
         parser.error("--processes must be >= 1, or -1 for one per core")
     if args.wait is not None:
@@ -269,8 +273,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Pa
     return out
 
 
-def _run(args: argparse.Namespace, out: Path) -> tuple[int, dict[str, float]]:
-    """Server (unless --host) and locust; returns locust's exit status and the server metrics."""
+def _run(args: argparse.Namespace, out: Path) -> tuple[int, dict[str, float], Any]:
+    """Server (unless --host) and locust; returns locust's exit status, the server metrics at
+    the end and the background scraper (epoch-second times) or None."""
     with ExitStack() as stack:
         url = args.host.rstrip("/").removesuffix("/v1") if args.host else None
         proc = None
@@ -280,8 +285,13 @@ def _run(args: argparse.Namespace, out: Path) -> tuple[int, dict[str, float]]:
             proc = stack.enter_context(running(server))
             url = f"http://{LOOPBACK}:{port}"
         wait_healthy(url, proc, args.startup_timeout)
+        scraper = None
+        if args.scrape_interval > 0:
+            from harness.scrape import MetricsScraper
+
+            scraper = stack.enter_context(MetricsScraper(url, 0.0, args.scrape_interval, clock=time.time))
         rc = run_locust(args, url, out, args.served_model)
-        return rc, scrape_metrics(url)
+        return rc, scrape_metrics(url), scraper  # the stack stops the scraper, then the server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,15 +300,21 @@ def main(argv: list[str] | None = None) -> int:
     out = _check_args(parser, args)
     out.mkdir(parents=True, exist_ok=True)
     with sigterm_as_exit():
-        locust_rc, server_metrics = _run(args, out)
-    records = rows_to_records(read_rows(out / "rows.jsonl"))
+        locust_rc, server_metrics, scraper = _run(args, out)
+    rows = read_rows(out / "rows.jsonl")
+    records = rows_to_records(rows)
     if not records:
         print(f"no request completed; see {out}/locust.out, locust.log and server.log", file=sys.stderr)
         return 1
     names = ("model", "host", "users", "spawn_rate", "run_time", "server_args", "trace", "processes", "wait")
     config = {"kind": "loadtest", "backend": "locust", **{n: getattr(args, n) for n in names},
-              "locust_exit_code": locust_rc, "server_metrics": server_metrics}
-    summary = write_report(out, records, [], [], config).summary_row()
+              "locust_exit_code": locust_rc, "server_metrics": server_metrics,
+              "server_scrape": scraper.status() if scraper is not None else None}
+    frame = None
+    if scraper is not None:  # epoch seconds -> the records' clock (first request = 0)
+        frame = scraper.frame()
+        frame["t_s"] -= min(r["scheduled"] for r in rows)
+    summary = write_report(out, records, [], [], config, server_metrics=frame).summary_row()
     print_summary(summary, out)
     if summary["num_error"] > 0 or locust_rc != 0:
         errors = [r.error for r in records if r.status == "error"][:3]

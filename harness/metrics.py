@@ -6,7 +6,8 @@ with ``harness.report.requests_frame / steps_frame / telemetry_frame`` (the same
 Parquet round trip does, so a summary recomputed from the files is identical).
 
     summarize(requests, steps=None, telemetry=None, *, slos=Slos(...), roofline_bytes=None,
-              bandwidth_bytes_per_s=None) -> dict[str, float | int | None]   the one summary row
+              bandwidth_bytes_per_s=None, percentiles=PERCENTILES) -> dict   the one summary row
+    steady_requests(requests) -> DataFrame       the rows in the steady-state window
     request_latencies(requests) -> DataFrame     per-request ttft_s, ttft_sent_s, tpot_s, e2el_s
     inter_token_latencies(requests) -> ndarray   pooled gaps, seconds
     throughput(requests), goodput(requests, slos), kv_stats(steps), telemetry_stats(telemetry, n)
@@ -20,26 +21,36 @@ METRIC_DEFINITIONS holds the formulas in words; the report writes it into the Pa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-PERCENTILES = (50, 90, 95, 99)
+PERCENTILES: tuple[float, ...] = (50, 90, 95, 99)  # the default; --percentiles changes it per run
 LATENCY_METRICS = ("ttft", "ttft_sent", "tpot", "itl", "e2el")
 _GIB = float(1 << 30)
 
 METRIC_DEFINITIONS: dict[str, str] = {
     "clock": "all *_s times are seconds on one perf_counter clock relative to the run start",
     "ok": "latency and throughput figures use requests with status == 'ok' only",
+    "window": "only rows with window == 'steady' enter the summary; warm-up and cool-down rows "
+              "(--warmup/--cooldown, harness/window.py) stay in requests.parquet, counted in "
+              "num_warmup/num_cooldown; when some were left out, step and telemetry figures use "
+              "the steps overlapping and the samples inside [first steady scheduled_s, last steady "
+              "finished_s], and the prefix hit rate counts from the last step before it",
+    "not_sent": "requests still unsent at the --duration deadline: status 'not_sent', counted in "
+                "num_not_sent, in no latency or throughput figure",
     "ttft": "first_token_s - scheduled_s (scheduled = trace arrival time)",
     "ttft_sent": "first_token_s - sent_s (excludes time queued in the client before sending)",
     "tpot": "(e2el - ttft) / (output_tokens - 1), only for requests with output_tokens > 1",
     "itl": "every gap between consecutive token_times_s of a request, pooled over requests",
     "e2el": "finished_s - scheduled_s",
-    "latency_stats": "mean, std (population, ddof=0) and p50/p90/p95/p99 (numpy linear "
-                     "interpolation) of ttft, ttft_sent, tpot, itl, e2el, in milliseconds",
-    "duration_s": "max(finished_s) - min(scheduled_s) over all requests (run wall time)",
+    "latency_stats": "mean, std (population, ddof=0) and the percentiles of the 'percentiles' "
+                     "column (default 50,90,95,99; numpy linear interpolation) of ttft, "
+                     "ttft_sent, tpot, itl, e2el, in milliseconds",
+    "duration_s": "max(finished_s) - min(scheduled_s) over the steady requests (run wall time "
+                  "without warm-up/cool-down)",
     "request_throughput": "num_ok / duration_s",
     "output_throughput": "sum(output_tokens of ok requests) / duration_s",
     "total_token_throughput": "sum(prompt_tokens + output_tokens of ok requests) / duration_s",
@@ -89,6 +100,41 @@ def _none_if_nan(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def steady_requests(requests: pd.DataFrame) -> pd.DataFrame:
+    """The rows in the steady-state window (all rows of a report written before windows)."""
+    if "window" not in requests.columns:
+        return requests
+    return requests[requests["window"].fillna("steady") == "steady"]
+
+
+def steady_window(requests: pd.DataFrame) -> tuple[float, float] | None:
+    """(first steady scheduled_s, last steady finished_s) when warm-up or cool-down rows were
+    left out; None when every row is steady (the whole run counts)."""
+    if "window" not in requests.columns or (requests["window"].fillna("steady") == "steady").all():
+        return None
+    steady = steady_requests(requests)
+    if steady.empty or steady["finished_s"].isna().all():
+        return None
+    return float(steady["scheduled_s"].min()), float(steady["finished_s"].max())
+
+
+def _steps_in_window(steps: pd.DataFrame | None, window: tuple[float, float]
+                     ) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(steps overlapping the window, steps that ended before it)."""
+    if steps is None or steps.empty:
+        return steps, None
+    lo, hi = window
+    return steps[(steps["end_s"] > lo) & (steps["start_s"] < hi)], steps[steps["end_s"] <= lo]
+
+
+def _prefix_hit_rate_since(steps: pd.DataFrame, before: pd.DataFrame) -> float | None:
+    """Prefix hits / queries between the last step before the window and the last in it (the
+    counters are cumulative over the run)."""
+    last, base = steps.loc[steps["step"].idxmax()], before.loc[before["step"].idxmax()]
+    queries = last["prefix_query_tokens"] - base["prefix_query_tokens"]
+    return float((last["prefix_hit_tokens"] - base["prefix_hit_tokens"]) / queries) if queries > 0 else None
+
+
 def ok_requests(requests: pd.DataFrame) -> pd.DataFrame:
     return requests[requests["status"] == "ok"]
 
@@ -112,16 +158,33 @@ def inter_token_latencies(requests: pd.DataFrame) -> np.ndarray:
     return np.concatenate(gaps) if gaps else np.empty(0)
 
 
-def latency_stats(name: str, values_s: np.ndarray | pd.Series) -> dict[str, float | None]:
+def check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
+    out = tuple(float(p) for p in percentiles)
+    if not out or any(not 0 <= p <= 100 for p in out) or len(set(out)) != len(out):
+        raise ValueError(f"percentiles must be distinct numbers in [0, 100], got {list(percentiles)}")
+    return out
+
+
+def percentile_key(p: float, name: str) -> str:
+    """p99_ttft_ms, p99.9_ttft_ms: vLLM's spelling."""
+    return f"p{p:g}_{name}_ms"
+
+
+def format_percentiles(percentiles: Sequence[float]) -> str:
+    return ",".join(f"{p:g}" for p in percentiles)
+
+
+def latency_stats(name: str, values_s: np.ndarray | pd.Series,
+                  percentiles: Sequence[float] = PERCENTILES) -> dict[str, float | None]:
     """mean/std/percentiles of one latency, in ms, keyed like vLLM (mean_ttft_ms, p99_ttft_ms)."""
     ms = np.asarray(values_s, dtype=float) * 1000.0
     ms = ms[np.isfinite(ms)]
     out: dict[str, float | None] = {f"mean_{name}_ms": None, f"std_{name}_ms": None}
-    out.update({f"p{p}_{name}_ms": None for p in PERCENTILES})
+    out.update({percentile_key(p, name): None for p in percentiles})
     if ms.size:
         out[f"mean_{name}_ms"], out[f"std_{name}_ms"] = float(ms.mean()), float(ms.std())
-        for p, v in zip(PERCENTILES, np.percentile(ms, PERCENTILES), strict=True):
-            out[f"p{p}_{name}_ms"] = float(v)
+        for p, v in zip(percentiles, np.percentile(ms, list(percentiles)), strict=True):
+            out[percentile_key(p, name)] = float(v)
     return out
 
 
@@ -254,27 +317,40 @@ def _roofline(duration: float | None, bytes_moved: float | None, bandwidth: floa
 
 def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None,
               telemetry: pd.DataFrame | None = None, *, slos: Slos | None = None,
-              roofline_bytes: float | None = None,
-              bandwidth_bytes_per_s: float | None = None) -> dict[str, float | int | None]:
-    """The one-row run summary. The SLOs and roofline inputs are stored in it, so the whole row
-    can be recomputed from requests/steps/telemetry Parquet plus the row itself."""
+              roofline_bytes: float | None = None, bandwidth_bytes_per_s: float | None = None,
+              percentiles: Sequence[float] = PERCENTILES) -> dict[str, float | int | None]:
+    """The one-row run summary of the steady-state rows. The SLOs, percentiles and roofline
+    inputs are stored in it, so the whole row can be recomputed from requests/steps/telemetry
+    Parquet plus the row itself."""
     slos = slos or Slos()
+    percentiles = check_percentiles(percentiles)
+    window = requests["window"].fillna("steady") if "window" in requests.columns else None
+    excluded = {f"num_{w}": 0 if window is None else int((window == w).sum()) for w in ("warmup", "cooldown")}
+    all_requests, requests = requests, steady_requests(requests)
     ok = ok_requests(requests)
     out_tokens = int(ok["output_tokens"].sum())
     status = requests["status"]
     row: dict[str, float | int | None] = {
         "num_requests": len(requests), "num_ok": len(ok), "num_error": int((status == "error").sum()),
-        "num_aborted": int((status == "aborted").sum()), "total_input_tokens": int(ok["prompt_tokens"].sum()),
+        "num_aborted": int((status == "aborted").sum()), "num_not_sent": int((status == "not_sent").sum()),
+        **excluded, "total_input_tokens": int(ok["prompt_tokens"].sum()),
         "total_output_tokens": out_tokens, "total_cached_tokens": int(ok["cached_tokens"].sum()),
     }
     row.update(throughput(requests))
+    row.update(percentiles=format_percentiles(percentiles))
     row.update(goodput=goodput(requests, slos), slo_ttft_ms=_none_if_nan(slos.ttft_ms),
                slo_tpot_ms=_none_if_nan(slos.tpot_ms), slo_e2el_ms=_none_if_nan(slos.e2el_ms))
     lat = request_latencies(requests)
     for name in LATENCY_METRICS:
         values = inter_token_latencies(requests) if name == "itl" else lat[f"{name}_s"]
-        row.update(latency_stats(name, values))
+        row.update(latency_stats(name, values, percentiles))
+    window, before = steady_window(all_requests), None
+    if window is not None:  # engine-side figures over the same span as the request figures
+        steps, before = _steps_in_window(steps, window)
+        telemetry = None if telemetry is None else telemetry[telemetry["t_s"].between(*window)]
     row.update(kv_stats(steps))
+    if before is not None and not before.empty and steps is not None and not steps.empty:
+        row["prefix_cache_hit_rate"] = _prefix_hit_rate_since(steps, before)
     row.update(telemetry_stats(telemetry, out_tokens))
     row.update(_roofline(row["duration_s"], roofline_bytes, bandwidth_bytes_per_s))
     row.update(conversation_stats(requests))
@@ -326,6 +402,12 @@ def conversation_stats(requests: pd.DataFrame) -> dict[str, float | int | None]:
     for k in sorted(set(turn) & set(range(MAX_TURN_COLUMNS))):
         row[f"ttft_p50_ms_turn_{k}"] = p50(turn == k)
     return row
+
+
+def percentiles_from_summary(row: dict) -> tuple[float, ...]:
+    """The percentiles a summary row was computed with (rows from before the column: defaults)."""
+    text = row.get("percentiles")
+    return tuple(float(p) for p in text.split(",")) if isinstance(text, str) and text else PERCENTILES
 
 
 def slos_from_summary(row: dict) -> Slos:

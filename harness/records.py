@@ -22,12 +22,13 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    status: str = "pending"  # ok | error | aborted | pending
+    status: str = "pending"  # ok | error | aborted | not_sent (past --duration) | pending
     error: str | None = None
     finish_reason: str | None = None
     prefix_group: str | None = None
     conversation_id: str | None = None  # multi-turn chat: the conversation and this turn's index
     turn: int | None = None
+    window: str = "steady"  # warmup | steady | cooldown: only steady rows enter the summary
 
 
 @dataclass

@@ -34,8 +34,10 @@ class ReplayResult:
 
 
 def replay(backend: Backend, requests: Sequence[TraceRequest], options: ReplayOptions | None = None,
-           telemetry: bool = True, gpu_indices: Sequence[int] = (0,), interval_s: float = 0.1) -> ReplayResult:
-    """Run ``requests`` through ``backend``; telemetry=False skips NVML entirely."""
+           telemetry: bool = True, gpu_indices: Sequence[int] = (0,), interval_s: float = 0.1,
+           scraper: Any | None = None) -> ReplayResult:
+    """Run ``requests`` through ``backend``; telemetry=False skips NVML entirely. A scraper
+    (harness/scrape.py MetricsScraper) gets t0 and runs for the length of the backend's run."""
     options = options or ReplayOptions()
     if options.max_concurrency is not None and options.max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1 or None, got {options.max_concurrency}")
@@ -44,7 +46,9 @@ def replay(backend: Backend, requests: Sequence[TraceRequest], options: ReplayOp
     requests = with_request_ids(requests)
     t0 = time.perf_counter()
     sampler = TelemetrySampler(gpu_indices, interval_s, t0) if telemetry else None
-    with sampler if sampler is not None else nullcontext():
+    if scraper is not None:
+        scraper.t0 = t0
+    with sampler if sampler is not None else nullcontext(), scraper if scraper is not None else nullcontext():
         run = backend.run(requests, t0, options)
     run.requests = _complete(run.requests, requests, options)
     status = sampler.status() if sampler is not None else {"nvml_available": None, "disabled": True}
@@ -64,7 +68,7 @@ def _complete(records: list[RequestRecord], requests: list[TraceRequest],
         if rec is None:
             rec = RequestRecord(req.request_id, req.arrival_s if options.timed else 0.0, status="error",
                                 error="backend returned no record for this request", prefix_group=req.prefix_group)
-        elif rec.status == "pending":  # the backend returned without finishing it
+        elif rec.status == "pending":  # the backend returned without finishing it (not_sent stays)
             rec.status, rec.error = "error", rec.error or "request did not finish before the run ended"
         out.append(rec)
     return out

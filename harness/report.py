@@ -3,7 +3,10 @@
     run_dir/requests.parquet   RequestRecord rows (token_times_s is a list<double> column)
     run_dir/steps.parquet      StepRecord rows (header-only when the backend has no steps)
     run_dir/telemetry.parquet  TelemetrySample rows (header-only without NVML)
-    run_dir/summary.parquet    one row: harness.metrics.summarize(...)
+    run_dir/summary.parquet    one row: harness.metrics.summarize(...) (+ server_* columns)
+    run_dir/server_metrics.parquet  the server's /metrics over time (harness/scrape.py), only
+                               for runs that scraped a server
+    run_dir/result.json, summary.csv   exports (harness/exports.py; vLLM's JSON key names)
 
 Every file's schema metadata has key b"llmbench" holding JSON: schema_version, the metric
 definitions (harness.metrics.METRIC_DEFINITIONS), the caller's run config, git sha/dirty,
@@ -33,7 +36,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.metrics import METRIC_DEFINITIONS, Slos, slos_from_summary, summarize
+from harness.metrics import (
+    METRIC_DEFINITIONS,
+    PERCENTILES,
+    Slos,
+    percentiles_from_summary,
+    slos_from_summary,
+    summarize,
+)
 from harness.records import RequestRecord, StepRecord, TelemetrySample
 from harness.telemetry import nvml_device_names
 
@@ -50,6 +60,7 @@ METADATA_KEY = b"llmbench"
 SCHEMA_VERSION = 1
 FILES = {"requests": "requests.parquet", "steps": "steps.parquet", "telemetry": "telemetry.parquet",
          "summary": "summary.parquet"}
+SERVER_METRICS_FILE = "server_metrics.parquet"  # optional: only runs that scraped a server
 SWEEP_FILE = "sweep.parquet"
 
 _ARROW_TYPES: dict[Any, pa.DataType] = {str: pa.string(), float: pa.float64(), int: pa.int64(),
@@ -223,6 +234,7 @@ class Report:
     telemetry: pd.DataFrame
     summary: pd.DataFrame  # one row
     metadata: dict[str, Any]
+    server_metrics: pd.DataFrame | None = None  # scraped /metrics samples, if the run had them
 
     def summary_row(self) -> dict[str, Any]:
         """The summary as plain Python values (NaN -> None, numpy -> int/float)."""
@@ -232,9 +244,24 @@ class Report:
     def recompute_summary(self) -> dict[str, Any]:
         """summarize() again from the per-request/step/telemetry rows, with the stored inputs."""
         row = self.summary_row()
-        return summarize(self.requests, self.steps, self.telemetry, slos=slos_from_summary(row),
-                         roofline_bytes=row.get("roofline_bytes"),
-                         bandwidth_bytes_per_s=row.get("roofline_bandwidth_bytes_per_s"))
+        return _summary(self.requests, self.steps, self.telemetry, self.server_metrics,
+                        slos=slos_from_summary(row), roofline_bytes=row.get("roofline_bytes"),
+                        bandwidth_bytes_per_s=row.get("roofline_bandwidth_bytes_per_s"),
+                        percentiles=percentiles_from_summary(row))
+
+
+def _summary(requests: pd.DataFrame, steps: pd.DataFrame, telemetry: pd.DataFrame,
+             server_metrics: pd.DataFrame | None, **kw: Any) -> dict[str, Any]:
+    """summarize() plus the server-side figures of the steady window, when a server was scraped."""
+    row = summarize(requests, steps, telemetry, **kw)
+    if server_metrics is not None:
+        from harness.metrics import steady_requests
+        from harness.scrape import server_summary
+
+        steady = steady_requests(requests)
+        window = (steady["scheduled_s"].min(), steady["finished_s"].max()) if len(steady) else None
+        row.update(server_summary(server_metrics, window))
+    return row
 
 
 def _write(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
@@ -246,8 +273,11 @@ def _write(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
 def write_report(run_dir: str | Path, requests: Iterable[RequestRecord] | pd.DataFrame,
                  steps: Iterable[StepRecord] | pd.DataFrame, telemetry: Iterable[TelemetrySample] | pd.DataFrame,
                  config: Mapping[str, Any], *, slos: Slos | None = None, roofline_bytes: float | None = None,
-                 bandwidth_bytes_per_s: float | None = None, overwrite: bool = False) -> Report:
-    """Write the four Parquet files of one run and return them as a Report."""
+                 bandwidth_bytes_per_s: float | None = None, overwrite: bool = False,
+                 percentiles: Sequence[float] = PERCENTILES, server_metrics: pd.DataFrame | None = None,
+                 exports: bool = True) -> Report:
+    """Write the four Parquet files of one run (five with server_metrics), and the exports
+    (result.json, summary.csv) unless exports=False; return them as a Report."""
     run_dir = Path(run_dir)
     if (run_dir / FILES["summary"]).exists() and not overwrite:
         raise FileExistsError(f"{run_dir} already holds a report; pass overwrite=True or pick a new run_dir")
@@ -255,14 +285,27 @@ def write_report(run_dir: str | Path, requests: Iterable[RequestRecord] | pd.Dat
     tables = {"requests": _table(requests, REQUESTS_SCHEMA), "steps": _table(steps, STEPS_SCHEMA),
               "telemetry": _table(telemetry, TELEMETRY_SCHEMA)}
     frames = {name: t.to_pandas() for name, t in tables.items()}
-    row = summarize(frames["requests"], frames["steps"], frames["telemetry"], slos=slos,
-                    roofline_bytes=roofline_bytes, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+    row = _summary(frames["requests"], frames["steps"], frames["telemetry"], server_metrics, slos=slos,
+                   roofline_bytes=roofline_bytes, bandwidth_bytes_per_s=bandwidth_bytes_per_s,
+                   percentiles=percentiles)
     tables["summary"] = _row_table(row)
     metadata = run_metadata(config)
     for name, table in tables.items():
         _write(table, run_dir / FILES[name], metadata)
-    return Report(run_dir, frames["requests"], frames["steps"], frames["telemetry"],
-                  tables["summary"].to_pandas(), json.loads(json.dumps(metadata, default=_json_default)))
+    if server_metrics is not None:
+        from harness.scrape import SERVER_METRICS_SCHEMA
+
+        _write(pa.Table.from_pandas(server_metrics[SERVER_METRICS_SCHEMA.names], schema=SERVER_METRICS_SCHEMA,
+                                    preserve_index=False), run_dir / SERVER_METRICS_FILE, metadata)
+    report = Report(run_dir, frames["requests"], frames["steps"], frames["telemetry"],
+                    tables["summary"].to_pandas(), json.loads(json.dumps(metadata, default=_json_default)),
+                    server_metrics)
+    if exports:
+        from harness.exports import RESULT_JSON, SUMMARY_CSV, write_csv, write_vllm_json
+
+        write_vllm_json(run_dir / RESULT_JSON, report.summary_row(), frames["requests"], report.metadata["config"])
+        write_csv(run_dir / SUMMARY_CSV, [report.summary_row()])
+    return report
 
 
 def load_report(run_dir: str | Path) -> Report:
@@ -271,8 +314,10 @@ def load_report(run_dir: str | Path) -> Report:
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a complete report: missing {', '.join(missing)}")
     frames = {name: pq.read_table(run_dir / f).to_pandas() for name, f in FILES.items()}
+    server = run_dir / SERVER_METRICS_FILE
     return Report(run_dir, frames["requests"], frames["steps"], frames["telemetry"], frames["summary"],
-                  read_metadata(run_dir / FILES["requests"]))
+                  read_metadata(run_dir / FILES["requests"]),
+                  pq.read_table(server).to_pandas() if server.exists() else None)
 
 
 def append_sweep_summary(sweep_dir: str | Path, summary_row: Mapping[str, Any]) -> pd.DataFrame:
@@ -285,4 +330,8 @@ def append_sweep_summary(sweep_dir: str | Path, summary_row: Mapping[str, Any]) 
     new = _row_table(summary_row, old.schema if old is not None else None)
     table = new if old is None else pa.concat_tables([old, new], promote_options="permissive")
     _write(table, path, {"schema_version": SCHEMA_VERSION, "definitions": METRIC_DEFINITIONS})
-    return table.to_pandas()
+    frame = table.to_pandas()
+    from harness.exports import SWEEP_CSV, write_csv
+
+    write_csv(path.parent / SWEEP_CSV, frame.to_dict("records"))
+    return frame

@@ -11,6 +11,12 @@ backend: no prefix cache or allocator state leaks from one run into the next.
 The report config (Parquet metadata) holds the backend, model, the engine's config fields,
 the workload spec, replay options, telemetry status and any labels the caller adds (a sweep
 adds its point).
+
+Measurement settings (RunSettings): ``warmup``/``cooldown`` (harness/window.py: flagged in
+requests.parquet, left out of the summary), ``duration_s`` (nothing is sent after it; the
+requests left get status "not_sent", in-flight ones finish), ``percentiles`` (the summary's
+pNN columns) and, for the openai backend, ``scrape_interval_s`` (the server's /metrics into
+server_metrics.parquet, harness/scrape.py).
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.backends.base import ENGINE_BACKENDS, Backend, ReplayOptions
-from harness.metrics import Slos
+from harness.metrics import PERCENTILES, Slos, check_percentiles, steady_window
 from harness.replay import ReplayResult, replay
-from harness.report import steps_frame, write_report
+from harness.report import requests_frame, steps_frame, write_report
+from harness.window import Bound, flag_window
 from workloads.spec import WorkloadSpec
 from workloads.trace import TraceRequest
 
@@ -154,10 +161,20 @@ class RunSettings:
     telemetry: bool = True
     bandwidth_bytes_per_s: float | None = None  # for the roofline; None: no roofline figure
     progress: bool = True
+    warmup: Bound = field(default_factory=Bound)  # left out of the summary, flagged in the Parquet
+    cooldown: Bound = field(default_factory=Bound)
+    duration_s: float | None = None  # time-bounded run: nothing is sent after this
+    percentiles: tuple[float, ...] = PERCENTILES
+    scrape_interval_s: float | None = 0.5  # openai backend: the server's /metrics period; None: off
 
     def __post_init__(self) -> None:
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.duration_s is not None and not (self.duration_s > 0 and math.isfinite(self.duration_s)):
+            raise ValueError(f"duration must be a finite number of seconds > 0, got {self.duration_s}")
+        if self.scrape_interval_s is not None and not self.scrape_interval_s > 0:
+            raise ValueError(f"the scrape interval must be > 0 s, got {self.scrape_interval_s}")
+        self.percentiles = check_percentiles(self.percentiles)
 
     def settings(self) -> dict[str, Any]:
         """The RunSettings fields of this spec, by name (not copied)."""
@@ -192,8 +209,11 @@ def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None =
     try:
         rate = spec.workload.rate
         options = ReplayOptions(timed=rate is None or math.isfinite(rate), max_concurrency=spec.max_concurrency,
-                                progress=spec.progress)
-        result = replay(backend, requests, options, telemetry=spec.telemetry, gpu_indices=spec.gpu_indices())
+                                progress=spec.progress, duration_s=spec.duration_s)
+        scraper = _scraper(spec)
+        result = replay(backend, requests, options, telemetry=spec.telemetry, gpu_indices=spec.gpu_indices(),
+                        scraper=scraper)
+        flag_window(result.run.requests, spec.warmup, spec.cooldown)
         roofline = _roofline_bytes(backend, result, spec.bandwidth_bytes_per_s)
     finally:
         if owned:
@@ -204,11 +224,24 @@ def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None =
     config = {"backend": spec.backend, "model": spec.model, "workload": spec.workload.describe(),
               "options": dataclasses.asdict(options), "engine_args": spec.engine_args,
               "backend_args": spec.backend_args, "backend_info": result.run.info,
-              "telemetry": result.telemetry_status, "labels": labels or {}}
+              "telemetry": result.telemetry_status, "labels": labels or {},
+              "window": {"warmup": spec.warmup.describe(), "cooldown": spec.cooldown.describe()},
+              "server_metrics": scraper.status() if scraper is not None else None}
     report = write_report(out_dir, result.run.requests, result.run.steps, result.telemetry, config,
                           slos=spec.slos, roofline_bytes=roofline,
-                          bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s if roofline else None)
+                          bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s if roofline else None,
+                          percentiles=spec.percentiles,
+                          server_metrics=scraper.frame() if scraper is not None else None)
     return report.summary_row()
+
+
+def _scraper(spec: RunSpec):
+    """A /metrics scraper of the server an openai run talks to (None: another backend, or off)."""
+    if spec.backend != "openai" or spec.scrape_interval_s is None or "base_url" not in spec.backend_args:
+        return None
+    from harness.scrape import MetricsScraper
+
+    return MetricsScraper(spec.backend_args["base_url"], 0.0, spec.scrape_interval_s)
 
 
 def _free_device_memory() -> None:
@@ -227,7 +260,11 @@ def _roofline_bytes(backend: Backend, result: ReplayResult, bandwidth: float | N
 
     cfg = llm_engine.config  # as it ran: device and dtype resolved
     weights = weight_bytes(cfg.model_config, cfg.torch_dtype.itemsize)
-    return bytes_moved(steps_frame(result.run.steps), weights, cfg.kv_bytes_per_token)
+    steps = steps_frame(result.run.steps)
+    window = steady_window(requests_frame(result.run.requests))
+    if window is not None:  # the bytes of the steps the summary's duration covers
+        steps = steps[(steps["end_s"] > window[0]) & (steps["start_s"] < window[1])]
+    return bytes_moved(steps, weights, cfg.kv_bytes_per_token) if not steps.empty else None
 
 
 def auto_bandwidth(engine_args: dict[str, Any]) -> float | None:

@@ -121,5 +121,5 @@ def _one_line(s: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v:,.1f}{unit}"
 
     return (f"{s['num_ok']}/{s['num_requests']} ok, {fmt(s['output_throughput'], ' tok/s')}, "
-            f"TTFT p50 {fmt(s['p50_ttft_ms'], ' ms')}, TPOT p50 {fmt(s['p50_tpot_ms'], ' ms')}, "
+            f"TTFT p50 {fmt(s.get('p50_ttft_ms'), ' ms')}, TPOT p50 {fmt(s.get('p50_tpot_ms'), ' ms')}, "
             f"KV waste {fmt(None if s['kv_waste_mean'] is None else 100 * s['kv_waste_mean'], '%')}")

@@ -22,6 +22,19 @@ class ReplayOptions:
     timed: bool = True  # honour arrival_s; False = offline (everything at t=0)
     max_concurrency: int | None = None  # cap on requests in flight (None: no cap)
     progress: bool = True  # show a progress bar
+    # Time-bounded run: no request is sent after this many seconds from t0; those left are
+    # recorded with status "not_sent" (NOT_SENT_ERROR), never dropped. In-flight ones finish.
+    duration_s: float | None = None
+
+    def past_deadline(self, now_s: float) -> bool:
+        return self.duration_s is not None and now_s >= self.duration_s
+
+
+NOT_SENT = "not_sent"
+
+
+def not_sent_error(options: ReplayOptions) -> str:
+    return f"not sent: the run's duration of {options.duration_s:g} s ended first"
 
 
 @dataclass

@@ -11,6 +11,8 @@ The engine is driven step by step in the calling thread (it is not thread-safe):
   than ``max_concurrency`` are in flight; ``sent_s`` is when ``add_request`` returned;
 - each delta's new tokens get the time its ``step()`` returned: that is when a streaming
   server could first send them;
+- with ``options.duration_s``, requests not added by then are recorded as "not_sent" and the
+  run ends when the ones in flight finish;
 - a request the engine rejects (``ValueError`` at ``add_request``) gets status "error" with
   the message, and the run goes on;
 - ``engine.last_step_stats`` becomes one StepRecord per step (times relative to t0, prefix
@@ -41,7 +43,13 @@ from tqdm.auto import tqdm
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.outputs import RequestDelta, StepStats
-from harness.backends.base import ENGINE_BACKENDS, ReplayOptions, RunResult
+from harness.backends.base import (
+    ENGINE_BACKENDS,
+    NOT_SENT,
+    ReplayOptions,
+    RunResult,
+    not_sent_error,
+)
 from harness.records import RequestRecord, StepRecord
 from workloads.chat import History, chat_prompt_token_ids, conversations
 from workloads.trace import TraceRequest
@@ -131,6 +139,8 @@ class _EngineRun:
         idle = 0
         with self.bar:
             while self.pending or self.engine.has_unfinished_requests():
+                if self.options.past_deadline(self.now()):
+                    self._expire_pending()
                 self._admit_due()
                 if not self.engine.has_unfinished_requests():
                     self._sleep_until_next_arrival()
@@ -196,7 +206,15 @@ class _EngineRun:
     def _sleep_until_next_arrival(self) -> None:
         if self.pending:
             due = self.records[self.pending[0].request_id].scheduled_s
+            if self.options.duration_s is not None:
+                due = min(due, self.options.duration_s)
             time.sleep(max(0.0, due - self.now()))
+
+    def _expire_pending(self) -> None:
+        while self.pending:
+            rec = self.records[self.pending.popleft().request_id]
+            rec.status, rec.error = NOT_SENT, not_sent_error(self.options)
+            self.bar.update(1)
 
     # ---- results ---------------------------------------------------------------------
     def _apply(self, d: RequestDelta, t: float) -> None:

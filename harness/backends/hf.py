@@ -31,7 +31,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from engine.config import EngineConfig
 from engine.tokenizer import load_tokenizer
-from harness.backends.base import ReplayOptions, RunResult
+from harness.backends.base import NOT_SENT, ReplayOptions, RunResult, not_sent_error
 from harness.records import RequestRecord
 from workloads.trace import TraceRequest
 
@@ -133,9 +133,15 @@ class HFBackend:
         with tqdm(total=len(requests), desc="requests", unit="req", leave=False,
                   disable=None if options.progress else True) as bar:
             while pending:
+                if options.past_deadline(now()):  # --duration: the rest is recorded, not run
+                    for r in pending:
+                        records[r.request_id].status, records[r.request_id].error = NOT_SENT, not_sent_error(options)
+                    bar.update(len(pending))
+                    break
                 arrived = [r for r in pending if records[r.request_id].scheduled_s <= now()]
                 if not arrived:
-                    time.sleep(max(0.0, records[pending[0].request_id].scheduled_s - now()))
+                    due = records[pending[0].request_id].scheduled_s
+                    time.sleep(max(0.0, min(due, options.duration_s or due) - now()))
                     continue
                 if self.sort_by_length:
                     arrived.sort(key=lambda r: len(self._prompt_ids(r, prompts)))

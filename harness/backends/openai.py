@@ -53,6 +53,7 @@ guard that multiprocessing asks for.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import time
@@ -63,7 +64,7 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
-from harness.backends.base import ReplayOptions, RunResult
+from harness.backends.base import NOT_SENT, ReplayOptions, RunResult, not_sent_error
 from harness.backends.http1 import ConnectionPool
 from harness.records import RequestRecord
 from harness.sse import DONE, EventReader, StreamError, StreamState
@@ -180,7 +181,7 @@ class OpenAIBackend:
         t0_epoch = t0 + _epoch_offset()
         futures = [
             (share, self._pool.submit(_worker_run, self._worker_args(), share, t0_epoch,
-                                      ReplayOptions(options.timed, c, progress=False)))
+                                      dataclasses.replace(options, max_concurrency=c, progress=False)))
             for share, c in zip(shares, caps) if share
         ]
         by_id: dict[str, RequestRecord] = {}
@@ -217,7 +218,7 @@ class OpenAIBackend:
         )
 
         async def one(req: TraceRequest, rec: RequestRecord) -> None:
-            await self._one(pool, req, rec, t0, options.timed, slots)
+            await self._one(pool, req, rec, t0, options, slots)
             bar.update(1)
 
         async def conversation(turns: list[TraceRequest]) -> None:
@@ -226,7 +227,7 @@ class OpenAIBackend:
                 rec = by_id[req.request_id]
                 if i > 0:  # due once the previous answer is in (and not before its own arrival)
                     rec.scheduled_s = max(rec.scheduled_s, time.perf_counter() - t0)
-                text = await self._one(pool, req, rec, t0, options.timed, slots, history)
+                text = await self._one(pool, req, rec, t0, options, slots, history)
                 bar.update(1)
                 if rec.status != "ok":
                     _write_off(turns[i + 1:], by_id, rec, time.perf_counter() - t0)
@@ -249,15 +250,19 @@ class OpenAIBackend:
         req: TraceRequest,
         rec: RequestRecord,
         t0: float,
-        timed: bool,
+        options: ReplayOptions,
         slots: asyncio.Semaphore | None,
         history: History | None = None,
     ) -> str:
         """Send one request and record it; returns the streamed text of a conversation turn."""
-        if timed:
-            await asyncio.sleep(max(0.0, t0 + rec.scheduled_s - time.perf_counter()))
+        if options.timed:
+            due = rec.scheduled_s if options.duration_s is None else min(rec.scheduled_s, options.duration_s)
+            await asyncio.sleep(max(0.0, t0 + due - time.perf_counter()))
         slot: AbstractAsyncContextManager[Any] = slots if slots is not None else nullcontext()
         async with slot:
+            if options.past_deadline(time.perf_counter() - t0):  # --duration ended before its turn
+                rec.status, rec.error = NOT_SENT, not_sent_error(options)
+                return ""
             rec.sent_s = time.perf_counter() - t0
             state = _ChatTextState() if history is not None else StreamState()
             try:

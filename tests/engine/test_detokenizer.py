@@ -17,7 +17,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from engine import LLM, SamplingParams
-from engine.detokenizer import ByteLevelDecoder, IncrementalDetokenizer, StreamDecoder, WindowDecoder
+from engine.detokenizer import (
+    ByteLevelDecoder,
+    IncrementalDetokenizer,
+    StreamDecoder,
+    WindowDecoder,
+)
 from engine.tokenizer import build_byte_tokenizer
 
 CORPUS = [

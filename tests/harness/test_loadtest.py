@@ -102,6 +102,11 @@ def test_load_run_writes_report_without_errors(tmp_path, capsys):
     # the server counted every generated token the client did
     config = report.metadata["config"]
     assert config["server_metrics"]["llmbench_generation_tokens_total"] == summary["total_output_tokens"]
+    # the background scraper: several scrapes on the requests' clock, joined into the summary
+    scraped = report.server_metrics
+    assert scraped is not None and scraped["t_s"].nunique() >= 3
+    assert summary["server_scrapes"] >= 2 and summary["server_running_peak"] >= 1
+    assert 0 <= summary["server_kv_usage_peak"] <= 1
     assert "load test report" in printed.out
     rows_file = (out / "rows.jsonl").read_text().splitlines()
     assert len(rows_file) == summary["num_requests"]
