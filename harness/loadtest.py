@@ -149,6 +149,8 @@ def run_locust(args: argparse.Namespace, url: str, out: Path, model: str | None)
     env = {"LLMBENCH_LOCUST_ROWS": str(out / "rows.jsonl"), "LLMBENCH_LOCUST_CPU": str(out / "cpu.jsonl")}
     if args.wait is not None:
         env["LLMBENCH_LOCUST_WAIT"] = args.wait
+    if getattr(args, "once", False):  # each user sends one trace row (harness.served)
+        env.update(LLMBENCH_LOCUST_ONCE="1", LLMBENCH_LOCUST_PROCESSES=str(args.processes))
     if model:
         env["LLMBENCH_MODEL"] = model
     if args.trace:

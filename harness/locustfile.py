@@ -58,6 +58,7 @@ from harness.sse import EventReader, StreamError, StreamState  # noqa: E402  (no
 DEFAULT_TRACE = REPO_ROOT / "workloads" / "traces" / "smoke.jsonl"
 ROWS_ENV, TRACE_ENV, MODEL_ENV = "LLMBENCH_LOCUST_ROWS", "LLMBENCH_LOCUST_TRACE", "LLMBENCH_MODEL"
 WAIT_ENV, CPU_ENV = "LLMBENCH_LOCUST_WAIT", "LLMBENCH_LOCUST_CPU"
+ONCE_ENV, PROCESSES_ENV = "LLMBENCH_LOCUST_ONCE", "LLMBENCH_LOCUST_PROCESSES"
 REQUEST_FIELDS = (
     "max_tokens",
     "temperature",
@@ -259,20 +260,41 @@ class OpenAIStreamingUser(User):
         self.client.http.close()
 
 
+def once_row(environment: Environment, processes: int) -> int:
+    """Replay-once mode: the trace row of the next user this process starts. Users are spread
+    evenly over the worker processes, so user k of worker w takes row k * processes + w: with as
+    many users as rows, every row is sent exactly once."""
+    counter = getattr(environment, "llmbench_once_users", None)
+    if counter is None:  # kept on the environment (one per process), not in the module
+        counter = environment.llmbench_once_users = itertools.count()
+    worker = getattr(environment.runner, "worker_index", 0) if environment.runner is not None else 0
+    return next(counter) * processes + worker
+
+
 class TraceUser(OpenAIStreamingUser):
+    """Closed loop over the trace's prompts (from a random offset per user), or with
+    LLMBENCH_LOCUST_ONCE=1 one request per user, trace row by trace row (run as many users as
+    the trace has rows, LLMBENCH_LOCUST_PROCESSES = locust's --processes): the exact request
+    set of the trace, as the openai backend replays it offline."""
+
     wait_time = parse_wait(os.environ.get(WAIT_ENV))
 
     def __init__(self, environment: Environment):
         super().__init__(environment)
         bodies = load_trace_bodies(os.environ.get(TRACE_ENV) or DEFAULT_TRACE)
-        start = random.Random(uuid.uuid4().int).randrange(
-            len(bodies)
-        )  # spread users over the trace
-        self._bodies = itertools.islice(itertools.cycle(bodies), start, None)
+        if os.environ.get(ONCE_ENV) == "1":
+            row = once_row(environment, int(os.environ.get(PROCESSES_ENV) or 1))
+            self._bodies = iter(bodies[row:row + 1])  # empty past the trace's end: nothing to send
+        else:
+            start = random.Random(uuid.uuid4().int).randrange(len(bodies))  # spread users over the trace
+            self._bodies = itertools.islice(itertools.cycle(bodies), start, None)
 
     @task
     def complete(self) -> None:
-        self.client.complete({"model": self.model, **next(self._bodies)})
+        body = next(self._bodies, None)
+        if body is None:  # replay-once: this user's request is done
+            raise StopUser()
+        self.client.complete({"model": self.model, **body})
 
 
 if __name__ == "__main__":  # debug one user in-process: python harness/locustfile.py http://127.0.0.1:8000

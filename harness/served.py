@@ -9,8 +9,9 @@
 2. replay the workload against it: ``--client openai`` (default) with harness/run.py's
    ``run_once`` and the openai backend (``num_workers=--processes`` client processes), the
    exact requests of the workload; ``--client locust`` with harness.loadtest's locust run
-   (``--processes`` locust workers), ``--max-concurrency`` users (default: one per request)
-   cycling through the workload's prompts without waiting, for ``--run-time``;
+   (``--processes`` locust workers): by default one user per request, each sending its own
+   request once (the same request set; the run ends with ``--run-time``, which must cover it),
+   or with ``--max-concurrency`` that many users cycling through the prompts without waiting;
 3. stop the server with SIGTERM and check that it exited cleanly; read its stream interval from
    /metrics if it reports one (a metric whose name holds "stream_interval");
 4. run the same requests in this process with the ``engine`` backend and the same engine args;
@@ -124,15 +125,19 @@ def _served_locust(args: argparse.Namespace, url: str, requests: list, run_dir: 
     trace = run_dir / "trace.jsonl"
     trace.write_text("".join(json.dumps(r.to_row()) + "\n" for r in requests))
     users = args.max_concurrency or len(requests)
+    # one user per request, each sending its own row once: the same request set as the other side
+    # (with --max-concurrency, fewer users than requests: a closed loop over the rows instead)
+    once = users == len(requests)
     run_args = argparse.Namespace(locustfile=str(LOCUSTFILE), users=users, spawn_rate=users,
                                   run_time=args.run_time, stop_timeout=60, processes=args.processes,
-                                  wait="0", trace=str(trace))
+                                  wait="0", trace=str(trace), once=once)
     rc = run_locust(run_args, url, run_dir, None)
     records = rows_to_records(read_rows(run_dir / "rows.jsonl"))
     if not records:
         raise RuntimeError(f"locust completed no request (exit {rc}); see {run_dir}/locust.out")
     config = {"kind": "served", "backend": "locust", "model": args.model, "labels": labels,
-              "users": users, "processes": args.processes, "run_time": args.run_time, "locust_exit_code": rc}
+              "users": users, "processes": args.processes, "run_time": args.run_time, "once": once,
+              "locust_exit_code": rc}
     return write_report(run_dir, records, [], [], config).summary_row()
 
 

@@ -75,3 +75,19 @@ def test_served_with_locust(tmp_path, capsys):
     result = json.loads((out / "served.json").read_text())
     assert result["client"] == "locust" and result["served_ok"] >= 1 and result["ratio"] > 0
     assert list(pd.read_parquet(out / "sweep.parquet")["backend"]) == ["served-locust", "engine"]
+
+
+def test_locust_replays_each_request_once_over_its_processes(tmp_path, capsys):
+    """One user per request, spread over two locust processes: every request of the workload is
+    sent exactly once, so both sides generate the same tokens."""
+    out = tmp_path / "served-locust-once"
+    rc = main(["--model", "tiny", "--workload", "bench", *TINY_BENCH, "--client", "locust", "--run-time", "6s",
+               "--processes", "2", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out + printed.err
+    result = json.loads((out / "served.json").read_text())
+    assert result["served_ok"] == result["served_requests"] == result["in_process_ok"] == 6
+    sweep = pd.read_parquet(out / "sweep.parquet")
+    assert sweep["total_output_tokens"].nunique() == 1
+    prompts = sorted(pd.read_parquet(out / "bench-served" / "requests.parquet")["prompt_tokens"])
+    assert prompts == sorted(pd.read_parquet(out / "bench-engine" / "requests.parquet")["prompt_tokens"])
