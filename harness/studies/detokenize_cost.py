@@ -1,6 +1,6 @@
 """What detokenization costs a user of `LLM.generate`: B streams of P prompt + O output tokens
 (ignore_eos), run with the default incremental detokenization and with `detokenize=False`, in
-turns, in one process (the same engine, its warm-up done once).
+turns (off, on, then on, off, ...), in one process (the same engine, its warm-up done once).
 
     llmbench studies detokenize-cost --model qwen3-0.6b --streams 256 --prompt-len 128 --output-len 512
 
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     llm.engine.warm_up()
     timed_generate(llm, prompts[:8], 8, True)  # the first generate's one-off costs stay out
     rows = {True: [], False: []}
-    for _ in range(args.rounds):
-        for detokenize in (False, True):
+    for round_no in range(args.rounds):
+        for detokenize in (False, True) if round_no % 2 == 0 else (True, False):  # no order bias
             tok_s, tokens, chars = timed_generate(llm, prompts, args.output_len, detokenize)
             rows[detokenize].append(tok_s)
             print(f"detokenize {'on ' if detokenize else 'off'}: {tokens} tokens, {chars} characters, "
