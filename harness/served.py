@@ -12,8 +12,8 @@
    (``--processes`` locust workers): by default one user per request, each sending its own
    request once (the same request set; the run ends with ``--run-time``, which must cover it),
    or with ``--max-concurrency`` that many users cycling through the prompts without waiting;
-3. stop the server with SIGTERM and check that it exited cleanly; read its stream interval from
-   /metrics if it reports one (a metric whose name holds "stream_interval");
+3. read how it served from its /v1/models card (stream interval, engine in its own process or
+   not), stop the server with SIGTERM and check that it exited cleanly;
 4. run the same requests in this process with the ``engine`` backend and the same engine args;
 5. write both reports under --out (DIR/<workload>-served, DIR/<workload>-engine, and
    DIR/sweep.parquet, so ``python -m harness compare DIR`` sets them side by side) and
@@ -48,7 +48,6 @@ from harness.loadtest import (
     read_rows,
     rows_to_records,
     run_locust,
-    scrape_metrics,
     sigterm_as_exit,
     start_server,
     stop_process,
@@ -97,18 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- the served side ------------------------------------------------------------------------
-def _stream_interval(metrics: dict[str, float], server_args: list[str]) -> float | None:
-    for name, value in metrics.items():
-        if "stream_interval" in name:
-            return value
-    for i, arg in enumerate(server_args):  # else what we asked the server for, if we did
-        if arg.startswith("--stream-interval"):
-            value = arg.partition("=")[2] or (server_args[i + 1] if i + 1 < len(server_args) else "")
-            try:
-                return float(value)
-            except ValueError:
-                return None
-    return None
+def served_model_card(url: str) -> dict[str, Any]:
+    """The server's /v1/models card: how it serves (our server adds `engine` and
+    `stream_interval`; other servers may not, and then those stay unknown)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as resp:
+            return json.loads(resp.read())["data"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return {}
 
 
 def _served_openai(args: argparse.Namespace, url: str, workload: WorkloadSpec, requests: list,
@@ -194,11 +191,11 @@ def run_served(args: argparse.Namespace, workload: WorkloadSpec, request_sets: l
                 summary = _served_locust(args, url, request_sets[i], run_dir, labels)
             append_sweep_summary(out, {**labels, **summary})
             summaries.append(summary)
-        metrics = scrape_metrics(url)
+        card = served_model_card(url)
     finally:
         stop_process(proc, timeout_s=60)
     facts = {"server_exit_code": proc.returncode, "server_args": server_args,
-             "stream_interval": _stream_interval(metrics, server_args), "url": url}
+             "stream_interval": card.get("stream_interval"), "engine": card.get("engine"), "url": url}
     return summaries, facts
 
 
@@ -246,7 +243,8 @@ def served_result(args: argparse.Namespace, served: list[dict[str, Any]], local:
             "served_ok": sum(r["num_ok"] for r in served), "served_requests": sum(r["num_requests"] for r in served),
             "in_process_ok": sum(r["num_ok"] for r in local),
             "in_process_requests": sum(r["num_requests"] for r in local),
-            "stream_interval": facts["stream_interval"], "server_exit_code": facts["server_exit_code"],
+            "stream_interval": facts["stream_interval"], "server_engine": facts["engine"],
+            "server_exit_code": facts["server_exit_code"],
             "server_args": facts["server_args"], "engine_args": engine_args,
             "max_concurrency": args.max_concurrency}
 

@@ -43,6 +43,7 @@ def test_served_vs_in_process(tmp_path, capsys):
     assert len(result["served_runs_tok_s"]) == len(result["in_process_runs_tok_s"]) == 2
     assert result["ratio"] == pytest.approx(result["served_output_tok_s"] / result["in_process_output_tok_s"])
     assert result["client"] == "openai" and result["client_processes"] == 2
+    assert result["stream_interval"] == 1 and result["server_engine"] == "core-process"  # read off /v1/models
     assert result["server_args"] == ["--engine-arg=max_num_seqs=4"]
     sweep = pd.read_parquet(out / "sweep.parquet")
     assert list(sweep["backend"]) == ["served-openai"] * 2 + ["engine"] * 2
