@@ -11,12 +11,12 @@ figure of interest is the ratio (on / off); the goal is >= 0.95 at 256 streams.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 from engine import LLM, SamplingParams
 from engine.config_args import add_engine_args, engine_kwargs
+from harness.studies import write_result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LLM.generate, {args.streams} streams: detokenize on / off = {on:,.0f} / {off:,.0f} tok/s "
           f"= {on / off:.3f}")
     llm.shutdown()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_result(args.json, result)
     return 0
 
 

@@ -21,6 +21,7 @@ from engine import LLM, SamplingParams
 from engine.executor import UniprocExecutor
 from engine.model_runner import ModelRunner
 from harness.roofline import measure_copy_bandwidth
+from harness.studies import write_result
 
 
 def model_runner(llm: LLM) -> ModelRunner:
@@ -109,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     summary = {"copy_bw_gbs": round(bw / 1e9), "runs": rows}
     print(json.dumps(summary, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    write_result(args.json, summary)
     return 0
 
 

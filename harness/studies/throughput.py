@@ -23,6 +23,7 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.config_args import add_engine_args, engine_kwargs
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
 from harness.kernels.jit_watch import watch_jit
+from harness.studies import write_result
 from workloads.generators import bench as bench_requests
 
 
@@ -181,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"HF generate (batch {args.hf_batch_size}, {n} requests): {hf_tokens} tokens in {hf_s:.2f} s = "
               f"{hf_tokens / hf_s:,.0f} tok/s; engine speed-up {result['speedup_vs_hf']}x")
     print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_result(args.json, result)
     return 0
 
 

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from harness.studies import write_result
+
 
 def run_bench(bench_args: list[str], tp: int, engine_args: list[str], timeout_s: float) -> dict:
     """One `harness.studies.throughput` in a fresh process; its JSON result."""
@@ -72,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"tp": args.tp, "ratios": ratios, "median_ratio": statistics.median(ratios), "runs": runs}
     print(f"TP={args.tp} / TP=1 throughput: median {result['median_ratio']:.3f} over {len(ratios)} pairs "
           f"({', '.join(f'{r:.3f}' for r in ratios)})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_result(args.json, result)
     return result
 
 

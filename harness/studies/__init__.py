@@ -1,0 +1,16 @@
+"""One-off measurements, each a `llmbench studies NAME` subcommand and a module with
+`build_parser()` / `main(argv)`: offline throughput against HF (throughput.py), TP=N / TP=1
+(tp_scaling.py), a decode step against its floor (step_profile.py), detokenization's cost in
+`LLM.generate` (detokenize_cost.py), and the static-vs-continuous flagship (flagship.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_result(path: str | None, result: Any) -> None:
+    """A study's --json output (nothing when no path was given)."""
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
