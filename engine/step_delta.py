@@ -7,7 +7,9 @@ and its KV is recomputed). After that it is a `CachedSeq`: its seq_no, the step'
 (none for an async decode, whose one token is a placeholder filled on the device), the block
 ids appended since it was last sent, and the step's other fields only where they differ from
 what the previous step predicts (start_pos advances by the step's tokens, num_output_tokens by
-one after a sampling step; `sample`, `placeholder` and `banned_token_ids` stay).
+one after a sampling step; `sample`, `placeholder` and `banned_token_ids` stay). The steady
+state of async scheduling, a decode whose one token is a placeholder with everything as
+predicted and no new block, is the bare seq_no.
 
 `StepEncoder` (driver) and `StepDecoder` (each worker) keep the same table of sequence states,
 keyed by seq_no (never reused), and drop entries when the scheduler reports a sequence freed
@@ -61,7 +63,9 @@ class CachedSeq(NamedTuple):
 
 class StepDelta(NamedTuple):
     freed_seq_nos: list[int]  # applied before `seqs`
-    seqs: list[Union[NewSeq, CachedSeq]]  # in the step's row order
+    # in the step's row order; a bare seq_no is a cached sequence's placeholder decode (async
+    # scheduling's steady state) with every field as predicted and no new block
+    seqs: list[Union[NewSeq, CachedSeq, int]]
     num_prefill_tokens: int
     num_decode_tokens: int
     num_preempted: int
@@ -72,6 +76,7 @@ class _SeqState:
     """What both ends know of a sequence after the last step that scheduled it: the fields
     predicted for its next step, and its block table."""
 
+    request_id: str
     num_preemptions: int
     sampling_params: SamplingParams
     block_table: list[int]  # encoder: the scheduler's list object; decoder: its own copy
@@ -81,11 +86,6 @@ class _SeqState:
     num_output_tokens: int  # predicted for the next step
     banned_token_ids: list[int]
     placeholder: bool
-
-    def advance(self, num_tokens: int) -> None:
-        """Predict the next step's fields from this one's."""
-        self.start_pos += num_tokens
-        self.num_output_tokens += self.sample
 
     def predicted(self, s: ScheduledSequence) -> bool:
         return (s.start_pos == self.start_pos and s.sample == self.sample
@@ -101,7 +101,7 @@ def _fields(s: ScheduledSequence) -> StepFields:
 
 
 def _state(s: ScheduledSequence | NewSeq, f: StepFields, table: list[int]) -> _SeqState:
-    return _SeqState(s.num_preemptions, s.sampling_params, table, len(table), *f)
+    return _SeqState(s.request_id, s.num_preemptions, s.sampling_params, table, len(table), *f)
 
 
 class StepEncoder:
@@ -114,24 +114,28 @@ class StepEncoder:
         states = self.seqs
         for seq_no in out.freed_seq_nos:
             states.pop(seq_no, None)
-        seqs: list[NewSeq | CachedSeq] = []
+        seqs: list[NewSeq | CachedSeq | int] = []
         for s in out.seqs:
-            st = states.get(s.seq_no)
+            seq_no, tokens = s.seq_no, s.token_ids
+            st = states.get(seq_no)
             new_ids = None if st is None else self._new_block_ids(st, s)
             if new_ids is None:
                 f = _fields(s)
-                seqs.append(NewSeq(s.seq_no, s.request_id, s.num_preemptions, s.sampling_params, list(s.block_table),
-                                   s.token_ids, f))
-                st = states[s.seq_no] = _state(s, f, s.block_table)
+                seqs.append(NewSeq(seq_no, s.request_id, s.num_preemptions, s.sampling_params, list(s.block_table),
+                                   tokens, f))
+                st = states[seq_no] = _state(s, f, s.block_table)
             else:
                 fields = None
                 if not st.predicted(s):
                     fields = _fields(s)
                     st.take(fields)
-                tokens = s.token_ids
                 known = tokens[:-1] if s.placeholder else tokens
-                seqs.append(CachedSeq(s.seq_no, known or _NONE, new_ids, fields))
-            st.advance(len(s.token_ids))
+                if fields is None and not new_ids and not known:
+                    seqs.append(seq_no)  # the steady async decode: nothing the worker cannot predict
+                else:
+                    seqs.append(CachedSeq(seq_no, known or _NONE, new_ids, fields))
+            st.start_pos += len(tokens)  # the next step's prediction
+            st.num_output_tokens += st.sample
         return StepDelta(out.freed_seq_nos, seqs, out.num_prefill_tokens, out.num_decode_tokens, out.num_preempted)
 
     @staticmethod
@@ -156,34 +160,38 @@ class StepDecoder:
 
     def __init__(self) -> None:
         self.seqs: dict[int, _SeqState] = {}
-        self.request_ids: dict[int, str] = {}
 
     def decode(self, delta: StepDelta) -> SchedulerOutput:
-        states, request_ids = self.seqs, self.request_ids
+        states = self.seqs
         for seq_no in delta.freed_seq_nos:
             states.pop(seq_no, None)
-            request_ids.pop(seq_no, None)
         seqs = []
         for d in delta.seqs:
-            if type(d) is NewSeq:
-                st = states[d.seq_no] = _state(d, d.fields, list(d.block_table))
-                request_ids[d.seq_no] = d.request_id
+            kind = type(d)
+            if kind is NewSeq:
+                seq_no = d.seq_no
+                st = states[seq_no] = _state(d, d.fields, list(d.block_table))
                 tokens = list(d.token_ids)
             else:
-                st = states.get(d.seq_no)
+                seq_no = d if kind is int else d.seq_no
+                st = states.get(seq_no)
                 if st is None:
-                    raise RuntimeError(f"step delta names sequence {d.seq_no}, which this worker does not hold "
+                    raise RuntimeError(f"step delta names sequence {seq_no}, which this worker does not hold "
                                        "(a step message was lost or decoded twice)")
-                if d.new_block_ids:
-                    st.block_table.extend(d.new_block_ids)
-                    st.num_blocks = len(st.block_table)
-                if d.fields is not None:
-                    st.take(d.fields)
-                tokens = [*d.token_ids, 0] if st.placeholder else list(d.token_ids)
+                if kind is int:
+                    tokens = [0]  # the placeholder decode
+                else:
+                    if d.new_block_ids:
+                        st.block_table.extend(d.new_block_ids)
+                        st.num_blocks = len(st.block_table)
+                    if d.fields is not None:
+                        st.take(d.fields)
+                    tokens = [*d.token_ids, 0] if st.placeholder else list(d.token_ids)
             seqs.append(ScheduledSequence(
-                request_ids[d.seq_no], tokens, st.start_pos, st.block_table, st.sample, st.sampling_params,
-                st.num_output_tokens, st.num_preemptions, st.banned_token_ids, d.seq_no, st.placeholder,
+                st.request_id, tokens, st.start_pos, st.block_table, st.sample, st.sampling_params,
+                st.num_output_tokens, st.num_preemptions, st.banned_token_ids, seq_no, st.placeholder,
             ))
-            st.advance(len(tokens))
+            st.start_pos += len(tokens)  # the next step's prediction
+            st.num_output_tokens += st.sample
         return SchedulerOutput(seqs, delta.num_prefill_tokens, delta.num_decode_tokens, delta.num_preempted,
                                list(delta.freed_seq_nos))

@@ -101,7 +101,7 @@ def test_decoded_steps_equal_the_schedulers(name, seed):
     encoder, decoder = StepEncoder(), StepDecoder()
     sent_as_new: set[tuple[int, int]] = set()
     last_table_len: dict[int, int] = {}
-    counts = dict(new=0, cached=0, preempted=0, freed=0, predicted=0, blocks_sent=0, blocks_scheduled=0)
+    counts = dict(new=0, cached=0, preempted=0, freed=0, predicted=0, bare=0, blocks_sent=0, blocks_scheduled=0)
     for step in range(600):
         sim.disturb()
         out = sim.schedule()
@@ -114,7 +114,12 @@ def test_decoded_steps_equal_the_schedulers(name, seed):
             # in full exactly once per (sequence, preemption): first schedule and each resume
             assert isinstance(d, NewSeq) == (key not in sent_as_new), f"step {step}: seq {s.seq_no}"
             sent_as_new.add(key)
-            if isinstance(d, CachedSeq):
+            if isinstance(d, int):  # a placeholder decode, as predicted, no new block
+                assert s.placeholder and len(s.token_ids) == 1 and len(s.block_table) == last_table_len[s.seq_no]
+                counts["cached"] += 1
+                counts["predicted"] += 1
+                counts["bare"] += 1
+            elif isinstance(d, CachedSeq):
                 assert len(d.new_block_ids) == len(s.block_table) - last_table_len[s.seq_no]
                 counts["cached"] += 1
                 counts["predicted"] += d.fields is None
@@ -132,6 +137,7 @@ def test_decoded_steps_equal_the_schedulers(name, seed):
         assert counts["preempted"] > 0, counts
     assert counts["cached"] > counts["new"] > 10 and counts["freed"] > 10, counts
     assert counts["predicted"] > counts["cached"] // 2, counts
+    assert (counts["bare"] > 0) == mode["async_scheduling"], counts
     assert counts["blocks_sent"] * 2 < counts["blocks_scheduled"], counts
     assert not set(decoder.seqs) - set(encoder.seqs) and len(decoder.seqs) == len(encoder.seqs)
 
