@@ -118,6 +118,13 @@ class StepEncoder:
         for s in out.seqs:
             seq_no, tokens = s.seq_no, s.token_ids
             st = states.get(seq_no)
+            if (st is not None and s.placeholder and len(tokens) == 1 and s.block_table is st.block_table
+                    and len(s.block_table) == st.num_blocks and s.sampling_params is st.sampling_params
+                    and s.num_preemptions == st.num_preemptions and st.predicted(s)):
+                seqs.append(seq_no)  # the steady async decode: nothing the worker cannot predict
+                st.start_pos += 1
+                st.num_output_tokens += st.sample
+                continue
             new_ids = None if st is None else self._new_block_ids(st, s)
             if new_ids is None:
                 f = _fields(s)
@@ -131,7 +138,7 @@ class StepEncoder:
                     st.take(fields)
                 known = tokens[:-1] if s.placeholder else tokens
                 if fields is None and not new_ids and not known:
-                    seqs.append(seq_no)  # the steady async decode: nothing the worker cannot predict
+                    seqs.append(seq_no)  # as above, for a table that is another list with the same ids
                 else:
                     seqs.append(CachedSeq(seq_no, known or _NONE, new_ids, fields))
             st.start_pos += len(tokens)  # the next step's prediction
