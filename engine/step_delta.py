@@ -26,7 +26,7 @@ anything that is not an extension is sent as a new sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -65,7 +65,7 @@ class StepDelta(NamedTuple):
     freed_seq_nos: list[int]  # applied before `seqs`
     # in the step's row order; a bare seq_no is a cached sequence's placeholder decode (async
     # scheduling's steady state) with every field as predicted and no new block
-    seqs: list[Union[NewSeq, CachedSeq, int]]
+    seqs: list[NewSeq | CachedSeq | int]
     num_prefill_tokens: int
     num_decode_tokens: int
     num_preempted: int

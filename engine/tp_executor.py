@@ -70,7 +70,14 @@ from engine.model_runner import PendingSample
 from engine.scheduler import SchedulerOutput
 from engine.step_delta import StepEncoder
 from engine.tp_control import MAIN_GUARD_HINT, WorkerFailure, Workers
-from engine.tp_worker import STEP, Shard, control_authkey, serve_torchrun_rank, shard_config, worker_main
+from engine.tp_worker import (
+    STEP,
+    Shard,
+    control_authkey,
+    serve_torchrun_rank,
+    shard_config,
+    worker_main,
+)
 
 T = TypeVar("T")
 
