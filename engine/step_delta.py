@@ -8,8 +8,8 @@ and its KV is recomputed). After that it is a `CachedSeq`: its seq_no, the step'
 ids appended since it was last sent, and the step's other fields only where they differ from
 what the previous step predicts (start_pos advances by the step's tokens, num_output_tokens by
 one after a sampling step; `sample`, `placeholder` and `banned_token_ids` stay). The steady
-state of async scheduling, a decode whose one token is a placeholder with everything as
-predicted and no new block, is the bare seq_no.
+state, a one-token decode with everything as predicted and no new block, is the bare seq_no
+(its token, unless a placeholder, in a flat list beside).
 
 `StepEncoder` (driver) and `StepDecoder` (each worker) keep the same table of sequence states,
 keyed by seq_no (never reused), and drop entries when the scheduler reports a sequence freed
@@ -63,9 +63,11 @@ class CachedSeq(NamedTuple):
 
 class StepDelta(NamedTuple):
     freed_seq_nos: list[int]  # applied before `seqs`
-    # in the step's row order; a bare seq_no is a cached sequence's placeholder decode (async
-    # scheduling's steady state) with every field as predicted and no new block
+    # in the step's row order; a bare seq_no is a cached sequence's one-token decode with every
+    # field as predicted and no new block (the steady state): its token is the placeholder, or
+    # else the next of `decode_token_ids` (flat lists: far cheaper to pickle than tuples)
     seqs: list[NewSeq | CachedSeq | int]
+    decode_token_ids: list[int]
     num_prefill_tokens: int
     num_decode_tokens: int
     num_preempted: int
@@ -115,13 +117,16 @@ class StepEncoder:
         for seq_no in out.freed_seq_nos:
             states.pop(seq_no, None)
         seqs: list[NewSeq | CachedSeq | int] = []
+        decode_tokens: list[int] = []
         for s in out.seqs:
             seq_no, tokens = s.seq_no, s.token_ids
             st = states.get(seq_no)
-            if (st is not None and s.placeholder and len(tokens) == 1 and s.block_table is st.block_table
+            if (st is not None and len(tokens) == 1 and s.block_table is st.block_table
                     and len(s.block_table) == st.num_blocks and s.sampling_params is st.sampling_params
                     and s.num_preemptions == st.num_preemptions and st.predicted(s)):
-                seqs.append(seq_no)  # the steady async decode: nothing the worker cannot predict
+                seqs.append(seq_no)  # the steady decode: nothing the worker cannot predict but its token
+                if not s.placeholder:
+                    decode_tokens.append(tokens[0])
                 st.start_pos += 1
                 st.num_output_tokens += st.sample
                 continue
@@ -137,13 +142,15 @@ class StepEncoder:
                     fields = _fields(s)
                     st.take(fields)
                 known = tokens[:-1] if s.placeholder else tokens
-                if fields is None and not new_ids and not known:
+                if fields is None and not new_ids and len(tokens) == 1:
                     seqs.append(seq_no)  # as above, for a table that is another list with the same ids
+                    decode_tokens.extend(known)
                 else:
                     seqs.append(CachedSeq(seq_no, known or _NONE, new_ids, fields))
             st.start_pos += len(tokens)  # the next step's prediction
             st.num_output_tokens += st.sample
-        return StepDelta(out.freed_seq_nos, seqs, out.num_prefill_tokens, out.num_decode_tokens, out.num_preempted)
+        return StepDelta(out.freed_seq_nos, seqs, decode_tokens, out.num_prefill_tokens, out.num_decode_tokens,
+                         out.num_preempted)
 
     @staticmethod
     def _new_block_ids(st: _SeqState, s: ScheduledSequence) -> tuple[int, ...] | list[int] | None:
@@ -173,6 +180,7 @@ class StepDecoder:
         for seq_no in delta.freed_seq_nos:
             states.pop(seq_no, None)
         seqs = []
+        decode_tokens = iter(delta.decode_token_ids)
         for d in delta.seqs:
             kind = type(d)
             if kind is NewSeq:
@@ -185,8 +193,8 @@ class StepDecoder:
                 if st is None:
                     raise RuntimeError(f"step delta names sequence {seq_no}, which this worker does not hold "
                                        "(a step message was lost or decoded twice)")
-                if kind is int:
-                    tokens = [0]  # the placeholder decode
+                if kind is int:  # a one-token decode: the placeholder, or its known token
+                    tokens = [0] if st.placeholder else [next(decode_tokens)]
                 else:
                     if d.new_block_ids:
                         st.block_table.extend(d.new_block_ids)

@@ -114,8 +114,8 @@ def test_decoded_steps_equal_the_schedulers(name, seed):
             # in full exactly once per (sequence, preemption): first schedule and each resume
             assert isinstance(d, NewSeq) == (key not in sent_as_new), f"step {step}: seq {s.seq_no}"
             sent_as_new.add(key)
-            if isinstance(d, int):  # a placeholder decode, as predicted, no new block
-                assert s.placeholder and len(s.token_ids) == 1 and len(s.block_table) == last_table_len[s.seq_no]
+            if isinstance(d, int):  # a one-token decode, as predicted, no new block
+                assert len(s.token_ids) == 1 and len(s.block_table) == last_table_len[s.seq_no]
                 counts["cached"] += 1
                 counts["predicted"] += 1
                 counts["bare"] += 1
@@ -137,7 +137,7 @@ def test_decoded_steps_equal_the_schedulers(name, seed):
         assert counts["preempted"] > 0, counts
     assert counts["cached"] > counts["new"] > 10 and counts["freed"] > 10, counts
     assert counts["predicted"] > counts["cached"] // 2, counts
-    assert (counts["bare"] > 0) == mode["async_scheduling"], counts
+    assert counts["bare"] > counts["cached"] // 3, counts
     assert counts["blocks_sent"] * 2 < counts["blocks_scheduled"], counts
     assert not set(decoder.seqs) - set(encoder.seqs) and len(decoder.seqs) == len(encoder.seqs)
 
@@ -186,7 +186,8 @@ class DecodeBatch:
     blocks, a new block every BLOCK steps), each with its own sampling params as in serving;
     the tables are live lists that grow, like the scheduler's."""
 
-    def __init__(self) -> None:
+    def __init__(self, placeholder: bool = True) -> None:
+        self.placeholder = placeholder  # async scheduling; else each decode carries its known token
         self.params = [SamplingParams(temperature=0.7, top_p=0.9, seed=i, max_tokens=2048) for i in range(RUNNING)]
         self.tables: list[list[int]] = [[] for _ in range(RUNNING)]
         self.k = 0
@@ -197,8 +198,9 @@ class DecodeBatch:
             pos = CONTEXT - 8 + self.k + i % 8
             while pos // BLOCK >= len(table):
                 table.append(128 * i + len(table))
-            seqs.append(ScheduledSequence(f"req-{i:08d}", [0], pos, table, True, self.params[i], pos - 200, 0, [], i,
-                                          True))
+            token = 0 if self.placeholder else 1 + (pos + i) % 1000
+            seqs.append(ScheduledSequence(f"req-{i:08d}", [token], pos, table, True, self.params[i], pos - 200, 0, [],
+                                          i, self.placeholder))
         self.k += 1
         return SchedulerOutput(seqs, num_decode_tokens=RUNNING)
 
@@ -214,18 +216,19 @@ def test_full_pickle_message_at_256_decodes(benchmark):
     assert_same_output(benchmark(_full_pickle_round_trip, out), out, 0)
 
 
-def test_delta_message_at_256_decodes(benchmark):
-    batch, encoder, decoder = DecodeBatch(), StepEncoder(), StepDecoder()
+@pytest.mark.parametrize("scheduling", ["async", "sync"])
+def test_delta_message_at_256_decodes(benchmark, scheduling):
+    batch, encoder, decoder = DecodeBatch(placeholder=scheduling == "async"), StepEncoder(), StepDecoder()
     decoder.decode(encoder.encode(batch.next()))  # every sequence known: the steady state
     sizes: list[int] = []
 
-    def one_step() -> tuple[SchedulerOutput, SchedulerOutput]:
-        out = batch.next()  # each round the next step, as the driver sends them
+    def one_step(out: SchedulerOutput) -> tuple[SchedulerOutput, SchedulerOutput]:
         wire = pickle.dumps(("execute_step", (encoder.encode(out),)), protocol=pickle.HIGHEST_PROTOCOL)
         sizes.append(len(wire))
         return decoder.decode(pickle.loads(wire)[1][0]), out
 
-    got, want = benchmark.pedantic(one_step, rounds=200, iterations=1)
+    # each round the next step, as the driver sends them (built outside the timing)
+    got, want = benchmark.pedantic(one_step, setup=lambda: ((batch.next(),), {}), rounds=200, iterations=1)
     assert_same_output(got, want, len(sizes))
     benchmark.extra_info["bytes"] = max(sizes)
     assert min(len(s.block_table) for s in want.seqs) >= 62
