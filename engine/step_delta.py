@@ -155,9 +155,12 @@ class StepEncoder:
     @staticmethod
     def _new_block_ids(st: _SeqState, s: ScheduledSequence) -> tuple[int, ...] | list[int] | None:
         """The block ids appended since `st` was sent, or None if `s` must be sent as new."""
-        if s.num_preemptions != st.num_preemptions or (
-                s.sampling_params is not st.sampling_params and s.sampling_params != st.sampling_params):
+        if s.num_preemptions != st.num_preemptions:
             return None
+        if s.sampling_params is not st.sampling_params:
+            if s.sampling_params != st.sampling_params:
+                return None
+            st.sampling_params = s.sampling_params  # an equal copy: identity serves next time
         table, n = s.block_table, st.num_blocks
         if table is not st.block_table:  # not the list we saw: check that it extends what was sent
             if len(table) < n or table[:n] != st.block_table[:n]:
