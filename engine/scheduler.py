@@ -45,6 +45,9 @@ class SchedulerOutput:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     num_preempted: int = 0
+    # sequences whose blocks were freed since the previous step (finished, aborted, preempted):
+    # tensor-parallel workers drop their per-sequence state (engine/step_delta.py)
+    freed_seq_nos: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +76,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
         self._seq_nos = itertools.count()
+        self._freed_seq_nos: list[int] = []  # reported by the next schedule()
 
     # ---- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -98,10 +102,12 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.block_manager.free(seq)
+        self._freed_seq_nos.append(seq.seq_no)
         del self.requests[seq.request_id]
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        self._freed_seq_nos.append(seq.seq_no)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -113,6 +119,9 @@ class Scheduler:
         budget = self._schedule_running(self.config.max_num_batched_tokens, out)
         if not out.num_preempted:
             self._admit_waiting(budget, out)
+        # after scheduling: a sequence preempted above is freed before this step's
+        # sequences (it is not one of them; it returns as new, with num_preemptions + 1)
+        out.freed_seq_nos, self._freed_seq_nos = self._freed_seq_nos, []
         return out
 
     def _schedule_running(self, budget: int, out: SchedulerOutput) -> int:

@@ -5,6 +5,9 @@ Control channel: one `multiprocessing` Connection per worker (a Pipe for spawned
 authenticated TCP connection under torchrun). Each call (`available_kv_blocks`,
 `allocate_kv_cache`, a step) is pickled once, sent to every worker, run on rank 0, and then
 every worker's answer is awaited, so all ranks run the same calls in the same order. A step
+travels as a `StepDelta` against the previous ones (engine/step_delta.py: a sequence's block
+table and sampling params once, then only new block ids and changed fields), from which each
+worker rebuilds the `SchedulerOutput` that rank 0's runner gets. A step
 (`execute_model_async`) returns once launched; its answers are awaited when its result is
 taken, which under async scheduling is after the next step has been launched (so up to two
 answers per worker are outstanding, read in call order). A failure is seen at the latest when
@@ -65,8 +68,16 @@ from engine.distributed import (
 )
 from engine.model_runner import PendingSample
 from engine.scheduler import SchedulerOutput
+from engine.step_delta import StepEncoder
 from engine.tp_control import MAIN_GUARD_HINT, WorkerFailure, Workers
-from engine.tp_worker import Shard, control_authkey, serve_torchrun_rank, shard_config, worker_main
+from engine.tp_worker import (
+    STEP,
+    Shard,
+    control_authkey,
+    serve_torchrun_rank,
+    shard_config,
+    worker_main,
+)
 
 T = TypeVar("T")
 
@@ -80,6 +91,7 @@ class MultiprocExecutor:
         self._shard: list[Shard | None] = [None]  # a box the finalizer can empty
         self._finalizer = weakref.finalize(self, _close, self._shard, self.workers)  # GC, interpreter exit
         self._error: str | None = None
+        self.encoder = StepEncoder()  # the workers' StepDecoders mirror its state
         try:
             if dist.is_initialized():  # checked before anything is spawned
                 raise RuntimeError("torch.distributed is already initialized in this process: "
@@ -202,7 +214,10 @@ class MultiprocExecutor:
         """Launch one step on every rank, workers first so that they start at once; the workers'
         answers are read when the result is taken. Results must be taken in launch order (the
         engine's in-flight queue is FIFO), as each worker answers its calls in order."""
-        self._send("execute_model", out)  # a worker's execute_model returns once launched
+        self._check_usable()
+        # a failed encode leaves the encoder out of step with the decoders: the executor fails
+        delta = self._guarded(self.encoder.encode, out)
+        self._send(STEP, delta)  # a worker's step returns once launched
         local = self._guarded(self.shard.execute_model_async, out)
         return PendingStep(self, local)
 

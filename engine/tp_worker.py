@@ -4,10 +4,12 @@ makes on every rank) and the loop that serves the driver's calls over a control 
 Ranks 1..N-1 run `worker_main` in spawned processes (single host) or `serve_torchrun_rank`
 inside a torchrun-launched process (multi-node). The driver (rank 0) sends each call as a
 pickled `(method, args)`; a rank answers `("ok", result)` or `("error", summary, traceback)`
-and then exits, so that its peers' collectives fail instead of waiting for it.
+and then exits, so that its peers' collectives fail instead of waiting for it. A step comes as
+`execute_step` with a `StepDelta` (engine/step_delta.py): each rank's `StepDecoder` rebuilds the
+driver's `SchedulerOutput` from it, so only new sequences and per-step changes travel.
 
 Fault injection for tests: `ENGINE_TP_FAIL_AT=RANK:STEP` makes that rank raise at its STEP-th
-step (`execute_model` or `execute_model_async`; STEP 0: while the shard is being built).
+step (`execute_step`, `execute_model` or `execute_model_async`; STEP 0: while the shard is being built).
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from engine.distributed import (
 )
 from engine.model_runner import ModelRunner, PendingSample
 from engine.scheduler import SchedulerOutput
+from engine.step_delta import StepDecoder, StepDelta
 
 FAIL_ENV = "ENGINE_TP_FAIL_AT"
 AUTHKEY_ENV = "ENGINE_TP_AUTHKEY"  # torchrun: the control channel's shared secret (same on every rank)
 AUTHKEY_FILE_ENV = "ENGINE_TP_AUTHKEY_FILE"  # or a file holding it
 STOP = "stop"
+STEP = "execute_step"  # the driver's step call: its answer carries no ids (rank 0's are used)
 PARENT_POLL_S = 1.0
 
 
@@ -59,12 +63,17 @@ class Shard:
         self.steps = 0
         self._maybe_fail()
         self.runner = ModelRunner(config, tp)
+        self.decoder = StepDecoder()
 
     def available_kv_blocks(self) -> int:
         return self.runner.available_kv_blocks()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
+
+    def execute_step(self, delta: StepDelta) -> None:
+        """A worker's step: the driver's SchedulerOutput rebuilt from its delta, launched."""
+        self.execute_model_async(self.decoder.decode(delta))
 
     def execute_model(self, out: SchedulerOutput) -> list[int | None]:
         return self.execute_model_async(out).result()

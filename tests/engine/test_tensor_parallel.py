@@ -306,6 +306,36 @@ def test_tp2_async_scheduling_matches_tp1(checkpoint_dirs):
     assert got_sampled != got  # the sampled run did sample
 
 
+@pytest.mark.parametrize("async_scheduling,prefix_caching", [(False, True), (False, False), (True, False)])
+def test_tp2_step_deltas_under_preemption_match_tp1_and_hf(checkpoint_dirs, async_scheduling, prefix_caching):
+    """Workers rebuild each step from a delta (engine/step_delta.py): a sequence's table and
+    params once, then new block ids and changed fields; a preempted sequence comes back in full.
+    A worker that rebuilt a different step would write different KV into its shard or sample
+    from different rows, and the tokens would differ from TP=1's. (The async run with prefix
+    caching on is test_tp2_async_scheduling_matches_tp1.)"""
+    path = checkpoint_dirs["llama"]
+    mode = {**ASYNC, "async_scheduling": async_scheduling, "enable_prefix_caching": prefix_caching}
+    reference = hf_greedy(path, PROMPTS, MAX_NEW)
+    want, _ = run(LLMEngine(EngineConfig(model=path, **{**mode, "async_scheduling": False})))
+    engine = LLMEngine(EngineConfig(model=path, tensor_parallel_size=2, **mode))
+    pids = engine.executor.workers.pids
+    stats: list = []
+    try:
+        got, _ = run(engine, stats=stats)
+        again, hits = run(engine, stats=stats)
+        # the driver's delta state holds at most the last step's sequences (freed ones are dropped)
+        assert len(engine.executor.encoder.seqs) <= len(PROMPTS)
+    finally:
+        engine.shutdown()
+    assert_gone(pids)
+    assert sum(s.num_preempted for s in stats) > 0
+    assert any(s.num_prefill_tokens and s.num_decode_tokens for s in stats), "no mixed prefill+decode step"
+    assert (hits > 0) == prefix_caching
+    assert again == got
+    assert_matches_hf(got, reference)
+    assert_matches_hf(got, [(w, gaps) for w, (_, gaps) in zip(want, reference)])
+
+
 def test_head_counts_must_divide(checkpoint_dirs):
     with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide num_key_value_heads=2"):
         EngineConfig(model=checkpoint_dirs["qwen3"], tensor_parallel_size=4)
