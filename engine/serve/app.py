@@ -11,14 +11,15 @@ schema (/openapi.json) lists those answers, not FastAPI's default 422.
 
 No single request may stall the others: a prompt longer than `max_prompt_chars` characters
 (default CHARS_PER_TOKEN_BOUND x max_model_len, far more than any tokenizer needs to fill the
-context) is a 400 before it is tokenized, so the tokenizer thread is never busy for long;
-then the token count is checked against the context. Bodies and headers have read deadlines
-(middleware.py BodyLimit, server.py).
+context) is a 400 before it is tokenized; then the token count is checked against the context.
+Prompts of more than LONG_PROMPT_CHARS characters tokenize on a thread of their own, so short
+requests never queue behind one. Bodies and headers have read deadlines (middleware.py
+BodyLimit, server.py).
 
 The routes talk to an `EngineClient` (engine_client.py) only: the engine core process
 (core_client.py, the default for an EngineConfig) or a thread of this process (async_engine.py,
-for an LLMEngine or engine_in_process=True). Either way this process tokenizes (on one worker
-thread, off the event loop), detokenizes and matches stop strings (output_processor.py).
+for an LLMEngine or engine_in_process=True). Either way this process tokenizes (on worker
+threads, off the event loop), detokenizes and matches stop strings (output_processor.py).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from transformers import PreTrainedTokenizerBase
 
 from engine.config import PRESETS, EngineConfig
 from engine.llm_engine import LLMEngine
@@ -70,6 +73,7 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 # A prompt of more characters than this many per context token cannot fit: byte-level tokens
 # hold 1 character, BPE tokens ~4 on average, the longest (runs of spaces or dashes) ~16-32.
 CHARS_PER_TOKEN_BOUND = 32
+LONG_PROMPT_CHARS = 1 << 14  # longer prompts tokenize on their own thread (LongPromptLane)
 ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
 
 router = APIRouter()
@@ -114,11 +118,28 @@ def _prepare(
     return GenerationRequest(fmt, prompt_token_ids, params, req.stream, include_usage, t_start)
 
 
-async def _tokenize(state: ServerState, fn: Callable[..., T], *args: object) -> T:
-    """Run `fn(encoder_tokenizer, *args)` on the tokenizer thread: a long prompt or a chat
+@dataclass
+class LongPromptLane:
+    """A second tokenizer thread, with its own tokenizer copy (HF fast tokenizers are not
+    thread-safe), for prompts of more than LONG_PROMPT_CHARS characters: tokenizing a prompt
+    near the character limit takes seconds, and short prompts must not queue behind it.
+    (HF's Rust tokenizers release the GIL while encoding, so the two threads run at once.)"""
+
+    encoder: PreTrainedTokenizerBase
+    pool: ThreadPoolExecutor | None = None  # set while the app runs
+
+
+async def _tokenize(
+    request: Request, n_chars: int, fn: Callable[..., T], *args: object
+) -> T:
+    """Run `fn(encoder_tokenizer, *args)` on a tokenizer thread: a long prompt or a chat
     template must not stall the event loop that streams every other client's tokens."""
+    state, lane = _state(request), request.app.state.long_prompt_lane
+    pool, encoder = state.tokenizer_pool, state.encoder
+    if n_chars > LONG_PROMPT_CHARS and lane.pool is not None:
+        pool, encoder = lane.pool, lane.encoder
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(state.tokenizer_pool, fn, state.encoder, *args)
+    return await loop.run_in_executor(pool, fn, encoder, *args)
 
 
 def _prompt_chars_limit(request: Request) -> int:
@@ -160,9 +181,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     state = _state(request)
     _check_request(state, body)
     prompt = completion_prompt(body)
-    if isinstance(prompt, str):
-        _check_prompt_chars(request, "prompt", len(prompt))
-    ids = await _tokenize(state, text_prompt_token_ids, prompt)
+    n_chars = len(prompt) if isinstance(prompt, str) else 0
+    _check_prompt_chars(request, "prompt", n_chars)
+    ids = await _tokenize(request, n_chars, text_prompt_token_ids, prompt)
     gen = _prepare(state, body, ids, ResponseFormat("completion", state.model_name), t_start)
     return await generate(state, gen, request)
 
@@ -172,8 +193,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     t_start = time.perf_counter()
     state = _state(request)
     _check_request(state, body)
-    _check_prompt_chars(request, "messages", sum(len(m.text()) for m in body.messages))
-    ids = await _tokenize(state, chat_prompt_token_ids, body.messages)
+    n_chars = sum(len(m.text()) for m in body.messages)
+    _check_prompt_chars(request, "messages", n_chars)
+    ids = await _tokenize(request, n_chars, chat_prompt_token_ids, body.messages)
     gen = _prepare(state, body, ids, ResponseFormat("chat", state.model_name), t_start)
     return await generate(state, gen, request)
 
@@ -273,6 +295,8 @@ def create_app(
         stream_interval=stream_interval,
     )
 
+    lane = LongPromptLane(encoder=copy.deepcopy(tokenizer))
+
     def make_client() -> EngineClient:
         if isinstance(engine_or_config, LLMEngine):
             return AsyncEngine(engine_or_config, max_waiting)
@@ -286,6 +310,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         client = make_client()
         state.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+        lane.pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer-long")
         try:
             client.start()
             if isinstance(client, CoreClient) and client.ready is not None:
@@ -296,6 +321,8 @@ def create_app(
             state.engine = None
             client.stop()
             state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+            lane.pool.shutdown(wait=False, cancel_futures=True)
+            lane.pool = None
             if in_process and not isinstance(engine_or_config, LLMEngine):
                 assert isinstance(client, AsyncEngine)
                 client.engine.shutdown()
@@ -304,6 +331,7 @@ def create_app(
     app.state.server = state
     app.state.max_prompt_chars = max_prompt_chars
     app.state.header_timeout_s = header_timeout_s
+    app.state.long_prompt_lane = lane
     install_error_handlers(app)
     app.include_router(router)
     without_validation_422(app)

@@ -81,7 +81,10 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
     """(message, param, code) for the first of pydantic's errors, naming the field."""
-    first = errors[0] if errors else {"msg": "invalid request", "loc": (), "type": "invalid"}
+    # A value of a union type (a prompt: string or lists) fails every branch; a failed value
+    # rule (value_error, e.g. a lone surrogate) is in the branch whose type matched: say that.
+    ranked = sorted(errors, key=lambda e: e.get("type") != "value_error")
+    first = ranked[0] if ranked else {"msg": "invalid request", "loc": (), "type": "invalid"}
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", first.get("msg"))
         return f"request body is not valid JSON: {detail}", None, "invalid_json"
