@@ -54,14 +54,21 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     """uvicorn's HTTP protocol (httptools or h11) with a deadline on request headers.
 
     A request's headers are complete when the protocol starts its request cycle (`self.cycle`
-    becomes a new object, in both implementations), so the timer only closes the connection
-    if the cycle it was armed for is still the newest when it fires."""
+    becomes a new object, in both implementations). The deadline is armed when the connection
+    opens and after each response; when it fires, the connection is closed only if no request
+    began since and none is in progress (a pipelined one may be)."""
 
     header_timeout_s = DEFAULT_HEADER_TIMEOUT_S
+    _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_header_deadline()
+        self._arm_header_deadline(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
         done = self.cycle  # a pipelined request may start a new cycle inside super()
@@ -69,11 +76,16 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         if not self.transport.is_closing():
             self._arm_header_deadline(done)
 
-    def _arm_header_deadline(self, armed_cycle: object = None) -> None:
-        self.loop.call_later(self.header_timeout_s, self._header_deadline, armed_cycle)
+    def _arm_header_deadline(self, armed_cycle: Any) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(
+            self.header_timeout_s, self._header_deadline, armed_cycle
+        )
 
-    def _header_deadline(self, armed_cycle: object) -> None:
-        if self.cycle is armed_cycle and not self.transport.is_closing():
+    def _header_deadline(self, armed_cycle: Any) -> None:
+        idle = armed_cycle is None or armed_cycle.response_complete
+        if self.cycle is armed_cycle and idle and not self.transport.is_closing():
             self.transport.close()
 
 
