@@ -6,12 +6,20 @@
     GET  /health                200 while the engine runs, 503 otherwise (e.g. the core died)
     GET  /metrics               Prometheus text (engine/serve/metrics.py)
 
-Every error is a 4xx/5xx with an OpenAI error object (engine/serve/errors.py).
+Every error is a 4xx/5xx with an OpenAI error object (engine/serve/errors.py); the OpenAPI
+schema (/openapi.json) lists those answers, not FastAPI's default 422.
+
+No single request may stall the others: a prompt longer than `max_prompt_chars` characters
+(default CHARS_PER_TOKEN_BOUND x max_model_len, far more than any tokenizer needs to fill the
+context) is a 400 before it is tokenized; then the token count is checked against the context.
+Prompts of more than LONG_PROMPT_CHARS characters tokenize on a thread of their own, so short
+requests never queue behind one. Bodies and headers have read deadlines (middleware.py
+BodyLimit, server.py).
 
 The routes talk to an `EngineClient` (engine_client.py) only: the engine core process
 (core_client.py, the default for an EngineConfig) or a thread of this process (async_engine.py,
-for an LLMEngine or engine_in_process=True). Either way this process tokenizes (on one worker
-thread, off the event loop), detokenizes and matches stop strings (output_processor.py).
+for an LLMEngine or engine_in_process=True). Either way this process tokenizes (on worker
+threads, off the event loop), detokenizes and matches stop strings (output_processor.py).
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from transformers import PreTrainedTokenizerBase
 
 from engine.config import PRESETS, EngineConfig
 from engine.llm_engine import LLMEngine
@@ -34,7 +44,13 @@ from engine.serve.async_engine import AsyncEngine
 from engine.serve.chat import chat_prompt_token_ids, text_prompt_token_ids
 from engine.serve.core_client import CoreClient
 from engine.serve.engine_client import EngineClient
-from engine.serve.errors import APIError, error_response, install_error_handlers
+from engine.serve.errors import (
+    APIError,
+    error_response,
+    error_responses,
+    install_error_handlers,
+    without_validation_422,
+)
 from engine.serve.generation import GenerationRequest, ServerState, generate
 from engine.serve.metrics import ServerMetrics
 from engine.serve.middleware import ApiKeyAuth, BodyLimit, ResponseCounter
@@ -48,10 +64,16 @@ from engine.serve.protocol import (
     sampling_params,
 )
 from engine.serve.responses import ResponseFormat
+from engine.serve.server import DEFAULT_HEADER_TIMEOUT_S
 from engine.tokenizer import load_tokenizer
 
 DEFAULT_MAX_WAITING = 256
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+DEFAULT_BODY_TIMEOUT_S = 30.0
+# A prompt of more characters than this many per context token cannot fit: byte-level tokens
+# hold 1 character, BPE tokens ~4 on average, the longest (runs of spaces or dashes) ~16-32.
+CHARS_PER_TOKEN_BOUND = 32
+LONG_PROMPT_CHARS = 1 << 14  # longer prompts tokenize on their own thread (LongPromptLane)
 ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
 
 router = APIRouter()
@@ -96,11 +118,46 @@ def _prepare(
     return GenerationRequest(fmt, prompt_token_ids, params, req.stream, include_usage, t_start)
 
 
-async def _tokenize(state: ServerState, fn: Callable[..., T], *args: object) -> T:
-    """Run `fn(encoder_tokenizer, *args)` on the tokenizer thread: a long prompt or a chat
+@dataclass
+class LongPromptLane:
+    """A second tokenizer thread, with its own tokenizer copy (HF fast tokenizers are not
+    thread-safe), for prompts of more than LONG_PROMPT_CHARS characters: tokenizing a prompt
+    near the character limit takes seconds, and short prompts must not queue behind it.
+    (HF's Rust tokenizers release the GIL while encoding, so the two threads run at once.)"""
+
+    encoder: PreTrainedTokenizerBase
+    pool: ThreadPoolExecutor | None = None  # set while the app runs
+
+
+async def _tokenize(
+    request: Request, n_chars: int, fn: Callable[..., T], *args: object
+) -> T:
+    """Run `fn(encoder_tokenizer, *args)` on a tokenizer thread: a long prompt or a chat
     template must not stall the event loop that streams every other client's tokens."""
+    state, lane = _state(request), request.app.state.long_prompt_lane
+    pool, encoder = state.tokenizer_pool, state.encoder
+    if n_chars > LONG_PROMPT_CHARS and lane.pool is not None:
+        pool, encoder = lane.pool, lane.encoder
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(state.tokenizer_pool, fn, state.encoder, *args)
+    return await loop.run_in_executor(pool, fn, encoder, *args)
+
+
+def _prompt_chars_limit(request: Request) -> int:
+    limit = request.app.state.max_prompt_chars
+    return limit if limit is not None else CHARS_PER_TOKEN_BOUND * _state(request).max_model_len
+
+
+def _check_prompt_chars(request: Request, param: str, n_chars: int) -> None:
+    """Before tokenizing: a prompt this long cannot fit the context, whatever the tokenizer."""
+    limit = _prompt_chars_limit(request)
+    if n_chars > limit:
+        raise APIError(
+            400,
+            f"the prompt has {n_chars} characters; this server takes at most {limit} "
+            f"(the model's context is {_state(request).max_model_len} tokens)",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def _check_request(state: ServerState, req: SamplingRequest) -> None:
@@ -114,22 +171,31 @@ def _check_request(state: ServerState, req: SamplingRequest) -> None:
     check_supported(req)
 
 
-@router.post("/v1/completions")
+# What the generation routes answer besides 200 (the OpenAPI schema lists these, not 422).
+GENERATION_ERRORS = error_responses(400, 401, 404, 413, 429, 500, 503)
+
+
+@router.post("/v1/completions", responses=GENERATION_ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     t_start = time.perf_counter()
     state = _state(request)
     _check_request(state, body)
-    ids = await _tokenize(state, text_prompt_token_ids, completion_prompt(body))
+    prompt = completion_prompt(body)
+    n_chars = len(prompt) if isinstance(prompt, str) else 0
+    _check_prompt_chars(request, "prompt", n_chars)
+    ids = await _tokenize(request, n_chars, text_prompt_token_ids, prompt)
     gen = _prepare(state, body, ids, ResponseFormat("completion", state.model_name), t_start)
     return await generate(state, gen, request)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=GENERATION_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     t_start = time.perf_counter()
     state = _state(request)
     _check_request(state, body)
-    ids = await _tokenize(state, chat_prompt_token_ids, body.messages)
+    n_chars = sum(len(m.text()) for m in body.messages)
+    _check_prompt_chars(request, "messages", n_chars)
+    ids = await _tokenize(request, n_chars, chat_prompt_token_ids, body.messages)
     gen = _prepare(state, body, ids, ResponseFormat("chat", state.model_name), t_start)
     return await generate(state, gen, request)
 
@@ -149,7 +215,7 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": [card]})
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses(503))
 async def health(request: Request) -> Response:
     engine = _state(request).engine
     if engine is None or not engine.is_alive:
@@ -173,6 +239,9 @@ def create_app(
     max_waiting: int = DEFAULT_MAX_WAITING,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     *,
+    max_prompt_chars: int | None = None,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
     engine_in_process: bool = False,
     core_connection: Connection | None = None,
     stream_interval: int = 1,
@@ -187,9 +256,19 @@ def create_app(
 
     The engine runs while the app runs (its lifespan), so one engine must not back two running
     apps at once. stream_interval K: a stream sends a chunk once K tokens are pending (or it
-    finished); 1 = one chunk per engine step."""
+    finished); 1 = one chunk per engine step.
+
+    max_prompt_chars: longer prompts are a 400 before tokenizing (None: CHARS_PER_TOKEN_BOUND
+    x max_model_len). body_timeout_s: the whole body must arrive within it (408 else);
+    header_timeout_s: a connection must complete its request headers within it (closed else;
+    server.py reads it from app.state when it configures uvicorn)."""
     if max_waiting < 1:
         raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
+    if max_prompt_chars is not None and max_prompt_chars < 1:
+        raise ValueError(f"max_prompt_chars must be >= 1, got {max_prompt_chars}")
+    for name, value in (("body_timeout_s", body_timeout_s), ("header_timeout_s", header_timeout_s)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
     if stream_interval < 1:
         raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
     if isinstance(engine_or_config, LLMEngine):
@@ -216,6 +295,8 @@ def create_app(
         stream_interval=stream_interval,
     )
 
+    lane = LongPromptLane(encoder=copy.deepcopy(tokenizer))
+
     def make_client() -> EngineClient:
         if isinstance(engine_or_config, LLMEngine):
             return AsyncEngine(engine_or_config, max_waiting)
@@ -229,6 +310,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         client = make_client()
         state.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+        lane.pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer-long")
         try:
             client.start()
             if isinstance(client, CoreClient) and client.ready is not None:
@@ -239,16 +321,22 @@ def create_app(
             state.engine = None
             client.stop()
             state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+            lane.pool.shutdown(wait=False, cancel_futures=True)
+            lane.pool = None
             if in_process and not isinstance(engine_or_config, LLMEngine):
                 assert isinstance(client, AsyncEngine)
                 client.engine.shutdown()
 
     app = FastAPI(title="llmbench OpenAI-compatible server", lifespan=lifespan)
     app.state.server = state
+    app.state.max_prompt_chars = max_prompt_chars
+    app.state.header_timeout_s = header_timeout_s
+    app.state.long_prompt_lane = lane
     install_error_handlers(app)
     app.include_router(router)
+    without_validation_422(app)
     # Added innermost first: counting wraps auth, auth wraps the body limit (no reading for a 401).
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes, timeout_s=body_timeout_s)
     if api_key:
         app.add_middleware(ApiKeyAuth, api_key=api_key)
     app.add_middleware(ResponseCounter, metrics=state.metrics)

@@ -23,9 +23,15 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.config_args import add_engine_args, engine_kwargs
-from engine.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING, create_app
+from engine.serve.app import (
+    CHARS_PER_TOKEN_BOUND,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_WAITING,
+    create_app,
+)
 from engine.serve.launcher import run_servers
-from engine.serve.server import LOOPBACK, serve
+from engine.serve.server import DEFAULT_HEADER_TIMEOUT_S, LOOPBACK, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413"
     )
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longer prompts get 400 before tokenizing (default: "
+                        f"{CHARS_PER_TOKEN_BOUND} x max_model_len)")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds for a request body to arrive, else 408 and the connection "
+                        f"is closed (default {DEFAULT_BODY_TIMEOUT_S:g})")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                   help="seconds for a connection to send its request headers, else it is "
+                        f"closed (default {DEFAULT_HEADER_TIMEOUT_S:g})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--stream-interval", type=int, default=1,
                    help="a stream sends a chunk once this many tokens are pending (and at the "
@@ -92,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         max_waiting=args.max_waiting,
         max_body_bytes=args.max_body_bytes,
         stream_interval=args.stream_interval,
+        max_prompt_chars=args.max_prompt_chars,
+        body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
     )
     try:
         config = engine_config(args)

@@ -9,11 +9,13 @@ unexpected exceptions) use that shape.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -78,7 +81,10 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
     """(message, param, code) for the first of pydantic's errors, naming the field."""
-    first = errors[0] if errors else {"msg": "invalid request", "loc": (), "type": "invalid"}
+    # A value of a union type (a prompt: string or lists) fails every branch; a failed value
+    # rule (value_error, e.g. a lone surrogate) is in the branch whose type matched: say that.
+    ranked = sorted(errors, key=lambda e: e.get("type") != "value_error")
+    first = ranked[0] if ranked else {"msg": "invalid request", "loc": (), "type": "invalid"}
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", first.get("msg"))
         return f"request body is not valid JSON: {detail}", None, "invalid_json"
@@ -112,3 +118,55 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every non-2xx answer (the OpenAPI schema's error model)."""
+
+    error: ErrorObject
+
+
+ERROR_MEANINGS = {
+    400: "invalid request (the error names the field in 'param')",
+    401: "missing or wrong API key",
+    404: "unknown model or route",
+    408: "the request body did not arrive in time",
+    413: "request body too large",
+    429: "too many requests waiting; retry later",
+    500: "the engine failed",
+    503: "the engine is not running",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: each status with the OpenAI error object as its body."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_MEANINGS.get(status, "error")}
+        for status in statuses
+    }
+
+
+def without_validation_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 (its validation error shape) on every route with a body; this
+    server answers schema errors with 400 and an OpenAI error object (handler above), so the
+    served schema drops the 422 and the validation-error models only it referred to."""
+    make_schema: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = make_schema()  # FastAPI caches it: stripping again finds nothing
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

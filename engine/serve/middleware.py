@@ -1,15 +1,22 @@
 """Pure ASGI middlewares (no BaseHTTPMiddleware: it breaks streaming and disconnect detection).
 
-- `ResponseCounter`: counts responses by path and status code for /metrics.
-- `ApiKeyAuth`: when an API key is set, /v1/* needs `Authorization: Bearer <key>` (401 else);
-  /health and /metrics stay open, as in vLLM, so probes and scrapers need no secret.
+- `ResponseCounter`: counts responses by path and status code for /metrics. A client that
+  left before its response started counts as 499 (nginx's "client closed request"), not as a
+  response the server gave.
+- `ApiKeyAuth`: when an API key is set, /v1/* needs `Authorization: Bearer <key>` (401 else;
+  the scheme is case-insensitive, RFC 7235); /health and /metrics stay open, as in vLLM, so
+  probes and scrapers need no secret.
 - `BodyLimit`: 413 for a body over `max_body_bytes`, judged from Content-Length before reading
-  and again while reading (chunked uploads have no Content-Length).
+  and again while reading (chunked uploads have no Content-Length); 408 and the connection
+  closed for a body that has not fully arrived `timeout_s` after the request began (a client
+  trickling bytes must not hold a connection and a buffer forever).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -21,6 +28,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+CLIENT_CLOSED_REQUEST = 499
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -37,17 +45,27 @@ class ResponseCounter:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500  # if the app dies before starting a response, that is what the client sees
+        status: int | None = None
+        disconnected = False  # the client left before a response started
+
+        async def watching_receive() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect" and status is None:
+                disconnected = True
+            return message
 
         async def counting_send(message: Message) -> None:
             nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            if message["type"] == "http.response.start" and status is None:
+                status = CLIENT_CLOSED_REQUEST if disconnected else message["status"]
             await send(message)
 
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, watching_receive, counting_send)
         finally:
+            if status is None:  # no response: the client left, or the app died (a 500 to see)
+                status = CLIENT_CLOSED_REQUEST if disconnected else 500
             self.metrics.count_response(scope.get("path", ""), status)
 
 
@@ -56,12 +74,19 @@ class ApiKeyAuth:
         if not api_key:
             raise ValueError("api_key must be a non-empty string")
         self.app, self.prefix = app, protected_prefix
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, token = header.strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235); the key compares in constant time
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("latin-1"), self.expected
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefix):
-            given = (_header(scope, b"authorization") or "").encode("latin-1")
-            if not hmac.compare_digest(given, self.expected):  # constant time: no timing oracle
+            given = _header(scope, b"authorization") or ""
+            if not self._authorized(given):
                 message = (
                     "missing API key: send 'Authorization: Bearer <key>'"
                     if not given
@@ -75,16 +100,28 @@ class ApiKeyAuth:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, timeout_s: float = 30.0):
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-        self.app, self.max_body_bytes = app, max_body_bytes
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.app, self.max_body_bytes, self.timeout_s = app, max_body_bytes, timeout_s
 
     def _too_large(self, size: str) -> Any:
         return error_response(
             413,
             f"request body is {size} bytes; the limit is {self.max_body_bytes}",
             code="request_too_large",
+        )
+
+    def _too_slow(self, received: int) -> Any:
+        # Connection: close, so the server drops the half-read request instead of waiting on it
+        return error_response(
+            408,
+            f"the request body did not arrive within {self.timeout_s:g} s "
+            f"({received} bytes received)",
+            code="request_timeout",
+            headers={"Connection": "close"},
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -98,8 +135,12 @@ class BodyLimit:
             if int(declared) > self.max_body_bytes:
                 return await self._too_large(declared)(scope, receive, send)
         body, more = bytearray(), True
+        deadline = time.monotonic() + self.timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                return await self._too_slow(len(body))(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return  # the client left while uploading: nothing to answer
             body += message.get("body", b"")

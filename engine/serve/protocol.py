@@ -6,19 +6,54 @@ them would otherwise measure something other than it thinks. Unknown fields are 
 vLLM does, so that clients sending newer OpenAI fields keep working.
 
 Extensions (vLLM's names): top_k, min_tokens, ignore_eos, stop_token_ids.
+
+Types are strict: `true` is not an integer and `"yes"` is not a boolean (a float field takes an
+integer, as JSON does). Every string must be valid Unicode: JSON may escape a lone UTF-16
+surrogate ("\\ud800"), which Python keeps but no tokenizer or UTF-8 encoder takes, so it is a
+400 naming the field. `stop` is bounded by the engine's limits (MAX_STOP_STRINGS strings of at
+most MAX_STOP_STRING_CHARS characters), checked here so the 400 names `stop`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
 from engine.serve.errors import APIError
 
 SEED_RANGE = (-(2**63), 2**63)  # int64, as OpenAI's API documents seed
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"is not valid Unicode: a lone surrogate {text[e.start]!a} at character {e.start}"
+        ) from None
+    return text
+
+
+def _bounded_stop(stop: str | list[str] | None) -> str | list[str] | None:
+    strings = [stop] if isinstance(stop, str) else stop or []
+    if len(strings) > MAX_STOP_STRINGS:
+        raise ValueError(f"holds {len(strings)} strings; at most {MAX_STOP_STRINGS} are allowed")
+    for s in strings:
+        if not s:
+            raise ValueError("stop strings must be non-empty")
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise ValueError(
+                f"holds a string of {len(s)} characters; at most {MAX_STOP_STRING_CHARS} are allowed"
+            )
+    return stop
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Float = Annotated[float, Field(strict=True)]  # strict: no "0.5" nor true; an int is fine
+Stop = Annotated[Text | list[Text] | None, AfterValidator(_bounded_stop)]
 
 
 class _Model(BaseModel):
@@ -26,48 +61,48 @@ class _Model(BaseModel):
 
 
 class StreamOptions(_Model):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingRequest(_Model):
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stream: bool = False
+    model: Text
+    max_tokens: StrictInt | None = None
+    temperature: Float | None = None
+    top_p: Float | None = None
+    top_k: StrictInt | None = None
+    seed: StrictInt | None = None
+    stop: Stop = None
+    stop_token_ids: list[StrictInt] | None = None
+    min_tokens: StrictInt = 0
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # Accepted only at their neutral values (see UNSUPPORTED):
-    n: int = 1
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    n: StrictInt = 1
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    logit_bias: dict[Text, Float] | None = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for /v1/completions
-    echo: bool = False
-    best_of: int | None = None
-    logprobs: int | None = None
-    suffix: str | None = None
+    prompt: Text | list[StrictInt] | list[Text] | list[list[StrictInt]]
+    max_tokens: StrictInt | None = 16  # OpenAI's default for /v1/completions
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
+    logprobs: StrictInt | None = None
+    suffix: Text | None = None
 
 
 class TextPart(_Model):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -77,9 +112,9 @@ class ChatMessage(_Model):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 

@@ -3,16 +3,24 @@ background thread (tests and in-process benchmarks).
 
 Both bind their own socket first and hand it to uvicorn; with port 0 the OS picks a free port,
 so there is no pick-then-bind race and no hard-coded port.
+
+Slow clients: uvicorn closes idle keep-alive connections (timeout_keep_alive) and bounds the
+header size (h11_max_incomplete_event_size), but it gives a connection that trickles its
+request headers unlimited time. `HeaderDeadline` (uvicorn's own HTTP protocol, subclassed)
+closes a connection whose request headers are not complete `header_timeout_s` after it opened
+or after its previous response; the body has its own deadline (middleware.py BodyLimit).
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 LOOPBACK = "127.0.0.1"
 
@@ -39,7 +47,59 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+
+
+class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol (httptools or h11) with a deadline on request headers.
+
+    A request's headers are complete when the protocol starts its request cycle (`self.cycle`
+    becomes a new object, in both implementations). The deadline is armed when the connection
+    opens and after each response; when it fires, the connection is closed only if no request
+    began since and none is in progress (a pipelined one may be)."""
+
+    header_timeout_s = DEFAULT_HEADER_TIMEOUT_S
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        done = self.cycle  # a pipelined request may start a new cycle inside super()
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_deadline(done)
+
+    def _arm_header_deadline(self, armed_cycle: Any) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(
+            self.header_timeout_s, self._header_deadline, armed_cycle
+        )
+
+    def _header_deadline(self, armed_cycle: Any) -> None:
+        idle = armed_cycle is None or armed_cycle.response_complete
+        if self.cycle is armed_cycle and idle and not self.transport.is_closing():
+            self.transport.close()
+
+
+def header_deadline_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    if not header_timeout_s > 0:
+        raise ValueError(f"header_timeout_s must be > 0, got {header_timeout_s}")
+    return type("HeaderDeadline", (HeaderDeadline,), {"header_timeout_s": header_timeout_s})
+
+
 def uvicorn_config(app: Any, log_level: str) -> uvicorn.Config:
+    """The app's header deadline comes from `app.state.header_timeout_s` (create_app sets it),
+    so every process that serves an app (serve(), ServerThread, launcher.py) applies it."""
+    state = getattr(app, "state", None)
+    header_timeout_s = getattr(state, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)
     # A short graceful-shutdown window: streams still open then are cancelled (and aborted).
     return uvicorn.Config(
         app,
@@ -47,6 +107,7 @@ def uvicorn_config(app: Any, log_level: str) -> uvicorn.Config:
         lifespan="on",
         timeout_graceful_shutdown=5,
         access_log=log_level == "debug",
+        http=header_deadline_protocol(header_timeout_s),
     )
 
 
