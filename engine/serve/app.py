@@ -2,9 +2,11 @@
 
     POST /v1/completions        prompt: string or token-id list; SSE with "stream": true
     POST /v1/chat/completions   messages through the chat template (engine/serve/chat.py)
-    GET  /v1/models             the one served model (and how it is served: engine, stream_interval)
+    GET  /v1/models             the one served model (and how it is served: engine, stream_interval,
+                                tokenizer: its directory or hub name, or "byte-level (preset)")
+    POST /tokenize, /detokenize vLLM's shapes (engine/serve/tokenize.py)
     GET  /health                200 while the engine runs, 503 otherwise (e.g. the core died)
-    GET  /metrics               Prometheus text (engine/serve/metrics.py)
+    GET  /metrics               Prometheus text, vLLM's vllm:* names and our llmbench_* (metrics.py)
 
 Every error is a 4xx/5xx with an OpenAI error object (engine/serve/errors.py).
 
@@ -36,7 +38,7 @@ from engine.serve.core_client import CoreClient
 from engine.serve.engine_client import EngineClient
 from engine.serve.errors import APIError, error_response, install_error_handlers
 from engine.serve.generation import GenerationRequest, ServerState, generate
-from engine.serve.metrics import ServerMetrics
+from engine.serve.metrics import CONTENT_TYPE, ServerMetrics
 from engine.serve.middleware import ApiKeyAuth, BodyLimit, ResponseCounter
 from engine.serve.protocol import (
     ChatCompletionRequest,
@@ -48,11 +50,13 @@ from engine.serve.protocol import (
     sampling_params,
 )
 from engine.serve.responses import ResponseFormat
-from engine.tokenizer import load_tokenizer
+from engine.serve.tokenize import router as tokenize_router
+from engine.tokenizer import load_tokenizer, tokenizer_source
 
 DEFAULT_MAX_WAITING = 256
 DEFAULT_MAX_BODY_BYTES = 8 << 20
-ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+                    "/tokenize", "/detokenize"})
 
 router = APIRouter()
 T = TypeVar("T")
@@ -145,6 +149,7 @@ async def models(request: Request) -> JSONResponse:
         "max_model_len": state.max_model_len,
         "engine": state.engine_kind,  # "core-process" | "in-process"
         "stream_interval": state.stream_interval,
+        "tokenizer": state.tokenizer_name,  # what to hand other tools (GuideLLM's --processor)
     }
     return JSONResponse({"object": "list", "data": [card]})
 
@@ -163,7 +168,7 @@ async def metrics(request: Request) -> PlainTextResponse:
     state = _state(request)
     engine = state.running_engine()
     text = state.metrics.render(engine.snapshot, engine.num_unstarted)
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
 
 def create_app(
@@ -211,9 +216,10 @@ def create_app(
         encoder=copy.deepcopy(tokenizer),
         max_model_len=config.max_model_len,
         vocab_size=config.model_config.vocab_size,
-        metrics=ServerMetrics(known_paths=ROUTES),
+        metrics=ServerMetrics(model_name=served_model_name or config.model, known_paths=ROUTES),
         engine_kind="in-process" if in_process else "core-process",
         stream_interval=stream_interval,
+        tokenizer_name=tokenizer_source(config),
     )
 
     def make_client() -> EngineClient:
@@ -247,6 +253,7 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(tokenize_router)
     # Added innermost first: counting wraps auth, auth wraps the body limit (no reading for a 401).
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     if api_key:
