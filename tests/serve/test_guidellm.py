@@ -35,7 +35,8 @@ def served_tokens(base_url: str) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_guidellm_runs_offline_and_counts_tokens_as_the_server(tmp_path):
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_guidellm_runs_offline_and_counts_tokens_as_the_server(tmp_path, route):
     config = EngineConfig(model="tiny", max_model_len=512)
     save_tokenizer(config, tmp_path / "tokenizer")
     engine = LLMEngine(config)
@@ -44,8 +45,7 @@ def test_guidellm_runs_offline_and_counts_tokens_as_the_server(tmp_path):
             before = served_tokens(srv.url)
             cmd = [
                 sys.executable, "-m", "guidellm", "run",
-                "--backend", f"kind=openai_http,target={srv.url},model=tiny,request_format=/v1/completions,"
-                             "http2=false",
+                "--backend", f"kind=openai_http,target={srv.url},model=tiny,request_format={route}",
                 "--tokenizer", f"kind=huggingface_auto,model={tmp_path / 'tokenizer'}",
                 "--profile", "kind=synchronous",
                 "--constraint", f"kind=max_requests,count={NUM_REQUESTS}",
@@ -60,10 +60,13 @@ def test_guidellm_runs_offline_and_counts_tokens_as_the_server(tmp_path):
             (bench,) = json.loads((tmp_path / "benchmarks.json").read_text())["benchmarks"]
             done = bench["requests"]["successful"]
             assert len(done) == NUM_REQUESTS and not bench["requests"]["errored"]
-            for req in done:  # its prompt, as the server counts it
-                prompt = json.loads(req["request_args"])["body"]["prompt"]
-                count = httpx.post(srv.url + "/tokenize", json={"prompt": prompt}).json()["count"]
-                assert req["input_metrics"]["text_tokens"] == count == PROMPT_TOKENS
+            for req in done:  # its prompt (or messages), as the server counts it
+                body = json.loads(req["request_args"])["body"]
+                asked = {"prompt": body["prompt"]} if "prompt" in body else {"messages": body["messages"]}
+                count = httpx.post(srv.url + "/tokenize", json=asked).json()["count"]
+                assert req["input_metrics"]["text_tokens"] == count
+                # the synthetic prompt has the asked length in our tokenizer (chat adds its template)
+                assert count == PROMPT_TOKENS if "prompt" in body else count > PROMPT_TOKENS
                 assert req["output_metrics"]["text_tokens"] == OUTPUT_TOKENS
     finally:
         engine.shutdown()
