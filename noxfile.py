@@ -1,6 +1,6 @@
 """Sessions: `nox -s tests` (CPU test suite), `nox -s bench` (default sweep), `nox -s load`
 (shim + locust load test, report written), `nox -s perf` (CPU hot-path benchmarks against a
-saved baseline), `nox -s lint`.
+saved baseline), `nox -s interop` (GuideLLM against the server), `nox -s lint`.
 
 On a machine without CUDA, torch is pinned to the CPU build (torch==2.13.0) so that no
 multi-GB CUDA wheel is pulled.
@@ -61,6 +61,18 @@ def load(session: nox.Session) -> None:
     Arguments go to harness.loadtest, e.g. `nox -s load -- --users 16 --run-time 60s`."""
     _install(session, "serve,load")
     session.run("python", "-m", "harness.loadtest", *session.posargs)
+
+
+@nox.session
+def interop(session: nox.Session) -> None:
+    """Other tools against the server: GuideLLM runs a short synthetic benchmark offline with
+    the preset tokenizer `llmbench tokenizer save` writes, and must count the tokens the server
+    bills (tests/serve/test_guidellm.py). GuideLLM is installed here only, not in the test
+    extra: it pulls sanic, uvloop, httptools and more, and uvicorn would pick the last two up."""
+    _install(session, "test")
+    session.install("guidellm>=0.8.1")
+    session.run("python", "-m", "pytest", "-q", "tests/serve/test_guidellm.py", "tests/serve/test_interop.py",
+                *session.posargs)
 
 
 PERF_STORAGE = "file://reports/baselines/perf"

@@ -14,6 +14,7 @@
     llmbench bench            # the default job (nox -s bench)
     llmbench studies throughput|tp-scaling|step-profile ...            # harness/studies/
     llmbench kernels bench-decode|bench-allreduce|compile-check ...    # harness/kernels/
+    llmbench tokenizer save --model tiny --out DIR     # for GuideLLM's --processor and the like
 
 run, sweep, bench, serve and the throughput study take every EngineConfig field as a flag
 (engine/config_args.py); `--engine-arg KEY=VALUE` is the same. `python -m harness ...` is
@@ -55,6 +56,9 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
         "bench-decode": ("harness.kernels.bench_decode", "split-K decode and unified attention (GPU)"),
         "bench-allreduce": ("harness.kernels.bench_allreduce", "the TP all-reduce paths (2 GPUs)"),
         "compile-check": ("harness.kernels.compile_check", "compile the Triton kernels for a GPU, without one"),
+    }),
+    "tokenizer": ("the served tokenizer, for other tools", {
+        "save": ("harness.tokenizer_save", "write a model's tokenizer to a directory (presets too)"),
     }),
 }
 # run/sweep/bench name the model with their own --model (every backend takes it), and --seed

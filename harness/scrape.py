@@ -15,6 +15,7 @@ The summary reads a few families by their name without the server's prefix, so o
 (``llmbench_*``) and vLLM (``vllm:*``) read alike (SERVER_FAMILIES): the queue (waiting
 requests), running requests and KV-cache usage as mean and peak over the steady window, and
 preemptions as the counter's increase over it (None when the server does not export it).
+A server exporting both prefixes (ours) is read through its ``llmbench_*`` families.
 """
 
 from __future__ import annotations
@@ -141,12 +142,14 @@ class MetricsScraper:
 
 
 def _series(frame: pd.DataFrame, names: tuple[str, ...]) -> pd.Series | None:
-    """One value per scrape time (summed over label sets) of the first family found."""
-    bases = frame["family"].map(base_name)
+    """One value per scrape time (summed over label sets) of the first family found. One family
+    only: our server exports each under both prefixes (llmbench_* and vllm:*), which must not
+    add up."""
     for name in names:
-        rows = frame[(bases == name) & ~frame["sample"].str.endswith(("_created", "_bucket"))]
-        if not rows.empty:
-            return rows.groupby("t_s")["value"].sum().sort_index()
+        for family in (*(p + name for p in PREFIXES), name):
+            rows = frame[(frame["family"] == family) & ~frame["sample"].str.endswith(("_created", "_bucket"))]
+            if not rows.empty:
+                return rows.groupby("t_s")["value"].sum().sort_index()
     return None
 
 

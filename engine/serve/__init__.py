@@ -6,10 +6,11 @@ core_client.py   CoreClient: the EngineClient of an API process; engine_core.py 
 async_engine.py  AsyncEngine: the in-process EngineClient (the LLMEngine on one loop thread)
 launcher.py      --api-server-count N: one core, N API processes on one port, supervised
 app.py           create_app(): FastAPI routes; protocol.py request schemas; responses.py bodies
+tokenize.py      /tokenize and /detokenize (vLLM's shapes), counted as the generation routes bill
 generation.py    one request: SSE or whole JSON, abort on client disconnect, stream interval
 output_processor.py  token deltas -> text deltas: detokenization and stop strings (API side)
 errors.py        OpenAI error objects; middleware.py body limit, API key, response counts
-metrics.py       /metrics (Prometheus text); chat.py prompts; server.py uvicorn; cli.py main()
+metrics.py       /metrics (vllm:* and llmbench_*, prometheus_client); chat.py prompts; server.py uvicorn; cli.py main()
 """
 
 from engine.serve.app import create_app

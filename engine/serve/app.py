@@ -2,9 +2,11 @@
 
     POST /v1/completions        prompt: string or token-id list; SSE with "stream": true
     POST /v1/chat/completions   messages through the chat template (engine/serve/chat.py)
-    GET  /v1/models             the one served model (and how it is served: engine, stream_interval)
+    GET  /v1/models             the one served model (and how it is served: engine, stream_interval,
+                                tokenizer: its directory or hub name, or "byte-level (preset)")
+    POST /tokenize, /detokenize vLLM's shapes (engine/serve/tokenize.py)
     GET  /health                200 while the engine runs, 503 otherwise (e.g. the core died)
-    GET  /metrics               Prometheus text (engine/serve/metrics.py)
+    GET  /metrics               Prometheus text, vLLM's vllm:* names and our llmbench_* (metrics.py)
 
 Every error is a 4xx/5xx with an OpenAI error object (engine/serve/errors.py); the OpenAPI
 schema (/openapi.json) lists those answers, not FastAPI's default 422.
@@ -52,7 +54,7 @@ from engine.serve.errors import (
     without_validation_422,
 )
 from engine.serve.generation import GenerationRequest, ServerState, generate
-from engine.serve.metrics import ServerMetrics
+from engine.serve.metrics import CONTENT_TYPE, ServerMetrics
 from engine.serve.middleware import ApiKeyAuth, BodyLimit, ResponseCounter
 from engine.serve.protocol import (
     ChatCompletionRequest,
@@ -65,7 +67,8 @@ from engine.serve.protocol import (
 )
 from engine.serve.responses import ResponseFormat
 from engine.serve.server import DEFAULT_HEADER_TIMEOUT_S
-from engine.tokenizer import load_tokenizer
+from engine.serve.tokenize import router as tokenize_router
+from engine.tokenizer import load_tokenizer, tokenizer_source
 
 DEFAULT_MAX_WAITING = 256
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -74,7 +77,8 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 # hold 1 character, BPE tokens ~4 on average, the longest (runs of spaces or dashes) ~16-32.
 CHARS_PER_TOKEN_BOUND = 32
 LONG_PROMPT_CHARS = 1 << 14  # longer prompts tokenize on their own thread (LongPromptLane)
-ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+                    "/tokenize", "/detokenize"})
 
 router = APIRouter()
 T = TypeVar("T")
@@ -211,6 +215,7 @@ async def models(request: Request) -> JSONResponse:
         "max_model_len": state.max_model_len,
         "engine": state.engine_kind,  # "core-process" | "in-process"
         "stream_interval": state.stream_interval,
+        "tokenizer": state.tokenizer_name,  # what to hand other tools (GuideLLM's --processor)
     }
     return JSONResponse({"object": "list", "data": [card]})
 
@@ -229,7 +234,7 @@ async def metrics(request: Request) -> PlainTextResponse:
     state = _state(request)
     engine = state.running_engine()
     text = state.metrics.render(engine.snapshot, engine.num_unstarted)
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
 
 def create_app(
@@ -290,9 +295,10 @@ def create_app(
         encoder=copy.deepcopy(tokenizer),
         max_model_len=config.max_model_len,
         vocab_size=config.model_config.vocab_size,
-        metrics=ServerMetrics(known_paths=ROUTES),
+        metrics=ServerMetrics(model_name=served_model_name or config.model, known_paths=ROUTES),
         engine_kind="in-process" if in_process else "core-process",
         stream_interval=stream_interval,
+        tokenizer_name=tokenizer_source(config),
     )
 
     lane = LongPromptLane(encoder=copy.deepcopy(tokenizer))
@@ -334,6 +340,7 @@ def create_app(
     app.state.long_prompt_lane = lane
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(tokenize_router)
     without_validation_422(app)
     # Added innermost first: counting wraps auth, auth wraps the body limit (no reading for a 401).
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes, timeout_s=body_timeout_s)

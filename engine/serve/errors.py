@@ -103,9 +103,19 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return error_response(400, message, param, code)
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors; an unknown route (/v1/embeddings) or method gets a message that
+    says which, so a client sees what this server does not do rather than a bare "Not Found"."""
+    headers = getattr(exc, "headers", None)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return error_response(404, f"{where}: no such route on this server", code="not_found")
+    if exc.status_code == 405:
+        allowed = (headers or {}).get("Allow", "")
+        return error_response(405, f"{where}: method not allowed (allowed: {allowed or 'none'})",
+                              code="method_not_allowed", headers=headers)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+    return error_response(exc.status_code, message, headers=headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

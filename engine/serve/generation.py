@@ -51,6 +51,7 @@ class ServerState:
     metrics: ServerMetrics
     engine_kind: str = "core-process"
     stream_interval: int = 1
+    tokenizer_name: str = ""  # /v1/models: a directory or hub name, or "byte-level (preset)"
     engine: EngineClient | None = None  # set while the app is running (lifespan)
     tokenizer_pool: ThreadPoolExecutor | None = None  # one thread, set while running
 
@@ -83,10 +84,18 @@ class _Progress:
     first_token_s: float | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    metrics: ServerMetrics | None = None  # observes inter-token latency as tokens arrive
+    last_arrival_s: float | None = None
 
     def add(self, delta: RequestDelta) -> None:
-        if delta.new_token_ids and self.first_token_s is None:
-            self.first_token_s = time.perf_counter() - self.t_start
+        n = len(delta.new_token_ids)
+        if n:
+            now = time.perf_counter() - self.t_start
+            if self.first_token_s is None:
+                self.first_token_s = now
+            elif self.metrics is not None and self.last_arrival_s is not None:
+                self.metrics.observe_tokens(now - self.last_arrival_s, n)
+            self.last_arrival_s = now
         self.token_ids += delta.new_token_ids
         self.text.append(delta.new_text)
         self.prompt_tokens, self.cached_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
@@ -189,7 +198,9 @@ async def _text_deltas(
 async def _sse_events(
     state: ServerState, gen: GenerationRequest, stream: RequestStream, request: Request
 ) -> AsyncIterator[bytes]:
-    progress = _Progress(gen.t_start, prompt_tokens=len(gen.prompt_token_ids))
+    progress = _Progress(
+        gen.t_start, prompt_tokens=len(gen.prompt_token_ids), metrics=state.metrics
+    )
     pending, interval, sent_any = _Pending(), state.stream_interval, False
     try:
         async with _abort_on_disconnect(request, stream):
@@ -222,7 +233,9 @@ async def _sse_events(
 async def _collect(
     state: ServerState, gen: GenerationRequest, stream: RequestStream, request: Request
 ) -> JSONResponse:
-    progress = _Progress(gen.t_start, prompt_tokens=len(gen.prompt_token_ids))
+    progress = _Progress(
+        gen.t_start, prompt_tokens=len(gen.prompt_token_ids), metrics=state.metrics
+    )
     try:
         async with _abort_on_disconnect(request, stream):
             async for delta in _text_deltas(gen, stream, state):

@@ -184,7 +184,7 @@ def test_models_health_metrics(http, oai):
     ):
         assert name in m
     assert m["kv_blocks_total"] > 0 and m["generation_tokens_total"] > 0
-    assert m['http_responses_total{path="/v1/completions",code="200"}'] >= 1
+    assert m['http_responses_total{code="200",path="/v1/completions"}'] >= 1
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ def test_overload_gets_clear_429_and_nothing_is_lost(small_server):
             assert events[-1]["choices"][0]["finish_reason"] == "length"
     with httpx.Client(base_url=small_server.url, timeout=10) as http:
         m = wait_idle(http)
-        assert m['http_responses_total{path="/v1/completions",code="429"}'] == codes.count(429)
+        assert m['http_responses_total{code="429",path="/v1/completions"}'] == codes.count(429)
         r = http.post("/v1/completions", json={"model": "tiny", "prompt": "after", "max_tokens": 2})
         assert r.status_code == 200
 
