@@ -26,19 +26,16 @@ threads, off the event loop), detokenizes and matches stop strings (output_proce
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from transformers import PreTrainedTokenizerBase
 
 from engine.config import PRESETS, EngineConfig
 from engine.llm_engine import LLMEngine
@@ -68,24 +65,22 @@ from engine.serve.protocol import (
 from engine.serve.responses import ResponseFormat
 from engine.serve.server import DEFAULT_HEADER_TIMEOUT_S
 from engine.serve.tokenize import router as tokenize_router
+from engine.serve.tokenizing import (
+    LongPromptLane,
+    check_prompt_chars,
+    server_state,
+    tokenize_off_loop,
+)
 from engine.tokenizer import load_tokenizer, tokenizer_source
 
 DEFAULT_MAX_WAITING = 256
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 DEFAULT_BODY_TIMEOUT_S = 30.0
-# A prompt of more characters than this many per context token cannot fit: byte-level tokens
-# hold 1 character, BPE tokens ~4 on average, the longest (runs of spaces or dashes) ~16-32.
-CHARS_PER_TOKEN_BOUND = 32
-LONG_PROMPT_CHARS = 1 << 14  # longer prompts tokenize on their own thread (LongPromptLane)
 ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
                     "/tokenize", "/detokenize"})
 
 router = APIRouter()
 T = TypeVar("T")
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.server
 
 
 def _prepare(
@@ -122,48 +117,6 @@ def _prepare(
     return GenerationRequest(fmt, prompt_token_ids, params, req.stream, include_usage, t_start)
 
 
-@dataclass
-class LongPromptLane:
-    """A second tokenizer thread, with its own tokenizer copy (HF fast tokenizers are not
-    thread-safe), for prompts of more than LONG_PROMPT_CHARS characters: tokenizing a prompt
-    near the character limit takes seconds, and short prompts must not queue behind it.
-    (HF's Rust tokenizers release the GIL while encoding, so the two threads run at once.)"""
-
-    encoder: PreTrainedTokenizerBase
-    pool: ThreadPoolExecutor | None = None  # set while the app runs
-
-
-async def _tokenize(
-    request: Request, n_chars: int, fn: Callable[..., T], *args: object
-) -> T:
-    """Run `fn(encoder_tokenizer, *args)` on a tokenizer thread: a long prompt or a chat
-    template must not stall the event loop that streams every other client's tokens."""
-    state, lane = _state(request), request.app.state.long_prompt_lane
-    pool, encoder = state.tokenizer_pool, state.encoder
-    if n_chars > LONG_PROMPT_CHARS and lane.pool is not None:
-        pool, encoder = lane.pool, lane.encoder
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(pool, fn, encoder, *args)
-
-
-def _prompt_chars_limit(request: Request) -> int:
-    limit = request.app.state.max_prompt_chars
-    return limit if limit is not None else CHARS_PER_TOKEN_BOUND * _state(request).max_model_len
-
-
-def _check_prompt_chars(request: Request, param: str, n_chars: int) -> None:
-    """Before tokenizing: a prompt this long cannot fit the context, whatever the tokenizer."""
-    limit = _prompt_chars_limit(request)
-    if n_chars > limit:
-        raise APIError(
-            400,
-            f"the prompt has {n_chars} characters; this server takes at most {limit} "
-            f"(the model's context is {_state(request).max_model_len} tokens)",
-            param=param,
-            code="context_length_exceeded",
-        )
-
-
 def _check_request(state: ServerState, req: SamplingRequest) -> None:
     if req.model != state.model_name:
         raise APIError(
@@ -182,12 +135,12 @@ GENERATION_ERRORS = error_responses(400, 401, 404, 413, 429, 500, 503)
 @router.post("/v1/completions", responses=GENERATION_ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     t_start = time.perf_counter()
-    state = _state(request)
+    state = server_state(request)
     _check_request(state, body)
     prompt = completion_prompt(body)
     n_chars = len(prompt) if isinstance(prompt, str) else 0
-    _check_prompt_chars(request, "prompt", n_chars)
-    ids = await _tokenize(request, n_chars, text_prompt_token_ids, prompt)
+    check_prompt_chars(request, "prompt", n_chars)
+    ids = await tokenize_off_loop(request, n_chars, text_prompt_token_ids, prompt)
     gen = _prepare(state, body, ids, ResponseFormat("completion", state.model_name), t_start)
     return await generate(state, gen, request)
 
@@ -195,18 +148,18 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @router.post("/v1/chat/completions", responses=GENERATION_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     t_start = time.perf_counter()
-    state = _state(request)
+    state = server_state(request)
     _check_request(state, body)
     n_chars = sum(len(m.text()) for m in body.messages)
-    _check_prompt_chars(request, "messages", n_chars)
-    ids = await _tokenize(request, n_chars, chat_prompt_token_ids, body.messages)
+    check_prompt_chars(request, "messages", n_chars)
+    ids = await tokenize_off_loop(request, n_chars, chat_prompt_token_ids, body.messages)
     gen = _prepare(state, body, ids, ResponseFormat("chat", state.model_name), t_start)
     return await generate(state, gen, request)
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
-    state = _state(request)
+    state = server_state(request)
     card = {
         "id": state.model_name,
         "object": "model",
@@ -222,7 +175,7 @@ async def models(request: Request) -> JSONResponse:
 
 @router.get("/health", responses=error_responses(503))
 async def health(request: Request) -> Response:
-    engine = _state(request).engine
+    engine = server_state(request).engine
     if engine is None or not engine.is_alive:
         reason = engine.failure if engine is not None and engine.failure else "not running"
         return error_response(503, f"engine is down: {reason}", code="engine_unavailable")
@@ -231,7 +184,7 @@ async def health(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> PlainTextResponse:
-    state = _state(request)
+    state = server_state(request)
     engine = state.running_engine()
     text = state.metrics.render(engine.snapshot, engine.num_unstarted)
     return PlainTextResponse(text, media_type=CONTENT_TYPE)

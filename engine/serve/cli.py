@@ -24,7 +24,6 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.config_args import add_engine_args, engine_kwargs
 from engine.serve.app import (
-    CHARS_PER_TOKEN_BOUND,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_WAITING,
@@ -32,6 +31,7 @@ from engine.serve.app import (
 )
 from engine.serve.launcher import run_servers
 from engine.serve.server import DEFAULT_HEADER_TIMEOUT_S, LOOPBACK, serve
+from engine.serve.tokenizing import CHARS_PER_TOKEN_BOUND
 
 
 def build_parser() -> argparse.ArgumentParser:

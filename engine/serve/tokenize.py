@@ -14,8 +14,6 @@ of their own. Like vLLM, these routes are outside /v1 (an API key does not guard
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -27,6 +25,7 @@ from engine.serve.chat import chat_prompt_token_ids, default_chat_prompt, text_p
 from engine.serve.errors import APIError
 from engine.serve.generation import ServerState
 from engine.serve.protocol import ChatMessage
+from engine.serve.tokenizing import check_prompt_chars, server_state, tokenize_off_loop
 
 router = APIRouter()
 T = TypeVar("T")
@@ -53,11 +52,6 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
-def _state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.server
-    return state
-
-
 def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
         raise APIError(
@@ -66,12 +60,6 @@ def _check_model(state: ServerState, model: str | None) -> None:
             param="model",
             code="model_not_found",
         )
-
-
-async def _on_tokenizer_thread(state: ServerState, fn: Callable[..., T], *args: object) -> T:
-    """Run `fn(encoder, *args)` on the tokenizer thread, as the generation routes do."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(state.tokenizer_pool, fn, state.encoder, *args)
 
 
 def _prompt_ids(tok: PreTrainedTokenizerBase, req: TokenizeCompletionRequest) -> list[int]:
@@ -114,12 +102,13 @@ async def _tokenize_request(request: Request) -> TokenizeCompletionRequest | Tok
 @router.post("/tokenize")
 async def tokenize(request: Request) -> dict[str, Any]:
     body = await _tokenize_request(request)
-    state = _state(request)
+    state = server_state(request)
     _check_model(state, body.model)
-    if isinstance(body, TokenizeChatRequest):
-        ids = await _on_tokenizer_thread(state, _chat_ids, body)
-    else:
-        ids = await _on_tokenizer_thread(state, _prompt_ids, body)
+    # the same limits and threads as the generation routes: /tokenize must not stall the server
+    chat = isinstance(body, TokenizeChatRequest)
+    n_chars = sum(len(m.text()) for m in body.messages) if chat else len(body.prompt)
+    check_prompt_chars(request, "messages" if chat else "prompt", n_chars)
+    ids = await tokenize_off_loop(request, n_chars, _chat_ids if chat else _prompt_ids, body)
     out: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
                            "token_strs": None}
     if body.return_token_strs:
@@ -129,7 +118,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, str]:
-    state = _state(request)
+    state = server_state(request)
     _check_model(state, body.model)
     # the model's vocabulary may be larger than the tokenizer's (ids past it decode to "", as
     # they do in a completion's text); outside both it is a mistake
@@ -138,5 +127,5 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, str
     if bad:
         raise APIError(400, f"token ids out of range [0, {limit}): {bad[:8]}",
                        param="tokens", code="invalid_value")
-    text = await _on_tokenizer_thread(state, lambda tok, ids: tok.decode(ids), body.tokens)
+    text = await tokenize_off_loop(request, 0, lambda tok, ids: tok.decode(ids), body.tokens)
     return {"prompt": text}

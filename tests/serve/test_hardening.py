@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from engine import EngineConfig, LLMEngine
 from engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from engine.serve import ServerThread, create_app, free_port
-from engine.serve.app import CHARS_PER_TOKEN_BOUND
+from engine.serve.tokenizing import CHARS_PER_TOKEN_BOUND
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -72,7 +72,14 @@ def metrics(client: httpx.Client) -> dict[str, float]:
 
 
 def responses(client: httpx.Client, path: str, code: int) -> float:
-    return metrics(client).get(f'http_responses_total{{path="{path}",code="{code}"}}', 0.0)
+    """HTTP responses by path and code, read with prometheus_client's parser (label order free)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "llmbench_http_responses_total" and sample.labels == {"path": path, "code": str(code)}:
+                return sample.value
+    return 0.0
 
 
 def post_raw(client: httpx.Client, path: str, body: dict) -> httpx.Response:

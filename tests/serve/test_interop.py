@@ -227,3 +227,14 @@ def test_unknown_routes_and_methods_answer_openai_errors(http, method, path, sta
     assert error["code"] == ("not_found" if status == 404 else "method_not_allowed")
     if status == 405:
         assert r.headers["Allow"] and r.headers["Allow"] in error["message"]
+
+
+def test_tokenize_keeps_the_generation_routes_prompt_limit(http):
+    """/tokenize checks the same character limit before tokenizing, so it cannot stall the server
+    either (engine/serve/tokenizing.py serves both)."""
+    from engine.serve.tokenizing import CHARS_PER_TOKEN_BOUND
+
+    too_long = "x" * (CHARS_PER_TOKEN_BOUND * 1024 + 1)  # the fixture's max_model_len is 1024
+    for body in ({"prompt": too_long}, {"messages": [{"role": "user", "content": too_long}]}):
+        r = http.post("/tokenize", json={"model": MODEL, **body})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
