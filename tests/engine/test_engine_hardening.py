@@ -2,7 +2,7 @@
 names the field; the engine API rejects unusable prompts and calls after shutdown; broken
 checkpoints (no tokenizer, a wrong-shaped tensor, a truncated file) fail naming the file and the
 tensor; skip_tokenizer_init runs on token ids alone.
-Run: pytest tests/engine/test_hardening.py"""
+Run: pytest tests/engine/test_engine_hardening.py"""
 
 from __future__ import annotations
 

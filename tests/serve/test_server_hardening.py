@@ -1,6 +1,6 @@
 """No single request can stall the server (issue #23, the HTTP side), on the tiny model.
 
-    PYTHONPATH=$PWD python -m pytest tests/serve/test_hardening.py -q
+    PYTHONPATH=$PWD python -m pytest tests/serve/test_server_hardening.py -q
 
 Covers: the prompt-size limit (characters before tokenizing, tokens after) while /health and a
 small request keep answering; bounded `stop`; lone UTF-16 surrogates -> 400 naming the field;
