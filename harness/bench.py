@@ -75,11 +75,10 @@ CI_PLAN = replace(CPU_PLAN, bench_params={**CPU_PLAN.bench_params, "num_seqs": 1
 
 
 # The GPU gate (`python -m harness bench --gpu-gate`): the full bench workload offline, continuous
-# vs static at the flagship's equal KV memory. reports/baselines/h100_qwen3.json was written from
-# it on an H100 (ratios, and the engine's roofline efficiency = its floor / measured time).
+# vs static at the flagship's equal KV memory, gated against reports/baselines/<device>_qwen3.json
+# (h100_ and h200_ written from it: ratios, and the engine's roofline efficiency = floor / time).
 GPU_GATE_PLAN = BenchPlan(model="qwen3-0.6b", bench_params={}, random_params={}, fractions=(),
                           engine_args={"num_kv_blocks": FLAGSHIP_KV_BLOCKS}, hf=False)
-GPU_GATE_BASELINE = "reports/baselines/h100_qwen3.json"
 
 
 def default_plan() -> BenchPlan:
