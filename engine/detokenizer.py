@@ -208,6 +208,22 @@ class IncrementalDetokenizer:
             return "", None
         return self._check_stops(new_text, final)
 
+    def add_until_stop(self, token_ids: list[int], final: bool) -> tuple[str, int, str | None]:
+        """Add a request's new tokens; `final`: the last of them ends the request. Returns (text
+        delta, tokens kept, the stop string that ends the output early or None). With stop
+        strings the tokens go in one by one, so the output ends at the token that completed the
+        stop string; one found on the final token leaves the request's own finish reason."""
+        if not self.stop:
+            return self.add(token_ids, final)[0], len(token_ids), None
+        parts = []
+        for i, token in enumerate(token_ids):
+            last = i == len(token_ids) - 1
+            part, hit = self.add([token], final=final and last)
+            parts.append(part)
+            if hit is not None and not (final and last):
+                return "".join(parts), i + 1, hit
+        return "".join(parts), len(token_ids), None
+
     def _check_stops(self, new_text: str, final: bool) -> tuple[str, str | None]:
         # a stop string can only start in the held-back tail or in the new text
         text = self._held + new_text

@@ -151,8 +151,8 @@ class LLMEngine:
         text = ""
         detok = self.detokenizers.get(seq.request_id)
         if detok is not None:
-            text, stop_hit = detok.add(new_ids, finished)
-            if stop_hit is not None and not finished:
+            text, _, stop_hit = detok.add_until_stop(new_ids, finished)
+            if stop_hit is not None:
                 seq.stop_reason = stop_hit
                 self.scheduler.finish_request(seq, FinishReason.STOP)
                 finished = True

@@ -22,28 +22,17 @@ from engine.serve.engine_client import TokenDelta
 class OutputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, params: SamplingParams):
         self._detok = IncrementalDetokenizer(tokenizer, params.stop)
-        self._has_stop = bool(params.stop)
         self.stopped = False  # a stop string ended it here: the engine must be told (abort)
 
     def process(self, delta: TokenDelta) -> RequestDelta:
         ids, finished = delta.new_token_ids, delta.finished
         reason, stop_reason = delta.finish_reason, delta.stop_reason
-        if not ids:  # an abort (or an empty final delta): nothing to decode
-            text = ""
-        elif not self._has_stop:
-            text, _ = self._detok.add(ids, final=finished)
-        else:
-            # token by token: the stop string must end the output at the token that completed it
-            parts = []
-            for i, token in enumerate(ids):
-                last = i == len(ids) - 1
-                part, hit = self._detok.add([token], final=finished and last)
-                parts.append(part)
-                if hit is not None and not (finished and last):
-                    ids, finished, reason, stop_reason = ids[: i + 1], True, "stop", hit
-                    self.stopped = True
-                    break
-            text = "".join(parts)
+        text = ""
+        if ids:  # else an abort (or an empty final delta): nothing to decode
+            text, kept, hit = self._detok.add_until_stop(ids, finished)
+            if hit is not None:
+                ids, finished, reason, stop_reason = ids[:kept], True, "stop", hit
+                self.stopped = True
         return RequestDelta(delta.request_id, ids, text, finished, reason if finished else None,
                             delta.num_prompt_tokens, delta.num_cached_tokens,
                             stop_reason if finished else None)

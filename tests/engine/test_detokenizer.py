@@ -338,3 +338,16 @@ def test_bench_generate_detokenize(benchmark, tiny_llm, detokenize):
     for o in outs:
         assert len(o.outputs[0].token_ids) == tokens
         assert o.outputs[0].text == (tok.decode(o.outputs[0].token_ids, skip_special_tokens=True) if detokenize else "")
+
+
+def test_add_until_stop_ends_at_the_token_that_completes_the_stop_string():
+    tok = TOKENIZERS["byte"]
+    ids = tok("ab STOP cd").input_ids  # byte tokenizer: one id per character
+    detok = IncrementalDetokenizer(tok, ["STOP"])
+    text, kept, hit = detok.add_until_stop(ids, final=False)
+    assert (text, kept, hit) == ("ab ", len("ab STOP"), "STOP")
+    # found on the token that ends the request anyway: that request's own reason stays
+    last = IncrementalDetokenizer(tok, ["STOP"])
+    assert last.add_until_stop(tok("ab STOP").input_ids, final=True) == ("ab ", len("ab STOP"), None)
+    # no stop strings: every token kept, all text out
+    assert IncrementalDetokenizer(tok, []).add_until_stop(ids, final=True) == ("ab STOP cd", len(ids), None)

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from engine import EngineConfig, LLMEngine
+from engine import EngineConfig
 from engine.outputs import RequestDelta
 from engine.serve import ServerThread, create_app
 from engine.serve.engine_client import EngineSnapshot
@@ -25,6 +25,7 @@ from engine.tokenizer import PRESET_TOKENIZER, save_tokenizer
 from harness.cli import main as llmbench
 from harness.scrape import parse_metrics, server_summary
 
+MAX_MODEL_LEN = 1024  # the engine fixture (conftest.py) reads it
 MODEL = "tiny-served"  # a served name other than the preset's: model_name must follow it
 PROMPTS = ["Hello, world!", "naïve café — 日本語 <|endoftext|> tabs\tand\nnewlines", " "]
 VLLM_FAMILIES = {  # family name as the parser reports it (counters lose _total) -> type
@@ -39,13 +40,6 @@ VLLM_FAMILIES = {  # family name as the parser reports it (counters lose _total)
     "vllm:inter_token_latency_seconds": "histogram",
     "vllm:e2e_request_latency_seconds": "histogram",
 }
-
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = LLMEngine(EngineConfig(model="tiny", max_model_len=1024))
-    yield eng
-    eng.shutdown()
 
 
 @pytest.fixture(scope="module")

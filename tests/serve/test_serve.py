@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import EngineConfig, LLMEngine
+from engine import EngineConfig
 from engine.serve import ServerThread, create_app
 from engine.serve.chat import default_chat_prompt
 from engine.serve.protocol import ChatMessage
@@ -30,13 +30,6 @@ API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_MODEL_LEN = 2048
 MAX_BODY = 64 << 10
-
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = LLMEngine(EngineConfig(model="tiny", max_model_len=MAX_MODEL_LEN))
-    yield eng
-    eng.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -45,13 +45,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    eng = LLMEngine(EngineConfig(model="tiny", max_model_len=MAX_MODEL_LEN))
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server(engine):
     app = create_app(engine, "tiny", api_key=API_KEY, max_body_bytes=MAX_BODY,
                      body_timeout_s=TIMEOUT_S, header_timeout_s=TIMEOUT_S)
