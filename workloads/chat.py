@@ -1,27 +1,22 @@
-"""Multi-turn chat workloads: a trace's turns grouped into conversations, and the chat prompt a
-conversation's history becomes.
+"""Multi-turn chat workloads: a trace's turns grouped into conversations, and each
+conversation's history as it grows.
 
     convs = conversations(requests)       # {conversation_id: [turn 0, turn 1, ...]}, checked
-    chat_prompt_token_ids(tokenizer, [{"role": "user", "content": "Hi"}])
 
 A turn row (trace field ``conversation_id`` + ``turn``) carries the user's message as its text
 prompt. A backend sends turn k once turn k-1 has finished (and not before the row's arrival_s),
 with the whole conversation so far: every earlier user message and, as the assistant's turns,
 the answers the model actually gave.
 
-The prompt is built the way the engine's server builds a ``/v1/chat/completions`` prompt
-(engine/serve/chat.py): the tokenizer's chat template when it has one, else the documented
-default (one ``<|role|>`` block per message and an open assistant block). The in-process
-backends use this helper, so the same history gives the same token ids in process and over
-HTTP (tests/harness/test_multiturn.py checks the two agree); it lives here and not in
-engine/serve so that the engine backends need no web-server packages.
+The history's prompt ids come from engine/chat.py (`chat_prompt_token_ids`), the rule the
+server uses for ``/v1/chat/completions`` too, so the same history gives the same ids in process
+and over HTTP (tests/harness/test_multiturn.py checks the two agree).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
 
 from workloads.trace import TraceRequest
 
@@ -39,19 +34,6 @@ def conversations(requests: Iterable[TraceRequest]) -> dict[str, list[TraceReque
         if numbers != list(range(len(turns))):
             raise ValueError(f"conversation {cid!r}: turns must be 0..{len(turns) - 1} once each, got {numbers}")
     return dict(by_id)
-
-
-def default_chat_prompt(messages: list[dict[str, str]]) -> str:
-    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-
-
-def chat_prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Prompt ids of a chat (messages: {"role", "content"} dicts) for an HF tokenizer."""
-    if not getattr(tokenizer, "chat_template", None):
-        return list(tokenizer(default_chat_prompt(messages)).input_ids)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # The template already holds BOS and friends: do not add special tokens a second time.
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 class History:

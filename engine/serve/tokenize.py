@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from engine.serve.chat import chat_prompt_token_ids, default_chat_prompt, text_prompt_token_ids
+from engine.serve.chat import chat_prompt_token_ids, text_prompt_token_ids
 from engine.serve.errors import APIError
 from engine.serve.generation import ServerState
 from engine.serve.protocol import ChatMessage
@@ -69,18 +69,7 @@ def _prompt_ids(tok: PreTrainedTokenizerBase, req: TokenizeCompletionRequest) ->
 
 
 def _chat_ids(tok: PreTrainedTokenizerBase, req: TokenizeChatRequest) -> list[int]:
-    if req.add_generation_prompt:
-        return chat_prompt_token_ids(tok, req.messages)  # what /v1/chat/completions does
-    if not getattr(tok, "chat_template", None):
-        text = default_chat_prompt(req.messages).removesuffix("<|assistant|>\n")
-        return list(tok(text).input_ids)
-    conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
-    try:
-        text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
-    except Exception as e:  # jinja raises for conversations its template forbids
-        raise APIError(400, f"the model's chat template rejected the messages: {e}",
-                       param="messages") from None
-    return list(tok(text, add_special_tokens=False).input_ids)
+    return chat_prompt_token_ids(tok, req.messages, req.add_generation_prompt)  # as a chat request does
 
 
 async def _tokenize_request(request: Request) -> TokenizeCompletionRequest | TokenizeChatRequest:

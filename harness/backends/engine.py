@@ -25,7 +25,7 @@ With nothing in flight the loop sleeps until the next arrival instead of spinnin
 
 Multi-turn conversations (trace rows with conversation_id and turn, workloads/chat.py): turn k
 is due when turn k-1 has finished (and not before its own arrival_s; its ``scheduled_s`` is that
-moment); its prompt is the conversation so far, built with workloads.chat.chat_prompt_token_ids
+moment); its prompt is the conversation so far, built with engine.chat.chat_prompt_token_ids
 (the server's chat formatting), with the model's streamed answers as the assistant turns. Those
 requests are always detokenized (the answer text is the next turn's history). When a turn
 fails, the conversation's later turns become error rows without being sent.
@@ -42,6 +42,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.chat import chat_prompt_token_ids
 from engine.outputs import RequestDelta, StepStats
 from harness.backends.base import (
     ENGINE_BACKENDS,
@@ -51,7 +52,7 @@ from harness.backends.base import (
     not_sent_error,
 )
 from harness.records import RequestRecord, StepRecord
-from workloads.chat import History, chat_prompt_token_ids, conversations
+from workloads.chat import History, conversations
 from workloads.trace import TraceRequest
 
 # A stalled engine (unfinished requests but nothing scheduled) would loop forever; after this

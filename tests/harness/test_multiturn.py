@@ -19,13 +19,14 @@ from dataclasses import replace
 import pytest
 
 from engine import EngineConfig
+from engine.chat import chat_prompt_token_ids
 from engine.tokenizer import build_byte_tokenizer
 from harness.backends.base import ReplayOptions
 from harness.backends.engine import EngineBackend
 from harness.metrics import per_turn_stats
 from harness.replay import replay
 from harness.report import load_report, write_report
-from workloads.chat import History, chat_prompt_token_ids
+from workloads.chat import History
 from workloads.datasets import load_dataset
 
 TURNS = 3
