@@ -168,13 +168,15 @@ def measure(llm: LLM, reqs: list[TraceRequest], detokenize: bool, profile: bool)
             "attention_flop": flops.attention, "steps": breakdown, "jit_in_timed_run": jit_seen}
 
 
-def release(llm: LLM) -> None:
-    """Shut the engine down and hand its GPU memory back before the next engine (or HF) starts."""
-    llm.shutdown()
-    del llm
+def free_memory() -> None:
+    """Hand a released engine's GPU memory back (its objects may sit in reference cycles)
+    before the next engine, or HF, sizes itself."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        if torch.cuda.memory_allocated() > 1 << 30:  # the next engine would get a smaller KV cache
+            print(f"warning: {torch.cuda.memory_allocated() / 2**30:.1f} GiB still allocated after the engine "
+                  f"was released", flush=True)
 
 
 def describe(backend: str, run: dict) -> str:
@@ -230,7 +232,9 @@ def run_backend(kwargs: dict, backend: str, args: argparse.Namespace, sizes: tup
     runs = [measure(llm, workload_requests(args.workload, *sizes, cfg.model_config.vocab_size, seed=seed),
                     not args.no_detokenize, args.profile and cuda)
             for seed in range(args.repeat)]
-    release(llm)
+    llm.shutdown()
+    del llm  # the last reference: free_memory can then return its KV cache and graphs
+    free_memory()
     median = sorted(runs, key=lambda r: r["engine_s"])[(len(runs) - 1) // 2]
     return {"model": cfg.model, "attention_backend": backend, "policy": cfg.scheduling_policy,
             "workload": args.workload, "detokenize": not args.no_detokenize, "requests": sizes[0],
