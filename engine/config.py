@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from engine.attention import BACKENDS
+from engine.attention import BACKENDS, check_backend
 from engine.dtypes import DTYPES, dtype_name
 from engine.models.config import PRESETS, ModelConfig  # also imported from here by callers
 
@@ -90,6 +90,7 @@ class EngineConfig:
         self.device_type = _resolve_device_type(self.device)
         self.resolved_dtype = _resolve_dtype(self.dtype, self.device_type)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        check_backend(self.attention_backend, self.device_type, self.resolved_dtype)  # flash_attn: CUDA + installed
         _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
         _check_choice("all_reduce_norm_fusion", self.all_reduce_norm_fusion, ALL_REDUCE_NORM_FUSIONS)

@@ -152,6 +152,9 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(self.mc.num_hidden_layers)]
         self._init_buffers()
+        if self.device.type == "cuda":  # compile now what would compile in the first steps (FA4)
+            self.backend.warmup(self.mc.num_attention_heads // self.tp.size, *self.kv_caches[0],
+                                self.config.max_num_seqs)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             cfg = self.config
             self.backend.reserve(cfg.max_num_seqs, self.mc.num_attention_heads // self.tp.size, self.mc.head_dim,

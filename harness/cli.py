@@ -47,7 +47,7 @@ MOUNTED: dict[str, tuple[str, str]] = {
 # Groups of mounted subcommands (`llmbench studies throughput ...`): name -> (help, members).
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "studies": ("one-off measurements (harness/studies/)", {
-        "throughput": ("harness.studies.throughput", "offline throughput, engine vs HF generate"),
+        "throughput": ("harness.studies.throughput", "offline throughput (bench or prefill-heavy) per attention backend, vs HF generate"),
         "tp-scaling": ("harness.studies.tp_scaling", "TP=N / TP=1 throughput in fresh processes"),
         "step-profile": ("harness.studies.step_profile", "where a decode step's time goes (GPU)"),
         "detokenize-cost": ("harness.studies.detokenize_cost", "LLM.generate with and without detokenization"),

@@ -4,10 +4,11 @@ attend every query token to its sequence's cached keys (prefix, earlier chunks, 
 from __future__ import annotations
 
 from engine.attention.metadata import AttentionBackend, AttentionMetadata
+from engine.attention.requirements import check_backend
 
-# The backends by name: EngineConfig.attention_backend is one of these or "auto". A flash_attn
-# backend (paged KV needs block_size % 256 == 0 there) is not written yet.
-BACKENDS = ("torch", "triton")
+# The backends by name: EngineConfig.attention_backend is one of these or "auto".
+# flash_attn is optional (FlashAttention 4, CUDA only): see flash_attn_backend.py.
+BACKENDS = ("torch", "triton", "flash_attn")
 
 
 def get_backend(name: str, device_type: str) -> AttentionBackend:
@@ -22,7 +23,13 @@ def get_backend(name: str, device_type: str) -> AttentionBackend:
         from engine.attention.triton_backend import TritonAttention
 
         return TritonAttention()
+    if name == "flash_attn":
+        if device_type != "cuda":
+            raise ValueError(f"attention_backend='flash_attn' needs a CUDA GPU, got {device_type!r}")
+        from engine.attention.flash_attn_backend import FlashAttention
+
+        return FlashAttention()
     raise ValueError(f"attention backend {name!r} is unknown; choose one of {BACKENDS} or 'auto'")
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "get_backend", "BACKENDS"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "get_backend", "check_backend", "BACKENDS"]

@@ -47,6 +47,11 @@ class AttentionBackend(Protocol):
         """Allocate any per-batch scratch up front (before CUDA graph capture)."""
         ...
 
+    def warmup(self, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seqs: int) -> None:
+        """Compile what would otherwise compile inside the first steps (engine start, on CUDA,
+        before graph capture). May read the caches' null block 0; writes nothing to them."""
+        ...
+
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]

@@ -71,6 +71,9 @@ class TorchAttention:
     def reserve(self, max_seqs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
         pass  # no scratch: the reference path allocates per call
 
+    def warmup(self, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seqs: int) -> None:
+        pass  # nothing compiles
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_batched(q, k_cache, v_cache, meta, scale)

@@ -40,6 +40,9 @@ class TritonAttention:
         """Allocate the decode scratch up front (before CUDA graph capture)."""
         self._get_scratch(max_seqs, num_heads, head_dim, device)
 
+    def warmup(self, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seqs: int) -> None:
+        pass  # Triton compiles in under a second per kernel; LLMEngine.warm_up covers the step kinds
+
     def _get_scratch(self, num_seqs: int, num_heads: int, head_dim: int,
                      device: torch.device) -> DecodeScratch:
         s = self._scratch

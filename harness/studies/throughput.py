@@ -1,13 +1,27 @@
-"""Offline throughput: nano-vllm's bench workload (seed 0, token-id prompts, ignore_eos) through
-the engine, and optionally HF transformers `generate` on the same prompts in the same process.
+"""Offline throughput: a workload of token-id prompts (ignore_eos) through the engine, for one or
+more attention backends in the same call, and optionally HF transformers `generate` on the same
+prompts in the same process.
 
     llmbench studies throughput                          # tiny on CPU, scaled-down workload
-    llmbench studies throughput --model qwen3-0.6b --hf  # the full workload on a GPU (133,966 tokens)
+    llmbench studies throughput --model qwen3-0.6b --hf  # the full bench workload on a GPU (133,966 tokens)
+    llmbench studies throughput --model qwen3-0.6b --workload prefill --attention-backend triton,flash_attn
 
-Throughput = output tokens / wall time, prefill included. Every EngineConfig field is a flag
-(`--enforce-eager`, `--tensor-parallel-size 2`, or `--engine-arg KEY=VALUE`); `--policy` is
-`--scheduling-policy`. `python -m harness.studies.throughput` is the same command. Output is detokenized
-incrementally (as `LLM.generate` does) unless --no-detokenize.
+Workloads: `bench` is nano-vllm's bench (seed 0, 256 requests, prompts U[100,1024], outputs
+U[100,1024]); `prefill` is prefill-heavy: --num-seqs prompts of exactly --max-input-len random
+tokens (128 x 4,096 on a GPU) and --max-output-len outputs (1: no decode step at all).
+
+Output tok/s and prompt tok/s are tokens / wall time, prefill and decode included. Effective
+TFLOP/s = harness.roofline.request_flops summed over the requests (linear: 2 x tokens x the
+layers' matmul weights, plus the LM head per sample; attention: 4 x layers x heads x head_dim
+per causal query-key pair) / wall time. --attention-backend takes a comma-separated list: each
+backend gets a fresh engine, one after the other, on the same prompts. --repeat R runs each
+engine R times on prompts drawn with seeds 0..R-1 (no run hits an earlier one's prefix cache)
+and reports the median run.
+
+Every other EngineConfig field is a flag (`--enforce-eager`, `--tensor-parallel-size 2`, or
+`--engine-arg KEY=VALUE`); `--policy` is `--scheduling-policy`. `python -m
+harness.studies.throughput` is the same command. Output is detokenized incrementally (as
+`LLM.generate` does) unless --no-detokenize.
 """
 
 from __future__ import annotations
@@ -20,11 +34,21 @@ import time
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.config import ATTENTION_BACKENDS
 from engine.config_args import add_engine_args, engine_kwargs
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
 from harness.kernels.jit_watch import watch_jit
+from harness.roofline import Flops, request_flops
 from harness.studies import write_result
 from workloads.generators import bench as bench_requests
+from workloads.generators import random_dataset
+from workloads.trace import TraceRequest
+
+# (num_seqs, input length, output length) by workload, on a GPU and on the CPU
+WORKLOADS = {
+    "bench": {True: (256, 1024, 1024), False: (64, 256, 128)},
+    "prefill": {True: (128, 4096, 1), False: (8, 256, 1)},
+}
 
 
 def run_hf(config: EngineConfig, prompts: list[list[int]], max_tokens: list[int], batch_size: int,
@@ -120,13 +144,70 @@ def step_breakdown(stats) -> dict:
     return out
 
 
+def workload_requests(workload: str, num_seqs: int, input_len: int, output_len: int, vocab_size: int,
+                      seed: int = 0) -> list[TraceRequest]:
+    if workload == "bench":
+        return bench_requests(num_seqs=num_seqs, max_input_len=input_len, max_output_len=output_len,
+                              vocab_size=vocab_size, seed=seed)
+    return random_dataset(input_len=input_len, output_len=output_len, range_ratio=0.0, num_prompts=num_seqs,
+                          vocab_size=vocab_size, seed=seed)
+
+
+def measure(llm: LLM, reqs: list[TraceRequest], detokenize: bool, profile: bool) -> dict:
+    """One timed run of `reqs` through the engine: token rates and effective TFLOP/s."""
+    prompts = [r.prompt_token_ids for r in reqs]
+    params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=detokenize)
+              for r in reqs]
+    tokens, elapsed, breakdown, jit_seen = run_engine(llm, prompts, params, profile=profile)
+    mc = llm.engine.config.model_config
+    flops = sum((request_flops(mc, len(p), sp.max_tokens) for p, sp in zip(prompts, params)), Flops(0.0, 0.0))
+    prompt_tokens = sum(map(len, prompts))
+    return {"output_tokens": tokens, "prompt_tokens": prompt_tokens, "engine_s": round(elapsed, 6),
+            "engine_tok_s": round(tokens / elapsed, 1), "prompt_tok_s": round(prompt_tokens / elapsed, 1),
+            "tflop_s": round(flops.total / elapsed / 1e12, 3), "linear_flop": flops.linear,
+            "attention_flop": flops.attention, "steps": breakdown, "jit_in_timed_run": jit_seen}
+
+
+def free_memory() -> None:
+    """Hand a released engine's GPU memory back (its objects may sit in reference cycles)
+    before the next engine, or HF, sizes itself."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        if torch.cuda.memory_allocated() > 1 << 30:  # the next engine would get a smaller KV cache
+            print(f"warning: {torch.cuda.memory_allocated() / 2**30:.1f} GiB still allocated after the engine "
+                  f"was released", flush=True)
+
+
+def describe(backend: str, run: dict) -> str:
+    return (f"engine [{backend}]: {run['output_tokens']} output tokens in {run['engine_s']:.2f} s = "
+            f"{run['engine_tok_s']:,.0f} tok/s; {run['prompt_tokens']:,} prompt tokens = "
+            f"{run['prompt_tok_s']:,.0f} prompt tok/s; effective {run['tflop_s']:,.1f} TFLOP/s "
+            f"({run['linear_flop'] / 1e12:,.2f} linear + {run['attention_flop'] / 1e12:,.2f} attention TFLOP)")
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ATTENTION_BACKENDS]
+    if not names or bad:
+        raise ValueError(f"--attention-backend {text!r}: give a comma-separated list of {list(ATTENTION_BACKENDS)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="llmbench studies throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-seqs", type=int, default=256 if cuda else 64)
-    ap.add_argument("--max-input-len", type=int, default=1024 if cuda else 256)
-    ap.add_argument("--max-output-len", type=int, default=1024 if cuda else 128)
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="bench",
+                    help="bench (nano-vllm's) or prefill (prefill-heavy: equal-length prompts, short outputs)")
+    ap.add_argument("--num-seqs", type=int, help="requests (default: bench 256, prefill 128; CPU: 64, 8)")
+    ap.add_argument("--max-input-len", type=int,
+                    help="bench: longest prompt; prefill: every prompt's length (default 1024 / 4096; CPU 256)")
+    ap.add_argument("--max-output-len", type=int,
+                    help="bench: longest output; prefill: every output's length (default 1024 / 1; CPU 128 / 1)")
+    ap.add_argument("--attention-backend", default="auto", metavar="NAME[,NAME...]",
+                    help=f"one engine per backend, in this order, on the same prompts: {', '.join(ATTENTION_BACKENDS)}")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per engine (the median is reported)")
     ap.add_argument("--hf", action="store_true", help="also run HF transformers generate on the same prompts")
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--hf-num-seqs", type=int, default=None,
@@ -137,9 +218,42 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-detokenize", action="store_true",
                     help="skip incremental detokenization (default: on, as LLM.generate does)")
     add_engine_args(ap.add_argument_group("engine (EngineConfig fields)"),
-                    defaults={"model": "qwen3-0.6b" if cuda else "tiny"},
+                    defaults={"model": "qwen3-0.6b" if cuda else "tiny"}, skip=("attention_backend",),
                     spellings={"scheduling_policy": ("--scheduling-policy", "--policy")})
     return ap
+
+
+def run_backend(kwargs: dict, backend: str, args: argparse.Namespace, sizes: tuple[int, int, int]) -> dict:
+    """A fresh engine on `backend`, args.repeat timed runs, then the engine released; the
+    median run (by wall time) with the run's settings."""
+    cuda = torch.cuda.is_available()
+    llm = LLM(**kwargs, attention_backend=backend)
+    cfg = llm.engine.config
+    runs = [measure(llm, workload_requests(args.workload, *sizes, cfg.model_config.vocab_size, seed=seed),
+                    not args.no_detokenize, args.profile and cuda)
+            for seed in range(args.repeat)]
+    llm.shutdown()
+    del llm  # the last reference: free_memory can then return its KV cache and graphs
+    free_memory()
+    median = sorted(runs, key=lambda r: r["engine_s"])[(len(runs) - 1) // 2]
+    return {"model": cfg.model, "attention_backend": backend, "policy": cfg.scheduling_policy,
+            "workload": args.workload, "detokenize": not args.no_detokenize, "requests": sizes[0],
+            **median, "engine_s_runs": [r["engine_s"] for r in runs],
+            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def hf_baseline(kwargs: dict, args: argparse.Namespace, sizes: tuple[int, int, int]) -> dict:
+    """HF generate on the first args.hf_num_seqs prompts (seed 0), where and at the dtype the
+    engine's rank 0 ran."""
+    cfg = EngineConfig(**kwargs)
+    reqs = workload_requests(args.workload, *sizes, cfg.model_config.vocab_size)[: args.hf_num_seqs or sizes[0]]
+    prompts, max_tokens = [r.prompt_token_ids for r in reqs], [r.max_tokens for r in reqs]
+    hf_tokens, hf_s = run_hf(cfg, prompts, max_tokens, args.hf_batch_size, cfg.torch_dtype, str(cfg.device_for_rank(0)))
+    prompt_tokens = sum(map(len, prompts))
+    print(f"HF generate (batch {args.hf_batch_size}, {len(reqs)} requests): {hf_tokens} tokens in {hf_s:.2f} s = "
+          f"{hf_tokens / hf_s:,.0f} tok/s, {prompt_tokens / hf_s:,.0f} prompt tok/s")
+    return {"hf_tokens": hf_tokens, "hf_s": round(hf_s, 3), "hf_tok_s": round(hf_tokens / hf_s, 1),
+            "hf_prompt_tok_s": round(prompt_tokens / hf_s, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,40 +261,31 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         kwargs = engine_kwargs(args)
+        backends = parse_backends(args.attention_backend)
     except ValueError as e:
         ap.error(str(e))
-    cuda = torch.cuda.is_available()
-    llm = LLM(**kwargs)
-    cfg = llm.engine.config
-    reqs = bench_requests(num_seqs=args.num_seqs, max_input_len=args.max_input_len,
-                          max_output_len=args.max_output_len, vocab_size=cfg.model_config.vocab_size)
-    prompts = [r.prompt_token_ids for r in reqs]
-    detokenize = not args.no_detokenize
-    params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, ignore_eos=True, detokenize=detokenize)
-              for r in reqs]
-    tokens, elapsed, breakdown, jit_seen = run_engine(llm, prompts, params, profile=args.profile and cuda)
-    result = {"model": cfg.model, "policy": cfg.scheduling_policy, "detokenize": detokenize, "requests": len(reqs),
-              "output_tokens": tokens, "engine_s": round(elapsed, 3), "engine_tok_s": round(tokens / elapsed, 1),
-              "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": breakdown,
-              "jit_in_timed_run": jit_seen}
-    mode = "on" if detokenize else "off"
-    print(f"engine ({cfg.scheduling_policy}, detokenize {mode}): {tokens} tokens in {elapsed:.2f} s = "
-          f"{tokens / elapsed:,.0f} tok/s")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    defaults = WORKLOADS[args.workload][torch.cuda.is_available()]
+    sizes = tuple(d if v is None else v for v, d in zip((args.num_seqs, args.max_input_len, args.max_output_len),
+                                                         defaults))
+    # the headline rate: prompt tokens for the prefill workload, output tokens for bench
+    rate = "prompt_tok_s" if args.workload == "prefill" else "engine_tok_s"
+    runs = {}
+    for backend in backends:
+        runs[backend] = run = run_backend(kwargs, backend, args, sizes)
+        print(describe(backend, run), flush=True)
+    first = runs[backends[0]]
+    result = first if len(runs) == 1 else {"workload": args.workload, "runs": runs, "ratio_vs_first": {
+        b: round(r[rate] / first[rate], 3) for b, r in runs.items()}}
+    for b in backends[1:]:
+        print(f"{b} / {backends[0]}: {rate} {result['ratio_vs_first'][b]:.3f}x")
     if args.hf:
-        # HF runs where the engine's rank 0 ran, at the engine's dtype
-        dtype, device = cfg.torch_dtype, str(cfg.device_for_rank(0))
-        llm.shutdown()
-        del llm
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-        n = args.hf_num_seqs or len(prompts)
-        hf_tokens, hf_s = run_hf(cfg, prompts[:n], [p.max_tokens for p in params[:n]], args.hf_batch_size,
-                                 dtype, device)
-        result.update(hf_tokens=hf_tokens, hf_s=round(hf_s, 3), hf_tok_s=round(hf_tokens / hf_s, 1),
-                      speedup_vs_hf=round((tokens / elapsed) / (hf_tokens / hf_s), 2))
-        print(f"HF generate (batch {args.hf_batch_size}, {n} requests): {hf_tokens} tokens in {hf_s:.2f} s = "
-              f"{hf_tokens / hf_s:,.0f} tok/s; engine speed-up {result['speedup_vs_hf']}x")
+        hf = hf_baseline(kwargs, args, sizes)
+        hf_rate = hf["hf_prompt_tok_s"] if args.workload == "prefill" else hf["hf_tok_s"]
+        hf["speedup_vs_hf"] = {b: round(r[rate] / hf_rate, 2) for b, r in runs.items()}
+        result.update(hf)
+        print(f"engine speed-up over HF ({rate}): {hf['speedup_vs_hf']}")
     print(json.dumps(result))
     write_result(args.json, result)
     return 0

@@ -95,9 +95,15 @@ def test_choices_come_from_the_registries():
     for family in FAMILIES:
         assert get_model_class(family) is MODELS[family]
     with pytest.raises(ValueError, match="attention_backend"):
-        EngineConfig(model="tiny", attention_backend="flash_attn")
+        EngineConfig(model="tiny", attention_backend="flashinfer")
 
 
 def test_every_listed_attention_backend_builds():
+    """On the CPU every backend but the CUDA-only flash_attn builds (its errors:
+    tests/engine/test_flash_attn.py)."""
     for name in attention.BACKENDS:
-        assert attention.get_backend(name, "cpu") is not None
+        if name == "flash_attn":
+            with pytest.raises(ValueError, match="CUDA"):
+                attention.get_backend(name, "cpu")
+        else:
+            assert attention.get_backend(name, "cpu") is not None
