@@ -13,7 +13,8 @@ point that fits and reused for every point of --batch x --context. A point
                  (schedule_ms, launch_ms, postprocess_ms); async scheduling overlaps it with the
                  GPU, wait_ms is the host blocked on the GPU
   gpu_ms         the model part alone: CUDA events around replays of its decode graph
-                 (empty on a CPU or without graphs)
+                 (empty on a CPU or without graphs); tpot_minus_gpu_ms is the rest of a step
+                 (host work the GPU waited for, sampling, input copies)
   floor_ms       (weight_bytes + kv_bytes) / measured copy bandwidth: harness.roofline's count
                  (every weight once, the KV of every stored token), per step
   tpot_vs_floor  tpot_ms / floor_ms
@@ -218,7 +219,8 @@ def describe(model: str, row: dict[str, Any]) -> str:
     if not row["fits"]:
         return f"{head} skipped: {row['skip_reason']}"
     return (f"{head} TPOT {row['tpot_ms']:.3f} ms  host {row['host_ms']:.3f}  gpu {_ms(row['gpu_ms'])}  "
-            f"floor {row['floor_ms']:.3f}  TPOT/floor {row['tpot_vs_floor']:.2f}")
+            f"TPOT-gpu {_ms(row['tpot_minus_gpu_ms'])}  floor {row['floor_ms']:.3f}  "
+            f"TPOT/floor {row['tpot_vs_floor']:.2f}")
 
 
 def points_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -169,7 +169,8 @@ def measure_point(llm: LLM, batch: int, context: int, steps: int, warmup: int, b
     return {"batch": batch, "context": context, "kv_tokens_per_seq": t.kv_tokens / batch, "steps": steps,
             "tpot_ms": t.step_s * 1e3, "host_ms": t.host_s * 1e3, "schedule_ms": t.schedule_s * 1e3,
             "launch_ms": t.launch_s * 1e3, "postprocess_ms": t.postprocess_s * 1e3, "wait_ms": t.wait_s * 1e3,
-            "gpu_ms": gpu_ms, "weight_bytes": weights, "kv_bytes": t.bytes_per_step - weights,
+            "gpu_ms": gpu_ms, "tpot_minus_gpu_ms": None if gpu_ms is None else t.step_s * 1e3 - gpu_ms,
+            "weight_bytes": weights, "kv_bytes": t.bytes_per_step - weights,
             "floor_ms": floor_ms, "tpot_vs_floor": t.step_s * 1e3 / floor_ms,
             "gpu_vs_floor": None if gpu_ms is None else gpu_ms / floor_ms}
 

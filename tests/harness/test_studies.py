@@ -72,7 +72,7 @@ def test_latency_sweeps_points_floors_them_and_reports_skips(tmp_path):
     for column in ("tpot_ms", "host_ms", "schedule_ms", "launch_ms", "postprocess_ms", "floor_ms", "tpot_vs_floor"):
         assert (ran[column] > 0).all(), column
     np.testing.assert_allclose(ran["host_ms"], ran["schedule_ms"] + ran["launch_ms"] + ran["postprocess_ms"])
-    assert ran["gpu_ms"].isna().all() and ran["gpu_vs_floor"].isna().all()  # no GPU: no graph replay
+    assert ran[["gpu_ms", "gpu_vs_floor", "tpot_minus_gpu_ms"]].isna().all().all()  # no GPU: no graph replay
     # the floor: every weight once plus the KV of every stored token, over the copy bandwidth
     mc, bw = PRESETS["tiny"], result["copy_bandwidth_bytes_per_s"]
     assert (ran["weight_bytes"] == weight_bytes(mc, 4)).all()
@@ -106,3 +106,21 @@ def test_a_point_decodes_its_whole_batch_through_a_chunked_fill():
     assert row["kv_tokens_per_seq"] > 40 + 3.5
     step_profile.drain(llm)
     assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+def test_latency_on_a_gpu_times_the_graph_and_the_prefill_kernels(tmp_path):
+    """The CUDA parts of the latency study: graph replays (gpu_ms), the prefill's kernel time
+    from torch.profiler, and the device's own KV budget."""
+    import pandas as pd
+
+    from harness.studies import latency
+
+    out = tmp_path / "lat"
+    assert latency.main(["--model", "tiny", "--batch", "1,8", "--context", "64", "--steps", "8",
+                         "--ttft-requests", "3", "--prompt-len", "32", "--out", str(out), "--no-progress"]) == 0
+    points = pd.read_parquet(out / "points.parquet")
+    assert points["fits"].all() and (points["gpu_ms"] > 0).all()
+    assert (points["gpu_ms"] < points["tpot_ms"]).all()  # the model part is inside the step
+    result = json.loads((out / "latency.json").read_text())
+    assert result["ttft"]["tiny"]["prefill_gpu_ms"] > 0 and result["kv_budget_bytes"]["tiny"] > 1e9
