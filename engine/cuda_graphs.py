@@ -46,8 +46,13 @@ class DecodeGraphs:
 
     def lookup(self, out: SchedulerOutput) -> CapturedGraph | None:
         """The graph for a decode-only step (every sequence one token, and sampling)."""
-        b = len(out.seqs)
-        if out.num_prefill_tokens or b > self.sizes[-1] or any(len(s.token_ids) != 1 for s in out.seqs):
+        if out.num_prefill_tokens or any(len(s.token_ids) != 1 for s in out.seqs):
+            return None
+        return self.for_batch(len(out.seqs))
+
+    def for_batch(self, b: int) -> CapturedGraph | None:
+        """The graph a decode batch of b sequences replays (b padded up the ladder); None above it."""
+        if b > self.sizes[-1]:
             return None
         return self.graphs[next(s for s in self.sizes if s >= b)]
 

@@ -133,7 +133,8 @@ class LLMEngine:
         t_scheduled = time.perf_counter()
         if not out.is_empty:
             self._inflight.append((out, self.executor.execute_model_async(out)))
-        execute_s, post_s = time.perf_counter() - t_scheduled, 0.0
+        launch_s = time.perf_counter() - t_scheduled
+        execute_s, post_s = launch_s, 0.0
         # async: keep this step running while the previous one's results are applied
         keep = 1 if self.async_scheduling and not out.is_empty else 0
         while len(self._inflight) > keep:
@@ -143,7 +144,7 @@ class LLMEngine:
             t1 = time.perf_counter()
             deltas += [self._process(u) for u in self.scheduler.update_from_output(done, sampled)]
             execute_s, post_s = execute_s + t1 - t0, post_s + time.perf_counter() - t1
-        self.last_step_stats = self._stats(out, t_start, t_scheduled - t_start, execute_s, post_s)
+        self.last_step_stats = self._stats(out, t_start, t_scheduled - t_start, launch_s, execute_s, post_s)
         return deltas
 
     def _process(self, update: SequenceUpdate) -> RequestDelta:
@@ -166,12 +167,12 @@ class LLMEngine:
         return RequestDelta(seq.request_id, new_ids, text, finished, reason,
                             seq.num_prompt_tokens, seq.num_cached_tokens, seq.stop_reason if finished else None)
 
-    def _stats(self, out: SchedulerOutput, t_start: float, schedule_s: float, execute_s: float,
-               post_s: float) -> StepStats:
+    def _stats(self, out: SchedulerOutput, t_start: float, schedule_s: float, launch_s: float,
+               execute_s: float, post_s: float) -> StepStats:
         bm = self.block_manager
         return StepStats(
             t_start=t_start, t_end=time.perf_counter(), schedule_s=schedule_s,
-            execute_s=execute_s, postprocess_s=post_s,
+            launch_s=launch_s, execute_s=execute_s, postprocess_s=post_s,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_scheduled_seqs=len(out.seqs), num_prefill_tokens=out.num_prefill_tokens,
             num_decode_tokens=out.num_decode_tokens, num_preempted=out.num_preempted,
@@ -190,7 +191,7 @@ class LLMEngine:
         n = min(64, self.config.max_model_len - params.max_tokens - 1)
         for wave in range(2):  # the second wave's prefills share steps with the first's decodes
             for i in range(3):
-                self.add_request(f"warm-up-{wave}-{i}", [(7 * i + j) % vocab for j in range(n - 20 * i)], params)
+                self.add_request(f"warm-up-{wave}-{i}", [(7 * i + j) % vocab for j in range(max(1, n - 20 * i))], params)
             self.step()
         while self.has_unfinished_requests():
             self.step()

@@ -51,6 +51,7 @@ class StepStats(StepCounts):
     t_end: float
     schedule_s: float = 0.0  # host: scheduler.schedule()
     execute_s: float = 0.0  # launch (input prep, forward, sampling) + waiting for sampled ids
+    launch_s: float = 0.0  # host: the launch part of execute_s (on a CPU the forward runs inside it)
     postprocess_s: float = 0.0  # host: update sequences, detokenize (async: the previous step's)
 
 

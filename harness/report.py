@@ -17,6 +17,7 @@ versions (python, torch, transformers, triton, engine package ...) and hardware 
     load_report(run_dir) -> Report      .requests/.steps/.telemetry/.summary DataFrames, .metadata
     Report.summary_row() -> dict        NaN -> None;  Report.recompute_summary() -> dict
     append_sweep_summary(sweep_dir, row) -> DataFrame   appends one row to sweep_dir/sweep.parquet
+    write_table(path, frame, config) -> Path   a study's table (harness/studies/), same metadata
     requests_frame / steps_frame / telemetry_frame(records) -> DataFrame   for live summaries
 
 Column types come from the dataclasses in harness/records.py, so a field added there shows up
@@ -268,6 +269,14 @@ def _write(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(_with_metadata(table, metadata), tmp)
     os.replace(tmp, path)  # readers never see a half-written file
+
+
+def write_table(path: str | Path, frame: pd.DataFrame, config: Mapping[str, Any]) -> Path:
+    """A study's table as Parquet, with the run metadata of `config` (git, versions, hardware)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(pa.Table.from_pandas(frame, preserve_index=False), path, run_metadata(config))
+    return path
 
 
 def write_report(run_dir: str | Path, requests: Iterable[RequestRecord] | pd.DataFrame,

@@ -7,7 +7,7 @@ the batch. So the floor of a run is
 
 divided by the memory bandwidth (KV bytes per token: ModelConfig.kv_bytes_per_token at the
 run's element size). ``measure_copy_bandwidth`` is the project's one measurement of that
-bandwidth (the roofline, harness.studies.step_profile, harness.kernels.bench_decode): a
+bandwidth (the roofline, harness.studies.step_profile and .latency, harness.kernels.bench_decode): a
 device-to-device copy, counting the bytes read plus the bytes written. Under tensor
 parallelism pass the bandwidth of all ranks together.
 

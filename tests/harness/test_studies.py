@@ -95,3 +95,89 @@ def test_request_flops_count_what_torch_counts_in_the_hf_model():
     flops = request_flops(cfg.model_config, n, 1)
     assert flops.linear == counts["aten.mm"]
     assert flops.attention == counts["aten.bmm"] * (n + 1) / (2 * n)
+
+
+def test_latency_sweeps_points_floors_them_and_reports_skips(tmp_path):
+    """`llmbench studies latency` on the tiny model on CPU: a point past the model's positions
+    and one past the KV budget are skipped with their reasons; the others are timed, their
+    floor is harness.roofline's byte count over the measured bandwidth; TTFT per request."""
+    import numpy as np
+    import pandas as pd
+
+    from engine.config import PRESETS
+    from harness.roofline import weight_bytes
+    from harness.studies import latency
+
+    out = tmp_path / "lat"
+    assert latency.main(["--model", "tiny", "--device", "cpu", "--batch", "1,2,4", "--context", "16,3000",
+                         "--steps", "3", "--warmup-steps", "1", "--ttft-requests", "3", "--prompt-len", "8",
+                         "--kv-cache-gb", "0.00005", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "latency.json").read_text())
+    points = pd.read_parquet(out / "points.parquet")
+    assert len(points) == len(result["points"]) == 6 and set(points["model"]) == {"tiny"}
+    ran, skipped = points[points["fits"]], points[~points["fits"]]
+    assert sorted(zip(ran["batch"], ran["context"])) == [(1, 16), (2, 16)]
+    budget = result["kv_budget_bytes"]["tiny"]
+    assert budget == 50_000 and (ran["kv_need_bytes"] <= budget).all()
+    for row in skipped.itertuples():
+        if row.context == 3000:
+            assert "exceed the model's 2048 positions" in row.skip_reason
+        else:
+            assert row.batch == 4 and "KV of 4 x" in row.skip_reason and row.kv_need_bytes > budget
+    assert skipped[["tpot_ms", "floor_ms", "gpu_ms"]].isna().all().all()
+    assert ran["skip_reason"].isna().all()
+    for column in ("tpot_ms", "host_ms", "schedule_ms", "launch_ms", "postprocess_ms", "floor_ms", "tpot_vs_floor"):
+        assert (ran[column] > 0).all(), column
+    np.testing.assert_allclose(ran["host_ms"], ran["schedule_ms"] + ran["launch_ms"] + ran["postprocess_ms"])
+    assert ran[["gpu_ms", "gpu_vs_floor", "tpot_minus_gpu_ms"]].isna().all().all()  # no GPU: no graph replay
+    # the floor: every weight once plus the KV of every stored token, over the copy bandwidth
+    mc, bw = PRESETS["tiny"], result["copy_bandwidth_bytes_per_s"]
+    assert (ran["weight_bytes"] == weight_bytes(mc, 4)).all()
+    assert (ran["kv_tokens_per_seq"] > ran["context"]).all()  # the prompt and the tokens decoded so far
+    np.testing.assert_allclose(ran["kv_bytes"], ran["kv_tokens_per_seq"] * ran["batch"] * mc.kv_bytes_per_token(4))
+    np.testing.assert_allclose(ran["floor_ms"], (ran["weight_bytes"] + ran["kv_bytes"]) / bw * 1e3)
+    np.testing.assert_allclose(ran["tpot_vs_floor"], ran["tpot_ms"] / ran["floor_ms"])
+    ttft = pd.read_parquet(out / "ttft.parquet")
+    assert len(ttft) == 3 and (ttft["ttft_ms"] > 0).all() and (ttft["host_ms"] > 0).all()
+    assert (ttft["host_ms"] + ttft["wait_ms"] <= ttft["ttft_ms"]).all()
+    summary = result["ttft"]["tiny"]
+    assert summary["p50_ttft_ms"] == pytest.approx(ttft["ttft_ms"].median())
+    assert summary["p50_ttft_ms"] <= summary["p90_ttft_ms"] and summary["prefill_gpu_ms"] is None
+    assert result["estimated_s"] > 0 and result["actual_s"] > 0
+
+
+def test_a_point_decodes_its_whole_batch_through_a_chunked_fill():
+    """engine_sizing + measure_point: with a small token budget the fill takes several steps
+    and the first sequences decode meanwhile; still no sequence finishes or is preempted in the
+    timed steps (time_decode raises if one did) in an engine sized to the point, no larger."""
+    from engine import LLM, EngineConfig
+    from harness.studies import step_profile
+
+    kwargs = {"device": "cpu", "max_num_batched_tokens": 32}
+    sizing = step_profile.engine_sizing(EngineConfig(model="tiny", **kwargs), [(4, 40)], 3)
+    llm = LLM("tiny", **kwargs, **sizing)
+    row = step_profile.measure_point(llm, 4, 40, 2, 1, bandwidth=1e9)
+    assert (row["batch"], row["steps"], row["gpu_ms"]) == (4, 2, None)
+    # in step with the last prompt the mean would be 40 + 1 + 1 + 1.5 (the fill's last step, the
+    # warm-up step, the mean timed step); the early sequences decoded during the fill too
+    assert row["kv_tokens_per_seq"] > 40 + 3.5
+    step_profile.drain(llm)
+    assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+def test_latency_on_a_gpu_times_the_graph_and_the_prefill_kernels(tmp_path):
+    """The CUDA parts of the latency study: graph replays (gpu_ms), the prefill's kernel time
+    from torch.profiler, and the device's own KV budget."""
+    import pandas as pd
+
+    from harness.studies import latency
+
+    out = tmp_path / "lat"
+    assert latency.main(["--model", "tiny", "--batch", "1,8", "--context", "64", "--steps", "8",
+                         "--ttft-requests", "3", "--prompt-len", "32", "--out", str(out), "--no-progress"]) == 0
+    points = pd.read_parquet(out / "points.parquet")
+    assert points["fits"].all() and (points["gpu_ms"] > 0).all()
+    assert (points["gpu_ms"] < points["tpot_ms"]).all()  # the model part is inside the step
+    result = json.loads((out / "latency.json").read_text())
+    assert result["ttft"]["tiny"]["prefill_gpu_ms"] > 0 and result["kv_budget_bytes"]["tiny"] > 1e9
