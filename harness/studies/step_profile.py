@@ -70,7 +70,7 @@ def profile(model: str, batch: int, context: int, steps: int, eager: bool, bw: f
     out = engine.scheduler.schedule()  # one more decode step, model part alone
     graph = runner.graphs.lookup(out) if runner.graphs else None
     if graph is not None:
-        runner.prepare_inputs(out, pad_to=graph.batch_size)
+        runner.prepare_inputs(out, pad=graph.shape)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(10):
