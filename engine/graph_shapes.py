@@ -54,7 +54,7 @@ class GraphLadder:
 
     @classmethod
     def build(cls, max_num_seqs: int, max_graph_prefill_tokens: int, max_tokens: int) -> GraphLadder:
-        """max_tokens: the most tokens a step can have (the input buffers' length)."""
+        """max_tokens: the most tokens a step can have (max_num_batched_tokens, the token budget)."""
         return cls(decode_graph_sizes(max_num_seqs), prefill_graph_sizes(max_graph_prefill_tokens, max_tokens),
                    max_num_seqs)
 

@@ -26,7 +26,6 @@ class StagedTensor:
 class InputBuffers:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
         i32, i64 = torch.int32, torch.int64
-        self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.input_ids = StagedTensor((max_tokens,), i64, device)
         self.positions = StagedTensor((max_tokens,), i64, device)
         self.slot_mapping = StagedTensor((max_tokens,), i64, device)

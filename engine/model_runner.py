@@ -157,7 +157,7 @@ class ModelRunner:
             cfg = self.config
             self.backend.reserve(cfg.max_num_seqs, self.mc.num_attention_heads // self.tp.size, self.mc.head_dim,
                                  self.device)
-            ladder = GraphLadder.build(cfg.max_num_seqs, cfg.max_graph_prefill_tokens, self.buffers.max_tokens)
+            ladder = GraphLadder.build(cfg.max_num_seqs, cfg.max_graph_prefill_tokens, cfg.max_num_batched_tokens)
             self.graphs = StepGraphs(self._graph_forward, self.buffers, ladder, cfg.max_model_len)
             self.graphs.capture()
 

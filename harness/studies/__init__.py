@@ -1,7 +1,8 @@
 """One-off measurements, each a `llmbench studies NAME` subcommand and a module with
 `build_parser()` / `main(argv)`: offline throughput against HF (throughput.py), TP=N / TP=1
 (tp_scaling.py), a decode step against its floor (step_profile.py), detokenization's cost in
-`LLM.generate` (detokenize_cost.py), and the static-vs-continuous flagship (flagship.py)."""
+`LLM.generate` (detokenize_cost.py), time to first token at low load (ttft.py), and the
+static-vs-continuous flagship (flagship.py)."""
 
 from __future__ import annotations
 

@@ -38,3 +38,20 @@ def test_tp_scaling_reports_pairs_after_the_first(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["median_ratio"] == result["median_ratio"]
     with pytest.raises(RuntimeError, match="all_reduce_norm_fusion"):
         tp_scaling.main(["--pairs", "1", "--engine-arg", "all_reduce_norm_fusion=bogus", *small])
+
+
+def test_ttft_study_times_requests_and_takes_a_prefill_step_apart(tmp_path):
+    from harness.studies import ttft
+
+    out = tmp_path / "ttft.json"
+    assert ttft.main(["--model", "tiny", "--device", "cpu", "--input-len", "20", "--output-len", "3",
+                      "--num-prompts", "3", "--limits", "16,0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["max_graph_prefill_tokens"] for r in result["runs"]] == [16, 0]
+    for run in result["runs"]:
+        assert 0 < run["ttft_ms_p50"] <= run["ttft_ms_p90"] and run["tpot_ms_p50"] > 0
+        step = run["prefill_step"]
+        assert step["graphed"] is False  # no CUDA graphs on the CPU
+        assert step["gpu_kernels"] is None and step["aten_ops"] > 0
+        assert set(step["host_ms"]) == {"prepare_inputs", "model_forward", "sample"}
+        assert 0 < step["host_ms"]["model_forward"] < step["launch_ms"] <= step["launch_to_result_ms"]
