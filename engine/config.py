@@ -69,6 +69,9 @@ class EngineConfig:
     static_reservation: str = "max_tokens"  # static policy only: see STATIC_RESERVATIONS
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    # CUDA graphs also for steps with prefill tokens (prefill chunks, prefix hits, mixed steps) of
+    # up to this many tokens, padded to a ladder 16, 32, 48, 64, 96, ...; 0: those run eagerly
+    max_graph_prefill_tokens: int = 512
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no symmetric memory)
@@ -95,6 +98,9 @@ class EngineConfig:
         _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
         _check_choice("all_reduce_norm_fusion", self.all_reduce_norm_fusion, ALL_REDUCE_NORM_FUSIONS)
         _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+        if self.max_graph_prefill_tokens < 0:
+            raise ValueError(f"max_graph_prefill_tokens must be >= 0 (0: no prefill graphs), "
+                             f"got {self.max_graph_prefill_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
         if not isinstance(self.skip_tokenizer_init, bool):

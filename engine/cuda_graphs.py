@@ -1,6 +1,8 @@
-"""Whole-model CUDA graphs for decode steps (attention, KV store, norms and LM head included)
-at a ladder of batch sizes; a batch is padded up to the next captured size. Graphs read the
-runner's persistent input buffers, so a replay only needs those buffers filled."""
+"""Whole-model CUDA graphs (attention, KV store, norms and LM head included) for decode steps at
+a ladder of batch sizes and for small prefill / mixed steps at a ladder of token counts
+(engine/graph_shapes.py says which step gets which graph and how it is padded). All graphs share
+one memory pool and read the runner's persistent input buffers, so a replay only needs those
+buffers filled."""
 
 from __future__ import annotations
 
@@ -10,60 +12,60 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.graph_shapes import GraphLadder, GraphShape
 from engine.input_buffers import InputBuffers
 from engine.scheduler import SchedulerOutput
 
-# (batch size, attention metadata) -> logits: the model part of a decode step, reading its token
-# ids and positions from the persistent input buffers
-DecodeForward = Callable[[int, AttentionMetadata], torch.Tensor]
-
-
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every 16 (nano-vllm's ladder), ending exactly at max_num_seqs."""
-    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 16))
-    return sizes + [max_num_seqs]
+# (padded shape, attention metadata) -> logits: the model part of a step, reading its token ids,
+# positions and (prefill graphs) logits_indices from the persistent input buffers. Decode graphs
+# return one row per sequence, prefill graphs one per logits_indices entry (S rows).
+GraphForward = Callable[[GraphShape, AttentionMetadata], torch.Tensor]
 
 
 @dataclass
 class CapturedGraph:
-    batch_size: int
+    shape: GraphShape
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # [batch_size, vocab] written by each replay
+    logits: torch.Tensor  # [shape.num_seqs, vocab] written by each replay
 
     def replay(self) -> torch.Tensor:
         self.graph.replay()
         return self.logits
 
 
-class DecodeGraphs:
-    """`forward` runs the model on the first b rows of `buffers`; graphs are captured for every
-    size of the ladder up to max_num_seqs."""
+class StepGraphs:
+    """`forward` runs the model on the first T rows of `buffers`; one graph per shape of the
+    ladder is captured."""
 
-    def __init__(self, forward: DecodeForward, buffers: InputBuffers, max_num_seqs: int, max_model_len: int):
-        self.forward, self.buffers, self.max_model_len = forward, buffers, max_model_len
-        self.sizes = graph_batch_sizes(max_num_seqs)
-        self.graphs: dict[int, CapturedGraph] = {}
+    def __init__(self, forward: GraphForward, buffers: InputBuffers, ladder: GraphLadder, max_model_len: int):
+        self.forward, self.buffers, self.ladder, self.max_model_len = forward, buffers, ladder, max_model_len
+        self.graphs: dict[GraphShape, CapturedGraph] = {}
 
     def lookup(self, out: SchedulerOutput) -> CapturedGraph | None:
-        """The graph for a decode-only step (every sequence one token, and sampling)."""
-        if out.num_prefill_tokens or any(len(s.token_ids) != 1 for s in out.seqs):
-            return None
-        return self.for_batch(len(out.seqs))
+        """The graph for this step, or None (it runs eagerly). A decode step has no prefill
+        tokens, one token per sequence (each has at least one) and every sequence sampling."""
+        seqs = out.seqs
+        decode = (not out.num_prefill_tokens and out.num_tokens == len(seqs)
+                  and all(s.sample for s in seqs))
+        shape = self.ladder.shape_for(out.num_tokens, len(seqs), decode)
+        return self.graphs.get(shape) if shape is not None else None
 
     def for_batch(self, b: int) -> CapturedGraph | None:
         """The graph a decode batch of b sequences replays (b padded up the ladder); None above it."""
-        if b > self.sizes[-1]:
-            return None
-        return self.graphs[next(s for s in self.sizes if s >= b)]
+        shape = self.ladder.shape_for(b, b, True)
+        return self.graphs.get(shape) if shape is not None else None
 
-    def _metadata(self, b: int) -> AttentionMetadata:
-        buf, max_len = self.buffers, self.max_model_len
-        # max_seq_len = max_model_len so the host-chosen split count suits any replayed length;
-        # real lengths are read from seq_lens on the device.
+    def _metadata(self, shape: GraphShape) -> AttentionMetadata:
+        buf, max_len, t, s = self.buffers, self.max_model_len, shape.num_tokens, shape.num_seqs
+        # Host-side choices are made for the worst case the graph can replay: max_seq_len =
+        # max_model_len (decode split count); a prefill graph's max_query_len = T (> 1: unified
+        # attention; > SMALL_Q_MAX: both its tile launches, each program picking by q_len on the
+        # device). Real lengths are read from the buffers on the device.
         return AttentionMetadata(
-            slot_mapping=buf.slot_mapping.gpu[:b], query_start_loc=buf.query_start_loc.gpu[: b + 1],
-            seq_lens=buf.seq_lens.gpu[:b], block_tables=buf.block_tables.gpu[:b],
-            max_query_len=1, max_seq_len=max_len, query_start_loc_cpu=[], seq_lens_cpu=[max_len] * b,
+            slot_mapping=buf.slot_mapping.gpu[:t], query_start_loc=buf.query_start_loc.gpu[: s + 1],
+            seq_lens=buf.seq_lens.gpu[:s], block_tables=buf.block_tables.gpu[:s],
+            max_query_len=1 if shape.decode else max(t, 2), max_seq_len=max_len,
+            query_start_loc_cpu=[], seq_lens_cpu=[max_len] * s,
         )
 
     def release(self) -> None:
@@ -76,16 +78,19 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         buf = self.buffers
-        buf.slot_mapping.gpu.fill_(-1)  # capture-time lanes store nothing and read nothing
+        # capture-time lanes store nothing and read nothing: no queries, length 0, slot -1
+        buf.slot_mapping.gpu.fill_(-1)
         buf.seq_lens.gpu.zero_()
+        buf.query_start_loc.gpu.zero_()
+        buf.logits_indices.gpu.zero_()
         pool = None
-        for b in reversed(self.sizes):  # largest first so smaller graphs reuse its pool
-            meta = self._metadata(b)
-            self.forward(b, meta)  # warm-up: compiles kernels outside the capture
+        for shape in self.ladder.shapes():  # largest first so smaller graphs reuse its pool
+            meta = self._metadata(shape)
+            self.forward(shape, meta)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.forward(b, meta)
+                logits = self.forward(shape, meta)
             pool = graph.pool() if pool is None else pool
-            self.graphs[b] = CapturedGraph(b, graph, logits)
+            self.graphs[shape] = CapturedGraph(shape, graph, logits)
         torch.cuda.synchronize()

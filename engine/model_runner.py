@@ -11,8 +11,9 @@ import torch
 
 from engine.attention import AttentionMetadata, get_backend
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import StepGraphs
 from engine.distributed import SINGLE, TensorParallel
+from engine.graph_shapes import GraphLadder, GraphShape
 from engine.input_buffers import InputBuffers
 from engine.loader import load_weights
 from engine.models.registry import get_model_class
@@ -90,7 +91,7 @@ class ModelRunner:
         self.num_kv_heads = self.mc.num_key_value_heads // tp.size
         self.kv_cache: torch.Tensor | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         # the last step's sampled ids on the device, and each sampling sequence's row in them:
         # placeholder tokens of the next step are gathered from here without a host round trip
         self._prev_sampled: torch.Tensor | None = None
@@ -159,13 +160,17 @@ class ModelRunner:
             cfg = self.config
             self.backend.reserve(cfg.max_num_seqs, self.mc.num_attention_heads // self.tp.size, self.mc.head_dim,
                                  self.device)
-            self.graphs = DecodeGraphs(self._decode_forward, self.buffers, cfg.max_num_seqs, cfg.max_model_len)
+            ladder = GraphLadder.build(cfg.max_num_seqs, cfg.max_graph_prefill_tokens, cfg.max_num_batched_tokens)
+            self.graphs = StepGraphs(self._graph_forward, self.buffers, ladder, cfg.max_model_len)
             self.graphs.capture()
 
-    def _decode_forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
-        """The model part of a decode step of b rows, read from the input buffers (graph capture)."""
-        hidden = self.model(self.buffers.input_ids.gpu[:b], self.buffers.positions.gpu[:b], self.kv_caches, meta,
-                            self.backend)
+    def _graph_forward(self, shape: GraphShape, meta: AttentionMetadata) -> torch.Tensor:
+        """The model part of a step of shape.num_tokens rows, read from the input buffers (graph
+        capture). A prefill graph runs the LM head only on the S rows of logits_indices."""
+        buf, t = self.buffers, shape.num_tokens
+        hidden = self.model(buf.input_ids.gpu[:t], buf.positions.gpu[:t], self.kv_caches, meta, self.backend)
+        if not shape.decode:
+            hidden = hidden.index_select(0, buf.logits_indices.gpu[: shape.num_seqs])  # [S, hidden]
         return self.model.compute_logits(hidden, gather=self.vocab_shard is None)
 
     def close(self) -> None:
@@ -186,10 +191,9 @@ class ModelRunner:
         self.buffers = InputBuffers(max_tokens, cfg.max_num_seqs, self.max_blocks_per_seq, self.device)
         self._table_rows: list[tuple[tuple[int, int] | None, int]] = [(None, 0)] * cfg.max_num_seqs
 
-    def prepare_inputs(self, out: SchedulerOutput, pad_to: int | None = None) -> ModelInputs:
+    def prepare_inputs(self, out: SchedulerOutput, pad: GraphShape | None = None) -> ModelInputs:
         """Write the step's inputs into the staging buffers (vectorised numpy) and copy them to
-        the device. `pad_to` pads a decode batch to a captured graph size: padded lanes get
-        slot -1 and length 0, so the kernels skip them."""
+        the device. `pad` pads the step to a captured graph's shape (engine/graph_shapes.py)."""
         buf, bs, seqs = self.buffers, self.block_size, out.seqs
         b = len(seqs)
         q_lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, b)
@@ -208,21 +212,19 @@ class ModelRunner:
             (t for s in seqs for t in s.token_ids), np.int64, num_tokens)
         seq_lens = starts + q_lens
         buf.seq_lens.np[:b] = seq_lens
-        n, rows = num_tokens, b
-        if pad_to is not None and pad_to > b:  # decode only: one token per sequence
-            n = rows = pad_to
-            buf.input_ids.np[b:n] = 0
-            buf.positions.np[b:n] = 0
-            buf.slot_mapping.np[b:n] = -1
-            buf.seq_lens.np[b:n] = 0
-            qsl[b + 1 : n + 1] = qsl[b]
         sample_rows = [i for i, s in enumerate(seqs) if s.sample]
-        buf.logits_indices.np[: len(sample_rows)] = qsl[1:][sample_rows] - 1
+        num_sampled = len(sample_rows)
+        buf.logits_indices.np[:num_sampled] = qsl[1:][sample_rows] - 1
+        n, rows, num_logits = num_tokens, b, num_sampled
+        if pad is not None:
+            self._pad(num_tokens, b, num_sampled, pad)
+            n, rows = pad.num_tokens, pad.num_seqs
+            num_logits = num_sampled if pad.decode else rows  # what the graph's LM head reads
         meta = AttentionMetadata(
             slot_mapping=buf.slot_mapping.copy(n),
             query_start_loc=buf.query_start_loc.copy(rows + 1),
             seq_lens=buf.seq_lens.copy(rows),
-            block_tables=self._copy_block_tables(b, rows, width),
+            block_tables=self._copy_block_tables(b, width, rows if pad is not None else None),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl[: rows + 1].tolist(),
@@ -232,9 +234,24 @@ class ModelRunner:
             input_ids=buf.input_ids.copy(n),
             positions=buf.positions.copy(n),
             meta=meta,
-            logits_indices=buf.logits_indices.copy(len(sample_rows)),
+            logits_indices=buf.logits_indices.copy(num_logits)[:num_sampled],
             sample_rows=sample_rows,
         )
+
+    def _pad(self, num_tokens: int, num_seqs: int, num_sampled: int, shape: GraphShape) -> None:
+        """Padding up to a graph's shape: tokens past the real ones store nothing (slot -1, at
+        position 0) and belong to no sequence; sequence rows past the real ones have no queries
+        and length 0, so the kernels skip them; padded LM-head rows read token 0."""
+        buf, t, s = self.buffers, shape.num_tokens, shape.num_seqs
+        if num_tokens > t or num_seqs > s:
+            raise RuntimeError(f"a step of {num_tokens} tokens / {num_seqs} sequences does not fit graph {shape}")
+        buf.input_ids.np[num_tokens:t] = 0
+        buf.positions.np[num_tokens:t] = 0
+        buf.slot_mapping.np[num_tokens:t] = -1
+        buf.seq_lens.np[num_seqs:s] = 0
+        buf.query_start_loc.np[num_seqs + 1 : s + 1] = num_tokens
+        if not shape.decode:
+            buf.logits_indices.np[num_sampled:s] = 0
 
     def _fill_block_tables(self, seqs: list[ScheduledSequence]) -> np.ndarray:
         """Write block-table rows into staging, only the entries new since the same sequence last
@@ -250,11 +267,11 @@ class ModelRunner:
                 rows[i] = (key, len(table))
         return tables
 
-    def _copy_block_tables(self, b: int, rows: int, width: int) -> torch.Tensor:
+    def _copy_block_tables(self, b: int, width: int, padded_rows: int | None) -> torch.Tensor:
         table = self.buffers.block_tables.copy(b, width)
-        if rows == b:
-            return table
-        return self.buffers.block_tables.gpu[:rows]  # padded graph batch: the captured full width
+        # a graph reads its captured rows at full width: rows past b and columns past width are
+        # stale, but no kernel reads them (length-0 sequences; keys past seq_len)
+        return table if padded_rows is None else self.buffers.block_tables.gpu[:padded_rows]
 
     def execute_model(self, out: SchedulerOutput) -> list[int | None]:
         """Run one step; returns the sampled token per scheduled sequence (None: no sample)."""
@@ -264,15 +281,16 @@ class ModelRunner:
     def execute_model_async(self, out: SchedulerOutput) -> PendingSample:
         """Launch one step without waiting for it (on CUDA); `.result()` gives the ids."""
         graph = self.graphs.lookup(out) if self.graphs is not None else None
-        inputs = self.prepare_inputs(out, pad_to=graph.batch_size if graph else None)
+        inputs = self.prepare_inputs(out, pad=graph.shape if graph else None)
         self._fill_placeholders(out, inputs.input_ids)
-        if graph is not None:
-            logits = graph.replay()[: len(out.seqs)]
+        num_sampled = len(inputs.sample_rows)
+        if graph is not None:  # its logits rows follow logits_indices (decode: every row samples)
+            logits = graph.replay()[:num_sampled]
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
             logits = (self.model.compute_logits(hidden[inputs.logits_indices], gather=self.vocab_shard is None)
-                      if inputs.sample_rows else None)
-        sampled = self._sample(out, inputs.sample_rows, logits) if logits is not None else None
+                      if num_sampled else None)
+        sampled = self._sample(out, inputs.sample_rows, logits) if num_sampled else None
         self._prev_sampled = sampled
         self._prev_rows = {out.seqs[r].seq_no: i for i, r in enumerate(inputs.sample_rows)}
         return PendingSample(sampled if self.tp.rank == 0 else None, inputs.sample_rows, len(out.seqs))

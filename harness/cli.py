@@ -12,7 +12,7 @@
     llmbench gate --baseline reports/baselines/cpu_tiny.json --current reports/sweep-random
     llmbench gate --write-baseline reports/baselines/cpu_tiny.json --current reports/sweep
     llmbench bench            # the default job (nox -s bench)
-    llmbench studies throughput|tp-scaling|step-profile|latency ...    # harness/studies/
+    llmbench studies throughput|tp-scaling|step-profile|latency|ttft ...  # harness/studies/
     llmbench kernels bench-decode|bench-allreduce|compile-check ...    # harness/kernels/
     llmbench tokenizer save --model tiny --out DIR     # for GuideLLM's --processor and the like
 
@@ -51,6 +51,7 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
         "tp-scaling": ("harness.studies.tp_scaling", "TP=N / TP=1 throughput in fresh processes"),
         "step-profile": ("harness.studies.step_profile", "where a decode step's time goes (GPU)"),
         "latency": ("harness.studies.latency", "TPOT over batch x context against its floor, low-load TTFT"),
+        "ttft": ("harness.studies.ttft", "time to first token at low load, prefill graphs on and off"),
         "detokenize-cost": ("harness.studies.detokenize_cost", "LLM.generate with and without detokenization"),
     }),
     "kernels": ("kernel microbenchmarks and compile checks (harness/kernels/)", {

@@ -1,7 +1,8 @@
 """FlashAttention 4 backend (pip flash-attn-4, import flash_attn.cute; `llmbench[flash-attn]`):
 prefill and mixed steps run FA4's varlen kernel over the engine's paged cache; decode-only steps
-run this project's Triton split-K kernel, which measured faster for decode on an H200 and is what
-the decode CUDA graphs capture (FA4 never runs inside a capture).
+run this project's Triton split-K kernel, which measured faster for decode on an H200. Every
+CUDA graph (decode, and prefill/mixed steps up to max_graph_prefill_tokens) captures the Triton
+kernels: FA4 never runs inside a capture, so it serves the eager steps, the large prefills.
 
 How the engine's metadata maps onto flash_attn_varlen_func (flash_attn/cute/interface.py,
 4.0.0b36):
@@ -82,7 +83,11 @@ class FlashAttention:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
-        if meta.is_decode_only:
+        # Inside a CUDA graph capture (decode graphs, and the small prefill/mixed steps that
+        # engine/graph_shapes.py pads to a graph) the Triton kernels run: their grids are fixed by
+        # the padded shapes, and FA4 is not known to be capturable. FA4 runs the eager steps,
+        # the large prefills where it wins.
+        if meta.is_decode_only or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
             return self._decode.forward(q, k, v, k_cache, v_cache, meta, scale)
         if k is not None:
             store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, check=not self._checked)

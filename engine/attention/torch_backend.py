@@ -44,7 +44,8 @@ def paged_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: flo
 def paged_attention_batched(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The same attention as `paged_attention_ref` in one masked SDPA call over padded
     sequences (every sequence's blocks gathered at once): the CPU engine path, where a Python
-    loop over sequences and layers would dominate the step."""
+    loop over sequences and layers would dominate the step. Rows of q past query_start_loc[-1]
+    (padding of a graph-shaped step) belong to no sequence: their output is zero."""
     qsl, lens, dev = meta.query_start_loc_cpu, meta.seq_lens, q.device
     b = len(qsl) - 1
     q_lens = torch.tensor([qsl[i + 1] - qsl[i] for i in range(b)], device=dev)
@@ -53,16 +54,17 @@ def paged_attention_batched(q, k_cache, v_cache, meta: AttentionMetadata, scale:
     k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, max_blocks * bs, D]
     v = v_cache[tables].flatten(1, 2).transpose(1, 2)
     seq_of_tok = torch.repeat_interleave(torch.arange(b, device=dev), q_lens)
-    row_of_tok = torch.arange(q.shape[0], device=dev) - torch.tensor(qsl[:-1], device=dev)[seq_of_tok]
+    row_of_tok = torch.arange(qsl[-1], device=dev) - torch.tensor(qsl[:-1], device=dev)[seq_of_tok]
     padded = q.new_zeros(b, max_q, *q.shape[1:])
-    padded[seq_of_tok, row_of_tok] = q
+    padded[seq_of_tok, row_of_tok] = q[: qsl[-1]]
     q_pos = (lens.long() - q_lens)[:, None] + torch.arange(max_q, device=dev)[None, :]  # [B, max_q]
     keys = torch.arange(k.shape[2], device=dev)
     visible = keys[None, None, :] <= q_pos[:, :, None]  # causal; also hides keys past seq_len
     o = F.scaled_dot_product_attention(
         padded.transpose(1, 2), k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=True
     )  # [B, Hq, max_q, D]
-    return o.transpose(1, 2)[seq_of_tok, row_of_tok]
+    o = o.transpose(1, 2)[seq_of_tok, row_of_tok]
+    return o if o.shape[0] == q.shape[0] else torch.cat([o, o.new_zeros(q.shape[0] - o.shape[0], *o.shape[1:])])
 
 
 class TorchAttention:

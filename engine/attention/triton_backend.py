@@ -8,7 +8,9 @@ CUDA graphs: num_splits is a plain int from meta.num_seqs and meta.max_seq_len. 
 capturer must pass max_seq_len = max_model_len (and num_seqs = the padded bucket size) when it
 captures, so the captured split count suits any length the graph will replay with; the real
 lengths are read from meta.seq_lens on device. Call reserve() with the largest bucket before
-capturing so the scratch is not allocated inside a capture.
+capturing so the scratch is not allocated inside a capture. Prefill graphs (engine/graph_shapes.py)
+pass max_query_len = the padded token count T: the unified path, with both tile launches when
+T > SMALL_Q_MAX (each program then keeps or skips its sequence by q_len on the device).
 """
 
 from __future__ import annotations

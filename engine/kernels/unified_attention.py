@@ -185,8 +185,11 @@ def unified_attention(
     query_start_loc[-1] (padding tokens) are left unwritten.
     When some sequence has more than SMALL_Q_MAX queries, two launches run over the same grid
     scheme: the 16-row tile for the short sequences and the 128-row tile for the long ones, so
-    decodes in a mixed batch do not pay 128-row dots. *_cfg override (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) for tuning."""
+    decodes in a mixed batch do not pay 128-row dots. Which launch serves a sequence is decided
+    on the device (q_len vs SMALL_Q_MAX), so a CUDA graph captured with max_query_len > SMALL_Q_MAX
+    serves any mix; grids depend only on T and the number of sequence rows, and sequence rows with
+    no queries (graph padding) exit at once. *_cfg override (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) for tuning."""
     if check:
         _check(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables)
         if not math.isfinite(scale) or max_query_len < 0:

@@ -47,6 +47,12 @@ def test_bad_device_or_dtype_is_a_value_error(kw, needle):
         EngineConfig(model="tiny", **kw)
 
 
+def test_prefill_graph_limit_must_not_be_negative():
+    with pytest.raises(ValueError, match="max_graph_prefill_tokens"):
+        EngineConfig(model="tiny", max_graph_prefill_tokens=-1)
+    assert EngineConfig(model="tiny", max_graph_prefill_tokens=0).max_graph_prefill_tokens == 0  # off
+
+
 def test_load_format(checkpoint_dirs):
     preset = EngineConfig(model="tiny", device="cpu")
     assert (preset.load_format, preset.is_preset) == ("dummy", True)

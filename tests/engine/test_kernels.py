@@ -192,6 +192,34 @@ def test_unified_attention(name, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("specs, num_tokens, num_seqs", [
+    ([(40, 1), (64, 30), (90, 10), (3, 3)], 64, 8),  # mixed + prefix hit: both tile launches
+    ([(40, 1), (17, 1), (9, 5)], 48, 6),  # all short, yet captured for up to 48 queries
+    ([(7, 7), (30, 1)], 16, 16),  # T <= SMALL_Q_MAX: the small tile alone
+])
+def test_unified_attention_padded_as_a_graph(specs, num_tokens, num_seqs, dtype, gen):
+    """A prefill CUDA graph's view of a step (engine/graph_shapes.py): T padded tokens that own
+    no sequence, S sequence rows of which the padded ones have no queries and length 0, block
+    tables read at full width with stale rows and columns, max_query_len = T. The real rows
+    match the reference; padded rows of out are not written."""
+    c = build_case(specs, 4, 2, 32, 16, dtype, gen)
+    m, t_real, b = c.meta, c.q.shape[0], len(specs)
+    store_kvcache(c.k, c.v, c.k_cache, c.v_cache, m.slot_mapping)
+    q = torch.cat([c.q, torch.randn(num_tokens - t_real, *c.q.shape[1:], generator=gen).to(DEVICE, c.q.dtype)])
+    qsl = torch.cat([m.query_start_loc, torch.full((num_seqs - b,), t_real, dtype=torch.int32, device=DEVICE)])
+    seq_lens = torch.cat([m.seq_lens, torch.zeros(num_seqs - b, dtype=torch.int32, device=DEVICE)])
+    stale = 1 << 20  # a block id far past the cache: reading it would fault or give garbage
+    tables = torch.full((num_seqs, m.block_tables.shape[1] + 4), stale, dtype=torch.int32, device=DEVICE)
+    tables[:b, : m.block_tables.shape[1]] = m.block_tables
+    for i, (seq_len, _) in enumerate(specs):  # stale entries also past each real table's end
+        tables[i, -(-seq_len // 16):] = stale
+    out = torch.full_like(q, float("nan"))
+    unified_attention(q, c.k_cache, c.v_cache, out, qsl, seq_lens, tables, num_tokens, 8192, c.scale)
+    assert_close(out[:t_real], reference(c), c.valid, dtype)
+    assert torch.isnan(out[t_real:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_unified_attention_tile_overrides(dtype, gen):
     """Tiles smaller than a block (16 < 32) and 32-row large tiles: same answer."""
     c = build_case([(40, 1), (70, 35), (33, 18)], 4, 2, 16, 32, dtype, gen)

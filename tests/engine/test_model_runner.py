@@ -1,6 +1,7 @@
 """ModelRunner.prepare_inputs on the CPU with the tiny preset: the step's tensors (positions,
 slot mapping from the block tables, query_start_loc, seq_lens, logits_indices), padding to a
-graph size, and block-table staging rows that are rewritten only where they changed.
+decode or prefill graph's shape, and block-table staging rows that are rewritten only where
+they changed.
 
 Expected values come from `reference_inputs`, a plain per-token loop over the scheduled
 sequences (the runner computes them vectorised)."""
@@ -10,8 +11,10 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine.config import EngineConfig
+from engine.graph_shapes import GraphShape
 from engine.model_runner import ModelInputs, ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -107,7 +110,7 @@ def test_random_steps_match_reference(runner):
 
 def test_decode_batch_padded_to_graph_size(runner):
     seqs = [scheduled(200 + i, [40 + i], 5 + i, [10 + i, 20 + i, 30 + i]) for i in range(3)]
-    inputs = runner.prepare_inputs(SchedulerOutput(seqs), pad_to=8)
+    inputs = runner.prepare_inputs(SchedulerOutput(seqs), pad=GraphShape(8, 8, decode=True))
     got, want = as_lists(inputs), reference_inputs(seqs)
     assert got["input_ids"][:3] == want["input_ids"] and len(got["input_ids"]) == 8
     assert got["positions"][:3] == want["positions"] and got["positions"][3:] == [0] * 5
@@ -125,9 +128,9 @@ def test_decode_batch_padded_to_graph_size(runner):
 
 def test_padding_not_applied_when_batch_is_full(runner):
     seqs = [scheduled(300 + i, [1], 3, [i + 1]) for i in range(4)]
-    inputs = runner.prepare_inputs(SchedulerOutput(seqs), pad_to=4)
+    inputs = runner.prepare_inputs(SchedulerOutput(seqs), pad=GraphShape(4, 4, decode=True))
     assert as_lists(inputs) == reference_inputs(seqs)
-    assert tuple(inputs.meta.block_tables.shape) == (4, 1)
+    assert tuple(inputs.meta.block_tables.shape) == (4, runner.max_blocks_per_seq)  # what the graph reads
 
 
 def test_block_table_rows_rewritten_only_where_new(runner):
@@ -161,3 +164,56 @@ def test_block_table_rewritten_after_preemption(runner):
     assert staged_row(runner, 0, 2) == [16, 17]
     assert as_lists(inputs)["slot_mapping"] == [64, 65, 66, 67, 68, 69]
     assert as_lists(inputs) == reference_inputs(seqs)
+
+
+def _mixed_step(seq_no: int) -> SchedulerOutput:
+    """A prompt crossing a block boundary, a decode, and a prefill chunk that does not sample."""
+    seqs = [scheduled(seq_no, [11, 12, 13, 14, 15, 16, 17], 0, [20, 21]),
+            scheduled(seq_no + 1, [21], 9, [22, 23, 24]),
+            scheduled(seq_no + 2, [31, 32, 33], 4, [25, 26], sample=False)]
+    return SchedulerOutput(seqs, num_prefill_tokens=10, num_decode_tokens=1)
+
+
+def test_prefill_step_padded_to_graph_shape(runner):
+    # a larger step first, so every padded entry below has a stale value to overwrite
+    runner.prepare_inputs(SchedulerOutput([scheduled(700 + i, list(range(1, 9)), 8, [i + 1, i + 9])
+                                           for i in range(MAX_SEQS)], num_prefill_tokens=64))
+    out = _mixed_step(710)
+    inputs = runner.prepare_inputs(out, pad=GraphShape(16, MAX_SEQS, decode=False))
+    got, want = as_lists(inputs), reference_inputs(out.seqs)
+    pad_tokens, pad_seqs = 16 - 11, MAX_SEQS - 3
+    assert got["input_ids"] == want["input_ids"] + [0] * pad_tokens
+    assert got["positions"] == want["positions"] + [0] * pad_tokens
+    assert got["slot_mapping"] == want["slot_mapping"] + [-1] * pad_tokens  # padding stores nothing
+    assert got["seq_lens"] == want["seq_lens"] + [0] * pad_seqs  # padded rows read nothing
+    assert got["query_start_loc"] == want["query_start_loc"] + [11] * pad_seqs  # ... and own no token
+    assert got["logits_indices"] == want["logits_indices"] == [6, 7]  # the rows sampled from
+    # the graph's LM head reads S rows: the padded ones point at token 0
+    assert runner.buffers.logits_indices.gpu[:MAX_SEQS].tolist() == [6, 7] + [0] * (MAX_SEQS - 2)
+    meta = inputs.meta
+    assert tuple(meta.block_tables.shape) == (MAX_SEQS, runner.max_blocks_per_seq)
+    assert [meta.block_tables[i, : len(s.block_table)].tolist() for i, s in enumerate(out.seqs)] == \
+        [s.block_table for s in out.seqs]
+
+
+def test_graph_shaped_forward_matches_eager(runner):
+    """The prefill graph's forward (padded tokens and rows, LM head on logits_indices) on the CPU
+    path: the same logits for the sampled rows and the same KV as the eager step, and padding
+    stores nothing."""
+    out = _mixed_step(720)
+    kv_before = runner.kv_cache.clone()
+    with torch.inference_mode():
+        inputs = runner.prepare_inputs(out)
+        hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta, runner.backend)
+        eager = runner.model.compute_logits(hidden[inputs.logits_indices])
+        kv_eager = runner.kv_cache.clone()
+        runner.kv_cache.copy_(kv_before)
+        shape = GraphShape(16, MAX_SEQS, decode=False)
+        inputs = runner.prepare_inputs(out, pad=shape)
+        logits = runner._graph_forward(shape, inputs.meta)
+    assert logits.shape[0] == MAX_SEQS
+    torch.testing.assert_close(logits[:2], eager, rtol=1e-5, atol=1e-5)
+    written = (kv_eager != kv_before).flatten(4).any(-1)  # [2, layers, blocks, block_size]
+    assert int(written.sum()) == 2 * runner.mc.num_hidden_layers * 11  # one slot per real token
+    torch.testing.assert_close(runner.kv_cache, kv_eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(runner.kv_cache[~written], kv_before[~written])  # padding wrote nowhere

@@ -181,3 +181,20 @@ def test_latency_on_a_gpu_times_the_graph_and_the_prefill_kernels(tmp_path):
     assert (points["gpu_ms"] < points["tpot_ms"]).all()  # the model part is inside the step
     result = json.loads((out / "latency.json").read_text())
     assert result["ttft"]["tiny"]["prefill_gpu_ms"] > 0 and result["kv_budget_bytes"]["tiny"] > 1e9
+
+
+def test_ttft_study_times_requests_and_takes_a_prefill_step_apart(tmp_path):
+    from harness.studies import ttft
+
+    out = tmp_path / "ttft.json"
+    assert ttft.main(["--model", "tiny", "--device", "cpu", "--input-len", "20", "--output-len", "3",
+                      "--num-prompts", "3", "--limits", "16,0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["max_graph_prefill_tokens"] for r in result["runs"]] == [16, 0]
+    for run in result["runs"]:
+        assert 0 < run["ttft_ms_p50"] <= run["ttft_ms_p90"] and run["tpot_ms_p50"] > 0
+        step = run["prefill_step"]
+        assert step["graphed"] is False  # no CUDA graphs on the CPU
+        assert step["gpu_kernels"] is None and step["aten_ops"] > 0
+        assert set(step["host_ms"]) == {"prepare_inputs", "model_forward", "sample"}
+        assert 0 < step["host_ms"]["model_forward"] < step["launch_ms"] <= step["launch_to_result_ms"]
