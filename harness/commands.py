@@ -17,7 +17,7 @@ from engine.config import parse_value
 from engine.config_args import UsageError, engine_kwargs, parse_pairs
 from harness.backends.base import ENGINE_BACKENDS
 from harness.metrics import Slos, check_percentiles
-from harness.run import BACKENDS, RunSpec
+from harness.run import BACKENDS, ENGINE_ARG_BACKENDS, RunSpec
 from harness.window import parse_bound
 from workloads.chat import conversations
 from workloads.spec import WorkloadSpec
@@ -64,7 +64,7 @@ def workload_spec(ns: argparse.Namespace) -> WorkloadSpec:
 
 def engine_args(ns: argparse.Namespace, backends: Sequence[str], model: str) -> dict[str, Any]:
     args = engine_kwargs(ns)  # the engine flags and --engine-arg pairs
-    if any(b in ENGINE_BACKENDS for b in backends):
+    if any(b in ENGINE_ARG_BACKENDS for b in backends):
         check_engine_args(args, model)
     return args
 
