@@ -77,8 +77,9 @@ def served_model_card(url: str) -> dict[str, Any]:
 def warm_up(url: str, model: str) -> None:
     """A few short requests first, as the in-process backend warms its engine: the first steps'
     lazy initialisation (and compilation on a GPU) stays out of the measured run. Their prompts
-    share no block with a generated workload's random ids, so no prefix-cache hit leaks in."""
-    warm = [TraceRequest(arrival_s=0.0, max_tokens=8, prompt_token_ids=list(range(1, 65)), ignore_eos=True,
+    share no block with a generated workload's random ids, so no prefix-cache hit leaks in, and
+    are short (24 tokens with the output) to fit a small max_model_len."""
+    warm = [TraceRequest(arrival_s=0.0, max_tokens=8, prompt_token_ids=list(range(1, 17)), ignore_eos=True,
                          request_id=f"warm-up-{i}") for i in range(4)]
     result = OpenAIBackend(url, model).run(warm, time.perf_counter(), ReplayOptions(timed=False, progress=False))
     errors = [r.error for r in result.requests if r.status != "ok"]
