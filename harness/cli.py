@@ -12,6 +12,7 @@
     llmbench gate --baseline reports/baselines/cpu_tiny.json --current reports/sweep-random
     llmbench gate --write-baseline reports/baselines/cpu_tiny.json --current reports/sweep
     llmbench bench            # the default job (nox -s bench)
+    llmbench flagship --model llama-3-8b --only bench,random --out reports/fl   # pieces append to one folder
     llmbench studies throughput|tp-scaling|step-profile ...            # harness/studies/
     llmbench kernels bench-decode|bench-allreduce|compile-check ...    # harness/kernels/
     llmbench tokenizer save --model tiny --out DIR     # for GuideLLM's --processor and the like
