@@ -40,12 +40,13 @@ separate device calls and be published once. A sweep already in DIR is refused u
 ``--redo`` (its rows and run folders are replaced). A sweep that fails (a server that does not
 start, an engine error) is reported in red, recorded as failed in flagship.json, and the piece
 goes on with its next sweep and exits 1. One H200, each piece under ~8 minutes by the estimate
-(`--estimate` prints these), from the repository root, run folder carried between calls:
+(`--estimate` prints these), from the repository root, the run folder carried from call to call
+(and, for the served sweeps, fastapi/uvicorn/prometheus_client on PYTHONPATH):
 
-    qwen3-0.6b (2 pieces, ~290 s and ~275 s):
+    qwen3-0.6b (2 pieces, ~280 s and ~265 s):
       PYTHONPATH=. python3 -m harness flagship --model qwen3-0.6b --only bench,random,random-bursty --out reports/flagship-h200-qwen3-0.6b
       PYTHONPATH=. python3 -m harness flagship --model qwen3-0.6b --only prefix,prefix-nocache,sharegpt-like,hf,served-bench,served-random --out reports/flagship-h200-qwen3-0.6b
-    llama-3-8b (4 pieces, ~270 s, ~325 s, ~330 s, ~180 s):
+    llama-3-8b (4 pieces, ~265 s, ~325 s, ~315 s, ~170 s):
       PYTHONPATH=. python3 -m harness flagship --model llama-3-8b --only bench,prefix,prefix-nocache --out reports/flagship-h200-llama-3-8b
       PYTHONPATH=. python3 -m harness flagship --model llama-3-8b --only random,random-bursty --out reports/flagship-h200-llama-3-8b
       PYTHONPATH=. python3 -m harness flagship --model llama-3-8b --only sharegpt-like,served-bench,served-random --out reports/flagship-h200-llama-3-8b
