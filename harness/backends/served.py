@@ -77,9 +77,11 @@ def served_model_card(url: str) -> dict[str, Any]:
 def warm_up(url: str, model: str) -> None:
     """A few short requests first, as the in-process backend warms its engine: the first steps'
     lazy initialisation (and compilation on a GPU) stays out of the measured run. Their prompts
-    share no block with a generated workload's random ids, so no prefix-cache hit leaks in, and
-    are short (24 tokens with the output) to fit a small max_model_len."""
-    warm = [TraceRequest(arrival_s=0.0, max_tokens=8, prompt_token_ids=list(range(1, 17)), ignore_eos=True,
+    share no block with a generated workload's random ids, so no prefix-cache hit leaks in; 64
+    tokens, as the engine's own warm-up, or fewer when the server's max_model_len is smaller."""
+    max_len = served_model_card(url).get("max_model_len") or 64 + 9
+    n = max(1, min(64, int(max_len) - 9))  # room for the 8 output tokens
+    warm = [TraceRequest(arrival_s=0.0, max_tokens=8, prompt_token_ids=list(range(1, n + 1)), ignore_eos=True,
                          request_id=f"warm-up-{i}") for i in range(4)]
     result = OpenAIBackend(url, model).run(warm, time.perf_counter(), ReplayOptions(timed=False, progress=False))
     errors = [r.error for r in result.requests if r.status != "ok"]
