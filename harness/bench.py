@@ -31,7 +31,7 @@ from rich.console import Console
 
 from harness.compare import load_runs, summary_table, write_html
 from harness.report import SWEEP_FILE
-from harness.studies.flagship import FLAGSHIP_KV_BLOCKS
+from harness.studies.flagship_plans import FLAGSHIP_KV_BLOCKS
 from harness.sweep import SweepSpec, run_sweep
 from workloads.spec import WorkloadSpec
 

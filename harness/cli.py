@@ -12,6 +12,7 @@
     llmbench gate --baseline reports/baselines/cpu_tiny.json --current reports/sweep-random
     llmbench gate --write-baseline reports/baselines/cpu_tiny.json --current reports/sweep
     llmbench bench            # the default job (nox -s bench)
+    llmbench flagship --model llama-3-8b --only bench,random --out reports/fl   # pieces append to one folder
     llmbench studies throughput|tp-scaling|step-profile|latency|ttft ...  # harness/studies/
     llmbench kernels bench-decode|bench-allreduce|compile-check ...    # harness/kernels/
     llmbench tokenizer save --model tiny --out DIR     # for GuideLLM's --processor and the like
@@ -186,14 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-telemetry", action="store_true")
     bench.add_argument("--no-progress", action="store_true")
     _add_engine_flags(bench)
-    fl = sub.add_parser("flagship", help="static vs continuous on a GPU over load, prefix caching, HF "
-                        "(harness/studies/flagship.py); --publish / --table for the committed copy")
+    fl = sub.add_parser("flagship", help="static vs continuous on a GPU over load, served beside in-process, "
+                        "per model, in pieces (harness/studies/flagship.py); --publish / --table")
+    fl.add_argument("--model", default="qwen3-0.6b", help="a model with a flagship plan: qwen3-0.6b, "
+                    "llama-3-8b, tiny (CPU dry run) (harness/studies/flagship_plans.py)")
+    fl.add_argument("--only", metavar="SWEEPS", help="comma-separated sweep labels (default: all): bench, random, "
+                    "random-bursty, prefix, prefix-nocache, sharegpt-like, hf, served-bench, served-random")
+    fl.add_argument("--out", metavar="DIR", help="the run folder, created or appended to (default: "
+                    "OUT_ROOT/flagship-<model>-<time>)")
+    fl.add_argument("--redo", action="store_true", help="run sweeps already in --out again (their rows replaced)")
+    fl.add_argument("--estimate", action="store_true", help="print each sweep's estimated seconds on an H200 and "
+                    "the plan's per-piece commands; run nothing")
+    fl.add_argument("--kv-blocks", type=int, help="override the plan's KV blocks (every engine backend)")
     fl.add_argument("--out-root", default="reports")
-    fl.add_argument("--no-hf", action="store_true", help="skip the HF transformers subset")
+    fl.add_argument("--no-hf", action="store_true", help="leave out the hf sweep (when --only is not given)")
     fl.add_argument("--no-telemetry", action="store_true")
     fl.add_argument("--no-progress", action="store_true")
     fl.add_argument("--publish", metavar="RUN_DIR", help="copy a finished run's small parts to --dest")
-    fl.add_argument("--dest", default="reports/flagship")
+    fl.add_argument("--dest", help="where --publish writes (default: reports/flagship/<the run's model>)")
     fl.add_argument("--table", metavar="SWEEP_PARQUET", help="print the headline table of a sweep.parquet")
     for name, (text, _) in GROUPS.items():
         sub.add_parser(name, help=text, add_help=False)

@@ -17,7 +17,7 @@ from engine.config import parse_value
 from engine.config_args import UsageError, engine_kwargs, parse_pairs
 from harness.backends.base import ENGINE_BACKENDS
 from harness.metrics import Slos, check_percentiles
-from harness.run import BACKENDS, RunSpec
+from harness.run import BACKENDS, ENGINE_ARG_BACKENDS, RunSpec
 from harness.window import parse_bound
 from workloads.chat import conversations
 from workloads.spec import WorkloadSpec
@@ -64,7 +64,7 @@ def workload_spec(ns: argparse.Namespace) -> WorkloadSpec:
 
 def engine_args(ns: argparse.Namespace, backends: Sequence[str], model: str) -> dict[str, Any]:
     args = engine_kwargs(ns)  # the engine flags and --engine-arg pairs
-    if any(b in ENGINE_BACKENDS for b in backends):
+    if any(b in ENGINE_ARG_BACKENDS for b in backends):
         check_engine_args(args, model)
     return args
 
@@ -316,33 +316,77 @@ def _gpu_gate_baseline() -> str:
 
 
 class FlagshipCommand:
+    """Validates everything before a model loads: the plan, the sweeps, the folder they append to."""
+
     def __init__(self, ns: argparse.Namespace):
+        from dataclasses import replace
+
+        from harness.studies import flagship
+        from harness.studies.flagship_plans import PLANS
+
         self.ns = ns
         if ns.publish and ns.table:
             raise UsageError("--publish and --table are separate steps: give one")
         for path in (ns.publish, ns.table):
             if path and not Path(path).exists():
                 raise UsageError(f"{path} does not exist")
+        if ns.publish or ns.table:
+            return
+        if ns.model not in PLANS:
+            raise UsageError(f"no flagship plan for {ns.model!r}; plans: {', '.join(PLANS)}")
+        self.plan = PLANS[ns.model]
+        if ns.kv_blocks is not None:
+            if ns.kv_blocks < 2:
+                raise UsageError(f"--kv-blocks must be >= 2, got {ns.kv_blocks}")
+            self.plan = replace(self.plan, kv_blocks=ns.kv_blocks)
+        self.labels = parse_list(ns.only, "--only") if ns.only else \
+            [x for x in flagship.SWEEPS if not (ns.no_hf and x == "hf")]
+        self.out = Path(ns.out) if ns.out else \
+            Path(ns.out_root) / time.strftime(f"flagship-{self.plan.model}-%Y%m%d-%H%M%S")
+        flagship.check_labels(self.labels)
+        if not ns.estimate:
+            flagship.check_selection(self.plan, self.out, self.labels, ns.redo)  # ValueError: exit 2
 
     def execute(self, console) -> int:
-        from harness.studies import flagship
+        from harness.studies import flagship, flagship_publish
 
         ns = self.ns
         if ns.table:
             import pandas as pd
 
             sweep = pd.read_parquet(ns.table)
-            console.print(flagship.headline_table(sweep), markup=False, soft_wrap=True)
-            console.print("\n".join(flagship.ratio_lines(sweep)), markup=False)
+            console.print(flagship_publish.headline_table(sweep), markup=False, soft_wrap=True)
+            console.print("\n".join(flagship_publish.ratio_lines(sweep)), markup=False)
             return 0
         if ns.publish:
-            console.print(f"published: {flagship.publish(ns.publish, ns.dest)}")
+            console.print(f"published: {flagship_publish.publish(ns.publish, ns.dest)}")
+            return 0
+        if ns.estimate:
+            console.print("\n".join(flagship.estimate_lines(self.plan, self.labels, self.out)), markup=False,
+                          soft_wrap=True)
             return 0
         from harness.run import auto_bandwidth
 
-        flagship.run_flagship(ns.out_root, hf=not ns.no_hf, telemetry=not ns.no_telemetry,
-                              progress=not ns.no_progress, bandwidth_bytes_per_s=auto_bandwidth({}))
-        return 0
+        failed = flagship.run_flagship(self.plan, self.out, self.labels, ns.redo, console,
+                                       telemetry=not ns.no_telemetry, progress=not ns.no_progress,
+                                       bandwidth_bytes_per_s=auto_bandwidth(self.plan.engine_args))
+        return _report_flagship(console, self.out, failed)
+
+
+def _report_flagship(console, out: Path, failed: list[str]) -> int:
+    """The accounting of the whole folder; 1 if a sweep failed or any request was not ok."""
+    import pandas as pd
+
+    from harness.report import SWEEP_FILE
+    from harness.studies.flagship_publish import accounting_lines
+
+    sweep = pd.read_parquet(out / SWEEP_FILE) if (out / SWEEP_FILE).exists() else None
+    console.print("\n".join(accounting_lines(sweep)) if sweep is not None else "no run finished", markup=False)
+    if failed:
+        console.print(f"[bold red]failed sweeps[/]: {', '.join(failed)} (see {out / 'flagship.json'})")
+    console.print(f"flagship folder: {out}")
+    not_ok = sweep is not None and bool((sweep["num_ok"] != sweep["num_requests"]).any())
+    return 1 if failed or not_ok else 0
 
 
 COMMANDS = {"run": RunCommand, "sweep": SweepCommand, "compare": CompareCommand, "gate": GateCommand,

@@ -9,7 +9,9 @@ Kinds:
     offline   one point, every request at t=0 (max throughput)
     fixed     the given ``rates`` (requests/s), in order
     sweep     offline first, then ``fractions`` of the request throughput it measured (> 1:
-              arrivals faster than the engine can serve, to show queueing)
+              arrivals faster than the engine can serve, to show queueing); with ``base_rate``,
+              fractions of that rate instead (another sweep's offline rate: a later sweep then
+              runs at exactly the earlier one's rates, under the same labels)
 
 Point labels are stable across machines ("offline", "rate-2", "x0.5"), so a gate can name a
 point even when the measured rates differ.
@@ -47,13 +49,15 @@ def fixed(rates: Sequence[float] = (1.0,)) -> Profile:
         yield RatePoint("offline" if math.isinf(rate) else f"rate-{rate:g}", float(rate))
 
 
-def sweep(fractions: Sequence[float] = (0.25, 0.5, 0.75)) -> Profile:
+def sweep(fractions: Sequence[float] = (0.25, 0.5, 0.75), base_rate: float | None = None) -> Profile:
     fractions = list(fractions) if isinstance(fractions, (list, tuple)) else [fractions]
     # fractions above 1 ask for more than the offline rate: past saturation, queues must grow
     if not fractions or any(not (isinstance(f, (int, float)) and 0 < f <= MAX_FRACTION) for f in fractions):
         raise ValueError(f"sweep profile: fractions must be numbers in (0, {MAX_FRACTION:g}], got {fractions}")
+    if base_rate is not None and not (isinstance(base_rate, (int, float)) and 0 < base_rate < math.inf):
+        raise ValueError(f"sweep profile: base_rate must be a finite number > 0 requests/s, got {base_rate}")
     summary = yield RatePoint("offline", math.inf)
-    max_rate = (summary or {}).get("request_throughput")
+    max_rate = base_rate or (summary or {}).get("request_throughput")
     if not max_rate:  # nothing finished offline: no rate to take fractions of
         return
     for f in fractions:

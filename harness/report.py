@@ -44,6 +44,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from harness.metrics import (
@@ -338,6 +339,23 @@ def append_sweep_summary(sweep_dir: str | Path, summary_row: Mapping[str, Any]) 
     old = pq.read_table(path) if path.exists() else None
     new = _row_table(summary_row, old.schema if old is not None else None)
     table = new if old is None else pa.concat_tables([old, new], promote_options="permissive")
+    return _write_sweep(table, path)
+
+
+def drop_sweep_rows(sweep_dir: str | Path, run_dirs: Iterable[str]) -> int:
+    """Remove the rows of these run folders from sweep_dir/sweep.parquet (a sweep run again in
+    place); returns how many went. The run folders themselves are the caller's."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    if not path.exists():
+        return 0
+    table = pq.read_table(path)
+    gone = pc.is_in(table["run_dir"], value_set=pa.array(list(run_dirs), pa.string()))
+    kept = table.filter(pc.invert(gone))
+    _write_sweep(kept, path)
+    return table.num_rows - kept.num_rows
+
+
+def _write_sweep(table: pa.Table, path: Path) -> pd.DataFrame:
     _write(table, path, {"schema_version": SCHEMA_VERSION, "definitions": METRIC_DEFINITIONS})
     frame = table.to_pandas()
     from harness.exports import SWEEP_CSV, write_csv

@@ -5,8 +5,10 @@
 
 Backends by name (BACKENDS): engine (continuous batching), static (the static-batching
 baseline on the same engine), hf (transformers generate), openai (any OpenAI-compatible
-endpoint; backend_args base_url=..., the model name is sent as is). Each run gets a fresh
-backend: no prefix cache or allocator state leaks from one run into the next.
+endpoint; backend_args base_url=..., the model name is sent as is), served (this engine behind
+its own server, started for the run with the same model and engine_args, through the openai
+backend: harness/backends/served.py). Each run gets a fresh backend: no prefix cache or
+allocator state leaks from one run into the next.
 
 The report config (Parquet metadata) holds the backend, model, the engine's config fields,
 the workload spec, replay options, telemetry status and any labels the caller adds (a sweep
@@ -62,8 +64,16 @@ def _openai(model: str, engine_args: dict, **kw: Any) -> Backend:
     return OpenAIBackend(model=model, **kw)
 
 
+def _served(model: str, engine_args: dict, **kw: Any) -> Backend:
+    from harness.backends.served import ServedBackend
+
+    return ServedBackend(model, engine_args, **kw)
+
+
 BACKENDS: dict[str, Callable[..., Backend]] = {
-    **{name: _engine_backend(name) for name in ENGINE_BACKENDS}, "hf": _hf, "openai": _openai}
+    **{name: _engine_backend(name) for name in ENGINE_BACKENDS}, "hf": _hf, "openai": _openai, "served": _served}
+# Backends that run this engine (in process, or behind its own server): they take engine_args.
+ENGINE_ARG_BACKENDS = (*ENGINE_BACKENDS, "served")
 
 
 def check_backend(name: str) -> None:
@@ -93,12 +103,14 @@ def backend_options(name: str, args: dict[str, Any], strict: bool = True) -> dic
         from harness.backends.engine import EngineBackend as cls
     elif name == "hf":
         from harness.backends.hf import HFBackend as cls
+    elif name == "served":
+        from harness.backends.served import ServedBackend as cls
     else:
         try:
             from harness.backends.openai import OpenAIBackend as cls
         except ImportError as e:
             raise ValueError(f"the openai backend is unavailable: {e}") from None
-    params = {k: v for k, v in inspect.signature(cls).parameters.items() if k not in ("model", "name")}
+    params = {k: v for k, v in inspect.signature(cls).parameters.items() if k not in ("model", "name", "engine_args")}
     missing = [k for k, v in params.items() if v.default is v.empty and v.kind is v.POSITIONAL_OR_KEYWORD
                and k not in args]
     if missing:
@@ -191,8 +203,8 @@ class RunSpec(RunSettings):
         check_backend(self.backend)
 
     def gpu_indices(self) -> list[int]:
-        """NVML indices to sample: one per tensor-parallel rank of an in-process engine."""
-        tp = self.engine_args.get("tensor_parallel_size", 1) if self.backend in ENGINE_BACKENDS else 1
+        """NVML indices to sample: one per tensor-parallel rank of this engine (in process or served)."""
+        tp = self.engine_args.get("tensor_parallel_size", 1) if self.backend in ENGINE_ARG_BACKENDS else 1
         return list(range(tp))
 
 
@@ -210,7 +222,7 @@ def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None =
         rate = spec.workload.rate
         options = ReplayOptions(timed=rate is None or math.isfinite(rate), max_concurrency=spec.max_concurrency,
                                 progress=spec.progress, duration_s=spec.duration_s)
-        scraper = _scraper(spec)
+        scraper = _scraper(spec, backend)
         result = replay(backend, requests, options, telemetry=spec.telemetry, gpu_indices=spec.gpu_indices(),
                         scraper=scraper)
         flag_window(result.run.requests, spec.warmup, spec.cooldown)
@@ -220,7 +232,7 @@ def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None =
             backend.close()
     del backend  # the last reference here: its device memory can go before the next run builds one
     if owned:
-        _free_device_memory()
+        free_device_memory()
     config = {"backend": spec.backend, "model": spec.model, "workload": spec.workload.describe(),
               "options": dataclasses.asdict(options), "engine_args": spec.engine_args,
               "backend_args": spec.backend_args, "backend_info": result.run.info,
@@ -235,16 +247,20 @@ def run_once(spec: RunSpec, out_dir: str | Path, labels: dict[str, Any] | None =
     return report.summary_row()
 
 
-def _scraper(spec: RunSpec):
-    """A /metrics scraper of the server an openai run talks to (None: another backend, or off)."""
-    if spec.backend != "openai" or spec.scrape_interval_s is None or "base_url" not in spec.backend_args:
+def _scraper(spec: RunSpec, backend: Backend):
+    """A /metrics scraper of the server an openai or served run talks to (None: another
+    backend, or off)."""
+    url = spec.backend_args.get("base_url") if spec.backend == "openai" else getattr(backend, "base_url", None)
+    if spec.backend not in ("openai", "served") or spec.scrape_interval_s is None or url is None:
         return None
     from harness.scrape import MetricsScraper
 
-    return MetricsScraper(spec.backend_args["base_url"], 0.0, spec.scrape_interval_s)
+    return MetricsScraper(url, 0.0, spec.scrape_interval_s)
 
 
-def _free_device_memory() -> None:
+def free_device_memory() -> None:
+    """Return what the caching allocator holds to the device (a server process on the same GPU
+    may need it next)."""
     gc.collect()
     torch = sys.modules.get("torch")  # never import torch just for this (openai runs)
     if torch is not None and torch.cuda.is_available():

@@ -35,11 +35,11 @@ import math
 import signal
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from engine.config_args import parse_pairs
+from harness.backends.served import log_tail, served_model_card, server_flags, warm_up
 from harness.loadtest import (
     LOCUSTFILE,
     LOOPBACK,
@@ -63,12 +63,6 @@ CLIENTS = ("openai", "locust")
 
 
 # ---- arguments ------------------------------------------------------------------------------
-def server_flags(engine_arg_pairs: list[str]) -> list[str]:
-    """The --engine-arg pairs as the server's own `--engine-arg` flags: one parser reads them on
-    both sides (engine/config_args.py)."""
-    return [f"--engine-arg={pair}" for pair in engine_arg_pairs]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="preset or checkpoint dir (default: tiny)")
     p.add_argument("--workload", default="bench", help="generator name (default: bench)")
@@ -96,18 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- the served side ------------------------------------------------------------------------
-def served_model_card(url: str) -> dict[str, Any]:
-    """The server's /v1/models card: how it serves (our server adds `engine` and
-    `stream_interval`; other servers may not, and then those stay unknown)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as resp:
-            return json.loads(resp.read())["data"][0]
-    except (OSError, ValueError, KeyError, IndexError):
-        return {}
-
-
 def _served_openai(args: argparse.Namespace, url: str, workload: WorkloadSpec, requests: list,
                    engine_args: dict[str, Any], run_dir: Path, labels: dict[str, Any]) -> dict[str, Any]:
     spec = RunSpec(backend="openai", workload=workload, model=args.model, max_concurrency=args.max_concurrency,
@@ -138,22 +120,6 @@ def _served_locust(args: argparse.Namespace, url: str, requests: list, run_dir: 
     return write_report(run_dir, records, [], [], config).summary_row()
 
 
-def _warm_up(url: str, model: str) -> None:
-    """A few short requests first, as the in-process backend warms its engine: the first steps'
-    lazy initialisation (and compilation on a GPU) stays out of the measured run. Their prompts
-    share no block with a generated workload's random ids, so no prefix-cache hit leaks in."""
-    from harness.backends.base import ReplayOptions
-    from harness.backends.openai import OpenAIBackend
-    from workloads.trace import TraceRequest
-
-    warm = [TraceRequest(arrival_s=0.0, max_tokens=8, prompt_token_ids=list(range(1, 65)), ignore_eos=True,
-                         request_id=f"warm-up-{i}") for i in range(4)]
-    result = OpenAIBackend(url, model).run(warm, time.perf_counter(), ReplayOptions(timed=False, progress=False))
-    errors = [r.error for r in result.requests if r.status != "ok"]
-    if errors:
-        raise RuntimeError(f"the server failed its warm-up requests: {errors[0]}")
-
-
 def _run_dir(out: Path, workload: WorkloadSpec, side: str, i: int, repeat: int) -> Path:
     return out / (f"{workload.name}-{side}" if repeat == 1 else f"{workload.name}-{side}-{i + 1}")
 
@@ -181,7 +147,7 @@ def run_served(args: argparse.Namespace, workload: WorkloadSpec, request_sets: l
     summaries = []
     try:
         wait_healthy(url, proc, args.startup_timeout)
-        _warm_up(url, args.model)
+        warm_up(url, args.model)
         for i in range(args.repeat):
             run_dir = _run_dir(out, workload, "served", i, args.repeat)
             labels = _labels(workload, f"served-{args.client}", run_dir.name, args.model)
@@ -282,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             served, facts = run_served(args, workload, requests, engine_args, out)
         except (RuntimeError, TimeoutError) as e:  # the server did not start or serve
-            log = (out / "server.log").read_text(errors="replace").strip().splitlines()[-5:]
-            print(f"error: {e}; the end of {out}/server.log:", *log, sep="\n  ", file=sys.stderr)
+            print(f"error: {e}; the end of {out}/server.log:\n{log_tail(out / 'server.log', 5)}", file=sys.stderr)
             return 1
         local = run_in_process(args, workload, requests, engine_args, out)
     result = served_result(args, served, local, facts, engine_args)

@@ -29,6 +29,7 @@ from harness.run import (
     RunSettings,
     RunSpec,
     check_backend,
+    free_device_memory,
     make_backend,
     model_vocab_size,
     run_once,
@@ -82,6 +83,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, console: Console | None = No
     finally:
         for backend in kept.values():
             backend.close()
+        if kept:
+            kept.clear()
+            free_device_memory()  # the next sweep's engines, or a server process, get the memory
     return pd.read_parquet(out_dir / SWEEP_FILE)
 
 

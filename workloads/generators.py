@@ -9,6 +9,8 @@ Kinds:
     random        vLLM's random dataset: lengths uniform in [len*(1-r), len*(1+r)]
     prefix        groups of requests sharing a random prefix (exercises the prefix cache)
     long-context  a few long prompts (4k-16k tokens) with short outputs
+    sharegpt-like random ids with ShareGPT's prompt/output length distribution (lognormal,
+                  no dataset file needed; see sharegpt_like)
     smoke         a handful of short text prompts with greedy sampling (CPU smoke tests)
 
 Every generator takes ``rate`` (requests/s, ``inf`` = all arrive at t=0) and ``burstiness``
@@ -165,6 +167,59 @@ def long_context(num_prompts: int = 8, min_input_len: int = 4096, max_input_len:
     return assign_arrivals(requests, rate, burstiness, seed)
 
 
+# ShareGPT-like lengths. Means: vLLM's `vllm bench serve` on ShareGPT_Vicuna_unfiltered, Llama-3.1-8B
+# tokenizer, 1000 requests, reported 229,711 input and 203,068 output tokens (vllm-project/vllm
+# PR #18566): 229.7 and 203.1 a request after vLLM's ShareGPT filter (prompt and output >= 4
+# tokens, prompt <= 1024, prompt + output <= 2048). The spread is our choice, not a fit: sigma 1.0
+# (ShareGPT's lengths are heavy-tailed: many short turns, a few pasted documents). The medians
+# (171, 130) make the filtered means match: 229.5 and 203.8 over 200,000 draws.
+SHAREGPT_MEDIANS = (171.0, 130.0)  # (prompt, output) tokens
+SHAREGPT_SIGMA = 1.0
+SHAREGPT_MIN_LEN = 4
+
+
+def sharegpt_like_lengths(num_prompts: int, rng: random.Random, input_median: float = SHAREGPT_MEDIANS[0],
+                          output_median: float = SHAREGPT_MEDIANS[1], sigma: float = SHAREGPT_SIGMA,
+                          max_prompt_len: int = 1024, max_total_len: int = 2048) -> list[tuple[int, int]]:
+    """(prompt, output) lengths: lognormal draws, redrawn until they pass vLLM's ShareGPT filter
+    (both >= 4, prompt <= max_prompt_len, prompt + output <= max_total_len)."""
+    if not (input_median > 0 and output_median > 0 and sigma > 0):
+        raise ValueError(f"sharegpt-like: medians and sigma must be > 0, got {input_median}, {output_median}, {sigma}")
+    _check_range("sharegpt-like max_prompt_len", SHAREGPT_MIN_LEN, max_prompt_len)
+    _check_range("sharegpt-like max_total_len", 2 * SHAREGPT_MIN_LEN, max_total_len)
+    out: list[tuple[int, int]] = []
+    mu_in, mu_out = math.log(input_median), math.log(output_median)
+    tries = 100 * num_prompts + 1000  # the filter keeps ~97% of draws with the defaults
+    while len(out) < num_prompts and tries:
+        tries -= 1
+        n_in, n_out = round(rng.lognormvariate(mu_in, sigma)), round(rng.lognormvariate(mu_out, sigma))
+        if min(n_in, n_out) >= SHAREGPT_MIN_LEN and n_in <= max_prompt_len and n_in + n_out <= max_total_len:
+            out.append((n_in, n_out))
+    if len(out) < num_prompts:
+        raise ValueError(f"sharegpt-like: medians {input_median}/{output_median} rarely fit max_prompt_len="
+                         f"{max_prompt_len}, max_total_len={max_total_len}; raise the limits or lower the medians")
+    return out
+
+
+def sharegpt_like(num_prompts: int = 256, input_median: float = SHAREGPT_MEDIANS[0],
+                  output_median: float = SHAREGPT_MEDIANS[1], sigma: float = SHAREGPT_SIGMA,
+                  max_prompt_len: int = 1024, max_total_len: int = 2048, vocab_size: int = 32000,
+                  seed: int = 0, rate: float = math.inf, burstiness: float = 1.0) -> list[TraceRequest]:
+    """A stand-in for vLLM's ShareGPT benchmark without the file: random ids, lengths from
+    sharegpt_like_lengths (no request is longer than max_total_len), and ignore_eos so outputs
+    have the drawn length, as vLLM's ShareGPT runs fix them to the dataset's answers."""
+    _check_vocab(vocab_size)
+    rng = random.Random(seed)
+    lengths = sharegpt_like_lengths(num_prompts, rng, input_median, output_median, sigma, max_prompt_len,
+                                    max_total_len)
+    requests = []
+    for i, (n_in, n_out) in enumerate(lengths):
+        ids = [rng.randrange(vocab_size) for _ in range(n_in)]
+        requests.append(TraceRequest(arrival_s=0.0, max_tokens=n_out, prompt_token_ids=ids,
+                                     request_id=f"sharegpt-like-{i:05d}", ignore_eos=True))
+    return assign_arrivals(requests, rate, burstiness, seed)
+
+
 _SMOKE_SUBJECTS = ("The engine", "A paged cache", "The scheduler", "Every request", "A small model",
                    "The benchmark", "Our harness", "The GPU")
 _SMOKE_VERBS = ("streams", "batches", "measures", "stores", "explains", "prefers", "counts", "reports")
@@ -190,6 +245,7 @@ GENERATORS: dict[str, Callable[..., list[TraceRequest]]] = {
     "random": random_dataset,
     "prefix": prefix,
     "long-context": long_context,
+    "sharegpt-like": sharegpt_like,
     "smoke": smoke,
 }
 

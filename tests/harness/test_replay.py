@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from harness.backends.base import ReplayOptions, RunResult
 from harness.backends.engine import EngineBackend
 from harness.backends.hf import HFBackend
-from harness.profiles import make_profile
+from harness.profiles import RatePoint, make_profile
 from harness.records import RequestRecord
 from harness.replay import replay
 from harness.report import load_report
@@ -211,6 +211,16 @@ def test_sweep_profile_takes_fractions_of_the_measured_rate():
         profile.send({})
     with pytest.raises(ValueError, match="valid profiles"):
         make_profile("ramp")
+
+
+def test_sweep_profile_with_a_base_rate_ignores_the_measured_one():
+    profile = make_profile("sweep", fractions=[1.0, 2.0], base_rate=3.0)
+    assert next(profile).label == "offline"
+    assert [profile.send({"request_throughput": 100.0}), profile.send({})] == [
+        RatePoint("x1", 3.0), RatePoint("x2", 6.0)]
+    for bad in (0, math.inf, "fast"):
+        with pytest.raises(ValueError, match="base_rate"):
+            make_profile("sweep", base_rate=bad)
 
 
 def test_sweep_reusing_backends_resets_the_prefix_cache(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from harness.served import main, server_flags
+from harness.backends.served import engine_arg_flags, server_flags
+from harness.served import main
 
 TINY_BENCH = ["--param", "num_seqs=6", "--param", "min_input_len=8", "--param", "max_input_len=32",
               "--param", "min_output_len=8", "--param", "max_output_len=16"]
@@ -20,6 +21,11 @@ def test_server_flags_pass_the_pairs_to_the_servers_own_parser():
     config = engine_config(build_parser().parse_args(server_flags(pairs)))
     assert (config.max_num_seqs, config.enforce_eager, config.enable_prefix_caching, config.dtype) == (
         8, True, False, "float32")
+    # the served backend's engine_args dict reads back the same way (values as JSON)
+    config = engine_config(build_parser().parse_args(engine_arg_flags(
+        {"max_num_seqs": 8, "enforce_eager": True, "num_kv_blocks": 48, "dtype": "float32", "max_model_len": 512})))
+    assert (config.max_num_seqs, config.enforce_eager, config.num_kv_blocks, config.dtype, config.max_model_len) == (
+        8, True, 48, "float32", 512)
 
 
 def test_repeats_of_a_generator_get_their_own_seeds():

@@ -22,6 +22,7 @@ from workloads.generators import (
     assign_arrivals,
     bench,
     generate,
+    sharegpt_like_lengths,
 )
 from workloads.trace import TraceError, TraceRequest, load_trace, save_trace, with_request_ids
 
@@ -130,6 +131,31 @@ def test_prefix_groups_share_prefixes():
 def test_long_context_lengths():
     reqs = generate("long-context", num_prompts=3, min_input_len=4096, max_input_len=8192, output_len=16)
     assert len(reqs) == 3 and all(4096 <= len(r.prompt_token_ids) <= 8192 for r in reqs)
+
+
+def test_sharegpt_like_lengths_follow_the_documented_means_and_vllms_filter():
+    lengths = sharegpt_like_lengths(20_000, random.Random(3))
+    ins, outs = [i for i, _ in lengths], [o for _, o in lengths]
+    # vLLM's ShareGPT figures (229.7 prompt, 203.1 output tokens a request), within sampling noise
+    assert statistics.mean(ins) == pytest.approx(229.7, rel=0.04)
+    assert statistics.mean(outs) == pytest.approx(203.1, rel=0.04)
+    assert statistics.median(ins) < statistics.mean(ins)  # heavy right tail
+    assert min(ins) >= 4 and min(outs) >= 4 and max(ins) <= 1024 and max(i + o for i, o in lengths) <= 2048
+    assert max(i + o for i, o in lengths) > 1500  # the tail reaches the filter's cap
+
+
+def test_sharegpt_like_requests():
+    reqs = generate("sharegpt-like", num_prompts=50, vocab_size=100, seed=4, rate=10.0)
+    assert reqs == generate("sharegpt-like", num_prompts=50, vocab_size=100, seed=4, rate=10.0)
+    assert [(len(r.prompt_token_ids), r.max_tokens) for r in reqs] == sharegpt_like_lengths(50, random.Random(4))
+    assert all(r.ignore_eos and 0 <= min(r.prompt_token_ids) and max(r.prompt_token_ids) < 100 for r in reqs)
+    assert reqs[-1].arrival_s > 0
+    with pytest.raises(ValueError, match="sigma"):
+        generate("sharegpt-like", sigma=0)
+    small = generate("sharegpt-like", num_prompts=200, input_median=16, output_median=8, max_total_len=48)
+    assert max(len(r.prompt_token_ids) + r.max_tokens for r in small) <= 48
+    with pytest.raises(ValueError, match="rarely fit"):
+        generate("sharegpt-like", num_prompts=5, input_median=5000, max_total_len=64)
 
 
 def test_generate_rejects_unknown_kind_and_parameter():
