@@ -69,6 +69,9 @@ class EngineConfig:
     static_reservation: str = "max_tokens"  # static policy only: see STATIC_RESERVATIONS
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    # GPU, TP=1: steps of up to this many tokens run each projection as one skinny-GEMM kernel with
+    # the RMSNorm before it and SiLU * up after it fused in (engine/kernels/skinny_gemm.py); 0: cuBLAS
+    fused_small_batch_tokens: int = 16
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no symmetric memory)
@@ -94,6 +97,9 @@ class EngineConfig:
         _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
         _check_choice("all_reduce_norm_fusion", self.all_reduce_norm_fusion, ALL_REDUCE_NORM_FUSIONS)
         _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+        fused = self.fused_small_batch_tokens
+        if not isinstance(fused, int) or isinstance(fused, bool) or fused < 0:
+            raise ValueError(f"fused_small_batch_tokens must be an int >= 0 (0: off), got {fused!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
         if not isinstance(self.skip_tokenizer_init, bool):

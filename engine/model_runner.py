@@ -98,7 +98,7 @@ class ModelRunner:
 
     def _build_model(self) -> torch.nn.Module:
         with torch.device(self.device), _default_dtype(self.dtype):
-            model = get_model_class(self.mc.architecture)(self.mc, self.tp)
+            model = get_model_class(self.mc.architecture)(self.mc, self.tp, self.config.fused_small_batch_tokens)
         load_weights(model, self.config)
         return model.eval()
 

@@ -36,7 +36,8 @@ class Case:
     @property
     def name(self) -> str:
         shown = {k: v for k, v in self.constexprs.items()
-                 if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS")}
+                 if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS", "PARTS", "NORM",
+                           "GATED", "SPLIT_K", "BLOCK_M")}
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -89,6 +90,32 @@ def cases() -> list[Case]:
                         {**_ptrs(dtype, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
                          **_ptrs(scratch, "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
                         {"num_warps": 4, "num_stages": 2}))
+    out += _skinny_gemm_cases()
+    return out
+
+
+def _skinny_gemm_cases() -> list[Case]:
+    """The small-batch projections as the decoder layer launches them: M = 1 on CUDA cores,
+    M <= 16 on tensor cores; each norm prologue reading split-K partials or a bf16 input."""
+    mod, out = "engine.kernels.skinny_gemm", []
+    rows = _ptrs("bf16", "w_ptr", "bias_ptr", "res_ptr", "nw_ptr", "res_out_ptr")
+    # (parts, norm, res, bias, gated, split, block_m, block_n, block_k, warps, stages)
+    for parts, norm, res, bias, gated, split, bm, bn, bk, warps, stages in (
+            (2, True, True, False, False, 1, 1, 8, 512, 4, 3),  # qkv after a split down_proj
+            (1, True, False, True, False, 1, 1, 8, 512, 4, 3),  # layer 0's qkv (with a Qwen2 bias)
+            (1, True, True, False, True, 1, 1, 8, 512, 4, 3),  # gate_up + SiLU * up
+            (1, False, False, False, False, 2, 1, 8, 512, 4, 3),  # o_proj / down_proj, split K
+            (2, True, True, False, True, 1, 16, 16, 256, 4, 4),
+            (1, False, False, False, False, 2, 16, 16, 256, 4, 4)):
+        x = "fp32" if parts > 1 else "bf16"
+        ptrs = {**rows, "x_ptr": f"*{x}", "out_ptr": "*fp32" if split > 1 else "*bf16"}
+        out.append(Case(mod, "_skinny_gemm_kernel",
+                        dict(PARTS=parts, NORM=norm, HAS_RES=res, HAS_BIAS=bias, GATED=gated, SPLIT_K=split,
+                             USE_DOT=bm >= 16, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                        ptrs, {"num_warps": warps, "num_stages": stages}))
+    out.append(Case(mod, "_partials_rmsnorm_kernel", dict(PARTS=2, BLOCK=4096),
+                    {**_ptrs("fp32", "x_ptr"), **_ptrs("bf16", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")},
+                    {"num_warps": 8}))
     return out
 
 
