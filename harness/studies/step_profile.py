@@ -1,6 +1,6 @@
 """Where a decode step's time goes, against its bytes/bandwidth floor.
 
-    llmbench studies step-profile --model qwen3-0.6b --batch 256 --context 1024
+    llmbench studies step-profile --model qwen3-0.6b --batch 256 --context 1024 [--fused-small-batch-tokens 0 ...]
 
 Fills `batch` sequences to `context` tokens, then (1) times decode steps end to end with the
 host clock (what the engine loop sees), (2) times the model part alone with CUDA events
@@ -18,6 +18,7 @@ import time
 import torch
 
 from engine import LLM, SamplingParams
+from engine.config_args import add_engine_args, engine_kwargs
 from engine.executor import UniprocExecutor
 from engine.model_runner import ModelRunner
 from harness.roofline import measure_copy_bandwidth
@@ -48,10 +49,15 @@ def step_floor_s(llm: LLM, batch: int, context: int, bw: float) -> float:
     return (weight_bytes + kv_bytes) / bw
 
 
-def profile(model: str, batch: int, context: int, steps: int, eager: bool, bw: float) -> dict:
+# set by the study from --batch, --context and --steps (and once per mode: graphs, then eager)
+STUDY_FIELDS = ("model", "max_num_seqs", "enforce_eager", "max_model_len", "num_kv_blocks")
+
+
+def profile(model: str, batch: int, context: int, steps: int, eager: bool, bw: float, **engine) -> dict:
+    """`engine`: other EngineConfig fields (the study's engine flags)."""
     max_len = context + steps + 128
     llm = LLM(model, max_num_seqs=batch, enforce_eager=eager, max_model_len=max_len,
-              num_kv_blocks=batch * (-(-max_len // 16)) + 16)
+              num_kv_blocks=batch * (-(-max_len // 16)) + 16, **engine)
     fill(llm, batch, context, steps)
     engine = llm.engine
     torch.cuda.synchronize()
@@ -97,18 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--json", help="write the summary here")
+    add_engine_args(ap.add_argument_group("engine (other EngineConfig fields)"), skip=STUDY_FIELDS)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        engine = engine_kwargs(args)
+    except ValueError as e:
+        ap.error(str(e))
     bw = measure_copy_bandwidth("cuda")
     rows = []
     for eager in (False, True):
-        rows.append(profile(args.model, args.batch, args.context, args.steps, eager, bw))
+        rows.append(profile(args.model, args.batch, args.context, args.steps, eager, bw, **engine))
         gc.collect()
         torch.cuda.empty_cache()
-    summary = {"copy_bw_gbs": round(bw / 1e9), "runs": rows}
+    summary = {"copy_bw_gbs": round(bw / 1e9), "engine": engine, "runs": rows}
     print(json.dumps(summary, indent=1))
     write_result(args.json, summary)
     return 0

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoints import assert_matches_hf, build_checkpoint, hf_greedy
+from checkpoints import assert_bf16_near, assert_matches_hf, build_checkpoint, hf_greedy
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.distributed import (
@@ -532,7 +532,6 @@ def test_torchrun_launch_matches_tp1(checkpoint_dirs, tmp_path, env_key):
 
 # ---- two GPUs (NCCL) -------------------------------------------------------------------------
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
-BF16_NEAR_TIE = 0.1  # bf16 logits of TP=1 and TP=2 may differ by rounding; a gap this small may flip
 
 
 GPU = dict(dtype="bfloat16", block_size=16, max_model_len=128, num_kv_blocks=64, max_num_seqs=16)
@@ -540,10 +539,7 @@ GPU = dict(dtype="bfloat16", block_size=16, max_model_len=128, num_kv_blocks=64,
 
 def assert_near_tp1(path: str, got: list[list[int]], want: list[list[int]], prompts=PROMPTS) -> None:
     """bf16 tokens of TP=2 equal TP=1's up to where HF's top-2 logit gap is a near tie."""
-    gaps = [g for _, g in hf_greedy(path, prompts, MAX_NEW)]
-    for i, (a, b) in enumerate(zip(got, want)):
-        j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        assert j is None or gaps[i][j] < BF16_NEAR_TIE, f"prompt {i} token {j}: TP=2 {a} vs TP=1 {b}"
+    assert_bf16_near(path, got, want, prompts, MAX_NEW, "TP=2 vs TP=1")
 
 
 @pytest.mark.gpu
