@@ -29,7 +29,7 @@ allocated per call as every other kernel wrapper does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -40,6 +40,26 @@ from engine.kernels.rmsnorm import NORM_NUM_WARPS, norm_store_row
 # M changes between eager steps (prefill chunks of a few tokens): specializing on it would
 # compile new variants mid-run (harness.kernels.jit_watch)
 ROW_COUNTS = ["M"]
+
+
+# Shared memory a tensor-core config's software pipeline may take (sm_90 gives a block 227 KB;
+# Triton adds its own scratch on top, and two blocks per SM keep more bytes in flight)
+SMEM_BUDGET = 112 << 10
+
+
+@dataclass(frozen=True)
+class GemvProblem:
+    """What the tile choice depends on: m rows, n_out output features (gate and up count once),
+    reduction length k, the weight's element size, and the bytes loaded per x element of a K
+    step (fp32 partials: 4 each, plus the residual's)."""
+
+    m: int
+    n_out: int
+    k: int
+    itemsize: int = 2
+    x_bytes: int = 2
+    gated: bool = False
+    can_split: bool = False  # the caller takes fp32 partial sums
 
 
 @dataclass(frozen=True)
@@ -68,9 +88,18 @@ class GemvConfig:
     def use_dot(self) -> bool:
         return self.block_m >= 16
 
+    def pipelined_bytes(self, p: GemvProblem) -> int:
+        """Shared memory of the tensor-core path's pipeline: num_stages - 1 buffers of every tile
+        the K loop loads (the x side too: it is an L2 hit, but Triton pipelines every load of the
+        loop). The CUDA-core path keeps its tiles in registers."""
+        if not self.use_dot:
+            return 0
+        per_k = self.block_n * p.itemsize * (2 if p.gated else 1) + self.block_m * p.x_bytes
+        return (self.num_stages - 1) * self.block_k * per_k
+
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
-        """'block_m,block_n,block_k,warps,stages[,split_k]', e.g. '1,8,512,4,3' or '16,16,256,4,4,2'."""
+        """'block_m,block_n,block_k,warps,stages[,split_k]', e.g. '1,8,512,4,3' or '16,16,128,4,4,2'."""
         try:
             values = [int(v) for v in text.split(",")]
         except ValueError:
@@ -80,18 +109,20 @@ class GemvConfig:
         return cls(*values)
 
 
-def choose_config(m: int, n_out: int, k: int, can_split: bool, num_sms: int) -> GemvConfig:
-    """The default tile for m rows, n_out output features (per program: gate and up count once)
-    and reduction length k: enough programs for every SM, split-K only where the caller takes
-    partial sums and the feature tiles alone would leave half the SMs idle."""
-    if m == 1:
-        block_m, block_n, block_k, stages = 1, 8, min(512, triton.next_power_of_2(k)), 3
+def choose_config(p: GemvProblem, num_sms: int) -> GemvConfig:
+    """The default tile: one row on CUDA cores, more on tensor cores (rows padded to 16) with as
+    many pipeline stages as fit SMEM_BUDGET; split-K only where the caller takes partial sums and
+    the feature tiles alone would leave half the SMs idle."""
+    if p.m == 1:
+        cfg = GemvConfig(1, 8, min(512, triton.next_power_of_2(p.k)), 4, 1)
     else:
-        block_m, block_n, block_k, stages = max(16, triton.next_power_of_2(m)), 16, 256, 4
-    tiles, split = triton.cdiv(n_out, block_n), 1
-    while can_split and tiles * split < num_sms // 2 and k // (2 * split) >= 2 * block_k:
+        cfg = GemvConfig(max(16, triton.next_power_of_2(p.m)), 16, 256 // p.itemsize, 4, 4)
+        while cfg.num_stages > 2 and cfg.pipelined_bytes(p) > SMEM_BUDGET:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    tiles, split = triton.cdiv(p.n_out, cfg.block_n), 1
+    while p.can_split and tiles * split < num_sms // 2 and p.k // (2 * split) >= 2 * cfg.block_k:
         split *= 2
-    return GemvConfig(block_m, block_n, block_k, 4, stages, split)
+    return replace(cfg, split_k=split)
 
 
 @triton.jit
@@ -254,6 +285,22 @@ def _check_args(x, weight, bias, norm, gated, cfg) -> None:
         raise ValueError("partial sums as input need a NormIn (they are summed in the norm prologue)")
 
 
+def problem(x: torch.Tensor, weight: torch.Tensor, norm: NormIn | None = None, gated: bool = False,
+            split_ok: bool = False) -> GemvProblem:
+    """The GemvProblem of a skinny_gemm call with these arguments."""
+    m, k = x.shape[-2:]
+    item = weight.element_size()
+    x_bytes = 4 * x.shape[0] if x.dim() == 3 else item
+    if norm is not None and norm.residual is not None:
+        x_bytes += item
+    return GemvProblem(m, weight.shape[0] // 2 if gated else weight.shape[0], k, item, x_bytes, gated,
+                       split_ok and not gated)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 norm: NormIn | None = None, gated: bool = False, split_ok: bool = False,
                 config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -264,11 +311,11 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     one, else None."""
     m, k = x.shape[-2:]
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    parts = x.shape[0] if x.dim() == 3 else 1
     if config is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-        config = choose_config(m, n_out, k, split_ok and not gated and bias is None, sms)
+        config = choose_config(problem(x, weight, norm, gated, split_ok and bias is None), _num_sms(x.device))
     _check_args(x, weight, bias, norm, gated, config)
-    split, parts = config.split_k, x.shape[0] if x.dim() == 3 else 1
+    split = config.split_k
     out = (torch.empty((split, m, n_out), dtype=torch.float32, device=x.device) if split > 1
            else torch.empty((m, n_out), dtype=weight.dtype, device=x.device))
     res = norm.residual if norm is not None else None

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from engine.kernels.rmsnorm import rmsnorm
 from engine.kernels.silu_mul import silu_mul
-from engine.kernels.skinny_gemm import GemvConfig, NormIn, choose_config, skinny_gemm
+from engine.kernels.skinny_gemm import GemvConfig, GemvProblem, NormIn, choose_config, skinny_gemm
 from engine.models.config import PRESETS, ModelConfig
 from harness.roofline import measure_copy_bandwidth
 
@@ -80,8 +80,12 @@ class Env:
         return self.device == "cuda"
 
 
-def default_config(env: Env, op: Op, m: int) -> GemvConfig:
-    return choose_config(m, op.n // 2 if op.gated else op.n, op.k, op.split_ok, env.sms)
+def default_config(env: Env, op: Op, m: int, parts: int = 1) -> GemvConfig:
+    """The engine's tile for `op` at m rows, its norm reading `parts` partials."""
+    item = env.dtype.itemsize
+    x_bytes = (4 * parts if parts > 1 else item) + (item if op.norm else 0)
+    return choose_config(GemvProblem(m, op.n // 2 if op.gated else op.n, op.k, item, x_bytes, op.gated,
+                                     op.split_ok), env.sms)
 
 
 def sweep_configs(op: Op, m: int) -> list[GemvConfig]:
@@ -164,7 +168,7 @@ class OpBench:
 def op_rows(env: Env, model: str, op: Op, m: int, parts: int, configs: list[GemvConfig] | None,
             copy_gbs: float) -> list[dict]:
     b = OpBench(env, op, m, parts)
-    default = default_config(env, op, m)
+    default = default_config(env, op, m, parts)
     variants = [default] + [c for c in (configs if configs is not None else sweep_configs(op, m)) if c != default]
     base_s = b.time(b.unfused)
     rows = [dict(model=model, op=op.name, M=m, parts=parts, variant="unfused", config="", us=base_s * 1e6,
@@ -181,9 +185,6 @@ def op_rows(env: Env, model: str, op: Op, m: int, parts: int, configs: list[Gemv
         rows.append(dict(model=model, op=op.name, M=m, parts=parts, variant="default" if i == 0 else "sweep",
                          config=config_text(cfg), us=s * 1e6, GBps=b.wbytes / s / 1e9,
                          frac_copy=b.wbytes / s / 1e9 / copy_gbs, rel_err=err))
-    del b
-    if env.cuda:
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             for op in chosen:
                 parts = default_config(env, ops[op.after], m).split_k if op.after else 1
                 rows += op_rows(env, model, op, m, parts, configs, copy_gbs)
+                if cuda:
+                    torch.cuda.empty_cache()  # the op's weight copies
                 print(f"{model} {op.name} M{m}: done [{time.time() - t0:.0f}s]", flush=True)
             rows += chain_rows(env, model, mc, m, copy_gbs)
     write_csv(rows)

@@ -7,15 +7,20 @@ Run: pytest tests/engine/test_skinny_gemm.py"""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine.kernels.skinny_gemm import (
+    SMEM_BUDGET,
     GemvConfig,
+    GemvProblem,
     NormIn,
     choose_config,
     partials_rmsnorm,
+    problem,
     skinny_gemm,
 )
 from engine.layers.norm import RMSNorm
@@ -177,12 +182,33 @@ def test_choose_config_fills_the_gpu_and_splits_only_where_allowed():
     sms = 132
     for m in (1, 4, 16):
         for n, k in ((4096, 1024), (3072, 1024), (1024, 2048), (1024, 3072), (6144, 4096), (4096, 14336)):
-            c = choose_config(m, n, k, can_split=True, num_sms=sms)
+            c = choose_config(GemvProblem(m, n, k, can_split=True), sms)
             assert c.block_m >= m and (c.use_dot == (m > 1))
             assert -(-n // c.block_n) * c.split_k >= sms // 2, (m, n, k, c)
-            assert choose_config(m, n, k, can_split=False, num_sms=sms).split_k == 1
+            assert choose_config(GemvProblem(m, n, k), sms).split_k == 1
             if -(-n // c.block_n) >= sms // 2:
                 assert c.split_k == 1, (m, n, k, c)
+
+
+@pytest.mark.parametrize("itemsize,parts", [(2, 1), (2, 4), (4, 2)])
+def test_choose_config_keeps_the_pipeline_within_the_smem_budget(itemsize, parts):
+    """Tensor-core tiles pipeline the x side (fp32 partials, residual) with the weights: fewer
+    stages where those are wide, never past the budget for the engine's shapes."""
+    for gated in (False, True):
+        p = GemvProblem(16, 3072, 1024, itemsize, 4 * parts + itemsize if parts > 1 else 2 * itemsize, gated)
+        c = choose_config(p, 132)
+        assert c.use_dot and c.num_stages >= 2 and c.pipelined_bytes(p) <= SMEM_BUDGET, c
+    wide = GemvProblem(16, 3072, 1024, 2, 4 * 4 + 2, gated=True)
+    assert choose_config(wide, 132).num_stages < choose_config(replace(wide, x_bytes=2), 132).num_stages
+
+
+def test_problem_describes_the_call():
+    w = torch.empty(96, 64)
+    res = torch.empty(3, 64)
+    assert problem(torch.empty(3, 64), w) == GemvProblem(3, 96, 64, 4, 4)
+    assert problem(torch.empty(2, 3, 64), w, NormIn(w[0], EPS, res), gated=True, split_ok=True) == GemvProblem(
+        3, 48, 64, 4, 2 * 4 + 4, gated=True, can_split=False)
+    assert problem(torch.empty(3, 64), w, split_ok=True).can_split
 
 
 def test_config_parse_and_errors():
@@ -227,8 +253,8 @@ def test_decoder_layers_fused_path_matches_the_unfused_one(checkpoint_dirs, monk
     from engine.scheduler import ScheduledSequence, SchedulerOutput
 
     choose = sg.choose_config
-    monkeypatch.setattr(sg, "choose_config", lambda m, n, k, can_split, num_sms: (
-        GemvConfig(16, 16, 32, 4, 2, split) if can_split else choose(m, n, k, can_split, num_sms)))
+    monkeypatch.setattr(sg, "choose_config", lambda p, num_sms: (
+        GemvConfig(16, 16, 32, 4, 2, split) if p.can_split else choose(p, num_sms)))
     config = EngineConfig(model=checkpoint_dirs[arch], device="cpu", dtype="float32", block_size=4,
                           max_model_len=64, num_kv_blocks=16, max_num_seqs=4, max_num_batched_tokens=64)
     runner = ModelRunner(config)
