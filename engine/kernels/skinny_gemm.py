@@ -154,11 +154,36 @@ def _row_rstd(x_ptr, res_ptr, res_out_ptr, stride_xs, stride_xm, stride_rm, rows
 
 
 @triton.jit
-def _fma(acc, x, w):
-    """acc [BM, BN] += x [BM, BK] @ w [BN, BK]^T in fp32 on CUDA cores."""
-    if x.shape[0] == 1:  # one row: reduce in the layout w was loaded in (no 3D layout, no trip through smem)
-        return acc + tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
-    return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+def _fma_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The CUDA-core path's accumulator: products summed elementwise over the K tiles and reduced
+    over BLOCK_K once, after the loop (no cross-warp reduction per tile). One row: [BN, BK], in
+    the layout W is loaded in; more: [BM, BN, BK]. (Static if/else with one return: compiled
+    Triton checks every return's type, even of a branch a constexpr rules out.)"""
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+    return acc
+
+
+@triton.jit
+def _fma(acc, x, w, BLOCK_M: tl.constexpr):
+    """acc += x [BM, BK] (x) w [BN, BK] in fp32 (see _fma_zeros)."""
+    if BLOCK_M == 1:
+        acc += x.to(tl.float32) * w.to(tl.float32)
+    else:
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
+def _fma_sum(acc, BLOCK_M: tl.constexpr):
+    """The accumulator of _fma_zeros reduced over K: [BM, BN]."""
+    if BLOCK_M == 1:
+        out = tl.sum(acc, axis=1)[None, :]
+    else:
+        out = tl.sum(acc, axis=2)
+    return out
 
 
 @triton.jit
@@ -197,12 +222,14 @@ def _skinny_gemm_kernel(
     up_tile = w_tile + N * stride_wn
     if not USE_DOT:
         # Triton software-pipelines only loads that feed a dot, so this path prefetches by hand:
-        # the next W tile is in flight while this one is reduced (the first during the norm prologue)
+        # the next W tile is in flight while this one is multiplied (the first during the norm prologue)
         w_mask = n_ok[:, None] & (k_lo + tl.arange(0, BLOCK_K) < k_hi)[None, :]
         w_next = tl.load(w_tile + k_lo, mask=w_mask, other=0.0)
         up_next = w_next
         if GATED:
             up_next = tl.load(up_tile + k_lo, mask=w_mask, other=0.0)
+        acc_k = _fma_zeros(BLOCK_M, BLOCK_N, BLOCK_K)
+        acc_up_k = _fma_zeros(BLOCK_M, BLOCK_N, BLOCK_K)
     rstd = tl.zeros((BLOCK_M,), tl.float32)
     if NORM:
         rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, stride_xs, stride_xm, stride_rm, rows, row_ok, K, eps,
@@ -226,10 +253,14 @@ def _skinny_gemm_kernel(
             w, up = w_next, up_next
             w_mask = n_ok[:, None] & (cols + BLOCK_K < k_hi)[None, :]
             w_next = tl.load(w_tile + k0 + BLOCK_K, mask=w_mask, other=0.0)
-            acc = _fma(acc, x, w)
+            acc_k = _fma(acc_k, x, w, BLOCK_M)
             if GATED:
                 up_next = tl.load(up_tile + k0 + BLOCK_K, mask=w_mask, other=0.0)
-                acc_up = _fma(acc_up, x, up)
+                acc_up_k = _fma(acc_up_k, x, up, BLOCK_M)
+    if not USE_DOT:
+        acc = _fma_sum(acc_k, BLOCK_M)
+        if GATED:
+            acc_up = _fma_sum(acc_up_k, BLOCK_M)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_mask = row_ok[:, None] & n_ok[None, :]

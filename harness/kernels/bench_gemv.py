@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -80,26 +80,38 @@ class Env:
         return self.device == "cuda"
 
 
-def default_config(env: Env, op: Op, m: int, parts: int = 1) -> GemvConfig:
-    """The engine's tile for `op` at m rows, its norm reading `parts` partials."""
+def default_problem(env: Env, op: Op, m: int, parts: int = 1) -> GemvProblem:
+    """`op` at m rows as the engine calls it, its norm reading `parts` partials."""
     item = env.dtype.itemsize
     x_bytes = (4 * parts if parts > 1 else item) + (item if op.norm else 0)
-    return choose_config(GemvProblem(m, op.n // 2 if op.gated else op.n, op.k, item, x_bytes, op.gated,
-                                     op.split_ok), env.sms)
+    return GemvProblem(m, op.n // 2 if op.gated else op.n, op.k, item, x_bytes, op.gated, op.split_ok)
 
 
-def sweep_configs(op: Op, m: int) -> list[GemvConfig]:
+def default_config(env: Env, op: Op, m: int, parts: int = 1) -> GemvConfig:
+    return choose_config(default_problem(env, op, m, parts), env.sms)
+
+
+# CUDA-core tiles (block_n, block_k, warps): one row's accumulator and W tiles (this one and the
+# prefetched next) stay in registers, so bigger tiles need more warps
+ONE_ROW_TILES = ((4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8),
+                 (32, 256, 8))
+FEW_ROW_TILES = ((4, 256, 4), (8, 128, 4), (8, 256, 8), (16, 128, 8))  # block_m 4
+SMEM_LIMIT = 200 << 10  # tensor-core tiles past this would not launch
+
+
+def sweep_configs(env: Env, op: Op, m: int, parts: int) -> list[GemvConfig]:
     """A small list around the defaults: CUDA-core tiles for one row (and a few), tensor-core tiles
-    for more; o and down also at split K 2 and 4."""
+    that fit shared memory; o and down also at split K 2 and 4."""
     out = []
-    if m <= 4:
-        bm = 1 if m == 1 else 4
-        out += [GemvConfig(bm, bn, bk, w, 1) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)
-                if bm * bn * bk <= 16384]
-    out += [GemvConfig(16, bn, bk, 4, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for st in (3, 4)]
+    if m == 1:
+        out += [GemvConfig(1, bn, bk, w, 1) for bn, bk, w in ONE_ROW_TILES]
+    elif m <= 4:
+        out += [GemvConfig(4, bn, bk, w, 1) for bn, bk, w in FEW_ROW_TILES]
+    problem = default_problem(env, op, m, parts)
+    out += [c for c in (GemvConfig(16, bn, bk, 4, st) for bn in (16, 32, 64) for bk in (64, 128, 256)
+                        for st in (2, 3, 4)) if c.pipelined_bytes(problem) <= SMEM_LIMIT]
     if op.split_ok:
-        out += [GemvConfig(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, s)
-                for c in out for s in (2, 4) if op.k // s >= c.block_k]
+        out += [replace(c, split_k=s) for c in out for s in (2, 4) if op.k // s >= c.block_k]
     return out
 
 
@@ -169,7 +181,7 @@ def op_rows(env: Env, model: str, op: Op, m: int, parts: int, configs: list[Gemv
             copy_gbs: float) -> list[dict]:
     b = OpBench(env, op, m, parts)
     default = default_config(env, op, m, parts)
-    variants = [default] + [c for c in (configs if configs is not None else sweep_configs(op, m)) if c != default]
+    variants = [default] + [c for c in (configs if configs is not None else sweep_configs(env, op, m, parts)) if c != default]
     base_s = b.time(b.unfused)
     rows = [dict(model=model, op=op.name, M=m, parts=parts, variant="unfused", config="", us=base_s * 1e6,
                  GBps=b.wbytes / base_s / 1e9, frac_copy=b.wbytes / base_s / 1e9 / copy_gbs, rel_err=0.0)]
