@@ -33,9 +33,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from engine.kernels.gemv_config import GemvConfig, GemvProblem, choose_config
 from engine.kernels.rmsnorm import rmsnorm
 from engine.kernels.silu_mul import silu_mul
-from engine.kernels.skinny_gemm import GemvConfig, GemvProblem, NormIn, choose_config, skinny_gemm
+from engine.kernels.skinny_gemm import NormIn, skinny_gemm
 from engine.models.config import PRESETS, ModelConfig
 from harness.roofline import measure_copy_bandwidth
 

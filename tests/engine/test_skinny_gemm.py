@@ -1,4 +1,4 @@
-"""The small-batch skinny GEMM (engine/kernels/skinny_gemm.py) against the torch ops it replaces
+"""The small-batch skinny GEMM (engine/kernels/skinny_gemm.py, tiles in gemv_config.py) against the torch ops it replaces
 (RMSNorm with its residual add, F.linear, SiLU * up, split-K sums): fp32/fp16 under
 TRITON_INTERPRET on CPU, bf16 too on a GPU. CUDA-core tiles (block_m < 16) and tensor-core
 tiles (block_m >= 16), split K, edge shapes (one row, 16 rows, 17 rows over two row tiles,
@@ -13,16 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.skinny_gemm import (
-    SMEM_BUDGET,
-    GemvConfig,
-    GemvProblem,
-    NormIn,
-    choose_config,
-    partials_rmsnorm,
-    problem,
-    skinny_gemm,
-)
+from engine.kernels.gemv_config import SMEM_BUDGET, GemvConfig, GemvProblem, choose_config
+from engine.kernels.skinny_gemm import NormIn, partials_rmsnorm, problem, skinny_gemm
 from engine.layers.norm import RMSNorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
