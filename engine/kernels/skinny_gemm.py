@@ -24,7 +24,10 @@ kernels), so only the GEMM's summation order differs. Tiles of BLOCK_M >= 16 row
 cores (tl.dot, rows padded with zeros); smaller ones multiply and sum on CUDA cores.
 
 CUDA graphs: the grid depends only on the shapes and the config; no host sync, outputs are
-allocated per call as every other kernel wrapper does.
+allocated per call as every other kernel wrapper does. PDL (optional, sm_90+): the kernel is
+launched as a programmatic dependent of the one before it and loads its first weight tile
+before waiting for it (griddepcontrol.wait), so launch latency and the first DRAM round trip
+overlap the previous kernel's tail; stream capture keeps that as a programmatic graph edge.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine.kernels.gemv_config import GemvConfig, GemvProblem, choose_config
 from engine.kernels.rmsnorm import NORM_NUM_WARPS, norm_store_row
@@ -124,7 +128,7 @@ def _skinny_gemm_kernel(
     stride_xs, stride_xm, stride_wn, stride_os, stride_om, stride_rm, eps,
     PARTS: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dtype = w_ptr.dtype.element_ty
@@ -147,6 +151,12 @@ def _skinny_gemm_kernel(
             up_next = tl.load(up_tile + k_lo, mask=w_mask, other=0.0)
         acc_k = _fma_zeros(BLOCK_M, BLOCK_N, BLOCK_K)
         acc_up_k = _fma_zeros(BLOCK_M, BLOCK_N, BLOCK_K)
+    if PDL:
+        # Programmatic dependent launch: this kernel may start while the one before it still runs.
+        # The weight loads above need nothing from it; everything below reads or writes
+        # activations, so it waits for that kernel here and lets the next one start.
+        gdc_wait()
+        gdc_launch_dependents()
     rstd = tl.zeros((BLOCK_M,), tl.float32)
     if NORM:
         rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, stride_xs, stride_xm, stride_rm, rows, row_ok, K, eps,
@@ -245,18 +255,24 @@ def problem(x: torch.Tensor, weight: torch.Tensor, norm: NormIn | None = None, g
                        split_ok and not gated)
 
 
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch needs sm_90 or later (and a device, not the interpreter)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 norm: NormIn | None = None, gated: bool = False, split_ok: bool = False,
-                config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                config: GemvConfig | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [M, K] (or fp32 partials [S, M, K] with `norm`) times weight [N, K]^T, optionally after
     `norm` and, with `gated`, with SiLU(y[:, :N/2]) * y[:, N/2:] after it. Returns (y, residual):
     y [M, N or N/2] in the weight's dtype, or fp32 partials [S, M, N] when the config splits K
     (only with `split_ok`); residual: norm(x + residual)'s new residual, x for a norm without
-    one, else None."""
+    one, else None. `pdl` (Hopper and later): launched as a programmatic dependent, the kernel
+    starts loading weights before the previous kernel in the stream has finished."""
     m, k = x.shape[-2:]
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     parts = x.shape[0] if x.dim() == 3 else 1
@@ -271,6 +287,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if m == 0:
         return out, res_out
     grid = (triton.cdiv(n_out, config.block_n), split, triton.cdiv(m, config.block_m))
+    launch = {"launch_pdl": True} if pdl and _has_pdl(x.device) else {}
     _skinny_gemm_kernel[grid](
         x, weight, out, bias if bias is not None else weight, res if res is not None else weight,
         norm.weight if norm is not None else weight, res_out if res_out is not None else weight,
@@ -280,7 +297,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         PARTS=parts, NORM=norm is not None, HAS_RES=res is not None, HAS_BIAS=bias is not None, GATED=gated,
         SPLIT_K=split, USE_DOT=config.use_dot, DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PDL=bool(launch), num_warps=config.num_warps, num_stages=config.num_stages, **launch,
     )
     if norm is not None and res is None:
         return out, x

@@ -49,13 +49,14 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def forward_fused(self, x: torch.Tensor, norm: NormIn | None = None,
-                      gated: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_fused(self, x: torch.Tensor, norm: NormIn | None = None, gated: bool = False,
+                      pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(y, residual): y = norm(x) W^T + b, and with `gated` SiLU(gate) * up of it ([T, out / 2]);
-        x: [T, in] or fp32 partial sums [S, T, in] (with `norm`); residual: the norm's new one."""
+        x: [T, in] or fp32 partial sums [S, T, in] (with `norm`); residual: the norm's new one.
+        `pdl`: launched as a programmatic dependent (skinny_gemm)."""
         from engine.kernels.skinny_gemm import skinny_gemm  # triton only where CUDA is
 
-        return skinny_gemm(x, self.weight, self.bias, norm, gated)
+        return skinny_gemm(x, self.weight, self.bias, norm, gated, pdl=pdl)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -122,11 +123,11 @@ class RowParallelLinear(nn.Module):
             y = y + self.bias
         return y
 
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_fused(self, x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
         """x W^T for one rank (TP=1, no bias): [T, out], or fp32 split-K partial sums [S, T, out]
         that the norm after this layer sums (RMSNorm.prologue, RMSNorm.forward)."""
         if self.tp.size > 1 or self.bias is not None or self.reduce:
             raise ValueError("RowParallelLinear.forward_fused is for TP=1 layers that leave their sum to a norm")
         from engine.kernels.skinny_gemm import skinny_gemm
 
-        return skinny_gemm(x, self.weight, split_ok=True)[0]
+        return skinny_gemm(x, self.weight, split_ok=True, pdl=pdl)[0]

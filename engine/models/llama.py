@@ -4,6 +4,8 @@ in the layers, not here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -69,19 +71,29 @@ class MLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
+@dataclass(frozen=True)
+class SmallBatchFusion:
+    """DecoderLayer's fused path (EngineConfig.fused_small_batch_tokens and _pdl): steps of up to
+    `max_tokens` tokens on a GPU at TP=1; `pdl`: its kernels launch as programmatic dependents."""
+
+    max_tokens: int = 0
+    pdl: bool = False
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding, fused_tokens: int = 0):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding,
+                 fusion: SmallBatchFusion = SmallBatchFusion()):
         super().__init__()
         self.self_attn = Attention(cfg, tp, rotary)
         self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tp = tp
-        self.fused_tokens = fused_tokens if tp.size == 1 else 0  # EngineConfig.fused_small_batch_tokens
+        self.fusion = fusion if tp.size == 1 else SmallBatchFusion()
 
     def forward(self, positions, h, residual, kv, meta, backend):
         # h: the embedding (summed) in the first layer, else the previous down_proj's partial sums
-        if h.is_cuda and h.shape[-2] <= self.fused_tokens:
+        if h.is_cuda and h.shape[-2] <= self.fusion.max_tokens:
             return self._forward_fused(positions, h, residual, kv, meta, backend)
         if residual is None:
             h, residual = self.input_layernorm(h), h
@@ -96,19 +108,20 @@ class DecoderLayer(nn.Module):
         SiLU * up in gate_up's epilogue; o_proj and down_proj may return split-K partial sums
         [S, T, hidden] for that next norm to add up. Four projection kernels a layer, besides
         rotary and attention, where the path above launches ~8."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv, residual = attn.qkv_proj.forward_fused(h, self.input_layernorm.prologue(residual))
-        h = attn.o_proj.forward_fused(attn.attend(positions, qkv, kv, meta, backend))
-        act, residual = mlp.gate_up_proj.forward_fused(h, self.post_attention_layernorm.prologue(residual), gated=True)
-        return mlp.down_proj.forward_fused(act), residual
+        attn, mlp, pdl = self.self_attn, self.mlp, self.fusion.pdl
+        qkv, residual = attn.qkv_proj.forward_fused(h, self.input_layernorm.prologue(residual), pdl=pdl)
+        h = attn.o_proj.forward_fused(attn.attend(positions, qkv, kv, meta, backend), pdl=pdl)
+        act, residual = mlp.gate_up_proj.forward_fused(h, self.post_attention_layernorm.prologue(residual),
+                                                       gated=True, pdl=pdl)
+        return mlp.down_proj.forward_fused(act, pdl=pdl), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, fused_tokens: int = 0):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, fusion: SmallBatchFusion = SmallBatchFusion()):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary, fused_tokens) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary, fusion) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tp = tp
 
@@ -130,12 +143,11 @@ class LlamaFamilyForCausalLM(nn.Module):
         ".up_proj.": (".gate_up_proj.", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE, fused_tokens: int = 0):
-        """fused_tokens: steps of up to this many tokens on a GPU take DecoderLayer's fused path
-        (EngineConfig.fused_small_batch_tokens; 0: never)."""
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE, fusion: SmallBatchFusion = SmallBatchFusion()):
+        """fusion: which steps take DecoderLayer's fused small-batch path (default: none)."""
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, tp, fused_tokens)
+        self.model = LlamaModel(cfg, tp, fusion)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

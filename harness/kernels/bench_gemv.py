@@ -16,7 +16,10 @@ in a step where 27 other layers pass between two reads of one weight) inside one
 replayed; us = graph time / copies / replays, so the gaps between kernels in a graph count as
 they do in the engine's decode graph. GB/s counts weight bytes only; %copy is against a measured
 device-to-device copy (read + write), ~4.28 TB/s on an H200. Kernels compile (and are checked
-against the unfused result) before any capture. Writes $OUT/bench_gemv.csv when OUT is set.
+against the unfused result) before any capture. On sm_90+ the default config and the layer
+chain are also timed with programmatic dependent launch ("+pdl", EngineConfig.fused_small_batch_pdl):
+within one graph each launch then overlaps the one before it. Writes $OUT/bench_gemv.csv when OUT
+is set.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Env:
     sms: int
     l2_bytes: int
     reps: int
+    pdl: bool  # also time programmatic dependent launch (sm_90+)
 
     @property
     def cuda(self) -> bool:
@@ -164,13 +168,13 @@ class OpBench:
         y = F.linear(x, w)
         return silu_mul(y) if self.op.gated else y
 
-    def fused(self, w: torch.Tensor, cfg: GemvConfig) -> torch.Tensor:
+    def fused(self, w: torch.Tensor, cfg: GemvConfig, pdl: bool = False) -> torch.Tensor:
         x = self.parts if self.parts is not None and self.op.norm else self.x
         norm = NormIn(self.g, EPS, self.res) if self.op.norm else None
-        return skinny_gemm(x, w, norm=norm, gated=self.op.gated, split_ok=self.op.split_ok, config=cfg)[0]
+        return skinny_gemm(x, w, norm=norm, gated=self.op.gated, split_ok=self.op.split_ok, config=cfg, pdl=pdl)[0]
 
-    def error(self, cfg: GemvConfig) -> float:
-        y = self.fused(self.weights[0], cfg).float()
+    def error(self, cfg: GemvConfig, pdl: bool = False) -> float:
+        y = self.fused(self.weights[0], cfg, pdl).float()
         y = y.sum(0) if y.dim() == 3 else y
         return ((y - self.want).norm() / self.want.norm()).item()
 
@@ -182,22 +186,21 @@ def op_rows(env: Env, model: str, op: Op, m: int, parts: int, configs: list[Gemv
             copy_gbs: float) -> list[dict]:
     b = OpBench(env, op, m, parts)
     default = default_config(env, op, m, parts)
-    variants = [default] + [c for c in (configs if configs is not None else sweep_configs(env, op, m, parts)) if c != default]
+    swept = configs if configs is not None else sweep_configs(env, op, m, parts)
+    variants = [(default, False, "default")] + ([(default, True, "default+pdl")] if env.pdl else [])
+    variants += [(c, False, "sweep") for c in swept if c != default and (c.split_k == 1 or op.split_ok)]
     base_s = b.time(b.unfused)
     rows = [dict(model=model, op=op.name, M=m, parts=parts, variant="unfused", config="", us=base_s * 1e6,
                  GBps=b.wbytes / base_s / 1e9, frac_copy=b.wbytes / base_s / 1e9 / copy_gbs, rel_err=0.0)]
-    for i, cfg in enumerate(variants):
-        if cfg.split_k > 1 and not op.split_ok:
-            continue
+    for cfg, pdl, name in variants:
         try:
-            err = b.error(cfg)
-            s = b.time(lambda w, cfg=cfg: b.fused(w, cfg))
+            err = b.error(cfg, pdl)
+            s = b.time(lambda w, cfg=cfg, pdl=pdl: b.fused(w, cfg, pdl))
         except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit: report, go on
             print(f"  {model} {op.name} M{m} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
-        rows.append(dict(model=model, op=op.name, M=m, parts=parts, variant="default" if i == 0 else "sweep",
-                         config=config_text(cfg), us=s * 1e6, GBps=b.wbytes / s / 1e9,
-                         frac_copy=b.wbytes / s / 1e9 / copy_gbs, rel_err=err))
+        rows.append(dict(model=model, op=op.name, M=m, parts=parts, variant=name, config=config_text(cfg),
+                         us=s * 1e6, GBps=b.wbytes / s / 1e9, frac_copy=b.wbytes / s / 1e9 / copy_gbs, rel_err=err))
     return rows
 
 
@@ -218,13 +221,13 @@ def chain_rows(env: Env, model: str, mc: ModelConfig, m: int, copy_gbs: float) -
     h0 = torch.randn(m, mc.hidden_size, device=dev, dtype=dt)
     attn_out = torch.randn(m, ops["o"].k, device=dev, dtype=dt)
 
-    def fused() -> torch.Tensor:
+    def fused(pdl: bool = False) -> torch.Tensor:
         h, res = h0, h0
         for w in layers:
-            skinny_gemm(h, w["qkv"], norm=NormIn(g, EPS, res))
-            o = skinny_gemm(attn_out, w["o"], split_ok=True)[0]
-            act, res = skinny_gemm(o, w["gate_up"], norm=NormIn(g, EPS, res), gated=True)
-            h = skinny_gemm(act, w["down"], split_ok=True)[0]
+            skinny_gemm(h, w["qkv"], norm=NormIn(g, EPS, res), pdl=pdl)
+            o = skinny_gemm(attn_out, w["o"], split_ok=True, pdl=pdl)[0]
+            act, res = skinny_gemm(o, w["gate_up"], norm=NormIn(g, EPS, res), gated=True, pdl=pdl)
+            h = skinny_gemm(act, w["down"], split_ok=True, pdl=pdl)[0]
         return h
 
     def unfused() -> torch.Tensor:
@@ -237,7 +240,9 @@ def chain_rows(env: Env, model: str, mc: ModelConfig, m: int, copy_gbs: float) -
         return h
 
     rows = []
-    for name, fn, kernels in (("unfused", unfused, 7), ("fused", fused, 4)):
+    variants = [("unfused", unfused, 7), ("fused", fused, 4)]
+    variants += [("fused+pdl", lambda: fused(pdl=True), 4)] if env.pdl else []
+    for name, fn, kernels in variants:
         s = time_per_call(env, fn, len(layers))
         rows.append(dict(model=model, op="layer", M=m, parts=0, variant=name, config=f"{kernels} kernels",
                          us=s * 1e6, GBps=layer_bytes / s / 1e9, frac_copy=layer_bytes / s / 1e9 / copy_gbs,
@@ -246,9 +251,10 @@ def chain_rows(env: Env, model: str, mc: ModelConfig, m: int, copy_gbs: float) -
 
 
 def print_summary(rows: list[dict], copy_gbs: float) -> None:
-    print(f"\ncopy BW {copy_gbs:.0f} GB/s. us per launch (weights from HBM); %copy = weight GB/s / copy BW")
+    print(f"\ncopy BW {copy_gbs:.0f} GB/s. us per launch (weights from HBM); %copy = weight GB/s / copy BW; "
+          "fused = the default config (layer: 4 kernels vs 7); +pdl = the same launched as programmatic dependents")
     print(f"{'model':<11} {'op':<8} {'M':>3} {'parts':>5} | {'unfused':>8} {'%copy':>6} | {'fused':>8} {'%copy':>6} "
-          f"{'err':>7} | {'best':>8} {'%copy':>6}  best config (bm,bn,bk,warps,stages,split)")
+          f"{'err':>7} | {'+pdl':>8} | {'best':>8} {'%copy':>6}  best config (bm,bn,bk,warps,stages,split)")
     for key in dict.fromkeys((r["model"], r["op"], r["M"]) for r in rows):
         rs = [r for r in rows if (r["model"], r["op"], r["M"]) == key]
         base = next(r for r in rs if r["variant"] == "unfused")
@@ -256,11 +262,12 @@ def print_summary(rows: list[dict], copy_gbs: float) -> None:
         if not fused:
             continue
         d = next((r for r in fused if r["variant"] in ("default", "fused")), fused[0])
+        pdl = next((f"{r['us']:>8.2f}" for r in fused if r["variant"].endswith("+pdl")), f"{'-':>8}")
         best = min(fused, key=lambda r: r["us"])
         print(f"{key[0]:<11} {key[1]:<8} {key[2]:>3} {base['parts']:>5} | {base['us']:>8.2f} "
               f"{100 * base['frac_copy']:>5.1f}% | {d['us']:>8.2f} {100 * d['frac_copy']:>5.1f}% "
-              f"{max(r['rel_err'] for r in fused):>7.1e} | {best['us']:>8.2f} {100 * best['frac_copy']:>5.1f}%  "
-              f"{best['config']}")
+              f"{max(r['rel_err'] for r in fused):>7.1e} | {pdl} | {best['us']:>8.2f} {100 * best['frac_copy']:>5.1f}%  "
+              f"{best['config']}{' +pdl' if best['variant'].endswith('+pdl') else ''}")
 
 
 def write_csv(rows: list[dict]) -> None:
@@ -305,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     models = {"smoke": SMOKE_MODEL} if args.smoke else {name: PRESETS[name] for name in args.models.split(",")}
     props = torch.cuda.get_device_properties(0) if cuda else None
     env = Env("cuda" if cuda else "cpu", torch.float32 if args.smoke else torch.bfloat16,
-              props.multi_processor_count if cuda else 132, props.L2_cache_size if cuda else 0, args.reps)
+              props.multi_processor_count if cuda else 132, props.L2_cache_size if cuda else 0, args.reps,
+              cuda and props.major >= 9)
     copy_gbs = measure_copy_bandwidth(env.device, 1 << (30 if cuda else 22)) / 1e9
     print(f"{props.name if cuda else 'cpu'}: copy {copy_gbs:.0f} GB/s, {env.sms} SMs, L2 {env.l2_bytes >> 20} MiB, "
           f"{env.dtype}", flush=True)

@@ -72,6 +72,21 @@ def test_fused_small_batch_float32_matches_hf(checkpoint_dirs, arch):
     assert_matches_hf(tokens(cublas), reference)
 
 
+def test_fused_small_batch_pdl_float32_matches_hf(checkpoint_dirs):
+    """The fused kernels launched as programmatic dependents (fused_small_batch_pdl), eager and
+    captured in CUDA graphs: still HF's tokens."""
+    import torch
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    path = checkpoint_dirs["qwen3"]
+    reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
+    for eager in (False, True):
+        llm = LLM(path, dtype="float32", fused_small_batch_pdl=True, enforce_eager=eager, **SMALL)
+        assert_matches_hf(tokens(llm), reference)
+        assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS[:3]], reference[:3])
+
+
 def test_fused_small_batch_bf16_matches_the_cublas_path(checkpoint_dirs):
     path = checkpoint_dirs["qwen3"]
     got = tokens(LLM(path, dtype="bfloat16", **SMALL))  # the default: fused up to 16 tokens
