@@ -113,8 +113,9 @@ def sweep_configs(env: Env, op: Op, m: int, parts: int) -> list[GemvConfig]:
     elif m <= 4:
         out += [GemvConfig(4, bn, bk, w, 1) for bn, bk, w in FEW_ROW_TILES]
     problem = default_problem(env, op, m, parts)
-    out += [c for c in (GemvConfig(16, bn, bk, 4, st) for bn in (16, 32, 64) for bk in (64, 128, 256)
-                        for st in (2, 3, 4)) if c.pipelined_bytes(problem) <= SMEM_LIMIT]
+    dots = ((16, 32), (128, 256), (3, 4)) if m <= 4 else ((16, 32, 64), (64, 128, 256), (3, 4))
+    out += [c for c in (GemvConfig(16, bn, bk, 4, st) for bn in dots[0] for bk in dots[1] for st in dots[2])
+            if c.pipelined_bytes(problem) <= SMEM_LIMIT]
     if op.split_ok:
         out += [replace(c, split_k=s) for c in out for s in (2, 4) if op.k // s >= c.block_k]
     return out
