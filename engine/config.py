@@ -72,6 +72,12 @@ class EngineConfig:
     # CUDA graphs also for steps with prefill tokens (prefill chunks, prefix hits, mixed steps) of
     # up to this many tokens, padded to a ladder 16, 32, 48, 64, 96, ...; 0: those run eagerly
     max_graph_prefill_tokens: int = 512
+    # GPU, TP=1: steps of up to this many tokens run each projection as one skinny-GEMM kernel with
+    # the RMSNorm before it and SiLU * up after it fused in (engine/kernels/skinny_gemm.py); 0: cuBLAS
+    fused_small_batch_tokens: int = 16
+    # those kernels launch as programmatic dependents (sm_90+): each starts loading its weights while
+    # the kernel before it finishes (experimental, not yet run on a GPU)
+    fused_small_batch_pdl: bool = False
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no symmetric memory)
@@ -101,8 +107,13 @@ class EngineConfig:
         if self.max_graph_prefill_tokens < 0:
             raise ValueError(f"max_graph_prefill_tokens must be >= 0 (0: no prefill graphs), "
                              f"got {self.max_graph_prefill_tokens}")
+        fused = self.fused_small_batch_tokens
+        if not isinstance(fused, int) or isinstance(fused, bool) or fused < 0:
+            raise ValueError(f"fused_small_batch_tokens must be an int >= 0 (0: off), got {fused!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
+        if not isinstance(self.fused_small_batch_pdl, bool):
+            raise ValueError(f"fused_small_batch_pdl must be a bool, got {self.fused_small_batch_pdl!r}")
         if not isinstance(self.skip_tokenizer_init, bool):
             raise ValueError(f"skip_tokenizer_init must be a bool, got {self.skip_tokenizer_init!r}")
         if self.skip_tokenizer_init and self.tokenizer is not None:

@@ -16,6 +16,7 @@ from engine.distributed import SINGLE, TensorParallel
 from engine.graph_shapes import GraphLadder, GraphShape
 from engine.input_buffers import InputBuffers
 from engine.loader import load_weights
+from engine.models.llama import SmallBatchFusion
 from engine.models.registry import get_model_class
 from engine.sampler import Sampler, SamplingMetadata, VocabShard
 from engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -99,7 +100,8 @@ class ModelRunner:
 
     def _build_model(self) -> torch.nn.Module:
         with torch.device(self.device), _default_dtype(self.dtype):
-            model = get_model_class(self.mc.architecture)(self.mc, self.tp)
+            fusion = SmallBatchFusion(self.config.fused_small_batch_tokens, self.config.fused_small_batch_pdl)
+            model = get_model_class(self.mc.architecture)(self.mc, self.tp, fusion)
         load_weights(model, self.config)
         return model.eval()
 

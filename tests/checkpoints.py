@@ -72,3 +72,13 @@ def assert_same_up_to_near_tie(got: list[list[int]], want: list[list[int]], gaps
         assert len(a) == len(b), f"prompt {i}: {len(a)} tokens vs {len(b)}"
         j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         assert j is None or gaps[i][j] < tie, f"prompt {i} token {j} (HF gap {gaps[i][j]:.2e}): {a} vs {b}"
+
+
+def assert_bf16_near(path: str, got: list[list[int]], want: list[list[int]], prompts: list[list[int]],
+                     max_new_tokens: int, what: str = "got vs want") -> None:
+    """assert_same_up_to_near_tie with HF's top-2 gaps computed here (`what` names the pair)."""
+    gaps = [g for _, g in hf_greedy(path, prompts, max_new_tokens)]
+    try:
+        assert_same_up_to_near_tie(got, want, gaps)
+    except AssertionError as err:
+        raise AssertionError(f"{what}: {err}") from None

@@ -1,13 +1,22 @@
 """Linear layers sharded the Megatron way. Each parameter carries a `weight_loader` that takes
-the full (unsharded) checkpoint tensor and copies this rank's slice into place."""
+the full (unsharded) checkpoint tensor and copies this rank's slice into place.
+
+`forward_fused` is the small-batch GPU path (TP=1): one skinny-GEMM kernel that can take the
+RMSNorm before the projection (a `NormIn`, from RMSNorm.prologue) and SiLU * up after it, and
+leave split-K partial sums to the next norm (engine/kernels/skinny_gemm.py)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import SINGLE, TensorParallel
+
+if TYPE_CHECKING:
+    from engine.kernels.skinny_gemm import NormIn
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -39,6 +48,15 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def forward_fused(self, x: torch.Tensor, norm: NormIn | None = None, gated: bool = False,
+                      pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(y, residual): y = norm(x) W^T + b, and with `gated` SiLU(gate) * up of it ([T, out / 2]);
+        x: [T, in] or fp32 partial sums [S, T, in] (with `norm`); residual: the norm's new one.
+        `pdl`: launched as a programmatic dependent (skinny_gemm)."""
+        from engine.kernels.skinny_gemm import skinny_gemm  # triton only where CUDA is
+
+        return skinny_gemm(x, self.weight, self.bias, norm, gated, pdl=pdl)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -104,3 +122,12 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+    def forward_fused(self, x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+        """x W^T for one rank (TP=1, no bias): [T, out], or fp32 split-K partial sums [S, T, out]
+        that the norm after this layer sums (RMSNorm.prologue, RMSNorm.forward)."""
+        if self.tp.size > 1 or self.bias is not None or self.reduce:
+            raise ValueError("RowParallelLinear.forward_fused is for TP=1 layers that leave their sum to a norm")
+        from engine.kernels.skinny_gemm import skinny_gemm
+
+        return skinny_gemm(x, self.weight, split_ok=True, pdl=pdl)[0]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from engine.distributed import SINGLE, TensorParallel
+
+if TYPE_CHECKING:
+    from engine.kernels.skinny_gemm import NormIn
 
 
 class RMSNorm(nn.Module):
@@ -23,7 +28,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tp: TensorParallel = SINGLE):
         """norm(x), or with `residual` (norm(x + residual), x + residual). With `tp`, x holds
         this rank's partial sums of a row-parallel layer: they are summed over the ranks first,
-        in the same kernel where the GPUs share symmetric memory."""
+        in the same kernel where the GPUs share symmetric memory. x may also be a small-batch
+        projection's split-K partial sums [S, N, H] (fp32, GPU, with a residual)."""
+        if residual is not None and x.dim() == residual.dim() + 1:
+            from engine.kernels.skinny_gemm import partials_rmsnorm
+
+            return partials_rmsnorm(x, self.weight, self.eps, residual)
         if tp.size > 1:
             if residual is not None and (fused := tp.all_reduce_rmsnorm(x, residual, self.weight, self.eps)):
                 return fused
@@ -36,3 +46,9 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+    def prologue(self, residual: torch.Tensor | None = None) -> NormIn:
+        """This norm (of x + residual) as the prologue of a projection's skinny-GEMM kernel."""
+        from engine.kernels.skinny_gemm import NormIn
+
+        return NormIn(self.weight, self.eps, residual)

@@ -4,6 +4,8 @@ in the layers, not here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -39,8 +41,13 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, positions, x, kv: KVCache, meta: AttentionMetadata, backend: AttentionBackend):
+        return self.o_proj(self.attend(positions, self.qkv_proj(x), kv, meta, backend))
+
+    def attend(self, positions, qkv: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
+               backend: AttentionBackend) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (rotary, KV store, attention)."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -51,7 +58,7 @@ class Attention(nn.Module):
         else:
             q, k = self.rotary(positions, q, k, *norms)
         o = backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
-        return self.o_proj(o.reshape(-1, q_size))
+        return o.reshape(-1, q_size)
 
 
 class MLP(nn.Module):
@@ -64,17 +71,30 @@ class MLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
+@dataclass(frozen=True)
+class SmallBatchFusion:
+    """DecoderLayer's fused path (EngineConfig.fused_small_batch_tokens and _pdl): steps of up to
+    `max_tokens` tokens on a GPU at TP=1; `pdl`: its kernels launch as programmatic dependents."""
+
+    max_tokens: int = 0
+    pdl: bool = False
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding,
+                 fusion: SmallBatchFusion = SmallBatchFusion()):
         super().__init__()
         self.self_attn = Attention(cfg, tp, rotary)
         self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tp = tp
+        self.fusion = fusion if tp.size == 1 else SmallBatchFusion()
 
     def forward(self, positions, h, residual, kv, meta, backend):
         # h: the embedding (summed) in the first layer, else the previous down_proj's partial sums
+        if h.is_cuda and h.shape[-2] <= self.fusion.max_tokens:
+            return self._forward_fused(positions, h, residual, kv, meta, backend)
         if residual is None:
             h, residual = self.input_layernorm(h), h
         else:
@@ -83,13 +103,25 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual, self.tp)
         return self.mlp(h), residual  # partial sums
 
+    def _forward_fused(self, positions, h, residual, kv, meta, backend):
+        """Small batches on one GPU: each norm runs in the prologue of the projection after it and
+        SiLU * up in gate_up's epilogue; o_proj and down_proj may return split-K partial sums
+        [S, T, hidden] for that next norm to add up. Four projection kernels a layer, besides
+        rotary and attention, where the path above launches ~8."""
+        attn, mlp, pdl = self.self_attn, self.mlp, self.fusion.pdl
+        qkv, residual = attn.qkv_proj.forward_fused(h, self.input_layernorm.prologue(residual), pdl=pdl)
+        h = attn.o_proj.forward_fused(attn.attend(positions, qkv, kv, meta, backend), pdl=pdl)
+        act, residual = mlp.gate_up_proj.forward_fused(h, self.post_attention_layernorm.prologue(residual),
+                                                       gated=True, pdl=pdl)
+        return mlp.down_proj.forward_fused(act, pdl=pdl), residual
+
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, fusion: SmallBatchFusion = SmallBatchFusion()):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary, fusion) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tp = tp
 
@@ -111,10 +143,11 @@ class LlamaFamilyForCausalLM(nn.Module):
         ".up_proj.": (".gate_up_proj.", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE, fusion: SmallBatchFusion = SmallBatchFusion()):
+        """fusion: which steps take DecoderLayer's fused small-batch path (default: none)."""
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, tp)
+        self.model = LlamaModel(cfg, tp, fusion)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

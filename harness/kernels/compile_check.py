@@ -36,7 +36,8 @@ class Case:
     @property
     def name(self) -> str:
         shown = {k: v for k, v in self.constexprs.items()
-                 if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS")}
+                 if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS", "PARTS", "NORM",
+                           "GATED", "SPLIT_K", "BLOCK_M", "PDL")}
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -89,6 +90,35 @@ def cases() -> list[Case]:
                         {**_ptrs(dtype, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
                          **_ptrs(scratch, "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
                         {"num_warps": 4, "num_stages": 2}))
+    out += _skinny_gemm_cases()
+    return out
+
+
+def _skinny_gemm_cases() -> list[Case]:
+    """The small-batch projections as the decoder layer launches them: M = 1 on CUDA cores,
+    M <= 16 on tensor cores; each norm prologue reading split-K partials or a bf16 input."""
+    mod, out = "engine.kernels.skinny_gemm", []
+    # (dtype, parts, norm, res, bias, gated, split, block_m, block_n, block_k, warps, stages, pdl)
+    for dt, parts, norm, res, bias, gated, split, bm, bn, bk, warps, stages, pdl in (
+            ("bf16", 2, True, True, False, False, 1, 1, 8, 512, 4, 1, False),  # qkv after a split down_proj
+            ("bf16", 1, True, False, True, False, 1, 1, 8, 512, 4, 1, False),  # layer 0's qkv (a Qwen2 bias)
+            ("bf16", 1, True, True, False, True, 1, 1, 8, 512, 4, 1, False),  # gate_up + SiLU * up
+            ("bf16", 1, False, False, False, False, 2, 1, 8, 512, 4, 1, False),  # o_proj / down_proj, split K
+            ("bf16", 2, True, True, False, True, 1, 16, 16, 128, 4, 4, False),
+            ("bf16", 1, False, False, False, False, 2, 16, 16, 128, 4, 4, False),
+            ("fp32", 2, True, True, False, True, 1, 16, 16, 64, 4, 4, False),  # float32 engines: ieee dots
+            ("bf16", 2, True, True, False, True, 1, 1, 8, 512, 4, 1, True),  # fused_small_batch_pdl
+            ("bf16", 1, False, False, False, False, 2, 16, 16, 128, 4, 4, True)):
+        rows = _ptrs(dt, "w_ptr", "bias_ptr", "res_ptr", "nw_ptr", "res_out_ptr")
+        ptrs = {**rows, "x_ptr": "*fp32" if parts > 1 else f"*{dt}", "out_ptr": "*fp32" if split > 1 else f"*{dt}"}
+        out.append(Case(mod, "_skinny_gemm_kernel",
+                        dict(PARTS=parts, NORM=norm, HAS_RES=res, HAS_BIAS=bias, GATED=gated, SPLIT_K=split,
+                             USE_DOT=bm >= 16, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=bm,
+                             BLOCK_N=bn, BLOCK_K=bk, PDL=pdl),
+                        ptrs, {"num_warps": warps, "num_stages": stages, "launch_pdl": pdl}))
+    out.append(Case(mod, "_partials_rmsnorm_kernel", dict(PARTS=2, BLOCK=4096),
+                    {**_ptrs("fp32", "x_ptr"), **_ptrs("bf16", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")},
+                    {"num_warps": 8}))
     return out
 
 

@@ -1,6 +1,6 @@
 """Where a decode step's time goes, against its bytes/bandwidth floor.
 
-    llmbench studies step-profile --model qwen3-0.6b --batch 256 --context 1024
+    llmbench studies step-profile --model qwen3-0.6b --batch 256 --context 1024 [--fused-small-batch-tokens 0 ...]
 
 Fills `batch` sequences to `context` tokens, then (1) times decode steps end to end with the
 host clock (what the engine loop sees), split into the host's own work (schedule, input prep
@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.config_args import add_engine_args, engine_kwargs
 from engine.executor import UniprocExecutor
 from engine.model_runner import ModelRunner
 from engine.outputs import StepStats
@@ -186,10 +187,15 @@ def step_kernels(llm: LLM) -> tuple[int, str]:
     return len([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]), table
 
 
-def profile(model: str, batch: int, context: int, steps: int, eager: bool, bw: float) -> dict:
+# set by the study from --batch, --context and --steps (and once per mode: graphs, then eager)
+STUDY_FIELDS = ("model", "max_num_seqs", "enforce_eager", "max_model_len", "num_kv_blocks")
+
+
+def profile(model: str, batch: int, context: int, steps: int, eager: bool, bw: float, **engine) -> dict:
+    """`engine`: other EngineConfig fields (the study's engine flags)."""
     warmup = 2
-    sizing = engine_sizing(EngineConfig(model=model), [(batch, context)], warmup + steps)
-    llm = LLM(model, enforce_eager=eager, **sizing)
+    sizing = engine_sizing(EngineConfig(model=model, **engine), [(batch, context)], warmup + steps)
+    llm = LLM(model, enforce_eager=eager, **{**engine, **sizing})
     result = {"mode": "eager" if eager else "graph", **measure_point(llm, batch, context, steps, warmup, bw)}
     if result["gpu_ms"] is None:  # eager: what the step launches
         result["kernels"], table = step_kernels(llm)
@@ -206,18 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--json", help="write the summary here")
+    add_engine_args(ap.add_argument_group("engine (other EngineConfig fields)"), skip=STUDY_FIELDS)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        engine = engine_kwargs(args)
+    except ValueError as e:
+        ap.error(str(e))
     bw = measure_copy_bandwidth("cuda")
     rows = []
     for eager in (False, True):
-        rows.append(profile(args.model, args.batch, args.context, args.steps, eager, bw))
+        rows.append(profile(args.model, args.batch, args.context, args.steps, eager, bw, **engine))
         gc.collect()
         torch.cuda.empty_cache()
-    summary = {"copy_bw_gbs": round(bw / 1e9), "runs": rows}
+    summary = {"copy_bw_gbs": round(bw / 1e9), "engine": engine, "runs": rows}
     print(json.dumps(summary, indent=1))
     write_result(args.json, summary)
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from checkpoints import assert_matches_hf, hf_greedy
+from checkpoints import assert_bf16_near, assert_matches_hf, hf_greedy
 
 from engine import LLM, SamplingParams
 
@@ -52,3 +52,71 @@ def test_bf16_engine_runs_preset_and_sampling():
                         SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=16, ignore_eos=True),
                         use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+
+
+# ---- small batches through the fused skinny-GEMM path (EngineConfig.fused_small_batch_tokens) ----
+SMALL = dict(device="cuda", max_num_seqs=16, max_model_len=256, num_kv_blocks=512)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head
+def test_fused_small_batch_float32_matches_hf(checkpoint_dirs, arch):
+    """float32, CUDA graphs: decode steps of 8 rows, then prompts alone (prefills of 1, 5 and 16
+    tokens, eager, and 1-row decode graphs) through the fused path; HF's greedy tokens with the
+    near-tie rule, as the cuBLAS path gives them."""
+    path = checkpoint_dirs[arch]
+    reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
+    fused = LLM(path, dtype="float32", fused_small_batch_tokens=16, **SMALL)
+    assert_matches_hf(tokens(fused), reference)
+    assert_matches_hf([tokens(fused, [p])[0] for p in PROMPTS[:3]], reference[:3])
+    cublas = LLM(path, dtype="float32", fused_small_batch_tokens=0, **SMALL)
+    assert_matches_hf(tokens(cublas), reference)
+
+
+def test_fused_small_batch_pdl_float32_matches_hf(checkpoint_dirs):
+    """The fused kernels launched as programmatic dependents (fused_small_batch_pdl), eager and
+    captured in CUDA graphs: still HF's tokens."""
+    import torch
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    path = checkpoint_dirs["qwen3"]
+    reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
+    for eager in (False, True):
+        llm = LLM(path, dtype="float32", fused_small_batch_pdl=True, enforce_eager=eager, **SMALL)
+        assert_matches_hf(tokens(llm), reference)
+        assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS[:3]], reference[:3])
+
+
+def test_fused_small_batch_bf16_matches_the_cublas_path(checkpoint_dirs):
+    path = checkpoint_dirs["qwen3"]
+    got = tokens(LLM(path, dtype="bfloat16", **SMALL))  # the default: fused up to 16 tokens
+    want = tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=0, **SMALL))
+    assert_bf16_near(path, got, want, PROMPTS, PARAMS.max_tokens, "fused vs cuBLAS")
+    single = [tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=n, **SMALL), [PROMPTS[1]])[0]
+              for n in (16, 0)]
+    assert_bf16_near(path, single[:1], single[1:], [PROMPTS[1]], PARAMS.max_tokens, "batch 1: fused vs cuBLAS")
+
+
+@pytest.mark.parametrize("fused", [16, 0])
+def test_fused_small_batch_launches_one_kernel_per_projection(checkpoint_dirs, fused):
+    """One eager decode step of one sequence: 4 skinny-GEMM kernels a layer and no SiLU * up or
+    RMSNorm kernel besides the model's last norm; with fused_small_batch_tokens=0, none."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = LLM(checkpoint_dirs["qwen3"], dtype="bfloat16", enforce_eager=True, async_scheduling=False,
+              fused_small_batch_tokens=fused, **SMALL)
+    engine, layers = llm.engine, llm.engine.config.model_config.num_hidden_layers
+    engine.add_request("r", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.step()  # the prefill
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    count = lambda part: sum(part in n for n in names)  # noqa: E731
+    if fused:
+        assert count("_skinny_gemm_kernel") == 4 * layers and count("_silu_mul_kernel") == 0
+        assert count("_rmsnorm_kernel") <= 1, names
+    else:
+        assert count("_skinny_gemm_kernel") == 0 and count("_silu_mul_kernel") == layers

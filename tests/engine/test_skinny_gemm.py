@@ -1,0 +1,266 @@
+"""The small-batch skinny GEMM (engine/kernels/skinny_gemm.py, tiles in gemv_config.py) against the torch ops it replaces
+(RMSNorm with its residual add, F.linear, SiLU * up, split-K sums): fp32/fp16 under
+TRITON_INTERPRET on CPU, bf16 too on a GPU. CUDA-core tiles (block_m < 16) and tensor-core
+tiles (block_m >= 16), split K, edge shapes (one row, 16 rows, 17 rows over two row tiles,
+N and K not multiples of the tile).
+Run: pytest tests/engine/test_skinny_gemm.py"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels.gemv_config import SMEM_BUDGET, GemvConfig, GemvProblem, choose_config
+from engine.kernels.skinny_gemm import NormIn, partials_rmsnorm, problem, skinny_gemm
+from engine.layers.norm import RMSNorm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+EPS = 1e-6
+# (block_m, block_n, block_k, warps, stages): one row on CUDA cores, a few rows, tensor cores
+TILES = {"fma1": (1, 8, 32), "fma4": (4, 8, 64), "dot": (16, 16, 32)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def cfg(tile: str, split: int = 1) -> GemvConfig:
+    return GemvConfig(*TILES[tile], 4, 2, split)
+
+
+def rand(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE, dtype=dtype) * scale
+
+
+def ref_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None):
+    """The unfused path: the residual add in the dtype, then RMSNorm (HF's roundings)."""
+    norm = RMSNorm(weight.shape[0], EPS).to(DEVICE, weight.dtype)
+    norm.weight.data.copy_(weight)
+    s = x if residual is None else x + residual
+    return norm._norm(s), s
+
+
+def ref_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """cuBLAS's output: fp32 products and sum, one rounding to the dtype."""
+    y = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    return y.to(w.dtype)
+
+
+def norm_weight(k: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(k, device=DEVICE, dtype=dtype).uniform_(0.5, 1.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", list(TILES))
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 24, 64), (16, 48, 128), (17, 24, 96)])
+def test_plain_gemm_matches_linear(dtype, tile, m, n, k):
+    x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=k ** -0.5)
+    y, res = skinny_gemm(x, w, config=cfg(tile))
+    assert res is None and y.shape == (m, n) and y.dtype == dtype
+    assert rel(y, ref_linear(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", ["fma1", "dot"])
+def test_bias_is_added_before_the_rounding(dtype, tile):
+    x, w, b = rand(2, 64, dtype=dtype), rand(40, 64, dtype=dtype, scale=0.125), rand(40, dtype=dtype)
+    y, _ = skinny_gemm(x, w, bias=b, config=cfg(tile))
+    assert rel(y, ref_linear(x, w, b)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", list(TILES))
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_norm_prologue_matches_rmsnorm_then_linear(dtype, tile, with_residual, m):
+    """norm(x + residual) @ W^T, and the new residual is x + residual bit for bit (written by
+    several programs, one K tile each: 5 feature tiles, 3 K tiles of 32 or 2 of 64)."""
+    k, n = 96, 40
+    x, w, g = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=k ** -0.5), norm_weight(k, dtype)
+    residual = rand(m, k, dtype=dtype) if with_residual else None
+    y, new_res = skinny_gemm(x, w, norm=NormIn(g, EPS, residual), config=cfg(tile))
+    normed, want_res = ref_norm(x, g, residual)
+    assert torch.equal(new_res, want_res)
+    assert rel(y, ref_linear(normed, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", list(TILES))
+@pytest.mark.parametrize("parts", [2, 3])
+def test_partial_sums_in_are_summed_in_order_then_normed(dtype, tile, parts):
+    m, k, n = 4, 64, 24
+    partials = rand(parts, m, k, dtype=torch.float32)
+    w, g, residual = rand(n, k, dtype=dtype, scale=0.125), norm_weight(k, dtype), rand(m, k, dtype=dtype)
+    y, new_res = skinny_gemm(partials, w, norm=NormIn(g, EPS, residual), config=cfg(tile))
+    total = partials[0]
+    for p in partials[1:]:
+        total = total + p
+    normed, want_res = ref_norm(total.to(dtype), g, residual)
+    assert torch.equal(new_res, want_res)
+    assert rel(y, ref_linear(normed, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", list(TILES))
+@pytest.mark.parametrize("m,inter", [(1, 40), (16, 24), (3, 33)])  # 33: not a multiple of any block_n
+def test_gated_epilogue_matches_silu_mul(dtype, tile, m, inter):
+    k = 64
+    x, w, g = rand(m, k, dtype=dtype), rand(2 * inter, k, dtype=dtype, scale=0.25), norm_weight(k, dtype)
+    residual = rand(m, k, dtype=dtype)
+    y, new_res = skinny_gemm(x, w, norm=NormIn(g, EPS, residual), gated=True, config=cfg(tile))
+    normed, want_res = ref_norm(x, g, residual)
+    gate, up = ref_linear(normed, w).chunk(2, dim=-1)
+    assert y.shape == (m, inter) and torch.equal(new_res, want_res)
+    assert rel(y, F.silu(gate.float()).to(dtype) * up) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", list(TILES))
+@pytest.mark.parametrize("split,k", [(2, 128), (3, 96), (4, 80)])  # 80: the last split is short
+def test_split_k_leaves_fp32_partials_that_sum_to_the_product(dtype, tile, split, k):
+    m, n = 2, 40
+    x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=k ** -0.5)
+    y, _ = skinny_gemm(x, w, split_ok=True, config=cfg(tile, split))
+    assert y.shape == (split, m, n) and y.dtype == torch.float32
+    want = F.linear(x.double(), w.double())
+    assert rel(y.sum(0), want) < TOL[torch.float32] * 10
+
+
+@pytest.mark.parametrize("tile", ["fma1", "dot"])
+@pytest.mark.parametrize("k", [1024, 4096])
+def test_model_widths_one_and_sixteen_rows(tile, k):
+    """The hidden sizes of Qwen3-0.6B and Llama-3-8B, many K tiles, fp16."""
+    dtype, n = torch.float16, 24
+    m = 1 if tile == "fma1" else 16
+    x, w, g = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=k ** -0.5), norm_weight(k, dtype)
+    residual = rand(m, k, dtype=dtype)
+    big = GemvConfig(*TILES[tile][:2], 256, 4, 3)
+    y, new_res = skinny_gemm(x, w, norm=NormIn(g, EPS, residual), config=big)
+    normed, want_res = ref_norm(x, g, residual)
+    assert torch.equal(new_res, want_res) and rel(y, ref_linear(normed, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_configs_run_the_layer_shapes_in_small(dtype):
+    """choose_config's tiles (no config given), each option, small dims."""
+    for m in (1, 2, 16):
+        x, residual, g = rand(m, 128, dtype=dtype), rand(m, 128, dtype=dtype), norm_weight(128, dtype)
+        w_down = rand(64, 256, dtype=dtype, scale=1 / 16)
+        down, _ = skinny_gemm(rand(m, 256, dtype=dtype), w_down, split_ok=True)
+        assert down.shape[-2:] == (m, 64)
+        y, _ = skinny_gemm(x, rand(48, 128, dtype=dtype, scale=1 / 11), norm=NormIn(g, EPS, residual), gated=True)
+        assert y.shape == (m, 24)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parts", [2, 3])
+def test_partials_rmsnorm(dtype, parts):
+    m, h = 3, 96
+    partials, residual, g = rand(parts, m, h, dtype=torch.float32), rand(m, h, dtype=dtype), norm_weight(h, dtype)
+    out, new_res = partials_rmsnorm(partials, g, EPS, residual)
+    total = partials[0]
+    for p in partials[1:]:
+        total = total + p
+    want, want_res = ref_norm(total.to(dtype), g, residual)
+    assert torch.equal(new_res, want_res) and rel(out, want) < TOL[dtype]
+
+
+def test_choose_config_fills_the_gpu_and_splits_only_where_allowed():
+    sms = 132
+    for m in (1, 4, 16):
+        for n, k in ((4096, 1024), (3072, 1024), (1024, 2048), (1024, 3072), (6144, 4096), (4096, 14336)):
+            c = choose_config(GemvProblem(m, n, k, can_split=True), sms)
+            assert c.block_m >= m and (c.use_dot == (m > 1))
+            assert -(-n // c.block_n) * c.split_k >= sms // 2, (m, n, k, c)
+            assert choose_config(GemvProblem(m, n, k), sms).split_k == 1
+            if -(-n // c.block_n) >= sms // 2:
+                assert c.split_k == 1, (m, n, k, c)
+
+
+@pytest.mark.parametrize("itemsize,parts", [(2, 1), (2, 4), (4, 2)])
+def test_choose_config_keeps_the_pipeline_within_the_smem_budget(itemsize, parts):
+    """Tensor-core tiles pipeline the x side (fp32 partials, residual) with the weights: fewer
+    stages where those are wide, never past the budget for the engine's shapes."""
+    for gated in (False, True):
+        p = GemvProblem(16, 3072, 1024, itemsize, 4 * parts + itemsize if parts > 1 else 2 * itemsize, gated)
+        c = choose_config(p, 132)
+        assert c.use_dot and c.num_stages >= 2 and c.pipelined_bytes(p) <= SMEM_BUDGET, c
+    wide = GemvProblem(16, 3072, 1024, 2, 4 * 4 + 2, gated=True)
+    assert choose_config(wide, 132).num_stages < choose_config(replace(wide, x_bytes=2), 132).num_stages
+
+
+def test_problem_describes_the_call():
+    w = torch.empty(96, 64)
+    res = torch.empty(3, 64)
+    assert problem(torch.empty(3, 64), w) == GemvProblem(3, 96, 64, 4, 4)
+    assert problem(torch.empty(2, 3, 64), w, NormIn(w[0], EPS, res), gated=True, split_ok=True) == GemvProblem(
+        3, 48, 64, 4, 2 * 4 + 4, gated=True, can_split=False)
+    assert problem(torch.empty(3, 64), w, split_ok=True).can_split
+
+
+def test_config_parse_and_errors():
+    assert GemvConfig.parse("16,16,256,4,4,2") == GemvConfig(16, 16, 256, 4, 4, 2)
+    assert GemvConfig.parse("1,8,512,4,3").split_k == 1
+    for bad in ("1,8,512", "a,b,c,d,e", "1,8,500,4,3", "16,8,256,4,3", "1,8,512,4,0"):
+        with pytest.raises(ValueError):
+            GemvConfig.parse(bad)
+    x, w = rand(2, 64, dtype=torch.float32), rand(32, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="split_k"):
+        skinny_gemm(x, w, gated=True, config=cfg("fma1", 2))
+    with pytest.raises(ValueError, match="NormIn"):
+        skinny_gemm(rand(2, 2, 64, dtype=torch.float32), w)
+    with pytest.raises(ValueError, match="residual"):
+        skinny_gemm(x, w, norm=NormIn(torch.ones(64, device=DEVICE), EPS, rand(3, 64, dtype=torch.float32)))
+    with pytest.raises(ValueError, match="input"):
+        skinny_gemm(x.half(), w)
+
+
+# ---- the decoder layer's fused path (DecoderLayer._forward_fused), on the CPU interpreter ----
+
+def _fused_hidden(model, ids, positions, caches, meta, backend) -> torch.Tensor:
+    """LlamaModel.forward with every layer on its fused path (the GPU takes it by itself)."""
+    m = model.model
+    h, residual = m.embed_tokens(ids), None
+    for layer, kv in zip(m.layers, caches):
+        h, residual = layer._forward_fused(positions, h, residual, kv, meta, backend)
+    return m.norm(h, residual)[0]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine test covers this path on a GPU")
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head
+@pytest.mark.parametrize("split", [1, 2])
+def test_decoder_layers_fused_path_matches_the_unfused_one(checkpoint_dirs, monkeypatch, arch, split):
+    """float32 prefill of two sequences (8 tokens): hidden states and greedy picks agree with the
+    layer's usual path; split=2 makes o_proj and down_proj leave partial sums, so the norm
+    prologues and the model's last norm add them up."""
+    import engine.kernels.skinny_gemm as sg
+    from engine.config import EngineConfig
+    from engine.model_runner import ModelRunner
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import ScheduledSequence, SchedulerOutput
+
+    choose = sg.choose_config
+    monkeypatch.setattr(sg, "choose_config", lambda p, num_sms: (
+        GemvConfig(16, 16, 32, 4, 2, split) if p.can_split else choose(p, num_sms)))
+    config = EngineConfig(model=checkpoint_dirs[arch], device="cpu", dtype="float32", block_size=4,
+                          max_model_len=64, num_kv_blocks=16, max_num_seqs=4, max_num_batched_tokens=64)
+    runner = ModelRunner(config)
+    runner.allocate_kv_cache(16)
+    seqs = [ScheduledSequence(request_id=f"r{i}", token_ids=toks, start_pos=0, block_table=table, sample=True,
+                              sampling_params=SamplingParams(), num_output_tokens=0, num_preemptions=0, seq_no=i)
+            for i, (toks, table) in enumerate([([5, 17, 250, 3, 9], [1, 2]), ([42, 7, 7], [3])])]
+    inputs = runner.prepare_inputs(SchedulerOutput(seqs, num_prefill_tokens=8))
+    args = (inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta, runner.backend)
+    with torch.inference_mode():
+        want = runner.model(*args)
+        got = _fused_hidden(runner.model, *args)
+        logits = [runner.model.compute_logits(h) for h in (want, got)]
+    assert rel(got, want) < 1e-5
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+    down = runner.model.model.layers[0].mlp.down_proj
+    assert down.forward_fused(torch.zeros(8, down.in_per_rank)).dim() == (3 if split > 1 else 2)

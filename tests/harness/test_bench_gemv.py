@@ -1,0 +1,25 @@
+"""`llmbench kernels bench-gemv --smoke`: the GPU microbenchmark's script on a tiny shape (the
+interpreter on CPU): every projection and the layer chain are timed fused and unfused, and each
+fused variant agrees with the unfused result it is compared against.
+Run: pytest tests/harness/test_bench_gemv.py"""
+
+from __future__ import annotations
+
+import csv
+
+from harness.kernels.bench_gemv import main
+
+
+def test_smoke_run_times_every_op_and_checks_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main(["--smoke", "--no-sweep", "--rows", "1,3", "--reps", "1"]) == 0
+    with open(tmp_path / "bench_gemv.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["op"], r["M"], r["variant"]) for r in rows}
+    for m in ("1", "3"):
+        for op in ("qkv", "o", "gate_up", "down"):
+            assert {(op, m, "unfused"), (op, m, "default")} <= got
+        assert {("layer", m, "unfused"), ("layer", m, "fused")} <= got
+    assert all(float(r["rel_err"]) < 1e-5 for r in rows if r["variant"] == "default")
+    assert all(float(r["us"]) > 0 for r in rows)
+    assert "best config" in capsys.readouterr().out
