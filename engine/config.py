@@ -73,10 +73,11 @@ class EngineConfig:
     # up to this many tokens, padded to a ladder 16, 32, 48, 64, 96, ...; 0: those run eagerly
     max_graph_prefill_tokens: int = 512
     # GPU, TP=1: steps of up to this many tokens run each projection as one skinny-GEMM kernel with
-    # the RMSNorm before it and SiLU * up after it fused in (engine/kernels/skinny_gemm.py); 0: cuBLAS
-    fused_small_batch_tokens: int = 16
+    # the RMSNorm before it and SiLU * up after it fused in (engine/kernels/skinny_gemm.py); 0: cuBLAS.
+    # None: where it measured faster (FUSED_AUTO_MAX_HIDDEN)
+    fused_small_batch_tokens: int | None = None
     # those kernels launch as programmatic dependents (sm_90+): each starts loading its weights while
-    # the kernel before it finishes (experimental, not yet run on a GPU)
+    # the kernel before it finishes (experimental: correct on an H200, not yet timed)
     fused_small_batch_pdl: bool = False
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     tensor_parallel_size: int = 1
@@ -92,6 +93,7 @@ class EngineConfig:
     load_format: str = field(init=False)  # see LOAD_FORMATS
     device_type: str = field(init=False)  # "cuda" | "cpu": what device="auto" became
     resolved_dtype: str = field(init=False)  # a DTYPES name: what dtype="auto" became
+    resolved_fused_tokens: int = field(init=False)  # what fused_small_batch_tokens=None became
 
     def __post_init__(self) -> None:
         self.model_config, self.load_format = _resolve_model(self.model)
@@ -107,9 +109,7 @@ class EngineConfig:
         if self.max_graph_prefill_tokens < 0:
             raise ValueError(f"max_graph_prefill_tokens must be >= 0 (0: no prefill graphs), "
                              f"got {self.max_graph_prefill_tokens}")
-        fused = self.fused_small_batch_tokens
-        if not isinstance(fused, int) or isinstance(fused, bool) or fused < 0:
-            raise ValueError(f"fused_small_batch_tokens must be an int >= 0 (0: off), got {fused!r}")
+        self.resolved_fused_tokens = _resolve_fused_tokens(self.fused_small_batch_tokens, self.model_config)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
         if not isinstance(self.fused_small_batch_pdl, bool):
@@ -195,6 +195,21 @@ def _resolve_device_type(device: str) -> str:
     if parsed is None or parsed.type not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r} is not valid; choose 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
     return parsed.type
+
+
+# fused_small_batch_tokens=None: single-token steps (batch 1) of models no wider than this. On one
+# H200 (reports/PERF.md row 20) the fused kernels won at batch 1 for qwen3-0.6b (hidden 1,024: 0.97
+# vs 1.33 ms a step) and lost for llama-3-8b (hidden 4,096: 4.60 vs 4.36 ms), and at 2-16 tokens,
+# where they pad to 16-row tensor-core tiles, they lost for both.
+FUSED_AUTO_MAX_HIDDEN = 2048
+
+
+def _resolve_fused_tokens(tokens: int | None, mc: ModelConfig) -> int:
+    if tokens is None:
+        return 1 if mc.hidden_size <= FUSED_AUTO_MAX_HIDDEN else 0
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"fused_small_batch_tokens must be an int >= 0 (0: off) or None (auto), got {tokens!r}")
+    return tokens
 
 
 def _resolve_dtype(dtype: str, device_type: str) -> str:

@@ -100,7 +100,7 @@ class ModelRunner:
 
     def _build_model(self) -> torch.nn.Module:
         with torch.device(self.device), _default_dtype(self.dtype):
-            fusion = SmallBatchFusion(self.config.fused_small_batch_tokens, self.config.fused_small_batch_pdl)
+            fusion = SmallBatchFusion(self.config.resolved_fused_tokens, self.config.fused_small_batch_pdl)
             model = get_model_class(self.mc.architecture)(self.mc, self.tp, fusion)
         load_weights(model, self.config)
         return model.eval()
