@@ -184,10 +184,11 @@ def print_table(copy_gbs: float, rows: list[dict]) -> None:
               f"{max(r['rel_err'] for r in rs):.1e}")
 
 
-def write_csv(rows: list[dict]) -> None:
-    if not os.environ.get("OUT"):
+def write_csv(rows: list[dict], name: str = "bench_decode.csv") -> None:
+    """The rows as $OUT/name (the device tool's output folder), when OUT is set."""
+    if not os.environ.get("OUT") or not rows:
         return
-    path = os.path.join(os.environ["OUT"], "bench_decode.csv")
+    path = os.path.join(os.environ["OUT"], name)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

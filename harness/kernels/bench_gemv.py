@@ -25,7 +25,6 @@ is set.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -41,6 +40,7 @@ from engine.kernels.rmsnorm import rmsnorm
 from engine.kernels.silu_mul import silu_mul
 from engine.kernels.skinny_gemm import NormIn, skinny_gemm
 from engine.models.config import PRESETS, ModelConfig
+from harness.kernels.bench_decode import write_csv
 from harness.roofline import measure_copy_bandwidth
 
 EPS = 1e-6
@@ -271,17 +271,6 @@ def print_summary(rows: list[dict], copy_gbs: float) -> None:
               f"{best['config']}{' +pdl' if best['variant'].endswith('+pdl') else ''}")
 
 
-def write_csv(rows: list[dict]) -> None:
-    if not os.environ.get("OUT") or not rows:
-        return
-    path = os.path.join(os.environ["OUT"], "bench_gemv.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path}")
-
-
 SMOKE_MODEL = ModelConfig(architecture="qwen3", vocab_size=300, hidden_size=64, intermediate_size=96,
                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
@@ -332,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()  # the op's weight copies
                 print(f"{model} {op.name} M{m}: done [{time.time() - t0:.0f}s]", flush=True)
             rows += chain_rows(env, model, mc, m, copy_gbs)
-    write_csv(rows)
+    write_csv(rows, "bench_gemv.csv")
     print_summary(rows, copy_gbs)
     return 0
 

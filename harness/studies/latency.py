@@ -145,25 +145,40 @@ def run_point(llm: LLM, point: Point, warmup: int, steps: int, bandwidth: float)
 
 
 # ---- TTFT -------------------------------------------------------------------------------------
+@dataclass
+class RequestTiming:
+    ttft_s: float  # add_request to the step that returns the first token
+    tpot_s: float | None  # the rest of the request over its other tokens (None: one token)
+    stats: list[StepStats]  # the steps up to and including the one with the first token
+
+
+def time_request(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams) -> RequestTiming:
+    """One request alone in the engine, run to its end, timed by the host clock."""
+    stats: list[StepStats] = []
+    first = None
+    t0 = last = time.perf_counter()
+    n = 0
+    engine.add_request(request_id, prompt, params)
+    while engine.has_unfinished_requests():
+        deltas = engine.step()
+        if first is None:
+            stats.append(engine.last_step_stats)
+        for d in deltas:
+            if d.request_id == request_id and d.new_token_ids:
+                last = time.perf_counter()
+                first = last if first is None else first
+                n += len(d.new_token_ids)
+    if first is None:
+        raise RuntimeError(f"request {request_id} finished without a token")
+    return RequestTiming(first - t0, (last - first) / (n - 1) if n > 1 else None, stats)
+
+
 def first_token(engine: LLMEngine, request_id: str, prompt: list[int]) -> tuple[float, list[StepStats]]:
-    """Seconds from add_request to the step that returns the request's first token, and the
-    stats of the steps up to it; the request then runs out. The prefix cache is reset first."""
+    """time_request's TTFT and steps for a few-token greedy request; the prefix cache is reset first."""
     engine.reset_prefix_cache()
     params = SamplingParams(temperature=0.0, max_tokens=TTFT_MAX_TOKENS, ignore_eos=True, detokenize=False)
-    stats: list[StepStats] = []
-    ttft = None
-    t0 = time.perf_counter()
-    engine.add_request(request_id, prompt, params)
-    while ttft is None and engine.has_unfinished_requests():
-        deltas = engine.step()
-        stats.append(engine.last_step_stats)
-        if any(d.request_id == request_id and d.new_token_ids for d in deltas):
-            ttft = time.perf_counter() - t0
-    while engine.has_unfinished_requests():
-        engine.step()
-    if ttft is None:
-        raise RuntimeError(f"request {request_id} finished without a token")
-    return ttft, stats
+    timing = time_request(engine, request_id, prompt, params)
+    return timing.ttft_s, timing.stats
 
 
 def prefill_kernel_ms(engine: LLMEngine, prompt: list[int]) -> float | None:

@@ -29,9 +29,9 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.config_args import add_engine_args, engine_kwargs
-from engine.llm_engine import LLMEngine
 from engine.model_runner import ModelRunner
 from harness.studies import write_result
+from harness.studies.latency import time_request
 from harness.studies.step_profile import model_runner
 
 
@@ -52,20 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def one_request(engine: LLMEngine, rid: str, prompt: list[int], params: SamplingParams) -> tuple[float, float | None]:
-    """(TTFT s, TPOT s or None) of one request alone in the engine."""
-    t0 = time.perf_counter()
-    engine.add_request(rid, prompt, params)
-    first, last, n = None, t0, 0
-    while engine.has_unfinished_requests():
-        for d in engine.step():
-            if d.request_id == rid and d.new_token_ids:
-                last = time.perf_counter()
-                first = last if first is None else first
-                n += len(d.new_token_ids)
-    return first - t0, (last - first) / (n - 1) if n > 1 else None
 
 
 class HostTimers:
@@ -153,10 +139,10 @@ def measure(kwargs: dict[str, Any], limit: int, args: argparse.Namespace) -> dic
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
     ttft, tpot = [], []
     for i, prompt in enumerate(prompts[:-2]):
-        first, per_token = one_request(engine, f"r{i}", prompt, params)
-        ttft.append(first * 1e3)
-        if per_token is not None:
-            tpot.append(per_token * 1e3)
+        timing = time_request(engine, f"r{i}", prompt, params)
+        ttft.append(timing.ttft_s * 1e3)
+        if timing.tpot_s is not None:
+            tpot.append(timing.tpot_s * 1e3)
     anatomy = prefill_anatomy(llm, prompts[-2:])
     llm.shutdown()
     del llm, engine
