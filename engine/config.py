@@ -80,6 +80,10 @@ class EngineConfig:
     # the kernel before it finishes (experimental: correct on an H200, not yet timed)
     fused_small_batch_pdl: bool = False
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
+    # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
+    # graphs) leaves the collector's scans, so a full collection no longer stalls a decode step for
+    # ~0.1-0.3 s; shutdown() unfreezes it
+    freeze_gc: bool = True
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no symmetric memory)
     # TP on GPUs: row-parallel outputs summed inside the next RMSNorm kernel, see ALL_REDUCE_NORM_FUSIONS
@@ -112,6 +116,8 @@ class EngineConfig:
         self.resolved_fused_tokens = _resolve_fused_tokens(self.fused_small_batch_tokens, self.model_config)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
+        if not isinstance(self.freeze_gc, bool):
+            raise ValueError(f"freeze_gc must be a bool, got {self.freeze_gc!r}")
         if not isinstance(self.fused_small_batch_pdl, bool):
             raise ValueError(f"fused_small_batch_pdl must be a bool, got {self.fused_small_batch_pdl!r}")
         if not isinstance(self.skip_tokenizer_init, bool):

@@ -40,6 +40,7 @@ class StepGraphs:
     def __init__(self, forward: GraphForward, buffers: InputBuffers, ladder: GraphLadder, max_model_len: int):
         self.forward, self.buffers, self.ladder, self.max_model_len = forward, buffers, ladder, max_model_len
         self.graphs: dict[GraphShape, CapturedGraph] = {}
+        self.misses = 0  # steps `lookup` found no graph for (they ran eagerly): studies check their windows
 
     def lookup(self, out: SchedulerOutput) -> CapturedGraph | None:
         """The graph for this step, or None (it runs eagerly). A decode step has no prefill
@@ -48,7 +49,9 @@ class StepGraphs:
         decode = (not out.num_prefill_tokens and out.num_tokens == len(seqs)
                   and all(s.sample for s in seqs))
         shape = self.ladder.shape_for(out.num_tokens, len(seqs), decode)
-        return self.graphs.get(shape) if shape is not None else None
+        graph = self.graphs.get(shape) if shape is not None else None
+        self.misses += graph is None
+        return graph
 
     def for_batch(self, b: int) -> CapturedGraph | None:
         """The graph a decode batch of b sequences replays (b padded up the ladder); None above it."""

@@ -8,10 +8,15 @@ BLOCK_N output features (rows of W) and, with SPLIT_K, a share of K, so a layer'
 through hundreds of programs at once; x is tiny and every program reads all of it (L2 hits).
 
 Options, each a constexpr:
-- NORM, the prologue: x <- RMSNorm(x [+ residual]). Every program recomputes the rows' sum of
-  squares over the whole of K (cheap for K <= 4096), then normalizes each K tile as it goes. The
-  new residual (x + residual) is written once: K tile c by program c % num_programs, into its own
-  buffer, so no program reads what another overwrites.
+- NORM, the prologue: x <- RMSNorm(x [+ residual]). RMSNorm scales each row by one number, so
+  norm(x) W^T = rstd * ((x * g) W^T): the K loop multiplies x * g (g: the norm weight) and sums
+  each row's squares on the way, and the accumulators are scaled by rstd after the loop (one pass
+  over x). NORM_FIRST (split K, which sees part of a row; or a config's norm_first, to time the old
+  way): a first pass over all of K computes rstd, then each K tile is normalized as it goes; that
+  pass is a chain of dependent L2 round trips before the first weight tile is used (~K / BLOCK_K
+  of them: ~32 at K 4,096 and 128-wide tiles). The new residual (x + residual) is written once: K
+  tile c by program c % num_programs, into its own buffer, so no program reads what another
+  overwrites.
 - PARTS, the input as split-K partial sums: x = sum of PARTS fp32 tiles [PARTS, M, K] in order
   (deterministic), rounded to the model dtype. A split-K projection leaves its partials to the
   norm of the next kernel instead of launching a reduce kernel.
@@ -20,8 +25,11 @@ Options, each a constexpr:
 - SPLIT_K > 1: the output is fp32 partials [SPLIT_K, M, N] (for a NORM/PARTS consumer).
 
 Roundings follow the unfused path (cuBLAS output in the model dtype, then the norm and SiLU
-kernels), so only the GEMM's summation order differs. Tiles of BLOCK_M >= 16 rows use tensor
-cores (tl.dot, rows padded with zeros); smaller ones multiply and sum on CUDA cores.
+kernels), except that the one-pass norm rounds x * g (tensor cores: to the dtype) where HF rounds
+x * rstd and then its product with g: the sum and that one rounding differ. Tiles of BLOCK_M >= 16
+rows use tensor cores (tl.dot, rows padded with zeros; Triton pipelines the weight and x loads
+through shared memory, num_stages deep); smaller ones multiply and sum on CUDA cores, where
+Triton pipelines nothing, so the kernel keeps PREFETCH weight tiles in flight in registers.
 
 CUDA graphs: the grid depends only on the shapes and the config; no host sync, outputs are
 allocated per call as every other kernel wrapper does. PDL (optional, sm_90+): the kernel is
@@ -108,17 +116,35 @@ def _fma_sum(acc, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(x_ptr, res_ptr, nw_ptr, stride_xs, stride_xm, stride_rm, rows, row_ok, cols, k_ok, rstd, dtype,
-            PARTS: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
-    """The GEMM's input tile [BM, BK]: x (summed partials), normalized when NORM."""
+def _x_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, stride_xs, stride_xm, stride_rm, rows, row_ok, cols, k_ok, rstd,
+            mine, K, dtype, PARTS: tl.constexpr, NORM: tl.constexpr, NORM_FIRST: tl.constexpr,
+            HAS_RES: tl.constexpr):
+    """The GEMM's input tile [BM, BK] and its rows' sums of squares [BM]: x (summed partials).
+    NORM_FIRST: normalized with `rstd` (HF's roundings). Else with NORM: x (+ residual, stored to
+    res_out if `mine`) times the norm weight in fp32, its squares summed for the caller's rstd."""
     mask = row_ok[:, None] & k_ok[None, :]
     x = _load_x(x_ptr, stride_xs, rows[:, None] * stride_xm + cols[None, :], mask, dtype, PARTS)
+    sumsq = tl.zeros(rstd.shape, tl.float32)
     if NORM:
         if HAS_RES:
             x = x + tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+            if not NORM_FIRST and mine:  # (the first pass stored it)
+                tl.store(res_out_ptr + rows[:, None] * K + cols[None, :], x, mask=mask)
         g = tl.load(nw_ptr + cols, mask=k_ok, other=0.0)
-        x = (x.to(tl.float32) * rstd[:, None]).to(dtype) * g[None, :]  # HF order: fp32, cast, scale
-    return x
+        xf = x.to(tl.float32)
+        if NORM_FIRST:
+            x = (xf * rstd[:, None]).to(dtype) * g[None, :]  # HF order: fp32, cast, scale
+        else:
+            sumsq = tl.sum(xf * xf, axis=1)
+            x = xf * g.to(tl.float32)[None, :]  # fp32: the CUDA-core path uses it as is
+    return x, sumsq
+
+
+@triton.jit
+def _w_tile(w_tile, k0, n_ok, k_hi, BLOCK_K: tl.constexpr):
+    """The weight tile at k0 (rows of w_tile's pointers; nothing past k_hi)."""
+    mask = n_ok[:, None] & (k0 + tl.arange(0, BLOCK_K) < k_hi)[None, :]
+    return tl.load(w_tile + k0, mask=mask, other=0.0)
 
 
 @triton.jit(do_not_specialize=ROW_COUNTS)
@@ -126,9 +152,10 @@ def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, nw_ptr, res_out_ptr,
     M, N, K,  # N: output features (gate and up count once)
     stride_xs, stride_xm, stride_wn, stride_os, stride_om, stride_rm, eps,
-    PARTS: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GATED: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    PARTS: tl.constexpr, NORM: tl.constexpr, NORM_FIRST: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dtype = w_ptr.dtype.element_ty
@@ -143,12 +170,16 @@ def _skinny_gemm_kernel(
     up_tile = w_tile + N * stride_wn
     if not USE_DOT:
         # Triton software-pipelines only loads that feed a dot, so this path prefetches by hand:
-        # the next W tile is in flight while this one is multiplied (the first during the norm prologue)
-        w_mask = n_ok[:, None] & (k_lo + tl.arange(0, BLOCK_K) < k_hi)[None, :]
-        w_next = tl.load(w_tile + k_lo, mask=w_mask, other=0.0)
+        # the next PREFETCH weight tiles are in flight while this one is multiplied
+        w_next = _w_tile(w_tile, k_lo, n_ok, k_hi, BLOCK_K)
         up_next = w_next
         if GATED:
-            up_next = tl.load(up_tile + k_lo, mask=w_mask, other=0.0)
+            up_next = _w_tile(up_tile, k_lo, n_ok, k_hi, BLOCK_K)
+        if PREFETCH == 2:
+            w_after = _w_tile(w_tile, k_lo + BLOCK_K, n_ok, k_hi, BLOCK_K)
+            up_after = w_after
+            if GATED:
+                up_after = _w_tile(up_tile, k_lo + BLOCK_K, n_ok, k_hi, BLOCK_K)
         acc_k = _fma_zeros(BLOCK_M, BLOCK_N, BLOCK_K)
         acc_up_k = _fma_zeros(BLOCK_M, BLOCK_N, BLOCK_K)
     if PDL:
@@ -158,19 +189,22 @@ def _skinny_gemm_kernel(
         gdc_wait()
         gdc_launch_dependents()
     rstd = tl.zeros((BLOCK_M,), tl.float32)
-    if NORM:
+    sumsq = tl.zeros((BLOCK_M,), tl.float32)
+    me, programs = pid_n * SPLIT_K + pid_k, tl.num_programs(0) * SPLIT_K  # who stores which residual tile
+    if NORM_FIRST:
         rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, stride_xs, stride_xm, stride_rm, rows, row_ok, K, eps,
-                         pid_n * SPLIT_K + pid_k, tl.num_programs(0) * SPLIT_K, dtype,
-                         PARTS, HAS_RES, BLOCK_M, BLOCK_K)
+                         me, programs, dtype, PARTS, HAS_RES, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        k_ok = cols < K
-        x = _x_tile(x_ptr, res_ptr, nw_ptr, stride_xs, stride_xm, stride_rm, rows, row_ok, cols, k_ok, rstd, dtype,
-                    PARTS, NORM, HAS_RES)
+        mine = (k0 // BLOCK_K) % programs == me  # this program stores this residual tile
+        x, x_sumsq = _x_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, stride_xs, stride_xm, stride_rm, rows, row_ok,
+                             cols, cols < K, rstd, mine, K, dtype, PARTS, NORM, NORM_FIRST, HAS_RES)
+        sumsq += x_sumsq
         if USE_DOT:
-            w_mask = n_ok[:, None] & k_ok[None, :]
+            w_mask = n_ok[:, None] & (cols < K)[None, :]
+            x = x.to(dtype)
             acc = tl.dot(x, tl.trans(tl.load(w_tile + k0, mask=w_mask, other=0.0)), acc,
                          input_precision=DOT_PRECISION)
             if GATED:
@@ -178,16 +212,27 @@ def _skinny_gemm_kernel(
                                 input_precision=DOT_PRECISION)
         else:
             w, up = w_next, up_next
-            w_mask = n_ok[:, None] & (cols + BLOCK_K < k_hi)[None, :]
-            w_next = tl.load(w_tile + k0 + BLOCK_K, mask=w_mask, other=0.0)
+            ahead = k0 + PREFETCH * BLOCK_K  # the tile to start loading now
+            if PREFETCH == 2:
+                w_next, up_next = w_after, up_after
+                w_after = _w_tile(w_tile, ahead, n_ok, k_hi, BLOCK_K)
+                if GATED:
+                    up_after = _w_tile(up_tile, ahead, n_ok, k_hi, BLOCK_K)
+            else:
+                w_next = _w_tile(w_tile, ahead, n_ok, k_hi, BLOCK_K)
+                if GATED:
+                    up_next = _w_tile(up_tile, ahead, n_ok, k_hi, BLOCK_K)
             acc_k = _fma(acc_k, x, w, BLOCK_M)
             if GATED:
-                up_next = tl.load(up_tile + k0 + BLOCK_K, mask=w_mask, other=0.0)
                 acc_up_k = _fma(acc_up_k, x, up, BLOCK_M)
     if not USE_DOT:
         acc = _fma_sum(acc_k, BLOCK_M)
         if GATED:
             acc_up = _fma_sum(acc_up_k, BLOCK_M)
+    if NORM and not NORM_FIRST:  # the one-pass norm: (x * g) W^T scaled by each row's rstd
+        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+        acc = acc * rstd[:, None]
+        acc_up = acc_up * rstd[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_mask = row_ok[:, None] & n_ok[None, :]
@@ -288,15 +333,20 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return out, res_out
     grid = (triton.cdiv(n_out, config.block_n), split, triton.cdiv(m, config.block_m))
     launch = {"launch_pdl": True} if pdl and _has_pdl(x.device) else {}
+    # the one-pass norm needs whole rows (no split K); on tensor cores it rounds x * g to the
+    # dtype, which fp16 can overflow (HF normalizes first)
+    norm_first = norm is not None and (config.norm_first or split > 1 or
+                                       (config.use_dot and weight.dtype == torch.float16))
     _skinny_gemm_kernel[grid](
         x, weight, out, bias if bias is not None else weight, res if res is not None else weight,
         norm.weight if norm is not None else weight, res_out if res_out is not None else weight,
         m, n_out, k, x.stride(0) if parts > 1 else 0, x.stride(-2), weight.stride(0),
         out.stride(0) if split > 1 else 0, out.stride(-2), res.stride(0) if res is not None else 0,
         norm.eps if norm is not None else 0.0,
-        PARTS=parts, NORM=norm is not None, HAS_RES=res is not None, HAS_BIAS=bias is not None, GATED=gated,
-        SPLIT_K=split, USE_DOT=config.use_dot, DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        PARTS=parts, NORM=norm is not None, NORM_FIRST=norm_first, HAS_RES=res is not None,
+        HAS_BIAS=bias is not None, GATED=gated, SPLIT_K=split, USE_DOT=config.use_dot,
+        DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, PREFETCH=config.prefetch,
         PDL=bool(launch), num_warps=config.num_warps, num_stages=config.num_stages, **launch,
     )
     if norm is not None and res is None:

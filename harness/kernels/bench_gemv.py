@@ -6,10 +6,15 @@ layer and for a chain of whole layers, at the qwen3-0.6b and llama-3-8b shapes, 
                                 [--configs "1,8,512,4,3;16,16,256,4,4,2" | --no-sweep] [--lm-head]
     TRITON_INTERPRET=1 llmbench kernels bench-gemv --smoke     (checks the script on a CPU)
 
-A config is block_m,block_n,block_k,warps,stages[,split_k] (GemvConfig.parse); block_m >= 16
-runs on tensor cores. Without --configs each op sweeps a small built-in list around the default
+A config is block_m,block_n,block_k,warps,stages[,split_k[,first]] (GemvConfig.parse); block_m >= 16
+runs on tensor cores; `first`: the norm's rstd from a first pass over K (the old kernel) instead
+of along the K loop. Without --configs each op sweeps a small built-in list around the default
 (choose_config). Projections that feed a norm (o, down) may split K; the ops after them (gate_up,
 qkv) then read that many fp32 partials in their norm prologue, as in the engine.
+
+Old vs new: every op and layer chain also runs "legacy", the tile the first version of the kernel
+chose (`legacy_config`: 16-row tensor-core tiles 16 features wide, the norm in a first pass), and
+ops with a norm run "default+first", today's tile with the old norm pass.
 
 Timing: a variant runs once per copy of its weights (enough copies to overflow L2 four times, as
 in a step where 27 other layers pass between two reads of one weight) inside one CUDA graph,
@@ -35,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.gemv_config import GemvConfig, GemvProblem, choose_config
+from engine.kernels.gemv_config import SMEM_BUDGET, GemvConfig, GemvProblem, choose_config
 from engine.kernels.rmsnorm import rmsnorm
 from engine.kernels.silu_mul import silu_mul
 from engine.kernels.skinny_gemm import NormIn, skinny_gemm
@@ -96,8 +101,26 @@ def default_config(env: Env, op: Op, m: int, parts: int = 1) -> GemvConfig:
     return choose_config(default_problem(env, op, m, parts), env.sms)
 
 
+def legacy_config(env: Env, op: Op, m: int, parts: int = 1) -> GemvConfig:
+    """The tile choose_config gave before the one-pass norm (commit f05ae6d), with its norm pass:
+    one row 8 x 512 on CUDA cores, more rows 16 x 16 x 128 on tensor cores with up to 4 stages in
+    SMEM_BUDGET, split K while the tiles fill under half the SMs."""
+    p = default_problem(env, op, m, parts)
+    if m == 1:
+        cfg = GemvConfig(1, 8, min(512, 1 << (p.k - 1).bit_length()), 4, 1, norm_first=True)
+    else:
+        cfg = GemvConfig(max(16, 1 << (m - 1).bit_length()), 16, 256 // p.itemsize, 4, 4, norm_first=True)
+        while cfg.num_stages > 2 and cfg.pipelined_bytes(p) > SMEM_BUDGET:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    tiles, split = -(-p.n_out // cfg.block_n), 1
+    while p.can_split and tiles * split < env.sms // 2 and p.k // (2 * split) >= 2 * cfg.block_k:
+        split *= 2
+    return replace(cfg, split_k=split)
+
+
 # CUDA-core tiles (block_n, block_k, warps): one row's accumulator and W tiles (this one and the
-# prefetched next) stay in registers, so bigger tiles need more warps
+# prefetched next one or two) stay in registers, so bigger tiles need more warps; each at
+# prefetch 1 and 2 (stages 1, 2)
 ONE_ROW_TILES = ((4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8),
                  (32, 256, 8))
 FEW_ROW_TILES = ((4, 256, 4), (8, 128, 4), (8, 256, 8), (16, 128, 8))  # block_m 4
@@ -109,11 +132,11 @@ def sweep_configs(env: Env, op: Op, m: int, parts: int) -> list[GemvConfig]:
     that fit shared memory; o and down also at split K 2 and 4."""
     out = []
     if m == 1:
-        out += [GemvConfig(1, bn, bk, w, 1) for bn, bk, w in ONE_ROW_TILES]
+        out += [GemvConfig(1, bn, bk, w, st) for bn, bk, w in ONE_ROW_TILES for st in (1, 2)]
     elif m <= 4:
-        out += [GemvConfig(4, bn, bk, w, 1) for bn, bk, w in FEW_ROW_TILES]
+        out += [GemvConfig(4, bn, bk, w, st) for bn, bk, w in FEW_ROW_TILES for st in (1, 2)]
     problem = default_problem(env, op, m, parts)
-    dots = ((16, 32), (128, 256), (3, 4)) if m <= 4 else ((16, 32, 64), (64, 128, 256), (3, 4))
+    dots = ((16, 32), (128, 256), (3, 5)) if m == 1 else ((16, 32, 64, 128), (128, 256), (3, 4, 6))
     out += [c for c in (GemvConfig(16, bn, bk, 4, st) for bn in dots[0] for bk in dots[1] for st in dots[2])
             if c.pipelined_bytes(problem) <= SMEM_LIMIT]
     if op.split_ok:
@@ -189,6 +212,8 @@ def op_rows(env: Env, model: str, op: Op, m: int, parts: int, configs: list[Gemv
     default = default_config(env, op, m, parts)
     swept = configs if configs is not None else sweep_configs(env, op, m, parts)
     variants = [(default, False, "default")] + ([(default, True, "default+pdl")] if env.pdl else [])
+    variants += [(legacy_config(env, op, m, parts), False, "legacy")]
+    variants += [(replace(default, norm_first=True), False, "default+first")] if op.norm else []
     variants += [(c, False, "sweep") for c in swept if c != default and (c.split_k == 1 or op.split_ok)]
     base_s = b.time(b.unfused)
     rows = [dict(model=model, op=op.name, M=m, parts=parts, variant="unfused", config="", us=base_s * 1e6,
@@ -206,7 +231,7 @@ def op_rows(env: Env, model: str, op: Op, m: int, parts: int, configs: list[Gemv
 
 
 def config_text(c: GemvConfig) -> str:
-    return f"{c.block_m},{c.block_n},{c.block_k},{c.num_warps},{c.num_stages},{c.split_k}"
+    return c.text()
 
 
 def chain_rows(env: Env, model: str, mc: ModelConfig, m: int, copy_gbs: float) -> list[dict]:
@@ -222,13 +247,15 @@ def chain_rows(env: Env, model: str, mc: ModelConfig, m: int, copy_gbs: float) -
     h0 = torch.randn(m, mc.hidden_size, device=dev, dtype=dt)
     attn_out = torch.randn(m, ops["o"].k, device=dev, dtype=dt)
 
-    def fused(pdl: bool = False) -> torch.Tensor:
+    def fused(pdl: bool = False, cfg: dict[str, GemvConfig] | None = None) -> torch.Tensor:
+        cfg = cfg or {}  # None per op: the engine's default (choose_config)
         h, res = h0, h0
         for w in layers:
-            skinny_gemm(h, w["qkv"], norm=NormIn(g, EPS, res), pdl=pdl)
-            o = skinny_gemm(attn_out, w["o"], split_ok=True, pdl=pdl)[0]
-            act, res = skinny_gemm(o, w["gate_up"], norm=NormIn(g, EPS, res), gated=True, pdl=pdl)
-            h = skinny_gemm(act, w["down"], split_ok=True, pdl=pdl)[0]
+            skinny_gemm(h, w["qkv"], norm=NormIn(g, EPS, res), pdl=pdl, config=cfg.get("qkv"))
+            o = skinny_gemm(attn_out, w["o"], split_ok=True, pdl=pdl, config=cfg.get("o"))[0]
+            act, res = skinny_gemm(o, w["gate_up"], norm=NormIn(g, EPS, res), gated=True, pdl=pdl,
+                                   config=cfg.get("gate_up"))
+            h = skinny_gemm(act, w["down"], split_ok=True, pdl=pdl, config=cfg.get("down"))[0]
         return h
 
     def unfused() -> torch.Tensor:
@@ -241,7 +268,9 @@ def chain_rows(env: Env, model: str, mc: ModelConfig, m: int, copy_gbs: float) -
         return h
 
     rows = []
-    variants = [("unfused", unfused, 7), ("fused", fused, 4)]
+    legacy = {name: legacy_config(env, ops[name], m) for name in ("o", "down")}
+    legacy |= {name: legacy_config(env, ops[name], m, legacy[ops[name].after].split_k) for name in ("qkv", "gate_up")}
+    variants = [("unfused", unfused, 7), ("fused", fused, 4), ("fused-legacy", lambda: fused(cfg=legacy), 4)]
     variants += [("fused+pdl", lambda: fused(pdl=True), 4)] if env.pdl else []
     for name, fn, kernels in variants:
         s = time_per_call(env, fn, len(layers))
@@ -253,9 +282,11 @@ def chain_rows(env: Env, model: str, mc: ModelConfig, m: int, copy_gbs: float) -
 
 def print_summary(rows: list[dict], copy_gbs: float) -> None:
     print(f"\ncopy BW {copy_gbs:.0f} GB/s. us per launch (weights from HBM); %copy = weight GB/s / copy BW; "
-          "fused = the default config (layer: 4 kernels vs 7); +pdl = the same launched as programmatic dependents")
+          "fused = the default config (layer: 4 kernels vs 7); +pdl = the same launched as programmatic dependents; "
+          "legacy = the first kernel's tile and norm pass")
     print(f"{'model':<11} {'op':<8} {'M':>3} {'parts':>5} | {'unfused':>8} {'%copy':>6} | {'fused':>8} {'%copy':>6} "
-          f"{'err':>7} | {'+pdl':>8} | {'best':>8} {'%copy':>6}  best config (bm,bn,bk,warps,stages,split)")
+          f"{'err':>7} | {'+pdl':>8} | {'legacy':>8} | {'best':>8} {'%copy':>6}  "
+          "best config (bm,bn,bk,warps,stages,split[,first]) [variant]")
     for key in dict.fromkeys((r["model"], r["op"], r["M"]) for r in rows):
         rs = [r for r in rows if (r["model"], r["op"], r["M"]) == key]
         base = next(r for r in rs if r["variant"] == "unfused")
@@ -264,11 +295,13 @@ def print_summary(rows: list[dict], copy_gbs: float) -> None:
             continue
         d = next((r for r in fused if r["variant"] in ("default", "fused")), fused[0])
         pdl = next((f"{r['us']:>8.2f}" for r in fused if r["variant"].endswith("+pdl")), f"{'-':>8}")
+        old = next((f"{r['us']:>8.2f}" for r in fused if "legacy" in r["variant"]), f"{'-':>8}")
         best = min(fused, key=lambda r: r["us"])
         print(f"{key[0]:<11} {key[1]:<8} {key[2]:>3} {base['parts']:>5} | {base['us']:>8.2f} "
               f"{100 * base['frac_copy']:>5.1f}% | {d['us']:>8.2f} {100 * d['frac_copy']:>5.1f}% "
-              f"{max(r['rel_err'] for r in fused):>7.1e} | {pdl} | {best['us']:>8.2f} {100 * best['frac_copy']:>5.1f}%  "
-              f"{best['config']}{' +pdl' if best['variant'].endswith('+pdl') else ''}")
+              f"{max(r['rel_err'] for r in fused):>7.1e} | {pdl} | {old} | {best['us']:>8.2f} "
+              f"{100 * best['frac_copy']:>5.1f}%  "
+              f"{best['config']} [{best['variant']}]")
 
 
 SMOKE_MODEL = ModelConfig(architecture="qwen3", vocab_size=300, hidden_size=64, intermediate_size=96,

@@ -4,7 +4,7 @@ logic on CPU but never lowers them, so a construct the compiler rejects, or a sp
 CPU tests never take (bf16, 128-key decode tiles), would otherwise first fail on
 a GPU. Prints one line per kernel and exits 1 if any failed.
 
-    llmbench kernels compile-check [--arch 90]     (or python -m harness.kernels.compile_check)
+    llmbench kernels compile-check [--arch 90] [--resources]     (or python -m harness.kernels.compile_check)
 
 Triton versions differ in what they accept (3.6, on the GPU machines, type-checks branches that
 3.9 folds away), so `nox -s tests` also runs it under the GPU machines' version, installed to a
@@ -32,12 +32,16 @@ class Case:
     constexprs: dict[str, Any]
     pointers: dict[str, str]  # argument -> Triton pointer type, e.g. "*bf16"
     options: dict[str, int] = field(default_factory=lambda: {"num_warps": 4})
+    # integer arguments the JIT sees as multiples of 16 (strides and sizes of the engine's shapes),
+    # with every pointer then 16-byte aligned (torch's allocations are), as the JIT specializes
+    # them: loads vectorize and, on tensor cores, pipeline. Empty: no such hints.
+    divisible: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         shown = {k: v for k, v in self.constexprs.items()
                  if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS", "PARTS", "NORM",
-                           "GATED", "SPLIT_K", "BLOCK_M", "PDL")}
+                           "NORM_FIRST", "GATED", "SPLIT_K", "BLOCK_M", "PREFETCH", "PDL")}
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -94,36 +98,46 @@ def cases() -> list[Case]:
     return out
 
 
+SKINNY_DIVISIBLE = ("N", "K", "stride_xs", "stride_xm", "stride_wn", "stride_os", "stride_om", "stride_rm")
+
+
 def _skinny_gemm_cases() -> list[Case]:
-    """The small-batch projections as the decoder layer launches them: M = 1 on CUDA cores,
-    M <= 16 on tensor cores; each norm prologue reading split-K partials or a bf16 input."""
+    """The small-batch projections as the decoder layer launches them: M = 1 on CUDA cores (one
+    or two weight tiles prefetched), M <= 16 on tensor cores; each norm prologue reading split-K
+    partials or a bf16 input, in one pass or with a first pass (norm_first). Specialized as at
+    the engine's shapes (SKINNY_DIVISIBLE), so tensor-core tiles compile with their pipeline."""
     mod, out = "engine.kernels.skinny_gemm", []
-    # (dtype, parts, norm, res, bias, gated, split, block_m, block_n, block_k, warps, stages, pdl)
-    for dt, parts, norm, res, bias, gated, split, bm, bn, bk, warps, stages, pdl in (
-            ("bf16", 2, True, True, False, False, 1, 1, 8, 512, 4, 1, False),  # qkv after a split down_proj
-            ("bf16", 1, True, False, True, False, 1, 1, 8, 512, 4, 1, False),  # layer 0's qkv (a Qwen2 bias)
-            ("bf16", 1, True, True, False, True, 1, 1, 8, 512, 4, 1, False),  # gate_up + SiLU * up
-            ("bf16", 1, False, False, False, False, 2, 1, 8, 512, 4, 1, False),  # o_proj / down_proj, split K
-            ("bf16", 2, True, True, False, True, 1, 16, 16, 128, 4, 4, False),
-            ("bf16", 1, False, False, False, False, 2, 16, 16, 128, 4, 4, False),
-            ("fp32", 2, True, True, False, True, 1, 16, 16, 64, 4, 4, False),  # float32 engines: ieee dots
-            ("bf16", 2, True, True, False, True, 1, 1, 8, 512, 4, 1, True),  # fused_small_batch_pdl
-            ("bf16", 1, False, False, False, False, 2, 16, 16, 128, 4, 4, True)):
+    # (dtype, parts, norm, norm_first, res, bias, gated, split, block_m, block_n, block_k, warps, stages, pdl)
+    for dt, parts, norm, first, res, bias, gated, split, bm, bn, bk, warps, stages, pdl in (
+            ("bf16", 2, True, False, True, False, False, 1, 1, 8, 512, 4, 1, False),  # qkv after a split down
+            ("bf16", 1, True, False, False, True, False, 1, 1, 8, 512, 4, 2, False),  # layer 0's qkv (Qwen2 bias)
+            ("bf16", 1, True, False, True, False, True, 1, 1, 8, 512, 4, 2, False),  # gate_up + SiLU * up
+            ("bf16", 1, True, True, True, False, True, 1, 1, 8, 512, 4, 1, False),  # the same, old norm
+            ("bf16", 1, False, False, False, False, False, 2, 1, 8, 512, 4, 2, False),  # o / down, split K
+            ("bf16", 2, True, False, True, False, True, 1, 16, 64, 128, 4, 3, False),
+            ("bf16", 1, True, False, True, False, False, 1, 16, 32, 128, 4, 6, False),
+            ("bf16", 2, True, True, True, False, True, 1, 16, 16, 128, 4, 4, False),
+            ("bf16", 1, False, False, False, False, False, 2, 16, 32, 128, 4, 6, False),
+            ("fp32", 2, True, False, True, False, True, 1, 16, 16, 64, 4, 4, False),  # float32 engines: ieee dots
+            ("fp16", 1, True, True, True, False, False, 1, 16, 32, 128, 4, 4, False),  # fp16 dots normalize first
+            ("bf16", 2, True, False, True, False, True, 1, 1, 8, 512, 4, 2, True),  # fused_small_batch_pdl
+            ("bf16", 1, False, False, False, False, False, 2, 16, 32, 128, 4, 6, True)):
         rows = _ptrs(dt, "w_ptr", "bias_ptr", "res_ptr", "nw_ptr", "res_out_ptr")
         ptrs = {**rows, "x_ptr": "*fp32" if parts > 1 else f"*{dt}", "out_ptr": "*fp32" if split > 1 else f"*{dt}"}
         out.append(Case(mod, "_skinny_gemm_kernel",
-                        dict(PARTS=parts, NORM=norm, HAS_RES=res, HAS_BIAS=bias, GATED=gated, SPLIT_K=split,
-                             USE_DOT=bm >= 16, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=bm,
-                             BLOCK_N=bn, BLOCK_K=bk, PDL=pdl),
-                        ptrs, {"num_warps": warps, "num_stages": stages, "launch_pdl": pdl}))
+                        dict(PARTS=parts, NORM=norm, NORM_FIRST=norm and first, HAS_RES=res, HAS_BIAS=bias,
+                             GATED=gated, SPLIT_K=split, USE_DOT=bm >= 16,
+                             DOT_PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                             PREFETCH=1 if stages <= 1 else 2, PDL=pdl),
+                        ptrs, {"num_warps": warps, "num_stages": stages, "launch_pdl": pdl}, SKINNY_DIVISIBLE))
     out.append(Case(mod, "_partials_rmsnorm_kernel", dict(PARTS=2, BLOCK=4096),
                     {**_ptrs("fp32", "x_ptr"), **_ptrs("bf16", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")},
                     {"num_warps": 8}))
     return out
 
 
-def compile_case(case: Case, arch: int) -> str:
-    """'' on success, else the compiler's complaint."""
+def compile_case(case: Case, arch: int) -> tuple[Any, str]:
+    """(the compiled kernel, '') on success, else (None, the compiler's complaint)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -136,16 +150,38 @@ def compile_case(case: Case, arch: int) -> str:
         else:
             signature[name] = case.pointers.get(name, "fp32" if name in FLOAT_ARGS else "i32")
     constexprs = {(fn.arg_names.index(k),): v for k, v in case.constexprs.items()}
+    hinted = set(case.divisible) | ({n for n, t in signature.items() if t.startswith("*")} if case.divisible else set())
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in hinted}
     try:
-        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=case.options)
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                options=case.options)
     except Exception as e:  # noqa: BLE001 - report every kernel, then fail
-        return f"{type(e).__name__}: {str(e)[:2000]}"
-    return ""
+        return None, f"{type(e).__name__}: {str(e)[:2000]}"
+    return kernel, ""
+
+
+def resources(kernel: Any) -> str:
+    """Registers, spills (STACK/LOCAL) and shared memory per block of a compiled kernel, from the
+    cuobjdump bundled with Triton: what bounds how many blocks an SM holds, and so how many bytes
+    they keep in flight. The second figure, smem, is Triton's own count (dynamic shared memory)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    usage = next((ln.strip() for ln in text.splitlines() if "REG:" in ln), text.strip()[-200:])
+    return f"{usage}  smem {kernel.metadata.shared}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmbench kernels compile-check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: Hopper)")
+    ap.add_argument("--resources", action="store_true", help="print each kernel's registers, spills and shared memory")
     return ap
 
 
@@ -158,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"triton {triton.__version__}", flush=True)  # the GPU machines may run another version
     failed = 0
     for case in cases():
-        err = compile_case(case, args.arch)
+        kernel, err = compile_case(case, args.arch)
         failed += bool(err)
         print(f"{'FAIL' if err else 'ok  '} sm_{args.arch} {case.name}" + (f"\n  {err}" if err else ""), flush=True)
+        if args.resources and kernel is not None:
+            print(f"     {case.options}: {resources(kernel)}", flush=True)
     return 1 if failed else 0
 
 

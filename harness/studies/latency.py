@@ -11,7 +11,11 @@ point that fits and reused for every point of --batch x --context. A point
   tpot_ms        wall time of one engine step (host clock): every sequence's TPOT
   host_ms        the host's own work in a step: schedule + input prep and launch + postprocess
                  (schedule_ms, launch_ms, postprocess_ms); async scheduling overlaps it with the
-                 GPU, wait_ms is the host blocked on the GPU
+                 GPU, wait_ms is the host blocked on the GPU. host_p50_ms / host_max_ms: the
+                 median and slowest step's; a mean far above the median is one long step, and
+                 these say what happened inside the timed steps: jit_compiles (Triton
+                 specializations first met, jit_kernels names them), gc_ms / gc_full (Python's
+                 garbage collector; full collections), eager_steps (steps without a CUDA graph)
   gpu_ms         the model part alone: CUDA events around replays of its decode graph
                  (empty on a CPU or without graphs); tpot_minus_gpu_ms is the rest of a step
                  (host work the GPU waited for, sampling, input copies)
@@ -235,7 +239,22 @@ def describe(model: str, row: dict[str, Any]) -> str:
         return f"{head} skipped: {row['skip_reason']}"
     return (f"{head} TPOT {row['tpot_ms']:.3f} ms  host {row['host_ms']:.3f}  gpu {_ms(row['gpu_ms'])}  "
             f"TPOT-gpu {_ms(row['tpot_minus_gpu_ms'])}  floor {row['floor_ms']:.3f}  "
-            f"TPOT/floor {row['tpot_vs_floor']:.2f}")
+            f"TPOT/floor {row['tpot_vs_floor']:.2f}{oddities(row)}")
+
+
+def oddities(row: dict[str, Any]) -> str:
+    """What made some timed step slow, when anything did: a host-time outlier, Triton compiles,
+    garbage collection, steps without a graph ('' when none)."""
+    notes = []
+    if row["host_max_ms"] > 3 * max(row["host_p50_ms"], 0.1):
+        notes.append(f"host max {row['host_max_ms']:.1f} ms vs median {row['host_p50_ms']:.3f}")
+    if row["jit_compiles"]:
+        notes.append(f"{row['jit_compiles']} Triton compile(s): {row['jit_kernels']}")
+    if row["gc_full"] or row["gc_ms"] > 1.0:
+        notes.append(f"GC {row['gc_ms']:.1f} ms ({row['gc_full']} full)")
+    if row["eager_steps"]:
+        notes.append(f"{row['eager_steps']} eager step(s)")
+    return f"  [{'; '.join(notes)}]" if notes else ""
 
 
 def points_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

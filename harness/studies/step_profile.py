@@ -15,9 +15,11 @@ The measurement of one (batch, context) point (`measure_point`, and the engine s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ from engine.config_args import add_engine_args, engine_kwargs
 from engine.executor import UniprocExecutor
 from engine.model_runner import ModelRunner
 from engine.outputs import StepStats
+from harness.kernels.jit_watch import watch_jit
 from harness.roofline import bytes_moved, measure_copy_bandwidth, weight_bytes
 from harness.studies import write_result
 
@@ -92,7 +95,8 @@ def drain(llm: LLM) -> None:
 
 @dataclass
 class DecodeTiming:
-    """Per-step means over `steps` engine steps of one decode batch (seconds; host clock)."""
+    """Per-step means over `steps` engine steps of one decode batch (seconds; host clock), and
+    what can make one step slow: a mean host time far above its median is one long step."""
 
     steps: int
     step_s: float  # wall time of a step: every sequence's TPOT
@@ -102,6 +106,12 @@ class DecodeTiming:
     wait_s: float  # the host blocked on the GPU (sampled ids of the step before)
     bytes_per_step: float  # harness.roofline.bytes_moved of the steps, per step
     kv_tokens: float  # KV tokens stored, all sequences
+    host_p50_s: float = 0.0  # the median step's host work (schedule + launch + postprocess)
+    host_max_s: float = 0.0  # the slowest step's
+    eager_steps: int | None = None  # steps that found no CUDA graph (None: the engine has none)
+    jit: list[str] | None = None  # Triton specializations first met in the steps (None: not knowable)
+    gc_s: float = 0.0  # Python's garbage collector, inside the steps
+    gc_full: int = 0  # of its collections, the full (generation 2) ones
 
     @property
     def host_s(self) -> float:
@@ -109,18 +119,49 @@ class DecodeTiming:
         return self.schedule_s + self.launch_s + self.postprocess_s
 
 
+@contextlib.contextmanager
+def watch_gc() -> Iterator[list[tuple[int, float]]]:
+    """(generation, seconds) of each garbage collection inside the block."""
+    seen: list[tuple[int, float]] = []
+    start = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            seen.append((info["generation"], time.perf_counter() - start[0]))
+
+    gc.callbacks.append(callback)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def _graph_misses(llm: LLM) -> int | None:
+    """StepGraphs.misses of a single-process engine with graphs, else None."""
+    executor = llm.engine.executor
+    graphs = executor.runner.graphs if isinstance(executor, UniprocExecutor) else None
+    return graphs.misses if graphs is not None else None
+
+
 def time_decode(llm: LLM, batch: int, steps: int) -> DecodeTiming:
     """Run `steps` engine steps and time them; each must be a decode step of all `batch`
-    sequences (a prefill or preemption inside would make the figures wrong, so it raises)."""
+    sequences (a prefill or preemption inside would make the figures wrong, so it raises).
+    Also notes what could make single steps slow: Triton compiles, garbage collections, steps
+    without a CUDA graph."""
     engine = llm.engine
     if engine.config.device_type == "cuda":
         torch.cuda.synchronize()
     stats: list[StepStats] = []
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-        stats.append(engine.last_step_stats)
-    wall = time.perf_counter() - t0
+    misses = _graph_misses(llm)
+    with watch_jit() as jit, watch_gc() as collections:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+            stats.append(engine.last_step_stats)
+        wall = time.perf_counter() - t0
+    eager = None if misses is None else _graph_misses(llm) - misses
     bad = [s for s in stats if s.num_prefill_tokens or s.num_preempted or s.num_scheduled_seqs != batch]
     if bad:
         raise RuntimeError(f"{len(bad)} of {steps} timed steps were not decode steps of {batch} sequences "
@@ -133,8 +174,11 @@ def time_decode(llm: LLM, batch: int, steps: int) -> DecodeTiming:
     def mean(name: str) -> float:
         return sum(getattr(s, name) for s in stats) / steps
 
+    host = sorted(s.schedule_s + s.launch_s + s.postprocess_s for s in stats)
     return DecodeTiming(steps, wall / steps, mean("schedule_s"), mean("launch_s"), mean("postprocess_s"),
-                        mean("execute_s") - mean("launch_s"), moved / steps, float(frame["kv_tokens_stored"].mean()))
+                        mean("execute_s") - mean("launch_s"), moved / steps, float(frame["kv_tokens_stored"].mean()),
+                        host[len(host) // 2], host[-1], eager, jit.seen if jit.available else None,
+                        sum(t for _, t in collections), sum(g == 2 for g, _ in collections))
 
 
 def graph_replay_ms(llm: LLM, batch: int, replays: int = GRAPH_REPLAYS) -> float | None:
@@ -170,6 +214,9 @@ def measure_point(llm: LLM, batch: int, context: int, steps: int, warmup: int, b
     return {"batch": batch, "context": context, "kv_tokens_per_seq": t.kv_tokens / batch, "steps": steps,
             "tpot_ms": t.step_s * 1e3, "host_ms": t.host_s * 1e3, "schedule_ms": t.schedule_s * 1e3,
             "launch_ms": t.launch_s * 1e3, "postprocess_ms": t.postprocess_s * 1e3, "wait_ms": t.wait_s * 1e3,
+            "host_p50_ms": t.host_p50_s * 1e3, "host_max_ms": t.host_max_s * 1e3, "eager_steps": t.eager_steps,
+            "jit_compiles": None if t.jit is None else len(t.jit), "jit_kernels": None if t.jit is None else
+            ",".join(t.jit), "gc_ms": t.gc_s * 1e3, "gc_full": t.gc_full,
             "gpu_ms": gpu_ms, "tpot_minus_gpu_ms": None if gpu_ms is None else t.step_s * 1e3 - gpu_ms,
             "weight_bytes": weights, "kv_bytes": t.bytes_per_step - weights,
             "floor_ms": floor_ms, "tpot_vs_floor": t.step_s * 1e3 / floor_ms,

@@ -323,6 +323,7 @@ def tiny_llm():
     llm = LLM("tiny", max_model_len=256, num_kv_blocks=1100, block_size=16)
     llm.engine.warm_up()
     yield llm
+    llm.shutdown()  # unfreezes the heap warm_up froze
     torch.set_num_threads(threads)
 
 

@@ -91,3 +91,13 @@ def test_lookup_routes_each_kind_of_step():
     # sample: decode graphs need one sampled token per row, so the prefill graph takes them
     assert _lookup(SchedulerOutput([_seq(2), _seq(1)], 0, 3)) == GraphShape(16, 8, False)
     assert _lookup(SchedulerOutput([_seq(1, sample=False), _seq(1)], 0, 2)) == GraphShape(16, 8, False)
+
+
+def test_lookup_counts_the_steps_without_a_graph():
+    """StepGraphs.misses: the steps that ran eagerly (the latency study checks its timed window)."""
+    ladder = GraphLadder.build(8, 64, 8192)
+    graphs = StepGraphs(forward=None, buffers=None, ladder=ladder, max_model_len=64)
+    graphs.graphs = {s: s for s in ladder.shapes() if s != GraphShape(2, 2, True)}  # one graph missing
+    decode = SchedulerOutput([_seq(1), _seq(1)], 0, 2)
+    assert [graphs.lookup(SchedulerOutput([_seq(1)], 0, 1)), graphs.lookup(decode)] == [GraphShape(1, 1, True), None]
+    assert graphs.lookup(SchedulerOutput([_seq(65)], 65, 0)) is None and graphs.misses == 2

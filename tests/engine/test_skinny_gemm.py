@@ -1,8 +1,9 @@
 """The small-batch skinny GEMM (engine/kernels/skinny_gemm.py, tiles in gemv_config.py) against the torch ops it replaces
 (RMSNorm with its residual add, F.linear, SiLU * up, split-K sums): fp32/fp16 under
-TRITON_INTERPRET on CPU, bf16 too on a GPU. CUDA-core tiles (block_m < 16) and tensor-core
-tiles (block_m >= 16), split K, edge shapes (one row, 16 rows, 17 rows over two row tiles,
-N and K not multiples of the tile).
+TRITON_INTERPRET on CPU, bf16 too on a GPU. CUDA-core tiles (block_m < 16, one or two weight
+tiles prefetched) and tensor-core tiles (block_m >= 16), split K, the norm in one pass (rstd
+applied to the accumulators) and with a first pass (norm_first), edge shapes (one row, 16 rows,
+17 rows over two row tiles, N and K not multiples of the tile).
 Run: pytest tests/engine/test_skinny_gemm.py"""
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.gemv_config import SMEM_BUDGET, GemvConfig, GemvProblem, choose_config
+from engine.kernels.gemv_config import (
+    BIG_WEIGHT_BYTES,
+    SMEM_BUDGET,
+    SPLIT_MAX_ROWS,
+    GemvConfig,
+    GemvProblem,
+    choose_config,
+    dot_cost,
+)
 from engine.kernels.skinny_gemm import NormIn, partials_rmsnorm, problem, skinny_gemm
 from engine.layers.norm import RMSNorm
 
@@ -29,8 +38,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def cfg(tile: str, split: int = 1) -> GemvConfig:
-    return GemvConfig(*TILES[tile], 4, 2, split)
+def cfg(tile: str, split: int = 1, norm_first: bool = False, stages: int = 2) -> GemvConfig:
+    """stages 2: CUDA-core tiles prefetch two weight tiles, 1: one."""
+    return GemvConfig(*TILES[tile], 4, stages, split, norm_first)
 
 
 def rand(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -77,13 +87,15 @@ def test_bias_is_added_before_the_rounding(dtype, tile):
 @pytest.mark.parametrize("tile", list(TILES))
 @pytest.mark.parametrize("with_residual", [True, False])
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_norm_prologue_matches_rmsnorm_then_linear(dtype, tile, with_residual, m):
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_norm_prologue_matches_rmsnorm_then_linear(dtype, tile, with_residual, m, norm_first):
     """norm(x + residual) @ W^T, and the new residual is x + residual bit for bit (written by
-    several programs, one K tile each: 5 feature tiles, 3 K tiles of 32 or 2 of 64)."""
+    several programs, one K tile each: 5 feature tiles, 3 K tiles of 32 or 2 of 64), with rstd
+    from a first pass or along the K loop."""
     k, n = 96, 40
     x, w, g = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=k ** -0.5), norm_weight(k, dtype)
     residual = rand(m, k, dtype=dtype) if with_residual else None
-    y, new_res = skinny_gemm(x, w, norm=NormIn(g, EPS, residual), config=cfg(tile))
+    y, new_res = skinny_gemm(x, w, norm=NormIn(g, EPS, residual), config=cfg(tile, norm_first=norm_first))
     normed, want_res = ref_norm(x, g, residual)
     assert torch.equal(new_res, want_res)
     assert rel(y, ref_linear(normed, w)) < TOL[dtype]
@@ -92,11 +104,12 @@ def test_norm_prologue_matches_rmsnorm_then_linear(dtype, tile, with_residual, m
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tile", list(TILES))
 @pytest.mark.parametrize("parts", [2, 3])
-def test_partial_sums_in_are_summed_in_order_then_normed(dtype, tile, parts):
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_partial_sums_in_are_summed_in_order_then_normed(dtype, tile, parts, norm_first):
     m, k, n = 4, 64, 24
     partials = rand(parts, m, k, dtype=torch.float32)
     w, g, residual = rand(n, k, dtype=dtype, scale=0.125), norm_weight(k, dtype), rand(m, k, dtype=dtype)
-    y, new_res = skinny_gemm(partials, w, norm=NormIn(g, EPS, residual), config=cfg(tile))
+    y, new_res = skinny_gemm(partials, w, norm=NormIn(g, EPS, residual), config=cfg(tile, norm_first=norm_first))
     total = partials[0]
     for p in partials[1:]:
         total = total + p
@@ -108,11 +121,13 @@ def test_partial_sums_in_are_summed_in_order_then_normed(dtype, tile, parts):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tile", list(TILES))
 @pytest.mark.parametrize("m,inter", [(1, 40), (16, 24), (3, 33)])  # 33: not a multiple of any block_n
-def test_gated_epilogue_matches_silu_mul(dtype, tile, m, inter):
-    k = 64
+@pytest.mark.parametrize("stages", [1, 2])
+def test_gated_epilogue_matches_silu_mul(dtype, tile, m, inter, stages):
+    """Gate and up tiles both scaled by rstd; CUDA-core tiles with one and two tiles in flight."""
+    k = 160  # 5 K tiles of 32, 3 of 64 (the last one short)
     x, w, g = rand(m, k, dtype=dtype), rand(2 * inter, k, dtype=dtype, scale=0.25), norm_weight(k, dtype)
     residual = rand(m, k, dtype=dtype)
-    y, new_res = skinny_gemm(x, w, norm=NormIn(g, EPS, residual), gated=True, config=cfg(tile))
+    y, new_res = skinny_gemm(x, w, norm=NormIn(g, EPS, residual), gated=True, config=cfg(tile, stages=stages))
     normed, want_res = ref_norm(x, g, residual)
     gate, up = ref_linear(normed, w).chunk(2, dim=-1)
     assert y.shape == (m, inter) and torch.equal(new_res, want_res)
@@ -122,24 +137,52 @@ def test_gated_epilogue_matches_silu_mul(dtype, tile, m, inter):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tile", list(TILES))
 @pytest.mark.parametrize("split,k", [(2, 128), (3, 96), (4, 80)])  # 80: the last split is short
-def test_split_k_leaves_fp32_partials_that_sum_to_the_product(dtype, tile, split, k):
+@pytest.mark.parametrize("stages", [1, 2])
+def test_split_k_leaves_fp32_partials_that_sum_to_the_product(dtype, tile, split, k, stages):
     m, n = 2, 40
     x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=k ** -0.5)
-    y, _ = skinny_gemm(x, w, split_ok=True, config=cfg(tile, split))
+    y, _ = skinny_gemm(x, w, split_ok=True, config=cfg(tile, split, stages=stages))
     assert y.shape == (split, m, n) and y.dtype == torch.float32
     want = F.linear(x.double(), w.double())
     assert rel(y.sum(0), want) < TOL[torch.float32] * 10
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", list(TILES))
+def test_norm_with_split_k_normalizes_in_a_first_pass(dtype, tile):
+    """A split sees part of each row, so the norm cannot wait for the row's sum of squares:
+    whatever the config says, rstd comes from a first pass, and the partials sum to the product."""
+    m, k, n, split = 3, 128, 40, 2
+    x, w, g, residual = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=k ** -0.5), norm_weight(
+        k, dtype), rand(m, k, dtype=dtype)
+    y, new_res = skinny_gemm(x, w, norm=NormIn(g, EPS, residual), split_ok=True, config=cfg(tile, split))
+    normed, want_res = ref_norm(x, g, residual)
+    assert y.shape == (split, m, n) and torch.equal(new_res, want_res)
+    assert rel(y.sum(0), F.linear(normed.double(), w.double())) < TOL[dtype]
+
+
+@pytest.mark.parametrize("tile", list(TILES))
+def test_fp16_norm_of_large_activations_stays_finite(tile):
+    """x * g exceeds fp16's range (here 300 * 300): the one-pass norm keeps it in fp32 on CUDA
+    cores, and fp16 tensor-core tiles (which would round it to fp16) normalize first."""
+    dtype, m, k, n = torch.float16, 2, 64, 24
+    x = rand(m, k, dtype=dtype) + 300.0
+    w, g = rand(n, k, dtype=dtype, scale=k ** -0.5), torch.full((k,), 300.0, device=DEVICE, dtype=dtype)
+    y, _ = skinny_gemm(x, w, norm=NormIn(g, EPS), config=cfg(tile))
+    normed, _ = ref_norm(x, g, None)
+    assert torch.isfinite(y).all() and rel(y, ref_linear(normed, w)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("tile", ["fma1", "dot"])
 @pytest.mark.parametrize("k", [1024, 4096])
-def test_model_widths_one_and_sixteen_rows(tile, k):
+@pytest.mark.parametrize("stages", [1, 3])
+def test_model_widths_one_and_sixteen_rows(tile, k, stages):
     """The hidden sizes of Qwen3-0.6B and Llama-3-8B, many K tiles, fp16."""
     dtype, n = torch.float16, 24
     m = 1 if tile == "fma1" else 16
     x, w, g = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=k ** -0.5), norm_weight(k, dtype)
     residual = rand(m, k, dtype=dtype)
-    big = GemvConfig(*TILES[tile][:2], 256, 4, 3)
+    big = GemvConfig(*TILES[tile][:2], 256, 4, stages)
     y, new_res = skinny_gemm(x, w, norm=NormIn(g, EPS, residual), config=big)
     normed, want_res = ref_norm(x, g, residual)
     assert torch.equal(new_res, want_res) and rel(y, ref_linear(normed, w)) < TOL[dtype]
@@ -170,16 +213,51 @@ def test_partials_rmsnorm(dtype, parts):
     assert torch.equal(new_res, want_res) and rel(out, want) < TOL[dtype]
 
 
-def test_choose_config_fills_the_gpu_and_splits_only_where_allowed():
+# the decoder layer's projections (n_out, k, gated, can_split) at qwen3-0.6b and llama-3-8b sizes
+LAYER_SHAPES = [(4096, 1024, False, False), (3072, 1024, True, False), (1024, 2048, False, True),
+                (1024, 3072, False, True), (6144, 4096, False, False), (14336, 4096, True, False),
+                (4096, 4096, False, True), (4096, 14336, False, True)]
+
+
+def test_choose_config_one_row_on_cuda_cores_more_on_tensor_cores():
+    """One row: CUDA cores, two weight tiles in flight only for big weights (llama-3-8b), split
+    K only where the caller takes partials and the feature tiles leave half the SMs idle. More
+    rows: tensor cores, a pipeline within the SMEM budget, split K only for few rows."""
     sms = 132
-    for m in (1, 4, 16):
-        for n, k in ((4096, 1024), (3072, 1024), (1024, 2048), (1024, 3072), (6144, 4096), (4096, 14336)):
-            c = choose_config(GemvProblem(m, n, k, can_split=True), sms)
-            assert c.block_m >= m and (c.use_dot == (m > 1))
-            assert -(-n // c.block_n) * c.split_k >= sms // 2, (m, n, k, c)
-            assert choose_config(GemvProblem(m, n, k), sms).split_k == 1
-            if -(-n // c.block_n) >= sms // 2:
-                assert c.split_k == 1, (m, n, k, c)
+    for n, k, gated, can_split in LAYER_SHAPES:
+        for m in (1, 2, 4, 8, 16):
+            p = GemvProblem(m, n, k, 2, 4 if not can_split else 2, gated, can_split)
+            c = choose_config(p, sms)
+            assert c.block_m >= m and c.use_dot == (m > 1) and not c.norm_first, (p, c)
+            assert c.split_k == 1 or (can_split and (m == 1 or m <= SPLIT_MAX_ROWS)), (p, c)
+            if m == 1:
+                assert c.prefetch == (2 if n * k * (2 if gated else 1) * 2 >= BIG_WEIGHT_BYTES else 1), (p, c)
+                tiles = -(-n // c.block_n)
+                assert c.split_k == 1 or tiles * c.split_k // 2 < sms // 2, (p, c)
+            else:
+                assert 2 <= c.num_stages and c.pipelined_bytes(p) <= SMEM_BUDGET and c.split_k <= 2, (p, c)
+                others = [_fit(p, GemvConfig(16, bn, 128, 4, 6)) for bn in (16, 32, 64)]
+                assert all(dot_cost(p, c, sms) <= dot_cost(p, o, sms) for o in others), (p, c)
+
+
+def _fit(p: GemvProblem, c: GemvConfig) -> GemvConfig:
+    """c with as many stages as SMEM_BUDGET takes."""
+    while c.num_stages > 2 and c.pipelined_bytes(p) > SMEM_BUDGET:
+        c = replace(c, num_stages=c.num_stages - 1)
+    return c
+
+
+def test_dot_cost_prefers_filling_the_gpu_and_deep_pipelines():
+    """The model behind the tensor-core choice: fewer programs than SMs, a shallower pipeline and
+    more x reads each cost more."""
+    p, sms = GemvProblem(2, 4096, 4096, 2, 4), 132
+    wide, narrow = GemvConfig(16, 64, 128, 4, 4), GemvConfig(16, 16, 128, 4, 4)
+    few = replace(p, n_out=512)  # 32 programs of 16 features: a quarter of the SMs
+    assert dot_cost(few, narrow, sms) / few.n_out > 2 * dot_cost(p, narrow, sms) / p.n_out
+    assert dot_cost(p, replace(narrow, num_stages=2), sms) > dot_cost(p, narrow, sms)
+    assert dot_cost(replace(p, x_bytes=18), narrow, sms) > dot_cost(p, narrow, sms)
+    many_rows = replace(p, m=16)  # x reads grow with the rows: the wide tile reads x 4x less often
+    assert dot_cost(many_rows, wide, sms) < dot_cost(many_rows, narrow, sms)
 
 
 @pytest.mark.parametrize("itemsize,parts", [(2, 1), (2, 4), (4, 2)])
@@ -206,7 +284,12 @@ def test_problem_describes_the_call():
 def test_config_parse_and_errors():
     assert GemvConfig.parse("16,16,256,4,4,2") == GemvConfig(16, 16, 256, 4, 4, 2)
     assert GemvConfig.parse("1,8,512,4,3").split_k == 1
-    for bad in ("1,8,512", "a,b,c,d,e", "1,8,500,4,3", "16,8,256,4,3", "1,8,512,4,0"):
+    first = GemvConfig.parse("16,32,128,4,5,1,first")
+    assert first == GemvConfig(16, 32, 128, 4, 5, 1, norm_first=True) and GemvConfig.parse(first.text()) == first
+    assert GemvConfig.parse(GemvConfig(1, 8, 512, 4, 2).text()) == GemvConfig(1, 8, 512, 4, 2)
+    assert (GemvConfig(1, 8, 512, 4, 1).prefetch, GemvConfig(1, 8, 512, 4, 2).prefetch) == (1, 2)
+    for bad in ("1,8,512", "a,b,c,d,e", "1,8,500,4,3", "16,8,256,4,3", "1,8,512,4,0", "1,8,512,4,1,first",
+                "1,8,512,4,1,1,last"):
         with pytest.raises(ValueError):
             GemvConfig.parse(bad)
     x, w = rand(2, 64, dtype=torch.float32), rand(32, 64, dtype=torch.float32)

@@ -1,5 +1,6 @@
 """`llmbench kernels bench-gemv --smoke`: the GPU microbenchmark's script on a tiny shape (the
-interpreter on CPU): every projection and the layer chain are timed fused and unfused, and each
+interpreter on CPU): every projection and the layer chain are timed fused and unfused, and with
+the first kernel's tiles and norm pass (legacy, default+first: the old-vs-new A/B), and each
 fused variant agrees with the unfused result it is compared against.
 Run: pytest tests/harness/test_bench_gemv.py"""
 
@@ -18,8 +19,11 @@ def test_smoke_run_times_every_op_and_checks_it(tmp_path, monkeypatch, capsys):
     got = {(r["op"], r["M"], r["variant"]) for r in rows}
     for m in ("1", "3"):
         for op in ("qkv", "o", "gate_up", "down"):
-            assert {(op, m, "unfused"), (op, m, "default")} <= got
-        assert {("layer", m, "unfused"), ("layer", m, "fused")} <= got
-    assert all(float(r["rel_err"]) < 1e-5 for r in rows if r["variant"] == "default")
+            assert {(op, m, "unfused"), (op, m, "default"), (op, m, "legacy")} <= got
+        assert {("qkv", m, "default+first"), ("gate_up", m, "default+first")} <= got
+        assert {("layer", m, "unfused"), ("layer", m, "fused"), ("layer", m, "fused-legacy")} <= got
+    assert all(float(r["rel_err"]) < 1e-5 for r in rows if r["variant"] != "unfused" and r["op"] != "layer")
+    assert all(r["config"].endswith(",first") for r in rows if r["variant"] in ("legacy", "default+first")
+               and r["op"] in ("qkv", "gate_up"))
     assert all(float(r["us"]) > 0 for r in rows)
     assert "best config" in capsys.readouterr().out
