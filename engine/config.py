@@ -79,6 +79,12 @@ class EngineConfig:
     # those kernels launch as programmatic dependents (sm_90+): each starts loading its weights while
     # the kernel before it finishes (experimental: correct on an H200, not yet timed)
     fused_small_batch_pdl: bool = False
+    # decode steps on the fused path: the decode attention kernel applies the q/k norm and rotary to the
+    # raw q and k and stores this step's K/V itself (no qk_norm_rope kernel: one kernel fewer a layer)
+    fused_small_batch_rotary: bool = False
+    # decode steps on the fused path: the decode attention kernel merges its KV splits itself, in the last
+    # program of each KV head to finish (no reduce kernel: one kernel fewer a layer)
+    fused_small_batch_merge: bool = False
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
     # graphs) leaves the collector's scans, so a full collection no longer stalls a decode step for
@@ -118,8 +124,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
         if not isinstance(self.freeze_gc, bool):
             raise ValueError(f"freeze_gc must be a bool, got {self.freeze_gc!r}")
-        if not isinstance(self.fused_small_batch_pdl, bool):
-            raise ValueError(f"fused_small_batch_pdl must be a bool, got {self.fused_small_batch_pdl!r}")
+        for name in ("fused_small_batch_pdl", "fused_small_batch_rotary", "fused_small_batch_merge"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.skip_tokenizer_init, bool):
             raise ValueError(f"skip_tokenizer_init must be a bool, got {self.skip_tokenizer_init!r}")
         if self.skip_tokenizer_init and self.tokenizer is not None:

@@ -100,7 +100,9 @@ class ModelRunner:
 
     def _build_model(self) -> torch.nn.Module:
         with torch.device(self.device), _default_dtype(self.dtype):
-            fusion = SmallBatchFusion(self.config.resolved_fused_tokens, self.config.fused_small_batch_pdl)
+            cfg = self.config
+            fusion = SmallBatchFusion(cfg.resolved_fused_tokens, cfg.fused_small_batch_pdl, cfg.fused_small_batch_rotary,
+                                      cfg.fused_small_batch_merge)
             model = get_model_class(self.mc.architecture)(self.mc, self.tp, fusion)
         load_weights(model, self.config)
         return model.eval()

@@ -49,6 +49,7 @@ def load_varlen_func() -> Callable:
 
 class FlashAttention:
     accepts_stored_kv = True  # as TritonAttention: the rotary kernel writes this step's K/V
+    fused_decode = True  # decode steps run TritonAttention's kernels, its decode_fused too
 
     def __init__(self, varlen_func: Callable | None = None) -> None:
         # varlen_func: a stand-in for FA4's (CPU tests of the argument mapping)
@@ -93,6 +94,10 @@ class FlashAttention:
             store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, check=not self._checked)
             self._checked = True
         return self._prefill(q, k_cache, v_cache, meta, scale)
+
+    def decode_fused(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, rotary,
+                     merge: bool) -> torch.Tensor:
+        return self._decode.decode_fused(q, k, v, k_cache, v_cache, meta, scale, rotary, merge)
 
     def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.kernels.rope import RotaryIn
 
 
 @dataclass
@@ -42,6 +45,9 @@ class AttentionBackend(Protocol):
     # True: the model may store this step's K/V itself (its GPU rotary kernel writes them into
     # the caches) and then passes k = v = None to forward
     accepts_stored_kv: bool
+    # True: decode_fused exists (the Triton decode kernel with the rotary, the KV store and the
+    # split merge folded in; see engine.attention.triton_backend)
+    fused_decode: bool
 
     def reserve(self, max_seqs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
         """Allocate any per-batch scratch up front (before CUDA graph capture)."""
@@ -62,4 +68,12 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+    def decode_fused(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                     rotary: RotaryIn | None, merge: bool) -> torch.Tensor:
+        """Only where fused_decode: a decode-only step whose kernel also applies `rotary` to the
+        raw q, k and stores K, V (rotary None: done before, k = v = None) and, with `merge`,
+        merges its own splits."""
         ...

@@ -69,6 +69,7 @@ def paged_attention_batched(q, k_cache, v_cache, meta: AttentionMetadata, scale:
 
 class TorchAttention:
     accepts_stored_kv = False
+    fused_decode = False
 
     def reserve(self, max_seqs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
         pass  # no scratch: the reference path allocates per call

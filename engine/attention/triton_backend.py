@@ -11,6 +11,9 @@ lengths are read from meta.seq_lens on device. Call reserve() with the largest b
 capturing so the scratch is not allocated inside a capture. Prefill graphs (engine/graph_shapes.py)
 pass max_query_len = the padded token count T: the unified path, with both tile launches when
 T > SMALL_Q_MAX (each program then keeps or skips its sequence by q_len on the device).
+
+`decode_fused` is the fused small-batch path's decode step (engine.models.llama): the decode
+kernel also applies the rotary and stores this step's K/V, and merges its own splits.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from engine.kernels.decode_attention import (
     choose_num_splits,
     decode_attention,
 )
+from engine.kernels.rope import RotaryIn
 from engine.kernels.store_kv import store_kvcache
 from engine.kernels.unified_attention import unified_attention
 
@@ -32,6 +36,7 @@ MIN_SCRATCH_SEQS = 64  # split-K only runs at small batches; one allocation cove
 
 class TritonAttention:
     accepts_stored_kv = True  # k = v = None: the rotary kernel already wrote them (engine.kernels.rope)
+    fused_decode = True  # decode_fused: rotary, KV store and the split merge inside the decode kernel
 
     def __init__(self) -> None:
         self._checked: set[str] = set()  # kernels whose arguments were validated once
@@ -77,13 +82,7 @@ class TritonAttention:
         path = "decode" if meta.is_decode_only else "unified"
         check = path not in self._checked
         if meta.is_decode_only:
-            num_seqs = meta.num_seqs
-            splits = choose_num_splits(num_seqs, k_cache.shape[2], meta.max_seq_len,
-                                       self._sms(q.device))
-            scratch = (self._get_scratch(num_seqs, q.shape[1], q.shape[2], q.device)
-                       if splits > 1 else None)
-            decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale,
-                             splits, scratch, check=check)
+            self._decode(q, k_cache, v_cache, out, meta, scale, check)
         else:
             unified_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
                               meta.block_tables, meta.max_query_len, meta.max_seq_len, scale,
@@ -91,3 +90,29 @@ class TritonAttention:
         if check:
             self._checked.update(("store", path))
         return out
+
+    def decode_fused(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                     rotary: RotaryIn | None, merge: bool) -> torch.Tensor:  # [B, Hq, D]
+        """A decode-only step in one kernel where the usual path launches up to three (the fused
+        small-batch path, engine.models.llama): with `rotary`, q [B, Hq, D] and k, v [B, Hkv, D]
+        are the qkv projection's raw views, and the decode kernel applies the q/k norm and rotary
+        and stores K and V itself; without it, q is rotated, and K and V are stored here unless
+        already (k = v = None). `merge`: the decode kernel merges its splits (no reduce kernel)."""
+        if rotary is None and k is not None:
+            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, check="store" not in self._checked)
+            self._checked.add("store")
+        path = "decode_rotary" if rotary is not None else "decode"
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
+        new_kv = (k, v, meta.slot_mapping) if rotary is not None else None
+        self._decode(q, k_cache, v_cache, out, meta, scale, path not in self._checked, rotary, new_kv, merge)
+        self._checked.add(path)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, check: bool,
+                rotary: RotaryIn | None = None, new_kv: tuple | None = None, merge: bool = False) -> None:
+        num_seqs = meta.num_seqs
+        splits = choose_num_splits(num_seqs, k_cache.shape[2], meta.max_seq_len, self._sms(q.device))
+        scratch = self._get_scratch(num_seqs, q.shape[1], q.shape[2], q.device) if splits > 1 else None
+        decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale, splits, scratch,
+                         check=check, rotary=rotary, new_kv=new_kv, merge=merge)

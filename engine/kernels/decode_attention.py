@@ -5,6 +5,21 @@ equal share of the sequence's BLOCK_N-key tiles, and writes its fp32 partial out
 normalised) and log2-sum-exp to scratch. Stage 2, grid (num_seqs, Hq): merges the splits by
 log-sum-exp. With one split, stage 1 writes the output directly and stage 2 is skipped.
 
+Two options fold the kernels around it into stage 1 (the fused small-batch decode path,
+EngineConfig.fused_small_batch_rotary / _merge):
+- ROTARY: q and this step's k arrive raw from the qkv projection (a `RotaryIn`): every program
+  applies the q/k RMSNorm and rotary to its q heads as it loads them, and the tiles cover the
+  cached keys only (seq_len - 1). The newest key, this step's, goes to the program whose split
+  holds the last cached tile (split 0 if none): it rotates K, stores K and V into the caches at
+  the token's slot before its loop (no program of this launch reads that slot) and folds them
+  into its softmax after the loop, from registers, as one more key of its last tile would be
+  (the same roundings; only the order of the sums differs). Replaces the qk_norm_rope kernel.
+- MERGE: stage 2 runs in stage 1's last program of each (sequence, KV head): every program counts
+  itself in (an atomic on a per-(sequence, KV head) counter in the scratch, acq_rel at GPU scope,
+  after a barrier: its partials are visible to whoever counts last); the last one merges the
+  splits of its head group (loads bypass L1) and resets the counter to 0 for the next launch.
+  Replaces the reduce kernel; graph-safe (the counters are zeroed once, in the scratch).
+
 CUDA-graph safety: seq_lens and block_tables are only read on device, the grids depend only on
 (num_seqs, Hkv, num_splits), scratch is passed in, and a padded lane (seq_len 0) visits no tile,
 reads no block table entry and writes zeros.
@@ -25,6 +40,8 @@ import triton
 import triton.language as tl
 
 from engine.kernels.checks import check_attention_args
+from engine.kernels.rope import RotaryIn, norm_rope
+from engine.kernels.store_kv import check_store_args
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
@@ -41,6 +58,9 @@ DECODE_TILE = (128, 4, 2)
 # shared memory: fp32 and head_dim 256 keep the 64-key tiles they were measured with (Triton
 # itself allocated 70 KB for bf16 at 128 keys and 78 KB for fp32 at 64, sm_90 compile).
 TILE_SMEM_BYTES = 128 << 10
+# MERGE: fp32 elements of the partials the merging program loads at once (heads x splits x D):
+# 8192 is 64 registers a thread at 4 warps, 4 heads of 16 splits x 128
+MERGE_TILE = 8192
 
 
 @dataclass
@@ -49,6 +69,9 @@ class DecodeScratch:
 
     acc: torch.Tensor  # [max_seqs, Hq, max_splits, D] fp32, normalised partial outputs
     lse: torch.Tensor  # [max_seqs, Hq, max_splits] fp32, log2-sum-exp of each split
+    # [max_seqs, Hq] int32, zeros between launches: programs of (sequence, KV head) done (MERGE;
+    # row s, column h < Hkv)
+    count: torch.Tensor
 
     @property
     def max_seqs(self) -> int:
@@ -66,7 +89,7 @@ def alloc_decode_scratch(max_seqs: int, num_heads: int, head_dim: int, device: t
         raise ValueError(f"max_seqs {max_seqs} and max_splits {max_splits} must be >= 1")
     acc = torch.empty(max_seqs, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
     lse = torch.empty(max_seqs, num_heads, max_splits, dtype=torch.float32, device=device)
-    return DecodeScratch(acc, lse)
+    return DecodeScratch(acc, lse, torch.zeros(max_seqs, num_heads, dtype=torch.int32, device=device))
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int,
@@ -81,6 +104,50 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int,
 
 
 @triton.jit
+def _merge(lse, part):
+    """Split partials merged by log-sum-exp: lse [.., S] (log2; -inf: an empty split, weight 0)
+    and part [.., S, D] (each split's normalised output) -> [.., D]; all splits empty: zeros."""
+    lse_max = tl.max(lse, axis=-1, keep_dims=True)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # seq_len 0: all splits empty
+    w = tl.exp2(lse - lse_max)  # empty splits weigh 0
+    denom = tl.sum(w, axis=-1, keep_dims=True)
+    return tl.sum(tl.expand_dims(w, -1) * part, axis=-2) / tl.where(denom == 0.0, 1.0, denom)
+
+
+@triton.jit
+def _store_new_kv(k_src, v_src, slot_ptr, seq, kv_head, mine, k_cache_ptr, v_cache_ptr, kw_ptr, cos_row, sin_row,
+                  eps, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+                  BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This step's K (normed and rotated from its raw row at k_src) and V (at v_src) of one KV
+    head, loaded and stored into the caches at the token's slot only where `mine` (a program's
+    scalar) and the slot is not -1. Returns (k, v) [HEAD_DIM] in the caches' dtype (zeros if not mine)."""
+    slot = tl.load(slot_ptr + seq)
+    at = tl.maximum(slot, 0)
+    d = tl.arange(0, HEAD_DIM)
+    load = (d * 0 + mine.to(tl.int32)) != 0  # vectors: the interpreter rejects scalar masks
+    keep = load & ((d * 0 + slot) >= 0)
+    k = norm_rope(k_src, load, kw_ptr, cos_row, sin_row, eps, QK_NORM, HEAD_DIM)
+    v = tl.load(v_src + d, mask=load, other=0.0)
+    k_row = (at // BLOCK_SIZE) * stride_kc_b + (at % BLOCK_SIZE) * stride_kc_s + kv_head * stride_kc_h
+    v_row = (at // BLOCK_SIZE) * stride_vc_b + (at % BLOCK_SIZE) * stride_vc_s + kv_head * stride_vc_h
+    tl.store(k_cache_ptr + k_row + d, k, mask=keep)
+    tl.store(v_cache_ptr + v_row + d, v, mask=keep)
+    return k, v
+
+
+@triton.jit
+def _fold_key(q, k, v, m_i, l_i, acc, scale_log2):
+    """The running softmax (m_i, l_i, acc) of the q rows [BLOCK_H, D] after one more key k and
+    value v [D], with the loop's operations: p rounded to v's dtype before it weighs v."""
+    s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale_log2  # [BLOCK_H]
+    m_new = tl.maximum(m_i, s)
+    p = tl.exp2(s - m_new)
+    alpha = tl.exp2(m_i - m_new)
+    acc = acc * alpha[:, None] + p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
+    return m_new, l_i * alpha + p, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,  # q/out [B, Hq, D]; caches [nb, bs, Hkv, D]
     acc_ptr, lse_ptr,  # scratch [maxB, Hq, S, D], [maxB, Hq, S] fp32
@@ -89,16 +156,22 @@ def _decode_split_kernel(
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
     stride_bt, stride_acc_t, stride_acc_h, stride_acc_s, stride_lse_t, stride_lse_h,
+    # ROTARY only: this step's raw k and v [B, Hkv, D], slots [B] int64, positions [B], tables, norms
+    new_k_ptr, new_v_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, eps,
+    stride_nk_t, stride_nk_h, stride_nv_t, stride_nv_h, stride_cos,
+    count_ptr, stride_count,  # MERGE only: [maxB, >= Hkv] int32, zeros between launches
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr = False, QK_NORM: tl.constexpr = False,
+    MERGE: tl.constexpr = False, SPLITS_PAD: tl.constexpr = 1, MERGE_HEADS: tl.constexpr = 1,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    n_keys = tl.maximum(seq_len - 1, 0) if ROTARY else seq_len  # ROTARY: the newest key is not cached yet
     # Equal tile counts per split, computed on device so one graph fits every length.
-    n_tiles = tl.cdiv(seq_len, BLOCK_N)
+    n_tiles = tl.cdiv(n_keys, BLOCK_N)
     per_split = tl.cdiv(n_tiles, NUM_SPLITS)
     t_begin = split * per_split
     t_end = tl.minimum(t_begin + per_split, n_tiles)
@@ -109,8 +182,21 @@ def _decode_split_kernel(
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
     hd_mask = h_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + seq * stride_q_t + head[:, None] * stride_q_h + d[None, :],
-                mask=hd_mask, other=0.0)  # [BLOCK_H, D_PAD]; padding rows are 0
+    if ROTARY:  # q and this step's k raw from the qkv projection (D_PAD == HEAD_DIM)
+        q_pos = tl.load(pos_ptr + seq)
+        cos_row, sin_row = cos_ptr + q_pos * stride_cos, sin_ptr + q_pos * stride_cos
+        # the newest key is this program's if its split holds the last cached tile (split 0: none)
+        mine = (split == (tl.maximum(n_tiles, 1) - 1) // tl.maximum(per_split, 1)) & (seq_len > 0)
+        k_new, v_new = _store_new_kv(new_k_ptr + seq * stride_nk_t + kv_head * stride_nk_h,
+                                     new_v_ptr + seq * stride_nv_t + kv_head * stride_nv_h, slot_ptr, seq, kv_head,
+                                     mine, k_cache_ptr, v_cache_ptr, kw_ptr, cos_row, sin_row, eps,
+                                     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+                                     BLOCK_SIZE, QK_NORM, HEAD_DIM)
+        q = norm_rope(q_ptr + seq * stride_q_t + head[:, None] * stride_q_h, h_ok[:, None], qw_ptr,
+                      cos_row, sin_row, eps, QK_NORM, HEAD_DIM)  # [BLOCK_H, D_PAD]; padding rows are 0
+    else:
+        q = tl.load(q_ptr + seq * stride_q_t + head[:, None] * stride_q_h + d[None, :],
+                    mask=hd_mask, other=0.0)  # [BLOCK_H, D_PAD]; padding rows are 0
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -118,7 +204,7 @@ def _decode_split_kernel(
     bt_row = block_tables_ptr + seq * stride_bt
     for t in range(t_begin, t_end):
         pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        pos_ok = pos < seq_len
+        pos_ok = pos < n_keys
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         in_blk = pos % BLOCK_SIZE
         k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h
@@ -136,6 +222,9 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
+    if ROTARY:
+        if mine:
+            m_i, l_i, acc = _fold_key(q, k_new, v_new, m_i, l_i, acc, scale_log2)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # empty split / seq_len 0: zeros
     if NUM_SPLITS == 1:
@@ -147,6 +236,36 @@ def _decode_split_kernel(
         row = seq * stride_acc_t + head * stride_acc_h + split * stride_acc_s
         tl.store(acc_ptr + row[:, None] + d[None, :], o, mask=hd_mask)
         tl.store(lse_ptr + seq * stride_lse_t + head * stride_lse_h + split, lse, mask=h_ok)
+        if MERGE:
+            tl.debug_barrier()  # every thread's partials are stored before the program counts itself in
+            counter = count_ptr + seq * stride_count + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:  # the last one
+                _merge_group(acc_ptr, lse_ptr, out_ptr, seq, kv_head, d, d_ok, stride_acc_t, stride_acc_h,
+                             stride_acc_s, stride_lse_t, stride_lse_h, stride_o_t, stride_o_h,
+                             GROUP, NUM_SPLITS, SPLITS_PAD, MERGE_HEADS)
+                tl.store(counter, 0)  # for the next launch, which starts after this one ends
+
+
+@triton.jit
+def _merge_group(acc_ptr, lse_ptr, out_ptr, seq, kv_head, d, d_ok, stride_acc_t, stride_acc_h, stride_acc_s,
+                 stride_lse_t, stride_lse_h, stride_o_t, stride_o_h, GROUP: tl.constexpr,
+                 NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_HEADS: tl.constexpr):
+    """The reduce kernel's work for the GROUP heads of one (sequence, KV head), MERGE_HEADS at a
+    time; partials written by other programs of this launch are loaded from L2 (.cg), not L1."""
+    sp = tl.arange(0, SPLITS_PAD)
+    for c in tl.static_range(0, GROUP, MERGE_HEADS):
+        hh = c + tl.arange(0, MERGE_HEADS)
+        head = kv_head * GROUP + hh  # [MH]
+        ok = hh < GROUP
+        lse = tl.load(lse_ptr + seq * stride_lse_t + head[:, None] * stride_lse_h + sp[None, :],
+                      mask=ok[:, None] & (sp < NUM_SPLITS)[None, :], other=float("-inf"),
+                      cache_modifier=".cg")  # [MH, SPLITS_PAD]
+        part = tl.load(acc_ptr + seq * stride_acc_t + head[:, None, None] * stride_acc_h
+                       + sp[None, :, None] * stride_acc_s + d[None, None, :],
+                       mask=ok[:, None, None] & (sp < NUM_SPLITS)[None, :, None] & d_ok[None, None, :],
+                       other=0.0, cache_modifier=".cg")  # [MH, SPLITS_PAD, D_PAD]
+        tl.store(out_ptr + seq * stride_o_t + head[:, None] * stride_o_h + d[None, :],
+                 _merge(lse, part).to(out_ptr.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -163,15 +282,10 @@ def _decode_reduce_kernel(
     d_ok = d < HEAD_DIM
     lse = tl.load(lse_ptr + seq * stride_lse_t + head * stride_lse_h + s, mask=s_ok,
                   other=float("-inf"))  # [SPLITS_PAD]
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # seq_len 0: all splits empty
-    w = tl.exp2(lse - lse_max)  # empty splits weigh 0
     part = tl.load(acc_ptr + seq * stride_acc_t + head * stride_acc_h
                    + s[:, None] * stride_acc_s + d[None, :],
                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [SPLITS_PAD, D_PAD]
-    denom = tl.sum(w, 0)
-    o = tl.sum(w[:, None] * part, 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + d, o.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + d, _merge(lse, part).to(out_ptr.dtype.element_ty),
              mask=d_ok)
 
 
@@ -194,6 +308,24 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: t
                              f"small for {num_seqs} seqs x {num_splits} splits, heads/dim {want}")
 
 
+def _check_rotary(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rotary: RotaryIn,
+                  new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+    num_seqs, _, dim = q.shape
+    if new_kv is None:
+        raise ValueError("decode_attention with rotary needs new_kv = (k, v, slot_mapping): this step's raw K and V")
+    check_store_args(*new_kv[:2], k_cache, v_cache, new_kv[2])
+    if new_kv[0].shape[0] != num_seqs or dim < 16 or dim & (dim - 1):
+        raise ValueError(f"decode_attention with rotary needs k [{num_seqs}, Hkv, D] and a power-of-two head "
+                         f"dim >= 16; got k {tuple(new_kv[0].shape)}")
+    tables_ok = all(t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == dim and t.stride(1) == 1
+                    for t in (rotary.cos, rotary.sin)) and rotary.cos.stride() == rotary.sin.stride()
+    weights = (rotary.q_weight, rotary.k_weight)
+    norms_ok = all(w is None for w in weights) or all(w is not None and w.shape == (dim,) for w in weights)
+    if not tables_ok or not norms_ok or rotary.positions.shape != (num_seqs,):
+        raise ValueError(f"rotary needs fp32 cos/sin [max_pos, {dim}] with equal strides, both norm weights "
+                         f"[{dim}] or neither, and positions [{num_seqs}]")
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, Hq, D], one query token per sequence
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -208,11 +340,20 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    rotary: RotaryIn | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    merge: bool = False,
 ) -> torch.Tensor:
     """Paged decode attention; returns out. Pass a preallocated scratch when num_splits > 1
-    inside a CUDA graph (without one, it is allocated here, which is not capture-safe)."""
+    inside a CUDA graph (without one, it is allocated here, which is not capture-safe).
+    `rotary`, with new_kv = (k, v, slot_mapping) ([B, Hkv, D] twice, [B] int64): q and k are the
+    qkv projection's raw outputs; the kernel normalizes and rotates them (as qk_norm_rope) and
+    stores K and V into the caches at the slots (-1: not stored) before attending. `merge`: the
+    split kernel merges its splits itself (no reduce kernel; the scratch's counters)."""
     if check:
         _check(q, k_cache, v_cache, out, seq_lens, block_tables, num_splits, scratch)
+        if rotary is not None:
+            _check_rotary(q, k_cache, v_cache, rotary, new_kv)
     num_seqs, num_heads, head_dim = q.shape
     if num_seqs == 0:
         return out
@@ -228,6 +369,8 @@ def decode_attention(
         scratch = alloc_decode_scratch(num_seqs, num_heads, head_dim, q.device, num_splits)
     # With one split the scratch is never touched; out stands in for its pointers.
     acc, lse = (scratch.acc, scratch.lse) if num_splits > 1 else (out, out)
+    merge = merge and num_splits > 1
+    splits_pad = triton.next_power_of_2(num_splits)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, acc, lse, seq_lens, block_tables,
         scale * LOG2E,
@@ -236,16 +379,35 @@ def decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), acc.stride(0), acc.stride(1), acc.stride(2),
         lse.stride(0), lse.stride(1),
+        **_rotary_args(q, rotary, new_kv),
+        count_ptr=scratch.count if merge else q, stride_count=scratch.count.stride(0) if merge else 0,
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        MERGE=merge, SPLITS_PAD=splits_pad if merge else 1,
+        MERGE_HEADS=min(triton.next_power_of_2(group), max(1, MERGE_TILE // (splits_pad * d_pad))) if merge else 1,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not merge:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             acc, lse, out, acc.stride(0), acc.stride(1), acc.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+            SPLITS_PAD=splits_pad, num_warps=4,
         )
     return out
+
+
+def _rotary_args(q: torch.Tensor, rotary: RotaryIn | None,
+                 new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> dict:
+    """The split kernel's ROTARY arguments (q stands in for the pointers it does not read)."""
+    if rotary is None:
+        return dict(new_k_ptr=q, new_v_ptr=q, slot_ptr=q, pos_ptr=q, cos_ptr=q, sin_ptr=q, qw_ptr=q, kw_ptr=q,
+                    eps=0.0, stride_nk_t=0, stride_nk_h=0, stride_nv_t=0, stride_nv_h=0, stride_cos=0,
+                    ROTARY=False, QK_NORM=False)
+    k, v, slots = new_kv
+    norm = rotary.q_weight is not None
+    return dict(new_k_ptr=k, new_v_ptr=v, slot_ptr=slots, pos_ptr=rotary.positions, cos_ptr=rotary.cos,
+                sin_ptr=rotary.sin, qw_ptr=rotary.q_weight if norm else q, kw_ptr=rotary.k_weight if norm else q,
+                eps=rotary.eps, stride_nk_t=k.stride(0), stride_nk_h=k.stride(1), stride_nv_t=v.stride(0),
+                stride_nv_h=v.stride(1), stride_cos=rotary.cos.stride(0), ROTARY=True, QK_NORM=norm)

@@ -1,9 +1,14 @@
 """Per-head q/k RMSNorm (Qwen3) and rotary embedding in one kernel: q and k are read once from
 the fused qkv projection output (strided views); q is written contiguous for attention, and k
 either contiguous too or, with `store`, straight into the paged KV cache beside this step's V
-(the separate store kernel and its re-read of k are saved: one kernel fewer per layer)."""
+(the separate store kernel and its re-read of k are saved: one kernel fewer per layer).
+
+`norm_rope` is the same math for a kernel that holds whole heads in one tile (the decode
+attention kernel's prologue, engine/kernels/decode_attention.py, given a `RotaryIn`)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,6 +40,42 @@ def _norm_rope_heads(src, stride_h, dst, dst_stride_h, slot, w_ptr, c, s, eps, N
     out = dst + h[:, None] * dst_stride_h + d[None, :]
     tl.store(out, (a * c - b * s).to(dtype), mask=keep)
     tl.store(out + HALF, (b * c + a * s).to(dtype), mask=keep)
+
+
+class RotaryIn(NamedTuple):
+    """Rotary embedding, with Qwen3's per-head q/k RMSNorm first, for a kernel to apply to the raw
+    q and k it reads (RotaryEmbedding.prologue builds it)."""
+
+    positions: torch.Tensor  # [T] int64
+    cos: torch.Tensor  # [max_positions, D] fp32, rotate-half layout (each half repeated)
+    sin: torch.Tensor
+    q_weight: torch.Tensor | None  # [D]; None: no q/k norm
+    k_weight: torch.Tensor | None
+    eps: float
+
+
+@triton.jit
+def norm_rope(src, mask, w_ptr, cos_row, sin_row, eps, NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Whole heads at src + d (src: a pointer or a column of pointers [R, 1], one per head; mask
+    broadcasts with src + d): RMSNorm over each head when NORM, then rotate-half rotary with the
+    tables' rows at cos_row / sin_row. Returns [.., HEAD_DIM] in src's dtype (zeros where masked),
+    with _norm_rope_heads' operations and roundings: element d pairs with d +- HEAD_DIM / 2 and
+    the formulas of both halves are written out as there."""
+    half: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, HEAD_DIM)
+    partner = (d + half) % HEAD_DIM
+    a = tl.load(src + d, mask=mask, other=0.0)
+    dtype = a.dtype
+    a = a.to(tl.float32)
+    b = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(a * a, axis=-1, keep_dims=True) / HEAD_DIM + eps)
+        a = (a * rstd).to(dtype).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)
+        b = (b * rstd).to(dtype).to(tl.float32) * tl.load(w_ptr + partner).to(tl.float32)
+    c = tl.load(cos_row + d)
+    s = tl.load(sin_row + d)
+    # first half: a * c - (its partner) * s; second half: a * c + (its partner) * s
+    return tl.where(d < half, a * c - b * s, a * c + b * s).to(dtype)
 
 
 @triton.jit

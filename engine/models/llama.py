@@ -44,21 +44,35 @@ class Attention(nn.Module):
         return self.o_proj(self.attend(positions, self.qkv_proj(x), kv, meta, backend))
 
     def attend(self, positions, qkv: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
-               backend: AttentionBackend) -> torch.Tensor:
-        """qkv [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (rotary, KV store, attention)."""
+               backend: AttentionBackend, fusion: SmallBatchFusion | None = None) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (rotary, KV store, attention).
+        `fusion` (the fused small-batch path): a decode step may fold the rotary and KV store
+        (fusion.rotary) and the split merge (fusion.merge) into the backend's decode kernel."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         norms = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
-        if backend.accepts_stored_kv and q.is_cuda:  # the rotary kernel writes K and V into the caches
-            q, _ = self.rotary(positions, q, k, *norms, store=KVStore(v, kv[0], kv[1], meta.slot_mapping))
-            k = v = None
+        if (fusion is not None and (fusion.rotary or fusion.merge) and meta.is_decode_only
+                and backend.fused_decode):
+            rotary = self.rotary.prologue(positions, *norms) if fusion.rotary else None
+            if rotary is None:
+                q, k, v = self._rotate(positions, q, k, v, norms, kv, meta, backend)
+            o = backend.decode_fused(q, k, v, kv[0], kv[1], meta, self.scale, rotary, fusion.merge)
         else:
-            q, k = self.rotary(positions, q, k, *norms)
-        o = backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
+            q, k, v = self._rotate(positions, q, k, v, norms, kv, meta, backend)
+            o = backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
         return o.reshape(-1, q_size)
+
+    def _rotate(self, positions, q, k, v, norms, kv: KVCache, meta: AttentionMetadata, backend: AttentionBackend):
+        """(q, k, v) after the q/k norms and rotary; on a GPU whose backend takes stored K/V, the
+        rotary kernel writes K and V into the caches, and k = v = None."""
+        if backend.accepts_stored_kv and q.is_cuda:
+            q, _ = self.rotary(positions, q, k, *norms, store=KVStore(v, kv[0], kv[1], meta.slot_mapping))
+            return q, None, None
+        q, k = self.rotary(positions, q, k, *norms)
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -73,11 +87,15 @@ class MLP(nn.Module):
 
 @dataclass(frozen=True)
 class SmallBatchFusion:
-    """DecoderLayer's fused path (EngineConfig.fused_small_batch_tokens and _pdl): steps of up to
-    `max_tokens` tokens on a GPU at TP=1; `pdl`: its kernels launch as programmatic dependents."""
+    """DecoderLayer's fused path (EngineConfig.fused_small_batch_tokens, _pdl, _rotary, _merge):
+    steps of up to `max_tokens` tokens on a GPU at TP=1; `pdl`: its kernels launch as
+    programmatic dependents; on its decode steps, the decode attention kernel applies the q/k
+    norm and rotary and stores K/V (`rotary`) and merges its own splits (`merge`)."""
 
     max_tokens: int = 0
     pdl: bool = False
+    rotary: bool = False
+    merge: bool = False
 
 
 class DecoderLayer(nn.Module):
@@ -107,10 +125,12 @@ class DecoderLayer(nn.Module):
         """Small batches on one GPU: each norm runs in the prologue of the projection after it and
         SiLU * up in gate_up's epilogue; o_proj and down_proj may return split-K partial sums
         [S, T, hidden] for that next norm to add up. Four projection kernels a layer, besides
-        rotary and attention, where the path above launches ~8."""
+        rotary and attention, where the path above launches ~8; on decode steps with
+        fusion.rotary and .merge, attention is one kernel (rotary, KV store, splits, merge):
+        5 kernels a layer."""
         attn, mlp, pdl = self.self_attn, self.mlp, self.fusion.pdl
         qkv, residual = attn.qkv_proj.forward_fused(h, self.input_layernorm.prologue(residual), pdl=pdl)
-        h = attn.o_proj.forward_fused(attn.attend(positions, qkv, kv, meta, backend), pdl=pdl)
+        h = attn.o_proj.forward_fused(attn.attend(positions, qkv, kv, meta, backend, self.fusion), pdl=pdl)
         act, residual = mlp.gate_up_proj.forward_fused(h, self.post_attention_layernorm.prologue(residual),
                                                        gated=True, pdl=pdl)
         return mlp.down_proj.forward_fused(act, pdl=pdl), residual

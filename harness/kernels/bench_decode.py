@@ -1,9 +1,11 @@
 """H100 microbenchmark: split-K decode and unified attention, bf16, Qwen3-0.6B layer shape.
 
-Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp]
-CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp]
+Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp | --fused]
+CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp | --fused]
 (`python -m harness.kernels.bench_decode` is the same command.)
 --llama-tp: llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead (see llama_tp_rows).
+--fused: the fused small-batch decode kernel (rotary, KV store and split merge inside) against
+the kernels it replaces, per layer of a captured 28-layer chain (see fused_rows).
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
 
 Decode bytes = K+V of every context token (Hkv x D x 2 B each) + q read + out written; split
@@ -231,11 +233,101 @@ def llama_tp_rows(plan: Plan, batches: tuple[int, ...], min_ctx: int, max_ctx: i
                       + " | ".join(cells), flush=True)
 
 
+# --fused: EngineConfig.fused_small_batch_rotary / _merge, each on and off
+FUSED_VARIANTS = {"unfused": (False, False), "rotary": (True, False), "merge": (False, True), "both": (True, True)}
+
+
+def _layer_inputs(plan: Plan, bsz: int, ctx: int, heads: tuple[int, int]) -> dict:
+    """One layer's decode step: a raw qkv projection output [B, (Hq + 2 Hkv) D], caches holding
+    ctx - 1 keys a sequence, the slots of the newest key (position ctx - 1)."""
+    hq, hkv = heads
+    dev, bs, need = plan.device, 16, triton.cdiv(ctx, 16)
+    table = (torch.randperm(bsz * need) + 1).to(torch.int32).view(bsz, need)
+    slots = table[:, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs
+    kc = torch.randn(1 + bsz * need, bs, hkv, D, device=dev, dtype=plan.dtype)
+    return dict(qkv=torch.randn(bsz, (hq + 2 * hkv) * D, device=dev, dtype=plan.dtype), k_cache=kc,
+                v_cache=torch.randn_like(kc), table=table.to(dev), slots=slots.to(dev),
+                seq_lens=torch.full((bsz,), ctx, dtype=torch.int32, device=dev),
+                positions=torch.full((bsz,), ctx - 1, dtype=torch.int64, device=dev))
+
+
+def _attend(x: dict, heads: tuple[int, int], rotary, splits: int, scratch, on: tuple[bool, bool]) -> torch.Tensor:
+    """The attention of a decode step as the fused path runs it, with the variant's kernels."""
+    from engine.attention.metadata import KVStore
+    from engine.kernels.rope import qk_norm_rope
+
+    hq, hkv = heads
+    bsz = x["qkv"].shape[0]
+    q, k, v = (t.view(bsz, -1, D) for t in x["qkv"].split([hq * D, hkv * D, hkv * D], dim=-1))
+    out = torch.empty(bsz, hq, D, device=q.device, dtype=q.dtype)
+    args = (x["k_cache"], x["v_cache"], out, x["seq_lens"], x["table"], D ** -0.5, splits, scratch)
+    if on[0]:
+        return decode_attention(q, *args, check=False, rotary=rotary, new_kv=(k, v, x["slots"]), merge=on[1])
+    q, _ = qk_norm_rope(q, k, x["positions"], rotary.cos, rotary.sin, rotary.q_weight, rotary.k_weight, rotary.eps,
+                        KVStore(v, x["k_cache"], x["v_cache"], x["slots"]))
+    return decode_attention(q, *args, check=False, merge=on[1])
+
+
+def fused_rows(plan: Plan) -> None:
+    """us a layer of the fused small-batch path's attention for each FUSED_VARIANTS entry: every
+    layer of a 28-layer chain has its own qkv and caches (KV reads cold, as in a step), and the
+    chain is one CUDA graph, so the gaps between kernels count as in the engine. Splits as a
+    captured graph picks them (max_model_len 8192). Qwen3-0.6B (Hq 16) and Llama-3-8B (Hq 32)
+    heads, q/k norm on; rel_err: each variant's last layer against the unfused one."""
+    from engine.layers.norm import RMSNorm
+    from engine.layers.rotary import RotaryEmbedding
+
+    layers, batches, contexts = (2, (1, 3), (40,)) if plan is SMOKE else (28, (1, 4, 16), (512, 4096))
+    norm = RMSNorm(D).to(plan.device, plan.dtype)
+    rotary = RotaryEmbedding(D, 8192, 1e6).to(plan.device).prologue(None, norm, norm)
+    for heads in ((16, 8), (32, 8)):
+        for bsz in batches:
+            for ctx in contexts:
+                xs = [_layer_inputs(plan, bsz, ctx, heads) for _ in range(layers)]
+                splits = choose_num_splits(bsz, heads[1], 8192)
+                scratch = alloc_decode_scratch(bsz, heads[0], D, plan.device)
+                cells, base = [], None
+                for name, on in FUSED_VARIANTS.items():
+                    chain = partial(_chain, xs, heads, rotary, splits, scratch, on)
+                    us = _graph_us(chain, plan) / layers
+                    out = chain()
+                    base = out if base is None else base
+                    cells.append(f"{name} {us:6.1f}us err {rel_err(out, base.float()):.0e}")
+                print(f"Hq{heads[0]} B{bsz} ctx{ctx} splits{splits}: " + " | ".join(cells), flush=True)
+
+
+def _chain(xs: list[dict], heads: tuple[int, int], rotary, splits: int, scratch, on: tuple[bool, bool]) -> torch.Tensor:
+    """Every layer's attention in turn; the last layer's output."""
+    return [_attend(x, heads, rotary._replace(positions=x["positions"]), splits, scratch, on) for x in xs][-1]
+
+
+def _graph_us(fn, plan: Plan, replays: int = 20) -> float:
+    """us of one fn() captured in a CUDA graph (median of `replays` replays); CPU: host clock."""
+    if plan.device != "cuda":
+        return bench_ms(fn, plan) * 1e3
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmbench kernels bench-decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a few small shapes (CPU: with TRITON_INTERPRET=1)")
     ap.add_argument("--llama-tp", action="store_true",
                     help="llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead")
+    ap.add_argument("--fused", action="store_true",
+                    help="the fused small-batch decode kernel (rotary, KV store, split merge) vs the kernels it replaces")
     return ap
 
 
@@ -244,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = SMOKE if args.smoke else FULL
     if args.llama_tp:  # * marks the split count the engine picks
         llama_tp_rows(plan, *(((3,), 5, 40) if plan is SMOKE else ((48, 80, 128), 100, 1536)))
+        return 0
+    if args.fused:
+        fused_rows(plan)
         return 0
     if plan.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("bench_decode needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")

@@ -41,7 +41,7 @@ class Case:
     def name(self) -> str:
         shown = {k: v for k, v in self.constexprs.items()
                  if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS", "PARTS", "NORM",
-                           "NORM_FIRST", "GATED", "SPLIT_K", "BLOCK_M", "PREFETCH", "PDL")}
+                           "NORM_FIRST", "GATED", "SPLIT_K", "BLOCK_M", "PREFETCH", "PDL", "ROTARY", "MERGE")}
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -94,6 +94,18 @@ def cases() -> list[Case]:
                         {**_ptrs(dtype, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
                          **_ptrs(scratch, "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
                         {"num_warps": 4, "num_stages": 2}))
+    for rotary, norm, merge, group in ((True, True, True, 2), (True, False, False, 4), (False, False, True, 4)):
+        # the fused small-batch decode (fused_small_batch_rotary / _merge): Qwen3 and Llama-3 groups
+        out.append(Case("engine.kernels.decode_attention", "_decode_split_kernel",
+                        dict(BLOCK_SIZE=16, GROUP=group, HEAD_DIM=128, D_PAD=128, BLOCK_H=16, BLOCK_N=128,
+                             NUM_SPLITS=16, DOT_PRECISION="tf32", ROTARY=rotary, QK_NORM=norm, MERGE=merge,
+                             SPLITS_PAD=16, MERGE_HEADS=min(group, 4)),
+                        {**_ptrs("bf16", "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "new_k_ptr", "new_v_ptr",
+                                 "qw_ptr", "kw_ptr"),
+                         **_ptrs("fp32", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),
+                         **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr", "count_ptr"),
+                         **_ptrs("i64", "slot_ptr", "pos_ptr")},
+                        {"num_warps": 4, "num_stages": 2}))
     out += _skinny_gemm_cases()
     return out
 
@@ -143,13 +155,15 @@ def compile_case(case: Case, arch: int) -> tuple[Any, str]:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(case.module), case.kernel)
+    # a constexpr the case leaves out takes its default, as in a launch that does not pass it
+    given = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **case.constexprs}
     signature = {}
     for name in fn.arg_names:
-        if name in case.constexprs:
+        if name in given:
             signature[name] = "constexpr"
         else:
             signature[name] = case.pointers.get(name, "fp32" if name in FLOAT_ARGS else "i32")
-    constexprs = {(fn.arg_names.index(k),): v for k, v in case.constexprs.items()}
+    constexprs = {(fn.arg_names.index(k),): v for k, v in given.items()}
     hinted = set(case.divisible) | ({n for n, t in signature.items() if t.startswith("*")} if case.divisible else set())
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in hinted}
     try:

@@ -97,26 +97,76 @@ def test_fused_small_batch_bf16_matches_the_cublas_path(checkpoint_dirs):
     assert_bf16_near(path, single[:1], single[1:], [PROMPTS[1]], PARAMS.max_tokens, "batch 1: fused vs cuBLAS")
 
 
-@pytest.mark.parametrize("fused", [16, 0])
-def test_fused_small_batch_launches_one_kernel_per_projection(checkpoint_dirs, fused):
-    """One eager decode step of one sequence: 4 skinny-GEMM kernels a layer and no SiLU * up or
-    RMSNorm kernel besides the model's last norm; with fused_small_batch_tokens=0, none."""
+def decode_step_kernels(path: str, prompt: list[int], **config) -> tuple[list[str], int]:
+    """The CUDA kernels of one eager decode step of one sequence (torch.profiler), and the
+    model's layer count."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    llm = LLM(checkpoint_dirs["qwen3"], dtype="bfloat16", enforce_eager=True, async_scheduling=False,
-              fused_small_batch_tokens=fused, **SMALL)
+    llm = LLM(path, dtype="bfloat16", enforce_eager=True, async_scheduling=False, **{**SMALL, **config})
     engine, layers = llm.engine, llm.engine.config.model_config.num_hidden_layers
-    engine.add_request("r", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     engine.step()  # the prefill
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.step()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    llm.shutdown()
+    return names, layers
+
+
+@pytest.mark.parametrize("fused", [16, 0])
+def test_fused_small_batch_launches_one_kernel_per_projection(checkpoint_dirs, fused):
+    """One eager decode step of one sequence: 4 skinny-GEMM kernels a layer and no SiLU * up or
+    RMSNorm kernel besides the model's last norm; with fused_small_batch_tokens=0, none."""
+    names, layers = decode_step_kernels(checkpoint_dirs["qwen3"], PROMPTS[2], fused_small_batch_tokens=fused)
     count = lambda part: sum(part in n for n in names)  # noqa: E731
     if fused:
         assert count("_skinny_gemm_kernel") == 4 * layers and count("_silu_mul_kernel") == 0
         assert count("_rmsnorm_kernel") <= 1, names
     else:
         assert count("_skinny_gemm_kernel") == 0 and count("_silu_mul_kernel") == layers
+
+
+def test_fused_decode_kernel_takes_rotary_and_merge(checkpoint_dirs):
+    """fused_small_batch_rotary and _merge: a decode step (101 tokens of context: 2 KV splits)
+    launches 5 kernels a layer where the fused path otherwise launches 7: no qk_norm_rope and no
+    decode reduce kernel, the rest as before."""
+    runs = {on: decode_step_kernels(checkpoint_dirs["qwen3"], PROMPTS[6], fused_small_batch_tokens=16,
+                                    fused_small_batch_rotary=on, fused_small_batch_merge=on) for on in (False, True)}
+    steps, layers = {on: names for on, (names, _) in runs.items()}, runs[True][1]
+    count = {on: (lambda part, names=names: sum(part in n for n in names)) for on, names in steps.items()}
+    for on in (False, True):
+        assert count[on]("_skinny_gemm_kernel") == 4 * layers and count[on]("_decode_split_kernel") == layers
+        assert count[on]("_qk_norm_rope_kernel") == count[on]("_decode_reduce_kernel") == (0 if on else layers)
+        assert count[on]("_store_kv_kernel") == 0
+    assert len(steps[True]) == len(steps[False]) - 2 * layers, (steps[False], steps[True])
+
+
+FUSED_DECODE = dict(fused_small_batch_rotary=True, fused_small_batch_merge=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head
+def test_fused_decode_kernel_float32_matches_hf(checkpoint_dirs, arch):
+    """float32 with the rotary, KV store and split merge in the decode kernel: CUDA graphs of 8
+    decode rows and of 1 (4 splits from max_model_len 256), then eager steps; HF's greedy
+    tokens with the near-tie rule."""
+    path = checkpoint_dirs[arch]
+    reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
+    for eager in (False, True):
+        llm = LLM(path, dtype="float32", fused_small_batch_tokens=16, enforce_eager=eager, **FUSED_DECODE, **SMALL)
+        assert_matches_hf(tokens(llm), reference)
+        assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS[:3]], reference[:3])
+        assert_matches_hf([tokens(llm, [PROMPTS[-1]])[0]], reference[-1:])
+
+
+def test_fused_decode_kernel_bf16_matches_the_cublas_path(checkpoint_dirs):
+    """bf16, batch 1 (the default fused path) and 8 rows: the tokens of the cuBLAS path up to near-ties."""
+    path = checkpoint_dirs["qwen3"]
+    got = tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=16, **FUSED_DECODE, **SMALL))
+    want = tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=0, **SMALL))
+    assert_bf16_near(path, got, want, PROMPTS, PARAMS.max_tokens, "fused decode kernel vs cuBLAS")
+    single = [tokens(LLM(path, dtype="bfloat16", **config, **SMALL), [PROMPTS[6]])[0]
+              for config in (FUSED_DECODE, dict(fused_small_batch_tokens=0))]
+    assert_bf16_near(path, single[:1], single[1:], [PROMPTS[6]], PARAMS.max_tokens, "batch 1: fused vs cuBLAS")

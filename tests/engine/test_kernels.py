@@ -10,6 +10,7 @@ Every case draws fresh random inputs, fills every cache slot that no valid key o
 
 from __future__ import annotations
 
+import importlib
 import os
 import zlib
 from dataclasses import dataclass
@@ -309,6 +310,123 @@ def test_choose_num_splits():
     assert choose_num_splits(4, 2, 4096, num_sms=8) == 4
 
 
+# ------------------------------------- decode with the rotary and the split merge in the kernel
+# (the fused small-batch path's decode step: EngineConfig.fused_small_batch_rotary / _merge)
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+ROTARY_CASES = {  # id: (seq_lens, Hq, Hkv, D, block_size, num_splits, BLOCK_N)
+    "d64_s4_pad_lane": ([40, 0, 17, 90, 1], 4, 2, 64, 16, 4, 16),  # 17: one full tile cached; 1: none
+    "d128_s1": ([33, 5], 4, 2, 128, 16, 1, 32),
+    "d16_gqa4_s16_mostly_empty": ([20, 3, 0], 8, 2, 16, 8, 16, 16),
+}
+
+
+def raw_qkv(num_seqs: int, hq: int, hkv: int, d: int, dtype: torch.dtype, gen: torch.Generator):
+    """q [B, Hq, D], k and v [B, Hkv, D]: strided views of one qkv projection output, as the model has them."""
+    qkv = torch.randn(num_seqs, (hq + 2 * hkv) * d, generator=gen).to(DEVICE, dtype)
+    return tuple(x.view(num_seqs, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(ROTARY_CASES))
+@pytest.mark.parametrize("norm,scaling", [(True, None), (False, LLAMA3_SCALING)], ids=["qk_norm", "llama3_rope"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_decode_attention_applies_rotary_and_stores_kv(dtype, name, norm, scaling, merge, gen):
+    """rotary=: q and k arrive raw; the output is attention of the rotated q over the cache plus
+    the rotated k, and the cache rows at the slots hold the K and V the unfused path stores
+    (qk_norm_rope's k, V as given). A padded lane (slot -1) stores nothing; no other slot changes."""
+    lens, hq, hkv, d, bs, splits, block_n = ROTARY_CASES[name]
+    check_rotary_decode(build_case([(n, 1) for n in lens], hq, hkv, d, bs, dtype, gen), splits, block_n, norm,
+                        scaling, merge, gen)
+
+
+def check_rotary_decode(c: Case, splits: int, block_n: int | None, norm: bool, scaling: dict | None, merge: bool,
+                        gen: torch.Generator) -> None:
+    """decode_attention with rotary= on case c (its q/k/v replaced by raw ones) against the
+    unfused path: qk_norm_rope, then the float64 store + attention; the caches as above."""
+    from engine.kernels.rope import qk_norm_rope
+    from engine.layers.norm import RMSNorm
+    from engine.layers.rotary import RotaryEmbedding
+
+    m, (b, hq, d), hkv, dtype = c.meta, c.q.shape, c.k.shape[1], c.q.dtype
+    q, k, v = raw_qkv(b, hq, hkv, d, dtype, gen)
+    rotary = RotaryEmbedding(d, 4096, 10000.0, scaling).to(DEVICE)
+    positions = (m.seq_lens.long() - 1).clamp_min(0)
+    norms = (None, None)
+    if norm:
+        norms = tuple(RMSNorm(d).to(DEVICE, dtype) for _ in range(2))
+        for n in norms:
+            n.weight.data.copy_(torch.rand(d, generator=gen) + 0.5)
+    weights = [n.weight if n is not None else None for n in norms]
+    want_q, want_k = qk_norm_rope(q, k, positions, rotary.cos, rotary.sin, *weights, 1e-6)  # the unfused kernel
+    want = reference(Case(want_q, want_k, v, c.k_cache.clone(), c.v_cache.clone(), m, c.valid, c.scale))
+    k_before, v_before = c.k_cache.clone(), c.v_cache.clone()
+    out = torch.full((b, hq, d), float("nan"), device=DEVICE, dtype=dtype)
+    scratch = alloc_decode_scratch(b + 3, hq, d, DEVICE)
+    decode_attention(q, c.k_cache, c.v_cache, out, m.seq_lens, m.block_tables, c.scale, splits, scratch,
+                     block_n=block_n, rotary=rotary.prologue(positions, *norms), new_kv=(k, v, m.slot_mapping),
+                     merge=merge)
+    assert_close(out, want, c.valid, dtype)
+    slots = m.slot_mapping.cpu()
+    kept = slots >= 0
+    flat_k, flat_v = c.k_cache.view(-1, hkv, d).cpu(), c.v_cache.view(-1, hkv, d).cpu()
+    torch.testing.assert_close(flat_k[slots[kept]], want_k.cpu()[kept])  # the q/k norm may sum in another order
+    assert torch.equal(flat_v[slots[kept]], v.cpu()[kept])
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    untouched[slots[kept]] = False
+    for got, before in ((flat_k, k_before), (flat_v, v_before)):
+        torch.testing.assert_close(got[untouched], before.view(-1, hkv, d).cpu()[untouched], rtol=0, atol=0,
+                                   equal_nan=True)
+    assert not scratch.count.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["gqa2_s3_n32", "gqa8_s2", "pad_lanes_s4", "splits16_mostly_empty"])
+@pytest.mark.parametrize("merge_tile", [None, 128])  # 128: gqa8's 8 heads merged 2 at a time
+def test_decode_attention_merges_its_splits_in_the_split_kernel(name, dtype, merge_tile, gen, monkeypatch):
+    """merge=True: the last program of each (sequence, KV head) to finish merges the splits, as the
+    reduce kernel would; its counters are back to 0 after a launch, so a second launch (a graph
+    replay) gives the same output."""
+    if merge_tile:  # the module, not the function engine.kernels re-exports under its name
+        monkeypatch.setattr(importlib.import_module("engine.kernels.decode_attention"), "MERGE_TILE", merge_tile)
+    lens, hq, hkv, d, bs, splits, block_n = DECODE_CASES[name]
+    c = build_case([(n, 1) for n in lens], hq, hkv, d, bs, dtype, gen)
+    m = c.meta
+    store_kvcache(c.k, c.v, c.k_cache, c.v_cache, m.slot_mapping)
+    scratch = alloc_decode_scratch(len(lens) + 3, hq, d, DEVICE)
+    reduced = decode_attention(c.q, c.k_cache, c.v_cache, torch.empty_like(c.q), m.seq_lens, m.block_tables,
+                               c.scale, splits, scratch, block_n=block_n)
+    for _ in range(2):
+        out = torch.full_like(c.q, float("nan"))
+        decode_attention(c.q, c.k_cache, c.v_cache, out, m.seq_lens, m.block_tables, c.scale, splits, scratch,
+                         block_n=block_n, merge=True)
+        assert not scratch.count.any()
+        assert_close(out, reference(c), c.valid, dtype)
+        torch.testing.assert_close(out, reduced)
+
+
+def test_decode_attention_rotary_errors(gen):
+    from engine.layers.rotary import RotaryEmbedding
+
+    c = build_case([(20, 1), (9, 1)], 4, 2, 16, 16, torch.float32, gen)
+    m = c.meta
+    rotary = RotaryEmbedding(16, 64, 10000.0).to(DEVICE).prologue(m.seq_lens.long() - 1)
+    base = dict(q=c.q, k_cache=c.k_cache, v_cache=c.v_cache, out=torch.empty_like(c.q), seq_lens=m.seq_lens,
+                block_tables=m.block_tables, scale=c.scale, num_splits=1, rotary=rotary,
+                new_kv=(c.k, c.v, m.slot_mapping))
+    bad = [
+        (dict(new_kv=None), "new_kv"),
+        (dict(new_kv=(c.k, c.v, m.slot_mapping[:1])), "slot_mapping"),
+        (dict(rotary=rotary._replace(positions=rotary.positions[:1])), "positions"),
+        (dict(rotary=rotary._replace(q_weight=torch.ones(16, device=DEVICE))), "norm weights"),
+        (dict(rotary=rotary._replace(cos=rotary.cos.double())), "cos"),
+    ]
+    for over, match in bad:
+        with pytest.raises(ValueError, match=match):
+            decode_attention(**{**base, **over})
+
+
 # ---------------------------------------------------------------- backend
 
 
@@ -395,3 +513,65 @@ def test_decode_cuda_graph_replay(gen):
     graph.replay()
     torch.cuda.synchronize()
     assert_close(out, reference(before), before.valid, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("norm,scaling", [(True, None), (False, LLAMA3_SCALING)], ids=["qk_norm", "llama3_rope"])
+def test_fused_decode_qwen3_shape_gpu(dtype, norm, scaling, gen):
+    """Qwen3-0.6B's attention (Hq 16, Hkv 8, D 128) and Llama-3's group of 4 (Hq 32), with the
+    rotary, the KV store and the split merge in the decode kernel: 16 splits and the default
+    128-key tiles, contexts up to 2k, a padded lane."""
+    lens = [1, 255, 256, 257, 1000, 2047, 0, 513]
+    for hq in (16, 32):
+        c = build_case([(n, 1) for n in lens], hq, 8, 128, 16, dtype, gen)
+        check_rotary_decode(c, 16, None, norm, scaling, True, gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_fused_decode_cuda_graph_replays_agree(gen):
+    """TritonAttention.decode_fused (rotary, KV store and merge in one kernel) captured with 16
+    splits, replayed 200 times on the same inputs: every output is the first one bit for bit
+    (the merging program sees every split's partials; the counters start at 0 each time), and it
+    is the reference; then replayed with new lengths and slots."""
+    from engine.layers.rotary import RotaryEmbedding
+
+    dtype = torch.bfloat16
+    c = build_case([(700, 1), (17, 1), (0, 1), (1500, 1)], 16, 8, 128, 16, dtype, gen, max_seq_len=2048)
+    m, be = c.meta, TritonAttention()
+    rotary = RotaryEmbedding(128, 4096, 10000.0).to(DEVICE)
+    positions = (m.seq_lens.long() - 1).clamp_min(0)
+    q, k, v = raw_qkv(4, 16, 8, 128, dtype, gen)
+    assert choose_num_splits(m.num_seqs, 8, m.max_seq_len) == 16
+    be.reserve(4, 16, 128, q.device)
+    caches = c.k_cache.clone(), c.v_cache.clone()
+    be.decode_fused(q, k, v, *caches, m, c.scale, rotary.prologue(positions), True)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = be.decode_fused(q, k, v, *caches, m, c.scale, rotary.prologue(positions), True)
+    first = None
+    for _ in range(200):
+        out.fill_(float("nan"))
+        graph.replay()
+        first = out.clone() if first is None else first
+        assert torch.equal(out, first)
+    torch.cuda.synchronize()
+    assert not be._scratch.count.any()
+    want_q, want_k = rotary(positions, q, k)  # the GPU rotary kernel: the unfused path
+    assert_close(first, reference(Case(want_q, want_k, v, c.k_cache, c.v_cache, m, c.valid, c.scale)), c.valid,
+                 dtype)
+    new_lens = [33, 17, 0, 64]  # <= the captured ones, so every key they read is valid
+    m.seq_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+    m.slot_mapping.copy_(torch.tensor([int(m.block_tables[i, (n - 1) // 16]) * 16 + (n - 1) % 16 if n else -1
+                                       for i, n in enumerate(new_lens)], dtype=torch.int64))
+    positions.copy_((m.seq_lens.long() - 1).clamp_min(0))
+    before = [x.clone() for x in caches]
+    graph.replay()
+    want_q, want_k = rotary(positions, q, k)
+    meta = AttentionMetadata(m.slot_mapping, m.query_start_loc, m.seq_lens, m.block_tables, 1, max(new_lens),
+                             m.query_start_loc_cpu, new_lens)
+    valid = torch.tensor([n > 0 for n in new_lens])
+    assert_close(out, reference(Case(want_q, want_k, v, *before, meta, valid, c.scale)), valid, dtype)

@@ -347,3 +347,58 @@ def test_decoder_layers_fused_path_matches_the_unfused_one(checkpoint_dirs, monk
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
     down = runner.model.model.layers[0].mlp.down_proj
     assert down.forward_fused(torch.zeros(8, down.in_per_rank)).dim() == (3 if split > 1 else 2)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine tests cover this path on a GPU")
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; neither
+@pytest.mark.parametrize("rotary,merge", [(True, True), (True, False), (False, True)])
+def test_fused_decode_step_matches_the_unfused_one(checkpoint_dirs, monkeypatch, arch, rotary, merge):
+    """A float32 decode step of two sequences (41 and 23 tokens of context) and a padded lane, on the
+    Triton backend: the fused path with the q/k norm, rotary and KV store (`rotary`) and the split
+    merge (`merge`) in the decode kernel gives the unfused path's hidden states, greedy picks and
+    cache contents. 16-key tiles and a max_seq_len hint of 256 (as a captured graph passes): 4
+    splits, 3 with keys."""
+    import importlib
+    from dataclasses import replace as replace_field
+
+    from engine.config import EngineConfig
+    from engine.graph_shapes import GraphShape
+    from engine.model_runner import ModelRunner
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import ScheduledSequence, SchedulerOutput
+
+    monkeypatch.setattr(importlib.import_module("engine.kernels.decode_attention"), "DECODE_TILE", (16, 4, 2))
+    config = EngineConfig(model=checkpoint_dirs[arch], device="cpu", dtype="float32", attention_backend="triton",
+                          block_size=4, max_model_len=256, num_kv_blocks=24, max_num_seqs=4,
+                          max_num_batched_tokens=64, fused_small_batch_rotary=rotary, fused_small_batch_merge=merge)
+    runner = ModelRunner(config)
+    runner.allocate_kv_cache(24)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 250, (n,), generator=gen).tolist() for n in (40, 22)]
+    tables = [list(range(1, 12)), list(range(12, 18))]
+
+    def step(chunks, pad=None):
+        seqs = [ScheduledSequence(request_id=f"r{i}", token_ids=toks, start_pos=start, block_table=tables[i],
+                                  sample=True, sampling_params=SamplingParams(), num_output_tokens=0, seq_no=i)
+                for i, (toks, start) in enumerate(chunks)]
+        n = sum(len(t) for t, _ in chunks)
+        out = SchedulerOutput(seqs, num_prefill_tokens=0 if pad else n, num_decode_tokens=n if pad else 0)
+        inputs = runner.prepare_inputs(out, pad)
+        meta = replace_field(inputs.meta, max_seq_len=256) if pad else inputs.meta
+        return inputs.input_ids, inputs.positions, runner.kv_caches, meta, runner.backend
+
+    with torch.inference_mode():
+        runner.model(*step([(p, 0) for p in prompts]))  # the prefill fills the caches
+        args = step([([7], 40), ([250], 22)], GraphShape(3, 3, True))
+        before = runner.kv_cache.clone()
+        want = runner.model(*args)
+        want_cache = runner.kv_cache.clone()
+        runner.kv_cache.copy_(before)
+        got = _fused_hidden(runner.model, *args)
+        logits = [runner.model.compute_logits(h) for h in (want, got)]
+    assert rel(got, want) < 1e-5
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+    # this step's K and V at their slots (the projections sum in another order), the rest as it was
+    torch.testing.assert_close(runner.kv_cache, want_cache)
+    changed = (runner.kv_cache != before).flatten(3).any(-1)  # [2, layers, blocks, block_size]
+    assert changed.sum() == 2 * 2 * 2 and torch.equal(changed, (want_cache != before).flatten(3).any(-1))
