@@ -129,13 +129,20 @@ def _save_png(b64: str | None, path: Path) -> None:
         path.write_bytes(base64.b64decode(b64))
 
 
+def _copy_summary(src: Path, dst: Path) -> None:
+    if src.exists():
+        shutil.copy(src, dst)
+    elif not dst.exists():
+        raise FileNotFoundError(f"{src}: no such run, and no published summary at {dst}")
+
+
 def _plots(run_dir: Path, sweep: pd.DataFrame, dest: Path) -> None:
     from harness.compare import load_runs
     from harness.plots import kv_over_time, latency_cdfs, load_curves
 
     for workload in ("bench", "sharegpt-like"):
         names = ordered(sweep[sweep["workload"] == workload])["run_dir"]
-        if len(names):
+        if len(names) and all((run_dir / name).is_dir() for name in names):
             runs = load_runs([run_dir / name for name in names])
             _save_png(kv_over_time(runs), dest / f"{workload}_kv_over_time.png")
             _save_png(latency_cdfs(runs), dest / f"{workload}_latency_cdfs.png")
@@ -144,7 +151,11 @@ def _plots(run_dir: Path, sweep: pd.DataFrame, dest: Path) -> None:
 
 def publish(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     """Copy the small parts of a flagship run folder for git (default: reports/flagship/<model>/):
-    sweep.parquet, every summary.parquet, flagship.json, PNG plots and table.md."""
+    sweep.parquet, every summary.parquet, flagship.json, PNG plots and table.md.
+
+    A run folder started from a published copy (its sweep.parquet and flagship.json, new pieces
+    run into it on another machine) holds only the new runs: the summaries of the others are
+    those already in dest, and a workload's plots are redrawn only when all its runs are here."""
     from harness.gate import run_context
     from harness.studies.flagship import MANIFEST, SWEEPS, read_manifest
 
@@ -158,9 +169,10 @@ def publish(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     if manifest:
         shutil.copy(run_dir / MANIFEST, dest / MANIFEST)
     for name in sweep["run_dir"]:
-        shutil.copy(run_dir / name / FILES["summary"], dest / "summaries" / f"{name}.parquet")
+        _copy_summary(run_dir / name / FILES["summary"], dest / "summaries" / f"{name}.parquet")
     _plots(run_dir, sweep, dest)
-    device = run_context(run_dir)["device"]
+    device = next((run_context(run_dir / name)["device"] for name in sweep["run_dir"] if (run_dir / name).is_dir()),
+                  None)
     kv = manifest["kv_blocks"] if manifest else "?"
     text = [f"# Flagship: {model}", "",
             f"Device: {device.name if device else 'unknown'}; model `{model}`; {kv} KV blocks for every engine "

@@ -177,3 +177,28 @@ def test_every_plan_splits_every_sweep_into_affordable_pieces(tmp_path, capsys):
     assert main(["flagship", "--model", "llama-3-8b", "--estimate", "--out", "reports/fl-llama"]) == 0
     printed = capsys.readouterr().out
     assert f"--model llama-3-8b --only {','.join(LLAMA.pieces[0])} --out reports/fl-llama" in printed
+
+
+def test_a_piece_run_from_the_published_copy_publishes_into_it(pieces, tmp_path):
+    """Another machine starts from reports/flagship/<model>/ (sweep.parquet, flagship.json), runs
+    one more sweep and publishes back: the earlier summaries and plots stay, the new ones join."""
+    import shutil
+
+    from harness.studies.flagship_publish import publish
+
+    out, _ = pieces
+    dest = publish(out, tmp_path / "pub")
+    plot = (dest / "bench_kv_over_time.png").read_bytes()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("sweep.parquet", "flagship.json"):
+        shutil.copy(dest / name, resumed / name)
+    assert main(["flagship", *FLAGS, "--only", "hf", "--out", str(resumed)]) == 0
+    assert not (resumed / "bench-engine-offline").exists()  # only the new runs are here
+    publish(resumed, dest)
+    sweep = pd.read_parquet(dest / "sweep.parquet")
+    assert {"hf"} <= set(sweep["backend"]) and len(sweep) > len(pd.read_parquet(out / "sweep.parquet"))
+    assert sorted(p.stem for p in (dest / "summaries").iterdir()) == sorted(sweep["run_dir"])
+    assert (dest / "bench_kv_over_time.png").read_bytes() == plot
+    table = (dest / "table.md").read_text()
+    assert "- hf: ok" in table and "- bench: ok" in table and "Device: unknown" not in table
