@@ -76,15 +76,17 @@ class EngineConfig:
     # the RMSNorm before it and SiLU * up after it fused in (engine/kernels/skinny_gemm.py); 0: cuBLAS.
     # None: where it measured faster (FUSED_AUTO_MAX_HIDDEN)
     fused_small_batch_tokens: int | None = None
-    # those kernels launch as programmatic dependents (sm_90+): each starts loading its weights while
-    # the kernel before it finishes (experimental: correct on an H200, not yet timed)
-    fused_small_batch_pdl: bool = False
+    # those kernels launch as programmatic dependents (sm_90+; ignored before): each starts loading its
+    # weights while the kernel before it finishes (qwen3-0.6b batch 1 on an H200: 0.908 vs 0.986 ms a
+    # step, reports/PERF.md row 22)
+    fused_small_batch_pdl: bool = True
     # decode steps on the fused path: the decode attention kernel applies the q/k norm and rotary to the
     # raw q and k and stores this step's K/V itself (no qk_norm_rope kernel: one kernel fewer a layer)
-    fused_small_batch_rotary: bool = False
+    fused_small_batch_rotary: bool = True
     # decode steps on the fused path: the decode attention kernel merges its KV splits itself, in the last
-    # program of each KV head to finish (no reduce kernel: one kernel fewer a layer)
-    fused_small_batch_merge: bool = False
+    # program of each KV head to finish (no reduce kernel: one kernel fewer a layer; with _rotary, 0.986
+    # vs 1.031 ms a batch-1 step of qwen3-0.6b on an H200, PERF.md row 22)
+    fused_small_batch_merge: bool = True
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
     # graphs) leaves the collector's scans, so a full collection no longer stalls a decode step for

@@ -67,17 +67,40 @@ def assert_matches_hf(engine_tokens: list[list[int]], reference) -> None:
 def assert_same_up_to_near_tie(got: list[list[int]], want: list[list[int]], gaps: list[list[float]],
                                tie: float = BF16_NEAR_TIE) -> None:
     """Two engines' greedy tokens are equal, except that the first difference in a sequence may
-    sit where HF's top-2 gap (`gaps`, from hf_greedy) is under `tie`; not compared past it."""
+    sit where HF's top-2 gap there (`gaps[i][j]`) is under `tie`; not compared past it."""
     for i, (a, b) in enumerate(zip(got, want)):
         assert len(a) == len(b), f"prompt {i}: {len(a)} tokens vs {len(b)}"
-        j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        j = first_difference(a, b)
         assert j is None or gaps[i][j] < tie, f"prompt {i} token {j} (HF gap {gaps[i][j]:.2e}): {a} vs {b}"
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def hf_gap_after(path: str, prompt: list[int], prefix: list[int], model=None) -> float:
+    """HF's float32 top-2 logit gap for the token after prompt + prefix (teacher-forced: the
+    context two engines shared, which need not be HF's own greedy path)."""
+    model = model or transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        top = model(torch.tensor([prompt + prefix])).logits[0, -1].topk(2).values
+    return float(top[0] - top[1])
 
 
 def assert_bf16_near(path: str, got: list[list[int]], want: list[list[int]], prompts: list[list[int]],
                      max_new_tokens: int, what: str = "got vs want") -> None:
-    """assert_same_up_to_near_tie with HF's top-2 gaps computed here (`what` names the pair)."""
-    gaps = [g for _, g in hf_greedy(path, prompts, max_new_tokens)]
+    """assert_same_up_to_near_tie with HF's top-2 gap at each sequence's first difference,
+    computed here on the context both sides shared there (`what` names the pair). HF's gaps on
+    its own greedy path would not do: once both engines took another near-tie than HF earlier,
+    that path's gaps belong to other contexts."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gaps = []
+    for prompt, a, b in zip(prompts, got, want):
+        j = first_difference(a, b)
+        row = [float("inf")] * max(len(a), len(b), max_new_tokens)
+        if j is not None:
+            row[j] = hf_gap_after(path, prompt, a[:j], model)
+        gaps.append(row)
     try:
         assert_same_up_to_near_tie(got, want, gaps)
     except AssertionError as err:

@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--tp must be >= 2 and --pairs >= 1")
     runs, ratios = [], []
     for i in range(args.pairs + 1):
-        one = run_bench(bench_args, 1, [], args.timeout_s)
+        # TP=N first: an engine option it rejects fails the study before a TP=1 run is spent
         many = run_bench(bench_args, args.tp, args.engine_arg, args.timeout_s)
+        one = run_bench(bench_args, 1, [], args.timeout_s)
         ratio = many["engine_tok_s"] / one["engine_tok_s"]
         tag = "first, not counted" if i == 0 else f"pair {i}"
         print(f"{tag}: {describe(1, one)} | {describe(args.tp, many)} | ratio {ratio:.3f}", flush=True)

@@ -172,11 +172,11 @@ def test_gumbel_argmax_greedy_rows_and_distribution():
     got = gumbel_argmax(logits, torch.zeros(3, device=DEVICE), torch.arange(3, device=DEVICE))
     assert torch.equal(got, logits.argmax(-1))
     probs = torch.tensor([0.1, 0.2, 0.7], device=DEVICE)
-    n = 1500  # 3.4 standard deviations of the p = 0.7 frequency within atol
+    n = 600  # 3.2 standard deviations of the p = 0.7 frequency within atol (the interpreter runs a program a row)
     rows = probs.log().repeat(n, 1)
     ids = gumbel_argmax(rows, torch.ones(n, device=DEVICE), torch.arange(n, device=DEVICE))
     freq = torch.bincount(ids, minlength=3).float() / n
-    assert torch.allclose(freq, probs, atol=0.04), freq
+    assert torch.allclose(freq, probs, atol=0.06), freq
     again = gumbel_argmax(rows[:5], torch.ones(5, device=DEVICE), torch.arange(5, device=DEVICE))
     assert torch.equal(again, ids[:5])  # same seeds, same draws
 

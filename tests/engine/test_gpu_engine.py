@@ -56,6 +56,8 @@ def test_bf16_engine_runs_preset_and_sampling():
 
 # ---- small batches through the fused skinny-GEMM path (EngineConfig.fused_small_batch_tokens) ----
 SMALL = dict(device="cuda", max_num_seqs=16, max_model_len=256, num_kv_blocks=512)
+# the fused path with its own qk_norm_rope and reduce kernels (the default folds them into decode attention)
+NOT_IN_DECODE = dict(fused_small_batch_rotary=False, fused_small_batch_merge=False)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head
@@ -65,7 +67,7 @@ def test_fused_small_batch_float32_matches_hf(checkpoint_dirs, arch):
     near-tie rule, as the cuBLAS path gives them."""
     path = checkpoint_dirs[arch]
     reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
-    fused = LLM(path, dtype="float32", fused_small_batch_tokens=16, **SMALL)
+    fused = LLM(path, dtype="float32", fused_small_batch_tokens=16, **NOT_IN_DECODE, **SMALL)
     assert_matches_hf(tokens(fused), reference)
     assert_matches_hf([tokens(fused, [p])[0] for p in PROMPTS[:3]], reference[:3])
     cublas = LLM(path, dtype="float32", fused_small_batch_tokens=0, **SMALL)
@@ -82,7 +84,7 @@ def test_fused_small_batch_pdl_float32_matches_hf(checkpoint_dirs):
     path = checkpoint_dirs["qwen3"]
     reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
     for eager in (False, True):
-        llm = LLM(path, dtype="float32", fused_small_batch_pdl=True, enforce_eager=eager, **SMALL)
+        llm = LLM(path, dtype="float32", fused_small_batch_pdl=True, enforce_eager=eager, **NOT_IN_DECODE, **SMALL)
         assert_matches_hf(tokens(llm), reference)
         assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS[:3]], reference[:3])
 

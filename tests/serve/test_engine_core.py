@@ -480,8 +480,9 @@ def test_stream_interval_coalesces(interval_server):
             lines = [line[5:] for line in r.iter_lines() if line.startswith("data:")]
         events = [json.loads(line) for line in lines[:-1]]
         sizes = [len(e["choices"][0]["token_ids"]) for e in events]
-        # the first token at once (TTFT), then chunks of at least 4, then the rest
-        assert sizes[0] == 1 and sum(sizes) == 10, sizes
+        # the first tokens at once (TTFT: not held for 4; more than one when the stream fell behind
+        # the engine, as on a loaded machine), then chunks of at least 4, then the rest
+        assert sizes[0] < 4 and sum(sizes) == 10, sizes
         assert all(s >= 4 for s in sizes[1:-1]) and len(sizes) <= 4, sizes
         whole = client.post("/v1/completions", json=body).json()["choices"][0]
         assert [t for e in events for t in e["choices"][0]["token_ids"]] == whole["token_ids"]
