@@ -109,3 +109,25 @@ def test_kv_cache_dtype_is_a_flag_with_choices():
     assert engine_kwargs(parser.parse_args([])) == {}
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache-dtype", "int8"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_rotary_merge"])
+def test_fp8_on_gpu_follows_the_bf16_cache(fused, checkpoint_dirs, gaps):
+    """bf16 on the GPU, CUDA graphs (decode and prefill), prefix caching, the Triton store, rotary-store
+    and decode kernels (fused: the decode kernel stores K/V itself): an fp8 cache against a bf16 one,
+    with fp8's near-tie rule on top of bf16's."""
+    kw = dict(model=checkpoint_dirs["qwen3"], device="cuda", dtype="bfloat16", block_size=16, max_model_len=128,
+              max_num_seqs=4, fused_small_batch_tokens=1 if fused else 0, fused_small_batch_rotary=fused,
+              fused_small_batch_merge=fused)
+    want, _ = run_engine(LLMEngine(EngineConfig(**kw)), PROMPTS, GREEDY)
+    fp8 = LLMEngine(EngineConfig(**kw, kv_cache_dtype="fp8"))
+    assert fp8.executor.runner.graphs is not None
+    got, _ = run_engine(fp8, PROMPTS, GREEDY)
+    again, _ = run_engine(fp8, PROMPTS, GREEDY)  # prefix hits
+    identical = sum(a == b for a, b in zip(got, want))
+    print(f"fp8 vs bf16 cache: {identical}/{len(PROMPTS)} identical")
+    assert identical >= len(PROMPTS) // 4
+    assert_same_up_to_near_tie(got, want, gaps["qwen3"], tie=FP8_NEAR_TIE["fp8"] + 0.1)
+    assert_same_up_to_near_tie(again, got, gaps["qwen3"], tie=FP8_NEAR_TIE["fp8"] + 0.1)
