@@ -5,7 +5,8 @@ Every user-facing value is validated in `__post_init__`, and the values that dep
 machine or the model argument ("auto" device and dtype, preset or checkpoint) are resolved there
 once; everything else reads the resolved values from the config.
 
-The lists of choices belong to their registries (engine.attention.BACKENDS, engine.dtypes.DTYPES;
+The lists of choices belong to their registries (engine.attention.BACKENDS, engine.dtypes.DTYPES and
+KV_CACHE_DTYPES;
 ModelConfig checks architectures against engine.models.ARCHITECTURES); only names are imported."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from engine.attention import BACKENDS, check_backend
-from engine.dtypes import DTYPES, dtype_name
+from engine.dtypes import DTYPES, KV_CACHE_DTYPES, dtype_name
 from engine.models.config import PRESETS, ModelConfig  # also imported from here by callers
 
 
@@ -45,6 +46,7 @@ STATIC_RESERVATIONS = ("max_tokens", "max_model_len")
 # flag, and larger steps use the barrier; "off": an all-reduce, then the RMSNorm kernel
 ALL_REDUCE_NORM_FUSIONS = ("barrier", "push", "off")
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 on CUDA, float32 on CPU
+KV_CACHE_DTYPE_CHOICES = ("auto", *KV_CACHE_DTYPES)  # auto: the model's dtype
 LOAD_FORMATS = ("dummy", "checkpoint")  # a preset name: random weights; a directory: its safetensors
 
 
@@ -54,6 +56,9 @@ class EngineConfig:
 
     model: str = "tiny"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    # KV cache storage: auto = the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2 store K and V in 8 bits
+    # (per-tensor scales 1.0, as vLLM without calibrated scales): twice the blocks in the same memory
+    kv_cache_dtype: str = "auto"
     device: str = "auto"  # auto: cuda if available
     seed: int = 0
     block_size: int = 16
@@ -112,8 +117,10 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, DTYPE_CHOICES)
         self.device_type = _resolve_device_type(self.device)
         self.resolved_dtype = _resolve_dtype(self.dtype, self.device_type)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPE_CHOICES)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        check_backend(self.attention_backend, self.device_type, self.resolved_dtype)  # flash_attn: CUDA + installed
+        # flash_attn: CUDA, a model-dtype KV cache, installed
+        check_backend(self.attention_backend, self.device_type, self.resolved_dtype, self.kv_cache_dtype)
         _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
         _check_choice("all_reduce_norm_fusion", self.all_reduce_norm_fusion, ALL_REDUCE_NORM_FUSIONS)
@@ -163,9 +170,14 @@ class EngineConfig:
         return DTYPES[self.resolved_dtype]
 
     @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        """What the KV cache stores: the model's dtype ("auto") or an 8-bit float."""
+        return KV_CACHE_DTYPES.get(self.kv_cache_dtype, self.torch_dtype)
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """KV cache bytes per token at the dtype the engine runs, all ranks together."""
-        return self.model_config.kv_bytes_per_token(self.torch_dtype.itemsize)
+        """KV cache bytes per token at the cache's dtype, all ranks together."""
+        return self.model_config.kv_bytes_per_token(self.kv_cache_torch_dtype.itemsize)
 
     def device_for_rank(self, rank: int = 0) -> torch.device:
         """The device of tensor-parallel rank `rank`: device="cuda" or "auto" on a CUDA host
@@ -179,6 +191,7 @@ class EngineConfig:
         """The user's settings and what they resolved to, for report metadata (JSON-able)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_config"}
         out["torch_dtype"] = dtype_name(self.torch_dtype)
+        out["kv_cache_torch_dtype"] = dtype_name(self.kv_cache_torch_dtype)
         return out
 
     def with_overrides(self, **kwargs: Any) -> EngineConfig:

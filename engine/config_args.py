@@ -28,6 +28,7 @@ from engine.config import (
     ALL_REDUCE_NORM_FUSIONS,
     ATTENTION_BACKENDS,
     DTYPE_CHOICES,
+    KV_CACHE_DTYPE_CHOICES,
     SCHEDULING_POLICIES,
     STATIC_RESERVATIONS,
     EngineConfig,
@@ -37,6 +38,7 @@ from engine.config import (
 # The fields whose values come from a fixed tuple in engine/config.py.
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": DTYPE_CHOICES,
+    "kv_cache_dtype": KV_CACHE_DTYPE_CHOICES,
     "attention_backend": ATTENTION_BACKENDS,
     "scheduling_policy": SCHEDULING_POLICIES,
     "static_reservation": STATIC_RESERVATIONS,

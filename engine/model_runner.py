@@ -74,6 +74,7 @@ class ModelRunner:
         self.tp = tp
         self.device = config.device_for_rank(tp.rank)
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.kv_cache_torch_dtype  # the model's dtype, or fp8 (kv_cache_dtype)
         self.block_size = config.block_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -111,7 +112,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         """KV bytes of one block on this rank (its 1/tp.size of the KV heads)."""
-        return self.block_size * self.mc.kv_bytes_per_token(self.dtype.itemsize) // self.tp.size
+        return self.block_size * self.mc.kv_bytes_per_token(self.kv_dtype.itemsize) // self.tp.size
 
     def available_kv_blocks(self) -> int:
         """Blocks that fit this device's KV budget (before the engine takes the min over ranks)."""
@@ -150,11 +151,12 @@ class ModelRunner:
             self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
 
     def _scratch_cache(self) -> torch.Tensor:
-        return torch.zeros(1, self.block_size, self.num_kv_heads, self.mc.head_dim, dtype=self.dtype, device=self.device)
+        return torch.zeros(1, self.block_size, self.num_kv_heads, self.mc.head_dim, dtype=self.kv_dtype,
+                           device=self.device)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, self.mc.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads, self.mc.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(self.mc.num_hidden_layers)]
         self._init_buffers()
         if self.device.type == "cuda":  # compile now what would compile in the first steps (FA4)

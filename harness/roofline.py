@@ -5,8 +5,8 @@ the batch. So the floor of a run is
 
     sum over steps that ran a batch of (weight_bytes + kv_tokens_stored * kv_bytes_per_token)
 
-divided by the memory bandwidth (KV bytes per token: ModelConfig.kv_bytes_per_token at the
-run's element size). ``measure_copy_bandwidth`` is the project's one measurement of that
+divided by the memory bandwidth (KV bytes per token: EngineConfig.kv_bytes_per_token, at the KV
+cache's element size: 1 byte with kv_cache_dtype="fp8"). ``measure_copy_bandwidth`` is the project's one measurement of that
 bandwidth (the roofline, harness.studies.step_profile and .latency, harness.kernels.bench_decode): a
 device-to-device copy, counting the bytes read plus the bytes written. Under tensor
 parallelism pass the bandwidth of all ranks together.

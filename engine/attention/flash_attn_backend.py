@@ -50,6 +50,8 @@ def load_varlen_func() -> Callable:
 class FlashAttention:
     accepts_stored_kv = True  # as TritonAttention: the rotary kernel writes this step's K/V
     fused_decode = True  # decode steps run TritonAttention's kernels, its decode_fused too
+    # the caches are in the model's dtype (EngineConfig rejects an fp8 cache with this backend)
+    k_scale = v_scale = 1.0
 
     def __init__(self, varlen_func: Callable | None = None) -> None:
         # varlen_func: a stand-in for FA4's (CPU tests of the argument mapping)

@@ -39,6 +39,8 @@ class KVStore(NamedTuple):
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor
     slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = skip
+    k_scale: float = 1.0  # fp8 caches only: they store k / k_scale and v / v_scale
+    v_scale: float = 1.0
 
 
 class AttentionBackend(Protocol):
@@ -48,6 +50,10 @@ class AttentionBackend(Protocol):
     # True: decode_fused exists (the Triton decode kernel with the rotary, the KV store and the
     # split merge folded in; see engine.attention.triton_backend)
     fused_decode: bool
+    # an fp8 KV cache's per-tensor scales (stored = x / scale, read = stored * scale), for every
+    # kernel that stores or reads the caches; a model-dtype cache ignores them
+    k_scale: float
+    v_scale: float
 
     def reserve(self, max_seqs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
         """Allocate any per-batch scratch up front (before CUDA graph capture)."""

@@ -11,11 +11,16 @@ FLASH_ATTN_INSTALL = "pip install 'llmbench[flash-attn]'"  # pyproject.toml's ex
 FLASH_ATTN_DTYPES = ("float16", "bfloat16")
 
 
-def check_backend(name: str, device_type: str, dtype: str) -> None:
+def check_backend(name: str, device_type: str, dtype: str, kv_cache_dtype: str = "auto") -> None:
     """Raise ValueError if backend `name` cannot run on this device type at this dtype (a
-    DTYPES name), or its package is not installed."""
+    DTYPES name) and KV cache dtype ("auto" or a KV_CACHE_DTYPES name), or its package is not
+    installed."""
     if name != "flash_attn":
         return
+    if kv_cache_dtype != "auto":
+        # FA4's paged varlen kernel reads K and V in the query's dtype: no scaled 8-bit pages
+        raise ValueError(f"attention_backend='flash_attn' does not support kv_cache_dtype={kv_cache_dtype!r}; "
+                         f"use attention_backend='triton' (or 'auto') with an fp8 KV cache")
     if device_type != "cuda":
         raise ValueError("attention_backend='flash_attn' needs a CUDA GPU (FlashAttention 4 has no "
                          f"CPU kernels); got device type {device_type!r}: use 'auto' or 'torch' there")

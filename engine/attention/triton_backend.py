@@ -14,6 +14,9 @@ T > SMALL_Q_MAX (each program then keeps or skips its sequence by q_len on the d
 
 `decode_fused` is the fused small-batch path's decode step (engine.models.llama): the decode
 kernel also applies the rotary and stores this step's K/V, and merges its own splits.
+
+An fp8 KV cache (EngineConfig.kv_cache_dtype) is the caches' dtype; the kernels see it and pass
+k_scale and v_scale (constants, so graphs capture them) to every store and read.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class TritonAttention:
     accepts_stored_kv = True  # k = v = None: the rotary kernel already wrote them (engine.kernels.rope)
     fused_decode = True  # decode_fused: rotary, KV store and the split merge inside the decode kernel
 
-    def __init__(self) -> None:
+    def __init__(self, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        self.k_scale, self.v_scale = k_scale, v_scale  # an fp8 cache's per-tensor scales
         self._checked: set[str] = set()  # kernels whose arguments were validated once
         self._scratch: DecodeScratch | None = None
         self._num_sms: int | None = None
@@ -77,7 +81,8 @@ class TritonAttention:
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
         if k is not None:
-            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, check="store" not in self._checked)
+            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, check="store" not in self._checked,
+                          k_scale=self.k_scale, v_scale=self.v_scale)
         out = torch.empty_like(q)
         path = "decode" if meta.is_decode_only else "unified"
         check = path not in self._checked
@@ -86,7 +91,7 @@ class TritonAttention:
         else:
             unified_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
                               meta.block_tables, meta.max_query_len, meta.max_seq_len, scale,
-                              check=check)
+                              check=check, k_scale=self.k_scale, v_scale=self.v_scale)
         if check:
             self._checked.update(("store", path))
         return out
@@ -100,7 +105,8 @@ class TritonAttention:
         and stores K and V itself; without it, q is rotated, and K and V are stored here unless
         already (k = v = None). `merge`: the decode kernel merges its splits (no reduce kernel)."""
         if rotary is None and k is not None:
-            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, check="store" not in self._checked)
+            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, check="store" not in self._checked,
+                          k_scale=self.k_scale, v_scale=self.v_scale)
             self._checked.add("store")
         path = "decode_rotary" if rotary is not None else "decode"
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
@@ -115,4 +121,5 @@ class TritonAttention:
         splits = choose_num_splits(num_seqs, k_cache.shape[2], meta.max_seq_len, self._sms(q.device))
         scratch = self._get_scratch(num_seqs, q.shape[1], q.shape[2], q.device) if splits > 1 else None
         decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale, splits, scratch,
-                         check=check, rotary=rotary, new_kv=new_kv, merge=merge)
+                         check=check, rotary=rotary, new_kv=new_kv, merge=merge, k_scale=self.k_scale,
+                         v_scale=self.v_scale)

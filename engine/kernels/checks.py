@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from engine.dtypes import DTYPES
+from engine.kernels.store_kv import check_cache_dtypes
 
 
 def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                          seq_lens: torch.Tensor, block_tables: torch.Tensor, rows: str) -> None:
     """q/out [rows, num_heads, head_dim], caches [num_blocks, block_size, num_kv_heads, head_dim]
-    in one float dtype with contiguous head dims; int32 seq_lens [S] and block_tables [S, *]."""
+    with contiguous head dims, q/out in one float dtype and the caches in it or in fp8; int32
+    seq_lens [S] and block_tables [S, *]."""
     if q.dim() != 3 or out.shape != q.shape:
         raise ValueError(f"q and out must be [{rows}, num_heads, head_dim]; got {tuple(q.shape)}, {tuple(out.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
@@ -18,11 +19,7 @@ def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if q.shape[1] % k_cache.shape[2] != 0:
         raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
-    if len({q.dtype, out.dtype, k_cache.dtype, v_cache.dtype}) != 1:
-        raise ValueError(f"q, out, k_cache, v_cache must share one dtype; got {q.dtype}, "
-                         f"{out.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if q.dtype not in DTYPES.values():
-        raise ValueError(f"dtype {q.dtype} is unsupported; use one of {', '.join(DTYPES)}")
+    check_cache_dtypes(q.dtype, out.dtype, k_cache.dtype, v_cache.dtype, "q, out")
     if any(t.stride(-1) != 1 for t in (q, out, k_cache, v_cache)):
         raise ValueError("q, out, k_cache and v_cache need a contiguous last (head_dim) dimension")
     num_seqs = seq_lens.shape[0]

@@ -20,6 +20,10 @@ EngineConfig.fused_small_batch_rotary / _merge):
   splits of its head group (loads bypass L1) and resets the counter to 0 for the next launch.
   Replaces the reduce kernel; graph-safe (the counters are zeroed once, in the scratch).
 
+An fp8 KV cache (engine/kernels/kv_quant.py): K and V tiles are loaded in 8 bits and scaled
+into the query's dtype before the dots; ROTARY stores this step's K and V quantized and folds
+in what a reader of the cache would get back.
+
 CUDA-graph safety: seq_lens and block_tables are only read on device, the grids depend only on
 (num_seqs, Hkv, num_splits), scratch is passed in, and a padded lane (seq_len 0) visits no tile,
 reads no block table entry and writes zeros.
@@ -40,6 +44,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.checks import check_attention_args
+from engine.kernels.kv_quant import from_cache, to_cache
 from engine.kernels.rope import RotaryIn, norm_rope
 from engine.kernels.store_kv import check_store_args
 
@@ -116,11 +121,12 @@ def _merge(lse, part):
 
 @triton.jit
 def _store_new_kv(k_src, v_src, slot_ptr, seq, kv_head, mine, k_cache_ptr, v_cache_ptr, kw_ptr, cos_row, sin_row,
-                  eps, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+                  eps, k_scale, v_scale, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
                   BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
     """This step's K (normed and rotated from its raw row at k_src) and V (at v_src) of one KV
     head, loaded and stored into the caches at the token's slot only where `mine` (a program's
-    scalar) and the slot is not -1. Returns (k, v) [HEAD_DIM] in the caches' dtype (zeros if not mine)."""
+    scalar) and the slot is not -1. Returns (k, v) [HEAD_DIM] in the activations' dtype as a read
+    of the caches gives them back (an fp8 cache's rounding included; zeros if not mine)."""
     slot = tl.load(slot_ptr + seq)
     at = tl.maximum(slot, 0)
     d = tl.arange(0, HEAD_DIM)
@@ -130,9 +136,11 @@ def _store_new_kv(k_src, v_src, slot_ptr, seq, kv_head, mine, k_cache_ptr, v_cac
     v = tl.load(v_src + d, mask=load, other=0.0)
     k_row = (at // BLOCK_SIZE) * stride_kc_b + (at % BLOCK_SIZE) * stride_kc_s + kv_head * stride_kc_h
     v_row = (at // BLOCK_SIZE) * stride_vc_b + (at % BLOCK_SIZE) * stride_vc_s + kv_head * stride_vc_h
-    tl.store(k_cache_ptr + k_row + d, k, mask=keep)
-    tl.store(v_cache_ptr + v_row + d, v, mask=keep)
-    return k, v
+    k_stored = to_cache(k, k_scale, k_cache_ptr)
+    v_stored = to_cache(v, v_scale, v_cache_ptr)
+    tl.store(k_cache_ptr + k_row + d, k_stored, mask=keep)
+    tl.store(v_cache_ptr + v_row + d, v_stored, mask=keep)
+    return from_cache(k_stored, k_scale, k.dtype), from_cache(v_stored, v_scale, v.dtype)
 
 
 @triton.jit
@@ -153,6 +161,7 @@ def _decode_split_kernel(
     acc_ptr, lse_ptr,  # scratch [maxB, Hq, S, D], [maxB, Hq, S] fp32
     seq_lens_ptr, block_tables_ptr,  # [B] int32, [B, max_blocks] int32
     scale_log2,
+    k_scale, v_scale,  # fp8 caches only: read = stored * scale (ROTARY stores x / scale)
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
     stride_bt, stride_acc_t, stride_acc_h, stride_acc_s, stride_lse_t, stride_lse_h,
@@ -189,8 +198,8 @@ def _decode_split_kernel(
         mine = (split == (tl.maximum(n_tiles, 1) - 1) // tl.maximum(per_split, 1)) & (seq_len > 0)
         k_new, v_new = _store_new_kv(new_k_ptr + seq * stride_nk_t + kv_head * stride_nk_h,
                                      new_v_ptr + seq * stride_nv_t + kv_head * stride_nv_h, slot_ptr, seq, kv_head,
-                                     mine, k_cache_ptr, v_cache_ptr, kw_ptr, cos_row, sin_row, eps,
-                                     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+                                     mine, k_cache_ptr, v_cache_ptr, kw_ptr, cos_row, sin_row, eps, k_scale,
+                                     v_scale, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
                                      BLOCK_SIZE, QK_NORM, HEAD_DIM)
         q = norm_rope(q_ptr + seq * stride_q_t + head[:, None] * stride_q_h, h_ok[:, None], qw_ptr,
                       cos_row, sin_row, eps, QK_NORM, HEAD_DIM)  # [BLOCK_H, D_PAD]; padding rows are 0
@@ -214,6 +223,8 @@ def _decode_split_kernel(
                      mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
         v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
                     mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        kt = from_cache(kt, k_scale, q.dtype)  # fp8: scaled into q's dtype; else as loaded
+        v = from_cache(v, v_scale, q.dtype)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
         s = tl.where(pos_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
@@ -343,13 +354,16 @@ def decode_attention(
     rotary: RotaryIn | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     merge: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Paged decode attention; returns out. Pass a preallocated scratch when num_splits > 1
     inside a CUDA graph (without one, it is allocated here, which is not capture-safe).
     `rotary`, with new_kv = (k, v, slot_mapping) ([B, Hkv, D] twice, [B] int64): q and k are the
     qkv projection's raw outputs; the kernel normalizes and rotates them (as qk_norm_rope) and
     stores K and V into the caches at the slots (-1: not stored) before attending. `merge`: the
-    split kernel merges its splits itself (no reduce kernel; the scratch's counters)."""
+    split kernel merges its splits itself (no reduce kernel; the scratch's counters). An fp8 cache
+    is read as stored * k_scale / v_scale (and `rotary` stores k / k_scale, v / v_scale)."""
     if check:
         _check(q, k_cache, v_cache, out, seq_lens, block_tables, num_splits, scratch)
         if rotary is not None:
@@ -373,7 +387,7 @@ def decode_attention(
     splits_pad = triton.next_power_of_2(num_splits)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, acc, lse, seq_lens, block_tables,
-        scale * LOG2E,
+        scale * LOG2E, k_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

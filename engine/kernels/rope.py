@@ -1,7 +1,9 @@
 """Per-head q/k RMSNorm (Qwen3) and rotary embedding in one kernel: q and k are read once from
 the fused qkv projection output (strided views); q is written contiguous for attention, and k
 either contiguous too or, with `store`, straight into the paged KV cache beside this step's V
-(the separate store kernel and its re-read of k are saved: one kernel fewer per layer).
+(the separate store kernel and its re-read of k are saved: one kernel fewer per layer). An fp8
+cache gets the rotated k rounded to the activation dtype first, then k / k_scale in 8 bits: the
+bits the store kernel would write (engine/kernels/kv_quant.py).
 
 `norm_rope` is the same math for a kernel that holds whole heads in one tile (the decode
 attention kernel's prologue, engine/kernels/decode_attention.py, given a `RotaryIn`)."""
@@ -14,14 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.attention.metadata import KVStore
+from engine.kernels.kv_quant import to_cache
 from engine.kernels.store_kv import check_store_args
 
 
 @triton.jit
-def _norm_rope_heads(src, stride_h, dst, dst_stride_h, slot, w_ptr, c, s, eps, NORM: tl.constexpr,
+def _norm_rope_heads(src, stride_h, dst, dst_stride_h, slot, w_ptr, c, s, eps, dst_scale, NORM: tl.constexpr,
                      HALF: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr):
     """Every head of one token: src rows at stride_h, dst rows at dst_stride_h, written unless
-    slot < 0 (a padded token's cache slot)."""
+    slot < 0 (a padded token's cache slot); an fp8 dst (the K cache) stores x / dst_scale."""
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, HALF)
     ok = (h < NUM_HEADS)[:, None]
@@ -38,8 +42,8 @@ def _norm_rope_heads(src, stride_h, dst, dst_stride_h, slot, w_ptr, c, s, eps, N
         a = (a * rstd[:, None]).to(dtype).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :]
         b = (b * rstd[:, None]).to(dtype).to(tl.float32) * tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
     out = dst + h[:, None] * dst_stride_h + d[None, :]
-    tl.store(out, (a * c - b * s).to(dtype), mask=keep)
-    tl.store(out + HALF, (b * c + a * s).to(dtype), mask=keep)
+    tl.store(out, to_cache((a * c - b * s).to(dtype), dst_scale, dst), mask=keep)
+    tl.store(out + HALF, to_cache((b * c + a * s).to(dtype), dst_scale, dst), mask=keep)
 
 
 class RotaryIn(NamedTuple):
@@ -82,6 +86,7 @@ def norm_rope(src, mask, w_ptr, cos_row, sin_row, eps, NORM: tl.constexpr, HEAD_
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
     v_ptr, v_cache_ptr, slot_ptr,  # STORE only: k_out_ptr is then the K cache
+    k_scale, v_scale,  # STORE into fp8 caches only: stored = x / scale
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_cos, eps,
     stride_v_t, stride_v_h, stride_c_b, stride_c_s, stride_c_h,  # STORE only (both caches)
     NORM: tl.constexpr, HALF: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
@@ -95,36 +100,39 @@ def _qk_norm_rope_kernel(
     c = tl.load(cos_ptr + pos * stride_cos + d)[None, :]
     s = tl.load(sin_ptr + pos * stride_cos + d)[None, :]
     _norm_rope_heads(q_ptr + tok * stride_q_t, stride_q_h, q_out_ptr + tok * (NUM_Q_HEADS * 2 * HALF), 2 * HALF,
-                     0, qw_ptr, c, s, eps, NORM, HALF, NUM_Q_HEADS, HQ_PAD)
+                     0, qw_ptr, c, s, eps, 1.0, NORM, HALF, NUM_Q_HEADS, HQ_PAD)
     if STORE:
         slot = tl.load(slot_ptr + tok)  # -1: a padded token, nothing stored
         at = tl.maximum(slot, 0)
         row = (at // BLOCK_SIZE) * stride_c_b + (at % BLOCK_SIZE) * stride_c_s
         _norm_rope_heads(k_ptr + tok * stride_k_t, stride_k_h, k_out_ptr + row, stride_c_h, slot,
-                         kw_ptr, c, s, eps, NORM, HALF, NUM_KV_HEADS, HKV_PAD)
+                         kw_ptr, c, s, eps, k_scale, NORM, HALF, NUM_KV_HEADS, HKV_PAD)
         h = tl.arange(0, HKV_PAD)
         dd = tl.arange(0, 2 * HALF)[None, :]
         ok = (h < NUM_KV_HEADS)[:, None]
         v = tl.load(v_ptr + tok * stride_v_t + h[:, None] * stride_v_h + dd, mask=ok)
-        tl.store(v_cache_ptr + row + h[:, None] * stride_c_h + dd, v, mask=ok & ((h * 0 + slot) >= 0)[:, None])
+        tl.store(v_cache_ptr + row + h[:, None] * stride_c_h + dd, to_cache(v, v_scale, v_cache_ptr),
+                 mask=ok & ((h * 0 + slot) >= 0)[:, None])
     else:
         _norm_rope_heads(k_ptr + tok * stride_k_t, stride_k_h, k_out_ptr + tok * (NUM_KV_HEADS * 2 * HALF),
-                         2 * HALF, 0, kw_ptr, c, s, eps, NORM, HALF, NUM_KV_HEADS, HKV_PAD)
+                         2 * HALF, 0, kw_ptr, c, s, eps, 1.0, NORM, HALF, NUM_KV_HEADS, HKV_PAD)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                 eps: float, store: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 eps: float, store: KVStore | tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [T, Hq, D], k [T, Hkv, D] (last dim contiguous, any token/head strides); cos/sin
     [max_pos, D] fp32 in rotate-half layout. Returns contiguous (q, k), or with `store` (q, None):
     the rotated K and this step's V are then written into the caches at their slots. `store` is
-    (v, k_cache, v_cache, slot_mapping): the attention layer's KVStore."""
+    the attention layer's KVStore (v, k_cache, v_cache, slot_mapping, k_scale, v_scale); the
+    scales apply to fp8 caches."""
     t, hq, dim = q.shape
     hkv = k.shape[1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or dim % 2 or (dim & (dim - 1)):
         raise ValueError(f"qk_norm_rope needs a contiguous power-of-two head dim, got q {tuple(q.shape)}")
     if store is not None:
-        check_store_args(k, *store)
+        store = KVStore(*store)  # the scales default to 1.0
+        check_store_args(k, *store[:4])
         if store[1].stride() != store[2].stride():
             raise ValueError("qk_norm_rope: k_cache and v_cache need the same strides")
     q_out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
@@ -132,10 +140,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
     norm = q_weight is not None
     if t == 0:
         return q_out, k_out
-    v, k_dst, v_dst, slots = store if store is not None else (k, k_out, k_out, positions)
+    v, k_dst, v_dst, slots, k_scale, v_scale = store if store is not None else (k, k_out, k_out, positions, 1.0, 1.0)
     _qk_norm_rope_kernel[(t,)](
         q, k, q_out, k_dst, q_weight if norm else q, k_weight if norm else k, cos, sin, positions,
-        v, v_dst, slots,
+        v, v_dst, slots, k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), eps,
         v.stride(0), v.stride(1), *(v_dst.stride()[:3] if store is not None else (0, 0, 0)),
         NORM=norm, HALF=dim // 2, NUM_Q_HEADS=hq, NUM_KV_HEADS=hkv,

@@ -10,6 +10,9 @@ so each K/V tile is loaded once for the whole head group and QK^T / PV are tenso
 Grid (T // BLOCK_Q + num_seqs, Hkv) is an upper bound on the q-blocks (sequence i starts at
 block qsl[i] // BLOCK_Q + i); each program finds its sequence by bisection and spare ones exit,
 so the grid needs no host-side query lengths.
+
+An fp8 KV cache (engine/kernels/kv_quant.py): K and V tiles are loaded in 8 bits and scaled into
+the query's dtype before the dots (k_scale, v_scale).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.checks import check_attention_args
+from engine.kernels.kv_quant import from_cache
 
 LOG2E = 1.4426950408889634
 # Sequences with at most this many queries use the small (16-row) tile, the rest the large tile.
@@ -48,6 +52,7 @@ def _unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,  # q/out [T, Hq, D]; caches [nb, bs, Hkv, D]
     qsl_ptr, seq_lens_ptr, block_tables_ptr,  # [S+1] int32, [S] int32, [S, max_blocks] int32
     num_seqs, q_len_split, scale_log2,
+    k_scale, v_scale,  # fp8 caches only: read = stored * scale
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
     stride_bt,
@@ -106,6 +111,7 @@ def _unified_attention_kernel(
         # 0 * NaN in the PV dot would poison the row.
         kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
                      mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+        kt = from_cache(kt, k_scale, q.dtype)  # fp8: scaled into q's dtype; else as loaded
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # log2 units, fp32
         s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -115,6 +121,7 @@ def _unified_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
                     mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        v = from_cache(v, v_scale, q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -142,7 +149,7 @@ def _tile_config(group: int, large: bool) -> tuple[int, int, int, int]:
     return max(16, rows), 64, 4, 2
 
 
-def _launch(q, k_cache, v_cache, out, qsl, seq_lens, block_tables, scale, q_len_split: int,
+def _launch(q, k_cache, v_cache, out, qsl, seq_lens, block_tables, scale, k_scale, v_scale, q_len_split: int,
             long: bool, cfg: tuple[int, int, int, int]) -> None:
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // k_cache.shape[2]
@@ -151,7 +158,7 @@ def _launch(q, k_cache, v_cache, out, qsl, seq_lens, block_tables, scale, q_len_
     grid = (num_tokens // block_q + seq_lens.shape[0], k_cache.shape[2])
     _unified_attention_kernel[grid](
         q, k_cache, v_cache, out, qsl, seq_lens, block_tables,
-        seq_lens.shape[0], q_len_split, scale * LOG2E,
+        seq_lens.shape[0], q_len_split, scale * LOG2E, k_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -178,6 +185,8 @@ def unified_attention(
     check: bool = True,
     small_cfg: tuple[int, int, int, int] | None = None,
     large_cfg: tuple[int, int, int, int] | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal paged attention for any mix of prefill chunks and decodes; returns out.
     max_query_len picks the tiles (host int, no sync); max_seq_len is accepted for the
@@ -189,7 +198,7 @@ def unified_attention(
     on the device (q_len vs SMALL_Q_MAX), so a CUDA graph captured with max_query_len > SMALL_Q_MAX
     serves any mix; grids depend only on T and the number of sequence rows, and sequence rows with
     no queries (graph padding) exit at once. *_cfg override (BLOCK_M, BLOCK_N, num_warps,
-    num_stages) for tuning."""
+    num_stages) for tuning. An fp8 cache is read as stored * k_scale / v_scale."""
     if check:
         _check(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables)
         if not math.isfinite(scale) or max_query_len < 0:
@@ -198,7 +207,7 @@ def unified_attention(
         return out
     group = q.shape[1] // k_cache.shape[2]
     small = small_cfg or _tile_config(group, large=False)
-    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale)
+    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale, k_scale, v_scale)
     if max_query_len <= SMALL_Q_MAX:
         _launch(*args, q_len_split=1 << 30, long=False, cfg=small)
         return out

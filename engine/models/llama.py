@@ -69,7 +69,8 @@ class Attention(nn.Module):
         """(q, k, v) after the q/k norms and rotary; on a GPU whose backend takes stored K/V, the
         rotary kernel writes K and V into the caches, and k = v = None."""
         if backend.accepts_stored_kv and q.is_cuda:
-            q, _ = self.rotary(positions, q, k, *norms, store=KVStore(v, kv[0], kv[1], meta.slot_mapping))
+            store = KVStore(v, kv[0], kv[1], meta.slot_mapping, backend.k_scale, backend.v_scale)
+            q, _ = self.rotary(positions, q, k, *norms, store=store)
             return q, None, None
         q, k = self.rotary(positions, q, k, *norms)
         return q, k, v

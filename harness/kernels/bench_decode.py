@@ -1,11 +1,13 @@
 """H100 microbenchmark: split-K decode and unified attention, bf16, Qwen3-0.6B layer shape.
 
-Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp | --fused]
-CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp | --fused]
+Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp | --fused | --kv-dtype fp8]
+CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp | --fused | --kv-dtype fp8]
 (`python -m harness.kernels.bench_decode` is the same command.)
 --llama-tp: llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead (see llama_tp_rows).
 --fused: the fused small-batch decode kernel (rotary, KV store and split merge inside) against
 the kernels it replaces, per layer of a captured 28-layer chain (see fused_rows).
+--kv-dtype fp8: decode on a bf16 cache and on an fp8 (e4m3) cache of the same values, same shapes:
+us, GB/s of KV read at each element size and the speedup (see kv_dtype_rows).
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
 
 Decode bytes = K+V of every context token (Hkv x D x 2 B each) + q read + out written; split
@@ -29,7 +31,8 @@ import triton
 import triton.testing
 
 from engine.attention.metadata import AttentionMetadata
-from engine.attention.torch_backend import paged_attention_ref
+from engine.attention.torch_backend import dequantize_ref, paged_attention_ref
+from engine.dtypes import KV_CACHE_DTYPES
 from engine.kernels.decode_attention import (
     alloc_decode_scratch,
     choose_num_splits,
@@ -321,6 +324,54 @@ def _graph_us(fn, plan: Plan, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def kv_dtype_rows(plan: Plan, cache_dtype: torch.dtype, copy_gbs: float) -> list[dict]:
+    """Split-K decode (bs 16, auto splits) over a model-dtype cache and over the same values in
+    cache_dtype (EngineConfig.kv_cache_dtype="fp8"), for every decode tile: GB/s counts K+V at each
+    cache's element size (q and out are noise at these shapes). rel_err: the fp8 run against the
+    reference over its dequantized cache (the kernel's own error), and against the model-dtype
+    cache's reference (what fp8 costs in accuracy)."""
+    rows = []
+    for bsz in plan.batches:
+        for ctx in plan.contexts:
+            b = make_batch(plan, [ctx] * bsz, [1] * bsz, 16)
+            fp8 = b.k_cache.to(cache_dtype), b.v_cache.to(cache_dtype)
+            fp8_ref = paged_attention_ref(b.q.float(), *(dequantize_ref(c, 1.0, torch.float32) for c in fp8), b.meta,
+                                          D ** -0.5)
+            splits = choose_num_splits(bsz, HKV, ctx)
+            scratch = alloc_decode_scratch(bsz, HQ, D, plan.device)
+            out = torch.empty_like(b.q)
+            for name, (kc, vc), ref in (("model", (b.k_cache, b.v_cache), b.ref), ("fp8", fp8, fp8_ref)):
+                nbytes = bsz * ctx * HKV * D * 2 * kc.element_size()
+                for i, (block_n, warps, stages) in enumerate(plan.decode_tiles):
+                    run = partial(decode_attention, b.q, kc, vc, out, b.meta.seq_lens, b.meta.block_tables, D ** -0.5,
+                                  splits, scratch, check=False, block_n=block_n, num_warps=warps, num_stages=stages)
+                    out.fill_(float("nan"))
+                    run()
+                    err, err_model = rel_err(out, ref), rel_err(out, b.ref)
+                    ms = bench_ms(run, plan)
+                    rows.append(dict(kernel=f"decode:{name}", B=bsz, ctx=ctx, bs=16, block_n=block_n, warps=warps,
+                                     stages=stages, splits=splits, default=i == 0, us=ms * 1e3,
+                                     GBps=nbytes / ms / 1e6, frac_copy=nbytes / ms / 1e6 / copy_gbs, rel_err=err,
+                                     rel_err_vs_model_cache=err_model))
+            print(f"kv B{bsz} ctx{ctx}", flush=True)
+    return rows
+
+
+def print_kv_table(rows: list[dict]) -> None:
+    print("\ndecode, model-dtype vs fp8 KV cache (bs 16, auto splits): default tile | fastest tile; "
+          "GB/s of K+V read; err: fp8 vs its own dequantized cache / vs the model-dtype cache")
+    print(f"{'B':>4} {'ctx':>5} {'sp':>3} | {'model us':>8} {'GB/s':>6} {'%copy':>6} | {'fp8 us':>8} {'GB/s':>6} "
+          f"{'%copy':>6} | {'speedup':>7} {'best':>7} | {'err':>7} {'vs model':>8}")
+    for shape in dict.fromkeys((r["B"], r["ctx"]) for r in rows):
+        m = [r for r in rows if (r["B"], r["ctx"]) == shape and r["kernel"] == "decode:model"]
+        f = [r for r in rows if (r["B"], r["ctx"]) == shape and r["kernel"] == "decode:fp8"]
+        bm, bf = min(m, key=lambda r: r["us"]), min(f, key=lambda r: r["us"])
+        print(f"{shape[0]:>4} {shape[1]:>5} {m[0]['splits']:>3} | {m[0]['us']:>8.1f} {m[0]['GBps']:>6.0f} "
+              f"{100 * m[0]['frac_copy']:>5.1f}% | {f[0]['us']:>8.1f} {f[0]['GBps']:>6.0f} "
+              f"{100 * f[0]['frac_copy']:>5.1f}% | {m[0]['us'] / f[0]['us']:>6.2f}x {bm['us'] / bf['us']:>6.2f}x | "
+              f"{max(r['rel_err'] for r in f):>7.1e} {max(r['rel_err_vs_model_cache'] for r in f):>8.1e}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmbench kernels bench-decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a few small shapes (CPU: with TRITON_INTERPRET=1)")
@@ -328,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead")
     ap.add_argument("--fused", action="store_true",
                     help="the fused small-batch decode kernel (rotary, KV store, split merge) vs the kernels it replaces")
+    ap.add_argument("--kv-dtype", choices=("fp8", "fp8_e5m2"),
+                    help="decode on a model-dtype cache vs an 8-bit one (kv_cache_dtype) at the same shapes")
     return ap
 
 
@@ -347,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = measure_copy_bandwidth(plan.device, 1 << (30 if plan.device == "cuda" else 22)) / 1e9
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
     print(f"{name}: copy {copy_gbs:.0f} GB/s, {plan.dtype}", flush=True)
+    if args.kv_dtype:
+        rows = kv_dtype_rows(plan, KV_CACHE_DTYPES[args.kv_dtype], copy_gbs)
+        write_csv(rows, "bench_decode_kv_dtype.csv")
+        print_kv_table(rows)
+        return 0
     scratch = alloc_decode_scratch(max(plan.batches), HQ, D, plan.device)
     rows: list[dict] = []
     for bsz in plan.batches:

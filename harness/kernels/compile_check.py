@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-FLOAT_ARGS = {"eps", "scale_log2"}
+FLOAT_ARGS = {"eps", "scale_log2", "k_scale", "v_scale"}
 
 
 @dataclass
@@ -42,6 +42,9 @@ class Case:
         shown = {k: v for k, v in self.constexprs.items()
                  if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS", "PARTS", "NORM",
                            "NORM_FIRST", "GATED", "SPLIT_K", "BLOCK_M", "PREFETCH", "PDL", "ROTARY", "MERGE")}
+        cache = self.pointers.get("k_cache_ptr", self.pointers.get("k_out_ptr", ""))
+        if cache.startswith("*fp8"):  # the kv_cache_dtype=fp8 specializations
+            shown["cache"] = cache[1:]
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -66,42 +69,50 @@ def cases() -> list[Case]:
     out.append(Case("engine.kernels.decode_attention", "_decode_reduce_kernel",
                     dict(HEAD_DIM=128, D_PAD=128, NUM_SPLITS=3, SPLITS_PAD=4),
                     {**_ptrs("fp32", "acc_ptr", "lse_ptr"), **_ptrs("bf16", "out_ptr")}))
-    for long, (block_m, block_n, warps, stages) in ((False, (16, 64, 4, 2)), (True, (128, 64, 8, 2))):
+    for long, (block_m, block_n, warps, stages), cache in ((False, (16, 64, 4, 2), "bf16"),
+                                                           (True, (128, 64, 8, 2), "bf16"),
+                                                           (False, (16, 64, 4, 2), "fp8e4nv"),
+                                                           (True, (128, 64, 8, 2), "fp8e4nv")):
         out.append(Case("engine.kernels.unified_attention", "_unified_attention_kernel",
                         dict(LONG=long, BLOCK_SIZE=16, GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_M=block_m,
                              BLOCK_Q=block_m // 4, BLOCK_N=block_n, DOT_PRECISION="tf32"),
-                        {**_ptrs("bf16", "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
+                        {**_ptrs("bf16", "q_ptr", "out_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs("i32", "qsl_ptr", "seq_lens_ptr", "block_tables_ptr")},
                         {"num_warps": warps, "num_stages": stages}))
-    for store in (False, True):
+    for store, cache in ((False, "bf16"), (True, "bf16"), (True, "fp8e4nv")):
         out.append(Case("engine.kernels.rope", "_qk_norm_rope_kernel",
                         dict(NORM=True, HALF=64, NUM_Q_HEADS=16, NUM_KV_HEADS=8, HQ_PAD=16, HKV_PAD=8, STORE=store,
                              BLOCK_SIZE=16),
-                        {**_ptrs("bf16", "q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr", "v_ptr",
-                                 "v_cache_ptr"),
+                        {**_ptrs("bf16", "q_ptr", "k_ptr", "q_out_ptr", "qw_ptr", "kw_ptr", "v_ptr"),
+                         **_ptrs(cache, "k_out_ptr", "v_cache_ptr"),
                          **_ptrs("fp32", "cos_ptr", "sin_ptr"), **_ptrs("i64", "pos_ptr", "slot_ptr")}))
-    out.append(Case("engine.kernels.store_kv", "_store_kv_kernel",
-                    dict(BLOCK_SIZE=16, NUM_KV_HEADS=8, HEAD_DIM=128, H_PAD=8, D_PAD=128),
-                    {**_ptrs("bf16", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"), **_ptrs("i64", "slot_ptr")}))
+    for cache in ("bf16", "fp8e4nv", "fp8e5"):
+        out.append(Case("engine.kernels.store_kv", "_store_kv_kernel",
+                        dict(BLOCK_SIZE=16, NUM_KV_HEADS=8, HEAD_DIM=128, H_PAD=8, D_PAD=128),
+                        {**_ptrs("bf16", "k_ptr", "v_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
+                         **_ptrs("i64", "slot_ptr")}))
     out.append(Case("engine.kernels.silu_mul", "_silu_mul_kernel", dict(BLOCK=4096), _ptrs("bf16", "x_ptr", "out_ptr")))
-    for dtype, block_n, precision, splits in (("bf16", 128, "tf32", 2), ("bf16", 128, "tf32", 1),
-                                              ("bf16", 64, "tf32", 2), ("fp32", 64, "ieee", 2)):
+    for dtype, block_n, precision, splits, cache in (("bf16", 128, "tf32", 2, "bf16"), ("bf16", 128, "tf32", 1, "bf16"),
+                                                     ("bf16", 64, "tf32", 2, "bf16"), ("fp32", 64, "ieee", 2, "fp32"),
+                                                     ("bf16", 128, "tf32", 2, "fp8e4nv"),
+                                                     ("bf16", 128, "tf32", 1, "fp8e4nv")):
         # one split: the launch passes `out` in place of the fp32 scratch
         scratch = "fp32" if splits > 1 else dtype
         out.append(Case("engine.kernels.decode_attention", "_decode_split_kernel",
                         dict(BLOCK_SIZE=16, GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_H=16, BLOCK_N=block_n,
                              NUM_SPLITS=splits, DOT_PRECISION=precision),
-                        {**_ptrs(dtype, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
+                        {**_ptrs(dtype, "q_ptr", "out_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs(scratch, "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
                         {"num_warps": 4, "num_stages": 2}))
-    for rotary, norm, merge, group in ((True, True, True, 2), (True, False, False, 4), (False, False, True, 4)):
+    for rotary, norm, merge, group, cache in ((True, True, True, 2, "bf16"), (True, False, False, 4, "bf16"),
+                                              (False, False, True, 4, "bf16"), (True, True, True, 2, "fp8e4nv")):
         # the fused small-batch decode (fused_small_batch_rotary / _merge): Qwen3 and Llama-3 groups
         out.append(Case("engine.kernels.decode_attention", "_decode_split_kernel",
                         dict(BLOCK_SIZE=16, GROUP=group, HEAD_DIM=128, D_PAD=128, BLOCK_H=16, BLOCK_N=128,
                              NUM_SPLITS=16, DOT_PRECISION="tf32", ROTARY=rotary, QK_NORM=norm, MERGE=merge,
                              SPLITS_PAD=16, MERGE_HEADS=min(group, 4)),
-                        {**_ptrs("bf16", "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "new_k_ptr", "new_v_ptr",
-                                 "qw_ptr", "kw_ptr"),
+                        {**_ptrs("bf16", "q_ptr", "out_ptr", "new_k_ptr", "new_v_ptr", "qw_ptr", "kw_ptr"),
+                         **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs("fp32", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),
                          **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr", "count_ptr"),
                          **_ptrs("i64", "slot_ptr", "pos_ptr")},

@@ -236,7 +236,8 @@ def run_backend(kwargs: dict, backend: str, args: argparse.Namespace, sizes: tup
     del llm  # the last reference: free_memory can then return its KV cache and graphs
     free_memory()
     median = sorted(runs, key=lambda r: r["engine_s"])[(len(runs) - 1) // 2]
-    return {"model": cfg.model, "attention_backend": backend, "policy": cfg.scheduling_policy,
+    return {"model": cfg.model, "attention_backend": backend, "kv_cache_dtype": cfg.kv_cache_dtype,
+            "policy": cfg.scheduling_policy,
             "workload": args.workload, "detokenize": not args.no_detokenize, "requests": sizes[0],
             **median, "engine_s_runs": [r["engine_s"] for r in runs],
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
