@@ -103,7 +103,7 @@ def test_store_on_the_fp8_grid_is_torchs_cast(cache_dtype, dtype, scales, gen):
 @pytest.mark.skipif(not CUDA, reason="the interpreter does not round to nearest even")
 def test_store_random_values_is_torchs_cast_gpu(cache_dtype, dtype, scales, gen):
     """Any value, any scale: the GPU's division (div.rn) and cast (cvt.rn.satfinite) are torch's."""
-    k, v, caches, slots = store_case(random_values, 300, dtype, cache_dtype, gen, *scales)
+    k, v, caches, slots = store_case(random_values, 90, dtype, cache_dtype, gen, *scales)
     check_store(k, v, caches, slots, *scales)
 
 
