@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from engine.kernels.rope import RotaryIn
+from engine.kernels.rope import RotaryIn
 
 
 @dataclass
@@ -30,17 +29,6 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
-
-
-class KVStore(NamedTuple):
-    """Where a rotary kernel puts this step's K (and copies V): the paged caches, at the slots."""
-
-    v: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
-    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor
-    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = skip
-    k_scale: float = 1.0  # fp8 caches only: they store k / k_scale and v / v_scale
-    v_scale: float = 1.0
 
 
 class AttentionBackend(Protocol):

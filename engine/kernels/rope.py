@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention.metadata import KVStore
 from engine.kernels.kv_quant import to_cache
 from engine.kernels.store_kv import check_store_args
 
@@ -56,6 +55,19 @@ class RotaryIn(NamedTuple):
     q_weight: torch.Tensor | None  # [D]; None: no q/k norm
     k_weight: torch.Tensor | None
     eps: float
+
+
+
+class KVStore(NamedTuple):
+    """Where a rotary kernel puts this step's K (and copies V): the paged caches, at the slots."""
+
+    v: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = skip
+    k_scale: float = 1.0  # fp8 caches only: they store k / k_scale and v / v_scale
+    v_scale: float = 1.0
+
 
 
 @triton.jit

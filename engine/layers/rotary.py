@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from engine.attention.metadata import KVStore
-
-if TYPE_CHECKING:
-    from engine.kernels.rope import RotaryIn
+from engine.kernels.rope import KVStore, RotaryIn
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -61,8 +57,6 @@ class RotaryEmbedding(nn.Module):
                  k_norm: nn.Module | None = None) -> RotaryIn:
         """This rotary (after the per-head norms, if any) for a kernel that reads raw q and k:
         the decode attention kernel of the fused small-batch path."""
-        from engine.kernels.rope import RotaryIn
-
         return RotaryIn(positions, self.cos, self.sin, q_norm.weight if q_norm else None,
                         k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0)
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
-from engine.attention.metadata import KVStore
 from engine.distributed import SINGLE, TensorParallel
+from engine.kernels.rope import KVStore
 from engine.layers.activation import silu_and_mul
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear

@@ -256,8 +256,7 @@ def _layer_inputs(plan: Plan, bsz: int, ctx: int, heads: tuple[int, int]) -> dic
 
 def _attend(x: dict, heads: tuple[int, int], rotary, splits: int, scratch, on: tuple[bool, bool]) -> torch.Tensor:
     """The attention of a decode step as the fused path runs it, with the variant's kernels."""
-    from engine.attention.metadata import KVStore
-    from engine.kernels.rope import qk_norm_rope
+    from engine.kernels.rope import KVStore, qk_norm_rope
 
     hq, hkv = heads
     bsz = x["qkv"].shape[0]

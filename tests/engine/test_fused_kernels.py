@@ -65,7 +65,7 @@ def test_qk_norm_rope_can_store_k_and_v_into_the_cache(dtype, norm, hq, hkv):
     """With a KVStore the kernel returns the same q and writes the rotated k (the bits it would
     have returned) and v into the paged caches at their slots; slot -1 (a padded token) and every
     other slot stay as they were."""
-    from engine.attention.metadata import KVStore
+    from engine.kernels.rope import KVStore
 
     t, d, bs = 5, 32, 4
     qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEVICE, dtype=dtype)

@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 from test_kernels import CUDA, DEVICE, DTYPES, Case, assert_close, build_case, raw_qkv  # noqa: E402
 
-from engine.attention.metadata import AttentionMetadata, KVStore  # noqa: E402
+from engine.attention.metadata import AttentionMetadata  # noqa: E402
 from engine.attention.torch_backend import (  # noqa: E402
     TorchAttention,
     dequantize_ref,
@@ -35,6 +35,7 @@ from engine.attention.torch_backend import (  # noqa: E402
 )
 from engine.attention.triton_backend import TritonAttention  # noqa: E402
 from engine.kernels import alloc_decode_scratch, decode_attention, store_kvcache, unified_attention  # noqa: E402
+from engine.kernels.rope import KVStore  # noqa: E402
 
 
 @pytest.fixture
