@@ -61,6 +61,7 @@ COMPARE_METRICS: list[tuple[str, str, str]] = [
     ("prefix_cache_hit_rate", "prefix cache hit rate", "frac"),
     ("num_preemptions", "preemptions", "count"),
     ("mean_batch_size", "mean batch size", "rate"),
+    ("mean_step_ms", "mean step (ms)", "ms"),
     ("gpu_util_mean_pct", "GPU util mean (%)", "rate"),
     ("joules_per_output_token", "J / output token", "j"),
     ("roofline_efficiency", "roofline efficiency", "frac"),
@@ -69,6 +70,8 @@ COMPARE_METRICS: list[tuple[str, str, str]] = [
     ("server_kv_usage_mean", "server KV usage mean", "frac"),
     ("server_kv_usage_peak", "server KV usage peak", "frac"),
     ("server_preemptions", "server preemptions", "count"),
+    ("server_mean_step_ms", "server mean step ms", "ms"),
+    ("server_step_batch_mean", "server step batch mean", "rate"),
 ]
 # Counts shown only when some run has a non-zero one (most runs have none), without ratios.
 HIDDEN_WHEN_ZERO = {"num_not_sent", "num_warmup", "num_cooldown"}

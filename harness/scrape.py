@@ -14,7 +14,10 @@ counted in ``errors``; scraping never fails the run.
 The summary reads a few families by their name without the server's prefix, so our server
 (``llmbench_*``) and vLLM (``vllm:*``) read alike (SERVER_FAMILIES): the queue (waiting
 requests), running requests and KV-cache usage as mean and peak over the steady window, and
-preemptions as the counter's increase over it (None when the server does not export it).
+preemptions as the counter's increase over it (None when the server does not export it), and,
+from our server's own step counters, the mean step time and batch over the window
+(server_mean_step_ms, server_step_batch_mean: the in-process runs' mean_step_ms and
+mean_batch_size, read over HTTP).
 A server exporting both prefixes (ours) is read through its ``llmbench_*`` families.
 """
 
@@ -39,6 +42,10 @@ SERVER_FAMILIES: dict[str, tuple[str, ...]] = {
     "running": ("num_requests_running",),
     "kv_usage": ("kv_cache_usage_ratio", "kv_cache_usage_perc", "gpu_cache_usage_perc"),
     "preemptions": ("num_preemptions", "num_preemptions_total"),
+    # ours alone (engine/serve/metrics.py): per-step figures from counter differences
+    "steps": ("engine_steps", "engine_steps_total"),
+    "step_seconds": ("engine_step_seconds", "engine_step_seconds_total"),
+    "scheduled_seqs": ("engine_scheduled_seqs", "engine_scheduled_seqs_total"),
 }
 SERVER_METRICS_SCHEMA = pa.schema([("t_s", pa.float64()), ("family", pa.string()), ("sample", pa.string()),
                                    ("labels", pa.string()), ("value", pa.float64())])
@@ -158,7 +165,7 @@ def server_summary(frame: pd.DataFrame | None, window: tuple[float, float] | Non
     out: dict[str, Any] = {"server_scrapes": 0}
     for key in ("queue", "running", "kv_usage"):
         out.update({f"server_{key}_mean": None, f"server_{key}_peak": None})
-    out["server_preemptions"] = None
+    out.update(server_preemptions=None, server_mean_step_ms=None, server_step_batch_mean=None)
     if frame is None or frame.empty:
         return out
     if window is not None:
@@ -168,7 +175,17 @@ def server_summary(frame: pd.DataFrame | None, window: tuple[float, float] | Non
         s = _series(frame, SERVER_FAMILIES[key]) if not frame.empty else None
         if s is not None:
             out[f"server_{key}_mean"], out[f"server_{key}_peak"] = float(s.mean()), float(s.max())
-    s = _series(frame, SERVER_FAMILIES["preemptions"]) if not frame.empty else None
-    if s is not None:
-        out["server_preemptions"] = float(s.iloc[-1] - s.iloc[0])
+    increase = {key: _increase(frame, key) for key in ("preemptions", "steps", "step_seconds", "scheduled_seqs")}
+    out["server_preemptions"] = increase["preemptions"]
+    if increase["steps"]:  # None (not exported) or 0 (no step in the window): unknown
+        for key, name, scale in (("step_seconds", "server_mean_step_ms", 1000.0),
+                                 ("scheduled_seqs", "server_step_batch_mean", 1.0)):
+            if increase[key] is not None:
+                out[name] = increase[key] / increase["steps"] * scale
     return out
+
+
+def _increase(frame: pd.DataFrame, key: str) -> float | None:
+    """A counter's increase over the frame's scrapes; None when the server does not export it."""
+    s = _series(frame, SERVER_FAMILIES[key]) if not frame.empty else None
+    return None if s is None else float(s.iloc[-1] - s.iloc[0])

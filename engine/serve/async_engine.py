@@ -26,6 +26,7 @@ from engine.serve.engine_client import (
     EngineSnapshot,
     RequestRejected,
     RequestStream,
+    StepTotals,
     engine_params,
     engine_snapshot,
     token_delta,
@@ -67,8 +68,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
         self._unstarted: set[str] = set()
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = defaultdict(list)
-        self._num_steps = 0
-        self._num_preemptions = 0
+        self._totals = StepTotals()
 
     # ---- lifecycle (caller side) ---------------------------------------------------------
     def start(self) -> None:
@@ -190,9 +190,7 @@ class AsyncEngine:
             logger.exception("engine step failed; failing %d requests in flight", len(self._streams))
             self._fail_all(EngineFailed(f"engine step failed: {type(e).__name__}: {e}"))
             return
-        self._num_steps += 1
-        stats = self.engine.last_step_stats
-        self._num_preemptions += stats.num_preempted if stats is not None else 0
+        self._totals.add(self.engine.last_step_stats)
         for delta in deltas:
             self._mark_started(delta.request_id)
             entry = self._streams.get(delta.request_id)
@@ -234,7 +232,7 @@ class AsyncEngine:
             self._send(command.stream, command.loop, error)
 
     def _publish(self) -> None:
-        self.snapshot = engine_snapshot(self.engine, self._num_steps, self._num_preemptions)
+        self.snapshot = engine_snapshot(self.engine, self._totals)
 
 
 def _deliver(items: list[tuple[RequestStream, object]]) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from engine.outputs import RequestDelta
+from engine.outputs import RequestDelta, StepStats
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -71,6 +71,26 @@ def merge_deltas(first: TokenDelta, later: list[TokenDelta]) -> TokenDelta:
     return last._replace(new_token_ids=ids)
 
 
+@dataclass
+class StepTotals:
+    """Counters over every step the serving loop ran: what /metrics exports so that a client can
+    tell a served engine's step time and batch from its scrapes (differences over a window)."""
+
+    num_steps: int = 0
+    num_preemptions: int = 0
+    step_seconds: float = 0.0  # wall time of the steps (StepStats t_end - t_start), summed
+    scheduled_seqs: int = 0  # sequences in each step's batch, summed
+    scheduled_tokens: int = 0  # prefill + decode tokens of each step, summed
+
+    def add(self, stats: StepStats | None) -> None:
+        self.num_steps += 1
+        if stats is not None:
+            self.num_preemptions += stats.num_preempted
+            self.step_seconds += stats.t_end - stats.t_start
+            self.scheduled_seqs += stats.num_scheduled_seqs
+            self.scheduled_tokens += stats.num_prefill_tokens + stats.num_decode_tokens
+
+
 @dataclass(frozen=True)
 class EngineSnapshot:
     """Engine gauges after its latest step (replaced whole, never mutated)."""
@@ -81,21 +101,23 @@ class EngineSnapshot:
     kv_blocks_total: int = 0
     num_steps: int = 0
     num_preemptions: int = 0
+    step_seconds: float = 0.0
+    scheduled_seqs: int = 0
+    scheduled_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
-def engine_snapshot(engine: LLMEngine, num_steps: int, num_preemptions: int) -> EngineSnapshot:
+def engine_snapshot(engine: LLMEngine, totals: StepTotals) -> EngineSnapshot:
     bm, sched = engine.block_manager, engine.scheduler
     return EngineSnapshot(
         num_running=len(sched.running),
         num_waiting=len(sched.waiting),
         kv_blocks_used=bm.num_used_blocks,
         kv_blocks_total=bm.num_usable_blocks,
-        num_steps=num_steps,
-        num_preemptions=num_preemptions,
+        **dataclasses.asdict(totals),
     )
 
 

@@ -41,7 +41,7 @@ from engine.serve.core_messages import (
     CoreReady,
     Shutdown,
 )
-from engine.serve.engine_client import EngineSnapshot, engine_snapshot, token_delta
+from engine.serve.engine_client import EngineSnapshot, StepTotals, engine_snapshot, token_delta
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ class EngineCore:
         self.engine = engine
         self.conns = conns
         self.owner: dict[str, int] = {}  # request id -> index of the API connection it came from
-        self.num_steps = 0
-        self.num_preemptions = 0
+        self.totals = StepTotals()
         self._last_sent = [0.0] * len(conns)
         self._reset_outbox()
 
@@ -167,9 +166,7 @@ class EngineCore:
             logger.exception("engine step failed; failing %d requests in flight", len(self.owner))
             self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
             return
-        self.num_steps += 1
-        stats = self.engine.last_step_stats
-        self.num_preemptions += stats.num_preempted if stats is not None else 0
+        self.totals.add(self.engine.last_step_stats)
         for delta in deltas:
             index = self.owner.get(delta.request_id)
             if index is None:
@@ -191,7 +188,7 @@ class EngineCore:
 
     # ---- output -------------------------------------------------------------------------
     def _snapshot(self) -> EngineSnapshot:
-        return engine_snapshot(self.engine, self.num_steps, self.num_preemptions)
+        return engine_snapshot(self.engine, self.totals)
 
     def _send(self, idle: bool) -> None:
         snap, now = self._snapshot(), time.monotonic()

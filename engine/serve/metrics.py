@@ -16,6 +16,10 @@ those). Both come from the same numbers, so they always agree:
                                                   a request's tokens at the API layer, shared
                                                   evenly by the tokens that arrived together
 
+Ours alone (no vLLM equivalent): llmbench_engine_steps_total, _step_seconds_total,
+_scheduled_seqs_total and _scheduled_tokens_total, so a client reads a served engine's mean step
+time and batch from two scrapes, as the in-process runs read them from their step records.
+
 The text is written by prometheus_client's exposition from a collector of this app's own
 `CollectorRegistry` (several apps live in one test process: never the global registry). The
 numbers themselves are plain counters on this object: handlers update them on the server's
@@ -163,6 +167,11 @@ class ServerMetrics:
             yield GaugeMetricFamily(PREFIX + name, help_, value=value)
         counters = [
             ("engine_steps_total", "Engine steps run.", snap.num_steps),
+            ("engine_step_seconds_total", "Wall time of the engine steps, summed (per step: over the "
+             "steps counter).", snap.step_seconds),
+            ("engine_scheduled_seqs_total", "Sequences in each step's batch, summed (mean batch: over the "
+             "steps counter).", snap.scheduled_seqs),
+            ("engine_scheduled_tokens_total", "Prefill + decode tokens of each step, summed.", snap.scheduled_tokens),
             ("num_preemptions_total", "Sequences preempted (recomputed later).", snap.num_preemptions),
             ("prompt_tokens_total", "Prompt tokens of finished requests.", self.prompt_tokens),
             ("generation_tokens_total", "Tokens generated (all requests, aborted ones too).",

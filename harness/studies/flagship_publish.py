@@ -29,13 +29,15 @@ HEADLINE = [("output_throughput", "output tok/s", "rate"), ("request_throughput"
             ("p99_e2el_ms", "E2EL p99 ms", "ms"), ("kv_waste_internal_mean", "KV waste internal", "frac"),
             ("kv_waste_reserved_mean", "KV waste reserved", "frac"), ("kv_util_mean", "KV util", "frac"),
             ("prefix_cache_hit_rate", "prefix hits", "frac"), ("mean_batch_size", "mean batch", "rate"),
-            ("num_preemptions", "preempted", "count"), ("gpu_util_mean_pct", "GPU util %", "rate"),
+            ("mean_step_ms", "step ms", "ms"), ("num_preemptions", "preempted", "count"), ("gpu_util_mean_pct", "GPU util %", "rate"),
             ("gpu_power_mean_w", "power W", "rate"), ("joules_per_output_token", "J/token", "j"),
             ("roofline_efficiency", "roofline", "frac")]
 BACKEND_ORDER = ("engine", "served", "static", "static-max", "hf")  # served beside continuous
 # A served run has no engine steps: these come from the server's /metrics (harness/scrape.py).
-SERVER_FIGURES = {"kv_util_mean": "server_kv_usage_mean", "mean_batch_size": "server_running_mean",
-                  "num_preemptions": "server_preemptions"}
+# Each: the first of its columns with a value (runs before the step counters have only the gauge).
+SERVER_FIGURES = {"kv_util_mean": ("server_kv_usage_mean",),
+                  "mean_batch_size": ("server_step_batch_mean", "server_running_mean"),
+                  "mean_step_ms": ("server_mean_step_ms",), "num_preemptions": ("server_preemptions",)}
 GPU_COLUMNS = ("gpu_util_mean_pct", "gpu_power_mean_w", "joules_per_output_token")
 
 
@@ -67,13 +69,15 @@ def headline_table(sweep: pd.DataFrame) -> str:
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if (sweep["backend"] == "served").any():
         lines += ["", "† served rows: the server's own figure, from its /metrics scraped every 0.5 s "
-                  "(running requests for the batch, KV-cache usage, preemptions)"]
+                  "(the mean batch and step time from its step counters, else running requests for the batch; KV-cache "
+                  "usage, preemptions)"]
     return "\n".join(lines)
 
 
 def _cell(row: pd.Series, key: str, unit: str) -> str:
     if row["backend"] == "served" and key in SERVER_FIGURES:  # no engine steps on the client side
-        return format_value(row.get(SERVER_FIGURES[key]), unit) + "†"
+        value = next((row.get(c) for c in SERVER_FIGURES[key] if pd.notna(row.get(c))), None)
+        return format_value(value, unit) + "†"
     return format_value(row.get(key), unit)
 
 

@@ -177,6 +177,8 @@ def test_scraper_writes_server_metrics_during_an_openai_run(server, tmp_path):
     assert scraped is not None and scraped["t_s"].nunique() >= 3  # several scrapes during the run
     assert {"llmbench_num_requests_running", "llmbench_kv_cache_usage_ratio"} <= set(scraped["family"])
     assert summary["server_scrapes"] >= 2 and summary["server_running_peak"] >= 1
+    # the engine's own step counters over HTTP: steps of 1+ sequences taking some time
+    assert summary["server_step_batch_mean"] >= 1 and summary["server_mean_step_ms"] > 0
     # --duration over HTTP: arrivals run to ~0.8 s at 30 req/s; those after 0.5 s are not sent
     statuses = report.requests["status"].value_counts().to_dict()
     assert statuses.get("not_sent", 0) >= 1 and statuses.get("ok", 0) >= 1

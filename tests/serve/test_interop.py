@@ -198,6 +198,20 @@ def test_scraper_reads_one_prefix_not_both():
     assert summary["server_kv_usage_peak"] == 0.25 and summary["server_preemptions"] == 3
 
 
+def test_step_counters_give_the_mean_step_and_batch_between_scrapes():
+    """llmbench_engine_step_seconds_total / _scheduled_seqs_total over engine_steps_total, as
+    differences between the window's first and last scrape (what happened before it is not counted)."""
+    metrics = ServerMetrics(model_name="m")
+    before = EngineSnapshot(num_steps=100, step_seconds=50.0, scheduled_seqs=400, scheduled_tokens=4000)
+    after = dataclasses.replace(before, num_steps=110, step_seconds=50.03, scheduled_seqs=720, scheduled_tokens=4320)
+    rows = parse_metrics(metrics.render(before, 0), 1.0) + parse_metrics(metrics.render(after, 0), 2.0)
+    summary = server_summary(pd.DataFrame(rows, columns=["t_s", "family", "sample", "labels", "value"]))
+    assert summary["server_mean_step_ms"] == pytest.approx(3.0) and summary["server_step_batch_mean"] == 32.0
+    idle = server_summary(pd.DataFrame(parse_metrics(metrics.render(before, 0), 1.0) * 2,
+                                       columns=["t_s", "family", "sample", "labels", "value"]))
+    assert idle["server_mean_step_ms"] is None and idle["server_step_batch_mean"] is None  # no step in the window
+
+
 # ---- errors other tools can read --------------------------------------------------------------
 
 
