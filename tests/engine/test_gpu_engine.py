@@ -91,7 +91,7 @@ def test_fused_small_batch_pdl_float32_matches_hf(checkpoint_dirs):
 
 def test_fused_small_batch_bf16_matches_the_cublas_path(checkpoint_dirs):
     path = checkpoint_dirs["qwen3"]
-    got = tokens(LLM(path, dtype="bfloat16", **SMALL))  # the default: fused up to 16 tokens
+    got = tokens(LLM(path, dtype="bfloat16", **SMALL))  # the default: batch-1 steps fused (a narrow model)
     want = tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=0, **SMALL))
     assert_bf16_near(path, got, want, PROMPTS, PARAMS.max_tokens, "fused vs cuBLAS")
     single = [tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=n, **SMALL), [PROMPTS[1]])[0]
