@@ -11,24 +11,22 @@ from engine.attention.requirements import check_backend
 BACKENDS = ("torch", "triton", "flash_attn")
 
 
-def get_backend(name: str, device_type: str, k_scale: float = 1.0, v_scale: float = 1.0) -> AttentionBackend:
-    """Resolve "auto" (triton on CUDA, torch on CPU) and build the backend; k_scale and v_scale
-    are an fp8 KV cache's per-tensor scales (1.0 without calibrated ones, as vLLM)."""
+def get_backend(name: str, device_type: str) -> AttentionBackend:
+    """Resolve "auto" (triton on CUDA, torch on CPU) and build the backend (an fp8 KV cache's
+    scales: the backends' default 1.0, as vLLM without calibrated ones)."""
     if name == "auto":
         name = "triton" if device_type == "cuda" else "torch"
     if name == "torch":
         from engine.attention.torch_backend import TorchAttention
 
-        return TorchAttention(k_scale, v_scale)
+        return TorchAttention()
     if name == "triton":
         from engine.attention.triton_backend import TritonAttention
 
-        return TritonAttention(k_scale, v_scale)
+        return TritonAttention()
     if name == "flash_attn":
         if device_type != "cuda":
             raise ValueError(f"attention_backend='flash_attn' needs a CUDA GPU, got {device_type!r}")
-        if (k_scale, v_scale) != (1.0, 1.0):
-            raise ValueError("attention_backend='flash_attn' has no fp8 KV cache, so no KV scales")
         from engine.attention.flash_attn_backend import FlashAttention
 
         return FlashAttention()

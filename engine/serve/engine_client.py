@@ -117,7 +117,7 @@ def engine_snapshot(engine: LLMEngine, totals: StepTotals) -> EngineSnapshot:
         num_waiting=len(sched.waiting),
         kv_blocks_used=bm.num_used_blocks,
         kv_blocks_total=bm.num_usable_blocks,
-        **dataclasses.asdict(totals),
+        **vars(totals),  # not dataclasses.asdict: this runs after every step, and asdict deep-copies
     )
 
 
