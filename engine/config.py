@@ -92,6 +92,11 @@ class EngineConfig:
     # program of each KV head to finish (no reduce kernel: one kernel fewer a layer; with _rotary, 0.986
     # vs 1.031 ms a batch-1 step of qwen3-0.6b on an H200, PERF.md row 22)
     fused_small_batch_merge: bool = True
+    # GPU, TP=1: steps of up to this many tokens that the fused path does not take keep cuBLAS and the norm
+    # kernels for qkv and gate_up but run o_proj and down_proj as skinny-GEMM kernels whose split-K partial sums the next norm adds up
+    # (at 2-16 rows the fused norm prologue is what loses, PERF.md row 27); 0: off. None:
+    # FUSED_AUTO_ROW_PARALLEL_TOKENS for the models FUSED_AUTO_MAX_HIDDEN admits
+    fused_row_parallel_tokens: int | None = None
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
     # graphs) leaves the collector's scans, so a full collection no longer stalls a decode step for
@@ -111,6 +116,7 @@ class EngineConfig:
     device_type: str = field(init=False)  # "cuda" | "cpu": what device="auto" became
     resolved_dtype: str = field(init=False)  # a DTYPES name: what dtype="auto" became
     resolved_fused_tokens: int = field(init=False)  # what fused_small_batch_tokens=None became
+    resolved_row_parallel_tokens: int = field(init=False)  # what fused_row_parallel_tokens=None became
 
     def __post_init__(self) -> None:
         self.model_config, self.load_format = _resolve_model(self.model)
@@ -128,7 +134,10 @@ class EngineConfig:
         if self.max_graph_prefill_tokens < 0:
             raise ValueError(f"max_graph_prefill_tokens must be >= 0 (0: no prefill graphs), "
                              f"got {self.max_graph_prefill_tokens}")
-        self.resolved_fused_tokens = _resolve_fused_tokens(self.fused_small_batch_tokens, self.model_config)
+        self.resolved_fused_tokens = _resolve_fused_tokens("fused_small_batch_tokens", self.fused_small_batch_tokens,
+                                                           self.model_config, 1)
+        self.resolved_row_parallel_tokens = _resolve_fused_tokens(
+            "fused_row_parallel_tokens", self.fused_row_parallel_tokens, self.model_config, FUSED_AUTO_ROW_PARALLEL_TOKENS)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
         if not isinstance(self.freeze_gc, bool):
@@ -232,11 +241,18 @@ def _resolve_device_type(device: str) -> str:
 FUSED_AUTO_MAX_HIDDEN = 2048
 
 
-def _resolve_fused_tokens(tokens: int | None, mc: ModelConfig) -> int:
+# fused_row_parallel_tokens=None: steps of up to this many tokens, for the same models. On one H200
+# (PERF.md row 28) qwen3-0.6b's decode steps of 2 and 4 sequences took 1.19 and 1.26 ms with it against
+# 1.38-1.46 and 1.39-1.46 without; at 8 and 16, where the default tile does not split K, 1.48 and 1.63
+# against 1.41 and 1.58 (slower)
+FUSED_AUTO_ROW_PARALLEL_TOKENS = 4
+
+
+def _resolve_fused_tokens(name: str, tokens: int | None, mc: ModelConfig, auto: int) -> int:
     if tokens is None:
-        return 1 if mc.hidden_size <= FUSED_AUTO_MAX_HIDDEN else 0
+        return auto if mc.hidden_size <= FUSED_AUTO_MAX_HIDDEN else 0
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-        raise ValueError(f"fused_small_batch_tokens must be an int >= 0 (0: off) or None (auto), got {tokens!r}")
+        raise ValueError(f"{name} must be an int >= 0 (0: off) or None (auto), got {tokens!r}")
     return tokens
 
 

@@ -40,6 +40,7 @@ overlap the previous kernel's tail; stream capture keeps that as a programmatic 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -116,15 +117,27 @@ def _fma_sum(acc, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, stride_xs, stride_xm, stride_rm, rows, row_ok, k0, rstd, me,
+def _g_tile(nw_ptr, k0, K, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The norm weight at k0 (zeros without a norm: nw_ptr is then a stand-in)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if NORM:
+        g = tl.load(nw_ptr + cols, mask=cols < K, other=0.0)
+    else:
+        g = tl.zeros((BLOCK_K,), nw_ptr.dtype.element_ty)
+    return g
+
+
+@triton.jit
+def _x_tile(x_ptr, res_ptr, res_out_ptr, g, stride_xs, stride_xm, stride_rm, rows, row_ok, k0, rstd, me,
             programs, K, dtype, PARTS: tl.constexpr, NORM: tl.constexpr, NORM_FIRST: tl.constexpr,
             HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
     """The GEMM's input tile [BM, BK] and its squares [BM, BK]: x (summed partials).
     NORM_FIRST: normalized with `rstd` (HF's roundings). Else with NORM: x (+ residual, stored to
-    res_out if `mine`) times the norm weight in fp32, its squares for the caller's rstd (summed
-    elementwise over the K loop and reduced once after it: a reduction per tile is a cross-warp
-    barrier in the loop, which held the one-pass norm's kernels to 52-77% of copy bandwidth on
-    llama-3-8b's 4,096-wide rows against 85-96% without a norm)."""
+    res_out by the tile's owner, program (k0 / BLOCK_K) % programs) times the norm weight g (its
+    tile at k0, from _g_tile) in fp32, its squares for the caller's rstd. The caller sums the
+    squares elementwise over the K loop and reduces them once after it: a reduction per tile puts
+    a cross-warp barrier in the loop (with it gone, llama-3-8b's norm + qkv went from 20.3 to 18.2
+    us a launch on an H200, PERF row 25)."""
     cols = k0 + tl.arange(0, BLOCK_K)
     k_ok = cols < K
     mask = row_ok[:, None] & k_ok[None, :]
@@ -135,7 +148,6 @@ def _x_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, stride_xs, stride_xm, stride_rm
             x = x + tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
             if not NORM_FIRST and (k0 // BLOCK_K) % programs == me:  # tile owner (the first pass stored it)
                 tl.store(res_out_ptr + rows[:, None] * K + cols[None, :], x, mask=mask)
-        g = tl.load(nw_ptr + cols, mask=k_ok, other=0.0)
         xf = x.to(tl.float32)
         if NORM_FIRST:
             x = (xf * rstd[:, None]).to(dtype) * g[None, :]  # HF order: fp32, cast, scale
@@ -203,12 +215,17 @@ def _skinny_gemm_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if not USE_DOT:
         # x's tiles are L2 round trips: the next one is in flight while this one is used
-        x_next, sq_next = _x_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, stride_xs, stride_xm, stride_rm, rows,
-                                  row_ok, k_lo, rstd, me, programs, K, dtype, PARTS,
+        x_next, sq_next = _x_tile(x_ptr, res_ptr, res_out_ptr, _g_tile(nw_ptr, k_lo, K, NORM, BLOCK_K), stride_xs,
+                                  stride_xm, stride_rm, rows, row_ok, k_lo, rstd, me, programs, K, dtype, PARTS,
                                   NORM, NORM_FIRST, HAS_RES, BLOCK_K)
+    # tensor-core tiles: Triton's pipeline leaves the norm weight's 1-D load in the loop synchronous
+    # (its compiled loop shows a plain load beside the async copies: an L2 round trip a K step
+    # before the dot can start; a suspect for PERF row 27b, not yet timed), so it runs a step ahead
+    g_next = _g_tile(nw_ptr, k_lo, K, NORM, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if USE_DOT:
-            x, x_sq = _x_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, stride_xs, stride_xm, stride_rm, rows, row_ok,
+            g, g_next = g_next, _g_tile(nw_ptr, k0 + BLOCK_K, K, NORM, BLOCK_K)
+            x, x_sq = _x_tile(x_ptr, res_ptr, res_out_ptr, g, stride_xs, stride_xm, stride_rm, rows, row_ok,
                               k0, rstd, me, programs, K, dtype, PARTS, NORM, NORM_FIRST,
                               HAS_RES, BLOCK_K)
             squares += x_sq
@@ -222,8 +239,8 @@ def _skinny_gemm_kernel(
         else:
             x, w, up = x_next, w_next, up_next
             squares += sq_next
-            x_next, sq_next = _x_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, stride_xs, stride_xm, stride_rm, rows,
-                                      row_ok, k0 + BLOCK_K, rstd, me, programs, K, dtype,
+            x_next, sq_next = _x_tile(x_ptr, res_ptr, res_out_ptr, _g_tile(nw_ptr, k0 + BLOCK_K, K, NORM, BLOCK_K),
+                                      stride_xs, stride_xm, stride_rm, rows, row_ok, k0 + BLOCK_K, rstd, me, programs, K, dtype,
                                       PARTS, NORM, NORM_FIRST, HAS_RES, BLOCK_K)
             ahead = k0 + PREFETCH * BLOCK_K  # the weight tile to start loading now
             if PREFETCH == 2:
@@ -319,7 +336,14 @@ def _has_pdl(device: torch.device) -> bool:
 
 
 def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    """Cached: get_device_properties costs microseconds, and eager steps call this per launch."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -40,8 +40,9 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, positions, x, kv: KVCache, meta: AttentionMetadata, backend: AttentionBackend):
-        return self.o_proj(self.attend(positions, self.qkv_proj(x), kv, meta, backend))
+    def forward(self, positions, x, kv: KVCache, meta: AttentionMetadata, backend: AttentionBackend,
+                skinny: SkinnyRowParallel | None = None):
+        return _row_parallel(self.o_proj, self.attend(positions, self.qkv_proj(x), kv, meta, backend), skinny)
 
     def attend(self, positions, qkv: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
                backend: AttentionBackend, fusion: SmallBatchFusion | None = None) -> torch.Tensor:
@@ -82,8 +83,20 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp, reduce=False, slot=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, skinny: SkinnyRowParallel | None = None) -> torch.Tensor:
+        return _row_parallel(self.down_proj, silu_and_mul(self.gate_up_proj(x)), skinny)
+
+
+@dataclass(frozen=True)
+class SkinnyRowParallel:
+    """o_proj and down_proj of a small step as skinny-GEMM kernels (split-K partial sums for the
+    norm after them), the rest of the layer as usual; `pdl`: launched as programmatic dependents."""
+
+    pdl: bool = False
+
+
+def _row_parallel(layer: RowParallelLinear, x: torch.Tensor, skinny: SkinnyRowParallel | None) -> torch.Tensor:
+    return layer(x) if skinny is None else layer.forward_fused(x, pdl=skinny.pdl)
 
 
 @dataclass(frozen=True)
@@ -91,12 +104,15 @@ class SmallBatchFusion:
     """DecoderLayer's fused path (EngineConfig.fused_small_batch_tokens, _pdl, _rotary, _merge):
     steps of up to `max_tokens` tokens on a GPU at TP=1; `pdl`: its kernels launch as
     programmatic dependents; on its decode steps, the decode attention kernel applies the q/k
-    norm and rotary and stores K/V (`rotary`) and merges its own splits (`merge`)."""
+    norm and rotary and stores K/V (`rotary`) and merges its own splits (`merge`). Larger steps
+    of up to `row_parallel_tokens` (EngineConfig.fused_row_parallel_tokens) take the usual path
+    with o_proj and down_proj as skinny GEMMs (SkinnyRowParallel)."""
 
     max_tokens: int = 0
     pdl: bool = False
     rotary: bool = False
     merge: bool = False
+    row_parallel_tokens: int = 0
 
 
 class DecoderLayer(nn.Module):
@@ -112,15 +128,22 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions, h, residual, kv, meta, backend):
         # h: the embedding (summed) in the first layer, else the previous down_proj's partial sums
-        if h.is_cuda and h.shape[-2] <= self.fusion.max_tokens:
+        tokens = h.shape[-2]
+        if h.is_cuda and tokens <= self.fusion.max_tokens:
             return self._forward_fused(positions, h, residual, kv, meta, backend)
+        skinny = SkinnyRowParallel(self.fusion.pdl) if h.is_cuda and tokens <= self.fusion.row_parallel_tokens else None
+        return self._forward(positions, h, residual, kv, meta, backend, skinny)
+
+    def _forward(self, positions, h, residual, kv, meta, backend, skinny: SkinnyRowParallel | None = None):
+        """The usual path: norm, attention, norm, MLP; o_proj and down_proj leave partial sums
+        (per TP rank, or with `skinny`, per K split) that the next norm adds up."""
         if residual is None:
             h, residual = self.input_layernorm(h), h
         else:
             h, residual = self.input_layernorm(h, residual, self.tp)
-        h = self.self_attn(positions, h, kv, meta, backend)  # partial sums
+        h = self.self_attn(positions, h, kv, meta, backend, skinny)  # partial sums
         h, residual = self.post_attention_layernorm(h, residual, self.tp)
-        return self.mlp(h), residual  # partial sums
+        return self.mlp(h, skinny), residual  # partial sums
 
     def _forward_fused(self, positions, h, residual, kv, meta, backend):
         """Small batches on one GPU: each norm runs in the prologue of the projection after it and

@@ -33,8 +33,9 @@ add_request/step API (prefix cache reset before each, one warm-up request first)
 where it went: the host's own work in the steps up to the first token, the host waiting on the
 GPU, and (CUDA) the prefill step's kernel time, from torch.profiler on one more request.
 
-Writes OUT/latency.json (everything), OUT/points.parquet (a row per point) and OUT/ttft.parquet
-(a row per TTFT request), with the run's metadata.
+Writes OUT/latency.json (everything), OUT/table.md (the points and TTFT as Markdown tables),
+OUT/points.parquet (a row per point) and OUT/ttft.parquet (a row per TTFT request), with the
+run's metadata.
 """
 
 from __future__ import annotations
@@ -265,10 +266,30 @@ def points_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame.astype({c: float for c in numeric if frame[c].dtype == object})
 
 
+def table_markdown(result: dict[str, Any]) -> str:
+    """The points and TTFT summaries of a result (latency.json) as Markdown tables."""
+    lines = ["| model | batch | context | TPOT ms | host ms | GPU ms | floor ms | TPOT / floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in result["points"]:
+        head = f"| {row['model']} | {row['batch']} | {row['context']} |"
+        if not row["fits"]:
+            lines.append(f"{head} skipped: {row['skip_reason']} | | | | |")
+            continue
+        lines.append(f"{head} {row['tpot_ms']:.3f} | {row['host_ms']:.3f} | {_ms(row['gpu_ms'])} | "
+                     f"{row['floor_ms']:.3f} | {row['tpot_vs_floor']:.2f} |")
+    lines += ["", "| model | TTFT requests x prompt tokens | TTFT p50 ms | p90 ms | host p50 ms | prefill kernels ms |",
+              "|---|---|---|---|---|---|"]
+    for model, t in result["ttft"].items():
+        lines.append(f"| {model} | {t['requests']} x {t['prompt_len']} | {t['p50_ttft_ms']:.3f} | "
+                     f"{t['p90_ttft_ms']:.3f} | {t['p50_ttft_host_ms']:.3f} | {_ms(t['prefill_gpu_ms'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(out: Path, result: dict[str, Any], points: list[dict[str, Any]],
                   ttft_rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_result(str(out / "latency.json"), result)
+    (out / "table.md").write_text(table_markdown(result))
     config = {"study": "latency", **result["config"]}
     write_table(out / "points.parquet", points_frame(points), config)
     write_table(out / "ttft.parquet", pd.DataFrame(ttft_rows), config)

@@ -118,7 +118,7 @@ def test_every_listed_attention_backend_builds():
 def test_fused_small_batch_tokens_auto_follows_the_model_width():
     """None picks batch-1 fusion for narrow models only (measured: it wins at hidden 1,024 and
     loses at 4,096); an explicit value is kept; a bad one is refused."""
-    from engine.config import FUSED_AUTO_MAX_HIDDEN, EngineConfig
+    from engine.config import FUSED_AUTO_MAX_HIDDEN, FUSED_AUTO_ROW_PARALLEL_TOKENS, EngineConfig
 
     narrow = EngineConfig(model="tiny")
     assert narrow.model_config.hidden_size <= FUSED_AUTO_MAX_HIDDEN and narrow.resolved_fused_tokens == 1
@@ -126,3 +126,8 @@ def test_fused_small_batch_tokens_auto_follows_the_model_width():
     assert EngineConfig(model="llama-3-8b", device="cpu", fused_small_batch_tokens=16).resolved_fused_tokens == 16
     with pytest.raises(ValueError, match="fused_small_batch_tokens"):
         EngineConfig(model="tiny", fused_small_batch_tokens=-1)
+    assert narrow.resolved_row_parallel_tokens == FUSED_AUTO_ROW_PARALLEL_TOKENS
+    assert EngineConfig(model="llama-3-8b", device="cpu").resolved_row_parallel_tokens == 0
+    assert EngineConfig(model="tiny", fused_row_parallel_tokens=0).resolved_row_parallel_tokens == 0
+    with pytest.raises(ValueError, match="fused_row_parallel_tokens"):
+        EngineConfig(model="tiny", fused_row_parallel_tokens=True)

@@ -56,6 +56,8 @@ def test_bf16_engine_runs_preset_and_sampling():
 
 # ---- small batches through the fused skinny-GEMM path (EngineConfig.fused_small_batch_tokens) ----
 SMALL = dict(device="cuda", max_num_seqs=16, max_model_len=256, num_kv_blocks=512)
+# cuBLAS and the norm kernels for every projection (the default fuses small steps of narrow models)
+CUBLAS = dict(fused_small_batch_tokens=0, fused_row_parallel_tokens=0)
 # the fused path with its own qk_norm_rope and reduce kernels (the default folds them into decode attention)
 NOT_IN_DECODE = dict(fused_small_batch_rotary=False, fused_small_batch_merge=False)
 
@@ -70,8 +72,10 @@ def test_fused_small_batch_float32_matches_hf(checkpoint_dirs, arch):
     fused = LLM(path, dtype="float32", fused_small_batch_tokens=16, **NOT_IN_DECODE, **SMALL)
     assert_matches_hf(tokens(fused), reference)
     assert_matches_hf([tokens(fused, [p])[0] for p in PROMPTS[:3]], reference[:3])
-    cublas = LLM(path, dtype="float32", fused_small_batch_tokens=0, **SMALL)
+    cublas = LLM(path, dtype="float32", **CUBLAS, **SMALL)
     assert_matches_hf(tokens(cublas), reference)
+    row_parallel = LLM(path, dtype="float32", fused_small_batch_tokens=0, fused_row_parallel_tokens=16, **SMALL)
+    assert_matches_hf(tokens(row_parallel), reference)
 
 
 def test_fused_small_batch_pdl_float32_matches_hf(checkpoint_dirs):
@@ -92,10 +96,10 @@ def test_fused_small_batch_pdl_float32_matches_hf(checkpoint_dirs):
 def test_fused_small_batch_bf16_matches_the_cublas_path(checkpoint_dirs):
     path = checkpoint_dirs["qwen3"]
     got = tokens(LLM(path, dtype="bfloat16", **SMALL))  # the default: batch-1 steps fused (a narrow model)
-    want = tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=0, **SMALL))
+    want = tokens(LLM(path, dtype="bfloat16", **CUBLAS, **SMALL))
     assert_bf16_near(path, got, want, PROMPTS, PARAMS.max_tokens, "fused vs cuBLAS")
-    single = [tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=n, **SMALL), [PROMPTS[1]])[0]
-              for n in (16, 0)]
+    single = [tokens(LLM(path, dtype="bfloat16", **{**CUBLAS, "fused_small_batch_tokens": n}, **SMALL),
+                     [PROMPTS[1]])[0] for n in (16, 0)]
     assert_bf16_near(path, single[:1], single[1:], [PROMPTS[1]], PARAMS.max_tokens, "batch 1: fused vs cuBLAS")
 
 
@@ -118,17 +122,21 @@ def decode_step_kernels(path: str, prompt: list[int], **config) -> tuple[list[st
     return names, layers
 
 
-@pytest.mark.parametrize("fused", [16, 0])
-def test_fused_small_batch_launches_one_kernel_per_projection(checkpoint_dirs, fused):
+@pytest.mark.parametrize("fused,row_parallel", [(16, 0), (0, 0), (0, 16)])
+def test_fused_small_batch_launches_one_kernel_per_projection(checkpoint_dirs, fused, row_parallel):
     """One eager decode step of one sequence: 4 skinny-GEMM kernels a layer and no SiLU * up or
-    RMSNorm kernel besides the model's last norm; with fused_small_batch_tokens=0, none."""
-    names, layers = decode_step_kernels(checkpoint_dirs["qwen3"], PROMPTS[2], fused_small_batch_tokens=fused)
+    RMSNorm kernel besides the model's last norm; with fused_small_batch_tokens=0, none, or with
+    fused_row_parallel_tokens, 2 (o_proj and down_proj) beside the SiLU * up and norm kernels
+    (two norms a layer and the last)."""
+    names, layers = decode_step_kernels(checkpoint_dirs["qwen3"], PROMPTS[2], fused_small_batch_tokens=fused,
+                                        fused_row_parallel_tokens=row_parallel)
     count = lambda part: sum(part in n for n in names)  # noqa: E731
     if fused:
         assert count("_skinny_gemm_kernel") == 4 * layers and count("_silu_mul_kernel") == 0
         assert count("_rmsnorm_kernel") <= 1, names
     else:
-        assert count("_skinny_gemm_kernel") == 0 and count("_silu_mul_kernel") == layers
+        assert count("_skinny_gemm_kernel") == (2 * layers if row_parallel else 0), names
+        assert count("_silu_mul_kernel") == layers and count("_rmsnorm_kernel") == 2 * layers + 1, names
 
 
 def test_fused_decode_kernel_takes_rotary_and_merge(checkpoint_dirs):
@@ -167,8 +175,8 @@ def test_fused_decode_kernel_bf16_matches_the_cublas_path(checkpoint_dirs):
     """bf16, batch 1 (the default fused path) and 8 rows: the tokens of the cuBLAS path up to near-ties."""
     path = checkpoint_dirs["qwen3"]
     got = tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=16, **FUSED_DECODE, **SMALL))
-    want = tokens(LLM(path, dtype="bfloat16", fused_small_batch_tokens=0, **SMALL))
+    want = tokens(LLM(path, dtype="bfloat16", **CUBLAS, **SMALL))
     assert_bf16_near(path, got, want, PROMPTS, PARAMS.max_tokens, "fused decode kernel vs cuBLAS")
     single = [tokens(LLM(path, dtype="bfloat16", **config, **SMALL), [PROMPTS[6]])[0]
-              for config in (FUSED_DECODE, dict(fused_small_batch_tokens=0))]
+              for config in (FUSED_DECODE, CUBLAS)]
     assert_bf16_near(path, single[:1], single[1:], [PROMPTS[6]], PARAMS.max_tokens, "batch 1: fused vs cuBLAS")

@@ -309,22 +309,30 @@ def test_config_parse_and_errors():
 
 # ---- the decoder layer's fused path (DecoderLayer._forward_fused), on the CPU interpreter ----
 
-def _fused_hidden(model, ids, positions, caches, meta, backend) -> torch.Tensor:
-    """LlamaModel.forward with every layer on its fused path (the GPU takes it by itself)."""
+def _fused_hidden(model, ids, positions, caches, meta, backend, row_parallel: bool = False) -> torch.Tensor:
+    """LlamaModel.forward with every layer on its fused path, or with `row_parallel` on the usual
+    path with skinny o_proj and down_proj (the GPU takes either by itself)."""
+    from engine.models.llama import SkinnyRowParallel
+
     m = model.model
     h, residual = m.embed_tokens(ids), None
     for layer, kv in zip(m.layers, caches):
-        h, residual = layer._forward_fused(positions, h, residual, kv, meta, backend)
+        if row_parallel:
+            h, residual = layer._forward(positions, h, residual, kv, meta, backend, SkinnyRowParallel())
+        else:
+            h, residual = layer._forward_fused(positions, h, residual, kv, meta, backend)
     return m.norm(h, residual)[0]
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine test covers this path on a GPU")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head
 @pytest.mark.parametrize("split", [1, 2])
-def test_decoder_layers_fused_path_matches_the_unfused_one(checkpoint_dirs, monkeypatch, arch, split):
+@pytest.mark.parametrize("row_parallel", [False, True])
+def test_decoder_layers_fused_path_matches_the_unfused_one(checkpoint_dirs, monkeypatch, arch, split, row_parallel):
     """float32 prefill of two sequences (8 tokens): hidden states and greedy picks agree with the
     layer's usual path; split=2 makes o_proj and down_proj leave partial sums, so the norm
-    prologues and the model's last norm add them up."""
+    prologues and the model's last norm add them up. row_parallel: the usual path with only
+    o_proj and down_proj as skinny GEMMs (their partials summed by the RMSNorm kernels)."""
     import engine.kernels.skinny_gemm as sg
     from engine.config import EngineConfig
     from engine.model_runner import ModelRunner
@@ -345,7 +353,7 @@ def test_decoder_layers_fused_path_matches_the_unfused_one(checkpoint_dirs, monk
     args = (inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta, runner.backend)
     with torch.inference_mode():
         want = runner.model(*args)
-        got = _fused_hidden(runner.model, *args)
+        got = _fused_hidden(runner.model, *args, row_parallel=row_parallel)
         logits = [runner.model.compute_logits(h) for h in (want, got)]
     assert rel(got, want) < 1e-5
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))

@@ -126,6 +126,11 @@ def test_latency_sweeps_points_floors_them_and_reports_skips(tmp_path):
             assert row.batch == 4 and "KV of 4 x" in row.skip_reason and row.kv_need_bytes > budget
     assert skipped[["tpot_ms", "floor_ms", "gpu_ms"]].isna().all().all()
     assert ran["skip_reason"].isna().all()
+    table = (out / "table.md").read_text().splitlines()  # a row per point (skips with their reason), TTFT
+    rows = [line for line in table if line.startswith("| tiny | ")]
+    assert len(rows) == 7 and sum("skipped: " in line for line in rows) == 4, table
+    first = next(line for line in rows if line.startswith("| tiny | 1 | 16 |"))
+    assert f"{ran['tpot_ms'].iloc[0]:.3f}" in first and "| tiny | 3 x 8 |" in table[-1]
     for column in ("tpot_ms", "host_ms", "schedule_ms", "launch_ms", "postprocess_ms", "floor_ms", "tpot_vs_floor"):
         assert (ran[column] > 0).all(), column
     np.testing.assert_allclose(ran["host_ms"], ran["schedule_ms"] + ran["launch_ms"] + ran["postprocess_ms"])
