@@ -92,10 +92,10 @@ class EngineConfig:
     # program of each KV head to finish (no reduce kernel: one kernel fewer a layer; with _rotary, 0.986
     # vs 1.031 ms a batch-1 step of qwen3-0.6b on an H200, PERF.md row 22)
     fused_small_batch_merge: bool = True
-    # GPU, TP=1: steps of up to this many tokens that the fused path does not take keep cuBLAS and the norm
-    # kernels for qkv and gate_up but run o_proj and down_proj as skinny-GEMM kernels whose split-K partial sums the next norm adds up
-    # (at 2-16 rows the fused norm prologue is what loses, PERF.md row 27); 0: off. None:
-    # FUSED_AUTO_ROW_PARALLEL_TOKENS for the models FUSED_AUTO_MAX_HIDDEN admits
+    # GPU, TP=1: steps of up to this many tokens that the fused path does not take keep cuBLAS and the
+    # norm kernels for qkv and gate_up but run o_proj and down_proj as skinny-GEMM kernels whose split-K
+    # partial sums the next norm adds up (at 2-16 rows the fused norm prologue is what loses, PERF.md
+    # row 27); 0: off. None: FUSED_AUTO_ROW_PARALLEL_TOKENS for the models FUSED_AUTO_MAX_HIDDEN admits
     fused_row_parallel_tokens: int | None = None
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,

@@ -218,10 +218,11 @@ def _skinny_gemm_kernel(
         x_next, sq_next = _x_tile(x_ptr, res_ptr, res_out_ptr, _g_tile(nw_ptr, k_lo, K, NORM, BLOCK_K), stride_xs,
                                   stride_xm, stride_rm, rows, row_ok, k_lo, rstd, me, programs, K, dtype, PARTS,
                                   NORM, NORM_FIRST, HAS_RES, BLOCK_K)
-    # tensor-core tiles: Triton's pipeline leaves the norm weight's 1-D load in the loop synchronous
-    # (its compiled loop shows a plain load beside the async copies: an L2 round trip a K step
-    # before the dot can start; a suspect for PERF row 27b, not yet timed), so it runs a step ahead
-    g_next = _g_tile(nw_ptr, k_lo, K, NORM, BLOCK_K)
+    else:
+        # Triton's pipeline leaves the norm weight's 1-D load in this path's loop synchronous (its
+        # compiled loop shows a plain load beside the async copies: an L2 round trip a K step before
+        # the dot can start; a suspect for PERF row 27b, not yet timed), so it runs a step ahead
+        g_next = _g_tile(nw_ptr, k_lo, K, NORM, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if USE_DOT:
             g, g_next = g_next, _g_tile(nw_ptr, k0 + BLOCK_K, K, NORM, BLOCK_K)
@@ -240,8 +241,8 @@ def _skinny_gemm_kernel(
             x, w, up = x_next, w_next, up_next
             squares += sq_next
             x_next, sq_next = _x_tile(x_ptr, res_ptr, res_out_ptr, _g_tile(nw_ptr, k0 + BLOCK_K, K, NORM, BLOCK_K),
-                                      stride_xs, stride_xm, stride_rm, rows, row_ok, k0 + BLOCK_K, rstd, me, programs, K, dtype,
-                                      PARTS, NORM, NORM_FIRST, HAS_RES, BLOCK_K)
+                                      stride_xs, stride_xm, stride_rm, rows, row_ok, k0 + BLOCK_K, rstd, me,
+                                      programs, K, dtype, PARTS, NORM, NORM_FIRST, HAS_RES, BLOCK_K)
             ahead = k0 + PREFETCH * BLOCK_K  # the weight tile to start loading now
             if PREFETCH == 2:
                 w_next, up_next = w_after, up_after
@@ -342,7 +343,7 @@ def _num_sms(device: torch.device) -> int:
 
 @functools.cache
 def _cuda_sms(index: int) -> int:
-    """Cached: get_device_properties costs microseconds, and eager steps call this per launch."""
+    """Cached: the count never changes, and every skinny_gemm call (each launch of an eager step) asks."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 

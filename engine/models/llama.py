@@ -125,13 +125,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tp = tp
         self.fusion = fusion if tp.size == 1 else SmallBatchFusion()
+        self._skinny = SkinnyRowParallel(self.fusion.pdl)
 
     def forward(self, positions, h, residual, kv, meta, backend):
         # h: the embedding (summed) in the first layer, else the previous down_proj's partial sums
         tokens = h.shape[-2]
         if h.is_cuda and tokens <= self.fusion.max_tokens:
             return self._forward_fused(positions, h, residual, kv, meta, backend)
-        skinny = SkinnyRowParallel(self.fusion.pdl) if h.is_cuda and tokens <= self.fusion.row_parallel_tokens else None
+        skinny = self._skinny if h.is_cuda and tokens <= self.fusion.row_parallel_tokens else None
         return self._forward(positions, h, residual, kv, meta, backend, skinny)
 
     def _forward(self, positions, h, residual, kv, meta, backend, skinny: SkinnyRowParallel | None = None):
