@@ -69,6 +69,7 @@ class StepGraphs:
             seq_lens=buf.seq_lens.gpu[:s], block_tables=buf.block_tables.gpu[:s],
             max_query_len=1 if shape.decode else max(t, 2), max_seq_len=max_len,
             query_start_loc_cpu=[], seq_lens_cpu=[max_len] * s,
+            decode_order=buf.decode_order.gpu[:s] if shape.decode else None,
         )
 
     def release(self) -> None:
@@ -86,6 +87,8 @@ class StepGraphs:
         buf.seq_lens.gpu.zero_()
         buf.query_start_loc.gpu.zero_()
         buf.logits_indices.gpu.zero_()
+        # every prefix a permutation of its rows: a graph's decode kernel writes the rows it names
+        buf.decode_order.gpu.copy_(torch.arange(buf.decode_order.gpu.numel(), dtype=torch.int32))
         pool = None
         for shape in self.ladder.shapes():  # largest first so smaller graphs reuse its pool
             meta = self._metadata(shape)

@@ -33,3 +33,4 @@ class InputBuffers:
         self.seq_lens = StagedTensor((max_seqs,), i32, device)
         self.block_tables = StagedTensor((max_seqs, max_blocks), i32, device)
         self.logits_indices = StagedTensor((max_seqs,), i64, device)
+        self.decode_order = StagedTensor((max_seqs,), i32, device)

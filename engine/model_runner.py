@@ -226,6 +226,9 @@ class ModelRunner:
             self._pad(num_tokens, b, num_sampled, pad)
             n, rows = pad.num_tokens, pad.num_seqs
             num_logits = num_sampled if pad.decode else rows  # what the graph's LM head reads
+        decode_only = int(q_lens.max()) == 1
+        if decode_only:  # padded rows (length 0) sort last
+            buf.decode_order.np[:rows] = np.argsort(-buf.seq_lens.np[:rows], kind="stable")
         meta = AttentionMetadata(
             slot_mapping=buf.slot_mapping.copy(n),
             query_start_loc=buf.query_start_loc.copy(rows + 1),
@@ -235,6 +238,7 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl[: rows + 1].tolist(),
             seq_lens_cpu=buf.seq_lens.np[:rows].tolist(),
+            decode_order=buf.decode_order.copy(rows) if decode_only else None,
         )
         return ModelInputs(
             input_ids=buf.input_ids.copy(n),

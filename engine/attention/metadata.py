@@ -21,6 +21,9 @@ class AttentionMetadata:
     # Host copies for backends that loop in Python (the torch reference).
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # [num_seqs] int32, a permutation: the sequences longest first. The decode kernel launches
+    # their programs in this order so that the longest finish first, not in the last wave
+    decode_order: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

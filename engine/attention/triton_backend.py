@@ -122,4 +122,4 @@ class TritonAttention:
         scratch = self._get_scratch(num_seqs, q.shape[1], q.shape[2], q.device) if splits > 1 else None
         decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale, splits, scratch,
                          check=check, rotary=rotary, new_kv=new_kv, merge=merge, k_scale=self.k_scale,
-                         v_scale=self.v_scale)
+                         v_scale=self.v_scale, order=meta.decode_order if splits == 1 else None)

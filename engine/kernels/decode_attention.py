@@ -5,6 +5,12 @@ equal share of the sequence's BLOCK_N-key tiles, and writes its fp32 partial out
 normalised) and log2-sum-exp to scratch. Stage 2, grid (num_seqs, Hq): merges the splits by
 log-sum-exp. With one split, stage 1 writes the output directly and stage 2 is skipped.
 
+Launch order: blocks start x-fastest, so sequence slot by slot for each KV head. `order` (a
+permutation of the rows, longest first) maps slots to sequences, which makes that LPT scheduling:
+with one split a program reads its whole sequence, and a long one that starts in the last wave
+is the step's tail (bench-like mixed lengths on an H200: 6-13% faster at 64-256 sequences,
+reports/PERF.md row 31). With splits it measured no better, often worse: the caller decides.
+
 Two options fold the kernels around it into stage 1 (the fused small-batch decode path,
 EngineConfig.fused_small_batch_rotary / _merge):
 - ROTARY: q and this step's k arrive raw from the qkv projection (a `RotaryIn`): every program
@@ -169,14 +175,15 @@ def _decode_split_kernel(
     new_k_ptr, new_v_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, eps,
     stride_nk_t, stride_nk_h, stride_nv_t, stride_nv_h, stride_cos,
     count_ptr, stride_count,  # MERGE only: [maxB, >= Hkv] int32, zeros between launches
+    order_ptr,  # ORDERED only: [B] int32, the sequence each program slot takes (longest first)
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr = False, QK_NORM: tl.constexpr = False,
     MERGE: tl.constexpr = False, SPLITS_PAD: tl.constexpr = 1, MERGE_HEADS: tl.constexpr = 1,
+    ORDERED: tl.constexpr = False,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    slot, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq = tl.load(order_ptr + slot).to(tl.int64) if ORDERED else slot.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     n_keys = tl.maximum(seq_len - 1, 0) if ROTARY else seq_len  # ROTARY: the newest key is not cached yet
     # Equal tile counts per split, computed on device so one graph fits every length.
@@ -302,10 +309,14 @@ def _decode_reduce_kernel(
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
            seq_lens: torch.Tensor, block_tables: torch.Tensor, num_splits: int,
-           scratch: DecodeScratch | None) -> None:
+           scratch: DecodeScratch | None, order: torch.Tensor | None = None) -> None:
     num_seqs = q.shape[0]
     if tuple(seq_lens.shape) != (num_seqs,):
         raise ValueError(f"seq_lens must be [{num_seqs}] (one query per sequence); got {tuple(seq_lens.shape)}")
+    if order is not None and (tuple(order.shape) != (num_seqs,) or order.dtype != torch.int32
+                              or order.device != q.device):
+        raise ValueError(f"order must be int32 [{num_seqs}] on {q.device} (a permutation of the rows); got "
+                         f"{order.dtype} {tuple(order.shape)} on {order.device}")
     check_attention_args(q, k_cache, v_cache, out, seq_lens, block_tables, rows="num_seqs")
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits {num_splits} must be in [1, {MAX_SPLITS}]")
@@ -356,6 +367,7 @@ def decode_attention(
     merge: bool = False,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paged decode attention; returns out. Pass a preallocated scratch when num_splits > 1
     inside a CUDA graph (without one, it is allocated here, which is not capture-safe).
@@ -363,9 +375,11 @@ def decode_attention(
     qkv projection's raw outputs; the kernel normalizes and rotates them (as qk_norm_rope) and
     stores K and V into the caches at the slots (-1: not stored) before attending. `merge`: the
     split kernel merges its splits itself (no reduce kernel; the scratch's counters). An fp8 cache
-    is read as stored * k_scale / v_scale (and `rotary` stores k / k_scale, v / v_scale)."""
+    is read as stored * k_scale / v_scale (and `rotary` stores k / k_scale, v / v_scale).
+    `order` [B] int32, a permutation of the rows: the order in which sequences' programs launch
+    (longest first pays with one split; see the module docstring)."""
     if check:
-        _check(q, k_cache, v_cache, out, seq_lens, block_tables, num_splits, scratch)
+        _check(q, k_cache, v_cache, out, seq_lens, block_tables, num_splits, scratch, order)
         if rotary is not None:
             _check_rotary(q, k_cache, v_cache, rotary, new_kv)
     num_seqs, num_heads, head_dim = q.shape
@@ -395,11 +409,13 @@ def decode_attention(
         lse.stride(0), lse.stride(1),
         **_rotary_args(q, rotary, new_kv),
         count_ptr=scratch.count if merge else q, stride_count=scratch.count.stride(0) if merge else 0,
+        order_ptr=order if order is not None else seq_lens,
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         MERGE=merge, SPLITS_PAD=splits_pad if merge else 1,
         MERGE_HEADS=min(triton.next_power_of_2(group), max(1, MERGE_TILE // (splits_pad * d_pad))) if merge else 1,
+        ORDERED=order is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1 and not merge:

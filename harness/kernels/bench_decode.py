@@ -1,11 +1,13 @@
 """H100 microbenchmark: split-K decode and unified attention, bf16, Qwen3-0.6B layer shape.
 
-Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp | --fused | --kv-dtype fp8]
-CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp | --fused | --kv-dtype fp8]
+Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp | --fused | --ragged | --kv-dtype fp8]
+CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp | --fused | --ragged | --kv-dtype fp8]
 (`python -m harness.kernels.bench_decode` is the same command.)
 --llama-tp: llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead (see llama_tp_rows).
 --fused: the fused small-batch decode kernel (rotary, KV store and split merge inside) against
 the kernels it replaces, per layer of a captured 28-layer chain (see fused_rows).
+--ragged: bench-like mixed lengths at 16-256 sequences, programs in batch order and longest first
+(the `order` the engine passes with one split; see ragged_rows).
 --kv-dtype fp8: decode on a bf16 cache and on an fp8 (e4m3) cache of the same values, same shapes:
 us, GB/s of KV read at each element size and the speedup (see kv_dtype_rows).
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
@@ -356,6 +358,41 @@ def kv_dtype_rows(plan: Plan, cache_dtype: torch.dtype, copy_gbs: float) -> list
     return rows
 
 
+def ragged_rows(plan: Plan, copy_gbs: float) -> list[dict]:
+    """Decode over bench-like mixed lengths (prompt U[100,1024] + output so far U[0,1024]) at
+    1-16 splits, programs launched in batch order and longest first (`order`). `engine` marks
+    what the engine runs: its split count for the batch (hint 4,096), longest first with one
+    split only."""
+    rows, gen = [], torch.Generator().manual_seed(0)
+    batches = (2, 5) if plan is SMOKE else (16, 32, 64, 96, 128, 192, 256)
+    for bsz in batches:
+        lo, hi = (1, 24) if plan is SMOKE else (100, 1024)
+        lens = torch.randint(lo, hi + 1, (bsz,), generator=gen) + torch.randint(0, hi + 1, (bsz,), generator=gen)
+        b = make_batch(plan, lens.tolist(), [1] * bsz, 16)
+        auto = choose_num_splits(bsz, HKV, 4096)
+        scratch = alloc_decode_scratch(bsz, HQ, D, plan.device)
+        order = torch.argsort(b.meta.seq_lens, descending=True, stable=True).to(torch.int32)
+        nbytes = int(lens.sum()) * HKV * D * 2 * b.q.element_size()
+        out = torch.empty_like(b.q)
+        for splits in sorted({1, auto} if plan is SMOKE else {1, 2, 4, 8, 16, auto}):
+            for ordered in (False, True):
+                run = partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens,
+                              b.meta.block_tables, D ** -0.5, splits, scratch, check=False,
+                              order=order if ordered else None)
+                out.fill_(float("nan"))
+                run()
+                err = rel_err(out, b.ref)
+                ms = bench_ms(run, plan)
+                engine = splits == auto and ordered == (splits == 1)
+                rows.append(dict(kernel="decode:ragged", B=bsz, splits=splits, ordered=ordered, engine=engine,
+                                 us=ms * 1e3, GBps=nbytes / ms / 1e6, frac_copy=nbytes / ms / 1e6 / copy_gbs,
+                                 rel_err=err))
+                print(f"ragged B{bsz} sp{splits} {'longest first' if ordered else 'batch order':13} "
+                      f"{ms * 1e3:8.1f} us {100 * nbytes / ms / 1e6 / copy_gbs:5.1f}% of copy, err {err:.1e}"
+                      + (" (engine)" if engine else ""), flush=True)
+    return rows
+
+
 def print_kv_table(rows: list[dict]) -> None:
     print("\ndecode, model-dtype vs fp8 KV cache (bs 16, auto splits): default tile | fastest tile; "
           "GB/s of K+V read; err: fp8 vs its own dequantized cache / vs the model-dtype cache")
@@ -378,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead")
     ap.add_argument("--fused", action="store_true",
                     help="the fused small-batch decode kernel (rotary, KV store, split merge) vs the kernels it replaces")
+    ap.add_argument("--ragged", action="store_true",
+                    help="bench-like mixed lengths: launch grids and longest-first program order")
     ap.add_argument("--kv-dtype", choices=("fp8", "fp8_e5m2"),
                     help="decode on a model-dtype cache vs an 8-bit one (kv_cache_dtype) at the same shapes")
     return ap
@@ -399,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = measure_copy_bandwidth(plan.device, 1 << (30 if plan.device == "cuda" else 22)) / 1e9
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
     print(f"{name}: copy {copy_gbs:.0f} GB/s, {plan.dtype}", flush=True)
+    if args.ragged:
+        write_csv(ragged_rows(plan, copy_gbs), "bench_decode_ragged.csv")
+        return 0
     if args.kv_dtype:
         rows = kv_dtype_rows(plan, KV_CACHE_DTYPES[args.kv_dtype], copy_gbs)
         write_csv(rows, "bench_decode_kv_dtype.csv")

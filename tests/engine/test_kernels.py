@@ -294,6 +294,8 @@ def test_decode_attention_errors(gen):
         (dict(seq_lens=m.seq_lens[:1]), "seq_lens"),
         (dict(v_cache=c.v_cache.half()), "dtype"),
         (dict(k_cache=c.k_cache[:, :, :1]), "caches"),
+        (dict(order=torch.tensor([1, 0], device=DEVICE)), "order must be int32"),  # int64
+        (dict(order=torch.tensor([1], dtype=torch.int32, device=DEVICE)), "order must be int32 \\[2\\]"),
     ]
     for over, match in bad:
         with pytest.raises(ValueError, match=match):
@@ -408,6 +410,30 @@ def test_decode_attention_merges_its_splits_in_the_split_kernel(name, dtype, mer
         assert not scratch.count.any()
         assert_close(out, reference(c), c.valid, dtype)
         torch.testing.assert_close(out, reduced)
+
+
+@pytest.mark.parametrize("name", ["gqa1_s1", "pad_lanes_s1", "gqa2_s3_n32", "pad_lanes_s4"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_decode_attention_launch_order_changes_no_output(name, merge, gen):
+    """order= (the rows longest first, as the model runner builds it) only changes which program
+    slot takes which sequence: every output row is bit-equal to the batch-order launch's, and the
+    merge counters end at 0."""
+    lens, hq, hkv, d, bs, splits, block_n = DECODE_CASES[name]
+    c = build_case([(n, 1) for n in lens], hq, hkv, d, bs, torch.float32, gen)
+    m = c.meta
+    store_kvcache(c.k, c.v, c.k_cache, c.v_cache, m.slot_mapping)
+    order = torch.argsort(m.seq_lens, descending=True, stable=True).to(torch.int32)
+    assert not torch.equal(order.cpu(), torch.arange(len(lens), dtype=torch.int32))  # a real permutation
+    scratch = alloc_decode_scratch(len(lens), hq, d, DEVICE)
+    outs = []
+    for o in (None, order):
+        out = torch.full_like(c.q, float("nan"))
+        decode_attention(c.q, c.k_cache, c.v_cache, out, m.seq_lens, m.block_tables, c.scale, splits, scratch,
+                         block_n=block_n, merge=merge, order=o)
+        assert not scratch.count.any()
+        outs.append(out)
+    assert_close(outs[1], reference(c), c.valid, torch.float32)
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_decode_attention_rotary_errors(gen):

@@ -106,6 +106,17 @@ def test_random_steps_match_reference(runner):
         inputs = runner.prepare_inputs(SchedulerOutput(seqs))
         assert as_lists(inputs) == reference_inputs(seqs)
         assert inputs.sample_rows == [i for i, s in enumerate(seqs) if s.sample]
+        assert_decode_order(inputs, seqs)
+
+
+def assert_decode_order(inputs: ModelInputs, seqs: list) -> None:
+    """A decode-only step carries its rows longest first (ties in row order, padding last);
+    a step with a prefill chunk carries none (the unified kernel takes it)."""
+    lens = inputs.meta.seq_lens.tolist()
+    if any(len(s.token_ids) > 1 for s in seqs):
+        assert inputs.meta.decode_order is None
+    else:
+        assert inputs.meta.decode_order.tolist() == sorted(range(len(lens)), key=lambda i: (-lens[i], i))
 
 
 def test_decode_batch_padded_to_graph_size(runner):
@@ -119,6 +130,7 @@ def test_decode_batch_padded_to_graph_size(runner):
     assert got["seq_lens"] == want["seq_lens"] + [0] * 5  # ... and read nothing
     assert got["query_start_loc"] == [0, 1, 2, 3, 3, 3, 3, 3, 3]  # empty queries after the real rows
     assert got["logits_indices"] == [0, 1, 2]
+    assert inputs.meta.decode_order.tolist() == [2, 1, 0, 3, 4, 5, 6, 7]
     meta = inputs.meta
     assert meta.seq_lens_cpu == got["seq_lens"] and meta.query_start_loc_cpu == got["query_start_loc"]
     # a padded batch reads the captured full width of the block-table buffer

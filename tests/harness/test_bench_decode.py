@@ -1,0 +1,26 @@
+"""`llmbench kernels bench-decode --smoke --ragged`: the decode microbenchmark's mixed-length mode
+on tiny shapes (the interpreter on CPU): one split and the engine's split count, each in both
+launch orders, are timed for every batch, each agrees with the float reference, and the row the
+engine would run is marked.
+Run: pytest tests/harness/test_bench_decode.py"""
+
+from __future__ import annotations
+
+import csv
+
+from engine.kernels.decode_attention import choose_num_splits
+from harness.kernels.bench_decode import HKV, main
+
+
+def test_ragged_smoke_times_both_orders_and_checks_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main(["--smoke", "--ragged"]) == 0
+    with open(tmp_path / "bench_decode_ragged.csv") as f:
+        rows = list(csv.DictReader(f))
+    auto = {b: choose_num_splits(b, HKV, 4096) for b in (2, 5)}
+    got = {(r["B"], r["splits"], r["ordered"]) for r in rows}
+    assert got == {(str(b), str(sp), o) for b in auto for sp in (1, auto[b]) for o in ("False", "True")}
+    assert all(float(r["rel_err"]) < 1e-5 and float(r["us"]) > 0 for r in rows)
+    for b in auto:  # one engine row a batch: its split count, longest first only with one split
+        assert [(r["splits"], r["ordered"]) for r in rows if r["B"] == str(b) and r["engine"] == "True"] == \
+            [(str(auto[b]), str(auto[b] == 1))]
