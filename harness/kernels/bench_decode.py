@@ -6,8 +6,8 @@ CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smok
 --llama-tp: llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead (see llama_tp_rows).
 --fused: the fused small-batch decode kernel (rotary, KV store and split merge inside) against
 the kernels it replaces, per layer of a captured 28-layer chain (see fused_rows).
---ragged: bench-like mixed lengths at 16-256 sequences, programs in batch order and longest first
-(the `order` the engine passes with one split; see ragged_rows).
+--ragged: bench-like mixed lengths at 16-256 sequences and 1-16 splits, programs in batch order
+and longest first (the `order` the engine passes with one split), 3 rounds each (see ragged_rows).
 --kv-dtype fp8: decode on a bf16 cache and on an fp8 (e4m3) cache of the same values, same shapes:
 us, GB/s of KV read at each element size and the speedup (see kv_dtype_rows).
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
@@ -358,11 +358,12 @@ def kv_dtype_rows(plan: Plan, cache_dtype: torch.dtype, copy_gbs: float) -> list
     return rows
 
 
-def ragged_rows(plan: Plan, copy_gbs: float) -> list[dict]:
+def ragged_rows(plan: Plan, copy_gbs: float, rounds: int = 3) -> list[dict]:
     """Decode over bench-like mixed lengths (prompt U[100,1024] + output so far U[0,1024]) at
     1-16 splits, programs launched in batch order and longest first (`order`). `engine` marks
     what the engine runs: its split count for the batch (hint 4,096), longest first with one
-    split only."""
+    split only. Every variant of a batch is timed `rounds` times, round-robin (the same variant
+    has timed 62 and 125 us in two calls at 32 sequences: the spread is part of the result)."""
     rows, gen = [], torch.Generator().manual_seed(0)
     batches = (2, 5) if plan is SMOKE else (16, 32, 64, 96, 128, 192, 256)
     for bsz in batches:
@@ -374,23 +375,32 @@ def ragged_rows(plan: Plan, copy_gbs: float) -> list[dict]:
         order = torch.argsort(b.meta.seq_lens, descending=True, stable=True).to(torch.int32)
         nbytes = int(lens.sum()) * HKV * D * 2 * b.q.element_size()
         out = torch.empty_like(b.q)
-        for splits in sorted({1, auto} if plan is SMOKE else {1, 2, 4, 8, 16, auto}):
-            for ordered in (False, True):
-                run = partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens,
-                              b.meta.block_tables, D ** -0.5, splits, scratch, check=False,
-                              order=order if ordered else None)
-                out.fill_(float("nan"))
-                run()
-                err = rel_err(out, b.ref)
-                ms = bench_ms(run, plan)
-                engine = splits == auto and ordered == (splits == 1)
-                rows.append(dict(kernel="decode:ragged", B=bsz, splits=splits, ordered=ordered, engine=engine,
-                                 us=ms * 1e3, GBps=nbytes / ms / 1e6, frac_copy=nbytes / ms / 1e6 / copy_gbs,
-                                 rel_err=err))
-                print(f"ragged B{bsz} sp{splits} {'longest first' if ordered else 'batch order':13} "
-                      f"{ms * 1e3:8.1f} us {100 * nbytes / ms / 1e6 / copy_gbs:5.1f}% of copy, err {err:.1e}"
-                      + (" (engine)" if engine else ""), flush=True)
+        variants = [(sp, o) for sp in sorted({1, auto} if plan is SMOKE else {1, 2, 4, 8, 16, auto})
+                    for o in (False, True)]
+        runs, errs = {v: [] for v in variants}, {}
+        for v in variants:
+            out.fill_(float("nan"))
+            _ragged_run(b, out, v, scratch, order)()
+            errs[v] = rel_err(out, b.ref)
+        for _ in range(rounds):
+            for v in variants:
+                runs[v].append(bench_ms(_ragged_run(b, out, v, scratch, order), plan) * 1e3)
+        for (splits, ordered), us in runs.items():
+            med = sorted(us)[len(us) // 2]
+            engine = splits == auto and ordered == (splits == 1)
+            rows.append(dict(kernel="decode:ragged", B=bsz, splits=splits, ordered=ordered, engine=engine,
+                             us=med, us_min=min(us), us_max=max(us), GBps=nbytes / med / 1e3,
+                             frac_copy=nbytes / med / 1e3 / copy_gbs, rel_err=errs[(splits, ordered)]))
+            print(f"ragged B{bsz} sp{splits} {'longest first' if ordered else 'batch order':13} {med:8.1f} us "
+                  f"({min(us):.1f}-{max(us):.1f}) {100 * nbytes / med / 1e3 / copy_gbs:5.1f}% of copy, "
+                  f"err {errs[(splits, ordered)]:.1e}" + (" (engine)" if engine else ""), flush=True)
     return rows
+
+
+def _ragged_run(b: Batch, out: torch.Tensor, variant: tuple[int, bool], scratch, order: torch.Tensor):
+    splits, ordered = variant
+    return partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens, b.meta.block_tables,
+                   D ** -0.5, splits, scratch, check=False, order=order if ordered else None)
 
 
 def print_kv_table(rows: list[dict]) -> None:
@@ -439,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
     print(f"{name}: copy {copy_gbs:.0f} GB/s, {plan.dtype}", flush=True)
     if args.ragged:
-        write_csv(ragged_rows(plan, copy_gbs), "bench_decode_ragged.csv")
+        write_csv(ragged_rows(plan, copy_gbs, 1 if plan is SMOKE else 3), "bench_decode_ragged.csv")
         return 0
     if args.kv_dtype:
         rows = kv_dtype_rows(plan, KV_CACHE_DTYPES[args.kv_dtype], copy_gbs)
