@@ -226,7 +226,8 @@ class ModelRunner:
             self._pad(num_tokens, b, num_sampled, pad)
             n, rows = pad.num_tokens, pad.num_seqs
             num_logits = num_sampled if pad.decode else rows  # what the graph's LM head reads
-        decode_only = int(q_lens.max()) == 1
+        max_query_len = int(q_lens.max())
+        decode_only = max_query_len == 1
         if decode_only:  # padded rows (length 0) sort last
             buf.decode_order.np[:rows] = np.argsort(-buf.seq_lens.np[:rows], kind="stable")
         meta = AttentionMetadata(
@@ -234,7 +235,7 @@ class ModelRunner:
             query_start_loc=buf.query_start_loc.copy(rows + 1),
             seq_lens=buf.seq_lens.copy(rows),
             block_tables=self._copy_block_tables(b, width, rows if pad is not None else None),
-            max_query_len=int(q_lens.max()),
+            max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl[: rows + 1].tolist(),
             seq_lens_cpu=buf.seq_lens.np[:rows].tolist(),

@@ -21,8 +21,9 @@ class AttentionMetadata:
     # Host copies for backends that loop in Python (the torch reference).
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
-    # [num_seqs] int32, a permutation: the sequences longest first. The decode kernel launches
-    # their programs in this order so that the longest finish first, not in the last wave
+    # decode-only steps: [num_seqs] int32, a permutation of the rows, longest sequence first (the
+    # decode kernel launches programs in this order so that no long one starts in the last wave);
+    # None for steps with prefill tokens
     decode_order: torch.Tensor | None = None
 
     @property

@@ -9,7 +9,7 @@ Launch order: blocks start x-fastest, so sequence slot by slot for each KV head.
 permutation of the rows, longest first) maps slots to sequences, which makes that LPT scheduling:
 with one split a program reads its whole sequence, and a long one that starts in the last wave
 is the step's tail (bench-like mixed lengths on an H200: 6-13% faster at 64-256 sequences,
-reports/PERF.md row 31). With splits it measured no better, often worse: the caller decides.
+reports/PERF.md row 32). With splits it measured no better, often worse: the caller decides.
 
 Two options fold the kernels around it into stage 1 (the fused small-batch decode path,
 EngineConfig.fused_small_batch_rotary / _merge):

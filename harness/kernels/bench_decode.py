@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fused", action="store_true",
                     help="the fused small-batch decode kernel (rotary, KV store, split merge) vs the kernels it replaces")
     ap.add_argument("--ragged", action="store_true",
-                    help="bench-like mixed lengths: launch grids and longest-first program order")
+                    help="bench-like mixed lengths at 1-16 splits: programs in batch order vs longest first")
     ap.add_argument("--kv-dtype", choices=("fp8", "fp8_e5m2"),
                     help="decode on a model-dtype cache vs an 8-bit one (kv_cache_dtype) at the same shapes")
     return ap
