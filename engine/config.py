@@ -97,6 +97,10 @@ class EngineConfig:
     # partial sums the next norm adds up (at 2-16 rows the fused norm prologue is what loses, PERF.md
     # row 27); 0: off. None: FUSED_AUTO_ROW_PARALLEL_TOKENS for the models FUSED_AUTO_MAX_HIDDEN admits
     fused_row_parallel_tokens: int | None = None
+    # GPU, TP=1: every decode step's attention, not only the fused path's, folds in what
+    # fused_small_batch_rotary and _merge name (q/k norm, rotary and KV store; the split merge): one
+    # or two kernels fewer a layer at any batch size. Off until measured at 16-256 sequences
+    fused_decode_attention: bool = False
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
     # graphs) leaves the collector's scans, so a full collection no longer stalls a decode step for
@@ -142,7 +146,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 2 (one is the null block), got {self.num_kv_blocks}")
         if not isinstance(self.freeze_gc, bool):
             raise ValueError(f"freeze_gc must be a bool, got {self.freeze_gc!r}")
-        for name in ("fused_small_batch_pdl", "fused_small_batch_rotary", "fused_small_batch_merge"):
+        for name in ("fused_small_batch_pdl", "fused_small_batch_rotary", "fused_small_batch_merge",
+                     "fused_decode_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.skip_tokenizer_init, bool):

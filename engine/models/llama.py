@@ -41,8 +41,9 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, positions, x, kv: KVCache, meta: AttentionMetadata, backend: AttentionBackend,
-                skinny: SkinnyRowParallel | None = None):
-        return _row_parallel(self.o_proj, self.attend(positions, self.qkv_proj(x), kv, meta, backend), skinny)
+                skinny: SkinnyRowParallel | None = None, fusion: SmallBatchFusion | None = None):
+        o = self.attend(positions, self.qkv_proj(x), kv, meta, backend, fusion)
+        return _row_parallel(self.o_proj, o, skinny)
 
     def attend(self, positions, qkv: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
                backend: AttentionBackend, fusion: SmallBatchFusion | None = None) -> torch.Tensor:
@@ -106,13 +107,16 @@ class SmallBatchFusion:
     programmatic dependents; on its decode steps, the decode attention kernel applies the q/k
     norm and rotary and stores K/V (`rotary`) and merges its own splits (`merge`). Larger steps
     of up to `row_parallel_tokens` (EngineConfig.fused_row_parallel_tokens) take the usual path
-    with o_proj and down_proj as skinny GEMMs (SkinnyRowParallel)."""
+    with o_proj and down_proj as skinny GEMMs (SkinnyRowParallel). `every_decode`
+    (EngineConfig.fused_decode_attention): the usual path's decode steps fold `rotary` and
+    `merge` into the decode kernel too."""
 
     max_tokens: int = 0
     pdl: bool = False
     rotary: bool = False
     merge: bool = False
     row_parallel_tokens: int = 0
+    every_decode: bool = False
 
 
 class DecoderLayer(nn.Module):
@@ -142,7 +146,8 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(h), h
         else:
             h, residual = self.input_layernorm(h, residual, self.tp)
-        h = self.self_attn(positions, h, kv, meta, backend, skinny)  # partial sums
+        fusion = self.fusion if self.fusion.every_decode else None
+        h = self.self_attn(positions, h, kv, meta, backend, skinny, fusion)  # partial sums
         h, residual = self.post_attention_layernorm(h, residual, self.tp)
         return self.mlp(h, skinny), residual  # partial sums
 

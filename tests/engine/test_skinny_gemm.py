@@ -366,12 +366,14 @@ def test_decoder_layers_fused_path_matches_the_unfused_one(checkpoint_dirs, monk
 # one alone on qwen3
 @pytest.mark.parametrize("arch,rotary,merge", [("qwen3", True, True), ("qwen2", True, True), ("llama", True, True),
                                                ("qwen3", True, False), ("qwen3", False, True)])
-def test_fused_decode_step_matches_the_unfused_one(checkpoint_dirs, monkeypatch, arch, rotary, merge):
+@pytest.mark.parametrize("path", ["fused", "usual"])
+def test_fused_decode_step_matches_the_unfused_one(checkpoint_dirs, monkeypatch, arch, rotary, merge, path):
     """A float32 decode step of two sequences (41 and 23 tokens of context) and a padded lane, on the
-    Triton backend: the fused path with the q/k norm, rotary and KV store (`rotary`) and the split
-    merge (`merge`) in the decode kernel gives the unfused path's hidden states, greedy picks and
-    cache contents. 16-key tiles and a max_seq_len hint of 256 (as a captured graph passes): 4
-    splits, 3 with keys."""
+    Triton backend: the q/k norm, rotary and KV store (`rotary`) and the split merge (`merge`) in
+    the decode kernel give the unfused attention's hidden states, greedy picks and cache contents,
+    on the fused path, and on the usual path with EngineConfig.fused_decode_attention (`usual`:
+    the layers' own forward, cuBLAS projections). 16-key tiles and a max_seq_len hint of 256 (as
+    a captured graph passes): 4 splits, 3 with keys."""
     import importlib
     from dataclasses import replace as replace_field
 
@@ -408,11 +410,25 @@ def test_fused_decode_step_matches_the_unfused_one(checkpoint_dirs, monkeypatch,
         want = runner.model(*args)
         want_cache = runner.kv_cache.clone()
         runner.kv_cache.copy_(before)
-        got = _fused_hidden(runner.model, *args)
+        calls = []
+        decode_fused = runner.backend.decode_fused
+        monkeypatch.setattr(runner.backend, "decode_fused", lambda *a: calls.append(a[-2:]) or decode_fused(*a))
+        layers = runner.model.model.layers
+        assert not any(layer.fusion.every_decode for layer in layers)  # off by default
+        if path == "fused":
+            got = _fused_hidden(runner.model, *args)
+        else:
+            for layer in layers:
+                layer.fusion = replace_field(layer.fusion, every_decode=True)
+            got = runner.model(*args)
         logits = [runner.model.compute_logits(h) for h in (want, got)]
+    assert len(calls) == len(layers) and all((r is not None, m) == (rotary, merge) for r, m in calls)
     assert rel(got, want) < 1e-5
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
     # this step's K and V at their slots (the projections sum in another order), the rest as it was
     torch.testing.assert_close(runner.kv_cache, want_cache)
     changed = (runner.kv_cache != before).flatten(3).any(-1)  # [2, layers, blocks, block_size]
     assert changed.sum() == 2 * 2 * 2 and torch.equal(changed, (want_cache != before).flatten(3).any(-1))
+    if path == "usual":  # the config flag is what sets every_decode
+        flagged = ModelRunner(replace_field(config, fused_decode_attention=True))
+        assert all(layer.fusion.every_decode for layer in flagged.model.model.layers)
