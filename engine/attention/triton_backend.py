@@ -30,6 +30,7 @@ from engine.kernels.decode_attention import (
     choose_num_splits,
     decode_attention,
 )
+from engine.kernels.device_info import num_sms
 from engine.kernels.rope import RotaryIn
 from engine.kernels.store_kv import store_kvcache
 from engine.kernels.unified_attention import unified_attention
@@ -45,7 +46,6 @@ class TritonAttention:
         self.k_scale, self.v_scale = k_scale, v_scale  # an fp8 cache's per-tensor scales
         self._checked: set[str] = set()  # kernels whose arguments were validated once
         self._scratch: DecodeScratch | None = None
-        self._num_sms: int | None = None
 
     def reserve(self, max_seqs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
         """Allocate the decode scratch up front (before CUDA graph capture)."""
@@ -62,13 +62,6 @@ class TritonAttention:
             s = alloc_decode_scratch(max(num_seqs, MIN_SCRATCH_SEQS), num_heads, head_dim, device)
             self._scratch = s
         return s
-
-    def _sms(self, device: torch.device) -> int:
-        if self._num_sms is None:
-            on_gpu = device.type == "cuda"
-            self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
-                             if on_gpu else 132)
-        return self._num_sms
 
     def forward(
         self,
@@ -118,7 +111,7 @@ class TritonAttention:
     def _decode(self, q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, check: bool,
                 rotary: RotaryIn | None = None, new_kv: tuple | None = None, merge: bool = False) -> None:
         num_seqs = meta.num_seqs
-        splits = choose_num_splits(num_seqs, k_cache.shape[2], meta.max_seq_len, self._sms(q.device))
+        splits = choose_num_splits(num_seqs, k_cache.shape[2], meta.max_seq_len, num_sms(q.device))
         scratch = self._get_scratch(num_seqs, q.shape[1], q.shape[2], q.device) if splits > 1 else None
         decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale, splits, scratch,
                          check=check, rotary=rotary, new_kv=new_kv, merge=merge, k_scale=self.k_scale,

@@ -16,7 +16,19 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.device_info import num_sms
+
 CHUNK = 8192  # vocabulary columns per program: a 152k vocabulary is 19 programs per row
+BLOCK = 2048  # columns a program takes per loop step, and the smallest chunk
+
+
+def chunk_size(rows: int, width: int, sms: int) -> int:
+    """Columns per program: CHUNK once rows x chunks fill the SMs, else one loop step (BLOCK). A
+    batch-1 row in 8,192-column chunks is 19 programs, each a 4-step loop bound by its own
+    latency (41.8 us for a 152k vocabulary at T > 0 on an H200, reports/PERF.md row 33). Two
+    sizes only: each is a compiled variant. Depends on the slice width, not its real columns, so
+    every TP rank picks the same."""
+    return CHUNK if rows * triton.cdiv(width, CHUNK) >= sms else BLOCK
 
 
 @triton.jit
@@ -32,9 +44,10 @@ def _gumbel_chunk_kernel(logits_ptr, temp_ptr, seed_ptr, out_ptr, stride_row, nu
     seed = tl.load(seed_ptr + row)
     best_val = float("-inf")
     best_idx = 0
-    for start in range(chunk * CHUNK, tl.minimum(num_cols, (chunk + 1) * CHUNK), BLOCK):
+    end = tl.minimum(num_cols, (chunk + 1) * CHUNK)
+    for start in range(chunk * CHUNK, end, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < num_cols
+        mask = cols < end
         x = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if temp > 0.0:
             # keyed by the global column: any chunking or vocabulary split draws the same noise
@@ -74,10 +87,11 @@ def _pick_chunk_kernel(chunks_ptr, out_ptr, num_rows, num_chunks, GROUPS: tl.con
 
 
 def gumbel_chunks(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-                  col_offset: int = 0, num_cols: int | None = None) -> torch.Tensor:
+                  col_offset: int = 0, num_cols: int | None = None, chunk: int | None = None) -> torch.Tensor:
     """logits [B, V] (any float dtype, last dim contiguous; columns col_offset .. of the whole
     vocabulary, the first num_cols of them real), temperature [B] fp32 (0 = greedy), seeds [B]
-    int64 -> the chunk winners, int32 [2, B, chunks] for `pick_from_chunks`."""
+    int64 -> the chunk winners, int32 [2, B, chunks] for `pick_from_chunks`. `chunk`: columns
+    per program (default: chunk_size's choice); the draws do not depend on it."""
     b, width = logits.shape
     num_cols = width if num_cols is None else num_cols
     if (logits.stride(-1) != 1 or temperature.shape != (b,) or seeds.shape != (b,)
@@ -85,11 +99,15 @@ def gumbel_chunks(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         raise ValueError(f"gumbel_chunks: logits [B, V] contiguous rows, [B] temperature/seeds and "
                          f"0 < num_cols <= V; got {tuple(logits.shape)}, {tuple(temperature.shape)}, "
                          f"{tuple(seeds.shape)}, num_cols {num_cols}, col_offset {col_offset}")
-    chunks = triton.cdiv(num_cols, CHUNK)
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"gumbel_chunks: chunk must be >= 1 column, got {chunk}")
+    chunk = chunk or chunk_size(b, width, num_sms(logits.device))
+    chunks = triton.cdiv(num_cols, chunk)
     out = torch.empty(2, b, chunks, dtype=torch.int32, device=logits.device)
     if b:
         _gumbel_chunk_kernel[(b, chunks)](logits, temperature, seeds, out, logits.stride(0), num_cols,
-                                          col_offset, CHUNK=CHUNK, BLOCK=min(CHUNK, 2048))
+                                          col_offset, CHUNK=chunk,
+                                          BLOCK=min(BLOCK, triton.next_power_of_2(chunk)))
     return out
 
 
@@ -108,8 +126,9 @@ def pick_from_chunks(chunks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                  chunk: int | None = None) -> torch.Tensor:
     """logits [B, V], temperature [B] fp32 (0 = greedy), seeds [B] int64 -> sampled ids [B] int64.
     One program per row would leave most SMs idle at decode batch sizes (257 us at B = 128 on an
     H100), hence the chunks."""
-    return pick_from_chunks(gumbel_chunks(logits, temperature, seeds))
+    return pick_from_chunks(gumbel_chunks(logits, temperature, seeds, chunk=chunk))

@@ -40,7 +40,6 @@ overlap the previous kernel's tail; stream capture keeps that as a programmatic 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from engine.kernels.device_info import num_sms
 from engine.kernels.gemv_config import GemvConfig, GemvProblem, choose_config
 from engine.kernels.rmsnorm import NORM_NUM_WARPS, norm_store_row
 
@@ -336,17 +336,6 @@ def _has_pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _num_sms(device: torch.device) -> int:
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 132
-
-
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    """Cached: the count never changes, and every skinny_gemm call (each launch of an eager step) asks."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 norm: NormIn | None = None, gated: bool = False, split_ok: bool = False,
                 config: GemvConfig | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -360,7 +349,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     parts = x.shape[0] if x.dim() == 3 else 1
     if config is None:
-        config = choose_config(problem(x, weight, norm, gated, split_ok and bias is None), _num_sms(x.device))
+        config = choose_config(problem(x, weight, norm, gated, split_ok and bias is None), num_sms(x.device))
     _check_args(x, weight, bias, norm, gated, config)
     split = config.split_k
     out = (torch.empty((split, m, n_out), dtype=torch.float32, device=x.device) if split > 1

@@ -183,7 +183,9 @@ def test_gumbel_argmax_greedy_rows_and_distribution():
 
 def test_gumbel_argmax_across_vocab_chunks():
     """Rows longer than one chunk: the winner is found in any chunk, ties go to the leftmost
-    column (as torch.argmax), and the drawn noise does not depend on the chunking."""
+    column (as torch.argmax), and the drawn noise does not depend on the chunking (the default,
+    8,192-column chunks, one chunk spanning the row, and 1,000-column chunks that end inside a
+    loop step)."""
     from engine.kernels import sample
 
     vocab = 2 * sample.CHUNK + 123
@@ -191,19 +193,27 @@ def test_gumbel_argmax_across_vocab_chunks():
     logits[0, [sample.CHUNK + 5, 2 * sample.CHUNK + 7]] = 50.0  # a tie across two chunks
     logits[1, -1] = 50.0  # the last column of a partial chunk
     logits[2, 3] = 50.0
-    got = sample.gumbel_argmax(logits, torch.zeros(4, device=DEVICE), torch.arange(4, device=DEVICE))
-    assert got.tolist()[:3] == [sample.CHUNK + 5, vocab - 1, 3]
-    assert torch.equal(got, logits.argmax(-1))
-    # temperature > 0: the same as one chunk spanning the row (noise is keyed by column)
+    for chunk in (None, sample.CHUNK):
+        got = sample.gumbel_argmax(logits, torch.zeros(4, device=DEVICE), torch.arange(4, device=DEVICE), chunk)
+        assert got.tolist()[:3] == [sample.CHUNK + 5, vocab - 1, 3]
+        assert torch.equal(got, logits.argmax(-1))
+    # temperature > 0: the same ids however the row is cut (noise is keyed by column)
     temps, seeds = torch.ones(4, device=DEVICE), torch.arange(4, device=DEVICE) + 11
     flat = torch.randn(4, vocab, device=DEVICE)
-    chunked = sample.gumbel_argmax(flat, temps, seeds)
-    sample.CHUNK, old = vocab, sample.CHUNK
-    try:
-        whole = sample.gumbel_argmax(flat, temps, seeds)
-    finally:
-        sample.CHUNK = old
-    assert torch.equal(chunked, whole)
+    ids = [sample.gumbel_argmax(flat, temps, seeds, chunk) for chunk in (None, sample.CHUNK, vocab, 1000)]
+    assert all(torch.equal(ids[0], other) for other in ids[1:])
+    with pytest.raises(ValueError, match="chunk must be"):
+        sample.gumbel_chunks(flat, temps, seeds, chunk=0)
+
+
+def test_chunk_size_keeps_the_sms_busy_at_small_batches():
+    """8,192-column chunks once the batch fills the SMs, one loop step (2,048 columns) below:
+    a 151,936-token row at batch 1 is 75 programs, not 19."""
+    from engine.kernels.sample import BLOCK, CHUNK, chunk_size
+
+    vocab = 151_936
+    assert [chunk_size(b, vocab, 132) for b in (1, 6, 7, 256)] == [BLOCK, BLOCK, CHUNK, CHUNK]
+    assert chunk_size(1, vocab, 16) == CHUNK  # 19 programs fill 16 SMs
 
 
 def test_gumbel_sampling_over_vocab_slices_equals_whole_rows():
