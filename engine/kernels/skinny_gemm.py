@@ -218,17 +218,13 @@ def _skinny_gemm_kernel(
         x_next, sq_next = _x_tile(x_ptr, res_ptr, res_out_ptr, _g_tile(nw_ptr, k_lo, K, NORM, BLOCK_K), stride_xs,
                                   stride_xm, stride_rm, rows, row_ok, k_lo, rstd, me, programs, K, dtype, PARTS,
                                   NORM, NORM_FIRST, HAS_RES, BLOCK_K)
-    else:
-        # Triton's pipeline leaves the norm weight's 1-D load in this path's loop synchronous (its
-        # compiled loop shows a plain load beside the async copies: an L2 round trip a K step before
-        # the dot can start; a suspect for PERF row 27b, not yet timed), so it runs a step ahead
-        g_next = _g_tile(nw_ptr, k_lo, K, NORM, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if USE_DOT:
-            g, g_next = g_next, _g_tile(nw_ptr, k0 + BLOCK_K, K, NORM, BLOCK_K)
-            x, x_sq = _x_tile(x_ptr, res_ptr, res_out_ptr, g, stride_xs, stride_xm, stride_rm, rows, row_ok,
-                              k0, rstd, me, programs, K, dtype, PARTS, NORM, NORM_FIRST,
-                              HAS_RES, BLOCK_K)
+            # the norm weight's load stays synchronous in Triton's pipeline here; loading it a step
+            # ahead timed the same on an H200 (PERF rows 30, 30b), so it is loaded where it is used
+            x, x_sq = _x_tile(x_ptr, res_ptr, res_out_ptr, _g_tile(nw_ptr, k0, K, NORM, BLOCK_K), stride_xs,
+                              stride_xm, stride_rm, rows, row_ok, k0, rstd, me, programs, K, dtype, PARTS, NORM,
+                              NORM_FIRST, HAS_RES, BLOCK_K)
             squares += x_sq
             w_mask = n_ok[:, None] & (k0 + tl.arange(0, BLOCK_K) < K)[None, :]
             x = x.to(dtype)
