@@ -14,7 +14,7 @@
     llmbench bench            # the default job (nox -s bench)
     llmbench flagship --model llama-3-8b --only bench,random --out reports/fl   # pieces append to one folder
     llmbench studies throughput|tp-scaling|step-profile|latency|ttft ...  # harness/studies/
-    llmbench kernels bench-decode|bench-gemv|bench-allreduce|compile-check ...    # harness/kernels/
+    llmbench kernels bench-decode|bench-gemv|bench-sample|bench-allreduce|compile-check ...    # harness/kernels/
     llmbench tokenizer save --model tiny --out DIR     # for GuideLLM's --processor and the like
 
 run, sweep, bench, serve and the throughput study take every EngineConfig field as a flag
@@ -58,6 +58,7 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "kernels": ("kernel microbenchmarks and compile checks (harness/kernels/)", {
         "bench-decode": ("harness.kernels.bench_decode", "split-K decode and unified attention (GPU)"),
         "bench-gemv": ("harness.kernels.bench_gemv", "small-batch fused projections vs cuBLAS (GPU)"),
+        "bench-sample": ("harness.kernels.bench_sample", "the one-pass sampling kernel by vocabulary chunk (GPU)"),
         "bench-allreduce": ("harness.kernels.bench_allreduce", "the TP all-reduce paths (2 GPUs)"),
         "compile-check": ("harness.kernels.compile_check", "compile the Triton kernels for a GPU, without one"),
     }),

@@ -1,13 +1,15 @@
 """H100 microbenchmark: split-K decode and unified attention, bf16, Qwen3-0.6B layer shape.
 
-Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp | --fused | --ragged | --kv-dtype fp8]
-CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp | --fused | --ragged | --kv-dtype fp8]
+Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp | --fused | --ragged | --prefill | --kv-dtype fp8]
+CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp | --fused | --ragged | --prefill | --kv-dtype fp8]
 (`python -m harness.kernels.bench_decode` is the same command.)
 --llama-tp: llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead (see llama_tp_rows).
 --fused: the fused small-batch decode kernel (rotary, KV store and split merge inside) against
 the kernels it replaces, per layer of a captured 28-layer chain (see fused_rows).
 --ragged: bench-like mixed lengths at 16-256 sequences and 1-16 splits, programs in batch order
 and longest first (the `order` the engine passes with one split), 3 rounds each (see ragged_rows).
+--prefill: only the unified kernel's prefill cases (the bench's prompt lengths, 4 x 2,048, 8 x 512,
+a prefix hit, a mixed step) at each large tile, the engine's default first.
 --kv-dtype fp8: decode on a bf16 cache and on an fp8 (e4m3) cache of the same values, same shapes:
 us, GB/s of KV read at each element size and the speedup (see kv_dtype_rows).
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
@@ -62,11 +64,19 @@ class Plan:
     prefill: Prefill
 
 
+def bench_prompt_lens(n: int = 14, seed: int = 0) -> list[int]:
+    """n prompt lengths as the bench workload draws them (U[100, 1,024]): ~8k tokens, one of
+    its prefill steps."""
+    return torch.randint(100, 1025, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 FULL = Plan(
     "cuda", torch.bfloat16, (1, 16, 64, 256), (256, 1024, 2048), (16, 64, 256),
     ((128, 4, 2), (64, 4, 2), (32, 4, 2), (64, 4, 3), (128, 8, 2)),
-    ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)),
-    {"prefill_8x512": ([512] * 8, [512] * 8),
+    ((64, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)),
+    {"bench_prompts_14": (bench_prompt_lens(), bench_prompt_lens()),
+     "prefill_4x2048": ([2048] * 4, [2048] * 4),
+     "prefill_8x512": ([512] * 8, [512] * 8),
      "prefix_hit_8x128_on_1536": ([1664] * 8, [128] * 8),
      "mixed_512+128dec_1k": ([512] + [1024] * 128, [512] + [1] * 128)},
 )
@@ -428,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the fused small-batch decode kernel (rotary, KV store, split merge) vs the kernels it replaces")
     ap.add_argument("--ragged", action="store_true",
                     help="bench-like mixed lengths at 1-16 splits: programs in batch order vs longest first")
+    ap.add_argument("--prefill", action="store_true",
+                    help="only the unified (prefill) attention cases, at every large tile")
     ap.add_argument("--kv-dtype", choices=("fp8", "fp8_e5m2"),
                     help="decode on a model-dtype cache vs an 8-bit one (kv_cache_dtype) at the same shapes")
     return ap
@@ -457,8 +469,14 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(rows, "bench_decode_kv_dtype.csv")
         print_kv_table(rows)
         return 0
-    scratch = alloc_decode_scratch(max(plan.batches), HQ, D, plan.device)
     rows: list[dict] = []
+    if args.prefill:
+        for case, (ctx_lens, q_lens) in plan.prefill.items():
+            rows += prefill_rows(plan, case, ctx_lens, q_lens, 16, plan.prefill_cfgs)
+        write_csv(rows, "bench_decode_prefill.csv")
+        print_table(copy_gbs, rows)
+        return 0
+    scratch = alloc_decode_scratch(max(plan.batches), HQ, D, plan.device)
     for bsz in plan.batches:
         for ctx in plan.contexts:
             for bs in plan.block_sizes:

@@ -180,3 +180,30 @@ def test_fused_decode_kernel_bf16_matches_the_cublas_path(checkpoint_dirs):
     single = [tokens(LLM(path, dtype="bfloat16", **config, **SMALL), [PROMPTS[6]])[0]
               for config in (FUSED_DECODE, CUBLAS)]
     assert_bf16_near(path, single[:1], single[1:], [PROMPTS[6]], PARAMS.max_tokens, "batch 1: fused vs cuBLAS")
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head
+def test_fused_decode_attention_float32_matches_hf(checkpoint_dirs, arch):
+    """EngineConfig.fused_decode_attention: the usual (cuBLAS) path's decode steps with the q/k
+    norm, rotary, KV store and split merge in the decode kernel; CUDA graphs and eager, batches
+    of 8 and 1; HF's greedy tokens with the near-tie rule."""
+    path = checkpoint_dirs[arch]
+    reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
+    for eager in (False, True):
+        llm = LLM(path, dtype="float32", fused_decode_attention=True, enforce_eager=eager, **CUBLAS, **SMALL)
+        assert_matches_hf(tokens(llm), reference)
+        assert_matches_hf([tokens(llm, [p])[0] for p in (PROMPTS[0], PROMPTS[-1])], [reference[0], reference[-1]])
+
+
+def test_fused_decode_attention_drops_the_rope_and_reduce_kernels(checkpoint_dirs):
+    """A decode step of 101 tokens of context (2 KV splits) on the usual path: with
+    fused_decode_attention, no qk_norm_rope, store_kv or decode reduce kernel; the split kernel
+    once a layer either way."""
+    counts = {}
+    for on in (False, True):
+        names, layers = decode_step_kernels(checkpoint_dirs["qwen3"], PROMPTS[6], fused_decode_attention=on, **CUBLAS)
+        counts[on] = {k: sum(k in n for n in names) for k in
+                      ("_qk_norm_rope_kernel", "_decode_reduce_kernel", "_decode_split_kernel", "_store_kv_kernel")}
+    assert counts[False]["_qk_norm_rope_kernel"] == counts[False]["_decode_reduce_kernel"] == layers, counts
+    assert counts[True]["_qk_norm_rope_kernel"] == counts[True]["_decode_reduce_kernel"] == 0, counts
+    assert counts[True]["_store_kv_kernel"] == 0 and counts[True]["_decode_split_kernel"] == layers, counts

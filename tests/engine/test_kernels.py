@@ -176,6 +176,8 @@ UNIFIED_CASES = {  # id: (specs [(seq_len, q_len)], Hq, Hkv, D, block_size)
     "prefix_hit": ([(90, 10), (81, 17)], 4, 2, 32, 16),
     "mixed": ([(40, 1), (17, 1), (64, 30), (20, 0), (50, 20), (1, 1)], 4, 2, 32, 16),
     "chunk_at_small_limit": ([(70, 16), (48, 16), (3, 2)], 4, 2, 16, 16),
+    # several 64-query blocks a sequence (run last first), whole unmasked key tiles below the diagonal
+    "multi_q_block": ([(200, 200), (300, 140), (70, 70)], 4, 2, 32, 16),
 }
 
 

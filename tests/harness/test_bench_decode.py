@@ -25,3 +25,16 @@ def test_ragged_smoke_times_both_orders_and_checks_them(tmp_path, monkeypatch):
     for b in auto:  # one engine row a batch: its split count, longest first only with one split
         assert [(r["splits"], r["ordered"]) for r in rows if r["B"] == str(b) and r["engine"] == "True"] == \
             [(str(auto[b]), str(auto[b] == 1))]
+
+
+def test_prefill_smoke_times_only_the_unified_cases(tmp_path, monkeypatch):
+    """--prefill: every unified case of the plan at every large tile, the default tile first,
+    each within the float reference; no decode rows."""
+    from harness.kernels.bench_decode import SMOKE
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main(["--smoke", "--prefill"]) == 0
+    with open(tmp_path / "bench_decode_prefill.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["kernel"] for r in rows] == [f"unified:{c}" for c in SMOKE.prefill for _ in SMOKE.prefill_cfgs]
+    assert all(float(r["rel_err"]) < 1e-5 and float(r["us"]) > 0 for r in rows)
