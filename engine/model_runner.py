@@ -160,9 +160,12 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(self.mc.num_hidden_layers)]
         self._init_buffers()
-        if self.device.type == "cuda":  # compile now what would compile in the first steps (FA4)
+        if self.device.type == "cuda":  # compile now what would compile in the first steps (FA4, sampling)
             self.backend.warmup(self.mc.num_attention_heads // self.tp.size, *self.kv_caches[0],
                                 self.config.max_num_seqs)
+            hidden = torch.zeros(1, self.mc.hidden_size, dtype=self.dtype, device=self.device)
+            logits = self.model.compute_logits(hidden, gather=self.vocab_shard is None)
+            self.sampler.warm_up(logits, self.config.max_num_seqs, self.vocab_shard)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             cfg = self.config
             self.backend.reserve(cfg.max_num_seqs, self.mc.num_attention_heads // self.tp.size, self.mc.head_dim,

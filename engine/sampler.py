@@ -90,6 +90,22 @@ class Sampler:
         self.rng = random.Random(seed)  # row seeds for the GPU kernel's noise
         self.device = device
 
+    def warm_up(self, logits: torch.Tensor, max_rows: int, shard: VocabShard | None = None) -> None:
+        """Compile the one-pass kernels (GPU) in every variant a batch of 1 .. max_rows rows of
+        logits like `logits` ([n, width]) picks: each chunk size is its own compiled kernel, and
+        the first steps to need one (a timed run's, say) would otherwise pay the compile."""
+        if not logits.is_cuda:
+            return
+        from engine.kernels.sample import gumbel_chunks, pick_from_chunks
+
+        groups = shard.tp.size if shard is not None else 1
+        for rows in sorted({1, max_rows}):
+            x = torch.zeros(rows, logits.shape[1], dtype=logits.dtype, device=logits.device)
+            temperature = torch.ones(rows, dtype=torch.float32, device=logits.device)
+            seeds = torch.zeros(rows, dtype=torch.int64, device=logits.device)
+            chunks = gumbel_chunks(x, temperature, seeds, *((shard.start, shard.num_cols) if shard else ()))
+            pick_from_chunks(chunks.expand(groups, *chunks.shape).contiguous())  # as all-gathered over TP
+
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata,
                  shard: VocabShard | None = None) -> torch.Tensor:  # [B, V] -> [B]
         """`shard`: the logits are this rank's slice of the vocabulary. The one-pass kernel samples

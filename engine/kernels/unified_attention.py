@@ -11,8 +11,8 @@ Grid (T // BLOCK_Q + num_seqs, Hkv) is an upper bound on the q-blocks (sequence 
 block qsl[i] // BLOCK_Q + i); each program finds its sequence by bisection and spare ones exit,
 so the grid needs no host-side query lengths.
 
-An fp8 KV cache (engine/kernels/kv_quant.py): K and V tiles are loaded in 8 bits and scaled into
-the query's dtype before the dots (k_scale, v_scale).
+An fp8 KV cache (engine/kernels/kv_quant.py): K and V tiles are loaded in 8 bits and enter
+fp16 dots unscaled; k_scale folds into the softmax scale and v_scale into the output.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.checks import check_attention_args
-from engine.kernels.kv_quant import from_cache
+from engine.kernels.kv_quant import dot_query, fold_scale
 
 LOG2E = 1.4426950408889634
 # Sequences with at most this many queries use the small (16-row) tile, the rest the large tile.
@@ -46,8 +46,8 @@ def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, q_pos, start, kv_end, bt_row, k_base, v_base, d, d_ok, m_i, l_i, acc, scale_log2, k_scale,
-                 v_scale, stride_kc_b, stride_kc_s, stride_vc_b, stride_vc_s, MASKED: tl.constexpr,
+def _attend_tile(q, q_pos, start, kv_end, bt_row, k_base, v_base, d, d_ok, m_i, l_i, acc, scale_log2,
+                 stride_kc_b, stride_kc_s, stride_vc_b, stride_vc_s, MASKED: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """One BLOCK_N-key tile from `start` folded into the online softmax (m_i, l_i, acc). MASKED:
@@ -71,7 +71,7 @@ def _attend_tile(q, q_pos, start, kv_end, bt_row, k_base, v_base, d, d_ok, m_i, 
     else:
         kt = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    kt = from_cache(kt, k_scale, q.dtype)  # fp8: scaled into q's dtype; else as loaded
+    kt = kt.to(q.dtype)  # fp8: exact in q's fp16 (kv_quant.dot_query); else as loaded
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # log2 units, fp32
     if MASKED:
         s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
@@ -80,7 +80,7 @@ def _attend_tile(q, q_pos, start, kv_end, bt_row, k_base, v_base, d, d_ok, m_i, 
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = from_cache(v, v_scale, q.dtype)
+    v = v.to(q.dtype)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -132,6 +132,8 @@ def _unified_attention_kernel(
     qo_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + tok[:, None] * stride_q_t + head[:, None] * stride_q_h + d[None, :],
                 mask=qo_mask, other=0.0)  # [BLOCK_M, D_PAD]
+    q = dot_query(q, k_cache_ptr)  # fp8 cache: fp16 dots over the unscaled elements
+    scale_log2 = fold_scale(scale_log2, k_scale, k_cache_ptr)
     q_pos = ctx + q_idx  # [BLOCK_M] absolute position of each row's query
 
     # Causal limit of the whole tile: keys past its last query are never visited. Keys up to its
@@ -147,15 +149,16 @@ def _unified_attention_kernel(
     v_base = v_cache_ptr + kv_head * stride_vc_h
     for start in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, q_pos, start, kv_end, bt_row, k_base, v_base, d, d_ok, m_i, l_i, acc,
-                                     scale_log2, k_scale, v_scale, stride_kc_b, stride_kc_s, stride_vc_b,
+                                     scale_log2, stride_kc_b, stride_kc_s, stride_vc_b,
                                      stride_vc_s, False, BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_PAD,
                                      DOT_PRECISION)
     for start in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, q_pos, start, kv_end, bt_row, k_base, v_base, d, d_ok, m_i, l_i, acc,
-                                     scale_log2, k_scale, v_scale, stride_kc_b, stride_kc_s, stride_vc_b,
+                                     scale_log2, stride_kc_b, stride_kc_s, stride_vc_b,
                                      stride_vc_s, True, BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_PAD,
                                      DOT_PRECISION)
 
+    acc = fold_scale(acc, v_scale, v_cache_ptr)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=qo_mask)
@@ -227,8 +230,8 @@ def unified_attention(
     interface and unused (the loop bounds come from seq_lens on device). Rows of out past
     query_start_loc[-1] (padding tokens) are left unwritten.
     When some sequence has more than SMALL_Q_MAX queries, two launches run over the same grid
-    scheme: the 16-row tile for the short sequences and the 128-row tile for the long ones, so
-    decodes in a mixed batch do not pay 128-row dots. Which launch serves a sequence is decided
+    scheme: the 16-row tile for the short sequences and the large (64-row) tile for the long ones,
+    so decodes in a mixed batch do not pay 64-row dots. Which launch serves a sequence is decided
     on the device (q_len vs SMALL_Q_MAX), so a CUDA graph captured with max_query_len > SMALL_Q_MAX
     serves any mix; grids depend only on T and the number of sequence rows, and sequence rows with
     no queries (graph padding) exit at once. *_cfg override (BLOCK_M, BLOCK_N, num_warps,

@@ -157,9 +157,9 @@ def decode_rows(plan: Plan, bsz: int, ctx: int, bs: int, copy_gbs: float, scratc
 
 
 def prefill_rows(plan: Plan, name: str, ctx_lens: list[int], q_lens: list[int], bs: int,
-                 cfgs: tuple[Cfg, ...]) -> list[dict]:
+                 cfgs: tuple[Cfg, ...], heads: tuple[int, int] = (HQ, HKV)) -> list[dict]:
     """Unified kernel; TFLOP/s counts causal QK and PV (4 x D x Hq per query-key pair)."""
-    b = make_batch(plan, ctx_lens, q_lens, bs)
+    b = make_batch(plan, ctx_lens, q_lens, bs, heads)
     m, out = b.meta, torch.empty_like(b.q)
     pairs = sum(n * (c - n) + n * (n + 1) // 2 for c, n in zip(ctx_lens, q_lens))
     rows = []
@@ -171,10 +171,10 @@ def prefill_rows(plan: Plan, name: str, ctx_lens: list[int], q_lens: list[int], 
         run()
         err = rel_err(out, b.ref)
         ms = bench_ms(run, plan)
-        rows.append(dict(kernel=f"unified:{name}", B=len(q_lens), ctx=max(ctx_lens), bs=bs,
+        rows.append(dict(kernel=f"unified:{name}", B=len(q_lens), ctx=max(ctx_lens), bs=bs, heads=f"{heads[0]}/{heads[1]}",
                          block_m=cfg[0], block_n=cfg[1], warps=cfg[2], stages=cfg[3], splits=1,
                          default=i == 0, us=ms * 1e3, GBps=float("nan"),
-                         TFLOPs=4 * D * HQ * pairs / ms / 1e9, frac_copy=float("nan"), rel_err=err))
+                         TFLOPs=4 * D * heads[0] * pairs / ms / 1e9, frac_copy=float("nan"), rel_err=err))
     return rows
 
 
@@ -440,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bench-like mixed lengths at 1-16 splits: programs in batch order vs longest first")
     ap.add_argument("--prefill", action="store_true",
                     help="only the unified (prefill) attention cases, at every large tile")
+    ap.add_argument("--heads", default=f"{HQ},{HKV}", metavar="HQ,HKV",
+                    help="query and KV heads of the --prefill cases (llama-3-8b: 32,8)")
     ap.add_argument("--kv-dtype", choices=("fp8", "fp8_e5m2"),
                     help="decode on a model-dtype cache vs an 8-bit one (kv_cache_dtype) at the same shapes")
     return ap
@@ -471,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows: list[dict] = []
     if args.prefill:
+        hq, hkv = (int(h) for h in args.heads.split(","))
         for case, (ctx_lens, q_lens) in plan.prefill.items():
-            rows += prefill_rows(plan, case, ctx_lens, q_lens, 16, plan.prefill_cfgs)
+            rows += prefill_rows(plan, case, ctx_lens, q_lens, 16, plan.prefill_cfgs, (hq, hkv))
         write_csv(rows, "bench_decode_prefill.csv")
         print_table(copy_gbs, rows)
         return 0

@@ -54,6 +54,20 @@ def test_bf16_engine_runs_preset_and_sampling():
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
 
 
+def test_sampling_kernels_compile_at_engine_start():
+    """Each sampling chunk size is its own compiled kernel (batch 1 and a full batch pick
+    different ones): both compile when the engine starts, not in the first sampled steps."""
+    from harness.kernels.jit_watch import watch_jit
+
+    llm = LLM("qwen3-0.6b", max_model_len=256, max_num_seqs=64, num_kv_blocks=2048)
+    params = SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True)
+    with watch_jit() as jit:
+        for batch in (1, 64):
+            llm.generate([[3, 1, 4, 1, 5]] * batch, params, use_tqdm=False)
+    assert jit.available
+    assert not [k for k in jit.seen if k.startswith("engine.kernels.sample")], jit.seen
+
+
 # ---- small batches through the fused skinny-GEMM path (EngineConfig.fused_small_batch_tokens) ----
 SMALL = dict(device="cuda", max_num_seqs=16, max_model_len=256, num_kv_blocks=512)
 # cuBLAS and the norm kernels for every projection (the default fuses small steps of narrow models)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from engine.kernels.decode_attention import choose_num_splits
 from harness.kernels.bench_decode import HKV, main
 
@@ -27,14 +29,16 @@ def test_ragged_smoke_times_both_orders_and_checks_them(tmp_path, monkeypatch):
             [(str(auto[b]), str(auto[b] == 1))]
 
 
-def test_prefill_smoke_times_only_the_unified_cases(tmp_path, monkeypatch):
+@pytest.mark.parametrize("heads", [None, "8,2"])
+def test_prefill_smoke_times_only_the_unified_cases(tmp_path, monkeypatch, heads):
     """--prefill: every unified case of the plan at every large tile, the default tile first,
-    each within the float reference; no decode rows."""
-    from harness.kernels.bench_decode import SMOKE
+    each within the float reference; no decode rows. --heads: another head group (llama's 4)."""
+    from harness.kernels.bench_decode import HKV, HQ, SMOKE
 
     monkeypatch.setenv("OUT", str(tmp_path))
-    assert main(["--smoke", "--prefill"]) == 0
+    assert main(["--smoke", "--prefill"] + (["--heads", heads] if heads else [])) == 0
     with open(tmp_path / "bench_decode_prefill.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["kernel"] for r in rows] == [f"unified:{c}" for c in SMOKE.prefill for _ in SMOKE.prefill_cfgs]
+    assert {r["heads"] for r in rows} == {(heads or f"{HQ},{HKV}").replace(",", "/")}
     assert all(float(r["rel_err"]) < 1e-5 and float(r["us"]) > 0 for r in rows)
