@@ -176,13 +176,14 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: t
 
 def _tile_config(group: int, large: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tile (16 rows, as vLLM) for decode-like
-    sequences; 64 rows, 4 warps and 3 stages for prefill: with the causal mask only on the
-    diagonal's tiles it beat 128 rows with 8 warps by 11-18% on an H200 (qwen3-0.6b's heads,
+    sequences; 64 rows, 4 warps and 2 stages for prefill: with the causal mask only on the
+    diagonal's tiles, 64 rows beat 128 with 8 warps by 11-18% on an H200 (qwen3-0.6b's heads,
     bench-like, 4 x 2,048, 8 x 512 and prefix-hit batches; reports/PERF.md row 39), where before
-    the masks it did not."""
+    the masks they did not, and the prefill workload by 13.6%; 2 stages beat 3 by 2.4% there and
+    by 5-7% on the longer microbench cases, llama's heads too (row 39b)."""
     rows = triton.next_power_of_2(group)
     if large:
-        return max(64, rows), 64, 4, 3
+        return max(64, rows), 64, 4, 2
     return max(16, rows), 64, 4, 2
 
 

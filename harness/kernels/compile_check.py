@@ -70,9 +70,9 @@ def cases() -> list[Case]:
                     dict(HEAD_DIM=128, D_PAD=128, NUM_SPLITS=3, SPLITS_PAD=4),
                     {**_ptrs("fp32", "acc_ptr", "lse_ptr"), **_ptrs("bf16", "out_ptr")}))
     for long, (block_m, block_n, warps, stages), cache in ((False, (16, 64, 4, 2), "bf16"),
-                                                           (True, (64, 64, 4, 3), "bf16"),
+                                                           (True, (64, 64, 4, 2), "bf16"),
                                                            (False, (16, 64, 4, 2), "fp8e4nv"),
-                                                           (True, (64, 64, 4, 3), "fp8e4nv")):
+                                                           (True, (64, 64, 4, 2), "fp8e4nv")):
         out.append(Case("engine.kernels.unified_attention", "_unified_attention_kernel",
                         dict(LONG=long, BLOCK_SIZE=16, GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_M=block_m,
                              BLOCK_Q=block_m // 4, BLOCK_N=block_n, DOT_PRECISION="tf32"),
