@@ -55,12 +55,27 @@ def test_throughput_prefill_workload_for_two_backends_in_one_call(tmp_path, caps
     want = request_flops(PRESETS["tiny"], 40, 1)
     for run in result["runs"].values():
         assert run["prompt_tokens"] == 120 and run["output_tokens"] == 3 and len(run["engine_s_runs"]) == 2
+        assert run["prompt_tok_s"] == min(run["rate_runs"])  # the lower middle of two
         assert run["prompt_tok_s"] == pytest.approx(120 / run["engine_s"], rel=1e-3)
         assert (run["linear_flop"], run["attention_flop"]) == (3 * want.linear, 3 * want.attention)
         assert run["tflop_s"] == pytest.approx(3 * want.total / run["engine_s"] / 1e12, abs=1e-3)
     assert result["ratio_vs_first"]["auto"] == round(result["runs"]["auto"]["prompt_tok_s"]
                                                      / result["runs"]["torch"]["prompt_tok_s"], 3)
     assert "engine [auto]" in capsys.readouterr().out
+
+
+def test_throughput_reports_the_run_of_median_rate(tmp_path):
+    """--repeat 3 on the bench workload: seeds 0..2 draw workloads of different lengths, and the
+    reported run is the one of median output tok/s, with every run's rate beside it."""
+    from harness.studies import throughput
+
+    out = tmp_path / "bench.json"
+    assert throughput.main(["--num-seqs", "4", "--max-input-len", "120", "--max-output-len", "120",
+                            "--repeat", "3", "--no-detokenize", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    assert len(run["rate_runs"]) == len(run["engine_s_runs"]) == 3
+    assert run["engine_tok_s"] == sorted(run["rate_runs"])[1]
+    assert run["engine_tok_s"] == pytest.approx(run["output_tokens"] / run["engine_s"], rel=1e-3)
 
 
 @pytest.mark.parametrize("argv, message", [
