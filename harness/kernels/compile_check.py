@@ -78,7 +78,7 @@ def cases() -> list[Case]:
                              BLOCK_Q=block_m // 4, BLOCK_N=block_n, DOT_PRECISION="tf32"),
                         {**_ptrs("bf16", "q_ptr", "out_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs("i32", "qsl_ptr", "seq_lens_ptr", "block_tables_ptr")},
-                        {"num_warps": warps, "num_stages": stages}))
+                        {"num_warps": warps, "num_stages": stages}, ATTENTION_DIVISIBLE))
     for store, cache in ((False, "bf16"), (True, "bf16"), (True, "fp8e4nv")):
         out.append(Case("engine.kernels.rope", "_qk_norm_rope_kernel",
                         dict(NORM=True, HALF=64, NUM_Q_HEADS=16, NUM_KV_HEADS=8, HQ_PAD=16, HKV_PAD=8, STORE=store,
@@ -103,7 +103,7 @@ def cases() -> list[Case]:
                              NUM_SPLITS=splits, DOT_PRECISION=precision),
                         {**_ptrs(dtype, "q_ptr", "out_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs(scratch, "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
-                        {"num_warps": 4, "num_stages": 2}))
+                        {"num_warps": 4, "num_stages": 2}, ATTENTION_DIVISIBLE))
     for rotary, norm, merge, group, cache in ((True, True, True, 2, "bf16"), (True, False, False, 4, "bf16"),
                                               (False, False, True, 4, "bf16"), (True, True, True, 2, "fp8e4nv")):
         # the fused small-batch decode (fused_small_batch_rotary / _merge): Qwen3 and Llama-3 groups
@@ -116,11 +116,16 @@ def cases() -> list[Case]:
                          **_ptrs("fp32", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),
                          **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr", "count_ptr"),
                          **_ptrs("i64", "slot_ptr", "pos_ptr")},
-                        {"num_warps": 4, "num_stages": 2}))
+                        {"num_warps": 4, "num_stages": 2}, ATTENTION_DIVISIBLE))
     out += _skinny_gemm_cases()
     return out
 
 
+# q/out and K/V cache strides: multiples of 16 at every shape the engine runs (head dims,
+# heads x head dim, block size x that), as the JIT specializes them; without the hints the
+# attention kernels compile with scalar loads and report spills the real ones do not have
+ATTENTION_DIVISIBLE = ("stride_q_t", "stride_q_h", "stride_o_t", "stride_o_h", "stride_kc_b", "stride_kc_s",
+                       "stride_kc_h", "stride_vc_b", "stride_vc_s", "stride_vc_h")
 SKINNY_DIVISIBLE = ("N", "K", "stride_xs", "stride_xm", "stride_wn", "stride_os", "stride_om", "stride_rm")
 
 

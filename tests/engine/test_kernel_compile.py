@@ -65,3 +65,31 @@ def test_watch_jit_records_chains_and_restores_the_hook():
         assert knobs.runtime.jit_cache_hook is outer
     finally:
         knobs.runtime.jit_cache_hook = previous
+
+
+def test_attention_kernels_stage_kv_through_shared_memory_without_spills():
+    """The decode and prefill attention kernels, on a bf16 and on an fp8 cache, as the engine
+    specializes them (strides multiples of 16): K/V tiles go global -> shared memory by cp.async
+    (the pipeline that keeps bytes in flight) and nothing spills to local memory; a decode program
+    on an fp8 cache holds less shared memory than on bf16 (its tiles are half the bytes), so more
+    programs fit an SM. Scaling fp8 tiles element by element into bf16 took 100 KB a program
+    against bf16's 72 KB (reports/PERF.md row 41)."""
+    from harness.kernels.compile_check import compile_case, resources
+
+    env_interpret = os.environ.pop("TRITON_INTERPRET", None)  # compile JIT kernels, not interpreted ones
+    try:
+        picked = [c for c in cases() if c.kernel in ("_decode_split_kernel", "_unified_attention_kernel")
+                  and c.constexprs.get("NUM_SPLITS", 1) == 1 and c.constexprs.get("LONG", True)
+                  and c.constexprs["DOT_PRECISION"] == "tf32"]
+        assert {c.pointers["k_cache_ptr"] for c in picked} == {"*bf16", "*fp8e4nv"} and len(picked) == 4
+        smem = {}
+        for case in picked:
+            kernel, err = compile_case(case, 90)
+            assert not err, err
+            assert "cp.async" in kernel.asm["ptx"], case.name
+            assert "STACK:0 " in resources(kernel), (case.name, resources(kernel))
+            smem[case.kernel, case.pointers["k_cache_ptr"]] = kernel.metadata.shared
+        assert smem["_decode_split_kernel", "*fp8e4nv"] < smem["_decode_split_kernel", "*bf16"], smem
+    finally:
+        if env_interpret is not None:
+            os.environ["TRITON_INTERPRET"] = env_interpret
