@@ -3,13 +3,13 @@
 A cache in the model's dtype holds K and V as they are. An fp8 cache (e4m3fn or e5m2) holds
 x / scale, clamped to the format's largest finite value and rounded to nearest even, with one
 float scale per tensor (k_scale, v_scale; 1.0 unless calibrated); a read means stored * scale.
-The attention kernels take the stored elements into fp16 dots unscaled and apply the scales to
-the softmax scale and the output (`dot_query`, `fold_scale`): scaling every element in fp32 and
-rounding it to bf16 first, as vLLM's triton_unified_attention does, made an fp8 cache slower
-than bf16 on an H200 (reports/PERF.md rows 23 and 41). The clamp is needed because a cast does not saturate everywhere (torch's CPU
-cast does, the Triton interpreter's does not). Which of the two a kernel does is decided at
-compile time from the cache's element type, so a model-dtype cache compiles to the code it
-compiled to before fp8 existed (no scale, no cast).
+The clamp is needed because a cast does not saturate everywhere (torch's CPU cast does, the
+Triton interpreter's does not). The attention kernels take the stored elements into fp16 dots
+unscaled and apply the scales to the softmax scale and the output (`dot_query`, `fold_scale`):
+scaling every element in fp32 and rounding it to bf16 first, as vLLM's triton_unified_attention
+does, made an fp8 cache slower than bf16 on an H200 (reports/PERF.md rows 23 and 41). Which
+path a kernel takes is decided at compile time from the cache's element type, so a model-dtype
+cache compiles to the code it compiled to before fp8 existed (no scale, no cast).
 
 The same maps in torch: engine.attention.torch_backend's quantize_ref / dequantize_ref."""
 

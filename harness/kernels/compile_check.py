@@ -41,7 +41,8 @@ class Case:
     def name(self) -> str:
         shown = {k: v for k, v in self.constexprs.items()
                  if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS", "PARTS", "NORM",
-                           "NORM_FIRST", "GATED", "SPLIT_K", "BLOCK_M", "PREFETCH", "PDL", "ROTARY", "MERGE")}
+                           "NORM_FIRST", "GATED", "SPLIT_K", "BLOCK_M", "PREFETCH", "PDL", "ROTARY", "MERGE",
+                           "KEYS_AS_ROWS")}
         cache = self.pointers.get("k_cache_ptr", self.pointers.get("k_out_ptr", ""))
         if cache.startswith("*fp8"):  # the kv_cache_dtype=fp8 specializations
             shown["cache"] = cache[1:]
@@ -92,15 +93,17 @@ def cases() -> list[Case]:
                         {**_ptrs("bf16", "k_ptr", "v_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs("i64", "slot_ptr")}))
     out.append(Case("engine.kernels.silu_mul", "_silu_mul_kernel", dict(BLOCK=4096), _ptrs("bf16", "x_ptr", "out_ptr")))
-    for dtype, block_n, precision, splits, cache in (("bf16", 128, "tf32", 2, "bf16"), ("bf16", 128, "tf32", 1, "bf16"),
-                                                     ("bf16", 64, "tf32", 2, "bf16"), ("fp32", 64, "ieee", 2, "fp32"),
-                                                     ("bf16", 128, "tf32", 2, "fp8e4nv"),
-                                                     ("bf16", 128, "tf32", 1, "fp8e4nv")):
+    for dtype, block_n, precision, splits, cache, keys_as_rows in (
+            ("bf16", 128, "tf32", 2, "bf16", False), ("bf16", 128, "tf32", 1, "bf16", False),
+            ("bf16", 64, "tf32", 2, "bf16", False), ("fp32", 64, "ieee", 2, "fp32", False),
+            ("bf16", 128, "tf32", 2, "fp8e4nv", False), ("bf16", 128, "tf32", 1, "fp8e4nv", False),
+            ("bf16", 128, "tf32", 1, "fp8e4nv", True)):
         # one split: the launch passes `out` in place of the fp32 scratch
         scratch = "fp32" if splits > 1 else dtype
         out.append(Case("engine.kernels.decode_attention", "_decode_split_kernel",
                         dict(BLOCK_SIZE=16, GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_H=16, BLOCK_N=block_n,
-                             NUM_SPLITS=splits, DOT_PRECISION=precision),
+                             NUM_SPLITS=splits, DOT_PRECISION=precision,
+                             **({"KEYS_AS_ROWS": True} if keys_as_rows else {})),
                         {**_ptrs(dtype, "q_ptr", "out_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs(scratch, "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
                         {"num_warps": 4, "num_stages": 2}, ATTENTION_DIVISIBLE))

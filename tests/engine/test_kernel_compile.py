@@ -67,29 +67,46 @@ def test_watch_jit_records_chains_and_restores_the_hook():
         knobs.runtime.jit_cache_hook = previous
 
 
+_STAGING_PROBE = """
+import json
+from harness.kernels.compile_check import cases, compile_case, resources
+out = []
+for c in cases():
+    if (c.kernel in ("_decode_split_kernel", "_unified_attention_kernel") and c.constexprs.get("NUM_SPLITS", 1) == 1
+            and c.constexprs.get("LONG", True) and c.constexprs["DOT_PRECISION"] == "tf32"):
+        kernel, err = compile_case(c, 90)
+        kernel_name = c.kernel + (":keys_as_rows" if c.constexprs.get("KEYS_AS_ROWS") else "")
+        out.append(dict(name=c.name, kernel=kernel_name, cache=c.pointers["k_cache_ptr"], err=err,
+                        cp_async=not err and "cp.async" in kernel.asm["ptx"],
+                        wgmma=not err and "wgmma.mma_async" in kernel.asm["ptx"],
+                        resources=resources(kernel) if not err else "", smem=kernel.metadata.shared if not err else 0))
+print(json.dumps(out))
+"""
+
+
 def test_attention_kernels_stage_kv_through_shared_memory_without_spills():
     """The decode and prefill attention kernels, on a bf16 and on an fp8 cache, as the engine
     specializes them (strides multiples of 16): K/V tiles go global -> shared memory by cp.async
     (the pipeline that keeps bytes in flight) and nothing spills to local memory; a decode program
     on an fp8 cache holds less shared memory than on bf16 (its tiles are half the bytes), so more
     programs fit an SM. Scaling fp8 tiles element by element into bf16 took 100 KB a program
-    against bf16's 72 KB (reports/PERF.md row 41)."""
-    from harness.kernels.compile_check import compile_case, resources
+    against bf16's 72 KB (reports/PERF.md row 41). With keys as the dots' rows the decode dots
+    are warpgroup MMAs (wgmma); with the head group as rows they are not (16 rows). A subprocess:
+    this one's kernels are interpreted."""
+    import json
 
-    env_interpret = os.environ.pop("TRITON_INTERPRET", None)  # compile JIT kernels, not interpreted ones
-    try:
-        picked = [c for c in cases() if c.kernel in ("_decode_split_kernel", "_unified_attention_kernel")
-                  and c.constexprs.get("NUM_SPLITS", 1) == 1 and c.constexprs.get("LONG", True)
-                  and c.constexprs["DOT_PRECISION"] == "tf32"]
-        assert {c.pointers["k_cache_ptr"] for c in picked} == {"*bf16", "*fp8e4nv"} and len(picked) == 4
-        smem = {}
-        for case in picked:
-            kernel, err = compile_case(case, 90)
-            assert not err, err
-            assert "cp.async" in kernel.asm["ptx"], case.name
-            assert "STACK:0 " in resources(kernel), (case.name, resources(kernel))
-            smem[case.kernel, case.pointers["k_cache_ptr"]] = kernel.metadata.shared
-        assert smem["_decode_split_kernel", "*fp8e4nv"] < smem["_decode_split_kernel", "*bf16"], smem
-    finally:
-        if env_interpret is not None:
-            os.environ["TRITON_INTERPRET"] = env_interpret
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO
+    proc = subprocess.run([sys.executable, "-c", _STAGING_PROBE], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert sorted(r["cache"] for r in rows) == ["*bf16", "*bf16", "*fp8e4nv", "*fp8e4nv", "*fp8e4nv"], rows
+    for r in rows:
+        assert not r["err"] and r["cp_async"], r
+        assert "STACK:0 " in r["resources"], r
+    smem = {(r["kernel"], r["cache"]): r["smem"] for r in rows}
+    assert smem["_decode_split_kernel", "*fp8e4nv"] < smem["_decode_split_kernel", "*bf16"], smem
+    wgmma = {(r["kernel"], r["cache"]): r["wgmma"] for r in rows if r["kernel"].startswith("_decode")}
+    assert wgmma == {("_decode_split_kernel", "*bf16"): False, ("_decode_split_kernel", "*fp8e4nv"): False,
+                     ("_decode_split_kernel:keys_as_rows", "*fp8e4nv"): True}, wgmma

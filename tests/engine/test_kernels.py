@@ -267,9 +267,10 @@ DECODE_CASES = {  # id: (seq_lens, Hq, Hkv, D, block_size, num_splits, BLOCK_N)
 }
 
 
+@pytest.mark.parametrize("keys_as_rows", [False, True], ids=["heads_as_rows", "keys_as_rows"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(DECODE_CASES))
-def test_decode_attention(name, dtype, gen):
+def test_decode_attention(name, dtype, keys_as_rows, gen):
     lens, hq, hkv, d, bs, splits, block_n = DECODE_CASES[name]
     c = build_case([(n, 1) for n in lens], hq, hkv, d, bs, dtype, gen)
     m = c.meta
@@ -278,7 +279,7 @@ def test_decode_attention(name, dtype, gen):
     scratch = alloc_decode_scratch(len(lens) + 3, hq, d, DEVICE) if splits > 1 else None
     out = torch.full_like(c.q, float("nan"))
     decode_attention(c.q, c.k_cache, c.v_cache, out, m.seq_lens, m.block_tables, c.scale,
-                     splits, scratch, block_n=block_n)
+                     splits, scratch, block_n=block_n, keys_as_rows=keys_as_rows)
     assert_close(out, reference(c), c.valid, dtype)
 
 

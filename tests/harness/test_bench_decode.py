@@ -33,7 +33,7 @@ def test_ragged_smoke_times_both_orders_and_checks_them(tmp_path, monkeypatch):
 def test_prefill_smoke_times_only_the_unified_cases(tmp_path, monkeypatch, heads):
     """--prefill: every unified case of the plan at every large tile, the default tile first,
     each within the float reference; no decode rows. --heads: another head group (llama's 4)."""
-    from harness.kernels.bench_decode import HKV, HQ, SMOKE
+    from harness.kernels.bench_decode import HQ, SMOKE
 
     monkeypatch.setenv("OUT", str(tmp_path))
     assert main(["--smoke", "--prefill"] + (["--heads", heads] if heads else [])) == 0
@@ -42,3 +42,19 @@ def test_prefill_smoke_times_only_the_unified_cases(tmp_path, monkeypatch, heads
     assert [r["kernel"] for r in rows] == [f"unified:{c}" for c in SMOKE.prefill for _ in SMOKE.prefill_cfgs]
     assert {r["heads"] for r in rows} == {(heads or f"{HQ},{HKV}").replace(",", "/")}
     assert all(float(r["rel_err"]) < 1e-5 and float(r["us"]) > 0 for r in rows)
+
+
+def test_kv_dtype_smoke_times_both_caches_and_keys_as_rows(tmp_path, monkeypatch):
+    """--kv-dtype fp8: each shape on the model-dtype cache and on fp8 at every decode tile, plus
+    fp8 with keys as the dots' rows; every fp8 run within the reference over its own cache."""
+    from harness.kernels.bench_decode import SMOKE
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main(["--smoke", "--kv-dtype", "fp8"]) == 0
+    with open(tmp_path / "bench_decode_kv_dtype.csv") as f:
+        rows = list(csv.DictReader(f))
+    shapes = len(SMOKE.batches) * len(SMOKE.contexts)
+    kinds = [r["kernel"] for r in rows]
+    assert kinds.count("decode:model") == kinds.count("decode:fp8") == shapes * len(SMOKE.decode_tiles)
+    assert kinds.count("decode:fp8:keys_as_rows") == shapes
+    assert all(float(r["rel_err"]) < 1e-5 for r in rows if r["kernel"].startswith("decode:fp8"))
