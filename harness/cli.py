@@ -13,7 +13,7 @@
     llmbench gate --write-baseline reports/baselines/cpu_tiny.json --current reports/sweep
     llmbench bench            # the default job (nox -s bench)
     llmbench flagship --model llama-3-8b --only bench,random --out reports/fl   # pieces append to one folder
-    llmbench studies throughput|tp-scaling|step-profile|latency|ttft ...  # harness/studies/
+    llmbench studies throughput|tp-scaling|step-profile|latency|ttft|kv-agreement ...  # harness/studies/
     llmbench kernels bench-decode|bench-gemv|bench-sample|bench-allreduce|compile-check ...    # harness/kernels/
     llmbench tokenizer save --model tiny --out DIR     # for GuideLLM's --processor and the like
 
@@ -54,6 +54,7 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
         "latency": ("harness.studies.latency", "TPOT over batch x context against its floor, low-load TTFT"),
         "ttft": ("harness.studies.ttft", "time to first token at low load, prefill graphs on and off"),
         "detokenize-cost": ("harness.studies.detokenize_cost", "LLM.generate with and without detokenization"),
+        "kv-agreement": ("harness.studies.kv_agreement", "greedy tokens of an fp8 KV cache vs the model-dtype cache"),
     }),
     "kernels": ("kernel microbenchmarks and compile checks (harness/kernels/)", {
         "bench-decode": ("harness.kernels.bench_decode", "split-K decode and unified attention (GPU)"),

@@ -249,3 +249,33 @@ def test_ttft_study_times_requests_and_takes_a_prefill_step_apart(tmp_path):
         assert step["gpu_kernels"] is None and step["aten_ops"] > 0
         assert set(step["host_ms"]) == {"prepare_inputs", "model_forward", "sample"}
         assert 0 < step["host_ms"]["model_forward"] < step["launch_ms"] <= step["launch_to_result_ms"]
+
+
+def test_kv_agreement_compares_fp8_with_the_model_dtype_cache(tmp_path):
+    """Two engines on the same bench prompts, greedy: the report's counts agree with its own
+    per-request first differences, which lie within the output length."""
+    from harness.studies import kv_agreement
+
+    out = tmp_path / "agree.json"
+    assert kv_agreement.main(["--model", "tiny", "--kv-cache-dtype", "fp8", "--num-prompts", "3",
+                              "--max-input-len", "120", "--output-len", "6", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    first = r["first_differences"]
+    assert r["kv_cache_dtype"] == "fp8" and len(first) == r["requests"] == 3
+    assert all(0 <= f <= 6 for f in first)
+    assert r["identical"] == sum(f == 6 for f in first) and r["first_difference_min"] == min(first)
+    assert r["tokens_before_first_difference"] == pytest.approx(sum(first) / 18)
+
+
+def test_kv_agreement_needs_another_cache(capsys):
+    from harness.studies import kv_agreement
+
+    with pytest.raises(SystemExit):
+        kv_agreement.main(["--model", "tiny", "--num-prompts", "2"])
+    assert "--kv-cache-dtype" in capsys.readouterr().err
+
+
+def test_first_differences():
+    from harness.studies.kv_agreement import first_differences
+
+    assert first_differences([[1, 2, 3], [4, 5], [6]], [[1, 2, 3], [4, 9], [7]]) == [3, 1, 0]
