@@ -172,7 +172,8 @@ def prefill_rows(plan: Plan, name: str, ctx_lens: list[int], q_lens: list[int], 
         err = rel_err(out, b.ref)
         ms = bench_ms(run, plan)
         rows.append(dict(kernel=f"unified:{name}", B=len(q_lens), ctx=max(ctx_lens), bs=bs,
-                         heads=f"{heads[0]}/{heads[1]}", block_m=cfg[0], block_n=cfg[1], warps=cfg[2], stages=cfg[3], splits=1,
+                         heads=f"{heads[0]}/{heads[1]}", block_m=cfg[0], block_n=cfg[1], warps=cfg[2],
+                         stages=cfg[3], splits=1,
                          default=i == 0, us=ms * 1e3, GBps=float("nan"),
                          TFLOPs=4 * D * heads[0] * pairs / ms / 1e9, frac_copy=float("nan"), rel_err=err))
     return rows
@@ -353,27 +354,20 @@ def kv_dtype_rows(plan: Plan, cache_dtype: torch.dtype, copy_gbs: float) -> list
             out = torch.empty_like(b.q)
             for name, (kc, vc), ref in (("model", (b.k_cache, b.v_cache), b.ref), ("fp8", fp8, fp8_ref)):
                 nbytes = bsz * ctx * HKV * D * 2 * kc.element_size()
-                for i, (block_n, warps, stages) in enumerate(plan.decode_tiles):
+                # every tile; on fp8 also the first tile with keys as the dots' rows (wgmma)
+                variants = [(f"decode:{name}", tile, False) for tile in plan.decode_tiles]
+                variants += [("decode:fp8:keys_as_rows", plan.decode_tiles[0], True)] if name == "fp8" else []
+                for i, (kernel, (block_n, warps, stages), keys_as_rows) in enumerate(variants):
                     run = partial(decode_attention, b.q, kc, vc, out, b.meta.seq_lens, b.meta.block_tables, D ** -0.5,
-                                  splits, scratch, check=False, block_n=block_n, num_warps=warps, num_stages=stages)
+                                  splits, scratch, check=False, block_n=block_n, num_warps=warps, num_stages=stages,
+                                  keys_as_rows=keys_as_rows)
                     out.fill_(float("nan"))
                     run()
                     err, err_model = rel_err(out, ref), rel_err(out, b.ref)
                     ms = bench_ms(run, plan)
-                    rows.append(dict(kernel=f"decode:{name}", B=bsz, ctx=ctx, bs=16, block_n=block_n, warps=warps,
+                    rows.append(dict(kernel=kernel, B=bsz, ctx=ctx, bs=16, block_n=block_n, warps=warps,
                                      stages=stages, splits=splits, default=i == 0, us=ms * 1e3,
                                      GBps=nbytes / ms / 1e6, frac_copy=nbytes / ms / 1e6 / copy_gbs, rel_err=err,
-                                     rel_err_vs_model_cache=err_model))
-                if name == "fp8":  # the same at the default tile with keys as the dots' rows (wgmma)
-                    run = partial(decode_attention, b.q, kc, vc, out, b.meta.seq_lens, b.meta.block_tables,
-                                  D ** -0.5, splits, scratch, check=False, keys_as_rows=True)
-                    out.fill_(float("nan"))
-                    run()
-                    err, err_model = rel_err(out, ref), rel_err(out, b.ref)
-                    ms = bench_ms(run, plan)
-                    rows.append(dict(kernel="decode:fp8:keys_as_rows", B=bsz, ctx=ctx, bs=16, block_n=0, warps=0,
-                                     stages=0, splits=splits, default=False, us=ms * 1e3, GBps=nbytes / ms / 1e6,
-                                     frac_copy=nbytes / ms / 1e6 / copy_gbs, rel_err=err,
                                      rel_err_vs_model_cache=err_model))
             print(f"kv B{bsz} ctx{ctx}", flush=True)
     return rows
@@ -428,7 +422,7 @@ def _ragged_run(b: Batch, out: torch.Tensor, variant: tuple[int, bool], scratch,
 def print_kv_table(rows: list[dict]) -> None:
     print("\ndecode, model-dtype vs fp8 KV cache (bs 16, auto splits): default tile | fastest tile; "
           "GB/s of K+V read; err: fp8 vs its own dequantized cache / vs the model-dtype cache; "
-          "rows: fp8 with keys as the dots' rows (keys_as_rows) at the default tile")
+          "rows: fp8 with keys as the dots' rows (keys_as_rows) at the first tile")
     print(f"{'B':>4} {'ctx':>5} {'sp':>3} | {'model us':>8} {'GB/s':>6} {'%copy':>6} | {'fp8 us':>8} {'GB/s':>6} "
           f"{'%copy':>6} | {'speedup':>7} {'best':>7} | {'err':>7} {'vs model':>8} | {'rows us':>8} {'%copy':>6}")
     for shape in dict.fromkeys((r["B"], r["ctx"]) for r in rows):

@@ -60,15 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     other = kwargs.pop("kv_cache_dtype", "auto")
     if other == "auto":
         ap.error("name the cache to compare with --kv-cache-dtype (e.g. fp8)")
-    vocab = EngineConfig(**kwargs).model_config.vocab_size
+    config = EngineConfig(**kwargs)
     # the bench's prompts; its output lengths are not used (every request gets --output-len)
-    reqs = workload_requests("bench", args.num_prompts, args.max_input_len, 1024, vocab, seed=0)
+    reqs = workload_requests("bench", args.num_prompts, args.max_input_len, 1024, config.model_config.vocab_size,
+                             seed=0)
     prompts = [r.prompt_token_ids for r in reqs]
     want = greedy_tokens(kwargs, "auto", prompts, args.output_len)
     got = greedy_tokens(kwargs, other, prompts, args.output_len)
     first = first_differences(want, got)
     n, total = len(first), sum(map(len, want))
-    result = {"model": kwargs.get("model"), "kv_cache_dtype": other, "requests": n, "output_len": args.output_len,
+    result = {"model": config.model, "kv_cache_dtype": other, "requests": n, "output_len": args.output_len,
               "identical": sum(f == len(w) for f, w in zip(first, want)),
               "first_difference_median": statistics.median(first), "first_difference_min": min(first),
               "tokens_before_first_difference": sum(first) / total, "first_differences": first}
