@@ -36,9 +36,6 @@ from engine.kernels.store_kv import store_kvcache
 from engine.kernels.unified_attention import unified_attention
 
 MIN_SCRATCH_SEQS = 64  # split-K only runs at small batches; one allocation covers them
-# Decode over an fp8 cache with keys as the dots' rows (decode_attention's keys_as_rows, wgmma on
-# Hopper). Off until timed (reports/PERF.md row 43); read at call time, so an A/B can flip it.
-FP8_KEYS_AS_ROWS = False
 
 
 class TritonAttention:
@@ -118,5 +115,4 @@ class TritonAttention:
         scratch = self._get_scratch(num_seqs, q.shape[1], q.shape[2], q.device) if splits > 1 else None
         decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale, splits, scratch,
                          check=check, rotary=rotary, new_kv=new_kv, merge=merge, k_scale=self.k_scale,
-                         v_scale=self.v_scale, order=meta.decode_order if splits == 1 else None,
-                         keys_as_rows=FP8_KEYS_AS_ROWS and k_cache.element_size() == 1)
+                         v_scale=self.v_scale, order=meta.decode_order if splits == 1 else None)

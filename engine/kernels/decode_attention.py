@@ -33,13 +33,6 @@ folds into the softmax scale and v_scale into the output. Scaling every element 
 rounding it to bf16 first made the fp8 cache 0.90x as fast as bf16 on an H200 (PERF row 23).
 ROTARY stores this step's K and V quantized and folds in the stored elements the same way.
 
-KEYS_AS_ROWS (`keys_as_rows=True`, off by default, untimed): the same math with the operands
-swapped, S^T = K q^T and O^T = V^T P^T, so the keys are the dots' M dimension (a 128-key tile
-is two 64-row warpgroup MMAs on Hopper, wgmma, where the head group padded to 16 rows uses
-mma.sync) and the K/V tiles, converted from fp8 in registers, are the register operand. Written
-for the fp8 cache, whose dots run at ~54% of copy bandwidth (reports/PERF.md row 41); on a bf16
-cache the compiled kernel takes 136 KB of shared memory (one program an SM), so it is for fp8.
-
 CUDA-graph safety: seq_lens and block_tables are only read on device, the grids depend only on
 (num_seqs, Hkv, num_splits), scratch is passed in, and a padded lane (seq_len 0) visits no tile,
 reads no block table entry and writes zeros.
@@ -75,9 +68,17 @@ TARGET_PROGRAMS_PER_SM = 4
 # batch with fewer programs than the GPU holds needs (its longest sequences finish last); in the
 # engine the decode step got 8% faster at TP=1 and TP=2 on llama-3-8b (reports/PERF.md).
 DECODE_TILE = (128, 4, 2)
-# Default tiles shrink BLOCK_N so that stages x (K + V tile) stays within this estimate of
-# shared memory: fp32 and head_dim 256 keep the 64-key tiles they were measured with (Triton
-# itself allocated 70 KB for bf16 at 128 keys and 78 KB for fp32 at 64, sm_90 compile).
+# The same for a 1-byte (fp8) cache. Its tiles hold half the bytes but are converted to fp16 in
+# registers (~200 a thread: 2 programs an SM, against bf16's 3), so with one buffer of K/V a
+# program (what Triton allocates at 2-4 stages: the K/V loads sit behind the block-table load,
+# and the pipeliner splits the stages between the two) an SM kept a third of bf16's bytes in
+# flight and read 55% of copy bandwidth. 5 stages give K/V two buffers: 67% and the bench
+# +7-9% on an H200 (reports/PERF.md row 44). Read at call time.
+DECODE_TILE_FP8 = (128, 4, 5)
+# Default tiles shrink BLOCK_N so that up to two stages of (K + V tile), counted at 16 bits an
+# element at least (an fp8 tile takes an fp16 tile's registers once converted), stay within this
+# estimate: fp32 and head_dim 256 keep the 64-key tiles they were measured with (Triton itself
+# allocated 70 KB for bf16 at 128 keys and 78 KB for fp32 at 64, sm_90 compile).
 TILE_SMEM_BYTES = 128 << 10
 # MERGE: fp32 elements of the partials the merging program loads at once (heads x splits x D):
 # 8192 is 64 registers a thread at 4 warps, 4 heads of 16 splits x 128
@@ -172,19 +173,6 @@ def _fold_key(q, k, v, m_i, l_i, acc, scale_log2):
 
 
 @triton.jit
-def _tile_rows(t, bt_row, n_keys, kv_head, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s,
-               stride_vc_h, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Key tile t of a sequence: (valid keys [BLOCK_N], K row offsets, V row offsets); each key
-    looks up its own block id, so tiles ignore block boundaries."""
-    pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    pos_ok = pos < n_keys
-    blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-    in_blk = pos % BLOCK_SIZE
-    return (pos_ok, blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h,
-            blk * stride_vc_b + in_blk * stride_vc_s + kv_head * stride_vc_h)
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,  # q/out [B, Hq, D]; caches [nb, bs, Hkv, D]
     acc_ptr, lse_ptr,  # scratch [maxB, Hq, S, D], [maxB, Hq, S] fp32
@@ -203,7 +191,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr = False, QK_NORM: tl.constexpr = False,
     MERGE: tl.constexpr = False, SPLITS_PAD: tl.constexpr = 1, MERGE_HEADS: tl.constexpr = 1,
-    ORDERED: tl.constexpr = False, KEYS_AS_ROWS: tl.constexpr = False,
+    ORDERED: tl.constexpr = False,
 ):
     slot, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq = tl.load(order_ptr + slot).to(tl.int64) if ORDERED else slot.to(tl.int64)
@@ -241,46 +229,30 @@ def _decode_split_kernel(
     scale_log2 = fold_scale(scale_log2, k_scale, k_cache_ptr)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_PAD], tl.float32)
     bt_row = block_tables_ptr + seq * stride_bt
-    if KEYS_AS_ROWS:  # the dots' M dimension is the keys: [BLOCK_N, D] x [D, BLOCK_H], then V^T x P
-        qt = tl.trans(q)  # [D_PAD, BLOCK_H]
-        acc_t = tl.zeros([D_PAD, BLOCK_H], tl.float32)
-        for t in range(t_begin, t_end):
-            pos_ok, k_row, v_row = _tile_rows(t, bt_row, n_keys, kv_head, stride_kc_b, stride_kc_s, stride_kc_h,
-                                              stride_vc_b, stride_vc_s, stride_vc_h, BLOCK_N, BLOCK_SIZE)
-            k = tl.load(k_cache_ptr + k_row[:, None] + d[None, :],
-                        mask=pos_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, D_PAD]
-            s = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_N, BLOCK_H]
-            s = tl.where(pos_ok[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            p = tl.exp2(s - m_new[None, :])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            vt = tl.load(v_cache_ptr + v_row[None, :] + d[:, None],
-                         mask=pos_ok[None, :] & d_ok[:, None], other=0.0).to(q.dtype)  # [D_PAD, BLOCK_N]
-            acc_t = tl.dot(vt, p.to(vt.dtype), acc_t * alpha[None, :], input_precision=DOT_PRECISION)
-            m_i = m_new
-        acc = tl.trans(acc_t)  # [BLOCK_H, D_PAD]
-    else:
-        acc = tl.zeros([BLOCK_H, D_PAD], tl.float32)
-        for t in range(t_begin, t_end):
-            pos_ok, k_row, v_row = _tile_rows(t, bt_row, n_keys, kv_head, stride_kc_b, stride_kc_s, stride_kc_h,
-                                              stride_vc_b, stride_vc_s, stride_vc_h, BLOCK_N, BLOCK_SIZE)
-            # Masked loads: slots past seq_len may hold garbage/NaN (0 * NaN = NaN in the PV dot).
-            kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
-                         mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
-            v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
-                        mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
-            kt = kt.to(q.dtype)  # fp8: exact in q's (fp16) dtype; else as loaded
-            v = v.to(q.dtype)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
-            s = tl.where(pos_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
+    for t in range(t_begin, t_end):
+        pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_ok = pos < n_keys
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h
+        v_row = blk * stride_vc_b + in_blk * stride_vc_s + kv_head * stride_vc_h
+        # Masked loads: slots past seq_len may hold garbage/NaN (0 * NaN = NaN in the PV dot).
+        kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
+                     mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+        v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
+                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        kt = kt.to(q.dtype)  # fp8: exact in q's (fp16) dtype; else as loaded
+        v = v.to(q.dtype)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
     if ROTARY:
         if mine:
             m_i, l_i, acc = _fold_key(q, k_new.to(q.dtype), v_new.to(q.dtype), m_i, l_i, acc, scale_log2)
@@ -410,7 +382,6 @@ def decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     order: torch.Tensor | None = None,
-    keys_as_rows: bool = False,
 ) -> torch.Tensor:
     """Paged decode attention; returns out. Pass a preallocated scratch when num_splits > 1
     inside a CUDA graph (without one, it is allocated here, which is not capture-safe).
@@ -420,8 +391,7 @@ def decode_attention(
     split kernel merges its splits itself (no reduce kernel; the scratch's counters). An fp8 cache
     is read as stored * k_scale / v_scale (and `rotary` stores k / k_scale, v / v_scale).
     `order` [B] int32, a permutation of the rows: the order in which sequences' programs launch
-    (longest first pays with one split; see the module docstring). `keys_as_rows`: the dots
-    take the keys as their M dimension (see the module docstring; not timed yet, off)."""
+    (longest first pays with one split; see the module docstring)."""
     if check:
         _check(q, k_cache, v_cache, out, seq_lens, block_tables, num_splits, scratch, order)
         if rotary is not None:
@@ -432,11 +402,8 @@ def decode_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    num_warps = num_warps or DECODE_TILE[1]
-    num_stages = num_stages or DECODE_TILE[2]
-    if block_n is None:
-        per_key = num_stages * 2 * d_pad * q.element_size()  # K + V rows over the stages
-        block_n = max(16, min(DECODE_TILE[0], triton.next_power_of_2(TILE_SMEM_BYTES // per_key + 1) // 2))
+    default = default_tile(k_cache.element_size(), d_pad, num_stages)
+    block_n, num_warps, num_stages = block_n or default[0], num_warps or default[1], num_stages or default[2]
     if num_splits > 1 and scratch is None:
         scratch = alloc_decode_scratch(num_seqs, num_heads, head_dim, q.device, num_splits)
     # With one split the scratch is never touched; out stands in for its pointers.
@@ -459,7 +426,7 @@ def decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         MERGE=merge, SPLITS_PAD=splits_pad if merge else 1,
         MERGE_HEADS=min(triton.next_power_of_2(group), max(1, MERGE_TILE // (splits_pad * d_pad))) if merge else 1,
-        ORDERED=order is not None, KEYS_AS_ROWS=keys_as_rows,
+        ORDERED=order is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1 and not merge:
@@ -470,6 +437,15 @@ def decode_attention(
             SPLITS_PAD=splits_pad, num_warps=4,
         )
     return out
+
+
+def default_tile(element_size: int, d_pad: int, num_stages: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a cache of this element size and padded head dim:
+    DECODE_TILE (DECODE_TILE_FP8 for 1-byte caches), BLOCK_N shrunk to TILE_SMEM_BYTES' rule."""
+    tile = DECODE_TILE_FP8 if element_size == 1 else DECODE_TILE
+    stages = num_stages or tile[2]
+    per_key = min(stages, 2) * 2 * d_pad * max(element_size, 2)  # K + V rows
+    return max(16, min(tile[0], triton.next_power_of_2(TILE_SMEM_BYTES // per_key + 1) // 2)), tile[1], stages
 
 
 def _rotary_args(q: torch.Tensor, rotary: RotaryIn | None,

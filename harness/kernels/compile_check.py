@@ -41,8 +41,7 @@ class Case:
     def name(self) -> str:
         shown = {k: v for k, v in self.constexprs.items()
                  if k in ("BLOCK_N", "BITS", "DOT_PRECISION", "LONG", "STORE", "NUM_SPLITS", "PARTS", "NORM",
-                           "NORM_FIRST", "GATED", "SPLIT_K", "BLOCK_M", "PREFETCH", "PDL", "ROTARY", "MERGE",
-                           "KEYS_AS_ROWS")}
+                           "NORM_FIRST", "GATED", "SPLIT_K", "BLOCK_M", "PREFETCH", "PDL", "ROTARY", "MERGE")}
         cache = self.pointers.get("k_cache_ptr", self.pointers.get("k_out_ptr", ""))
         if cache.startswith("*fp8"):  # the kv_cache_dtype=fp8 specializations
             shown["cache"] = cache[1:]
@@ -93,20 +92,18 @@ def cases() -> list[Case]:
                         {**_ptrs("bf16", "k_ptr", "v_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs("i64", "slot_ptr")}))
     out.append(Case("engine.kernels.silu_mul", "_silu_mul_kernel", dict(BLOCK=4096), _ptrs("bf16", "x_ptr", "out_ptr")))
-    for dtype, block_n, precision, splits, cache, keys_as_rows in (
-            ("bf16", 128, "tf32", 2, "bf16", False), ("bf16", 128, "tf32", 1, "bf16", False),
-            ("bf16", 64, "tf32", 2, "bf16", False), ("fp32", 64, "ieee", 2, "fp32", False),
-            ("bf16", 128, "tf32", 2, "fp8e4nv", False), ("bf16", 128, "tf32", 1, "fp8e4nv", False),
-            ("bf16", 128, "tf32", 1, "fp8e4nv", True)):
+    for dtype, block_n, precision, splits, cache in (("bf16", 128, "tf32", 2, "bf16"), ("bf16", 128, "tf32", 1, "bf16"),
+                                                     ("bf16", 64, "tf32", 2, "bf16"), ("fp32", 64, "ieee", 2, "fp32"),
+                                                     ("bf16", 128, "tf32", 2, "fp8e4nv"),
+                                                     ("bf16", 128, "tf32", 1, "fp8e4nv")):
         # one split: the launch passes `out` in place of the fp32 scratch
         scratch = "fp32" if splits > 1 else dtype
         out.append(Case("engine.kernels.decode_attention", "_decode_split_kernel",
                         dict(BLOCK_SIZE=16, GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_H=16, BLOCK_N=block_n,
-                             NUM_SPLITS=splits, DOT_PRECISION=precision,
-                             **({"KEYS_AS_ROWS": True} if keys_as_rows else {})),
+                             NUM_SPLITS=splits, DOT_PRECISION=precision),
                         {**_ptrs(dtype, "q_ptr", "out_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs(scratch, "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
-                        {"num_warps": 4, "num_stages": 2}, ATTENTION_DIVISIBLE))
+                        _decode_options(cache), ATTENTION_DIVISIBLE))
     for rotary, norm, merge, group, cache in ((True, True, True, 2, "bf16"), (True, False, False, 4, "bf16"),
                                               (False, False, True, 4, "bf16"), (True, True, True, 2, "fp8e4nv")):
         # the fused small-batch decode (fused_small_batch_rotary / _merge): Qwen3 and Llama-3 groups
@@ -119,9 +116,16 @@ def cases() -> list[Case]:
                          **_ptrs("fp32", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),
                          **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr", "count_ptr"),
                          **_ptrs("i64", "slot_ptr", "pos_ptr")},
-                        {"num_warps": 4, "num_stages": 2}, ATTENTION_DIVISIBLE))
+                        _decode_options(cache), ATTENTION_DIVISIBLE))
     out += _skinny_gemm_cases()
     return out
+
+
+def _decode_options(cache: str) -> dict[str, int]:
+    """num_warps and num_stages of decode_attention's default tile for a cache of this type."""
+    da = importlib.import_module("engine.kernels.decode_attention")  # the package exports the function
+    tile = da.DECODE_TILE_FP8 if cache.startswith("fp8") else da.DECODE_TILE
+    return {"num_warps": tile[1], "num_stages": tile[2]}
 
 
 # q/out and K/V cache strides: multiples of 16 at every shape the engine runs (head dims,

@@ -267,10 +267,9 @@ DECODE_CASES = {  # id: (seq_lens, Hq, Hkv, D, block_size, num_splits, BLOCK_N)
 }
 
 
-@pytest.mark.parametrize("keys_as_rows", [False, True], ids=["heads_as_rows", "keys_as_rows"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(DECODE_CASES))
-def test_decode_attention(name, dtype, keys_as_rows, gen):
+def test_decode_attention(name, dtype, gen):
     lens, hq, hkv, d, bs, splits, block_n = DECODE_CASES[name]
     c = build_case([(n, 1) for n in lens], hq, hkv, d, bs, dtype, gen)
     m = c.meta
@@ -279,7 +278,7 @@ def test_decode_attention(name, dtype, keys_as_rows, gen):
     scratch = alloc_decode_scratch(len(lens) + 3, hq, d, DEVICE) if splits > 1 else None
     out = torch.full_like(c.q, float("nan"))
     decode_attention(c.q, c.k_cache, c.v_cache, out, m.seq_lens, m.block_tables, c.scale,
-                     splits, scratch, block_n=block_n, keys_as_rows=keys_as_rows)
+                     splits, scratch, block_n=block_n)
     assert_close(out, reference(c), c.valid, dtype)
 
 
@@ -313,6 +312,18 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 8, 100) == 2  # no split shorter than 64 keys
     assert choose_num_splits(0, 8, 0) == 1
     assert choose_num_splits(4, 2, 4096, num_sms=8) == 4
+
+
+def test_default_decode_tile_by_cache_element():
+    """An fp8 cache takes its own stages (two K/V buffers, PERF row 44) at the bf16 key count; fp32
+    and head dim 256 keep 64-key tiles; explicit stages size the tile as given."""
+    from engine.kernels.decode_attention import DECODE_TILE, DECODE_TILE_FP8, default_tile
+
+    assert default_tile(2, 128) == DECODE_TILE == (128, 4, 2)
+    assert default_tile(1, 128) == DECODE_TILE_FP8 == (128, 4, 5)
+    assert default_tile(4, 128) == (64, 4, 2)
+    assert default_tile(2, 256) == (64, 4, 2) and default_tile(1, 256) == (64, 4, 5)
+    assert default_tile(2, 64, num_stages=3) == (128, 4, 3)
 
 
 # ------------------------------------- decode with the rotary and the split merge in the kernel

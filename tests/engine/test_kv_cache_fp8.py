@@ -178,20 +178,19 @@ def test_unified_attention_over_an_fp8_cache(name, specs, hq, hkv, dtype, cache_
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("merge, keys_as_rows", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("name, lens, hq, hkv, bs, splits, block_n", [
     ("gqa1_s1", [33, 16, 1, 47], 2, 2, 16, 1, 64),
     ("gqa2_s3_n32", [32, 31, 33, 5], 4, 2, 16, 3, 32),
     ("pad_lanes_s4", [40, 0, 17, 0], 4, 2, 16, 4, 16),
 ])
-def test_decode_attention_over_an_fp8_cache(name, lens, hq, hkv, bs, splits, block_n, merge, keys_as_rows, dtype,
-                                            gen):
+def test_decode_attention_over_an_fp8_cache(name, lens, hq, hkv, bs, splits, block_n, merge, dtype, gen):
     c = fp8_case([(n, 1) for n in lens], hq, hkv, 16, bs, dtype, torch.float8_e4m3fn, gen, (2.0, 0.25))
     m, out = c.meta, torch.full_like(c.q, float("nan"))
     store_kvcache(c.k, c.v, c.k_cache, c.v_cache, m.slot_mapping, k_scale=2.0, v_scale=0.25)
     scratch = alloc_decode_scratch(len(lens) + 3, hq, 16, DEVICE)
     decode_attention(c.q, c.k_cache, c.v_cache, out, m.seq_lens, m.block_tables, c.scale, splits, scratch,
-                     block_n=block_n, merge=merge, k_scale=2.0, v_scale=0.25, keys_as_rows=keys_as_rows)
+                     block_n=block_n, merge=merge, k_scale=2.0, v_scale=0.25)
     assert_close(out, cache_reference(c, 2.0, 0.25), c.valid, dtype)
 
 
