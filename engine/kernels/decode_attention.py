@@ -75,6 +75,11 @@ DECODE_TILE = (128, 4, 2)
 # flight and read 55% of copy bandwidth. 5 stages give K/V two buffers: 67% and the bench
 # +7-9% on an H200 (reports/PERF.md row 44). Read at call time.
 DECODE_TILE_FP8 = (128, 4, 5)
+# Registers a thread of an fp8 decode program may take (ptxas' maxnreg); None: as the compiler
+# chooses (~212 at DECODE_TILE_FP8: 2 programs an SM). 168 fits 3 programs an SM, whose 3 x 75 KB
+# of shared memory fit too, and compiles without spilling (sm_90, Triton 3.6 and 3.9): a third
+# program's two buffers in flight. Untimed, so off (reports/PERF.md row 45). Read at call time.
+DECODE_MAXNREG_FP8: int | None = None
 # Default tiles shrink BLOCK_N so that up to two stages of (K + V tile), counted at 16 bits an
 # element at least (an fp8 tile takes an fp16 tile's registers once converted), stay within this
 # estimate: fp32 and head_dim 256 keep the 64-key tiles they were measured with (Triton itself
@@ -382,6 +387,7 @@ def decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     order: torch.Tensor | None = None,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """Paged decode attention; returns out. Pass a preallocated scratch when num_splits > 1
     inside a CUDA graph (without one, it is allocated here, which is not capture-safe).
@@ -391,7 +397,8 @@ def decode_attention(
     split kernel merges its splits itself (no reduce kernel; the scratch's counters). An fp8 cache
     is read as stored * k_scale / v_scale (and `rotary` stores k / k_scale, v / v_scale).
     `order` [B] int32, a permutation of the rows: the order in which sequences' programs launch
-    (longest first pays with one split; see the module docstring)."""
+    (longest first pays with one split; see the module docstring). `max_registers`: a cap on
+    registers a thread (maxnreg; default DECODE_MAXNREG_FP8 on fp8 caches, else none)."""
     if check:
         _check(q, k_cache, v_cache, out, seq_lens, block_tables, num_splits, scratch, order)
         if rotary is not None:
@@ -403,6 +410,8 @@ def decode_attention(
     group = num_heads // num_kv_heads
     d_pad = max(16, triton.next_power_of_2(head_dim))
     default = default_tile(k_cache.element_size(), d_pad, num_stages)
+    if max_registers is None and k_cache.element_size() == 1:
+        max_registers = DECODE_MAXNREG_FP8
     block_n, num_warps, num_stages = block_n or default[0], num_warps or default[1], num_stages or default[2]
     if num_splits > 1 and scratch is None:
         scratch = alloc_decode_scratch(num_seqs, num_heads, head_dim, q.device, num_splits)
@@ -427,7 +436,7 @@ def decode_attention(
         MERGE=merge, SPLITS_PAD=splits_pad if merge else 1,
         MERGE_HEADS=min(triton.next_power_of_2(group), max(1, MERGE_TILE // (splits_pad * d_pad))) if merge else 1,
         ORDERED=order is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
     )
     if num_splits > 1 and not merge:
         _decode_reduce_kernel[(num_seqs, num_heads)](

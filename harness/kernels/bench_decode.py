@@ -46,7 +46,7 @@ from engine.kernels.unified_attention import unified_attention
 from harness.roofline import measure_copy_bandwidth
 
 HQ, HKV, D = 16, 8, 128
-Tile = tuple[int, int, int]  # decode (BLOCK_N, num_warps, num_stages)
+Tile = tuple[int, ...]  # decode (BLOCK_N, num_warps, num_stages[, registers a thread at most])
 Cfg = tuple[int, int, int, int]  # unified large tile (BLOCK_M, BLOCK_N, num_warps, num_stages)
 # name: (context lengths, query lengths) for the unified kernel
 Prefill = dict[str, tuple[list[int], list[int]]]
@@ -132,6 +132,16 @@ def bench_ms(fn, plan: Plan) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
+def tile_args(tile: Tile) -> dict:
+    """decode_attention's keyword arguments for a tile."""
+    return dict(block_n=tile[0], num_warps=tile[1], num_stages=tile[2], max_registers=tile[3] if len(tile) > 3 else None)
+
+
+def tile_fields(tile: Tile) -> dict:
+    """A tile as CSV row fields (maxnreg 0: the compiler's choice, or the engine's default cap on fp8)."""
+    return dict(block_n=tile[0], warps=tile[1], stages=tile[2], maxnreg=tile[3] if len(tile) > 3 else 0)
+
+
 def decode_rows(plan: Plan, bsz: int, ctx: int, bs: int, copy_gbs: float, scratch) -> list[dict]:
     b = make_batch(plan, [ctx] * bsz, [1] * bsz, bs)
     out = torch.empty_like(b.q)
@@ -141,17 +151,16 @@ def decode_rows(plan: Plan, bsz: int, ctx: int, bs: int, copy_gbs: float, scratc
     extra = sorted({1, max(1, auto // 2), min(16, 2 * auto)} - {auto})
     variants += [(plan.decode_tiles[0], s) for s in extra]
     rows = []
-    for (block_n, warps, stages), splits in variants:
+    for tile, splits in variants:
         run = partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens,
-                      b.meta.block_tables, D ** -0.5, splits, scratch, check=False,
-                      block_n=block_n, num_warps=warps, num_stages=stages)
+                      b.meta.block_tables, D ** -0.5, splits, scratch, check=False, **tile_args(tile))
         out.fill_(float("nan"))  # every variant must write every element
         run()
         err = rel_err(out, b.ref)
         ms = bench_ms(run, plan)
         gbs = nbytes / ms / 1e6
-        rows.append(dict(kernel="decode", B=bsz, ctx=ctx, bs=bs, block_m=16, block_n=block_n,
-                         warps=warps, stages=stages, splits=splits, default=not rows, us=ms * 1e3,
+        rows.append(dict(kernel="decode", B=bsz, ctx=ctx, bs=bs, block_m=16, **tile_fields(tile),
+                         splits=splits, default=not rows, us=ms * 1e3,
                          GBps=gbs, TFLOPs=float("nan"), frac_copy=gbs / copy_gbs, rel_err=err))
     return rows
 
@@ -234,18 +243,17 @@ def llama_tp_rows(plan: Plan, batches: tuple[int, ...], min_ctx: int, max_ctx: i
             out, scratch = torch.empty_like(b.q), alloc_decode_scratch(bsz, heads[0], D, plan.device)
             nbytes = sum(ctx) * heads[1] * D * 2 * b.q.element_size()
             auto = choose_num_splits(bsz, heads[1], max(ctx))
-            for block_n, warps, stages in tiles:
+            for tile in tiles:
                 cells = []
                 for splits in (1, 2, 3, 4):
                     run = partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens,
-                                  b.meta.block_tables, D ** -0.5, splits, scratch, check=False,
-                                  block_n=block_n, num_warps=warps, num_stages=stages)
+                                  b.meta.block_tables, D ** -0.5, splits, scratch, check=False, **tile_args(tile))
                     run()
                     err = rel_err(out, b.ref)
                     ms = bench_ms(run, plan)
                     cells.append(f"s{splits}{'*' if splits == auto else ''} {ms * 1e3:6.1f}us "
                                  f"{nbytes / ms / 1e6:5.0f}GB/s err {err:.0e}")
-                print(f"Hq{heads[0]} Hkv{heads[1]} B{bsz} tile{(block_n, warps, stages)}: "
+                print(f"Hq{heads[0]} Hkv{heads[1]} B{bsz} tile{tile}: "
                       + " | ".join(cells), flush=True)
 
 
@@ -354,19 +362,19 @@ def kv_dtype_rows(plan: Plan, cache_dtype: torch.dtype, copy_gbs: float) -> list
             out = torch.empty_like(b.q)
             for name, (kc, vc), ref in (("model", (b.k_cache, b.v_cache), b.ref), ("fp8", fp8, fp8_ref)):
                 nbytes = bsz * ctx * HKV * D * 2 * kc.element_size()
-                for i, (block_n, warps, stages) in enumerate(plan.decode_tiles):
+                for i, tile in enumerate(plan.decode_tiles):
                     run = partial(decode_attention, b.q, kc, vc, out, b.meta.seq_lens, b.meta.block_tables, D ** -0.5,
-                                  splits, scratch, check=False, block_n=block_n, num_warps=warps, num_stages=stages)
+                                  splits, scratch, check=False, **tile_args(tile))
                     out.fill_(float("nan"))
                     try:
                         run()
                     except triton.runtime.errors.OutOfResources as e:  # e.g. a 256-key tile on bf16
-                        print(f"kv B{bsz} ctx{ctx} {name} tile {(block_n, warps, stages)} skipped: {e}", flush=True)
+                        print(f"kv B{bsz} ctx{ctx} {name} tile {tile} skipped: {e}", flush=True)
                         continue
                     err, err_model = rel_err(out, ref), rel_err(out, b.ref)
                     ms = bench_ms(run, plan)
-                    rows.append(dict(kernel=f"decode:{name}", B=bsz, ctx=ctx, bs=16, block_n=block_n, warps=warps,
-                                     stages=stages, splits=splits, default=i == 0, us=ms * 1e3,
+                    rows.append(dict(kernel=f"decode:{name}", B=bsz, ctx=ctx, bs=16, **tile_fields(tile),
+                                     splits=splits, default=i == 0, us=ms * 1e3,
                                      GBps=nbytes / ms / 1e6, frac_copy=nbytes / ms / 1e6 / copy_gbs, rel_err=err,
                                      rel_err_vs_model_cache=err_model))
             print(f"kv B{bsz} ctx{ctx}", flush=True)
@@ -450,21 +458,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-dtype", choices=("fp8", "fp8_e5m2"),
                     help="decode on a model-dtype cache vs an 8-bit one (kv_cache_dtype) at the same shapes")
     ap.add_argument("--tiles", type=parse_tiles, metavar="N,W,S;...",
-                    help="decode tiles (BLOCK_N, warps, stages) to time instead of the plan's, the first as the "
-                         "default, e.g. '128,4,2;256,8,2'")
+                    help="decode tiles (BLOCK_N, warps, stages[, registers a thread at most]) to time instead of "
+                         "the plan's, the first as the default, e.g. '128,4,5;128,4,5,168'")
     return ap
 
 
 def parse_tiles(text: str) -> tuple[Tile, ...]:
-    """'128,4,2;256,8,2' -> ((128, 4, 2), (256, 8, 2)): powers of two, at least 16 keys."""
+    """'128,4,5;128,4,5,168' -> ((128, 4, 5), (128, 4, 5, 168)): powers of two, at least 16 keys;
+    a fourth number caps the registers a thread (ptxas' maxnreg)."""
     try:
         tiles = tuple(tuple(int(v) for v in part.split(",")) for part in text.split(";") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"tiles must be 'BLOCK_N,WARPS,STAGES;...' integers; got {text!r}")
+        raise argparse.ArgumentTypeError(f"tiles must be 'BLOCK_N,WARPS,STAGES;...' integers; got {text!r}") from None
     for t in tiles:
-        if len(t) != 3 or t[0] < 16 or t[0] & (t[0] - 1) or t[1] < 1 or t[1] & (t[1] - 1) or t[2] < 1:
+        if (len(t) not in (3, 4) or t[0] < 16 or t[0] & (t[0] - 1) or t[1] < 1 or t[1] & (t[1] - 1) or t[2] < 1
+                or (len(t) == 4 and not 24 <= t[3] <= 255)):
             raise argparse.ArgumentTypeError(f"tile {t}: BLOCK_N a power of two >= 16, warps a power of two, "
-                                             "stages >= 1")
+                                             "stages >= 1, registers (if given) in [24, 255]")
     if not tiles:
         raise argparse.ArgumentTypeError("--tiles names no tile")
     return tiles

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FLOAT_ARGS = {"eps", "scale_log2", "k_scale", "v_scale"}
+# decode_attention's register cap on fp8 caches to time (DECODE_MAXNREG_FP8, reports/PERF.md row 45):
+# 3 programs an SM at 4 warps
+FP8_MAXNREG_PROBE = 168
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Case:
         cache = self.pointers.get("k_cache_ptr", self.pointers.get("k_out_ptr", ""))
         if cache.startswith("*fp8"):  # the kv_cache_dtype=fp8 specializations
             shown["cache"] = cache[1:]
+        if "maxnreg" in self.options:
+            shown["maxnreg"] = self.options["maxnreg"]
         return f"{self.kernel} {shown}" if shown else self.kernel
 
 
@@ -92,10 +97,10 @@ def cases() -> list[Case]:
                         {**_ptrs("bf16", "k_ptr", "v_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs("i64", "slot_ptr")}))
     out.append(Case("engine.kernels.silu_mul", "_silu_mul_kernel", dict(BLOCK=4096), _ptrs("bf16", "x_ptr", "out_ptr")))
-    for dtype, block_n, precision, splits, cache in (("bf16", 128, "tf32", 2, "bf16"), ("bf16", 128, "tf32", 1, "bf16"),
-                                                     ("bf16", 64, "tf32", 2, "bf16"), ("fp32", 64, "ieee", 2, "fp32"),
-                                                     ("bf16", 128, "tf32", 2, "fp8e4nv"),
-                                                     ("bf16", 128, "tf32", 1, "fp8e4nv")):
+    for dtype, block_n, precision, splits, cache, maxnreg in (
+            ("bf16", 128, "tf32", 2, "bf16", 0), ("bf16", 128, "tf32", 1, "bf16", 0), ("bf16", 64, "tf32", 2, "bf16", 0),
+            ("fp32", 64, "ieee", 2, "fp32", 0), ("bf16", 128, "tf32", 2, "fp8e4nv", 0),
+            ("bf16", 128, "tf32", 1, "fp8e4nv", 0), ("bf16", 128, "tf32", 1, "fp8e4nv", FP8_MAXNREG_PROBE)):
         # one split: the launch passes `out` in place of the fp32 scratch
         scratch = "fp32" if splits > 1 else dtype
         out.append(Case("engine.kernels.decode_attention", "_decode_split_kernel",
@@ -103,7 +108,7 @@ def cases() -> list[Case]:
                              NUM_SPLITS=splits, DOT_PRECISION=precision),
                         {**_ptrs(dtype, "q_ptr", "out_ptr"), **_ptrs(cache, "k_cache_ptr", "v_cache_ptr"),
                          **_ptrs(scratch, "acc_ptr", "lse_ptr"), **_ptrs("i32", "seq_lens_ptr", "block_tables_ptr")},
-                        _decode_options(cache), ATTENTION_DIVISIBLE))
+                        {**_decode_options(cache), **({"maxnreg": maxnreg} if maxnreg else {})}, ATTENTION_DIVISIBLE))
     for rotary, norm, merge, group, cache in ((True, True, True, 2, "bf16"), (True, False, False, 4, "bf16"),
                                               (False, False, True, 4, "bf16"), (True, True, True, 2, "fp8e4nv")):
         # the fused small-batch decode (fused_small_batch_rotary / _merge): Qwen3 and Llama-3 groups

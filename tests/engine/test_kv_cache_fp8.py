@@ -194,6 +194,29 @@ def test_decode_attention_over_an_fp8_cache(name, lens, hq, hkv, bs, splits, blo
     assert_close(out, cache_reference(c, 2.0, 0.25), c.valid, dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the interpreter ignores register caps")
+def test_decode_over_an_fp8_cache_under_a_register_cap_gpu(gen):
+    """The engine's fp8 tile (two K/V buffers) at 128-dim heads, with and without the register cap
+    that PERF row 45 times (DECODE_MAXNREG_FP8): both within the reference, bit-equal to each
+    other (a cap changes register allocation, not arithmetic)."""
+    from engine.kernels.decode_attention import DECODE_TILE_FP8
+
+    lens = [700, 129, 1, 2048, 333, 0, 1024, 64]
+    c = fp8_case([(n, 1) for n in lens], 16, 8, 128, 16, torch.bfloat16, torch.float8_e4m3fn, gen, (2.0, 0.25))
+    m = c.meta
+    store_kvcache(c.k, c.v, c.k_cache, c.v_cache, m.slot_mapping, k_scale=2.0, v_scale=0.25)
+    outs = []
+    for cap in (None, 168):
+        out = torch.full_like(c.q, float("nan"))
+        decode_attention(c.q, c.k_cache, c.v_cache, out, m.seq_lens, m.block_tables, c.scale, 1,
+                         block_n=DECODE_TILE_FP8[0], num_warps=DECODE_TILE_FP8[1], num_stages=DECODE_TILE_FP8[2],
+                         k_scale=2.0, v_scale=0.25, max_registers=cap)
+        assert_close(out, cache_reference(c, 2.0, 0.25), c.valid, torch.bfloat16)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False], ids=["qk_norm", "no_norm"])
 def test_fused_rotary_decode_stores_and_reads_fp8(dtype, norm, gen):

@@ -57,3 +57,26 @@ def test_kv_dtype_smoke_times_both_caches(tmp_path, monkeypatch):
     kinds = [r["kernel"] for r in rows]
     assert kinds.count("decode:model") == kinds.count("decode:fp8") == shapes * len(SMOKE.decode_tiles)
     assert all(float(r["rel_err"]) < 1e-5 for r in rows if r["kernel"].startswith("decode:fp8"))
+
+
+def test_kv_dtype_smoke_times_the_named_tiles(tmp_path, monkeypatch):
+    """--tiles replaces the plan's decode tiles, the first as the default; a fourth number is the
+    register cap, recorded as maxnreg (0: none)."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main(["--smoke", "--kv-dtype", "fp8", "--tiles", "32,4,5;16,4,2,128"]) == 0
+    with open(tmp_path / "bench_decode_kv_dtype.csv") as f:
+        rows = list(csv.DictReader(f))
+    tiles = {(r["block_n"], r["warps"], r["stages"], r["maxnreg"], r["default"]) for r in rows}
+    assert tiles == {("32", "4", "5", "0", "True"), ("16", "4", "2", "128", "False")}
+    assert all(float(r["rel_err"]) < 1e-5 for r in rows if r["kernel"] == "decode:fp8")
+
+
+@pytest.mark.parametrize("text", ["128,4", "100,4,2", "128,3,2", "128,4,0", "128,4,5,300", "a,b,c", ";"])
+def test_tiles_reject_what_cannot_compile(text):
+    from argparse import ArgumentTypeError
+
+    from harness.kernels.bench_decode import parse_tiles
+
+    with pytest.raises(ArgumentTypeError):
+        parse_tiles(text)
+    assert parse_tiles("128,4,5;128,4,5,168") == ((128, 4, 5), (128, 4, 5, 168))
