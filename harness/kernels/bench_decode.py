@@ -12,6 +12,8 @@ and longest first (the `order` the engine passes with one split), 3 rounds each 
 a prefix hit, a mixed step) at each large tile, the engine's default first.
 --kv-dtype fp8: decode on a bf16 cache and on an fp8 (e4m3) cache of the same values, same shapes:
 us, GB/s of KV read at each element size and the speedup (see kv_dtype_rows).
+--tiles '128,4,5;128,4,5,168': the decode tiles to time (BLOCK_N, warps, stages[, a register cap
+a thread]) instead of the plan's; tiles that do not fit shared memory are skipped in --kv-dtype.
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
 
 Decode bytes = K+V of every context token (Hkv x D x 2 B each) + q read + out written; split
@@ -229,13 +231,14 @@ def write_csv(rows: list[dict], name: str = "bench_decode.csv") -> None:
 LLAMA_TP_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), (128, 4, 3))
 
 
-def llama_tp_rows(plan: Plan, batches: tuple[int, ...], min_ctx: int, max_ctx: int) -> None:
+def llama_tp_rows(plan: Plan, batches: tuple[int, ...], min_ctx: int, max_ctx: int,
+                  tiles: tuple[Tile, ...] | None = None) -> None:
     """llama-3-8b's decode attention per rank at TP=1 (Hq 32, Hkv 8) and TP=2 (16, 4), context
     lengths spread like `harness.studies.throughput`'s mid-run batches (U[min_ctx, max_ctx]): us and GB/s over
     the K+V bytes for each split count and tile, to see whether TP's halved program count needs
     more splits (or deeper tiles) than the engine's defaults give."""
     rng = torch.Generator().manual_seed(0)
-    tiles = plan.decode_tiles if plan is SMOKE else LLAMA_TP_TILES
+    tiles = tiles or (plan.decode_tiles if plan is SMOKE else LLAMA_TP_TILES)
     for bsz in batches:
         ctx = torch.randint(min_ctx, max_ctx + 1, (bsz,), generator=rng).tolist()
         for heads in ((32, 8), (16, 4)):
@@ -483,11 +486,11 @@ def parse_tiles(text: str) -> tuple[Tile, ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = SMOKE if args.smoke else FULL
+    if args.llama_tp:  # * marks the split count the engine picks
+        llama_tp_rows(plan, *(((3,), 5, 40) if plan is SMOKE else ((48, 80, 128), 100, 1536)), tiles=args.tiles)
+        return 0
     if args.tiles:
         plan = replace(plan, decode_tiles=args.tiles)
-    if args.llama_tp:  # * marks the split count the engine picks
-        llama_tp_rows(plan, *(((3,), 5, 40) if plan is SMOKE else ((48, 80, 128), 100, 1536)))
-        return 0
     if args.fused:
         fused_rows(plan)
         return 0
