@@ -54,6 +54,11 @@ from tqdm.auto import tqdm
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.config_args import add_engine_args, engine_kwargs
 from engine.outputs import StepStats
+from harness.kernel_constants import (
+    add_kernel_constant_arg,
+    kernel_constants,
+    parse_kernel_constants,
+)
 from harness.metrics import latency_stats
 from harness.report import write_table
 from harness.roofline import measure_copy_bandwidth, weight_bytes
@@ -325,12 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true")
     add_engine_args(ap.add_argument_group("engine (EngineConfig fields, for every model)"),
                     skip=("model", "max_num_seqs", "max_model_len", "num_kv_blocks"))
+    add_kernel_constant_arg(ap)
     return ap
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, EngineConfig], dict[str, Any]]:
-    """The arguments, each model's config (before sizing) and the engine kwargs; bad input is a
-    usage error."""
+    """The arguments (args.kernel_constant parsed into a dict), each model's config (before
+    sizing) and the engine kwargs; bad input is a usage error."""
     ap = build_parser()
     args = ap.parse_args(argv)
     if min(args.steps, args.ttft_requests, args.prompt_len) < 1 or args.warmup_steps < 0:
@@ -338,6 +344,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, EngineC
     try:
         kwargs = engine_kwargs(args)
         configs = {m.strip(): EngineConfig(model=m.strip(), **kwargs) for m in args.model.split(",") if m.strip()}
+        args.kernel_constant = parse_kernel_constants(args.kernel_constant)
     except ValueError as e:
         ap.error(str(e))
     if not configs:
@@ -396,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     points, ttft_rows, ttft = [], [], {}
     with tqdm(total=sum(len(ps) + 1 for ps in plans.values()), desc="latency", unit="point",
-              disable=args.no_progress) as bar:
+              disable=args.no_progress) as bar, kernel_constants(args.kernel_constant):
         for model, cfg in configs.items():
             rows, requests, ttft[model] = run_model(cfg, kwargs, plans[model], args, bandwidth, bar)
             points += rows
@@ -404,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     actual = time.perf_counter() - t0
     config = {"models": list(configs), "batch": args.batch, "context": args.context, "steps": args.steps,
               "warmup_steps": args.warmup_steps, "ttft_requests": args.ttft_requests, "prompt_len": args.prompt_len,
-              "engine_args": kwargs, "device": device,
+              "engine_args": kwargs, "kernel_constants": args.kernel_constant, "device": device,
               "device_name": torch.cuda.get_device_name(device) if first.device_type == "cuda" else "cpu"}
     result = {"config": config, "copy_bandwidth_bytes_per_s": bandwidth, "kv_budget_bytes": budgets,
               "estimated_s": estimate, "actual_s": actual, "points": points, "ttft": ttft}

@@ -38,6 +38,12 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.config import ATTENTION_BACKENDS
 from engine.config_args import add_engine_args, engine_kwargs
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
+from harness.kernel_constants import (
+    add_kernel_constant_arg,
+    check_single_process,
+    kernel_constants,
+    parse_kernel_constants,
+)
 from harness.kernels.jit_watch import watch_jit
 from harness.roofline import Flops, request_flops
 from harness.studies import write_result
@@ -221,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(ap.add_argument_group("engine (EngineConfig fields)"),
                     defaults={"model": "qwen3-0.6b" if cuda else "tiny"}, skip=("attention_backend",),
                     spellings={"scheduling_policy": ("--scheduling-policy", "--policy")})
+    add_kernel_constant_arg(ap)
     return ap
 
 
@@ -265,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kwargs = engine_kwargs(args)
         backends = parse_backends(args.attention_backend)
+        constants = parse_kernel_constants(args.kernel_constant)
+        check_single_process(constants, kwargs)
     except ValueError as e:
         ap.error(str(e))
     if args.repeat < 1:
@@ -275,12 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     # the headline rate: prompt tokens for the prefill workload, output tokens for bench
     rate = "prompt_tok_s" if args.workload == "prefill" else "engine_tok_s"
     runs = {}
-    for backend in backends:
-        runs[backend] = run = run_backend(kwargs, backend, args, sizes, rate)
-        print(describe(backend, run), flush=True)
+    with kernel_constants(constants):
+        for backend in backends:
+            runs[backend] = run = run_backend(kwargs, backend, args, sizes, rate)
+            print(describe(backend, run), flush=True)
     first = runs[backends[0]]
     result = first if len(runs) == 1 else {"workload": args.workload, "runs": runs, "ratio_vs_first": {
         b: round(r[rate] / first[rate], 3) for b, r in runs.items()}}
+    if constants:
+        result["kernel_constants"] = constants
     for b in backends[1:]:
         print(f"{b} / {backends[0]}: {rate} {result['ratio_vs_first'][b]:.3f}x")
     if args.hf:

@@ -1,0 +1,79 @@
+"""`--kernel-constant MODULE.NAME=VALUE` (harness/kernel_constants.py): parsing against the
+module it names, set for a block and restored, and in the studies: recorded in the result, in
+effect during the run (the Triton backend in the interpreter), refused under tensor parallelism.
+Run: pytest tests/harness/test_kernel_constants.py"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+from engine.config_args import UsageError
+from harness.kernel_constants import kernel_constants, parse_kernel_constants
+
+DA = "engine.kernels.decode_attention"
+decode_module = importlib.import_module(DA)  # engine.kernels exports a function of the same name
+
+
+def test_parse_names_values_and_kinds():
+    got = parse_kernel_constants(["decode_attention.DECODE_TILE_FP8=128,4,7", "decode_attention.DECODE_MAXNREG_FP8=168",
+                                  "engine.attention.triton_backend.MIN_SCRATCH_SEQS = 32",
+                                  "decode_attention.TILE_SMEM_BYTES=131072"])
+    assert got == {f"{DA}.DECODE_TILE_FP8": (128, 4, 7), f"{DA}.DECODE_MAXNREG_FP8": 168,
+                   "engine.attention.triton_backend.MIN_SCRATCH_SEQS": 32, f"{DA}.TILE_SMEM_BYTES": 131072}
+    assert parse_kernel_constants(["decode_attention.DECODE_MAXNREG_FP8=None"]) == {f"{DA}.DECODE_MAXNREG_FP8": None}
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("decode_attention.DECODE_TILE_FP8", "MODULE.NAME=VALUE"),
+    ("DECODE_TILE_FP8=1", "MODULE.NAME=VALUE"),
+    ("no_such_kernel.X=1", "no module engine.kernels.no_such_kernel"),
+    ("decode_attention.NOPE=1", "has no constant NOPE; it has"),
+    ("decode_attention.decode_attention=1", "has no constant decode_attention"),
+    ("decode_attention.DECODE_MAXNREG_FP8=abc", "not a Python literal"),
+    ("decode_attention.DECODE_TILE_FP8='128,4,5'", "is a str"),
+    ("decode_attention.DECODE_TILE_FP8=128,4", "has 2 fields"),
+    ("decode_attention.TARGET_PROGRAMS_PER_SM=True", "is a bool"),
+])
+def test_parse_rejects_what_is_not_a_constant_of_its_kind(pair, message):
+    with pytest.raises(UsageError, match=message):
+        parse_kernel_constants([pair])
+
+
+def test_constants_are_set_in_the_block_and_restored_after_an_error():
+    before = decode_module.DECODE_TILE_FP8
+    with pytest.raises(RuntimeError):
+        with kernel_constants({f"{DA}.DECODE_TILE_FP8": (64, 4, 6)}):
+            assert decode_module.DECODE_TILE_FP8 == (64, 4, 6)
+            raise RuntimeError("the run failed")
+    assert decode_module.DECODE_TILE_FP8 == before
+
+
+def test_throughput_records_the_constants_and_runs_under_them(tmp_path):
+    """The Triton backend on the CPU (interpreter): a decode tile of 16 keys, recorded in the
+    result; then an impossible tile (17 keys) makes the same run fail, so the value was in force."""
+    from harness.studies import throughput
+
+    argv = ["--num-seqs", "1", "--max-input-len", "100", "--max-output-len", "100", "--no-detokenize",
+            "--attention-backend", "triton"]
+    out = tmp_path / "t.json"
+    before = decode_module.DECODE_TILE
+    assert throughput.main(argv + ["--kernel-constant", "decode_attention.DECODE_TILE=16,4,2",
+                                   "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["kernel_constants"] == {f"{DA}.DECODE_TILE": [16, 4, 2]}
+    with pytest.raises(Exception, match="power of 2|power of two"):
+        throughput.main(argv + ["--kernel-constant", "decode_attention.DECODE_TILE=17,4,2"])
+    assert decode_module.DECODE_TILE == before
+
+
+def test_studies_refuse_constants_they_cannot_apply(capsys):
+    from harness.studies import throughput
+
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--tensor-parallel-size", "2", "--kernel-constant", "decode_attention.DECODE_MAXNREG_FP8=168"])
+    assert exc.value.code == 2 and "tensor-parallel workers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--kernel-constant", "decode_attention.NOPE=1"])
+    assert exc.value.code == 2 and "has no constant NOPE" in capsys.readouterr().err
