@@ -77,3 +77,13 @@ def test_studies_refuse_constants_they_cannot_apply(capsys):
     with pytest.raises(SystemExit) as exc:
         throughput.main(["--kernel-constant", "decode_attention.NOPE=1"])
     assert exc.value.code == 2 and "has no constant NOPE" in capsys.readouterr().err
+
+
+def test_latency_study_parses_them_for_its_run(capsys):
+    from harness.studies import latency
+
+    args, _, _ = latency.parse(["--kernel-constant", "decode_attention.TARGET_PROGRAMS_PER_SM=8"])
+    assert args.kernel_constant == {f"{DA}.TARGET_PROGRAMS_PER_SM": 8}
+    with pytest.raises(SystemExit):
+        latency.parse(["--kernel-constant", "decode_attention.TARGET_PROGRAMS_PER_SM=8.5"])
+    assert "is a float" in capsys.readouterr().err
