@@ -23,6 +23,15 @@ Every other EngineConfig field is a flag (`--enforce-eager`, `--tensor-parallel-
 `--engine-arg KEY=VALUE`); `--policy` is `--scheduling-policy`. `python -m
 harness.studies.throughput` is the same command. Output is detokenized incrementally (as
 `LLM.generate` does) unless --no-detokenize.
+
+An A/B of a kernel tuning constant in one call (harness/kernel_constants.py): `--ab
+MODULE.NAME=VALUE` (repeatable) is the variant; the baseline is the code as it is (with any
+--kernel-constant). Each of --rounds rounds runs a fresh baseline engine, then a fresh variant
+engine, --repeat seeds each; printed and in the JSON: the variant's wall time over the baseline's
+for every seed of every round (< 1: the variant is faster) and their median.
+
+    llmbench studies throughput --model qwen3-0.6b --kv-cache-dtype fp8 --repeat 3 --rounds 2 \
+        --ab decode_attention.DECODE_MAXNREG_FP8=168
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 
 import torch
@@ -228,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                     defaults={"model": "qwen3-0.6b" if cuda else "tiny"}, skip=("attention_backend",),
                     spellings={"scheduling_policy": ("--scheduling-policy", "--policy")})
     add_kernel_constant_arg(ap)
+    ap.add_argument("--ab", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="an A/B: the variant's kernel constants (repeatable), against the code as it is")
+    ap.add_argument("--rounds", type=int, default=1, help="--ab: baseline-then-variant rounds (default 1)")
     return ap
 
 
@@ -266,6 +279,25 @@ def hf_baseline(kwargs: dict, args: argparse.Namespace, sizes: tuple[int, int, i
             "hf_prompt_tok_s": round(prompt_tokens / hf_s, 1)}
 
 
+def run_ab(kwargs: dict, backend: str, args: argparse.Namespace, sizes: tuple[int, int, int], rate: str,
+           constants: dict, variant: dict) -> dict:
+    """args.rounds rounds of (baseline, variant), a fresh engine each; per-seed wall-time ratios."""
+    arms: dict[str, list[dict]] = {"baseline": [], "variant": []}
+    for i in range(args.rounds):
+        for arm, extra in (("baseline", {}), ("variant", variant)):
+            with kernel_constants({**constants, **extra}):
+                run = run_backend(kwargs, backend, args, sizes, rate)
+            arms[arm].append(run)
+            print(f"round {i + 1} {arm}: {describe(backend, run)}", flush=True)
+    ratios = [v / b for base, var in zip(arms["baseline"], arms["variant"])
+              for b, v in zip(base["engine_s_runs"], var["engine_s_runs"])]
+    median = statistics.median(ratios)
+    print(f"variant {variant} / baseline, wall time per seed: {' '.join(f'{r:.3f}' for r in ratios)}; "
+          f"median {median:.3f} (< 1: the variant is faster)")
+    return {"workload": args.workload, "ab": {"variant": variant, "rounds": args.rounds}, **arms,
+            "time_ratio_per_seed": [round(r, 4) for r in ratios], "time_ratio_median": round(median, 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -273,16 +305,25 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = engine_kwargs(args)
         backends = parse_backends(args.attention_backend)
         constants = parse_kernel_constants(args.kernel_constant)
-        check_single_process(constants, kwargs)
+        variant = parse_kernel_constants(args.ab)
+        check_single_process({**constants, **variant}, kwargs)
     except ValueError as e:
         ap.error(str(e))
-    if args.repeat < 1:
-        ap.error("--repeat must be >= 1")
+    if args.repeat < 1 or args.rounds < 1:
+        ap.error("--repeat and --rounds must be >= 1")
+    if variant and (len(backends) > 1 or args.hf):
+        ap.error("--ab compares one backend with itself: not with several --attention-backend values or --hf")
     defaults = WORKLOADS[args.workload][torch.cuda.is_available()]
     sizes = tuple(d if v is None else v for v, d in zip((args.num_seqs, args.max_input_len, args.max_output_len),
                                                          defaults))
     # the headline rate: prompt tokens for the prefill workload, output tokens for bench
     rate = "prompt_tok_s" if args.workload == "prefill" else "engine_tok_s"
+    if variant:
+        result = run_ab(kwargs, backends[0], args, sizes, rate, constants, variant)
+        result["kernel_constants"] = constants
+        print(json.dumps(result))
+        write_result(args.json, result)
+        return 0
     runs = {}
     with kernel_constants(constants):
         for backend in backends:

@@ -87,3 +87,39 @@ def test_latency_study_parses_them_for_its_run(capsys):
     with pytest.raises(SystemExit):
         latency.parse(["--kernel-constant", "decode_attention.TARGET_PROGRAMS_PER_SM=8.5"])
     assert "is a float" in capsys.readouterr().err
+
+
+def test_throughput_ab_alternates_fresh_engines_and_reports_per_seed_ratios(tmp_path, capsys):
+    """--ab with --rounds 2 --repeat 2: baseline then variant, twice, a fresh engine each; four
+    per-seed wall-time ratios (variant / baseline, round by round, seed by seed) and their median;
+    the constant is back to its value afterwards."""
+    from harness.studies import throughput
+
+    out = tmp_path / "ab.json"
+    before = decode_module.TARGET_PROGRAMS_PER_SM
+    assert throughput.main(["--workload", "prefill", "--num-seqs", "2", "--max-input-len", "40", "--repeat", "2",
+                            "--rounds", "2", "--ab", "decode_attention.TARGET_PROGRAMS_PER_SM=8",
+                            "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ab"] == {"variant": {f"{DA}.TARGET_PROGRAMS_PER_SM": 8}, "rounds": 2}
+    assert len(r["baseline"]) == len(r["variant"]) == 2
+    want = [v / b for base, var in zip(r["baseline"], r["variant"])
+            for b, v in zip(base["engine_s_runs"], var["engine_s_runs"])]
+    assert r["time_ratio_per_seed"] == pytest.approx(want, abs=1e-4) and len(want) == 4
+    assert r["time_ratio_median"] == pytest.approx(sorted(want)[1] / 2 + sorted(want)[2] / 2, abs=1e-4)
+    printed = capsys.readouterr().out
+    assert printed.count("round 1 ") == 2 and "round 2 variant" in printed
+    assert decode_module.TARGET_PROGRAMS_PER_SM == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attention-backend", "torch,auto"], "one backend"),
+    (["--hf"], "one backend"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_throughput_ab_usage_errors(extra, message, capsys):
+    from harness.studies import throughput
+
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--ab", "decode_attention.TARGET_PROGRAMS_PER_SM=8", *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
