@@ -13,7 +13,8 @@ a prefix hit, a mixed step) at each large tile, the engine's default first.
 --kv-dtype fp8: decode on a bf16 cache and on an fp8 (e4m3) cache of the same values, same shapes:
 us, GB/s of KV read at each element size and the speedup (see kv_dtype_rows).
 --tiles '128,4,5;128,4,5,168': the decode tiles to time (BLOCK_N, warps, stages[, a register cap
-a thread]) instead of the plan's; tiles that do not fit shared memory are skipped in --kv-dtype.
+a thread]) instead of the plan's (the default mode, --kv-dtype, --llama-tp; --ragged: each at the
+engine's split count and order); tiles that do not fit shared memory are skipped in --kv-dtype.
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
 
 Decode bytes = K+V of every context token (Hkv x D x 2 B each) + q read + out written; split
@@ -64,6 +65,7 @@ class Plan:
     decode_tiles: tuple[Tile, ...]  # the first is the default
     prefill_cfgs: tuple[Cfg, ...]  # the first is the default
     prefill: Prefill
+    smoke: bool = False  # tiny shapes for the interpreter: every mode scales itself down
 
 
 def bench_prompt_lens(n: int = 14, seed: int = 0) -> list[int]:
@@ -85,7 +87,7 @@ FULL = Plan(
 SMOKE = Plan(  # checks the script itself in the interpreter: tiny shapes, fp32
     "cuda" if torch.cuda.is_available() else "cpu", torch.float32, (1, 3), (40,), (16,),
     ((64, 4, 2), (32, 4, 2)), ((32, 32, 4, 2),),
-    {"prefill_2x20": ([20, 33], [20, 33]), "mixed": ([30, 40], [1, 20])},
+    {"prefill_2x20": ([20, 33], [20, 33]), "mixed": ([30, 40], [1, 20])}, smoke=True,
 )
 
 
@@ -238,7 +240,7 @@ def llama_tp_rows(plan: Plan, batches: tuple[int, ...], min_ctx: int, max_ctx: i
     the K+V bytes for each split count and tile, to see whether TP's halved program count needs
     more splits (or deeper tiles) than the engine's defaults give."""
     rng = torch.Generator().manual_seed(0)
-    tiles = tiles or (plan.decode_tiles if plan is SMOKE else LLAMA_TP_TILES)
+    tiles = tiles or (plan.decode_tiles if plan.smoke else LLAMA_TP_TILES)
     for bsz in batches:
         ctx = torch.randint(min_ctx, max_ctx + 1, (bsz,), generator=rng).tolist()
         for heads in ((32, 8), (16, 4)):
@@ -303,7 +305,7 @@ def fused_rows(plan: Plan) -> None:
     from engine.layers.norm import RMSNorm
     from engine.layers.rotary import RotaryEmbedding
 
-    layers, batches, contexts = (2, (1, 3), (40,)) if plan is SMOKE else (28, (1, 4, 16), (512, 4096))
+    layers, batches, contexts = (2, (1, 3), (40,)) if plan.smoke else (28, (1, 4, 16), (512, 4096))
     norm = RMSNorm(D).to(plan.device, plan.dtype)
     rotary = RotaryEmbedding(D, 8192, 1e6).to(plan.device).prologue(None, norm, norm)
     for heads in ((16, 8), (32, 8)):
@@ -384,17 +386,18 @@ def kv_dtype_rows(plan: Plan, cache_dtype: torch.dtype, copy_gbs: float) -> list
     return rows
 
 
-def ragged_rows(plan: Plan, copy_gbs: float, rounds: int = 3) -> list[dict]:
+def ragged_rows(plan: Plan, copy_gbs: float, rounds: int = 3, tiles: tuple[Tile, ...] | None = None) -> list[dict]:
     """Decode over bench-like mixed lengths (prompt U[100,1024] + output so far U[0,1024]) at
     1-16 splits, programs launched in batch order and longest first (`order`). `engine` marks
     what the engine runs: its split count for the batch (hint 4,096), longest first with one
     split only. Every variant of a batch is timed `rounds` times, round-robin (one launch variant
     timed 62 and 125 us in two calls at 32 sequences, PERF row 32: the spread is part of the
-    result)."""
+    result). `tiles`: instead, each tile at what the engine runs (the uniform-length --kv-dtype
+    table chose bf16 tiles that were slower in the engine, PERF rows 38 and 44b)."""
     rows, gen = [], torch.Generator().manual_seed(0)
-    batches = (2, 5) if plan is SMOKE else (16, 32, 64, 96, 128, 192, 256)
+    batches = (2, 5) if plan.smoke else (16, 32, 64, 96, 128, 192, 256)
     for bsz in batches:
-        lo, hi = (1, 24) if plan is SMOKE else (100, 1024)
+        lo, hi = (1, 24) if plan.smoke else (100, 1024)
         lens = torch.randint(lo, hi + 1, (bsz,), generator=gen) + torch.randint(0, hi + 1, (bsz,), generator=gen)
         b = make_batch(plan, lens.tolist(), [1] * bsz, 16)
         auto = choose_num_splits(bsz, HKV, 4096)
@@ -402,8 +405,11 @@ def ragged_rows(plan: Plan, copy_gbs: float, rounds: int = 3) -> list[dict]:
         order = torch.argsort(b.meta.seq_lens, descending=True, stable=True).to(torch.int32)
         nbytes = int(lens.sum()) * HKV * D * 2 * b.q.element_size()
         out = torch.empty_like(b.q)
-        variants = [(sp, o) for sp in sorted({1, auto} if plan is SMOKE else {1, 2, 4, 8, 16, auto})
-                    for o in (False, True)]
+        if tiles:
+            variants = [(auto, auto == 1, tile) for tile in tiles]
+        else:
+            variants = [(sp, o, None) for sp in sorted({1, auto} if plan.smoke else {1, 2, 4, 8, 16, auto})
+                        for o in (False, True)]
         runs, errs = {v: [] for v in variants}, {}
         for v in variants:
             out.fill_(float("nan"))
@@ -412,22 +418,24 @@ def ragged_rows(plan: Plan, copy_gbs: float, rounds: int = 3) -> list[dict]:
         for _ in range(rounds):
             for v in variants:
                 runs[v].append(bench_ms(_ragged_run(b, out, v, scratch, order), plan) * 1e3)
-        for (splits, ordered), us in runs.items():
+        for (splits, ordered, tile), us in runs.items():
             med = sorted(us)[len(us) // 2]
             engine = splits == auto and ordered == (splits == 1)
-            rows.append(dict(kernel="decode:ragged", B=bsz, splits=splits, ordered=ordered, engine=engine,
+            name = ",".join(map(str, tile)) if tile else "default"
+            rows.append(dict(kernel="decode:ragged", B=bsz, splits=splits, ordered=ordered, engine=engine, tile=name,
                              us=med, us_min=min(us), us_max=max(us), GBps=nbytes / med / 1e3,
-                             frac_copy=nbytes / med / 1e3 / copy_gbs, rel_err=errs[(splits, ordered)]))
-            print(f"ragged B{bsz} sp{splits} {'longest first' if ordered else 'batch order':13} {med:8.1f} us "
-                  f"({min(us):.1f}-{max(us):.1f}) {100 * nbytes / med / 1e3 / copy_gbs:5.1f}% of copy, "
-                  f"err {errs[(splits, ordered)]:.1e}" + (" (engine)" if engine else ""), flush=True)
+                             frac_copy=nbytes / med / 1e3 / copy_gbs, rel_err=errs[(splits, ordered, tile)]))
+            print(f"ragged B{bsz} sp{splits} {'longest first' if ordered else 'batch order':13} tile {name:12} "
+                  f"{med:8.1f} us ({min(us):.1f}-{max(us):.1f}) {100 * nbytes / med / 1e3 / copy_gbs:5.1f}% of copy, "
+                  f"err {errs[(splits, ordered, tile)]:.1e}" + (" (engine)" if engine else ""), flush=True)
     return rows
 
 
-def _ragged_run(b: Batch, out: torch.Tensor, variant: tuple[int, bool], scratch, order: torch.Tensor):
-    splits, ordered = variant
+def _ragged_run(b: Batch, out: torch.Tensor, variant: tuple[int, bool, Tile | None], scratch, order: torch.Tensor):
+    splits, ordered, tile = variant
     return partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens, b.meta.block_tables,
-                   D ** -0.5, splits, scratch, check=False, order=order if ordered else None)
+                   D ** -0.5, splits, scratch, check=False, order=order if ordered else None,
+                   **(tile_args(tile) if tile else {}))
 
 
 def print_kv_table(rows: list[dict]) -> None:
@@ -484,10 +492,13 @@ def parse_tiles(text: str) -> tuple[Tile, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.tiles and (args.fused or args.prefill):
+        ap.error("--tiles names decode tiles: not for --fused or --prefill")
     plan = SMOKE if args.smoke else FULL
     if args.llama_tp:  # * marks the split count the engine picks
-        llama_tp_rows(plan, *(((3,), 5, 40) if plan is SMOKE else ((48, 80, 128), 100, 1536)), tiles=args.tiles)
+        llama_tp_rows(plan, *(((3,), 5, 40) if plan.smoke else ((48, 80, 128), 100, 1536)), tiles=args.tiles)
         return 0
     if args.tiles:
         plan = replace(plan, decode_tiles=args.tiles)
@@ -502,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
     print(f"{name}: copy {copy_gbs:.0f} GB/s, {plan.dtype}", flush=True)
     if args.ragged:
-        write_csv(ragged_rows(plan, copy_gbs, 2 if plan is SMOKE else 3), "bench_decode_ragged.csv")
+        write_csv(ragged_rows(plan, copy_gbs, 2 if plan.smoke else 3, args.tiles), "bench_decode_ragged.csv")
         return 0
     if args.kv_dtype:
         rows = kv_dtype_rows(plan, KV_CACHE_DTYPES[args.kv_dtype], copy_gbs)

@@ -80,3 +80,19 @@ def test_tiles_reject_what_cannot_compile(text):
     with pytest.raises(ArgumentTypeError):
         parse_tiles(text)
     assert parse_tiles("128,4,5;128,4,5,168") == ((128, 4, 5), (128, 4, 5, 168))
+
+
+def test_ragged_smoke_times_named_tiles_as_the_engine_runs_them(tmp_path, monkeypatch):
+    """--ragged --tiles: every batch once a tile, at the engine's split count and order."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main(["--smoke", "--ragged", "--tiles", "32,4,3;16,4,2"]) == 0
+    with open(tmp_path / "bench_decode_ragged.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["tile"] for r in rows] == ["32,4,3", "16,4,2"] * 2  # the smoke plan's two batches
+    assert all(r["engine"] == "True" and float(r["rel_err"]) < 1e-5 for r in rows)
+
+
+def test_tiles_are_refused_where_no_decode_tile_is_timed(capsys):
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--prefill", "--tiles", "32,4,2"])
+    assert "not for --fused or --prefill" in capsys.readouterr().err
