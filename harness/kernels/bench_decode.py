@@ -15,6 +15,7 @@ us, GB/s of KV read at each element size and the speedup (see kv_dtype_rows).
 --tiles '128,4,5;128,4,5,168': the decode tiles to time (BLOCK_N, warps, stages[, a register cap
 a thread]) instead of the plan's (the default mode, --kv-dtype, --llama-tp; --ragged: each at the
 engine's split count and order); tiles that do not fit shared memory are skipped in --kv-dtype.
+--ragged --kv-dtype fp8: the mixed-length cases over an fp8 cache.
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
 
 Decode bytes = K+V of every context token (Hkv x D x 2 B each) + q read + out written; split
@@ -349,6 +350,15 @@ def _graph_us(fn, plan: Plan, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def in_cache_dtype(b: Batch, cache_dtype: torch.dtype) -> Batch:
+    """The batch with its caches cast to an 8-bit cache_dtype (scales 1.0) and its reference over
+    what they dequantize to."""
+    k, v = b.k_cache.to(cache_dtype), b.v_cache.to(cache_dtype)
+    ref = paged_attention_ref(b.q.float(), *(dequantize_ref(c, 1.0, torch.float32) for c in (k, v)), b.meta,
+                              D ** -0.5)
+    return replace(b, k_cache=k, v_cache=v, ref=ref)
+
+
 def kv_dtype_rows(plan: Plan, cache_dtype: torch.dtype, copy_gbs: float) -> list[dict]:
     """Split-K decode (bs 16, auto splits) over a model-dtype cache and over the same values in
     cache_dtype (EngineConfig.kv_cache_dtype="fp8"), for every decode tile: GB/s counts K+V at each
@@ -359,13 +369,11 @@ def kv_dtype_rows(plan: Plan, cache_dtype: torch.dtype, copy_gbs: float) -> list
     for bsz in plan.batches:
         for ctx in plan.contexts:
             b = make_batch(plan, [ctx] * bsz, [1] * bsz, 16)
-            fp8 = b.k_cache.to(cache_dtype), b.v_cache.to(cache_dtype)
-            fp8_ref = paged_attention_ref(b.q.float(), *(dequantize_ref(c, 1.0, torch.float32) for c in fp8), b.meta,
-                                          D ** -0.5)
+            f = in_cache_dtype(b, cache_dtype)
             splits = choose_num_splits(bsz, HKV, ctx)
             scratch = alloc_decode_scratch(bsz, HQ, D, plan.device)
             out = torch.empty_like(b.q)
-            for name, (kc, vc), ref in (("model", (b.k_cache, b.v_cache), b.ref), ("fp8", fp8, fp8_ref)):
+            for name, (kc, vc), ref in (("model", (b.k_cache, b.v_cache), b.ref), ("fp8", (f.k_cache, f.v_cache), f.ref)):
                 nbytes = bsz * ctx * HKV * D * 2 * kc.element_size()
                 for i, tile in enumerate(plan.decode_tiles):
                     run = partial(decode_attention, b.q, kc, vc, out, b.meta.seq_lens, b.meta.block_tables, D ** -0.5,
@@ -386,24 +394,27 @@ def kv_dtype_rows(plan: Plan, cache_dtype: torch.dtype, copy_gbs: float) -> list
     return rows
 
 
-def ragged_rows(plan: Plan, copy_gbs: float, rounds: int = 3, tiles: tuple[Tile, ...] | None = None) -> list[dict]:
+def ragged_rows(plan: Plan, copy_gbs: float, rounds: int = 3, tiles: tuple[Tile, ...] | None = None,
+                cache_dtype: torch.dtype | None = None) -> list[dict]:
     """Decode over bench-like mixed lengths (prompt U[100,1024] + output so far U[0,1024]) at
     1-16 splits, programs launched in batch order and longest first (`order`). `engine` marks
     what the engine runs: its split count for the batch (hint 4,096), longest first with one
     split only. Every variant of a batch is timed `rounds` times, round-robin (one launch variant
     timed 62 and 125 us in two calls at 32 sequences, PERF row 32: the spread is part of the
     result). `tiles`: instead, each tile at what the engine runs (the uniform-length --kv-dtype
-    table chose bf16 tiles that were slower in the engine, PERF rows 38 and 44b)."""
+    table chose bf16 tiles that were slower in the engine, PERF rows 38 and 44b). `cache_dtype`:
+    over an 8-bit cache of the same values (GB/s at its element size)."""
     rows, gen = [], torch.Generator().manual_seed(0)
     batches = (2, 5) if plan.smoke else (16, 32, 64, 96, 128, 192, 256)
     for bsz in batches:
         lo, hi = (1, 24) if plan.smoke else (100, 1024)
         lens = torch.randint(lo, hi + 1, (bsz,), generator=gen) + torch.randint(0, hi + 1, (bsz,), generator=gen)
         b = make_batch(plan, lens.tolist(), [1] * bsz, 16)
+        b = in_cache_dtype(b, cache_dtype) if cache_dtype else b
         auto = choose_num_splits(bsz, HKV, 4096)
         scratch = alloc_decode_scratch(bsz, HQ, D, plan.device)
         order = torch.argsort(b.meta.seq_lens, descending=True, stable=True).to(torch.int32)
-        nbytes = int(lens.sum()) * HKV * D * 2 * b.q.element_size()
+        nbytes = int(lens.sum()) * HKV * D * 2 * b.k_cache.element_size()
         out = torch.empty_like(b.q)
         if tiles:
             variants = [(auto, auto == 1, tile) for tile in tiles]
@@ -422,7 +433,8 @@ def ragged_rows(plan: Plan, copy_gbs: float, rounds: int = 3, tiles: tuple[Tile,
             med = sorted(us)[len(us) // 2]
             engine = splits == auto and ordered == (splits == 1)
             name = ",".join(map(str, tile)) if tile else "default"
-            rows.append(dict(kernel="decode:ragged", B=bsz, splits=splits, ordered=ordered, engine=engine, tile=name,
+            rows.append(dict(kernel="decode:ragged", B=bsz, cache=str(b.k_cache.dtype).removeprefix("torch."),
+                             splits=splits, ordered=ordered, engine=engine, tile=name,
                              us=med, us_min=min(us), us_max=max(us), GBps=nbytes / med / 1e3,
                              frac_copy=nbytes / med / 1e3 / copy_gbs, rel_err=errs[(splits, ordered, tile)]))
             print(f"ragged B{bsz} sp{splits} {'longest first' if ordered else 'batch order':13} tile {name:12} "
@@ -513,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
     print(f"{name}: copy {copy_gbs:.0f} GB/s, {plan.dtype}", flush=True)
     if args.ragged:
-        write_csv(ragged_rows(plan, copy_gbs, 2 if plan.smoke else 3, args.tiles), "bench_decode_ragged.csv")
+        write_csv(ragged_rows(plan, copy_gbs, 2 if plan.smoke else 3, args.tiles,
+                              KV_CACHE_DTYPES[args.kv_dtype] if args.kv_dtype else None), "bench_decode_ragged.csv")
         return 0
     if args.kv_dtype:
         rows = kv_dtype_rows(plan, KV_CACHE_DTYPES[args.kv_dtype], copy_gbs)

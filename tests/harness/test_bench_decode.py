@@ -82,14 +82,17 @@ def test_tiles_reject_what_cannot_compile(text):
     assert parse_tiles("128,4,5;128,4,5,168") == ((128, 4, 5), (128, 4, 5, 168))
 
 
-def test_ragged_smoke_times_named_tiles_as_the_engine_runs_them(tmp_path, monkeypatch):
-    """--ragged --tiles: every batch once a tile, at the engine's split count and order."""
+@pytest.mark.parametrize("kv_dtype", [None, "fp8"])
+def test_ragged_smoke_times_named_tiles_as_the_engine_runs_them(tmp_path, monkeypatch, kv_dtype):
+    """--ragged --tiles [--kv-dtype fp8]: every batch once a tile, at the engine's split count and
+    order, within the reference over the cache it read."""
     monkeypatch.setenv("OUT", str(tmp_path))
-    assert main(["--smoke", "--ragged", "--tiles", "32,4,3;16,4,2"]) == 0
+    assert main(["--smoke", "--ragged", "--tiles", "32,4,3;16,4,2"] + (["--kv-dtype", kv_dtype] if kv_dtype else [])) == 0
     with open(tmp_path / "bench_decode_ragged.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["tile"] for r in rows] == ["32,4,3", "16,4,2"] * 2  # the smoke plan's two batches
     assert all(r["engine"] == "True" and float(r["rel_err"]) < 1e-5 for r in rows)
+    assert {r["cache"] for r in rows} == {"float8_e4m3fn" if kv_dtype else "float32"}
 
 
 def test_tiles_are_refused_where_no_decode_tile_is_timed(capsys):
