@@ -90,11 +90,16 @@ def kernel_constants(overrides: Mapping[str, Any]) -> Iterator[None]:
             setattr(module, const, old)
 
 
-def add_kernel_constant_arg(parser) -> None:
+def add_kernel_constant_args(parser, compared: str) -> None:
+    """--kernel-constant, and the A/B flags --ab / --rounds; `compared`: what the A/B reports."""
     parser.add_argument(FLAG, action="append", default=[], metavar="MODULE.NAME=VALUE",
                         help="set a kernel module's tuning constant for this run (A/B without a code change), "
                              "e.g. decode_attention.DECODE_MAXNREG_FP8=168; repeatable; this process only, so "
                              "not with tensor parallelism (see harness/kernel_constants.py)")
+    parser.add_argument("--ab", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                        help=f"an A/B: the variant's kernel constants (repeatable), run after the code as it is, "
+                             f"--rounds times, fresh engines each; reports {compared}")
+    parser.add_argument("--rounds", type=int, default=1, help="--ab: baseline-then-variant rounds (default 1)")
 
 
 def check_single_process(overrides: Mapping[str, Any], engine_kwargs: Mapping[str, Any]) -> None:

@@ -36,12 +36,19 @@ GPU, and (CUDA) the prefill step's kernel time, from torch.profiler on one more 
 Writes OUT/latency.json (everything), OUT/table.md (the points and TTFT as Markdown tables),
 OUT/points.parquet (a row per point) and OUT/ttft.parquet (a row per TTFT request), with the
 run's metadata.
+
+An A/B of a kernel tuning constant (harness/kernel_constants.py): `--ab MODULE.NAME=VALUE`
+(repeatable) is the variant; every model runs as the code is, then with it, --rounds times (fresh
+engines each pass), rows and TTFT labelled by pass (`arm`: 'baseline 1', 'variant 1', ...), and
+per point the variant's median TPOT over the rounds divided by the baseline's is printed and
+written (`ab.tpot_ratio`). `--kernel-constant` sets constants for every pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +62,7 @@ from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.config_args import add_engine_args, engine_kwargs
 from engine.outputs import StepStats
 from harness.kernel_constants import (
-    add_kernel_constant_arg,
+    add_kernel_constant_args,
     kernel_constants,
     parse_kernel_constants,
 )
@@ -267,7 +274,7 @@ def points_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The points as a table: measured figures of skipped points (and gpu figures without a
     GPU) are NaN."""
     frame = pd.DataFrame(rows)
-    numeric = [c for c in frame.columns if c not in ("model", "fits", "skip_reason")]
+    numeric = [c for c in frame.columns if c not in ("model", "fits", "skip_reason", "arm")]
     return frame.astype({c: float for c in numeric if frame[c].dtype == object})
 
 
@@ -276,7 +283,8 @@ def table_markdown(result: dict[str, Any]) -> str:
     lines = ["| model | batch | context | TPOT ms | host ms | GPU ms | floor ms | TPOT / floor |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["points"]:
-        head = f"| {row['model']} | {row['batch']} | {row['context']} |"
+        model = f"{row['model']} [{row['arm']}]" if row.get("arm") else row["model"]
+        head = f"| {model} | {row['batch']} | {row['context']} |"
         if not row["fits"]:
             lines.append(f"{head} skipped: {row['skip_reason']} | | | | |")
             continue
@@ -330,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true")
     add_engine_args(ap.add_argument_group("engine (EngineConfig fields, for every model)"),
                     skip=("model", "max_num_seqs", "max_model_len", "num_kv_blocks"))
-    add_kernel_constant_arg(ap)
+    add_kernel_constant_args(ap, "each point's TPOT ratio")
     return ap
 
 
@@ -339,12 +347,13 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, EngineC
     sizing) and the engine kwargs; bad input is a usage error."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    if min(args.steps, args.ttft_requests, args.prompt_len) < 1 or args.warmup_steps < 0:
-        ap.error("--steps, --ttft-requests and --prompt-len must be >= 1, --warmup-steps >= 0")
+    if min(args.steps, args.ttft_requests, args.prompt_len, args.rounds) < 1 or args.warmup_steps < 0:
+        ap.error("--steps, --ttft-requests, --prompt-len and --rounds must be >= 1, --warmup-steps >= 0")
     try:
         kwargs = engine_kwargs(args)
         configs = {m.strip(): EngineConfig(model=m.strip(), **kwargs) for m in args.model.split(",") if m.strip()}
         args.kernel_constant = parse_kernel_constants(args.kernel_constant)
+        args.ab = parse_kernel_constants(args.ab)
     except ValueError as e:
         ap.error(str(e))
     if not configs:
@@ -384,6 +393,29 @@ def run_model(cfg: EngineConfig, kwargs: dict[str, Any], points: list[Point], ar
     return rows, [{"model": model, **r} for r in ttft_rows], summary
 
 
+def ab_passes(variant: dict[str, Any], rounds: int) -> list[tuple[str, dict[str, Any]]]:
+    """(label, extra kernel constants) of each pass over the models: one unlabeled pass, or with
+    --ab the baseline then the variant, --rounds times ('baseline 1', 'variant 1', ...)."""
+    if not variant:
+        return [("", {})]
+    return [(f"{arm} {i + 1}", extra) for i in range(rounds) for arm, extra in (("baseline", {}), ("variant", variant))]
+
+
+def tpot_ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each measured point of an A/B: the variant's median TPOT over rounds / the baseline's."""
+    tpots: dict[tuple, dict[str, list[float]]] = {}
+    for row in points:
+        if row["fits"]:
+            arm = row["arm"].split()[0]
+            tpots.setdefault((row["model"], row["batch"], row["context"]), {}).setdefault(arm, []).append(row["tpot_ms"])
+    out = []
+    for (model, batch, context), arms in tpots.items():
+        base, var = statistics.median(arms["baseline"]), statistics.median(arms["variant"])
+        out.append({"model": model, "batch": batch, "context": context, "baseline_ms": base, "variant_ms": var,
+                    "ratio": var / base})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args, configs, kwargs = parse(argv)
     first = next(iter(configs.values()))
@@ -402,12 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path("reports") / time.strftime("latency-%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
     points, ttft_rows, ttft = [], [], {}
-    with tqdm(total=sum(len(ps) + 1 for ps in plans.values()), desc="latency", unit="point",
-              disable=args.no_progress) as bar, kernel_constants(args.kernel_constant):
-        for model, cfg in configs.items():
-            rows, requests, ttft[model] = run_model(cfg, kwargs, plans[model], args, bandwidth, bar)
-            points += rows
-            ttft_rows += requests
+    passes = ab_passes(args.ab, args.rounds)
+    with tqdm(total=len(passes) * sum(len(ps) + 1 for ps in plans.values()), desc="latency", unit="point",
+              disable=args.no_progress) as bar:
+        for label, extra in passes:
+            with kernel_constants({**args.kernel_constant, **extra}):
+                for model, cfg in configs.items():
+                    rows, requests, summary = run_model(cfg, kwargs, plans[model], args, bandwidth, bar)
+                    for row in rows + requests:
+                        row.update({"arm": label} if label else {})
+                    ttft[f"{model} [{label}]" if label else model] = summary
+                    points += rows
+                    ttft_rows += requests
     actual = time.perf_counter() - t0
     config = {"models": list(configs), "batch": args.batch, "context": args.context, "steps": args.steps,
               "warmup_steps": args.warmup_steps, "ttft_requests": args.ttft_requests, "prompt_len": args.prompt_len,
@@ -415,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
               "device_name": torch.cuda.get_device_name(device) if first.device_type == "cuda" else "cpu"}
     result = {"config": config, "copy_bandwidth_bytes_per_s": bandwidth, "kv_budget_bytes": budgets,
               "estimated_s": estimate, "actual_s": actual, "points": points, "ttft": ttft}
+    if args.ab:
+        result["ab"] = {"variant": args.ab, "rounds": args.rounds, "tpot_ratio": tpot_ratios(points)}
+        for r in result["ab"]["tpot_ratio"]:
+            print(f"{r['model']} B={r['batch']} ctx={r['context']}: TPOT variant / baseline {r['ratio']:.3f} "
+                  f"({r['variant_ms']:.3f} vs {r['baseline_ms']:.3f} ms, medians over rounds)")
     write_outputs(out, result, points, ttft_rows)
     print(f"latency: took {actual:.1f} s (estimated ~{estimate:.0f} s); wrote {out}/latency.json, "
           f"points.parquet, ttft.parquet")

@@ -49,7 +49,7 @@ from engine.config import ATTENTION_BACKENDS
 from engine.config_args import add_engine_args, engine_kwargs
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
 from harness.kernel_constants import (
-    add_kernel_constant_arg,
+    add_kernel_constant_args,
     check_single_process,
     kernel_constants,
     parse_kernel_constants,
@@ -237,10 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(ap.add_argument_group("engine (EngineConfig fields)"),
                     defaults={"model": "qwen3-0.6b" if cuda else "tiny"}, skip=("attention_backend",),
                     spellings={"scheduling_policy": ("--scheduling-policy", "--policy")})
-    add_kernel_constant_arg(ap)
-    ap.add_argument("--ab", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                    help="an A/B: the variant's kernel constants (repeatable), against the code as it is")
-    ap.add_argument("--rounds", type=int, default=1, help="--ab: baseline-then-variant rounds (default 1)")
+    add_kernel_constant_args(ap, "per-seed wall-time ratios")
     return ap
 
 

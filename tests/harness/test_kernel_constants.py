@@ -123,3 +123,32 @@ def test_throughput_ab_usage_errors(extra, message, capsys):
     with pytest.raises(SystemExit) as exc:
         throughput.main(["--ab", "decode_attention.TARGET_PROGRAMS_PER_SM=8", *extra])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_latency_ab_runs_both_arms_each_round_and_reports_tpot_ratios(tmp_path, capsys):
+    """--ab with --rounds 2: four passes (baseline 1, variant 1, baseline 2, variant 2) over every
+    point, rows and TTFT labelled by pass, and per point the variant's median TPOT over the
+    baseline's; the constant is back afterwards."""
+    import pandas as pd
+
+    from harness.studies import latency
+
+    out = tmp_path / "lat"
+    before = decode_module.TARGET_PROGRAMS_PER_SM
+    assert latency.main(["--model", "tiny", "--device", "cpu", "--batch", "1,2", "--context", "16", "--steps", "2",
+                         "--warmup-steps", "0", "--ttft-requests", "1", "--prompt-len", "8", "--out", str(out),
+                         "--no-progress", "--rounds", "2", "--ab", "decode_attention.TARGET_PROGRAMS_PER_SM=8"]) == 0
+    result = json.loads((out / "latency.json").read_text())
+    points = pd.read_parquet(out / "points.parquet")
+    assert sorted(points["arm"]) == sorted(["baseline 1", "variant 1", "baseline 2", "variant 2"] * 2)
+    assert set(result["ttft"]) == {f"tiny [{a} {i}]" for a in ("baseline", "variant") for i in (1, 2)}
+    ratios = {(r["batch"], r["context"]): r for r in result["ab"]["tpot_ratio"]}
+    assert set(ratios) == {(1, 16), (2, 16)}
+    for (batch, _), r in ratios.items():
+        rows = points[points["batch"] == batch]
+        base = rows[rows["arm"].str.startswith("baseline")]["tpot_ms"].median()
+        var = rows[rows["arm"].str.startswith("variant")]["tpot_ms"].median()
+        assert r["ratio"] == pytest.approx(var / base) and r["baseline_ms"] == pytest.approx(base)
+    assert "TPOT variant / baseline" in capsys.readouterr().out
+    assert "[variant 2]" in (out / "table.md").read_text()
+    assert decode_module.TARGET_PROGRAMS_PER_SM == before
