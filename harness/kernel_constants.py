@@ -102,6 +102,12 @@ def add_kernel_constant_args(parser, compared: str) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="--ab: baseline-then-variant rounds (default 1)")
 
 
+def ab_passes(variant: Mapping[str, Any], rounds: int) -> list[tuple[str, int, dict[str, Any]]]:
+    """(arm, round from 1, the constants the arm adds) of each --ab pass: the baseline (none)
+    then the variant, `rounds` times."""
+    return [(arm, i + 1, dict(extra)) for i in range(rounds) for arm, extra in (("baseline", {}), ("variant", variant))]
+
+
 def check_single_process(overrides: Mapping[str, Any], engine_kwargs: Mapping[str, Any]) -> None:
     if overrides and (engine_kwargs.get("tensor_parallel_size") or 1) > 1:
         raise UsageError(f"{FLAG} sets constants in this process only; tensor-parallel workers would not see them")

@@ -62,6 +62,7 @@ from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.config_args import add_engine_args, engine_kwargs
 from engine.outputs import StepStats
 from harness.kernel_constants import (
+    ab_passes,
     add_kernel_constant_args,
     kernel_constants,
     parse_kernel_constants,
@@ -393,14 +394,6 @@ def run_model(cfg: EngineConfig, kwargs: dict[str, Any], points: list[Point], ar
     return rows, [{"model": model, **r} for r in ttft_rows], summary
 
 
-def ab_passes(variant: dict[str, Any], rounds: int) -> list[tuple[str, dict[str, Any]]]:
-    """(label, extra kernel constants) of each pass over the models: one unlabeled pass, or with
-    --ab the baseline then the variant, --rounds times ('baseline 1', 'variant 1', ...)."""
-    if not variant:
-        return [("", {})]
-    return [(f"{arm} {i + 1}", extra) for i in range(rounds) for arm, extra in (("baseline", {}), ("variant", variant))]
-
-
 def tpot_ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each measured point of an A/B: the variant's median TPOT over rounds / the baseline's."""
     tpots: dict[tuple, dict[str, list[float]]] = {}
@@ -434,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path("reports") / time.strftime("latency-%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
     points, ttft_rows, ttft = [], [], {}
-    passes = ab_passes(args.ab, args.rounds)
+    # (label, constants) of each pass over the models: one unlabelled pass, or --ab's
+    passes = [(f"{arm} {r}", extra) for arm, r, extra in ab_passes(args.ab, args.rounds)] if args.ab else [("", {})]
     with tqdm(total=len(passes) * sum(len(ps) + 1 for ps in plans.values()), desc="latency", unit="point",
               disable=args.no_progress) as bar:
         for label, extra in passes:

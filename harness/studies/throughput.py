@@ -49,6 +49,7 @@ from engine.config import ATTENTION_BACKENDS
 from engine.config_args import add_engine_args, engine_kwargs
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
 from harness.kernel_constants import (
+    ab_passes,
     add_kernel_constant_args,
     check_single_process,
     kernel_constants,
@@ -280,12 +281,11 @@ def run_ab(kwargs: dict, backend: str, args: argparse.Namespace, sizes: tuple[in
            constants: dict, variant: dict) -> dict:
     """args.rounds rounds of (baseline, variant), a fresh engine each; per-seed wall-time ratios."""
     arms: dict[str, list[dict]] = {"baseline": [], "variant": []}
-    for i in range(args.rounds):
-        for arm, extra in (("baseline", {}), ("variant", variant)):
-            with kernel_constants({**constants, **extra}):
-                run = run_backend(kwargs, backend, args, sizes, rate)
-            arms[arm].append(run)
-            print(f"round {i + 1} {arm}: {describe(backend, run)}", flush=True)
+    for arm, round_, extra in ab_passes(variant, args.rounds):
+        with kernel_constants({**constants, **extra}):
+            run = run_backend(kwargs, backend, args, sizes, rate)
+        arms[arm].append(run)
+        print(f"round {round_} {arm}: {describe(backend, run)}", flush=True)
     ratios = [v / b for base, var in zip(arms["baseline"], arms["variant"])
               for b, v in zip(base["engine_s_runs"], var["engine_s_runs"])]
     median = statistics.median(ratios)
@@ -293,6 +293,24 @@ def run_ab(kwargs: dict, backend: str, args: argparse.Namespace, sizes: tuple[in
           f"median {median:.3f} (< 1: the variant is faster)")
     return {"workload": args.workload, "ab": {"variant": variant, "rounds": args.rounds}, **arms,
             "time_ratio_per_seed": [round(r, 4) for r in ratios], "time_ratio_median": round(median, 4)}
+
+
+def run_backends(kwargs: dict, backends: list[str], args: argparse.Namespace, sizes: tuple[int, int, int],
+                 rate: str, constants: dict) -> dict:
+    """One engine per backend in turn; with several, their rates against the first's."""
+    runs = {}
+    with kernel_constants(constants):
+        for backend in backends:
+            runs[backend] = run = run_backend(kwargs, backend, args, sizes, rate)
+            print(describe(backend, run), flush=True)
+    first = runs[backends[0]]
+    if len(runs) == 1:
+        return first
+    result = {"workload": args.workload, "runs": runs,
+              "ratio_vs_first": {b: round(r[rate] / first[rate], 3) for b, r in runs.items()}}
+    for b in backends[1:]:
+        print(f"{b} / {backends[0]}: {rate} {result['ratio_vs_first'][b]:.3f}x")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,25 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     rate = "prompt_tok_s" if args.workload == "prefill" else "engine_tok_s"
     if variant:
         result = run_ab(kwargs, backends[0], args, sizes, rate, constants, variant)
-        result["kernel_constants"] = constants
-        print(json.dumps(result))
-        write_result(args.json, result)
-        return 0
-    runs = {}
-    with kernel_constants(constants):
-        for backend in backends:
-            runs[backend] = run = run_backend(kwargs, backend, args, sizes, rate)
-            print(describe(backend, run), flush=True)
-    first = runs[backends[0]]
-    result = first if len(runs) == 1 else {"workload": args.workload, "runs": runs, "ratio_vs_first": {
-        b: round(r[rate] / first[rate], 3) for b, r in runs.items()}}
+    else:
+        result = run_backends(kwargs, backends, args, sizes, rate, constants)
     if constants:
         result["kernel_constants"] = constants
-    for b in backends[1:]:
-        print(f"{b} / {backends[0]}: {rate} {result['ratio_vs_first'][b]:.3f}x")
     if args.hf:
         hf = hf_baseline(kwargs, args, sizes)
         hf_rate = hf["hf_prompt_tok_s"] if args.workload == "prefill" else hf["hf_tok_s"]
+        runs = result.get("runs", {backends[0]: result})
         hf["speedup_vs_hf"] = {b: round(r[rate] / hf_rate, 2) for b, r in runs.items()}
         result.update(hf)
         print(f"engine speed-up over HF ({rate}): {hf['speedup_vs_hf']}")

@@ -279,3 +279,19 @@ def test_first_differences():
     from harness.studies.kv_agreement import first_differences
 
     assert first_differences([[1, 2, 3], [4, 5], [6]], [[1, 2, 3], [4, 9], [7]]) == [3, 1, 0]
+
+
+@pytest.mark.parametrize("backends", ["auto", "torch,auto"])
+def test_throughput_hf_baseline_rates_every_backend(tmp_path, backends):
+    """--hf: HF generate on the same prompts; the engine's speed-up over it for each backend run,
+    from that backend's own rate."""
+    from harness.studies import throughput
+
+    out = tmp_path / "hf.json"
+    assert throughput.main(["--workload", "prefill", "--num-seqs", "2", "--max-input-len", "40", "--hf",
+                            "--hf-batch-size", "2", "--attention-backend", backends, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    runs = r.get("runs", {backends: r})
+    assert list(r["speedup_vs_hf"]) == backends.split(",")
+    for b, run in runs.items():
+        assert r["speedup_vs_hf"][b] == round(run["prompt_tok_s"] / r["hf_prompt_tok_s"], 2)
