@@ -78,7 +78,8 @@ DECODE_TILE_FP8 = (128, 4, 5)
 # Registers a thread of an fp8 decode program may take (ptxas' maxnreg); None: as the compiler
 # chooses (~212 at DECODE_TILE_FP8: 2 programs an SM). 168 fits 3 programs an SM, whose 3 x 75 KB
 # of shared memory fit too, and compiles without spilling under the GPU machines' Triton 3.6
-# (sm_90; 3.9 spills 128 bytes): a third program's two buffers in flight. Untimed, so off
+# (sm_90; 3.9 spills 128 bytes): a third program's two buffers in flight. Timed on an H200: 5%
+# faster at 256 sequences, 5-12% slower at 64, the bench unchanged (1.006x), so off
 # (reports/PERF.md row 45). Read at call time.
 DECODE_MAXNREG_FP8: int | None = None
 # Default tiles shrink BLOCK_N so that up to two stages of (K + V tile), counted at 16 bits an

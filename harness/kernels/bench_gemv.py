@@ -3,7 +3,7 @@ it replaces (the RMSNorm kernel + cuBLAS + the SiLU * up kernel), per projection
 layer and for a chain of whole layers, at the qwen3-0.6b and llama-3-8b shapes, bf16.
 
     llmbench kernels bench-gemv [--models qwen3-0.6b,llama-3-8b] [--rows 1,4,16] [--ops qkv,o,gate_up,down]
-                                [--configs "1,8,512,4,3;16,16,256,4,4,2" | --no-sweep] [--lm-head]
+                                [--configs "1,8,512,4,3;16,16,256,4,4,2" | --no-sweep] [--lm-head] [--l2-hot]
     TRITON_INTERPRET=1 llmbench kernels bench-gemv --smoke     (checks the script on a CPU)
 
 A config is block_m,block_n,block_k,warps,stages[,split_k[,first]] (GemvConfig.parse); block_m >= 16
@@ -20,8 +20,10 @@ Timing: a variant runs once per copy of its weights (enough copies to overflow L
 in a step where 27 other layers pass between two reads of one weight) inside one CUDA graph,
 replayed; us = graph time / copies / replays, so the gaps between kernels in a graph count as
 they do in the engine's decode graph. GB/s counts weight bytes only; %copy is against a measured
-device-to-device copy (read + write), ~4.28 TB/s on an H200. Kernels compile (and are checked
-against the unfused result) before any capture. On sm_90+ the default config and the layer
+device-to-device copy (read + write), ~4.28 TB/s on an H200. --l2-hot: the same launches, all on
+one weight copy, so every read after the first is an L2 hit (what a kernel costs when its weights
+do not come from HBM; reports/PERF.md row 47). "cublas" rows time the GEMM alone (F.linear).
+Kernels compile (and are checked against the unfused result) before any capture. On sm_90+ the default config and the layer
 chain are also timed with programmatic dependent launch ("+pdl", EngineConfig.fused_small_batch_pdl):
 within one graph each launch then overlaps the one before it. Writes $OUT/bench_gemv.csv when OUT
 is set.
@@ -84,6 +86,7 @@ class Env:
     l2_bytes: int
     reps: int
     pdl: bool  # also time programmatic dependent launch (sm_90+)
+    l2_hot: bool = False  # every launch reads the same weight copy (from L2 after the first)
 
     @property
     def cuda(self) -> bool:
@@ -149,6 +152,13 @@ def copies_for(env: Env, nbytes: int, cap: int = 64) -> int:
     return 1 if not env.cuda else max(2, min(cap, math.ceil(4 * env.l2_bytes / nbytes)))
 
 
+def weight_copies(env: Env, make: Callable[[], object], nbytes: int, cap: int = 64) -> list:
+    """copies_for's count of weights from `make`: distinct ones, or with --l2-hot one repeated
+    (the same launches a graph, every read after the first from L2)."""
+    count = copies_for(env, nbytes, cap)
+    return [make()] * count if env.l2_hot else [make() for _ in range(count)]
+
+
 def time_per_call(env: Env, run: Callable[[], object], calls: int) -> float:
     """Seconds per launch group: `run` (which makes `calls` launches) in one CUDA graph, replayed."""
     run()  # compiles outside the capture
@@ -179,8 +189,8 @@ class OpBench:
         self.env, self.op, self.m = env, op, m
         dev, dt = env.device, env.dtype
         self.wbytes = op.n * op.k * dt.itemsize
-        self.weights = [torch.randn(op.n, op.k, device=dev, dtype=dt) * op.k ** -0.5
-                        for _ in range(copies_for(env, self.wbytes))]
+        self.weights = weight_copies(env, lambda: torch.randn(op.n, op.k, device=dev, dtype=dt) * op.k ** -0.5,
+                                     self.wbytes)
         self.g = torch.empty(op.k, device=dev, dtype=dt).uniform_(0.5, 1.5)
         self.res = torch.randn(m, op.k, device=dev, dtype=dt)
         self.parts = torch.randn(parts, m, op.k, device=dev, dtype=torch.float32) if parts > 1 else None
@@ -215,9 +225,11 @@ def op_rows(env: Env, model: str, op: Op, m: int, parts: int, configs: list[Gemv
     variants += [(legacy_config(env, op, m, parts), False, "legacy")]
     variants += [(replace(default, norm_first=True), False, "default+first")] if op.norm else []
     variants += [(c, False, "sweep") for c in swept if c != default and (c.split_k == 1 or op.split_ok)]
-    base_s = b.time(b.unfused)
-    rows = [dict(model=model, op=op.name, M=m, parts=parts, variant="unfused", config="", us=base_s * 1e6,
-                 GBps=b.wbytes / base_s / 1e9, frac_copy=b.wbytes / base_s / 1e9 / copy_gbs, rel_err=0.0)]
+    rows = []
+    for name, fn in (("unfused", b.unfused), ("cublas", lambda w: F.linear(b.x, w))):
+        s = b.time(fn)
+        rows.append(dict(model=model, op=op.name, M=m, parts=parts, variant=name, config="", us=s * 1e6,
+                         GBps=b.wbytes / s / 1e9, frac_copy=b.wbytes / s / 1e9 / copy_gbs, rel_err=0.0))
     for cfg, pdl, name in variants:
         try:
             err = b.error(cfg, pdl)
@@ -241,8 +253,8 @@ def chain_rows(env: Env, model: str, mc: ModelConfig, m: int, copy_gbs: float) -
     ops = {op.name: op for op in layer_ops(mc)}
     dev, dt = env.device, env.dtype
     layer_bytes = sum(op.n * op.k for op in ops.values()) * dt.itemsize
-    layers = [{name: torch.randn(op.n, op.k, device=dev, dtype=dt) * op.k ** -0.5 for name, op in ops.items()}
-              for _ in range(copies_for(env, layer_bytes, cap=16))]
+    layers = weight_copies(env, lambda: {name: torch.randn(op.n, op.k, device=dev, dtype=dt) * op.k ** -0.5
+                                         for name, op in ops.items()}, layer_bytes, cap=16)
     g = torch.empty(mc.hidden_size, device=dev, dtype=dt).uniform_(0.5, 1.5)
     h0 = torch.randn(m, mc.hidden_size, device=dev, dtype=dt)
     attn_out = torch.randn(m, ops["o"].k, device=dev, dtype=dt)
@@ -284,17 +296,19 @@ def chain_rows(env: Env, model: str, mc: ModelConfig, m: int, copy_gbs: float) -
     return rows
 
 
-def print_summary(rows: list[dict], copy_gbs: float) -> None:
-    print(f"\ncopy BW {copy_gbs:.0f} GB/s. us per launch (weights from HBM); %copy = weight GB/s / copy BW; "
-          "fused = the default config (layer: 4 kernels vs 7); +pdl = the same launched as programmatic dependents; "
-          "legacy = the first kernel's tile and norm pass")
-    print(f"{'model':<11} {'op':<8} {'M':>3} {'parts':>5} | {'unfused':>8} {'%copy':>6} | {'fused':>8} {'%copy':>6} "
-          f"{'err':>7} | {'+pdl':>8} | {'legacy':>8} | {'best':>8} {'%copy':>6}  "
+def print_summary(rows: list[dict], copy_gbs: float, l2_hot: bool = False) -> None:
+    print(f"\ncopy BW {copy_gbs:.0f} GB/s. us per launch (weights from {'L2' if l2_hot else 'HBM'}); "
+          "%copy = weight GB/s / copy BW; fused = the default config (layer: 4 kernels vs 7); "
+          "+pdl = the same launched as programmatic dependents; legacy = the first kernel's tile and norm pass; "
+          "cuBLAS = the GEMM alone")
+    print(f"{'model':<11} {'op':<8} {'M':>3} {'parts':>5} | {'unfused':>8} {'%copy':>6} {'cuBLAS':>8} | "
+          f"{'fused':>8} {'%copy':>6} {'err':>7} | {'+pdl':>8} | {'legacy':>8} | {'best':>8} {'%copy':>6}  "
           "best config (bm,bn,bk,warps,stages,split[,first]) [variant]")
     for key in dict.fromkeys((r["model"], r["op"], r["M"]) for r in rows):
         rs = [r for r in rows if (r["model"], r["op"], r["M"]) == key]
         base = next(r for r in rs if r["variant"] == "unfused")
-        fused = [r for r in rs if r["variant"] != "unfused"]
+        gemm = next((f"{r['us']:>8.2f}" for r in rs if r["variant"] == "cublas"), f"{'-':>8}")
+        fused = [r for r in rs if r["variant"] not in ("unfused", "cublas")]
         if not fused:
             continue
         d = next((r for r in fused if r["variant"] in ("default", "fused")), fused[0])
@@ -302,7 +316,7 @@ def print_summary(rows: list[dict], copy_gbs: float) -> None:
         old = next((f"{r['us']:>8.2f}" for r in fused if "legacy" in r["variant"]), f"{'-':>8}")
         best = min(fused, key=lambda r: r["us"])
         print(f"{key[0]:<11} {key[1]:<8} {key[2]:>3} {base['parts']:>5} | {base['us']:>8.2f} "
-              f"{100 * base['frac_copy']:>5.1f}% | {d['us']:>8.2f} {100 * d['frac_copy']:>5.1f}% "
+              f"{100 * base['frac_copy']:>5.1f}% {gemm} | {d['us']:>8.2f} {100 * d['frac_copy']:>5.1f}% "
               f"{max(r['rel_err'] for r in fused):>7.1e} | {pdl} | {old} | {best['us']:>8.2f} "
               f"{100 * best['frac_copy']:>5.1f}%  "
               f"{best['config']} [{best['variant']}]")
@@ -320,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--configs", help="';'-separated GEMV configs to time instead of the built-in sweep")
     ap.add_argument("--no-sweep", action="store_true", help="only the default config (and the chains)")
     ap.add_argument("--lm-head", action="store_true", help="also the LM head (plain GEMM, fused vs cuBLAS)")
+    ap.add_argument("--l2-hot", action="store_true",
+                    help="every launch reads one weight copy (L2-resident) instead of copies that overflow L2")
     ap.add_argument("--reps", type=int, default=20, help="graph replays per timing")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape in fp32 (CPU: with TRITON_INTERPRET=1)")
     return ap
@@ -340,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     props = torch.cuda.get_device_properties(0) if cuda else None
     env = Env("cuda" if cuda else "cpu", torch.float32 if args.smoke else torch.bfloat16,
               props.multi_processor_count if cuda else 132, props.L2_cache_size if cuda else 0, args.reps,
-              cuda and props.major >= 9)
+              cuda and props.major >= 9, args.l2_hot)
     copy_gbs = measure_copy_bandwidth(env.device, 1 << (30 if cuda else 22)) / 1e9
     print(f"{props.name if cuda else 'cpu'}: copy {copy_gbs:.0f} GB/s, {env.sms} SMs, L2 {env.l2_bytes >> 20} MiB, "
-          f"{env.dtype}", flush=True)
+          f"{env.dtype}" + (", weights L2-resident (--l2-hot)" if env.l2_hot else ""), flush=True)
     torch.manual_seed(0)
     rows: list[dict] = []
     t0 = time.time()
@@ -359,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model} {op.name} M{m}: done [{time.time() - t0:.0f}s]", flush=True)
             rows += chain_rows(env, model, mc, m, copy_gbs)
     write_csv(rows, "bench_gemv.csv")
-    print_summary(rows, copy_gbs)
+    print_summary(rows, copy_gbs, env.l2_hot)
     return 0
 
 

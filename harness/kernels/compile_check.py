@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FLOAT_ARGS = {"eps", "scale_log2", "k_scale", "v_scale"}
-# decode_attention's register cap on fp8 caches to time (DECODE_MAXNREG_FP8, reports/PERF.md row 45):
+# decode_attention's register cap on fp8 caches (DECODE_MAXNREG_FP8, off: reports/PERF.md row 45):
 # 3 programs an SM at 4 warps
 FP8_MAXNREG_PROBE = 168
 
@@ -158,6 +158,7 @@ def _skinny_gemm_cases() -> list[Case]:
             ("bf16", 1, True, False, True, False, False, 1, 16, 32, 128, 4, 6, False),
             ("bf16", 2, True, True, True, False, True, 1, 16, 16, 128, 4, 4, False),
             ("bf16", 1, False, False, False, False, False, 2, 16, 32, 128, 4, 6, False),
+            ("bf16", 1, False, False, False, False, False, 4, 32, 32, 128, 4, 6, False),  # o / down, 17-32 rows
             ("fp32", 2, True, False, True, False, True, 1, 16, 16, 64, 4, 4, False),  # float32 engines: ieee dots
             ("fp16", 1, True, True, True, False, False, 1, 16, 32, 128, 4, 4, False),  # fp16 dots normalize first
             ("bf16", 2, True, False, True, False, True, 1, 1, 8, 512, 4, 2, True),  # fused_small_batch_pdl

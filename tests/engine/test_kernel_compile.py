@@ -111,6 +111,6 @@ def test_attention_kernels_stage_kv_through_shared_memory_without_spills(triton_
         assert "STACK:0 " in r["resources"] or (r["maxnreg"] and triton_dir is None), r
     buffers = {(r["kernel"], r["cache"], r["maxnreg"]): r["kv_buffers"] for r in rows}
     assert buffers["_decode_split_kernel", "*fp8e4nv", 0] == [2], buffers
-    # the register cap to time (DECODE_MAXNREG_FP8): held without spilling, the two buffers kept
+    # the register cap (DECODE_MAXNREG_FP8, off: row 45): held without spilling, the two buffers kept
     capped = next(r for r in rows if r["maxnreg"])
     assert f"REG:{capped['maxnreg']} " in capped["resources"] and capped["kv_buffers"] == [2], capped
