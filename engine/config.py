@@ -97,6 +97,10 @@ class EngineConfig:
     # partial sums the next norm adds up (at 2-16 rows the fused norm prologue is what loses, PERF.md
     # row 27); 0: off. None: FUSED_AUTO_ROW_PARALLEL_TOKENS for the models FUSED_AUTO_MAX_HIDDEN admits
     fused_row_parallel_tokens: int | None = None
+    # steps on that path also run qkv_proj and gate_up_proj as skinny GEMMs (after the norm kernels,
+    # SiLU * up in gate_up's epilogue: no silu_mul kernel), so only the norms stay apart. Off until
+    # timed (reports/PERF.md row 50)
+    fused_row_parallel_columns: bool = False
     # GPU, TP=1: every decode step's attention, not only the fused path's, folds in what
     # fused_small_batch_rotary and _merge name (q/k norm, rotary and KV store; the split merge): one
     # or two kernels fewer a layer at any batch size. Off until measured at 16-256 sequences
@@ -147,7 +151,7 @@ class EngineConfig:
         if not isinstance(self.freeze_gc, bool):
             raise ValueError(f"freeze_gc must be a bool, got {self.freeze_gc!r}")
         for name in ("fused_small_batch_pdl", "fused_small_batch_rotary", "fused_small_batch_merge",
-                     "fused_decode_attention"):
+                     "fused_row_parallel_columns", "fused_decode_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.skip_tokenizer_init, bool):

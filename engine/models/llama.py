@@ -42,8 +42,9 @@ class Attention(nn.Module):
 
     def forward(self, positions, x, kv: KVCache, meta: AttentionMetadata, backend: AttentionBackend,
                 skinny: SkinnyRowParallel | None = None, fusion: SmallBatchFusion | None = None):
-        o = self.attend(positions, self.qkv_proj(x), kv, meta, backend, fusion)
-        return _row_parallel(self.o_proj, o, skinny)
+        qkv = self.qkv_proj(x) if skinny is None or not skinny.columns else self.qkv_proj.forward_fused(
+            x, pdl=skinny.pdl)[0]
+        return _row_parallel(self.o_proj, self.attend(positions, qkv, kv, meta, backend, fusion), skinny)
 
     def attend(self, positions, qkv: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
                backend: AttentionBackend, fusion: SmallBatchFusion | None = None) -> torch.Tensor:
@@ -85,15 +86,22 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp, reduce=False, slot=1)
 
     def forward(self, x: torch.Tensor, skinny: SkinnyRowParallel | None = None) -> torch.Tensor:
-        return _row_parallel(self.down_proj, silu_and_mul(self.gate_up_proj(x)), skinny)
+        if skinny is not None and skinny.columns:
+            act = self.gate_up_proj.forward_fused(x, gated=True, pdl=skinny.pdl)[0]
+        else:
+            act = silu_and_mul(self.gate_up_proj(x))
+        return _row_parallel(self.down_proj, act, skinny)
 
 
 @dataclass(frozen=True)
 class SkinnyRowParallel:
     """o_proj and down_proj of a small step as skinny-GEMM kernels (split-K partial sums for the
-    norm after them), the rest of the layer as usual; `pdl`: launched as programmatic dependents."""
+    norm after them), the rest of the layer as usual; with `columns`, qkv_proj and gate_up_proj
+    (SiLU * up in its epilogue) too, on the norm kernels' output; `pdl`: launched as programmatic
+    dependents."""
 
     pdl: bool = False
+    columns: bool = False
 
 
 def _row_parallel(layer: RowParallelLinear, x: torch.Tensor, skinny: SkinnyRowParallel | None) -> torch.Tensor:
@@ -107,7 +115,8 @@ class SmallBatchFusion:
     programmatic dependents; on its decode steps, the decode attention kernel applies the q/k
     norm and rotary and stores K/V (`rotary`) and merges its own splits (`merge`). Larger steps
     of up to `row_parallel_tokens` (EngineConfig.fused_row_parallel_tokens) take the usual path
-    with o_proj and down_proj as skinny GEMMs (SkinnyRowParallel). `every_decode`
+    with o_proj and down_proj as skinny GEMMs, and with `row_parallel_columns` qkv_proj and
+    gate_up_proj too (SkinnyRowParallel). `every_decode`
     (EngineConfig.fused_decode_attention): the usual path's decode steps fold `rotary` and
     `merge` into the decode kernel too."""
 
@@ -117,6 +126,7 @@ class SmallBatchFusion:
     merge: bool = False
     row_parallel_tokens: int = 0
     every_decode: bool = False
+    row_parallel_columns: bool = False
 
 
 class DecoderLayer(nn.Module):
@@ -129,7 +139,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tp = tp
         self.fusion = fusion if tp.size == 1 else SmallBatchFusion()
-        self._skinny = SkinnyRowParallel(self.fusion.pdl)
+        self._skinny = SkinnyRowParallel(self.fusion.pdl, self.fusion.row_parallel_columns)
 
     def forward(self, positions, h, residual, kv, meta, backend):
         # h: the embedding (summed) in the first layer, else the previous down_proj's partial sums

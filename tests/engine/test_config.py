@@ -131,3 +131,5 @@ def test_fused_small_batch_tokens_auto_follows_the_model_width():
     assert EngineConfig(model="tiny", fused_row_parallel_tokens=0).resolved_row_parallel_tokens == 0
     with pytest.raises(ValueError, match="fused_row_parallel_tokens"):
         EngineConfig(model="tiny", fused_row_parallel_tokens=True)
+    with pytest.raises(ValueError, match="fused_row_parallel_columns must be a bool"):
+        EngineConfig(model="tiny", fused_row_parallel_columns=1)

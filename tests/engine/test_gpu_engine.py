@@ -90,6 +90,9 @@ def test_fused_small_batch_float32_matches_hf(checkpoint_dirs, arch):
     assert_matches_hf(tokens(cublas), reference)
     row_parallel = LLM(path, dtype="float32", fused_small_batch_tokens=0, fused_row_parallel_tokens=16, **SMALL)
     assert_matches_hf(tokens(row_parallel), reference)
+    columns = LLM(path, dtype="float32", fused_small_batch_tokens=0, fused_row_parallel_tokens=16,
+                  fused_row_parallel_columns=True, **SMALL)
+    assert_matches_hf(tokens(columns), reference)
 
 
 def test_row_parallel_default_at_17_to_32_rows_float32_matches_hf(checkpoint_dirs):

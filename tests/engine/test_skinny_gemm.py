@@ -26,6 +26,7 @@ from engine.kernels.gemv_config import (
 )
 from engine.kernels.skinny_gemm import NormIn, partials_rmsnorm, problem, skinny_gemm
 from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -444,3 +445,41 @@ def test_fused_decode_step_matches_the_unfused_one(checkpoint_dirs, monkeypatch,
     if path == "usual":  # the config flag is what sets every_decode
         flagged = ModelRunner(replace_field(config, fused_decode_attention=True))
         assert all(layer.fusion.every_decode for layer in flagged.model.model.layers)
+
+
+def test_row_parallel_columns_run_qkv_and_gate_up_as_skinny_gemms(monkeypatch):
+    """EngineConfig.fused_row_parallel_columns: on the row-parallel path the attention's qkv_proj
+    and the MLP's gate_up_proj (SiLU * up in the epilogue) are skinny GEMMs of the norm kernels'
+    output; o_proj and down_proj leave split-K partials. The decoder layer's pieces against torch."""
+    from engine.distributed import SINGLE
+    from engine.layers.activation import silu_and_mul
+    from engine.models.config import PRESETS
+    from engine.models.llama import Attention, DecoderLayer, SkinnyRowParallel
+
+    torch.manual_seed(0)
+    mc = PRESETS["tiny"]
+    with torch.device(DEVICE):
+        layer = DecoderLayer(mc, SINGLE, RotaryEmbedding(mc.head_dim, mc.max_position_embeddings, mc.rope_theta))
+    for p in layer.parameters():
+        p.data.normal_(0, 0.05)
+    import engine.kernels.skinny_gemm as kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "skinny_gemm", lambda x, w, *a, **k: calls.append(w) or skinny_gemm(x, w, *a, **k))
+    skinny, x = SkinnyRowParallel(columns=True), torch.randn(5, mc.hidden_size, device=DEVICE)
+    mlp = layer.mlp
+    got = mlp(x, skinny)
+    assert [id(w) for w in calls] == [id(mlp.gate_up_proj.weight), id(mlp.down_proj.weight)]
+    want = F.linear(silu_and_mul(F.linear(x, mlp.gate_up_proj.weight)), mlp.down_proj.weight)
+    assert rel(got.sum(0) if got.dim() == 3 else got, want) < 1e-5
+    seen = {}
+
+    def attend(self, positions, qkv, *args):
+        seen["qkv"] = qkv
+        return torch.zeros(qkv.shape[0], self.num_heads * self.head_dim, device=qkv.device)
+
+    monkeypatch.setattr(Attention, "attend", attend)
+    attn = layer.self_attn
+    attn(None, x, None, None, None, skinny)
+    assert [id(w) for w in calls[2:]] == [id(attn.qkv_proj.weight), id(attn.o_proj.weight)]
+    assert rel(seen["qkv"], F.linear(x, attn.qkv_proj.weight, attn.qkv_proj.bias)) < 1e-5
