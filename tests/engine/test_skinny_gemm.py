@@ -451,6 +451,7 @@ def test_row_parallel_columns_run_qkv_and_gate_up_as_skinny_gemms(monkeypatch):
     """EngineConfig.fused_row_parallel_columns: on the row-parallel path the attention's qkv_proj
     and the MLP's gate_up_proj (SiLU * up in the epilogue) are skinny GEMMs of the norm kernels'
     output; o_proj and down_proj leave split-K partials. The decoder layer's pieces against torch."""
+    import engine.kernels.skinny_gemm as kernels
     from engine.distributed import SINGLE
     from engine.layers.activation import silu_and_mul
     from engine.models.config import PRESETS
@@ -462,8 +463,6 @@ def test_row_parallel_columns_run_qkv_and_gate_up_as_skinny_gemms(monkeypatch):
         layer = DecoderLayer(mc, SINGLE, RotaryEmbedding(mc.head_dim, mc.max_position_embeddings, mc.rope_theta))
     for p in layer.parameters():
         p.data.normal_(0, 0.05)
-    import engine.kernels.skinny_gemm as kernels
-
     calls = []
     monkeypatch.setattr(kernels, "skinny_gemm", lambda x, w, *a, **k: calls.append(w) or skinny_gemm(x, w, *a, **k))
     skinny, x = SkinnyRowParallel(columns=True), torch.randn(5, mc.hidden_size, device=DEVICE)
