@@ -22,9 +22,16 @@ from engine.attention import BACKENDS, check_backend
 from engine.dtypes import DTYPES, KV_CACHE_DTYPES, dtype_name
 from engine.models.config import PRESETS, ModelConfig  # also imported from here by callers
 
+# Python's spellings of JSON's literals, as --kernel-constant takes them: without them
+# `--engine-arg enforce_eager=True` gave the string 'True'
+PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
 
 def parse_value(text: str) -> Any:
-    """JSON if it parses (1, 0.5, true, [1,2], "x"), else a float (inf), else the string."""
+    """JSON if it parses (1, 0.5, true, [1,2], "x"), True / False / None, else a float (inf),
+    else the string."""
+    if text.strip() in PYTHON_LITERALS:
+        return PYTHON_LITERALS[text.strip()]
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -11,7 +11,11 @@ Python literal of the same kind (`(128, 4, 5)`, `168`, `None`; a bare `128,4,5` 
 The value holds in this process only, for the study's run, and is restored afterwards: tensor-
 parallel workers, which are other processes, would not see it, so a study refuses it there.
 Constants are read when an engine captures its CUDA graphs, so they are set before any engine is
-built."""
+built.
+
+An A/B (`--ab`, `--ab-engine-arg`, `--rounds`): the variant is kernel constants and/or EngineConfig
+fields (`--ab-engine-arg fused_row_parallel_columns=True`); the studies alternate fresh baseline and
+variant engines in one command and report their ratios."""
 
 from __future__ import annotations
 
@@ -19,11 +23,14 @@ import ast
 import importlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config_args import UsageError
+from engine.config import EngineConfig
+from engine.config_args import UsageError, parse_pairs
 
 FLAG = "--kernel-constant"
+AB_ENGINE_FLAG = "--ab-engine-arg"
 
 
 def _module_path(name: str) -> str:
@@ -99,13 +106,41 @@ def add_kernel_constant_args(parser, compared: str) -> None:
     parser.add_argument("--ab", action="append", default=[], metavar="MODULE.NAME=VALUE",
                         help=f"an A/B: the variant's kernel constants (repeatable), run after the code as it is, "
                              f"--rounds times, fresh engines each; reports {compared}")
+    parser.add_argument(AB_ENGINE_FLAG, action="append", default=[], metavar="K=V",
+                        help="an A/B whose variant sets EngineConfig fields (repeatable; with or without --ab), "
+                             "e.g. fused_row_parallel_columns=True")
     parser.add_argument("--rounds", type=int, default=1, help="--ab: baseline-then-variant rounds (default 1)")
 
 
-def ab_passes(variant: Mapping[str, Any], rounds: int) -> list[tuple[str, int, dict[str, Any]]]:
-    """(arm, round from 1, the constants the arm adds) of each --ab pass: the baseline (none)
-    then the variant, `rounds` times."""
-    return [(arm, i + 1, dict(extra)) for i in range(rounds) for arm, extra in (("baseline", {}), ("variant", variant))]
+@dataclass(frozen=True)
+class Variant:
+    """What an A/B's variant adds to the baseline: kernel constants (--ab) and EngineConfig fields
+    (--ab-engine-arg)."""
+
+    constants: dict[str, Any] = field(default_factory=dict)
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.constants or self.engine_args)
+
+    def record(self) -> dict[str, Any]:
+        """As a result records it: {'variant': constants}, and 'engine_args' when there are any."""
+        return {"variant": self.constants, **({"engine_args": self.engine_args} if self.engine_args else {})}
+
+
+def parse_variant(ab: Sequence[str], ab_engine_args: Sequence[str]) -> Variant:
+    """--ab and --ab-engine-arg values -> a Variant; UsageError on an unknown constant or field."""
+    engine = parse_pairs(ab_engine_args, AB_ENGINE_FLAG)
+    unknown = sorted(set(engine) - EngineConfig.field_names())
+    if unknown:
+        raise UsageError(f"{AB_ENGINE_FLAG}: unknown EngineConfig field(s) {unknown}")
+    return Variant(parse_kernel_constants(ab), engine)
+
+
+def ab_passes(variant: Variant, rounds: int) -> list[tuple[str, int, Variant]]:
+    """(arm, round from 1, what the arm adds) of each A/B pass: the baseline (nothing) then the
+    variant, `rounds` times."""
+    return [(arm, i + 1, extra) for i in range(rounds) for arm, extra in (("baseline", Variant()), ("variant", variant))]
 
 
 def check_single_process(overrides: Mapping[str, Any], engine_kwargs: Mapping[str, Any]) -> None:

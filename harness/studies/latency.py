@@ -37,11 +37,15 @@ Writes OUT/latency.json (everything), OUT/table.md (the points and TTFT as Markd
 OUT/points.parquet (a row per point) and OUT/ttft.parquet (a row per TTFT request), with the
 run's metadata.
 
-An A/B of a kernel tuning constant (harness/kernel_constants.py): `--ab MODULE.NAME=VALUE`
-(repeatable) is the variant; every model runs as the code is, then with it, --rounds times (fresh
-engines each pass), rows and TTFT labelled by pass (`arm`: 'baseline 1', 'variant 1', ...), and
-per point the variant's median TPOT over the rounds divided by the baseline's is printed and
-written (`ab.tpot_ratio`). `--kernel-constant` sets constants for every pass.
+An A/B (harness/kernel_constants.py): `--ab MODULE.NAME=VALUE` (kernel constants) and/or
+`--ab-engine-arg KEY=VALUE` (EngineConfig fields), each repeatable, make the variant; every model
+runs as given, then with the variant, --rounds times (fresh engines each pass), rows and TTFT
+labelled by pass (`arm`: 'baseline 1', 'variant 1', ...), and per point the variant's median TPOT
+over the rounds divided by the baseline's is printed and written (`ab.tpot_ratio`). The points are
+planned on the baseline's config. `--kernel-constant` sets constants for every pass.
+
+    llmbench studies latency --model qwen3-0.6b --batch 8,16,32 --context 640 --rounds 2 \
+        --ab-engine-arg fused_row_parallel_columns=True
 """
 
 from __future__ import annotations
@@ -62,10 +66,12 @@ from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.config_args import add_engine_args, engine_kwargs
 from engine.outputs import StepStats
 from harness.kernel_constants import (
+    Variant,
     ab_passes,
     add_kernel_constant_args,
     kernel_constants,
     parse_kernel_constants,
+    parse_variant,
 )
 from harness.metrics import latency_stats
 from harness.report import write_table
@@ -320,6 +326,10 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+# EngineConfig fields the study sets itself (the model from --model; sizes for the points)
+OWNED_FIELDS = ("model", "max_num_seqs", "max_model_len", "num_kv_blocks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="llmbench studies latency", description=__doc__,
@@ -338,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder (default: reports/latency-<time>)")
     ap.add_argument("--no-progress", action="store_true")
     add_engine_args(ap.add_argument_group("engine (EngineConfig fields, for every model)"),
-                    skip=("model", "max_num_seqs", "max_model_len", "num_kv_blocks"))
+                    skip=OWNED_FIELDS)
     add_kernel_constant_args(ap, "each point's TPOT ratio")
     return ap
 
@@ -354,17 +364,25 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, EngineC
         kwargs = engine_kwargs(args)
         configs = {m.strip(): EngineConfig(model=m.strip(), **kwargs) for m in args.model.split(",") if m.strip()}
         args.kernel_constant = parse_kernel_constants(args.kernel_constant)
-        args.ab = parse_kernel_constants(args.ab)
+        args.ab = parse_variant(args.ab, args.ab_engine_arg)
+        if owned := sorted(set(args.ab.engine_args) & set(OWNED_FIELDS)):
+            ap.error(f"--ab-engine-arg {', '.join(owned)}: set by the study itself")
+        variants = [pass_config(cfg, kwargs, args.ab.engine_args) for cfg in configs.values()] if args.ab else []
     except ValueError as e:
         ap.error(str(e))
     if not configs:
         ap.error("--model names no model")
-    for name, cfg in configs.items():
+    for name, cfg in [*configs.items(), *((f"{c.model} (variant)", c) for c in variants)]:
         if cfg.tensor_parallel_size != 1:
             ap.error("the latency study times one device: tensor_parallel_size must be 1")
         if args.prompt_len + TTFT_MAX_TOKENS > cfg.model_config.max_position_embeddings:
             ap.error(f"--prompt-len {args.prompt_len} exceeds {name}'s positions")
     return args, configs, kwargs
+
+
+def pass_config(cfg: EngineConfig, kwargs: dict[str, Any], engine_args: dict[str, Any]) -> EngineConfig:
+    """The model's config for an A/B pass: as given, or with the variant's EngineConfig fields."""
+    return EngineConfig(model=cfg.model, **{**kwargs, **engine_args}) if engine_args else cfg
 
 
 def run_model(cfg: EngineConfig, kwargs: dict[str, Any], points: list[Point], args: argparse.Namespace,
@@ -427,14 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path("reports") / time.strftime("latency-%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
     points, ttft_rows, ttft = [], [], {}
-    # (label, constants) of each pass over the models: one unlabelled pass, or --ab's
-    passes = [(f"{arm} {r}", extra) for arm, r, extra in ab_passes(args.ab, args.rounds)] if args.ab else [("", {})]
+    # (label, what the pass adds) of each pass over the models: one unlabelled pass, or the A/B's
+    passes = [(f"{arm} {r}", extra) for arm, r, extra in ab_passes(args.ab, args.rounds)] if args.ab else [
+        ("", Variant())]
     with tqdm(total=len(passes) * sum(len(ps) + 1 for ps in plans.values()), desc="latency", unit="point",
               disable=args.no_progress) as bar:
         for label, extra in passes:
-            with kernel_constants({**args.kernel_constant, **extra}):
+            with kernel_constants({**args.kernel_constant, **extra.constants}):
                 for model, cfg in configs.items():
-                    rows, requests, summary = run_model(cfg, kwargs, plans[model], args, bandwidth, bar)
+                    rows, requests, summary = run_model(pass_config(cfg, kwargs, extra.engine_args),
+                                                        {**kwargs, **extra.engine_args}, plans[model], args,
+                                                        bandwidth, bar)
                     for row in rows + requests:
                         row.update({"arm": label} if label else {})
                     ttft[f"{model} [{label}]" if label else model] = summary
@@ -448,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": config, "copy_bandwidth_bytes_per_s": bandwidth, "kv_budget_bytes": budgets,
               "estimated_s": estimate, "actual_s": actual, "points": points, "ttft": ttft}
     if args.ab:
-        result["ab"] = {"variant": args.ab, "rounds": args.rounds, "tpot_ratio": tpot_ratios(points)}
+        result["ab"] = {**args.ab.record(), "rounds": args.rounds, "tpot_ratio": tpot_ratios(points)}
         for r in result["ab"]["tpot_ratio"]:
             print(f"{r['model']} B={r['batch']} ctx={r['context']}: TPOT variant / baseline {r['ratio']:.3f} "
                   f"({r['variant_ms']:.3f} vs {r['baseline_ms']:.3f} ms, medians over rounds)")

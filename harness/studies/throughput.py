@@ -24,14 +24,16 @@ Every other EngineConfig field is a flag (`--enforce-eager`, `--tensor-parallel-
 harness.studies.throughput` is the same command. Output is detokenized incrementally (as
 `LLM.generate` does) unless --no-detokenize.
 
-An A/B of a kernel tuning constant in one call (harness/kernel_constants.py): `--ab
-MODULE.NAME=VALUE` (repeatable) is the variant; the baseline is the code as it is (with any
---kernel-constant). Each of --rounds rounds runs a fresh baseline engine, then a fresh variant
-engine, --repeat seeds each; printed and in the JSON: the variant's wall time over the baseline's
-for every seed of every round (< 1: the variant is faster) and their median.
+An A/B in one call (harness/kernel_constants.py): `--ab MODULE.NAME=VALUE` (kernel constants)
+and/or `--ab-engine-arg KEY=VALUE` (EngineConfig fields), each repeatable, make the variant; the
+baseline is the code and flags as given (with any --kernel-constant). Each of --rounds rounds
+runs a fresh baseline engine, then a fresh variant engine, --repeat seeds each; printed and in
+the JSON: the variant's wall time over the baseline's for every seed of every round (< 1: the
+variant is faster) and their median.
 
     llmbench studies throughput --model qwen3-0.6b --kv-cache-dtype fp8 --repeat 3 --rounds 2 \
         --ab decode_attention.DECODE_MAXNREG_FP8=168
+    llmbench studies throughput --model qwen3-0.6b --repeat 3 --ab-engine-arg max_num_batched_tokens=16384
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ from engine.config import ATTENTION_BACKENDS
 from engine.config_args import add_engine_args, engine_kwargs
 from harness.backends.hf import hf_model_from_config, left_pad  # the HF baseline lives there
 from harness.kernel_constants import (
+    Variant,
     ab_passes,
     add_kernel_constant_args,
     check_single_process,
     kernel_constants,
     parse_kernel_constants,
+    parse_variant,
 )
 from harness.kernels.jit_watch import watch_jit
 from harness.roofline import Flops, request_flops
@@ -278,20 +282,20 @@ def hf_baseline(kwargs: dict, args: argparse.Namespace, sizes: tuple[int, int, i
 
 
 def run_ab(kwargs: dict, backend: str, args: argparse.Namespace, sizes: tuple[int, int, int], rate: str,
-           constants: dict, variant: dict) -> dict:
+           constants: dict, variant: Variant) -> dict:
     """args.rounds rounds of (baseline, variant), a fresh engine each; per-seed wall-time ratios."""
     arms: dict[str, list[dict]] = {"baseline": [], "variant": []}
     for arm, round_, extra in ab_passes(variant, args.rounds):
-        with kernel_constants({**constants, **extra}):
-            run = run_backend(kwargs, backend, args, sizes, rate)
+        with kernel_constants({**constants, **extra.constants}):
+            run = run_backend({**kwargs, **extra.engine_args}, backend, args, sizes, rate)
         arms[arm].append(run)
         print(f"round {round_} {arm}: {describe(backend, run)}", flush=True)
     ratios = [v / b for base, var in zip(arms["baseline"], arms["variant"])
               for b, v in zip(base["engine_s_runs"], var["engine_s_runs"])]
     median = statistics.median(ratios)
-    print(f"variant {variant} / baseline, wall time per seed: {' '.join(f'{r:.3f}' for r in ratios)}; "
+    print(f"variant {variant.record()} / baseline, wall time per seed: {' '.join(f'{r:.3f}' for r in ratios)}; "
           f"median {median:.3f} (< 1: the variant is faster)")
-    return {"workload": args.workload, "ab": {"variant": variant, "rounds": args.rounds}, **arms,
+    return {"workload": args.workload, "ab": {**variant.record(), "rounds": args.rounds}, **arms,
             "time_ratio_per_seed": [round(r, 4) for r in ratios], "time_ratio_median": round(median, 4)}
 
 
@@ -320,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = engine_kwargs(args)
         backends = parse_backends(args.attention_backend)
         constants = parse_kernel_constants(args.kernel_constant)
-        variant = parse_kernel_constants(args.ab)
-        check_single_process({**constants, **variant}, kwargs)
+        variant = parse_variant(args.ab, args.ab_engine_arg)
+        check_single_process({**constants, **variant.constants}, {**kwargs, **variant.engine_args})
+        if variant.engine_args:
+            EngineConfig(**{**kwargs, **variant.engine_args})  # a bad value fails here, not after the baseline
     except ValueError as e:
         ap.error(str(e))
     if args.repeat < 1 or args.rounds < 1:

@@ -97,6 +97,7 @@ def test_parse_value():
     assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("true") is True
     assert parse_value("inf") == float("inf") and parse_value("torch") == "torch"
     assert parse_value("[1, 2]") == [1, 2]
+    assert parse_value("True") is True and parse_value(" False") is False and parse_value("None") is None
 
 
 def test_bad_trace_through_the_real_entry_point(tmp_path):

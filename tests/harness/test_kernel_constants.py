@@ -152,3 +152,54 @@ def test_latency_ab_runs_both_arms_each_round_and_reports_tpot_ratios(tmp_path, 
     assert "TPOT variant / baseline" in capsys.readouterr().out
     assert "[variant 2]" in (out / "table.md").read_text()
     assert decode_module.TARGET_PROGRAMS_PER_SM == before
+
+
+def test_throughput_ab_engine_arg_sets_the_field_in_the_variant_only(tmp_path):
+    """--ab-engine-arg KEY=VALUE: the variant's engines get the EngineConfig field, the baseline's
+    do not; recorded beside the (empty) kernel constants."""
+    from harness.studies import throughput
+
+    out = tmp_path / "ab.json"
+    assert throughput.main(["--workload", "prefill", "--num-seqs", "2", "--max-input-len", "40", "--repeat", "1",
+                            "--ab-engine-arg", "scheduling_policy=static", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ab"] == {"variant": {}, "engine_args": {"scheduling_policy": "static"}, "rounds": 1}
+    assert [run["policy"] for run in r["baseline"] + r["variant"]] == ["continuous", "static"]
+    assert len(r["time_ratio_per_seed"]) == 1
+
+
+def test_latency_ab_engine_arg_reaches_the_variant_engines(monkeypatch, tmp_path):
+    from engine import LLM
+    from harness.studies import latency
+
+    built = []
+
+    class Recording(LLM):
+        def __init__(self, model, **kwargs):
+            built.append(kwargs.get("enforce_eager"))
+            super().__init__(model, **kwargs)
+
+    monkeypatch.setattr(latency, "LLM", Recording)
+    out = tmp_path / "lat"
+    assert latency.main(["--model", "tiny", "--device", "cpu", "--batch", "1", "--context", "16", "--steps", "1",
+                         "--warmup-steps", "0", "--ttft-requests", "1", "--prompt-len", "8", "--out", str(out),
+                         "--no-progress", "--ab-engine-arg", "enforce_eager=True"]) == 0
+    assert built == [None, True]
+    result = json.loads((out / "latency.json").read_text())
+    assert result["ab"]["engine_args"] == {"enforce_eager": True} and result["ab"]["variant"] == {}
+    assert [r["batch"] for r in result["ab"]["tpot_ratio"]] == [1]
+
+
+@pytest.mark.parametrize("study, extra, message", [
+    ("throughput", ["--ab-engine-arg", "no_such_field=1"], "unknown EngineConfig field"),
+    ("throughput", ["--ab-engine-arg", "scheduling_policy=bogus"], "scheduling_policy"),
+    ("latency", ["--ab-engine-arg", "max_num_seqs=4"], "set by the study itself"),
+    ("latency", ["--ab-engine-arg", "tensor_parallel_size=2"], "tensor_parallel_size must be 1"),
+])
+def test_ab_engine_arg_usage_errors(study, extra, message, capsys):
+    """Refused before any engine runs: unknown fields, bad values, fields a study owns, TP."""
+    module = importlib.import_module(f"harness.studies.{study}")
+    argv = ["--workload", "prefill"] if study == "throughput" else ["--model", "tiny", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        module.main([*argv, *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
