@@ -71,6 +71,11 @@ _DEFAULTS_KEY = "engine_flag_defaults"  # namespace attribute: the tool's own de
 _SKIPPED_KEY = "engine_flag_skipped"  # namespace attribute: fields the tool sets itself
 
 
+def owned_fields(namespace: argparse.Namespace) -> tuple[str, ...]:
+    """The EngineConfig fields the tool sets itself (add_engine_args' `skip`): no flag or pair sets them."""
+    return tuple(getattr(namespace, _SKIPPED_KEY, ()))
+
+
 class UsageError(ValueError):
     """Input a command line rejects: printed as one `error:` line, exit status 2."""
 
@@ -107,7 +112,7 @@ def add_engine_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
         default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
         _add_flag(parser, f.name, unwrap_optional(hints[f.name]), flags, dest, _help(f.name, default, comments))
     parser.add_argument("--engine-arg", action="append", default=[], metavar="K=V",
-                        help="any EngineConfig field as KEY=VALUE (JSON values), repeatable; "
+                        help="any EngineConfig field as KEY=VALUE (JSON or Python values), repeatable; "
                              "the same as its flag")
     parser.set_defaults(**{_FIELDS_KEY: dests, _SKIPPED_KEY: tuple(skip),
                            _DEFAULTS_KEY: {k: defaults[k] for k in dests if k in defaults}})
@@ -142,7 +147,7 @@ def engine_kwargs(namespace: argparse.Namespace, extra_pairs: Sequence[str] | No
     unknown = sorted(set(pairs) - EngineConfig.field_names())
     if unknown:
         raise UsageError(f"unknown --engine-arg {unknown}; valid: {', '.join(sorted(EngineConfig.field_names()))}")
-    owned = sorted(set(pairs) & set(getattr(namespace, _SKIPPED_KEY, ())))
+    owned = sorted(set(pairs) & set(owned_fields(namespace)))
     if owned:
         raise UsageError(f"--engine-arg {', '.join(owned)}: set by this command's own "
                          f"{', '.join(flag_name(n) for n in owned)}")

@@ -19,6 +19,7 @@ variant engines in one command and report their ratios."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.config_args import UsageError, parse_pairs
+from engine.config_args import UsageError, owned_fields, parse_pairs
 
 FLAG = "--kernel-constant"
 AB_ENGINE_FLAG = "--ab-engine-arg"
@@ -128,13 +129,16 @@ class Variant:
         return {"variant": self.constants, **({"engine_args": self.engine_args} if self.engine_args else {})}
 
 
-def parse_variant(ab: Sequence[str], ab_engine_args: Sequence[str]) -> Variant:
-    """--ab and --ab-engine-arg values -> a Variant; UsageError on an unknown constant or field."""
-    engine = parse_pairs(ab_engine_args, AB_ENGINE_FLAG)
+def parse_variant(args: argparse.Namespace) -> Variant:
+    """A study's --ab and --ab-engine-arg values -> a Variant; UsageError on an unknown constant or
+    field, or on a field the study sets itself (add_engine_args' `skip`)."""
+    engine = parse_pairs(args.ab_engine_arg, AB_ENGINE_FLAG)
     unknown = sorted(set(engine) - EngineConfig.field_names())
     if unknown:
         raise UsageError(f"{AB_ENGINE_FLAG}: unknown EngineConfig field(s) {unknown}")
-    return Variant(parse_kernel_constants(ab), engine)
+    if owned := sorted(set(engine) & set(owned_fields(args))):
+        raise UsageError(f"{AB_ENGINE_FLAG} {', '.join(owned)}: set by the study itself")
+    return Variant(parse_kernel_constants(args.ab), engine)
 
 
 def ab_passes(variant: Variant, rounds: int) -> list[tuple[str, int, Variant]]:

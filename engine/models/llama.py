@@ -14,7 +14,12 @@ from engine.distributed import SINGLE, TensorParallel
 from engine.kernels.rope import KVStore
 from engine.layers.activation import silu_and_mul
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
@@ -42,8 +47,7 @@ class Attention(nn.Module):
 
     def forward(self, positions, x, kv: KVCache, meta: AttentionMetadata, backend: AttentionBackend,
                 skinny: SkinnyRowParallel | None = None, fusion: SmallBatchFusion | None = None):
-        qkv = self.qkv_proj(x) if skinny is None or not skinny.columns else self.qkv_proj.forward_fused(
-            x, pdl=skinny.pdl)[0]
+        qkv = _column_parallel(self.qkv_proj, x, skinny)
         return _row_parallel(self.o_proj, self.attend(positions, qkv, kv, meta, backend, fusion), skinny)
 
     def attend(self, positions, qkv: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
@@ -86,11 +90,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp, reduce=False, slot=1)
 
     def forward(self, x: torch.Tensor, skinny: SkinnyRowParallel | None = None) -> torch.Tensor:
-        if skinny is not None and skinny.columns:
-            act = self.gate_up_proj.forward_fused(x, gated=True, pdl=skinny.pdl)[0]
-        else:
-            act = silu_and_mul(self.gate_up_proj(x))
-        return _row_parallel(self.down_proj, act, skinny)
+        return _row_parallel(self.down_proj, _column_parallel(self.gate_up_proj, x, skinny, gated=True), skinny)
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,14 @@ class SkinnyRowParallel:
 
 def _row_parallel(layer: RowParallelLinear, x: torch.Tensor, skinny: SkinnyRowParallel | None) -> torch.Tensor:
     return layer(x) if skinny is None else layer.forward_fused(x, pdl=skinny.pdl)
+
+
+def _column_parallel(layer: ColumnParallelLinear, x: torch.Tensor, skinny: SkinnyRowParallel | None,
+                     gated: bool = False) -> torch.Tensor:
+    """x W^T (+ b), and with `gated` SiLU(gate) * up of it: one skinny GEMM with skinny.columns."""
+    if skinny is not None and skinny.columns:
+        return layer.forward_fused(x, gated=gated, pdl=skinny.pdl)[0]
+    return silu_and_mul(layer(x)) if gated else layer(x)
 
 
 @dataclass(frozen=True)

@@ -326,10 +326,6 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-# EngineConfig fields the study sets itself (the model from --model; sizes for the points)
-OWNED_FIELDS = ("model", "max_num_seqs", "max_model_len", "num_kv_blocks")
-
-
 def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="llmbench studies latency", description=__doc__,
@@ -348,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder (default: reports/latency-<time>)")
     ap.add_argument("--no-progress", action="store_true")
     add_engine_args(ap.add_argument_group("engine (EngineConfig fields, for every model)"),
-                    skip=OWNED_FIELDS)
+                    skip=("model", "max_num_seqs", "max_model_len", "num_kv_blocks"))
     add_kernel_constant_args(ap, "each point's TPOT ratio")
     return ap
 
@@ -364,9 +360,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, EngineC
         kwargs = engine_kwargs(args)
         configs = {m.strip(): EngineConfig(model=m.strip(), **kwargs) for m in args.model.split(",") if m.strip()}
         args.kernel_constant = parse_kernel_constants(args.kernel_constant)
-        args.ab = parse_variant(args.ab, args.ab_engine_arg)
-        if owned := sorted(set(args.ab.engine_args) & set(OWNED_FIELDS)):
-            ap.error(f"--ab-engine-arg {', '.join(owned)}: set by the study itself")
+        args.ab = parse_variant(args)
         variants = [pass_config(cfg, kwargs, args.ab.engine_args) for cfg in configs.values()] if args.ab else []
     except ValueError as e:
         ap.error(str(e))

@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = engine_kwargs(args)
         backends = parse_backends(args.attention_backend)
         constants = parse_kernel_constants(args.kernel_constant)
-        variant = parse_variant(args.ab, args.ab_engine_arg)
+        variant = parse_variant(args)
         check_single_process({**constants, **variant.constants}, {**kwargs, **variant.engine_args})
         if variant.engine_args:
             EngineConfig(**{**kwargs, **variant.engine_args})  # a bad value fails here, not after the baseline
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or args.rounds < 1:
         ap.error("--repeat and --rounds must be >= 1")
     if variant and (len(backends) > 1 or args.hf):
-        ap.error("--ab compares one backend with itself: not with several --attention-backend values or --hf")
+        ap.error("an A/B compares one backend with itself: not with several --attention-backend values or --hf")
     defaults = WORKLOADS[args.workload][torch.cuda.is_available()]
     sizes = tuple(d if v is None else v for v, d in zip((args.num_seqs, args.max_input_len, args.max_output_len),
                                                          defaults))

@@ -194,10 +194,12 @@ def test_latency_ab_engine_arg_reaches_the_variant_engines(monkeypatch, tmp_path
     ("throughput", ["--ab-engine-arg", "no_such_field=1"], "unknown EngineConfig field"),
     ("throughput", ["--ab-engine-arg", "scheduling_policy=bogus"], "scheduling_policy"),
     ("latency", ["--ab-engine-arg", "max_num_seqs=4"], "set by the study itself"),
+    ("throughput", ["--ab-engine-arg", "attention_backend=torch"], "set by the study itself"),
     ("latency", ["--ab-engine-arg", "tensor_parallel_size=2"], "tensor_parallel_size must be 1"),
 ])
 def test_ab_engine_arg_usage_errors(study, extra, message, capsys):
-    """Refused before any engine runs: unknown fields, bad values, fields a study owns, TP."""
+    """Refused before any engine runs: unknown fields, bad values, fields a study sets itself (throughput's
+    attention_backend comes from --attention-backend), TP."""
     module = importlib.import_module(f"harness.studies.{study}")
     argv = ["--workload", "prefill"] if study == "throughput" else ["--model", "tiny", "--device", "cpu"]
     with pytest.raises(SystemExit) as exc:
