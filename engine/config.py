@@ -260,8 +260,9 @@ FUSED_AUTO_MAX_HIDDEN = 2048
 # fused_row_parallel_tokens=None: steps of up to this many tokens, for the same models. On one H200
 # qwen3-0.6b's decode steps of 2 and 4 sequences took 1.19 and 1.26 ms with it against 1.38-1.46
 # without (PERF.md row 28); once its tiles split K 4 ways up to 32 rows (row 49), steps of 8, 16,
-# 24 and 32 sequences took 1.32, 1.49, 1.71 and 1.96 ms against cuBLAS's 1.42, 1.59, 1.79 and 2.03
-FUSED_AUTO_ROW_PARALLEL_TOKENS = 32
+# 24 and 32 sequences took 1.32, 1.49, 1.71 and 1.96 ms against cuBLAS's 1.42, 1.59, 1.79 and 2.03;
+# at 48 and 64 sequences (64-row tiles) 2.09 and 2.67 ms against 2.20 and 2.77 (row 51)
+FUSED_AUTO_ROW_PARALLEL_TOKENS = 64
 
 
 def _resolve_fused_tokens(name: str, tokens: int | None, mc: ModelConfig, auto: int) -> int:

@@ -100,11 +100,12 @@ BIG_WEIGHT_BYTES = 16 << 20
 # up to which K may split (the partials go to the norm after the projection, which reads S of them
 # per x element). o_proj and down_proj of qwen3-0.6b at 2-32 rows: split 4 makes 128 programs of
 # 32 features where unsplit tiles fill a quarter of the SMs: decode steps 2-7% faster on an H200
-# than with split 2 up to 4 rows and no split above (reports/PERF.md row 49)
+# than with split 2 up to 4 rows and no split above (reports/PERF.md row 49); at 48 and 64 rows
+# 4-5% faster than cuBLAS (row 51)
 DOT_BLOCK_N = (64, 32, 16)
 MAX_STAGES = 6
 MAX_SPLIT = 4
-SPLIT_MAX_ROWS = 32
+SPLIT_MAX_ROWS = 64
 # dot_cost's constants (a model to rank tiles, checked by `llmbench kernels bench-gemv`): weight
 # bytes one SM must keep in flight to draw its share of HBM bandwidth (H200: 4.8 TB/s / 132 SMs x
 # ~1.3 us of loaded latency), the shared memory of an SM, and L2 bandwidth over HBM's for x's reads

@@ -159,6 +159,7 @@ def _skinny_gemm_cases() -> list[Case]:
             ("bf16", 2, True, True, True, False, True, 1, 16, 16, 128, 4, 4, False),
             ("bf16", 1, False, False, False, False, False, 2, 16, 32, 128, 4, 6, False),
             ("bf16", 1, False, False, False, False, False, 4, 32, 32, 128, 4, 6, False),  # o / down, 17-32 rows
+            ("bf16", 1, False, False, False, False, False, 4, 64, 32, 128, 4, 5, False),  # o / down, 33-64 rows
             ("bf16", 1, False, False, False, False, False, 1, 32, 32, 128, 4, 6, False),  # qkv, row-parallel columns
             ("bf16", 1, False, False, False, False, True, 1, 32, 16, 128, 4, 6, False),  # gate_up, the same
             ("fp32", 2, True, False, True, False, True, 1, 16, 16, 64, 4, 4, False),  # float32 engines: ieee dots

@@ -95,15 +95,16 @@ def test_fused_small_batch_float32_matches_hf(checkpoint_dirs, arch):
     assert_matches_hf(tokens(columns), reference)
 
 
-def test_row_parallel_default_at_17_to_32_rows_float32_matches_hf(checkpoint_dirs):
-    """The default fused_row_parallel_tokens (FUSED_AUTO_ROW_PARALLEL_TOKENS) reaches steps of 17-32
-    sequences: o_proj and down_proj on 32-row tiles splitting K; HF's greedy tokens."""
+@pytest.mark.parametrize("batch", [24, 48])
+def test_row_parallel_default_at_17_to_64_rows_float32_matches_hf(checkpoint_dirs, batch):
+    """The default fused_row_parallel_tokens (FUSED_AUTO_ROW_PARALLEL_TOKENS) reaches steps of 17-64
+    sequences: o_proj and down_proj on 32- and 64-row tiles splitting K; HF's greedy tokens."""
     from engine.config import FUSED_AUTO_ROW_PARALLEL_TOKENS
 
-    assert FUSED_AUTO_ROW_PARALLEL_TOKENS >= 24
+    assert FUSED_AUTO_ROW_PARALLEL_TOKENS >= batch
     path, rng = checkpoint_dirs["qwen3"], random.Random(11)
-    prompts = [[rng.randrange(256) for _ in range(rng.randrange(3, 40))] for _ in range(24)]
-    llm = LLM(path, dtype="float32", **{**SMALL, "max_num_seqs": 32})
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(3, 40))] for _ in range(batch)]
+    llm = LLM(path, dtype="float32", **{**SMALL, "max_num_seqs": 64})
     assert llm.engine.config.resolved_row_parallel_tokens == FUSED_AUTO_ROW_PARALLEL_TOKENS
     assert_matches_hf(tokens(llm, prompts), hf_greedy(path, prompts, PARAMS.max_tokens))
 

@@ -195,12 +195,13 @@ def test_model_widths_one_and_sixteen_rows(tile, k, stages):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_k_of_a_32_row_tile_over_fewer_rows(dtype):
-    """fused_row_parallel_tokens' steps of 17-32 sequences: 32-row tensor-core tiles (rows padded
-    with zeros) splitting K 4 ways, the last split short."""
-    m, n, k = 24, 40, 112
+@pytest.mark.parametrize("m,block_m", [(24, 32), (48, 64)])
+def test_split_k_of_a_wide_row_tile_over_fewer_rows(dtype, m, block_m):
+    """fused_row_parallel_tokens' steps of 17-64 sequences: 32- and 64-row tensor-core tiles (rows
+    padded with zeros) splitting K 4 ways, the last split short."""
+    n, k = 40, 112
     x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=k ** -0.5)
-    y, _ = skinny_gemm(x, w, split_ok=True, config=GemvConfig(32, 16, 16, 4, 2, split_k=4))
+    y, _ = skinny_gemm(x, w, split_ok=True, config=GemvConfig(block_m, 16, 16, 4, 2, split_k=4))
     assert y.shape == (4, m, n) and y.dtype == torch.float32
     assert rel(y.sum(0), F.linear(x.double(), w.double())) < TOL[torch.float32] * 10
 
@@ -242,7 +243,7 @@ def test_choose_config_one_row_on_cuda_cores_more_on_tensor_cores():
     rows: tensor cores, a pipeline within the SMEM budget, split K only for few rows."""
     sms = 132
     for n, k, gated, can_split in LAYER_SHAPES:
-        for m in (1, 2, 4, 8, 16, 24, 32, 64):
+        for m in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96):
             p = GemvProblem(m, n, k, 2, 4 if not can_split else 2, gated, can_split)
             c = choose_config(p, sms)
             assert c.block_m >= m and c.use_dot == (m > 1) and not c.norm_first, (p, c)
