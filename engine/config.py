@@ -112,6 +112,10 @@ class EngineConfig:
     # fused_small_batch_rotary and _merge name (q/k norm, rotary and KV store; the split merge): one
     # or two kernels fewer a layer at any batch size. Off until measured at 16-256 sequences
     fused_decode_attention: bool = False
+    # GPU, TP=1, a model-dtype KV cache: batch-1 decode steps run every decoder layer in one persistent
+    # kernel, with grid barriers where the fused path has kernel boundaries
+    # (engine/kernels/persistent_decode.py). Off until timed (reports/PERF.md row 52)
+    persistent_decode: bool = False
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
     # graphs) leaves the collector's scans, so a full collection no longer stalls a decode step for
@@ -158,7 +162,7 @@ class EngineConfig:
         if not isinstance(self.freeze_gc, bool):
             raise ValueError(f"freeze_gc must be a bool, got {self.freeze_gc!r}")
         for name in ("fused_small_batch_pdl", "fused_small_batch_rotary", "fused_small_batch_merge",
-                     "fused_row_parallel_columns", "fused_decode_attention"):
+                     "fused_row_parallel_columns", "fused_decode_attention", "persistent_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.skip_tokenizer_init, bool):

@@ -133,7 +133,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int,
 
 
 @triton.jit
-def _merge(lse, part):
+def merge_splits(lse, part):
     """Split partials merged by log-sum-exp: lse [.., S] (log2; -inf: an empty split, weight 0)
     and part [.., S, D] (each split's normalised output) -> [.., D]; all splits empty: zeros."""
     lse_max = tl.max(lse, axis=-1, keep_dims=True)
@@ -144,7 +144,7 @@ def _merge(lse, part):
 
 
 @triton.jit
-def _store_new_kv(k_src, v_src, slot_ptr, seq, kv_head, mine, k_cache_ptr, v_cache_ptr, kw_ptr, cos_row, sin_row,
+def store_new_kv(k_src, v_src, slot_ptr, seq, kv_head, mine, k_cache_ptr, v_cache_ptr, kw_ptr, cos_row, sin_row,
                   eps, k_scale, v_scale, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
                   BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
     """This step's K (normed and rotated from its raw row at k_src) and V (at v_src) of one KV
@@ -168,7 +168,7 @@ def _store_new_kv(k_src, v_src, slot_ptr, seq, kv_head, mine, k_cache_ptr, v_cac
 
 
 @triton.jit
-def _fold_key(q, k, v, m_i, l_i, acc, scale_log2):
+def fold_key(q, k, v, m_i, l_i, acc, scale_log2):
     """The running softmax (m_i, l_i, acc) of the q rows [BLOCK_H, D] after one more key k and
     value v [D], with the loop's operations: p rounded to v's dtype before it weighs v."""
     s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale_log2  # [BLOCK_H]
@@ -177,6 +177,38 @@ def _fold_key(q, k, v, m_i, l_i, acc, scale_log2):
     alpha = tl.exp2(m_i - m_new)
     acc = acc * alpha[:, None] + p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
     return m_new, l_i * alpha + p, acc
+
+
+@triton.jit
+def attend_tiles(q, m_i, l_i, acc, bt_row, kv_head, t_begin, t_end, n_keys, k_cache_ptr, v_cache_ptr,
+                 stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h, scale_log2, d, d_ok,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The online softmax (m_i, l_i, acc) of the q rows [BLOCK_H, D_PAD] after the cached keys of
+    BLOCK_N-key tiles t_begin..t_end (of n_keys) of one KV head, read through the block table row
+    `bt_row` (also the persistent decode kernel's, engine/kernels/persistent_decode.py)."""
+    for t in range(t_begin, t_end):
+        pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_ok = pos < n_keys
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h
+        v_row = blk * stride_vc_b + in_blk * stride_vc_s + kv_head * stride_vc_h
+        # Masked loads: slots past seq_len may hold garbage/NaN (0 * NaN = NaN in the PV dot).
+        kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
+                     mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+        v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
+                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        kt = kt.to(q.dtype)  # fp8: exact in q's (fp16) dtype; else as loaded
+        v = v.to(q.dtype)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -221,7 +253,7 @@ def _decode_split_kernel(
         cos_row, sin_row = cos_ptr + q_pos * stride_cos, sin_ptr + q_pos * stride_cos
         # the newest key is this program's if its split holds the last cached tile (split 0: none)
         mine = (split == (tl.maximum(n_tiles, 1) - 1) // tl.maximum(per_split, 1)) & (seq_len > 0)
-        k_new, v_new = _store_new_kv(new_k_ptr + seq * stride_nk_t + kv_head * stride_nk_h,
+        k_new, v_new = store_new_kv(new_k_ptr + seq * stride_nk_t + kv_head * stride_nk_h,
                                      new_v_ptr + seq * stride_nv_t + kv_head * stride_nv_h, slot_ptr, seq, kv_head,
                                      mine, k_cache_ptr, v_cache_ptr, kw_ptr, cos_row, sin_row, eps, k_scale,
                                      v_scale, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
@@ -237,32 +269,13 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D_PAD], tl.float32)
-    bt_row = block_tables_ptr + seq * stride_bt
-    for t in range(t_begin, t_end):
-        pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        pos_ok = pos < n_keys
-        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-        in_blk = pos % BLOCK_SIZE
-        k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h
-        v_row = blk * stride_vc_b + in_blk * stride_vc_s + kv_head * stride_vc_h
-        # Masked loads: slots past seq_len may hold garbage/NaN (0 * NaN = NaN in the PV dot).
-        kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
-                     mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
-        v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
-                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
-        kt = kt.to(q.dtype)  # fp8: exact in q's (fp16) dtype; else as loaded
-        v = v.to(q.dtype)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, block_tables_ptr + seq * stride_bt, kv_head, t_begin, t_end,
+                                 n_keys, k_cache_ptr, v_cache_ptr, stride_kc_b, stride_kc_s, stride_kc_h,
+                                 stride_vc_b, stride_vc_s, stride_vc_h, scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE,
+                                 DOT_PRECISION)
     if ROTARY:
         if mine:
-            m_i, l_i, acc = _fold_key(q, k_new.to(q.dtype), v_new.to(q.dtype), m_i, l_i, acc, scale_log2)
+            m_i, l_i, acc = fold_key(q, k_new.to(q.dtype), v_new.to(q.dtype), m_i, l_i, acc, scale_log2)
     acc = fold_scale(acc, v_scale, v_cache_ptr)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # empty split / seq_len 0: zeros
@@ -304,7 +317,7 @@ def _merge_group(acc_ptr, lse_ptr, out_ptr, seq, kv_head, d, d_ok, stride_acc_t,
                        mask=ok[:, None, None] & (sp < NUM_SPLITS)[None, :, None] & d_ok[None, None, :],
                        other=0.0, cache_modifier=".cg")  # [MH, SPLITS_PAD, D_PAD]
         tl.store(out_ptr + seq * stride_o_t + head[:, None] * stride_o_h + d[None, :],
-                 _merge(lse, part).to(out_ptr.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+                 merge_splits(lse, part).to(out_ptr.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -324,7 +337,7 @@ def _decode_reduce_kernel(
     part = tl.load(acc_ptr + seq * stride_acc_t + head * stride_acc_h
                    + s[:, None] * stride_acc_s + d[None, :],
                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [SPLITS_PAD, D_PAD]
-    tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + d, _merge(lse, part).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + d, merge_splits(lse, part).to(out_ptr.dtype.element_ty),
              mask=d_ok)
 
 

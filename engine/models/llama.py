@@ -11,6 +11,16 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.distributed import SINGLE, TensorParallel
+from engine.kernels.device_info import num_sms
+from engine.kernels.persistent_decode import (
+    DecodeShape,
+    LayerTables,
+    PersistentPlan,
+    PersistentScratch,
+    alloc_scratch,
+    choose_plan,
+    persistent_decode,
+)
 from engine.kernels.rope import KVStore
 from engine.layers.activation import silu_and_mul
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -126,7 +136,8 @@ class SmallBatchFusion:
     with o_proj and down_proj as skinny GEMMs, and with `row_parallel_columns` qkv_proj and
     gate_up_proj too (SkinnyRowParallel). `every_decode`
     (EngineConfig.fused_decode_attention): the usual path's decode steps fold `rotary` and
-    `merge` into the decode kernel too."""
+    `merge` into the decode kernel too. `persistent` (EngineConfig.persistent_decode): batch-1
+    decode steps run every layer in one kernel instead (LlamaModel.forward_persistent)."""
 
     max_tokens: int = 0
     pdl: bool = False
@@ -135,6 +146,7 @@ class SmallBatchFusion:
     row_parallel_tokens: int = 0
     every_decode: bool = False
     row_parallel_columns: bool = False
+    persistent: bool = False
 
 
 class DecoderLayer(nn.Module):
@@ -188,17 +200,74 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, fusion: SmallBatchFusion = SmallBatchFusion()):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary, fusion) for _ in range(cfg.num_hidden_layers))
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, self.rotary, fusion)
+                                    for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tp = tp
+        self.config = cfg
+        self.persistent = fusion.persistent and tp.size == 1
+        self._persistent: PersistentDecode | None = None  # built at the first persistent step
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        for layer, kv in zip(self.layers, kv_caches):
-            h, residual = layer(positions, h, residual, kv, meta, backend)
+        if (self.persistent and h.is_cuda and h.shape[0] == 1 and meta.is_decode_only and backend.fused_decode
+                and kv_caches[0][0].dtype == h.dtype):
+            h, residual = self.forward_persistent(h, positions, kv_caches, meta)
+        else:
+            for layer, kv in zip(self.layers, kv_caches):
+                h, residual = layer(positions, h, residual, kv, meta, backend)
         h, _ = self.norm(h, residual, self.tp)
         return h  # [T, hidden]
+
+    def forward_persistent(self, h: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                           meta: AttentionMetadata, programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every decoder layer of a one-token decode step in one persistent kernel
+        (engine.kernels.persistent_decode): h [1, H], the embedding, -> (the last down_proj's
+        partial sums, the residual) for the last norm. `programs`: the grid (default one per SM)."""
+        state = self._persistent
+        if state is None or (programs is not None and state.plan.programs != programs):
+            state = self._persistent = PersistentDecode.build(self, h.device, programs)
+        out = persistent_decode(h, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, kv_caches,
+                                self.rotary.cos, self.rotary.sin, state.tables, state.shape, state.plan,
+                                state.scratch, self.layers[0].self_attn.scale, check=not state.checked)
+        state.checked = True
+        return out
+
+
+@dataclass
+class PersistentDecode:
+    """What the persistent decode kernel reads besides the step's inputs: per-layer weight
+    addresses, the model's sizes, the work split and the scratch (one set a model)."""
+
+    tables: LayerTables
+    shape: DecodeShape
+    plan: PersistentPlan
+    scratch: PersistentScratch
+    checked: bool = False
+
+    @staticmethod
+    def build(model: LlamaModel, device: torch.device, programs: int | None = None) -> PersistentDecode:
+        cfg, layers = model.config, model.layers
+        attn = [layer.self_attn for layer in layers]
+
+        def table(params) -> torch.Tensor:
+            return torch.tensor([p.data_ptr() for p in params], dtype=torch.int64, device=device)
+
+        tables = LayerTables(
+            qkv=table(a.qkv_proj.weight for a in attn), o=table(a.o_proj.weight for a in attn),
+            gate_up=table(layer.mlp.gate_up_proj.weight for layer in layers),
+            down=table(layer.mlp.down_proj.weight for layer in layers),
+            input_norm=table(layer.input_layernorm.weight for layer in layers),
+            post_norm=table(layer.post_attention_layernorm.weight for layer in layers),
+            bias=table(a.qkv_proj.bias for a in attn) if cfg.attention_bias else None,
+            q_norm=table(a.q_norm.weight for a in attn) if cfg.qk_norm else None,
+            k_norm=table(a.k_norm.weight for a in attn) if cfg.qk_norm else None,
+        )
+        shape = DecodeShape(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                            cfg.head_dim, cfg.num_hidden_layers, cfg.rms_norm_eps, cfg.qk_norm, cfg.attention_bias)
+        plan = choose_plan(shape, programs or num_sms(device))
+        return PersistentDecode(tables, shape, plan, alloc_scratch(shape, plan, model.norm.weight.dtype, device))
 
 
 class LlamaFamilyForCausalLM(nn.Module):

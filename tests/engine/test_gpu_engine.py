@@ -214,6 +214,32 @@ def test_fused_decode_kernel_bf16_matches_the_cublas_path(checkpoint_dirs):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head
+def test_persistent_decode_float32_matches_hf(checkpoint_dirs, arch):
+    """EngineConfig.persistent_decode: batch-1 decode steps run every layer in one kernel with
+    grid barriers; prompts one at a time (and a batch of 8, which takes the other paths), CUDA
+    graphs and eager: HF's greedy tokens with the near-tie rule."""
+    path = checkpoint_dirs[arch]
+    reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
+    for eager in (False, True):
+        llm = LLM(path, dtype="float32", persistent_decode=True, enforce_eager=eager, **SMALL)
+        assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], reference)
+        assert_matches_hf(tokens(llm), reference)
+
+
+def test_persistent_decode_bf16_matches_the_fused_path(checkpoint_dirs):
+    """bf16, prompts one at a time: the persistent kernel's tokens are the fused path's up to
+    near-ties, and a batch-1 decode step is that one kernel (no skinny GEMM or decode kernel)."""
+    path = checkpoint_dirs["qwen3"]
+    got = [tokens(LLM(path, dtype="bfloat16", persistent_decode=True, **SMALL), [p])[0] for p in PROMPTS]
+    want = [tokens(LLM(path, dtype="bfloat16", **SMALL), [p])[0] for p in PROMPTS]
+    assert_bf16_near(path, got, want, PROMPTS, PARAMS.max_tokens, "persistent decode vs the fused path")
+    names, _ = decode_step_kernels(path, PROMPTS[6], persistent_decode=True)
+    count = lambda part: sum(part in n for n in names)  # noqa: E731
+    assert count("_persistent_decode_kernel") == 1, names
+    assert count("_skinny_gemm_kernel") == count("_decode_split_kernel") == 0, names
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head
 def test_fused_decode_attention_float32_matches_hf(checkpoint_dirs, arch):
     """EngineConfig.fused_decode_attention: the usual (cuBLAS) path's decode steps with the q/k
     norm, rotary, KV store and split merge in the decode kernel; CUDA graphs and eager, batches

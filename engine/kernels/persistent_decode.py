@@ -1,0 +1,460 @@
+"""Every decoder layer of a batch-1 decode step in one persistent kernel.
+
+Why: a batch-1 step of Qwen3-0.6B on the fused small-batch path is ~145 kernels (five a layer)
+at 4-9 us each, 0.92 ms against a 0.28 ms weight-read floor on an H200; with every weight in
+L2 the same chain still takes 75% of that time (reports/PERF.md rows 47, 51), so it is launch,
+ramp and drain, not bytes. Here one launch of one program per SM walks all layers; where the
+chain had a kernel boundary it has a grid barrier (an atomic counter a step, acquire/release at
+GPU scope), and a program starts loading its next weights as soon as it passes one.
+
+A layer is five steps, each spread over the programs:
+  0. r = residual + sum(down partials); x = RMSNorm(r); qkv = x Wqkv^T (+ bias), in the dtype
+  1. attention: (KV head, split) items; q/k RMSNorm and rotary, this step's K/V stored by the
+     item whose split holds the last cached tile (engine.kernels.decode_attention's ROTARY
+     rules), fp32 partials (normalised output, log2-sum-exp) per (q head, split)
+  2. o: (feature block, head range) items; each merges its heads' splits, then fp32 partials
+     of x Wo^T over its heads (K split by heads)
+  3. r += sum(o partials); x = RMSNorm(r); act = SiLU(x Wg^T) * (x Wu^T), in the dtype
+  4. down: (feature block, K split) items, fp32 partials for the next layer's step 0
+Every program computes the norm's 1/RMS over the whole row itself (one row of `hidden` values
+from L2), so only the residual's new value needs a writer (program 0, into the other of two
+buffers: nobody reads what is being written). The model's last norm adds the last partials
+(engine.kernels.skinny_gemm.partials_rmsnorm). Roundings are the fused path's: the norm in HF's
+order, projections rounded to the dtype, SiLU in the dtype then times up.
+
+On the CPU (the Triton interpreter runs programs one after another, so a program waiting at a
+barrier would wait forever) the host launches one kernel a step instead: the same code, with
+kernel boundaries for barriers. Weights are found through tables of per-layer addresses, so
+the model's parameters stay where they are. KV caches: the runner's layers are views of one
+tensor, a fixed stride apart.
+
+Co-residency: a grid barrier needs every program resident at once, so the grid is at most one
+program per SM, launched after the step's previous kernel has finished (no PDL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import globaltimer
+
+from engine.kernels.decode_attention import attend_tiles, fold_key, merge_splits, store_new_kv
+from engine.kernels.rope import norm_rope
+
+STEPS_PER_LAYER = 5
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """The model's sizes as the kernel needs them."""
+
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    eps: float
+    qk_norm: bool
+    bias: bool
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+
+@dataclass(frozen=True)
+class PersistentPlan:
+    """How each step's work is cut into items (see choose_plan)."""
+
+    programs: int
+    block_k: int  # K elements a GEMV loop step
+    qkv_block: int  # qkv features an item
+    splits: int  # attention splits a KV head
+    block_n: int  # keys an attention tile
+    o_block: int  # o features an item
+    o_split: int  # o's K (the heads) cut in this many ranges
+    gate_block: int  # gate (and as many up) features an item
+    down_block: int
+    down_split: int
+    num_warps: int = 8
+
+
+@dataclass(frozen=True)
+class LayerTables:
+    """Per-layer addresses (int64 [num_layers] each, on the device): the weights of qkv [N, H],
+    o [H, Hq D], gate_up [2 I, H] and down [H, I], the two norms' weights, the qkv bias and the
+    q/k norm weights (None: the model has none)."""
+
+    qkv: torch.Tensor
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
+
+@dataclass
+class PersistentScratch:
+    residual: torch.Tensor  # [2, H] dtype: read one, write the other
+    parts: torch.Tensor  # [max(o_split, down_split), 1, H] fp32
+    qkv: torch.Tensor  # [qkv_size] dtype
+    acc: torch.Tensor  # [Hq, splits, D] fp32
+    lse: torch.Tensor  # [Hq, splits] fp32
+    act: torch.Tensor  # [I] dtype
+    counters: torch.Tensor  # [num_layers * STEPS_PER_LAYER] int32, zeroed before each launch
+
+
+# The work split's knobs, read by choose_plan at engine start (so `--ab` can vary them): the
+# largest feature block an item takes; what one more round of items a program costs, in feature
+# rows (a round is a dependent chain of loads: blocks of 32 in one round beat 16 in two); the
+# attention splits a KV head (a power of two) and keys a tile; warps a program.
+MAX_BLOCK = 64
+ROUND_COST_ROWS = 8
+ATTENTION_SPLITS = 16
+ATTENTION_BLOCK_N = 64
+NUM_WARPS = 8
+# each step asks L2 for the weights of the program's first item of the next weighted step
+PREFETCH_WEIGHTS = False  # measured slower on an H200 (reports/PERF.md row 52)
+
+
+def _block(n: int, items_per: int, programs: int) -> int:
+    """The power-of-two feature block (8..MAX_BLOCK) for n features, each block giving items_per
+    items, that costs least: rounds of items a program times (block + ROUND_COST_ROWS); ties
+    go to the larger block."""
+    blocks = [b for b in (8, 16, 32, 64, 128, 256) if b <= max(8, MAX_BLOCK)]
+    cost = {b: triton.cdiv(triton.cdiv(n, b) * items_per, programs) * (b + ROUND_COST_ROWS) for b in blocks}
+    return min(reversed(blocks), key=cost.__getitem__)
+
+
+def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
+    """Each step's items sized for `programs` (see _block); o splits K by whole heads and down by
+    equal ranges, 4 ways where they are long enough, so each norm reads few partials."""
+    h, inter = shape.hidden, shape.intermediate
+    block_k = min(256, triton.next_power_of_2(h))
+    o_split = max(1, min(shape.num_heads, 4))
+    while shape.num_heads % o_split:
+        o_split -= 1
+    down_split = 4 if inter >= 4 * block_k else 1
+    splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
+    return PersistentPlan(programs, block_k, _block(shape.qkv_size, 1, programs), splits, ATTENTION_BLOCK_N,
+                          _block(h, o_split, programs), o_split, _block(inter, 1, programs),
+                          _block(h, down_split, programs), down_split, NUM_WARPS)
+
+
+def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
+                  device: torch.device | str) -> PersistentScratch:
+    f32 = dict(dtype=torch.float32, device=device)
+    return PersistentScratch(
+        residual=torch.empty(2, shape.hidden, dtype=dtype, device=device),
+        parts=torch.empty(max(plan.o_split, plan.down_split), 1, shape.hidden, **f32),
+        qkv=torch.empty(shape.qkv_size, dtype=dtype, device=device),
+        acc=torch.empty(shape.num_heads, plan.splits, shape.head_dim, **f32),
+        lse=torch.empty(shape.num_heads, plan.splits, **f32),
+        act=torch.empty(shape.intermediate, dtype=dtype, device=device),
+        counters=torch.zeros(shape.num_layers * STEPS_PER_LAYER, dtype=torch.int32, device=device),
+    )
+
+
+@triton.jit
+def _grid_barrier(counter_ptr, programs):
+    """Wait until every program has arrived: the CTA's stores happen before this program's
+    release, and the acquire makes every other program's stores visible to what follows."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < programs:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _residual(res_ptr, parts_ptr, cols, mask, H: tl.constexpr, PARTS: tl.constexpr):
+    """round(sum of the partials, in order) + residual at `cols`, in the residual's dtype. Loads
+    bypass L1: other programs wrote these in this launch."""
+    acc = tl.zeros(cols.shape, tl.float32)
+    for s in tl.static_range(PARTS):
+        acc += tl.load(parts_ptr + s * H + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    res = tl.load(res_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc.to(res.dtype) + res
+
+
+@triton.jit
+def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs,
+               H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+               GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of BLOCK_F
+    features, or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
+    stores the new residual into res_out. The norm in one pass, as the skinny GEMM's: (r * g) W^T
+    and r's squares summed over the K loop, the sums scaled by 1/RMS after it (a first pass for
+    1/RMS put two more L2 round trips before the first weight load)."""
+    dtype = res_in.dtype.element_ty
+    for item in range(pid, tl.cdiv(N, BLOCK_F), programs):
+        n = item * BLOCK_F + tl.arange(0, BLOCK_F)
+        n_ok = n < N
+        acc = tl.zeros([BLOCK_F, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_F, BLOCK_K], tl.float32)
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in tl.static_range(0, H, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            k_ok = cols < H
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + n[:, None] * H + cols[None, :], mask=w_mask, other=0.0)
+            if GATED:
+                up = tl.load(w_ptr + (N + n)[:, None] * H + cols[None, :], mask=w_mask, other=0.0)
+            g = tl.load(g_ptr + cols, mask=k_ok, other=0.0)
+            r = _residual(res_in, parts_ptr, cols, k_ok, H, PARTS)
+            tl.store(res_out + cols, r, mask=k_ok & (cols * 0 + item == 0))  # a vector mask: see _row_rstd
+            rf = r.to(tl.float32)
+            squares += rf * rf
+            x = rf * g.to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+            if GATED:
+                acc_up += up.to(tl.float32) * x[None, :]
+        rstd = 1.0 / tl.sqrt(tl.sum(squares) / H + eps)
+        y = tl.sum(acc, axis=1) * rstd
+        if HAS_BIAS:
+            y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        if GATED:
+            gate = y.to(dtype).to(tl.float32)
+            out = (gate / (1.0 + tl.exp(-gate))).to(dtype) * (tl.sum(acc_up, axis=1) * rstd).to(dtype)
+        else:
+            out = y.to(dtype)
+        tl.store(out_ptr + n, out, mask=n_ok)
+
+
+@triton.jit
+def _prefetch(base, row0, row_end, ld, col0, col_end, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Ask L2 for rows row0..row0+ROWS and columns col0..col0+COLS (within row_end, col_end) of a
+    row-major 2-byte matrix with rows `ld` elements apart: one prefetch a 128-byte line, 4 lines
+    a row at a time. No register waits on it; the loads after the next barrier find the lines in L2."""
+    r = row0 + tl.arange(0, ROWS)
+    for c0 in tl.static_range(0, COLS, 256):
+        c = col0 + c0 + tl.arange(0, 4) * 64
+        ok = (r < row_end)[:, None] & (c < col_end)[None, :]
+        p = base + tl.where(ok, r[:, None].to(tl.int64) * ld + c[None, :], 0)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _attention(qkv_ptr, acc_ptr, lse_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr,
+               sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s, stride_kc_h, pid,
+               programs, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, QK_NORM: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY
+    programs: fp32 partials per (q head, split) into acc / lse."""
+    GROUP: tl.constexpr = HQ // HKV
+    seq_len = tl.load(seq_lens_ptr)
+    n_keys = tl.maximum(seq_len - 1, 0)  # the newest key is not cached yet
+    n_tiles = tl.cdiv(n_keys, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, SPLITS)
+    q_pos = tl.load(pos_ptr)
+    cos_row, sin_row = cos_ptr + q_pos * stride_cos, sin_ptr + q_pos * stride_cos
+    h = tl.arange(0, BLOCK_H)
+    h_ok = h < GROUP
+    d = tl.arange(0, D)
+    d_ok = d < D
+    for item in range(pid, HKV * SPLITS, programs):
+        kv_head, split = item // SPLITS, item % SPLITS
+        head = kv_head * GROUP + h
+        mine = (split == (tl.maximum(n_tiles, 1) - 1) // tl.maximum(per_split, 1)) & (seq_len > 0)
+        k_new, v_new = store_new_kv(qkv_ptr + (HQ + kv_head) * D, qkv_ptr + (HQ + HKV + kv_head) * D, slot_ptr, 0,
+                                    kv_head, mine, k_cache, v_cache, kw_ptr, cos_row, sin_row, eps, 1.0, 1.0,
+                                    stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
+                                    BLOCK_SIZE, QK_NORM, D)
+        q = norm_rope(qkv_ptr + head[:, None] * D, h_ok[:, None], qw_ptr, cos_row, sin_row, eps, QK_NORM, D)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        t_begin = split * per_split
+        m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, kv_head, t_begin,
+                                     tl.minimum(t_begin + per_split, n_tiles), n_keys, k_cache, v_cache,
+                                     stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
+                                     scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE, DOT_PRECISION)
+        if mine:
+            m_i, l_i, acc = fold_key(q, k_new.to(q.dtype), v_new.to(q.dtype), m_i, l_i, acc, scale_log2)
+        empty = l_i == 0.0
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(acc_ptr + (head[:, None] * SPLITS + split) * D + d[None, :], o, mask=h_ok[:, None])
+        tl.store(lse_ptr + head * SPLITS + split, lse, mask=h_ok)
+
+
+@triton.jit
+def _o_proj(acc_ptr, lse_ptr, w_ptr, parts_ptr, pid, programs, H: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr,
+            SPLITS: tl.constexpr, BLOCK_F: tl.constexpr, O_SPLIT: tl.constexpr):
+    """Step 2: (feature block, head range) items: the heads' splits merged (rounded to the
+    dtype, as the attention output is), times their columns of Wo; fp32 partials per range."""
+    dtype = w_ptr.dtype.element_ty
+    HEADS: tl.constexpr = HQ // O_SPLIT
+    n_blocks = tl.cdiv(H, BLOCK_F)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    for item in range(pid, n_blocks * O_SPLIT, programs):
+        block, part = item % n_blocks, item // n_blocks
+        n = block * BLOCK_F + tl.arange(0, BLOCK_F)
+        n_ok = n < H
+        acc = tl.zeros([BLOCK_F, D], tl.float32)
+        for i in tl.static_range(HEADS):
+            head = part * HEADS + i
+            w = tl.load(w_ptr + n[:, None] * (HQ * D) + head * D + d[None, :], mask=n_ok[:, None], other=0.0)
+            lse = tl.load(lse_ptr + head * SPLITS + s, cache_modifier=".cg")
+            splits = tl.load(acc_ptr + (head * SPLITS + s[:, None]) * D + d[None, :], cache_modifier=".cg")
+            o = merge_splits(lse, splits).to(dtype).to(tl.float32)
+            acc += w.to(tl.float32) * o[None, :]
+        tl.store(parts_ptr + part * H + n, tl.sum(acc, axis=1), mask=n_ok)
+
+
+@triton.jit
+def _down_proj(act_ptr, w_ptr, parts_ptr, pid, programs, H: tl.constexpr, INTER: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, DOWN_SPLIT: tl.constexpr, K_PER: tl.constexpr):
+    """Step 4: (feature block, K range of K_PER) items, fp32 partials per range."""
+    n_blocks = tl.cdiv(H, BLOCK_F)
+    for item in range(pid, n_blocks * DOWN_SPLIT, programs):
+        block, part = item % n_blocks, item // n_blocks
+        n = block * BLOCK_F + tl.arange(0, BLOCK_F)
+        n_ok = n < H
+        acc = tl.zeros([BLOCK_F, BLOCK_K], tl.float32)
+        for k0 in tl.static_range(0, K_PER, BLOCK_K):
+            cols = part * K_PER + k0 + tl.arange(0, BLOCK_K)
+            k_ok = cols < INTER
+            w = tl.load(w_ptr + n[:, None] * INTER + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(act_ptr + cols, mask=k_ok, other=0.0, cache_modifier=".cg")
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        tl.store(parts_ptr + part * H + n, tl.sum(acc, axis=1), mask=n_ok)
+
+
+@triton.jit
+def _layer_ptr(table, layer, like):
+    """The address in table[layer] as a pointer to `like`'s element type."""
+    return tl.load(table + layer).to(tl.pointer_type(like.dtype.element_ty))
+
+
+@triton.jit
+def _persistent_decode_kernel(
+    qkv_tab, o_tab, gate_up_tab, down_tab, norm1_tab, norm2_tab, bias_tab, qn_tab, kn_tab,
+    res_ptr, parts_ptr, qkv_ptr, acc_ptr, lse_ptr, act_ptr, count_ptr,
+    pos_ptr, slot_ptr, seq_lens_ptr, bt_ptr, cos_ptr, sin_ptr, stride_cos,
+    k_cache, v_cache, stride_layer, stride_kc_b, stride_kc_s, stride_kc_h,
+    eps, scale_log2, step_begin, step_end, times_ptr,
+    H: tl.constexpr, INTER: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    QK_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, QKV_BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+    O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
+    DOWN_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr, PREFETCH: tl.constexpr = False,
+    TIMING: tl.constexpr = False,
+):
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    HEAD_COLS: tl.constexpr = HQ // O_SPLIT * D  # o's K range an item
+    K_PER: tl.constexpr = ((INTER + DOWN_SPLIT - 1) // DOWN_SPLIT + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # down's
+    O_BLOCKS: tl.constexpr = (H + O_BLOCK - 1) // O_BLOCK
+    DOWN_BLOCKS: tl.constexpr = (H + DOWN_BLOCK - 1) // DOWN_BLOCK
+    for step in range(step_begin, step_end):
+        layer, kind = step // 5, step % 5
+        if kind == 0:  # the first layer's partials are zeros (the host's), its residual the embedding
+            if PREFETCH:  # o's weights for this program's first item, a step ahead of need
+                col0 = pid // O_BLOCKS * HEAD_COLS
+                _prefetch(_layer_ptr(o_tab, layer, res_ptr), pid % O_BLOCKS * O_BLOCK, H, HQ * D, col0,
+                          tl.minimum(col0 + HEAD_COLS, HQ * D), O_BLOCK, HEAD_COLS)
+            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, _layer_ptr(norm1_tab, layer, res_ptr),
+                       _layer_ptr(qkv_tab, layer, res_ptr), _layer_ptr(bias_tab, layer, res_ptr), qkv_ptr,
+                       (HQ + 2 * HKV) * D, eps, pid, programs, H, DOWN_SPLIT, BLOCK_K, QKV_BLOCK, False, HAS_BIAS)
+        elif kind == 1:
+            if PREFETCH:  # gate and up rows
+                gate_up = _layer_ptr(gate_up_tab, layer, res_ptr)
+                _prefetch(gate_up, pid * GATE_BLOCK, INTER, H, 0, H, GATE_BLOCK, H)
+                _prefetch(gate_up + INTER * H, pid * GATE_BLOCK, INTER, H, 0, H, GATE_BLOCK, H)
+            _attention(qkv_ptr, acc_ptr, lse_ptr, k_cache + layer * stride_layer, v_cache + layer * stride_layer,
+                       seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos,
+                       _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr), eps, scale_log2,
+                       stride_kc_b, stride_kc_s, stride_kc_h, pid, programs, HQ, HKV, D, SPLITS, BLOCK_N,
+                       BLOCK_SIZE, BLOCK_H, QK_NORM, DOT_PRECISION)
+        elif kind == 2:
+            if PREFETCH:  # down's rows over this item's K range
+                col0 = pid // DOWN_BLOCKS * K_PER
+                _prefetch(_layer_ptr(down_tab, layer, res_ptr), pid % DOWN_BLOCKS * DOWN_BLOCK, H, INTER, col0,
+                          tl.minimum(col0 + K_PER, INTER), DOWN_BLOCK, K_PER)
+            _o_proj(acc_ptr, lse_ptr, _layer_ptr(o_tab, layer, res_ptr), parts_ptr, pid, programs, H, HQ, D, SPLITS,
+                    O_BLOCK, O_SPLIT)
+        elif kind == 3:
+            if PREFETCH:  # the next layer's qkv rows
+                if step + 2 < step_end:
+                    _prefetch(_layer_ptr(qkv_tab, layer + 1, res_ptr), pid * QKV_BLOCK, (HQ + 2 * HKV) * D, H, 0, H,
+                              QKV_BLOCK, H)
+            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, _layer_ptr(norm2_tab, layer, res_ptr),
+                       _layer_ptr(gate_up_tab, layer, res_ptr), res_ptr, act_ptr, INTER, eps, pid, programs,
+                       H, O_SPLIT, BLOCK_K, GATE_BLOCK, True, False)
+        else:
+            _down_proj(act_ptr, _layer_ptr(down_tab, layer, res_ptr), parts_ptr, pid, programs, H, INTER, BLOCK_K,
+                       DOWN_BLOCK, DOWN_SPLIT, K_PER)
+        if TIMING:  # when this program's work of the step ended, and when it left the barrier
+            tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
+        if BARRIER:
+            if step + 1 < step_end:
+                _grid_barrier(count_ptr + step, programs)
+        if TIMING:
+            tl.store(times_ptr + (pid * step_end + step) * 2 + 1, globaltimer())
+
+
+def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: DecodeShape, scratch: PersistentScratch) -> None:
+    if h.shape != (1, shape.hidden) or h.dtype != scratch.residual.dtype:
+        raise ValueError(f"persistent decode takes one token's hidden state [1, {shape.hidden}] "
+                         f"{scratch.residual.dtype}, got {tuple(h.shape)} {h.dtype}")
+    if (k_cache.dtype != h.dtype or k_cache.shape[2:] != (shape.num_kv_heads, shape.head_dim)
+            or v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride()):
+        raise ValueError(f"persistent decode needs model-dtype K and V caches [blocks, block_size, "
+                         f"{shape.num_kv_heads}, {shape.head_dim}] with equal strides, got {tuple(k_cache.shape)} "
+                         f"{k_cache.dtype}")
+    if shape.head_dim & (shape.head_dim - 1):
+        raise ValueError(f"persistent decode needs a power-of-two head_dim, got {shape.head_dim}")
+
+
+def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                      seq_lens: torch.Tensor, block_tables: torch.Tensor, kv_caches: list[tuple[torch.Tensor, ...]],
+                      cos: torch.Tensor, sin: torch.Tensor, tables: LayerTables, shape: DecodeShape,
+                      plan: PersistentPlan, scratch: PersistentScratch, scale: float,
+                      check: bool = True, times: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every decoder layer for one decode token: h [1, H] (the embedding) -> (down partials
+    [down_split, 1, H] fp32, residual [1, H]) for the model's last norm (RMSNorm.forward with a
+    residual sums them). kv_caches: the layers' (k, v) caches, views a fixed stride apart.
+    `times` (GPU, profiling): int64 [programs, steps, 2], filled with each program's globaltimer
+    (ns) when its work of a step ended and when it passed the barrier after it."""
+    k0, v0 = kv_caches[0]
+    if check:
+        _check(h, k0, v0, shape, scratch)
+    stride_layer = kv_caches[1][0].data_ptr() - k0.data_ptr() if len(kv_caches) > 1 else 0
+    stride_layer //= k0.element_size()
+    scratch.residual[0].copy_(h[0])
+    scratch.parts.zero_()  # the first layer's "down partials"
+    scratch.counters.zero_()
+    steps = shape.num_layers * STEPS_PER_LAYER
+    launches = [(0, steps)] if h.is_cuda else [(s, s + 1) for s in range(steps)]  # see the module docstring
+    dummy = tables.qkv
+    for begin, end in launches:
+        _persistent_decode_kernel[(plan.programs,)](
+            tables.qkv, tables.o, tables.gate_up, tables.down, tables.input_norm, tables.post_norm,
+            tables.bias if tables.bias is not None else dummy,
+            tables.q_norm if tables.q_norm is not None else dummy,
+            tables.k_norm if tables.k_norm is not None else dummy,
+            scratch.residual, scratch.parts, scratch.qkv, scratch.acc, scratch.lse, scratch.act, scratch.counters,
+            positions, slot_mapping, seq_lens, block_tables, cos, sin, cos.stride(0),
+            k0, v0, stride_layer, k0.stride(0), k0.stride(1), k0.stride(2),
+            shape.eps, scale * LOG2E, begin, end, times if times is not None else scratch.counters,
+            H=shape.hidden, INTER=shape.intermediate, HQ=shape.num_heads, HKV=shape.num_kv_heads, D=shape.head_dim,
+            QK_NORM=shape.qk_norm, HAS_BIAS=shape.bias, BLOCK_K=plan.block_k, QKV_BLOCK=plan.qkv_block,
+            SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=k0.shape[1],
+            BLOCK_H=max(16, triton.next_power_of_2(shape.num_heads // shape.num_kv_heads)),
+            O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
+            DOWN_SPLIT=plan.down_split, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
+            BARRIER=h.is_cuda, PREFETCH=h.is_cuda and PREFETCH_WEIGHTS, TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
+        )
+    return scratch.parts[:plan.down_split], scratch.residual[:1]

@@ -1,0 +1,126 @@
+"""The persistent decode kernel (engine/kernels/persistent_decode.py: every decoder layer of a
+batch-1 decode step in one launch) against the model's usual path, float32 on the CPU
+interpreter, where the host launches one kernel per step instead of the grid barriers; the GPU
+engine tests run it with barriers (tests/engine/test_gpu_engine.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine.kernels.persistent_decode import (
+    DecodeShape,
+    PersistentPlan,
+    alloc_scratch,
+    choose_plan,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# a plan that gives every step several items a program, uneven (3 programs), splits both o and
+# down, and attention tiles shorter than a split (4 splits of 16-key tiles over 40 keys)
+SMALL = PersistentPlan(programs=3, block_k=32, qkv_block=16, splits=4, block_n=16, o_block=16, o_split=2,
+                       gate_block=16, down_block=16, down_split=2, num_warps=4)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _decode_step(checkpoint_dir: str, context: int):
+    """A runner whose cache holds a prefill of `context` tokens, and the inputs of the next
+    (one-token) decode step."""
+    from engine.config import EngineConfig
+    from engine.graph_shapes import GraphShape
+    from engine.model_runner import ModelRunner
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import ScheduledSequence, SchedulerOutput
+
+    config = EngineConfig(model=checkpoint_dir, device="cpu", dtype="float32", attention_backend="triton",
+                          block_size=4, max_model_len=256, num_kv_blocks=24, max_num_seqs=4,
+                          max_num_batched_tokens=64, persistent_decode=True)
+    runner = ModelRunner(config)
+    runner.allocate_kv_cache(24)
+    gen = torch.Generator().manual_seed(1)
+    for name, param in runner.model.named_parameters():  # HF starts norms at 1 and biases at 0
+        if "norm" in name or "bias" in name:
+            param.data.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+    prompt = torch.randint(0, 250, (context,), generator=torch.Generator().manual_seed(5)).tolist()
+    table = list(range(3, 3 + -(-(context + 1) // 4)))
+
+    def inputs(tokens, start, pad=None):
+        seq = ScheduledSequence(request_id="r", token_ids=tokens, start_pos=start, block_table=table, sample=True,
+                                sampling_params=SamplingParams(), num_output_tokens=0, seq_no=0)
+        n = len(tokens)
+        out = SchedulerOutput([seq], num_prefill_tokens=0 if pad else n, num_decode_tokens=n if pad else 0)
+        got = runner.prepare_inputs(out, pad)
+        return got.input_ids, got.positions, runner.kv_caches, got.meta, runner.backend
+
+    with torch.inference_mode():
+        runner.model(*inputs(prompt, 0))
+    return runner, inputs([7], context, GraphShape(1, 1, True))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine tests run the kernel with its barriers")
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; neither
+@pytest.mark.parametrize("plan", ["chosen", "small"])
+def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
+    """float32, one sequence with 40 cached tokens: the kernel's hidden state (through the last
+    norm), greedy pick and cache contents (this step's K and V at its slot) equal the layers' own
+    forward; `chosen`: choose_plan's split for 4 programs; `small`: SMALL above."""
+    runner, (ids, positions, caches, meta, backend) = _decode_step(checkpoint_dirs[arch], 40)
+    model = runner.model.model
+    with torch.inference_mode():
+        before = runner.kv_cache.clone()
+        want = runner.model(ids, positions, caches, meta, backend)  # on the CPU: the usual path
+        want_cache = runner.kv_cache.clone()
+        runner.kv_cache.copy_(before)
+        model.forward_persistent(model.embed_tokens(ids), positions, caches, meta, programs=4)  # builds the state
+        if plan == "small":
+            state = model._persistent
+            model._persistent = replace(state, plan=SMALL, scratch=alloc_scratch(state.shape, SMALL, torch.float32,
+                                                                                   "cpu"))
+        runner.kv_cache.copy_(before)
+        parts, residual = model.forward_persistent(model.embed_tokens(ids), positions, caches, meta)
+        got = model.norm(parts, residual)[0]
+        logits = [runner.model.compute_logits(h) for h in (want, got)]
+    assert parts.shape[0] == model._persistent.plan.down_split
+    assert rel(got, want) < 1e-5
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+    torch.testing.assert_close(runner.kv_cache, want_cache)
+    changed = (runner.kv_cache != before).flatten(3).any(-1)  # [2, layers, blocks, block_size]
+    assert changed.sum() == 2 * 2  # K and V of each layer, one slot
+    assert torch.equal(changed, (want_cache != before).flatten(3).any(-1))
+
+
+def test_choose_plan_gives_every_program_work_at_each_step():
+    """qwen3-0.6b's sizes on 132 SMs: each step has about as many items as programs, and the
+    tiles fit the shapes (powers of two, o's K split by whole heads)."""
+    shape = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128, num_layers=28,
+                        eps=1e-6, qk_norm=True, bias=False)
+    plan = choose_plan(shape, 132)
+    items = {
+        "qkv": -(-shape.qkv_size // plan.qkv_block),
+        "attention": shape.num_kv_heads * plan.splits,
+        "o": -(-shape.hidden // plan.o_block) * plan.o_split,
+        "gate_up": -(-shape.intermediate // plan.gate_block),
+        "down": -(-shape.hidden // plan.down_block) * plan.down_split,
+    }
+    assert all(96 <= n <= 264 for n in items.values()), items
+    assert shape.num_heads % plan.o_split == 0
+    for size in (plan.block_k, plan.qkv_block, plan.splits, plan.o_block, plan.gate_block, plan.down_block):
+        assert size & (size - 1) == 0
+
+
+def test_persistent_decode_refuses_what_it_cannot_run(checkpoint_dirs):
+    """A step of more than one token and an fp16 hidden state for an fp32 model are errors that
+    say what the kernel takes."""
+    runner, (ids, positions, caches, meta, backend) = _decode_step(checkpoint_dirs["qwen3"], 9)
+    model = runner.model.model
+    with torch.inference_mode():
+        h = model.embed_tokens(ids)
+        with pytest.raises(ValueError, match=r"one token's hidden state \[1, 64\]"):
+            model.forward_persistent(torch.cat([h, h]), positions, caches, meta, programs=2)
+        with pytest.raises(ValueError, match="one token's hidden state"):
+            model.forward_persistent(h.half(), positions, caches, meta, programs=2)
