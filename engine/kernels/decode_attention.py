@@ -292,14 +292,14 @@ def _decode_split_kernel(
             tl.debug_barrier()  # every thread's partials are stored before the program counts itself in
             counter = count_ptr + seq * stride_count + kv_head
             if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:  # the last one
-                _merge_group(acc_ptr, lse_ptr, out_ptr, seq, kv_head, d, d_ok, stride_acc_t, stride_acc_h,
+                merge_group(acc_ptr, lse_ptr, out_ptr, seq, kv_head, d, d_ok, stride_acc_t, stride_acc_h,
                              stride_acc_s, stride_lse_t, stride_lse_h, stride_o_t, stride_o_h,
                              GROUP, NUM_SPLITS, SPLITS_PAD, MERGE_HEADS)
                 tl.store(counter, 0)  # for the next launch, which starts after this one ends
 
 
 @triton.jit
-def _merge_group(acc_ptr, lse_ptr, out_ptr, seq, kv_head, d, d_ok, stride_acc_t, stride_acc_h, stride_acc_s,
+def merge_group(acc_ptr, lse_ptr, out_ptr, seq, kv_head, d, d_ok, stride_acc_t, stride_acc_h, stride_acc_s,
                  stride_lse_t, stride_lse_h, stride_o_t, stride_o_h, GROUP: tl.constexpr,
                  NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_HEADS: tl.constexpr):
     """The reduce kernel's work for the GROUP heads of one (sequence, KV head), MERGE_HEADS at a

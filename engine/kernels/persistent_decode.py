@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
-from engine.kernels.decode_attention import attend_tiles, fold_key, merge_splits, store_new_kv
+from engine.kernels.decode_attention import attend_tiles, fold_key, merge_group, store_new_kv
 from engine.kernels.rope import norm_rope
 
 STEPS_PER_LAYER = 5
@@ -82,6 +82,7 @@ class PersistentPlan:
     down_block: int
     down_split: int
     num_warps: int = 8
+    stages: int = 4
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,10 @@ class PersistentScratch:
     qkv: torch.Tensor  # [qkv_size] dtype
     acc: torch.Tensor  # [Hq, splits, D] fp32
     lse: torch.Tensor  # [Hq, splits] fp32
+    attn: torch.Tensor  # [Hq D] dtype: the merged attention output
     act: torch.Tensor  # [I] dtype
-    counters: torch.Tensor  # [num_layers * STEPS_PER_LAYER] int32, zeroed before each launch
+    # int32 zeros before each launch: a barrier's a step, then a KV head's merge counter a layer
+    counters: torch.Tensor  # [num_layers * (STEPS_PER_LAYER + Hkv)]
 
 
 # The work split's knobs, read by choose_plan at engine start (so `--ab` can vary them): the
@@ -121,8 +124,7 @@ ROUND_COST_ROWS = 8
 ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 8
-# each step asks L2 for the weights of the program's first item of the next weighted step
-PREFETCH_WEIGHTS = False  # measured slower on an H200 (reports/PERF.md row 52)
+STAGES = 4  # weight tiles in flight a program (Triton's pipeline)
 
 
 def _block(n: int, items_per: int, programs: int) -> int:
@@ -146,7 +148,7 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, _block(shape.qkv_size, 1, programs), splits, ATTENTION_BLOCK_N,
                           _block(h, o_split, programs), o_split, _block(inter, 1, programs),
-                          _block(h, down_split, programs), down_split, NUM_WARPS)
+                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES)
 
 
 def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
@@ -158,8 +160,10 @@ def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
         qkv=torch.empty(shape.qkv_size, dtype=dtype, device=device),
         acc=torch.empty(shape.num_heads, plan.splits, shape.head_dim, **f32),
         lse=torch.empty(shape.num_heads, plan.splits, **f32),
+        attn=torch.empty(shape.num_heads * shape.head_dim, dtype=dtype, device=device),
         act=torch.empty(shape.intermediate, dtype=dtype, device=device),
-        counters=torch.zeros(shape.num_layers * STEPS_PER_LAYER, dtype=torch.int32, device=device),
+        counters=torch.zeros(shape.num_layers * (STEPS_PER_LAYER + shape.num_kv_heads), dtype=torch.int32,
+                             device=device),
     )
 
 
@@ -187,9 +191,24 @@ def _residual(res_ptr, parts_ptr, cols, mask, H: tl.constexpr, PARTS: tl.constex
 
 
 @triton.jit
+def _row0(v, dtype):
+    """v [K] as row 0 of a [16, K] tile of zeros in `dtype`: a one-row GEMV on tensor cores (the
+    padding rows are free; what the dot buys is Triton's pipeline, which stages only the loads
+    that feed a dot through shared memory, so a program keeps STAGES weight tiles in flight)."""
+    rows = tl.arange(0, 16)
+    return tl.where(rows[:, None] == 0, v[None, :], 0.0).to(dtype)
+
+
+@triton.jit
+def _take_row0(acc):
+    """Row 0 of a [16, N] accumulator."""
+    return tl.sum(tl.where(tl.arange(0, 16)[:, None] == 0, acc, 0.0), axis=0)
+
+
+@triton.jit
 def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs,
                H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
-               GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
+               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of BLOCK_F
     features, or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
     stores the new residual into res_out. The norm in one pass, as the skinny GEMM's: (r * g) W^T
@@ -199,59 +218,66 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
     for item in range(pid, tl.cdiv(N, BLOCK_F), programs):
         n = item * BLOCK_F + tl.arange(0, BLOCK_F)
         n_ok = n < N
-        acc = tl.zeros([BLOCK_F, BLOCK_K], tl.float32)
-        acc_up = tl.zeros([BLOCK_F, BLOCK_K], tl.float32)
+        acc = tl.zeros([16, BLOCK_F], tl.float32)
+        acc_up = tl.zeros([16, BLOCK_F], tl.float32)
         squares = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in tl.static_range(0, H, BLOCK_K):
+        for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
             k_ok = cols < H
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + n[:, None] * H + cols[None, :], mask=w_mask, other=0.0)
-            if GATED:
-                up = tl.load(w_ptr + (N + n)[:, None] * H + cols[None, :], mask=w_mask, other=0.0)
-            g = tl.load(g_ptr + cols, mask=k_ok, other=0.0)
             r = _residual(res_in, parts_ptr, cols, k_ok, H, PARTS)
             tl.store(res_out + cols, r, mask=k_ok & (cols * 0 + item == 0))  # a vector mask: see _row_rstd
             rf = r.to(tl.float32)
             squares += rf * rf
-            x = rf * g.to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+            x = _row0(rf * tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32), dtype)
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + n[:, None] * H + cols[None, :], mask=w_mask, other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
             if GATED:
-                acc_up += up.to(tl.float32) * x[None, :]
+                up = tl.load(w_ptr + (N + n)[:, None] * H + cols[None, :], mask=w_mask, other=0.0)
+                acc_up = tl.dot(x, tl.trans(up), acc_up, input_precision=DOT_PRECISION)
         rstd = 1.0 / tl.sqrt(tl.sum(squares) / H + eps)
-        y = tl.sum(acc, axis=1) * rstd
+        y = _take_row0(acc) * rstd
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         if GATED:
             gate = y.to(dtype).to(tl.float32)
-            out = (gate / (1.0 + tl.exp(-gate))).to(dtype) * (tl.sum(acc_up, axis=1) * rstd).to(dtype)
+            out = (gate / (1.0 + tl.exp(-gate))).to(dtype) * (_take_row0(acc_up) * rstd).to(dtype)
         else:
             out = y.to(dtype)
         tl.store(out_ptr + n, out, mask=n_ok)
 
 
 @triton.jit
-def _prefetch(base, row0, row_end, ld, col0, col_end, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Ask L2 for rows row0..row0+ROWS and columns col0..col0+COLS (within row_end, col_end) of a
-    row-major 2-byte matrix with rows `ld` elements apart: one prefetch a 128-byte line, 4 lines
-    a row at a time. No register waits on it; the loads after the next barrier find the lines in L2."""
-    r = row0 + tl.arange(0, ROWS)
-    for c0 in tl.static_range(0, COLS, 256):
-        c = col0 + c0 + tl.arange(0, 4) * 64
-        ok = (r < row_end)[:, None] & (c < col_end)[None, :]
-        p = base + tl.where(ok, r[:, None].to(tl.int64) * ld + c[None, :], 0)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_F: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr, STAGES: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Steps 2 and 4 (o, down): x [K] (other programs' output: from L2) times W [N, K]^T over
+    (feature block, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N]."""
+    n_blocks = tl.cdiv(N, BLOCK_F)
+    for item in range(pid, n_blocks * SPLIT, programs):
+        block, part = item % n_blocks, item // n_blocks
+        n = block * BLOCK_F + tl.arange(0, BLOCK_F)
+        n_ok = n < N
+        acc = tl.zeros([16, BLOCK_F], tl.float32)
+        for k0 in tl.range(0, K_PER, BLOCK_K, num_stages=STAGES):
+            cols = part * K_PER + k0 + tl.arange(0, BLOCK_K)
+            k_ok = (cols < K) & (k0 + tl.arange(0, BLOCK_K) < K_PER)
+            x = _row0(tl.load(x_ptr + cols, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32),
+                      w_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        tl.store(parts_ptr + part * N + n, _take_row0(acc), mask=n_ok)
 
 
 @triton.jit
-def _attention(qkv_ptr, acc_ptr, lse_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr,
+def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr,
                sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s, stride_kc_h, pid,
                programs, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, QK_NORM: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
-    """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY
-    programs: fp32 partials per (q head, split) into acc / lse."""
+               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_PAD: tl.constexpr,
+               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY and
+    MERGE programs: fp32 partials per (q head, split) into acc / lse, and the last item of each
+    KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros)."""
     GROUP: tl.constexpr = HQ // HKV
     seq_len = tl.load(seq_lens_ptr)
     n_keys = tl.maximum(seq_len - 1, 0)  # the newest key is not cached yet
@@ -287,115 +313,59 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         tl.store(acc_ptr + (head[:, None] * SPLITS + split) * D + d[None, :], o, mask=h_ok[:, None])
         tl.store(lse_ptr + head * SPLITS + split, lse, mask=h_ok)
-
-
-@triton.jit
-def _o_proj(acc_ptr, lse_ptr, w_ptr, parts_ptr, pid, programs, H: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr,
-            SPLITS: tl.constexpr, BLOCK_F: tl.constexpr, O_SPLIT: tl.constexpr):
-    """Step 2: (feature block, head range) items: the heads' splits merged (rounded to the
-    dtype, as the attention output is), times their columns of Wo; fp32 partials per range."""
-    dtype = w_ptr.dtype.element_ty
-    HEADS: tl.constexpr = HQ // O_SPLIT
-    n_blocks = tl.cdiv(H, BLOCK_F)
-    s = tl.arange(0, SPLITS)
-    d = tl.arange(0, D)
-    for item in range(pid, n_blocks * O_SPLIT, programs):
-        block, part = item % n_blocks, item // n_blocks
-        n = block * BLOCK_F + tl.arange(0, BLOCK_F)
-        n_ok = n < H
-        acc = tl.zeros([BLOCK_F, D], tl.float32)
-        for i in tl.static_range(HEADS):
-            head = part * HEADS + i
-            w = tl.load(w_ptr + n[:, None] * (HQ * D) + head * D + d[None, :], mask=n_ok[:, None], other=0.0)
-            lse = tl.load(lse_ptr + head * SPLITS + s, cache_modifier=".cg")
-            splits = tl.load(acc_ptr + (head * SPLITS + s[:, None]) * D + d[None, :], cache_modifier=".cg")
-            o = merge_splits(lse, splits).to(dtype).to(tl.float32)
-            acc += w.to(tl.float32) * o[None, :]
-        tl.store(parts_ptr + part * H + n, tl.sum(acc, axis=1), mask=n_ok)
-
-
-@triton.jit
-def _down_proj(act_ptr, w_ptr, parts_ptr, pid, programs, H: tl.constexpr, INTER: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, DOWN_SPLIT: tl.constexpr, K_PER: tl.constexpr):
-    """Step 4: (feature block, K range of K_PER) items, fp32 partials per range."""
-    n_blocks = tl.cdiv(H, BLOCK_F)
-    for item in range(pid, n_blocks * DOWN_SPLIT, programs):
-        block, part = item % n_blocks, item // n_blocks
-        n = block * BLOCK_F + tl.arange(0, BLOCK_F)
-        n_ok = n < H
-        acc = tl.zeros([BLOCK_F, BLOCK_K], tl.float32)
-        for k0 in tl.static_range(0, K_PER, BLOCK_K):
-            cols = part * K_PER + k0 + tl.arange(0, BLOCK_K)
-            k_ok = cols < INTER
-            w = tl.load(w_ptr + n[:, None] * INTER + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(act_ptr + cols, mask=k_ok, other=0.0, cache_modifier=".cg")
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        tl.store(parts_ptr + part * H + n, tl.sum(acc, axis=1), mask=n_ok)
+        tl.debug_barrier()  # every thread's partials are stored before the program counts itself in
+        if tl.atomic_add(count_ptr + kv_head, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            merge_group(acc_ptr, lse_ptr, out_ptr, 0, kv_head, d, d_ok, 0, SPLITS * D, D, 0, SPLITS, 0, D,
+                        GROUP, SPLITS, SPLITS, GROUP_PAD)
 
 
 @triton.jit
 def _layer_ptr(table, layer, like):
-    """The address in table[layer] as a pointer to `like`'s element type."""
-    return tl.load(table + layer).to(tl.pointer_type(like.dtype.element_ty))
+    """The address in table[layer] as a pointer to `like`'s element type, 16-byte aligned (torch's
+    allocations are): without the hint the weight loads would not vectorize, nor pipeline."""
+    return tl.multiple_of(tl.load(table + layer).to(tl.pointer_type(like.dtype.element_ty)), 16)
 
 
 @triton.jit
 def _persistent_decode_kernel(
     qkv_tab, o_tab, gate_up_tab, down_tab, norm1_tab, norm2_tab, bias_tab, qn_tab, kn_tab,
-    res_ptr, parts_ptr, qkv_ptr, acc_ptr, lse_ptr, act_ptr, count_ptr,
+    res_ptr, parts_ptr, qkv_ptr, acc_ptr, lse_ptr, attn_ptr, act_ptr, count_ptr, merge_count_ptr,
     pos_ptr, slot_ptr, seq_lens_ptr, bt_ptr, cos_ptr, sin_ptr, stride_cos,
     k_cache, v_cache, stride_layer, stride_kc_b, stride_kc_s, stride_kc_h,
     eps, scale_log2, step_begin, step_end, times_ptr,
     H: tl.constexpr, INTER: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     QK_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, QKV_BLOCK: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-    O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
-    DOWN_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr, PREFETCH: tl.constexpr = False,
+    GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
+    DOWN_SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
     TIMING: tl.constexpr = False,
 ):
     pid, programs = tl.program_id(0), tl.num_programs(0)
-    HEAD_COLS: tl.constexpr = HQ // O_SPLIT * D  # o's K range an item
     K_PER: tl.constexpr = ((INTER + DOWN_SPLIT - 1) // DOWN_SPLIT + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # down's
-    O_BLOCKS: tl.constexpr = (H + O_BLOCK - 1) // O_BLOCK
-    DOWN_BLOCKS: tl.constexpr = (H + DOWN_BLOCK - 1) // DOWN_BLOCK
     for step in range(step_begin, step_end):
         layer, kind = step // 5, step % 5
         if kind == 0:  # the first layer's partials are zeros (the host's), its residual the embedding
-            if PREFETCH:  # o's weights for this program's first item, a step ahead of need
-                col0 = pid // O_BLOCKS * HEAD_COLS
-                _prefetch(_layer_ptr(o_tab, layer, res_ptr), pid % O_BLOCKS * O_BLOCK, H, HQ * D, col0,
-                          tl.minimum(col0 + HEAD_COLS, HQ * D), O_BLOCK, HEAD_COLS)
             _norm_gemv(res_ptr, parts_ptr, res_ptr + H, _layer_ptr(norm1_tab, layer, res_ptr),
                        _layer_ptr(qkv_tab, layer, res_ptr), _layer_ptr(bias_tab, layer, res_ptr), qkv_ptr,
-                       (HQ + 2 * HKV) * D, eps, pid, programs, H, DOWN_SPLIT, BLOCK_K, QKV_BLOCK, False, HAS_BIAS)
+                       (HQ + 2 * HKV) * D, eps, pid, programs, H, DOWN_SPLIT, BLOCK_K, QKV_BLOCK, False, HAS_BIAS,
+                       STAGES, DOT_PRECISION)
         elif kind == 1:
-            if PREFETCH:  # gate and up rows
-                gate_up = _layer_ptr(gate_up_tab, layer, res_ptr)
-                _prefetch(gate_up, pid * GATE_BLOCK, INTER, H, 0, H, GATE_BLOCK, H)
-                _prefetch(gate_up + INTER * H, pid * GATE_BLOCK, INTER, H, 0, H, GATE_BLOCK, H)
-            _attention(qkv_ptr, acc_ptr, lse_ptr, k_cache + layer * stride_layer, v_cache + layer * stride_layer,
+            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV,
+                       k_cache + layer * stride_layer, v_cache + layer * stride_layer,
                        seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos,
                        _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr), eps, scale_log2,
                        stride_kc_b, stride_kc_s, stride_kc_h, pid, programs, HQ, HKV, D, SPLITS, BLOCK_N,
-                       BLOCK_SIZE, BLOCK_H, QK_NORM, DOT_PRECISION)
+                       BLOCK_SIZE, BLOCK_H, GROUP_PAD, QK_NORM, DOT_PRECISION)
         elif kind == 2:
-            if PREFETCH:  # down's rows over this item's K range
-                col0 = pid // DOWN_BLOCKS * K_PER
-                _prefetch(_layer_ptr(down_tab, layer, res_ptr), pid % DOWN_BLOCKS * DOWN_BLOCK, H, INTER, col0,
-                          tl.minimum(col0 + K_PER, INTER), DOWN_BLOCK, K_PER)
-            _o_proj(acc_ptr, lse_ptr, _layer_ptr(o_tab, layer, res_ptr), parts_ptr, pid, programs, H, HQ, D, SPLITS,
-                    O_BLOCK, O_SPLIT)
+            _split_gemv(attn_ptr, _layer_ptr(o_tab, layer, res_ptr), parts_ptr, pid, programs, H, HQ * D, BLOCK_K,
+                        O_BLOCK, O_SPLIT, HQ * D // O_SPLIT, STAGES, DOT_PRECISION)
         elif kind == 3:
-            if PREFETCH:  # the next layer's qkv rows
-                if step + 2 < step_end:
-                    _prefetch(_layer_ptr(qkv_tab, layer + 1, res_ptr), pid * QKV_BLOCK, (HQ + 2 * HKV) * D, H, 0, H,
-                              QKV_BLOCK, H)
             _norm_gemv(res_ptr + H, parts_ptr, res_ptr, _layer_ptr(norm2_tab, layer, res_ptr),
                        _layer_ptr(gate_up_tab, layer, res_ptr), res_ptr, act_ptr, INTER, eps, pid, programs,
-                       H, O_SPLIT, BLOCK_K, GATE_BLOCK, True, False)
+                       H, O_SPLIT, BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
         else:
-            _down_proj(act_ptr, _layer_ptr(down_tab, layer, res_ptr), parts_ptr, pid, programs, H, INTER, BLOCK_K,
-                       DOWN_BLOCK, DOWN_SPLIT, K_PER)
+            _split_gemv(act_ptr, _layer_ptr(down_tab, layer, res_ptr), parts_ptr, pid, programs, H, INTER, BLOCK_K,
+                        DOWN_BLOCK, DOWN_SPLIT, K_PER, STAGES, DOT_PRECISION)
         if TIMING:  # when this program's work of the step ended, and when it left the barrier
             tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
         if BARRIER:
@@ -445,7 +415,8 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             tables.bias if tables.bias is not None else dummy,
             tables.q_norm if tables.q_norm is not None else dummy,
             tables.k_norm if tables.k_norm is not None else dummy,
-            scratch.residual, scratch.parts, scratch.qkv, scratch.acc, scratch.lse, scratch.act, scratch.counters,
+            scratch.residual, scratch.parts, scratch.qkv, scratch.acc, scratch.lse, scratch.attn, scratch.act,
+            scratch.counters, scratch.counters[steps:],
             positions, slot_mapping, seq_lens, block_tables, cos, sin, cos.stride(0),
             k0, v0, stride_layer, k0.stride(0), k0.stride(1), k0.stride(2),
             shape.eps, scale * LOG2E, begin, end, times if times is not None else scratch.counters,
@@ -453,8 +424,9 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             QK_NORM=shape.qk_norm, HAS_BIAS=shape.bias, BLOCK_K=plan.block_k, QKV_BLOCK=plan.qkv_block,
             SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=k0.shape[1],
             BLOCK_H=max(16, triton.next_power_of_2(shape.num_heads // shape.num_kv_heads)),
+            GROUP_PAD=triton.next_power_of_2(shape.num_heads // shape.num_kv_heads),
             O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
-            DOWN_SPLIT=plan.down_split, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-            BARRIER=h.is_cuda, PREFETCH=h.is_cuda and PREFETCH_WEIGHTS, TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
+            DOWN_SPLIT=plan.down_split, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
+            BARRIER=h.is_cuda, TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]

@@ -140,11 +140,11 @@ def _persistent_decode_case() -> Case:
                      D=shape.head_dim, QK_NORM=True, HAS_BIAS=False, BLOCK_K=plan.block_k, QKV_BLOCK=plan.qkv_block,
                      SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=16, BLOCK_H=16, O_BLOCK=plan.o_block,
                      O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
-                     DOWN_SPLIT=plan.down_split, DOT_PRECISION="tf32", BARRIER=True, PREFETCH=True),
-                {**_ptrs("i64", *tables, "slot_ptr", "pos_ptr", "times_ptr"), **_ptrs("bf16", "res_ptr", "qkv_ptr", "act_ptr",
+                     DOWN_SPLIT=plan.down_split, STAGES=plan.stages, GROUP_PAD=2, DOT_PRECISION="tf32", BARRIER=True),
+                {**_ptrs("i64", *tables, "slot_ptr", "pos_ptr", "times_ptr"), **_ptrs("bf16", "res_ptr", "qkv_ptr", "act_ptr", "attn_ptr",
                                                                          "k_cache", "v_cache"),
                  **_ptrs("fp32", "parts_ptr", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),
-                 **_ptrs("i32", "count_ptr", "seq_lens_ptr", "bt_ptr")},
+                 **_ptrs("i32", "count_ptr", "merge_count_ptr", "seq_lens_ptr", "bt_ptr")},
                 {"num_warps": plan.num_warps, "num_stages": 1}, ("stride_kc_b", "stride_kc_s", "stride_kc_h",
                                                                  "stride_layer", "stride_cos"))
 
