@@ -1,26 +1,30 @@
-"""Every decoder layer of a batch-1 decode step in one persistent kernel.
+"""Every decoder layer of a batch-1 decode step in one persistent kernel (EngineConfig.persistent_decode,
+off: on an H200 it runs at the fused path's speed, not faster; reports/PERF.md row 52).
 
-Why: a batch-1 step of Qwen3-0.6B on the fused small-batch path is ~145 kernels (five a layer)
-at 4-9 us each, 0.92 ms against a 0.28 ms weight-read floor on an H200; with every weight in
-L2 the same chain still takes 75% of that time (reports/PERF.md rows 47, 51), so it is launch,
-ramp and drain, not bytes. Here one launch of one program per SM walks all layers; where the
-chain had a kernel boundary it has a grid barrier (an atomic counter a step, acquire/release at
-GPU scope), and a program starts loading its next weights as soon as it passes one.
+Why it was built: a batch-1 step of Qwen3-0.6B on the fused small-batch path is ~145 kernels
+(five a layer) of 4-9 us each, 0.90 ms of GPU time against a 0.30 ms weight-read floor, and with
+every weight in L2 the chain still takes 75% of that time (PERF rows 47, 51): launch, ramp and
+drain, not bytes. Here one launch of one program per SM walks all layers, and where the chain
+had a kernel boundary it has a grid barrier (an atomic counter a step, release/acquire at GPU
+scope). Measured: a barrier costs ~0.75 us, so the boundaries were not the problem; each step's
+work (4-8 us for 4-13 MB of weights, or for the attention's chain of dependent loads) is, as it
+was in the separate kernels. The per-step profile (`times=`) is what a next attempt starts from.
 
-A layer is five steps, each spread over the programs:
-  0. r = residual + sum(down partials); x = RMSNorm(r); qkv = x Wqkv^T (+ bias), in the dtype
-  1. attention: (KV head, split) items; q/k RMSNorm and rotary, this step's K/V stored by the
-     item whose split holds the last cached tile (engine.kernels.decode_attention's ROTARY
-     rules), fp32 partials (normalised output, log2-sum-exp) per (q head, split)
-  2. o: (feature block, head range) items; each merges its heads' splits, then fp32 partials
-     of x Wo^T over its heads (K split by heads)
-  3. r += sum(o partials); x = RMSNorm(r); act = SiLU(x Wg^T) * (x Wu^T), in the dtype
-  4. down: (feature block, K split) items, fp32 partials for the next layer's step 0
-Every program computes the norm's 1/RMS over the whole row itself (one row of `hidden` values
-from L2), so only the residual's new value needs a writer (program 0, into the other of two
-buffers: nobody reads what is being written). The model's last norm adds the last partials
-(engine.kernels.skinny_gemm.partials_rmsnorm). Roundings are the fused path's: the norm in HF's
-order, projections rounded to the dtype, SiLU in the dtype then times up.
+A layer is five steps, each spread over the programs as items:
+  0. r = residual + sum(down partials); qkv = RMSNorm(r) Wqkv^T (+ bias), in the dtype
+  1. attention: (KV head, split) items, as decode_attention's ROTARY and MERGE programs: q/k
+     RMSNorm and rotary, this step's K/V stored by the item whose split holds the last cached
+     tile, fp32 partials per (q head, split); the last item of a KV head merges its heads
+  2. o: (feature block, head range) items, fp32 partials (K split by heads)
+  3. r += sum(o partials); act = SiLU(RMSNorm(r) Wg^T) * (RMSNorm(r) Wu^T), in the dtype
+  4. down: (feature block, K range) items, fp32 partials for the next layer's step 0
+Projections run on tensor cores with the one row padded to 16: the dot is what makes Triton
+pipeline the weight loads through shared memory (STAGES deep), where register tiles kept too
+few bytes in flight (the kernel 1.16-1.23x slower at 8 warps). Norms are one-pass, as the skinny GEMM's: (r * g) W^T
+and r's squares summed over the K loop, scaled by 1/RMS after it. Every item recomputes r from
+L2, so only the residual's new value needs a writer (item 0, into the other of two buffers:
+nobody reads what is being written). The model's last norm adds the last partials
+(engine.kernels.skinny_gemm.partials_rmsnorm).
 
 On the CPU (the Triton interpreter runs programs one after another, so a program waiting at a
 barrier would wait forever) the host launches one kernel a step instead: the same code, with
@@ -81,8 +85,8 @@ class PersistentPlan:
     gate_block: int  # gate (and as many up) features an item
     down_block: int
     down_split: int
-    num_warps: int = 8
-    stages: int = 4
+    num_warps: int = 4
+    stages: int = 3
 
 
 @dataclass(frozen=True)
@@ -118,13 +122,16 @@ class PersistentScratch:
 # The work split's knobs, read by choose_plan at engine start (so `--ab` can vary them): the
 # largest feature block an item takes; what one more round of items a program costs, in feature
 # rows (a round is a dependent chain of loads: blocks of 32 in one round beat 16 in two); the
-# attention splits a KV head (a power of two) and keys a tile; warps a program.
+# attention splits a KV head (a power of two) and keys a tile; warps a program. On an H200
+# (qwen3-0.6b, PERF row 52) 4 warps and 3 stages were fastest: 812 us for the 28 layers against
+# 863 at 4 stages, 1,038 at 8 warps, 926 at 2; 128-wide K steps, 16-feature blocks and 8
+# splits were slower.
 MAX_BLOCK = 64
 ROUND_COST_ROWS = 8
 ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
-NUM_WARPS = 8
-STAGES = 4  # weight tiles in flight a program (Triton's pipeline)
+NUM_WARPS = 4
+STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
 
 
 def _block(n: int, items_per: int, programs: int) -> int:
