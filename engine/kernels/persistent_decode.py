@@ -309,7 +309,7 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
         t_begin = split * per_split
-        m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, kv_head, t_begin,
+        m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, 0, 0, kv_head, t_begin,
                                      tl.minimum(t_begin + per_split, n_tiles), n_keys, k_cache, v_cache,
                                      stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
                                      scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE, DOT_PRECISION)

@@ -238,7 +238,9 @@ class LlamaModel(nn.Module):
 @dataclass
 class PersistentDecode:
     """What the persistent decode kernel reads besides the step's inputs: per-layer weight
-    addresses, the model's sizes, the work split and the scratch (one set a model)."""
+    addresses, the model's sizes, the work split and the scratch (one set a model). Built at
+    the first persistent step, after the weights are loaded: the tables hold their addresses,
+    so the parameters must not be replaced afterwards."""
 
     tables: LayerTables
     shape: DecodeShape

@@ -114,3 +114,35 @@ def test_attention_kernels_stage_kv_through_shared_memory_without_spills(triton_
     # the register cap (DECODE_MAXNREG_FP8, off: row 45): held without spilling, the two buffers kept
     capped = next(r for r in rows if r["maxnreg"])
     assert f"REG:{capped['maxnreg']} " in capped["resources"] and capped["kv_buffers"] == [2], capped
+
+
+_PERSISTENT_PROBE = r"""
+import json, re
+from harness.kernels.compile_check import _persistent_decode_case, compile_case
+case = _persistent_decode_case()
+kernel, err = compile_case(case, 90)
+ttgir = kernel.asm["ttgir"] if not err else ""
+# staged weight tiles: [stages - 1, features, K step] bf16 buffers in shared memory
+tiles = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x(\d+)x(\d+)xbf16", ttgir)
+print(json.dumps(dict(err=err, tiles=sorted({tuple(map(int, t)) for t in tiles}),
+                      stages=case.constexprs["STAGES"], block_k=case.constexprs["BLOCK_K"])))
+"""
+
+
+@pytest.mark.parametrize("triton_dir", [None] + ([DEVICE_TRITON] if DEVICE_TRITON else []),
+                         ids=lambda d: "installed-triton" if d is None else "device-triton")
+def test_persistent_decode_stages_its_weight_loads(triton_dir):
+    """The persistent decode kernel's projections keep STAGES - 1 weight tiles in flight through
+    shared memory (Triton's pipeline, which needs the table's pointers hinted as 16-byte aligned:
+    without the hint no weight load was staged, reports/PERF.md row 52)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, REPO) if p)
+    proc = subprocess.run([sys.executable, "-c", _PERSISTENT_PROBE], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert not got["err"], got
+    weight_tiles = [t for t in got["tiles"] if t[0] == got["stages"] - 1 and t[2] == got["block_k"]]
+    assert weight_tiles, got
