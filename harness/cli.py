@@ -14,7 +14,7 @@
     llmbench bench            # the default job (nox -s bench)
     llmbench flagship --model llama-3-8b --only bench,random --out reports/fl   # pieces append to one folder
     llmbench studies throughput|tp-scaling|step-profile|latency|ttft|kv-agreement ...  # harness/studies/
-    llmbench kernels bench-decode|bench-gemv|bench-sample|bench-allreduce|compile-check ...    # harness/kernels/
+    llmbench kernels bench-decode|bench-gemv|bench-sample|bench-allreduce|profile-persistent|compile-check ...    # harness/kernels/
     llmbench tokenizer save --model tiny --out DIR     # for GuideLLM's --processor and the like
 
 run, sweep, bench, serve and the throughput study take every EngineConfig field as a flag
@@ -61,6 +61,8 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
         "bench-gemv": ("harness.kernels.bench_gemv", "small-batch fused projections vs cuBLAS (GPU)"),
         "bench-sample": ("harness.kernels.bench_sample", "the one-pass sampling kernel by vocabulary chunk (GPU)"),
         "bench-allreduce": ("harness.kernels.bench_allreduce", "the TP all-reduce paths (2 GPUs)"),
+        "profile-persistent": ("harness.kernels.profile_persistent",
+                               "the persistent decode kernel's time per step and plan (GPU)"),
         "compile-check": ("harness.kernels.compile_check", "compile the Triton kernels for a GPU, without one"),
     }),
     "tokenizer": ("the served tokenizer, for other tools", {

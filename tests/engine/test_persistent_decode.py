@@ -16,6 +16,8 @@ from engine.kernels.persistent_decode import (
     alloc_scratch,
     choose_plan,
 )
+from harness.kernels.profile_persistent import main as profile_main
+from harness.kernels.profile_persistent import parse_plan, step_breakdown
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # a plan that gives every step several items a program, uneven (3 programs), splits both o and
@@ -29,37 +31,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _decode_step(checkpoint_dir: str, context: int):
-    """A runner whose cache holds a prefill of `context` tokens, and the inputs of the next
-    (one-token) decode step."""
+    """A runner whose cache holds a prefill of `context` tokens and the inputs of the next
+    (one-token) decode step; then random norm weights and biases (HF starts them at 1 and 0,
+    which would hide a wrong one; both paths read the same cache)."""
     from engine.config import EngineConfig
-    from engine.graph_shapes import GraphShape
-    from engine.model_runner import ModelRunner
-    from engine.sampling_params import SamplingParams
-    from engine.scheduler import ScheduledSequence, SchedulerOutput
+    from harness.kernels.profile_persistent import one_token_step
 
     config = EngineConfig(model=checkpoint_dir, device="cpu", dtype="float32", attention_backend="triton",
                           block_size=4, max_model_len=256, num_kv_blocks=24, max_num_seqs=4,
                           max_num_batched_tokens=64, persistent_decode=True)
-    runner = ModelRunner(config)
-    runner.allocate_kv_cache(24)
+    runner, inputs = one_token_step(config, context)
     gen = torch.Generator().manual_seed(1)
-    for name, param in runner.model.named_parameters():  # HF starts norms at 1 and biases at 0
+    for name, param in runner.model.named_parameters():
         if "norm" in name or "bias" in name:
             param.data.copy_(torch.rand(param.shape, generator=gen) + 0.5)
-    prompt = torch.randint(0, 250, (context,), generator=torch.Generator().manual_seed(5)).tolist()
-    table = list(range(3, 3 + -(-(context + 1) // 4)))
-
-    def inputs(tokens, start, pad=None):
-        seq = ScheduledSequence(request_id="r", token_ids=tokens, start_pos=start, block_table=table, sample=True,
-                                sampling_params=SamplingParams(), num_output_tokens=0, seq_no=0)
-        n = len(tokens)
-        out = SchedulerOutput([seq], num_prefill_tokens=0 if pad else n, num_decode_tokens=n if pad else 0)
-        got = runner.prepare_inputs(out, pad)
-        return got.input_ids, got.positions, runner.kv_caches, got.meta, runner.backend
-
-    with torch.inference_mode():
-        runner.model(*inputs(prompt, 0))
-    return runner, inputs([7], context, GraphShape(1, 1, True))
+    return runner, inputs
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine tests run the kernel with its barriers")
@@ -124,3 +110,31 @@ def test_persistent_decode_refuses_what_it_cannot_run(checkpoint_dirs):
             model.forward_persistent(torch.cat([h, h]), positions, caches, meta, programs=2)
         with pytest.raises(ValueError, match="one token's hidden state"):
             model.forward_persistent(h.half(), positions, caches, meta, programs=2)
+
+
+def test_step_breakdown_reads_work_and_barrier_per_step_kind():
+    """profile-persistent's reading of the kernel's clock: 2 programs, 2 layers (10 steps), every
+    step's work 3 us for the slower program (qkv 5 us) and every barrier 1 us after the last
+    arrival; the first and last steps are left out."""
+    steps, times = 10, torch.zeros(2, 10, 2, dtype=torch.int64)
+    now = 0
+    for s in range(steps):
+        work = 5000 if s % 5 == 0 else 3000
+        times[0, s, 0], times[1, s, 0] = now + work - 500, now + work  # program 1 arrives last
+        times[:, s, 1] = now + work + 1000  # both leave 1 us later
+        now += work + 1000
+    got = {name: (work, barrier) for name, work, barrier in step_breakdown(times)}
+    assert got == {"qkv": (5.0, 1.0), "attention": (3.0, 1.0), "o": (3.0, 1.0), "gate_up": (3.0, 1.0),
+                   "down": (3.0, 1.0)}
+
+
+def test_profile_plan_variants_and_errors():
+    """--plan FIELD=INT replaces plan fields; an unknown field, a non-integer or a value < 1 is an
+    error naming the fields; without a GPU the tool says it needs one."""
+    assert parse_plan(SMALL, ["num_warps=8", "stages=4"]) == replace(SMALL, num_warps=8, stages=4)
+    for bad in ("warps=8", "stages=x", "stages=0", "stages"):
+        with pytest.raises(ValueError, match="FIELD=INT"):
+            parse_plan(SMALL, [bad])
+    if DEVICE == "cpu":
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            profile_main([])

@@ -1,0 +1,136 @@
+"""Where the persistent decode kernel's time goes (engine/kernels/persistent_decode.py, GPU): one
+sequence with `--context` cached tokens, the kernel's own per-step clock (`times=`: when each
+program's work of a step ended and when it passed the barrier after it), and the whole kernel
+timed in CUDA graphs, for the plan choose_plan makes and for variants of it.
+
+    llmbench kernels profile-persistent [--model qwen3-0.6b] [--context 640] [--plan num_warps=8 ...]
+
+Per step kind (qkv, attention, o, gate_up, down), medians over the layers: work = the last
+program's end of work minus the first program's exit from the barrier before; barrier = the
+first exit minus the last arrival. reports/PERF.md row 52 has the H200's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import fields, replace
+
+import torch
+
+from engine.config import EngineConfig, parse_value
+from engine.graph_shapes import GraphShape
+from engine.kernels.persistent_decode import (
+    STEPS_PER_LAYER,
+    PersistentPlan,
+    alloc_scratch,
+    persistent_decode,
+)
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledSequence, SchedulerOutput
+from harness.kernels.bench_sample import graph_us
+
+STEP_NAMES = ("qkv", "attention", "o", "gate_up", "down")
+assert len(STEP_NAMES) == STEPS_PER_LAYER
+
+
+def one_token_step(config: EngineConfig, context: int, seed: int = 5):
+    """A runner whose KV cache holds a prefill of `context` random tokens (one sequence), and the
+    model inputs (ids, positions, caches, metadata, backend) of its next, one-token decode step."""
+    runner = ModelRunner(config)
+    blocks = -(-(context + 1) // config.block_size)
+    runner.allocate_kv_cache(config.num_kv_blocks or blocks + 3)
+    prompt = torch.randint(0, 250, (context,), generator=torch.Generator().manual_seed(seed)).tolist()
+    table = list(range(3, 3 + blocks))
+
+    def inputs(tokens, start, pad=None):
+        seq = ScheduledSequence(request_id="r", token_ids=tokens, start_pos=start, block_table=table, sample=True,
+                                sampling_params=SamplingParams(), num_output_tokens=0, seq_no=0)
+        n = len(tokens)
+        out = SchedulerOutput([seq], num_prefill_tokens=0 if pad else n, num_decode_tokens=n if pad else 0)
+        got = runner.prepare_inputs(out, pad)
+        return got.input_ids, got.positions, runner.kv_caches, got.meta, runner.backend
+
+    with torch.inference_mode():
+        runner.model(*inputs(prompt, 0))
+    return runner, inputs([7], context, GraphShape(1, 1, True))
+
+
+def step_breakdown(times: torch.Tensor) -> list[tuple[str, float, float]]:
+    """times [programs, steps, 2] ns (a step's work ended, its barrier passed) -> per step kind
+    (name, median work µs, median barrier µs) over the steps after the first and before the
+    last (the first has no barrier before it, the last none after it)."""
+    t = times.double().cpu() / 1000.0
+    arrive = t[:, :, 0].max(0).values  # the last program done with step s
+    leave = t[:, :, 1].min(0).values  # the first program out of barrier s
+    work: dict[str, list[float]] = {n: [] for n in STEP_NAMES}
+    wait: dict[str, list[float]] = {n: [] for n in STEP_NAMES}
+    for s in range(1, t.shape[1] - 1):
+        name = STEP_NAMES[s % STEPS_PER_LAYER]
+        work[name].append((arrive[s] - leave[s - 1]).item())
+        wait[name].append((leave[s] - arrive[s]).item())
+    return [(n, statistics.median(work[n]), statistics.median(wait[n])) for n in STEP_NAMES if work[n]]
+
+
+def parse_plan(base: PersistentPlan, items: list[str]) -> PersistentPlan:
+    """`base` with KEY=VALUE fields replaced (PersistentPlan's int fields)."""
+    names = {f.name for f in fields(PersistentPlan)}
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        parsed = parse_value(value) if sep else None
+        if key not in names or not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < 1:
+            raise ValueError(f"--plan takes FIELD=INT with FIELD one of {sorted(names)}, got {item!r}")
+        changes[key] = parsed
+    return replace(base, **changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmbench kernels profile-persistent", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen3-0.6b", help="a preset or checkpoint (default: qwen3-0.6b)")
+    ap.add_argument("--context", type=int, default=640, help="cached tokens of the one sequence (default: 640)")
+    ap.add_argument("--plan", action="append", default=[], metavar="FIELD=INT",
+                    help="a variant of the chosen plan to time too, e.g. num_warps=8,stages=4 (repeatable)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("profile-persistent needs a CUDA device (its barriers and clock do not run in the interpreter)")
+    if args.context < 1:
+        sys.exit(f"profile-persistent: --context must be >= 1, got {args.context}")
+    config = EngineConfig(model=args.model, device="cuda", enforce_eager=True, max_model_len=max(256, 2 * args.context),
+                          max_num_seqs=4, persistent_decode=True)
+    runner, (ids, positions, caches, meta, _) = one_token_step(config, args.context)
+    model = runner.model.model
+    with torch.inference_mode():
+        h = model.embed_tokens(ids)
+        model.forward_persistent(h, positions, caches, meta)
+        state = model._persistent
+        try:
+            plans = {"chosen": state.plan} | {p: parse_plan(state.plan, p.split(",")) for p in args.plan}
+        except ValueError as e:
+            sys.exit(f"profile-persistent: {e}")
+        for name, plan in plans.items():
+            scratch = alloc_scratch(state.shape, plan, h.dtype, h.device)
+
+            def run(times=None, plan=plan, scratch=scratch):
+                return persistent_decode(h, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, caches,
+                                         model.rotary.cos, model.rotary.sin, state.tables, state.shape, plan, scratch,
+                                         model.layers[0].self_attn.scale, times=times)
+
+            us = graph_us(run)
+            times = torch.zeros(plan.programs, state.shape.num_layers * STEPS_PER_LAYER, 2, dtype=torch.int64,
+                                device=h.device)
+            run(times)
+            torch.cuda.synchronize()
+            steps = "  ".join(f"{n} {w:.2f}/{b:.2f}" for n, w, b in step_breakdown(times))
+            print(f"{name}: {us:.1f} us a launch | work/barrier us: {steps}\n  {plan}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
