@@ -67,6 +67,19 @@ def test_watch_jit_records_chains_and_restores_the_hook():
         knobs.runtime.jit_cache_hook = previous
 
 
+def _run_probe(script: str, triton_dir: str | None):
+    """The JSON a compile probe prints last, run in a subprocess without TRITON_INTERPRET (this
+    process's kernels are interpreted), with `triton_dir`'s Triton first on the path."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, REPO) if p)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 _STAGING_PROBE = r"""
 import json, re
 from harness.kernels.compile_check import cases, compile_case, resources
@@ -97,14 +110,7 @@ def test_attention_kernels_stage_kv_through_shared_memory_without_spills(triton_
     copy bandwidth (reports/PERF.md row 44); capped at 168 registers (3 programs an SM, row 45)
     it keeps both and, under the GPU machines' Triton, spills nothing (3.9 spills 128 bytes). A
     subprocess: this one's kernels are interpreted."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, REPO) if p)
-    proc = subprocess.run([sys.executable, "-c", _STAGING_PROBE], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.splitlines()[-1])
+    rows = _run_probe(_STAGING_PROBE, triton_dir)
     assert sorted(r["cache"] for r in rows) == ["*bf16", "*bf16", "*fp8e4nv", "*fp8e4nv", "*fp8e4nv"], rows
     for r in rows:
         assert not r["err"] and r["cp_async"], r
@@ -135,14 +141,7 @@ def test_persistent_decode_stages_its_weight_loads(triton_dir):
     """The persistent decode kernel's projections keep STAGES - 1 weight tiles in flight through
     shared memory (Triton's pipeline, which needs the table's pointers hinted as 16-byte aligned:
     without the hint no weight load was staged, reports/PERF.md row 52)."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, REPO) if p)
-    proc = subprocess.run([sys.executable, "-c", _PERSISTENT_PROBE], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
+    got = _run_probe(_PERSISTENT_PROBE, triton_dir)
     assert not got["err"], got
     weight_tiles = [t for t in got["tiles"] if t[0] == got["stages"] - 1 and t[2] == got["block_k"]]
     assert weight_tiles, got
