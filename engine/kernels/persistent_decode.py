@@ -232,7 +232,7 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
             cols = k0 + tl.arange(0, BLOCK_K)
             k_ok = cols < H
             r = _residual(res_in, parts_ptr, cols, k_ok, H, PARTS)
-            tl.store(res_out + cols, r, mask=k_ok & (cols * 0 + item == 0))  # a vector mask: see _row_rstd
+            tl.store(res_out + cols, r, mask=k_ok & (cols * 0 + item == 0))  # a vector mask: the interpreter rejects scalar ones
             rf = r.to(tl.float32)
             squares += rf * rf
             x = _row0(rf * tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32), dtype)
