@@ -45,7 +45,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
-from engine.kernels.decode_attention import attend_tiles, fold_key, merge_group, store_new_kv
+from engine.kernels.decode_attention import (
+    attend_tile,
+    attend_tiles,
+    fold_key,
+    load_kv_tile,
+    merge_group,
+    store_new_kv,
+)
 from engine.kernels.rope import norm_rope
 
 STEPS_PER_LAYER = 5
@@ -71,6 +78,26 @@ class DecodeShape:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
 
+# The work split's knobs, read by choose_plan at engine start (so `--ab` can vary them): the
+# largest feature block an item takes; what one more round of items a program costs, in feature
+# rows (a round is a dependent chain of loads: blocks of 32 in one round beat 16 in two); the
+# attention splits a KV head (a power of two) and keys a tile; warps a program. On an H200
+# (qwen3-0.6b, PERF row 52) 4 warps and 3 stages were fastest: 812 us for the 28 layers against
+# 863 at 4 stages, 1,038 at 8 warps, 926 at 2; 128-wide K steps, 16-feature blocks and 8
+# splits were slower.
+MAX_BLOCK = 64
+ROUND_COST_ROWS = 8
+ATTENTION_SPLITS = 16
+ATTENTION_BLOCK_N = 64
+NUM_WARPS = 4
+STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
+# What a program loads before waiting at the barrier that precedes a step (data the step's inputs
+# do not decide: its first item's first weight tile, PREFETCH_K wide, or its first K/V tile), so
+# the step starts with those bytes on their way instead of a DRAM round trip behind the barrier.
+PREFETCH_K = 128  # 256 spills 240 bytes a thread at 4 warps (Triton 3.6, sm_90), 128 16
+PREFETCH_KV = 1
+
+
 @dataclass(frozen=True)
 class PersistentPlan:
     """How each step's work is cut into items (see choose_plan)."""
@@ -87,6 +114,8 @@ class PersistentPlan:
     down_split: int
     num_warps: int = 4
     stages: int = 3
+    prefetch_k: int = PREFETCH_K  # K elements of a program's first weight tile loaded before the barrier (0: none)
+    prefetch_kv: int = PREFETCH_KV  # 1: its first K/V tile too
 
 
 @dataclass(frozen=True)
@@ -119,21 +148,6 @@ class PersistentScratch:
     counters: torch.Tensor  # [num_layers * (STEPS_PER_LAYER + Hkv)]
 
 
-# The work split's knobs, read by choose_plan at engine start (so `--ab` can vary them): the
-# largest feature block an item takes; what one more round of items a program costs, in feature
-# rows (a round is a dependent chain of loads: blocks of 32 in one round beat 16 in two); the
-# attention splits a KV head (a power of two) and keys a tile; warps a program. On an H200
-# (qwen3-0.6b, PERF row 52) 4 warps and 3 stages were fastest: 812 us for the 28 layers against
-# 863 at 4 stages, 1,038 at 8 warps, 926 at 2; 128-wide K steps, 16-feature blocks and 8
-# splits were slower.
-MAX_BLOCK = 64
-ROUND_COST_ROWS = 8
-ATTENTION_SPLITS = 16
-ATTENTION_BLOCK_N = 64
-NUM_WARPS = 4
-STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
-
-
 def _block(n: int, items_per: int, programs: int) -> int:
     """The power-of-two feature block (8..MAX_BLOCK) for n features, each block giving items_per
     items, that costs least: rounds of items a program times (block + ROUND_COST_ROWS); ties
@@ -155,7 +169,7 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, _block(shape.qkv_size, 1, programs), splits, ATTENTION_BLOCK_N,
                           _block(h, o_split, programs), o_split, _block(inter, 1, programs),
-                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES)
+                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES, PREFETCH_K, PREFETCH_KV)
 
 
 def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
@@ -175,11 +189,16 @@ def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
 
 
 @triton.jit
-def _grid_barrier(counter_ptr, programs):
-    """Wait until every program has arrived: the CTA's stores happen before this program's
-    release, and the acquire makes every other program's stores visible to what follows."""
+def _arrive(counter_ptr):
+    """Count this program in at a grid barrier: the CTA's stores happen before the release."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(counter_ptr, programs):
+    """Wait until every program has arrived; the acquire makes their stores visible to what
+    follows. Loads issued between _arrive and _wait (the next step's prefetch) stay in flight."""
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     while seen < programs:
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
@@ -213,14 +232,63 @@ def _take_row0(acc):
 
 
 @triton.jit
-def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs,
+def _weight_tile(w_ptr, n, n_ok, row_stride, k0, k_end, WIDTH: tl.constexpr):
+    """W[n, k0 : k0 + WIDTH] of a row-major W, zeros outside n_ok and at or past k_end."""
+    cols = k0 + tl.arange(0, WIDTH)
+    return tl.load(w_ptr + n[:, None] * row_stride + cols[None, :], mask=n_ok[:, None] & (cols < k_end)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _split_item(item, N, K, BLOCK_F: tl.constexpr, K_PER: tl.constexpr):
+    """A (feature block, K range) item of a split GEMV: its features, their mask and K range."""
+    n_blocks = tl.cdiv(N, BLOCK_F)
+    block, part = item % n_blocks, item // n_blocks
+    n = block * BLOCK_F + tl.arange(0, BLOCK_F)
+    k_begin = part * K_PER
+    return n, n < N, k_begin, tl.minimum(k_begin + K_PER, K)
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, N: tl.constexpr, K: tl.constexpr, pid, BLOCK_F: tl.constexpr, PRE_K: tl.constexpr,
+                   PRE_W: tl.constexpr):
+    """The first PRE_K columns of a norm GEMV's first item (pid) over W [N, K]: zeros (no load)
+    where pid has no item or PRE_K is 0 (PRE_W: PRE_K, at least 16, a tile shape)."""
+    n = pid * BLOCK_F + tl.arange(0, BLOCK_F)
+    K_END: tl.constexpr = PRE_K if PRE_K < K else K
+    return _weight_tile(w_ptr, n, n < N, K, 0, K_END, PRE_W)
+
+
+@triton.jit
+def _prefetch_split(w_ptr, N, K, pid, SPLIT: tl.constexpr, BLOCK_F: tl.constexpr, K_PER: tl.constexpr,
+                    PRE_K: tl.constexpr, PRE_W: tl.constexpr):
+    """The first PRE_K columns of a split GEMV's first item (pid), as _prefetch_rows."""
+    n, n_ok, k_begin, k_end = _split_item(pid, N, K, BLOCK_F, K_PER)
+    n_ok = n_ok & (n * 0 + pid < tl.cdiv(N, BLOCK_F) * SPLIT)  # a vector: the interpreter rejects scalar masks
+    return _weight_tile(w_ptr, n, n_ok, K, k_begin, tl.minimum(k_begin + PRE_K, k_end), PRE_W)
+
+
+@triton.jit
+def _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H: tl.constexpr, PARTS: tl.constexpr):
+    """A norm GEMV's input at `cols`: (r * g) as row 0 of a [16, K] tile and r's squares, with
+    r = residual + partials; item 0 stores r into res_out."""
+    r = _residual(res_in, parts_ptr, cols, k_ok, H, PARTS)
+    tl.store(res_out + cols, r, mask=k_ok & (cols * 0 + item == 0))  # a vector mask: the interpreter rejects scalar ones
+    rf = r.to(tl.float32)
+    return _row0(rf * tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32), dtype), rf * rf
+
+
+@triton.jit
+def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs, pre, pre_up,
                H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
-               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               PRE_K: tl.constexpr):
     """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of BLOCK_F
     features, or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
     stores the new residual into res_out. The norm in one pass, as the skinny GEMM's: (r * g) W^T
     and r's squares summed over the K loop, the sums scaled by 1/RMS after it (a first pass for
-    1/RMS put two more L2 round trips before the first weight load)."""
+    1/RMS put two more L2 round trips before the first weight load). pre / pre_up: the first
+    PRE_K columns of the first item's tiles, loaded before the barrier."""
     dtype = res_in.dtype.element_ty
     for item in range(pid, tl.cdiv(N, BLOCK_F), programs):
         n = item * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -228,21 +296,31 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
         acc = tl.zeros([16, BLOCK_F], tl.float32)
         acc_up = tl.zeros([16, BLOCK_F], tl.float32)
         squares = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
+        sum_sq = 0.0
+        if PRE_K > 0:  # (names of their own: a loop-carried name keeps its shape)
+            pre_cols = tl.arange(0, PRE_K)
+            x0, sq0 = _normed_x(res_in, parts_ptr, res_out, g_ptr, pre_cols, pre_cols < H, item, dtype, H, PARTS)
+            sum_sq = tl.sum(sq0)
+            w0 = pre
+            if item != pid:
+                w0 = _weight_tile(w_ptr, n, n_ok, H, 0, H, PRE_K)
+            acc = tl.dot(x0, tl.trans(w0), acc, input_precision=DOT_PRECISION)
+            if GATED:
+                up0 = pre_up
+                if item != pid:
+                    up0 = _weight_tile(w_ptr, N + n, n_ok, H, 0, H, PRE_K)
+                acc_up = tl.dot(x0, tl.trans(up0), acc_up, input_precision=DOT_PRECISION)
+        for k0 in tl.range(PRE_K, H, BLOCK_K, num_stages=STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
             k_ok = cols < H
-            r = _residual(res_in, parts_ptr, cols, k_ok, H, PARTS)
-            tl.store(res_out + cols, r, mask=k_ok & (cols * 0 + item == 0))  # a vector mask: the interpreter rejects scalar ones
-            rf = r.to(tl.float32)
-            squares += rf * rf
-            x = _row0(rf * tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32), dtype)
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + n[:, None] * H + cols[None, :], mask=w_mask, other=0.0)
+            x, sq = _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H, PARTS)
+            squares += sq
+            w = _weight_tile(w_ptr, n, n_ok, H, k0, H, BLOCK_K)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
             if GATED:
-                up = tl.load(w_ptr + (N + n)[:, None] * H + cols[None, :], mask=w_mask, other=0.0)
+                up = _weight_tile(w_ptr, N + n, n_ok, H, k0, H, BLOCK_K)
                 acc_up = tl.dot(x, tl.trans(up), acc_up, input_precision=DOT_PRECISION)
-        rstd = 1.0 / tl.sqrt(tl.sum(squares) / H + eps)
+        rstd = 1.0 / tl.sqrt((tl.sum(squares) + sum_sq) / H + eps)
         y = _take_row0(acc) * rstd
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -255,41 +333,73 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
 
 
 @triton.jit
-def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
+def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, pre, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_F: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr, STAGES: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, PRE_K: tl.constexpr):
     """Steps 2 and 4 (o, down): x [K] (other programs' output: from L2) times W [N, K]^T over
-    (feature block, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N]."""
-    n_blocks = tl.cdiv(N, BLOCK_F)
-    for item in range(pid, n_blocks * SPLIT, programs):
-        block, part = item % n_blocks, item // n_blocks
-        n = block * BLOCK_F + tl.arange(0, BLOCK_F)
-        n_ok = n < N
+    (feature block, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N];
+    pre: the first PRE_K columns of the first item's tile, loaded before the barrier."""
+    dtype = w_ptr.dtype.element_ty
+    for item in range(pid, tl.cdiv(N, BLOCK_F) * SPLIT, programs):
+        n, n_ok, k_begin, k_end = _split_item(item, N, K, BLOCK_F, K_PER)
+        part = item // tl.cdiv(N, BLOCK_F)
         acc = tl.zeros([16, BLOCK_F], tl.float32)
-        for k0 in tl.range(0, K_PER, BLOCK_K, num_stages=STAGES):
-            cols = part * K_PER + k0 + tl.arange(0, BLOCK_K)
-            k_ok = (cols < K) & (k0 + tl.arange(0, BLOCK_K) < K_PER)
-            x = _row0(tl.load(x_ptr + cols, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32),
-                      w_ptr.dtype.element_ty)
-            w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if PRE_K > 0:
+            pre_cols = k_begin + tl.arange(0, PRE_K)
+            w0 = pre
+            if item != pid:
+                w0 = _weight_tile(w_ptr, n, n_ok, K, k_begin, k_end, PRE_K)
+            x0 = _row0(tl.load(x_ptr + pre_cols, mask=pre_cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32),
+                       dtype)
+            acc = tl.dot(x0, tl.trans(w0), acc, input_precision=DOT_PRECISION)
+        for k0 in tl.range(k_begin + PRE_K, k_end, BLOCK_K, num_stages=STAGES):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = _row0(tl.load(x_ptr + cols, mask=cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32), dtype)
+            w = _weight_tile(w_ptr, n, n_ok, K, k0, k_end, BLOCK_K)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         tl.store(parts_ptr + part * N + n, _take_row0(acc), mask=n_ok)
 
 
 @triton.jit
-def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr,
-               sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s, stride_kc_h, pid,
-               programs, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_PAD: tl.constexpr,
-               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY and
-    MERGE programs: fp32 partials per (q head, split) into acc / lse, and the last item of each
-    KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros)."""
-    GROUP: tl.constexpr = HQ // HKV
+def _attention_item(item, seq_lens_ptr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """An attention item's (KV head, split, first tile, end tile, cached keys, and the split that
+    holds the last cached tile: it stores this step's K/V)."""
     seq_len = tl.load(seq_lens_ptr)
     n_keys = tl.maximum(seq_len - 1, 0)  # the newest key is not cached yet
     n_tiles = tl.cdiv(n_keys, BLOCK_N)
     per_split = tl.cdiv(n_tiles, SPLITS)
+    split = item % SPLITS
+    t_begin = split * per_split
+    last = (tl.maximum(n_tiles, 1) - 1) // tl.maximum(per_split, 1)
+    return item // SPLITS, split, t_begin, tl.minimum(t_begin + per_split, n_tiles), n_keys, last
+
+
+@triton.jit
+def _prefetch_kv(k_cache, v_cache, seq_lens_ptr, bt_ptr, stride_kc_b, stride_kc_s, stride_kc_h, pid,
+                 HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, PRE_KV: tl.constexpr):
+    """K^T and V of the first tile of this program's first attention item (pid): the cached keys
+    are written by earlier launches, so nothing in this one decides them. Zeros (no load) where
+    the item has no tile or PRE_KV is 0."""
+    kv_head, split, t_begin, t_end, n_keys, _ = _attention_item(pid, seq_lens_ptr, SPLITS, BLOCK_N)
+    any_key = (pid < HKV * SPLITS) & (t_begin < t_end) & (PRE_KV != 0)
+    d = tl.arange(0, D)
+    return load_kv_tile(bt_ptr, t_begin, tl.where(any_key, n_keys, 0), kv_head, k_cache, v_cache, stride_kc_b,
+                        stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h, d, d < D, BLOCK_N, BLOCK_SIZE)
+
+
+@triton.jit
+def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr,
+               sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s, stride_kc_h, pid,
+               programs, pre_k, pre_v, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_PAD: tl.constexpr,
+               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, PRE_KV: tl.constexpr):
+    """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY and
+    MERGE programs: fp32 partials per (q head, split) into acc / lse, and the last item of each
+    KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros).
+    pre_k / pre_v: the first item's first tile (_prefetch_kv)."""
+    GROUP: tl.constexpr = HQ // HKV
+    seq_len = tl.load(seq_lens_ptr)
     q_pos = tl.load(pos_ptr)
     cos_row, sin_row = cos_ptr + q_pos * stride_cos, sin_ptr + q_pos * stride_cos
     h = tl.arange(0, BLOCK_H)
@@ -297,9 +407,9 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
     d = tl.arange(0, D)
     d_ok = d < D
     for item in range(pid, HKV * SPLITS, programs):
-        kv_head, split = item // SPLITS, item % SPLITS
+        kv_head, split, t_begin, t_end, n_keys, last = _attention_item(item, seq_lens_ptr, SPLITS, BLOCK_N)
         head = kv_head * GROUP + h
-        mine = (split == (tl.maximum(n_tiles, 1) - 1) // tl.maximum(per_split, 1)) & (seq_len > 0)
+        mine = (split == last) & (seq_len > 0)
         k_new, v_new = store_new_kv(qkv_ptr + (HQ + kv_head) * D, qkv_ptr + (HQ + HKV + kv_head) * D, slot_ptr, 0,
                                     kv_head, mine, k_cache, v_cache, kw_ptr, cos_row, sin_row, eps, 1.0, 1.0,
                                     stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
@@ -308,9 +418,14 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
-        t_begin = split * per_split
-        m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, 0, 0, kv_head, t_begin,
-                                     tl.minimum(t_begin + per_split, n_tiles), n_keys, k_cache, v_cache,
+        t_first = t_begin
+        if PRE_KV != 0:
+            if item == pid:
+                if t_begin < t_end:
+                    m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, pre_k, pre_v, t_begin, n_keys, scale_log2, BLOCK_N,
+                                                DOT_PRECISION)
+                t_first = t_begin + 1
+        m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, 0, 0, kv_head, t_first, t_end, n_keys, k_cache, v_cache,
                                      stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
                                      scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE, DOT_PRECISION)
         if mine:
@@ -334,6 +449,19 @@ def _layer_ptr(table, layer, like):
 
 
 @triton.jit
+def _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER: tl.constexpr,
+                    TIMING: tl.constexpr):
+    """The wait at the barrier after step - 1 (none before the launch's first step), and, with
+    TIMING, when this program left it."""
+    if BARRIER:
+        if step > step_begin:
+            _wait(count_ptr + step - 1, programs)
+    if TIMING:
+        if step > step_begin:
+            tl.store(times_ptr + (pid * step_end + step - 1) * 2 + 1, globaltimer())
+
+
+@triton.jit
 def _persistent_decode_kernel(
     qkv_tab, o_tab, gate_up_tab, down_tab, norm1_tab, norm2_tab, bias_tab, qn_tab, kn_tab,
     res_ptr, parts_ptr, qkv_ptr, acc_ptr, lse_ptr, attn_ptr, act_ptr, count_ptr, merge_count_ptr,
@@ -345,41 +473,57 @@ def _persistent_decode_kernel(
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
     DOWN_SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    TIMING: tl.constexpr = False,
+    PRE_K: tl.constexpr = 0, PRE_W: tl.constexpr = 16, PRE_KV: tl.constexpr = 0, TIMING: tl.constexpr = False,
 ):
+    """Each step: load what the step needs that no earlier step of this launch writes (the
+    prefetch), wait at the barrier after the step before, do the work, count in at the next."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     K_PER: tl.constexpr = ((INTER + DOWN_SPLIT - 1) // DOWN_SPLIT + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # down's
+    QKV: tl.constexpr = (HQ + 2 * HKV) * D
     for step in range(step_begin, step_end):
         layer, kind = step // 5, step % 5
         if kind == 0:  # the first layer's partials are zeros (the host's), its residual the embedding
-            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, _layer_ptr(norm1_tab, layer, res_ptr),
-                       _layer_ptr(qkv_tab, layer, res_ptr), _layer_ptr(bias_tab, layer, res_ptr), qkv_ptr,
-                       (HQ + 2 * HKV) * D, eps, pid, programs, H, DOWN_SPLIT, BLOCK_K, QKV_BLOCK, False, HAS_BIAS,
-                       STAGES, DOT_PRECISION)
+            w = _layer_ptr(qkv_tab, layer, res_ptr)
+            pre = _prefetch_rows(w, QKV, H, pid, QKV_BLOCK, PRE_K, PRE_W)
+            _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
+            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, _layer_ptr(norm1_tab, layer, res_ptr), w,
+                       _layer_ptr(bias_tab, layer, res_ptr), qkv_ptr, QKV, eps, pid, programs, pre, pre, H, DOWN_SPLIT,
+                       BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION, PRE_K)
         elif kind == 1:
-            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV,
-                       k_cache + layer * stride_layer, v_cache + layer * stride_layer,
+            k_layer, v_layer = k_cache + layer * stride_layer, v_cache + layer * stride_layer
+            pre_k, pre_v = _prefetch_kv(k_layer, v_layer, seq_lens_ptr, bt_ptr, stride_kc_b, stride_kc_s, stride_kc_h,
+                                        pid, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE, PRE_KV)
+            _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
+            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV, k_layer, v_layer,
                        seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos,
                        _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr), eps, scale_log2,
-                       stride_kc_b, stride_kc_s, stride_kc_h, pid, programs, HQ, HKV, D, SPLITS, BLOCK_N,
-                       BLOCK_SIZE, BLOCK_H, GROUP_PAD, QK_NORM, DOT_PRECISION)
+                       stride_kc_b, stride_kc_s, stride_kc_h, pid, programs, pre_k, pre_v, HQ, HKV, D, SPLITS,
+                       BLOCK_N, BLOCK_SIZE, BLOCK_H, GROUP_PAD, QK_NORM, DOT_PRECISION, PRE_KV)
         elif kind == 2:
-            _split_gemv(attn_ptr, _layer_ptr(o_tab, layer, res_ptr), parts_ptr, pid, programs, H, HQ * D, BLOCK_K,
-                        O_BLOCK, O_SPLIT, HQ * D // O_SPLIT, STAGES, DOT_PRECISION)
+            w = _layer_ptr(o_tab, layer, res_ptr)
+            pre = _prefetch_split(w, H, HQ * D, pid, O_SPLIT, O_BLOCK, HQ * D // O_SPLIT, PRE_K, PRE_W)
+            _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
+            _split_gemv(attn_ptr, w, parts_ptr, pid, programs, pre, H, HQ * D, BLOCK_K, O_BLOCK, O_SPLIT,
+                        HQ * D // O_SPLIT, STAGES, DOT_PRECISION, PRE_K)
         elif kind == 3:
-            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, _layer_ptr(norm2_tab, layer, res_ptr),
-                       _layer_ptr(gate_up_tab, layer, res_ptr), res_ptr, act_ptr, INTER, eps, pid, programs,
-                       H, O_SPLIT, BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
+            w = _layer_ptr(gate_up_tab, layer, res_ptr)
+            pre = _prefetch_rows(w, INTER, H, pid, GATE_BLOCK, PRE_K, PRE_W)
+            pre_up = _prefetch_rows(w + INTER * H, INTER, H, pid, GATE_BLOCK, PRE_K, PRE_W)
+            _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
+            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, _layer_ptr(norm2_tab, layer, res_ptr), w, res_ptr, act_ptr,
+                       INTER, eps, pid, programs, pre, pre_up, H, O_SPLIT, BLOCK_K, GATE_BLOCK, True, False, STAGES,
+                       DOT_PRECISION, PRE_K)
         else:
-            _split_gemv(act_ptr, _layer_ptr(down_tab, layer, res_ptr), parts_ptr, pid, programs, H, INTER, BLOCK_K,
-                        DOWN_BLOCK, DOWN_SPLIT, K_PER, STAGES, DOT_PRECISION)
-        if TIMING:  # when this program's work of the step ended, and when it left the barrier
+            w = _layer_ptr(down_tab, layer, res_ptr)
+            pre = _prefetch_split(w, H, INTER, pid, DOWN_SPLIT, DOWN_BLOCK, K_PER, PRE_K, PRE_W)
+            _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
+            _split_gemv(act_ptr, w, parts_ptr, pid, programs, pre, H, INTER, BLOCK_K, DOWN_BLOCK, DOWN_SPLIT, K_PER,
+                        STAGES, DOT_PRECISION, PRE_K)
+        if TIMING:  # when this program's work of the step ended
             tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
         if BARRIER:
             if step + 1 < step_end:
-                _grid_barrier(count_ptr + step, programs)
-        if TIMING:
-            tl.store(times_ptr + (pid * step_end + step) * 2 + 1, globaltimer())
+                _arrive(count_ptr + step)
 
 
 def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: DecodeShape, scratch: PersistentScratch) -> None:
@@ -408,6 +552,8 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
     k0, v0 = kv_caches[0]
     if check:
         _check(h, k0, v0, shape, scratch)
+        if plan.prefetch_k and (plan.prefetch_k < 16 or plan.prefetch_k & (plan.prefetch_k - 1)):
+            raise ValueError(f"persistent decode's prefetch_k must be 0 or a power of two >= 16, got {plan.prefetch_k}")
     stride_layer = kv_caches[1][0].data_ptr() - k0.data_ptr() if len(kv_caches) > 1 else 0
     stride_layer //= k0.element_size()
     scratch.residual[0].copy_(h[0])
@@ -434,6 +580,7 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             GROUP_PAD=triton.next_power_of_2(shape.num_heads // shape.num_kv_heads),
             O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
             DOWN_SPLIT=plan.down_split, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-            BARRIER=h.is_cuda, TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
+            BARRIER=h.is_cuda, PRE_K=plan.prefetch_k, PRE_W=max(16, plan.prefetch_k), PRE_KV=plan.prefetch_kv,
+            TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]
