@@ -180,40 +180,6 @@ def fold_key(q, k, v, m_i, l_i, acc, scale_log2):
 
 
 @triton.jit
-def load_kv_tile(bt_row, t, n_keys, kv_head, k_cache_ptr, v_cache_ptr, stride_kc_b, stride_kc_s, stride_kc_h,
-                 stride_vc_b, stride_vc_s, stride_vc_h, d, d_ok, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """K^T [D_PAD, BLOCK_N] and V [BLOCK_N, D_PAD] of key tile t (of n_keys) of one KV head, as
-    stored, read through the block table row bt_row; zeros past n_keys."""
-    pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    pos_ok = pos < n_keys
-    blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-    in_blk = pos % BLOCK_SIZE
-    k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h
-    v_row = blk * stride_vc_b + in_blk * stride_vc_s + kv_head * stride_vc_h
-    # Masked loads: slots past seq_len may hold garbage/NaN (0 * NaN = NaN in the PV dot).
-    kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None], mask=pos_ok[None, :] & d_ok[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
-    return kt, v
-
-
-@triton.jit
-def attend_tile(q, m_i, l_i, acc, kt, v, t, n_keys, scale_log2, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The online softmax (m_i, l_i, acc) of the q rows after key tile t (load_kv_tile's K^T and
-    V), which holds at least one of the n_keys keys."""
-    pos_ok = t * BLOCK_N + tl.arange(0, BLOCK_N) < n_keys
-    kt = kt.to(q.dtype)  # fp8: exact in q's (fp16) dtype; else as loaded
-    v = v.to(q.dtype)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
-    s = tl.where(pos_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the tile has a valid key
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def attend_tiles(q, m_i, l_i, acc, block_tables_ptr, seq, stride_bt, kv_head, t_begin, t_end, n_keys,
                  k_cache_ptr, v_cache_ptr, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s,
                  stride_vc_h, scale_log2, d, d_ok, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -224,9 +190,27 @@ def attend_tiles(q, m_i, l_i, acc, block_tables_ptr, seq, stride_bt, kv_head, t_
     168-register cap spilled 8 bytes (Triton 3.6, sm_90)."""
     bt_row = block_tables_ptr + seq * stride_bt
     for t in range(t_begin, t_end):
-        kt, v = load_kv_tile(bt_row, t, n_keys, kv_head, k_cache_ptr, v_cache_ptr, stride_kc_b, stride_kc_s,
-                             stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h, d, d_ok, BLOCK_N, BLOCK_SIZE)
-        m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, kt, v, t, n_keys, scale_log2, BLOCK_N, DOT_PRECISION)
+        pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_ok = pos < n_keys
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h
+        v_row = blk * stride_vc_b + in_blk * stride_vc_s + kv_head * stride_vc_h
+        # Masked loads: slots past seq_len may hold garbage/NaN (0 * NaN = NaN in the PV dot).
+        kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
+                     mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+        v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
+                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        kt = kt.to(q.dtype)  # fp8: exact in q's (fp16) dtype; else as loaded
+        v = v.to(q.dtype)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
     return m_i, l_i, acc
 
 

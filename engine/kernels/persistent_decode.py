@@ -45,14 +45,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
-from engine.kernels.decode_attention import (
-    attend_tile,
-    attend_tiles,
-    fold_key,
-    load_kv_tile,
-    merge_group,
-    store_new_kv,
-)
+from engine.kernels.decode_attention import attend_tiles, fold_key, merge_group, store_new_kv
 from engine.kernels.rope import norm_rope
 
 STEPS_PER_LAYER = 5
@@ -91,11 +84,11 @@ ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 4
 STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
-# What a program loads before waiting at the barrier that precedes a step (data the step's inputs
-# do not decide: its first item's first weight tile, PREFETCH_K wide, or its first K/V tile), so
-# the step starts with those bytes on their way instead of a DRAM round trip behind the barrier.
-PREFETCH_K = 128  # 256 spills 240 bytes a thread at 4 warps (Triton 3.6, sm_90), 128 16
-PREFETCH_KV = 1
+# 1: between counting itself in at a barrier and waiting there, a program asks L2 for every
+# 128-byte line of its next item's weights (prefetch.global.L2: no register holds them), so the
+# step's loads find them on their way. Loading a tile into registers there instead was slower
+# (PERF row 53: the step's own loads then start after it).
+PREFETCH_L2 = 1
 
 
 @dataclass(frozen=True)
@@ -114,8 +107,7 @@ class PersistentPlan:
     down_split: int
     num_warps: int = 4
     stages: int = 3
-    prefetch_k: int = PREFETCH_K  # K elements of a program's first weight tile loaded before the barrier (0: none)
-    prefetch_kv: int = PREFETCH_KV  # 1: its first K/V tile too
+    prefetch_l2: int = PREFETCH_L2
 
 
 @dataclass(frozen=True)
@@ -169,7 +161,7 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, _block(shape.qkv_size, 1, programs), splits, ATTENTION_BLOCK_N,
                           _block(h, o_split, programs), o_split, _block(inter, 1, programs),
-                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES, PREFETCH_K, PREFETCH_KV)
+                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES, PREFETCH_L2)
 
 
 def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
@@ -250,22 +242,32 @@ def _split_item(item, N, K, BLOCK_F: tl.constexpr, K_PER: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_rows(w_ptr, N: tl.constexpr, K: tl.constexpr, pid, BLOCK_F: tl.constexpr, PRE_K: tl.constexpr,
-                   PRE_W: tl.constexpr):
-    """The first PRE_K columns of a norm GEMV's first item (pid) over W [N, K]: zeros (no load)
-    where pid has no item or PRE_K is 0 (PRE_W: PRE_K, at least 16, a tile shape)."""
+def _prefetch_lines(w_ptr, n, n_ok, row_stride, k_begin, k_end, LINES: tl.constexpr, ON: tl.constexpr):
+    """prefetch.global.L2 of the 128-byte lines that hold W[n, k_begin:k_end] (row-major W, rows
+    128-byte aligned): one instruction a line, the lines outside n_ok or k_end asked for line 0."""
+    if ON:
+        per_line: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        cols = k_begin + tl.arange(0, LINES) * per_line
+        ok = n_ok[:, None] & (cols < k_end)[None, :]
+        lines = w_ptr + tl.where(ok, n[:, None] * row_stride + cols[None, :], 0)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, N, K, pid, BLOCK_F: tl.constexpr, LINES: tl.constexpr, ON: tl.constexpr):
+    """L2 prefetch of a norm GEMV's first item (pid) over W [N, K]."""
     n = pid * BLOCK_F + tl.arange(0, BLOCK_F)
-    K_END: tl.constexpr = PRE_K if PRE_K < K else K
-    return _weight_tile(w_ptr, n, n < N, K, 0, K_END, PRE_W)
+    _prefetch_lines(w_ptr, n, n < N, K, 0, K, LINES, ON)
 
 
 @triton.jit
 def _prefetch_split(w_ptr, N, K, pid, SPLIT: tl.constexpr, BLOCK_F: tl.constexpr, K_PER: tl.constexpr,
-                    PRE_K: tl.constexpr, PRE_W: tl.constexpr):
-    """The first PRE_K columns of a split GEMV's first item (pid), as _prefetch_rows."""
+                    LINES: tl.constexpr, ON: tl.constexpr):
+    """L2 prefetch of a split GEMV's first item (pid)."""
     n, n_ok, k_begin, k_end = _split_item(pid, N, K, BLOCK_F, K_PER)
-    n_ok = n_ok & (n * 0 + pid < tl.cdiv(N, BLOCK_F) * SPLIT)  # a vector: the interpreter rejects scalar masks
-    return _weight_tile(w_ptr, n, n_ok, K, k_begin, tl.minimum(k_begin + PRE_K, k_end), PRE_W)
+    n_ok = n_ok & (n * 0 + pid < tl.cdiv(N, BLOCK_F) * SPLIT)
+    _prefetch_lines(w_ptr, n, n_ok, K, k_begin, k_end, LINES, ON)
 
 
 @triton.jit
@@ -279,16 +281,14 @@ def _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H: tl.
 
 
 @triton.jit
-def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs, pre, pre_up,
+def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs,
                H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
-               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               PRE_K: tl.constexpr):
+               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of BLOCK_F
     features, or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
     stores the new residual into res_out. The norm in one pass, as the skinny GEMM's: (r * g) W^T
     and r's squares summed over the K loop, the sums scaled by 1/RMS after it (a first pass for
-    1/RMS put two more L2 round trips before the first weight load). pre / pre_up: the first
-    PRE_K columns of the first item's tiles, loaded before the barrier."""
+    1/RMS put two more L2 round trips before the first weight load)."""
     dtype = res_in.dtype.element_ty
     for item in range(pid, tl.cdiv(N, BLOCK_F), programs):
         n = item * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -296,21 +296,7 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
         acc = tl.zeros([16, BLOCK_F], tl.float32)
         acc_up = tl.zeros([16, BLOCK_F], tl.float32)
         squares = tl.zeros([BLOCK_K], tl.float32)
-        sum_sq = 0.0
-        if PRE_K > 0:  # (names of their own: a loop-carried name keeps its shape)
-            pre_cols = tl.arange(0, PRE_K)
-            x0, sq0 = _normed_x(res_in, parts_ptr, res_out, g_ptr, pre_cols, pre_cols < H, item, dtype, H, PARTS)
-            sum_sq = tl.sum(sq0)
-            w0 = pre
-            if item != pid:
-                w0 = _weight_tile(w_ptr, n, n_ok, H, 0, H, PRE_K)
-            acc = tl.dot(x0, tl.trans(w0), acc, input_precision=DOT_PRECISION)
-            if GATED:
-                up0 = pre_up
-                if item != pid:
-                    up0 = _weight_tile(w_ptr, N + n, n_ok, H, 0, H, PRE_K)
-                acc_up = tl.dot(x0, tl.trans(up0), acc_up, input_precision=DOT_PRECISION)
-        for k0 in tl.range(PRE_K, H, BLOCK_K, num_stages=STAGES):
+        for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
             k_ok = cols < H
             x, sq = _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H, PARTS)
@@ -320,7 +306,7 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
             if GATED:
                 up = _weight_tile(w_ptr, N + n, n_ok, H, k0, H, BLOCK_K)
                 acc_up = tl.dot(x, tl.trans(up), acc_up, input_precision=DOT_PRECISION)
-        rstd = 1.0 / tl.sqrt((tl.sum(squares) + sum_sq) / H + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(squares) / H + eps)
         y = _take_row0(acc) * rstd
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -333,26 +319,17 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
 
 
 @triton.jit
-def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, pre, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
+def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_F: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr, STAGES: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, PRE_K: tl.constexpr):
+                DOT_PRECISION: tl.constexpr):
     """Steps 2 and 4 (o, down): x [K] (other programs' output: from L2) times W [N, K]^T over
-    (feature block, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N];
-    pre: the first PRE_K columns of the first item's tile, loaded before the barrier."""
+    (feature block, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N]."""
     dtype = w_ptr.dtype.element_ty
     for item in range(pid, tl.cdiv(N, BLOCK_F) * SPLIT, programs):
         n, n_ok, k_begin, k_end = _split_item(item, N, K, BLOCK_F, K_PER)
         part = item // tl.cdiv(N, BLOCK_F)
         acc = tl.zeros([16, BLOCK_F], tl.float32)
-        if PRE_K > 0:
-            pre_cols = k_begin + tl.arange(0, PRE_K)
-            w0 = pre
-            if item != pid:
-                w0 = _weight_tile(w_ptr, n, n_ok, K, k_begin, k_end, PRE_K)
-            x0 = _row0(tl.load(x_ptr + pre_cols, mask=pre_cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32),
-                       dtype)
-            acc = tl.dot(x0, tl.trans(w0), acc, input_precision=DOT_PRECISION)
-        for k0 in tl.range(k_begin + PRE_K, k_end, BLOCK_K, num_stages=STAGES):
+        for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
             x = _row0(tl.load(x_ptr + cols, mask=cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32), dtype)
             w = _weight_tile(w_ptr, n, n_ok, K, k0, k_end, BLOCK_K)
@@ -375,29 +352,14 @@ def _attention_item(item, seq_lens_ptr, SPLITS: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _prefetch_kv(k_cache, v_cache, seq_lens_ptr, bt_ptr, stride_kc_b, stride_kc_s, stride_kc_h, pid,
-                 HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, PRE_KV: tl.constexpr):
-    """K^T and V of the first tile of this program's first attention item (pid): the cached keys
-    are written by earlier launches, so nothing in this one decides them. Zeros (no load) where
-    the item has no tile or PRE_KV is 0."""
-    kv_head, split, t_begin, t_end, n_keys, _ = _attention_item(pid, seq_lens_ptr, SPLITS, BLOCK_N)
-    any_key = (pid < HKV * SPLITS) & (t_begin < t_end) & (PRE_KV != 0)
-    d = tl.arange(0, D)
-    return load_kv_tile(bt_ptr, t_begin, tl.where(any_key, n_keys, 0), kv_head, k_cache, v_cache, stride_kc_b,
-                        stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h, d, d < D, BLOCK_N, BLOCK_SIZE)
-
-
-@triton.jit
 def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr,
                sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s, stride_kc_h, pid,
-               programs, pre_k, pre_v, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+               programs, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_PAD: tl.constexpr,
-               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, PRE_KV: tl.constexpr):
+               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY and
     MERGE programs: fp32 partials per (q head, split) into acc / lse, and the last item of each
-    KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros).
-    pre_k / pre_v: the first item's first tile (_prefetch_kv)."""
+    KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros)."""
     GROUP: tl.constexpr = HQ // HKV
     seq_len = tl.load(seq_lens_ptr)
     q_pos = tl.load(pos_ptr)
@@ -418,14 +380,7 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
-        t_first = t_begin
-        if PRE_KV != 0:
-            if item == pid:
-                if t_begin < t_end:
-                    m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, pre_k, pre_v, t_begin, n_keys, scale_log2, BLOCK_N,
-                                                DOT_PRECISION)
-                t_first = t_begin + 1
-        m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, 0, 0, kv_head, t_first, t_end, n_keys, k_cache, v_cache,
+        m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, 0, 0, kv_head, t_begin, t_end, n_keys, k_cache, v_cache,
                                      stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
                                      scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE, DOT_PRECISION)
         if mine:
@@ -473,7 +428,7 @@ def _persistent_decode_kernel(
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
     DOWN_SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    PRE_K: tl.constexpr = 0, PRE_W: tl.constexpr = 16, PRE_KV: tl.constexpr = 0, TIMING: tl.constexpr = False,
+    LINES: tl.constexpr = 16, PREFETCH_L2: tl.constexpr = False, TIMING: tl.constexpr = False,
 ):
     """Each step: load what the step needs that no earlier step of this launch writes (the
     prefetch), wait at the barrier after the step before, do the work, count in at the next."""
@@ -482,48 +437,53 @@ def _persistent_decode_kernel(
     QKV: tl.constexpr = (HQ + 2 * HKV) * D
     for step in range(step_begin, step_end):
         layer, kind = step // 5, step % 5
+        # a step's weight addresses and L2 prefetch before its barrier: neither depends on the step before
         if kind == 0:  # the first layer's partials are zeros (the host's), its residual the embedding
-            w = _layer_ptr(qkv_tab, layer, res_ptr)
-            pre = _prefetch_rows(w, QKV, H, pid, QKV_BLOCK, PRE_K, PRE_W)
+            w, g = _layer_ptr(qkv_tab, layer, res_ptr), _layer_ptr(norm1_tab, layer, res_ptr)
+            bias = _layer_ptr(bias_tab, layer, res_ptr)
+            _prefetch_rows(w, QKV, H, pid, QKV_BLOCK, LINES, PREFETCH_L2)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, _layer_ptr(norm1_tab, layer, res_ptr), w,
-                       _layer_ptr(bias_tab, layer, res_ptr), qkv_ptr, QKV, eps, pid, programs, pre, pre, H, DOWN_SPLIT,
-                       BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION, PRE_K)
+            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, H, DOWN_SPLIT,
+                       BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION)
         elif kind == 1:
-            k_layer, v_layer = k_cache + layer * stride_layer, v_cache + layer * stride_layer
-            pre_k, pre_v = _prefetch_kv(k_layer, v_layer, seq_lens_ptr, bt_ptr, stride_kc_b, stride_kc_s, stride_kc_h,
-                                        pid, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE, PRE_KV)
+            qn, kn = _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV, k_layer, v_layer,
-                       seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos,
-                       _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr), eps, scale_log2,
-                       stride_kc_b, stride_kc_s, stride_kc_h, pid, programs, pre_k, pre_v, HQ, HKV, D, SPLITS,
-                       BLOCK_N, BLOCK_SIZE, BLOCK_H, GROUP_PAD, QK_NORM, DOT_PRECISION, PRE_KV)
+            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV,
+                       k_cache + layer * stride_layer, v_cache + layer * stride_layer, seq_lens_ptr, bt_ptr, pos_ptr,
+                       slot_ptr, cos_ptr, sin_ptr, stride_cos, qn, kn, eps, scale_log2, stride_kc_b, stride_kc_s,
+                       stride_kc_h, pid, programs, HQ, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE, BLOCK_H, GROUP_PAD,
+                       QK_NORM, DOT_PRECISION)
         elif kind == 2:
             w = _layer_ptr(o_tab, layer, res_ptr)
-            pre = _prefetch_split(w, H, HQ * D, pid, O_SPLIT, O_BLOCK, HQ * D // O_SPLIT, PRE_K, PRE_W)
+            _prefetch_split(w, H, HQ * D, pid, O_SPLIT, O_BLOCK, HQ * D // O_SPLIT, LINES, PREFETCH_L2)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _split_gemv(attn_ptr, w, parts_ptr, pid, programs, pre, H, HQ * D, BLOCK_K, O_BLOCK, O_SPLIT,
-                        HQ * D // O_SPLIT, STAGES, DOT_PRECISION, PRE_K)
+            _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_BLOCK, O_SPLIT, HQ * D // O_SPLIT,
+                        STAGES, DOT_PRECISION)
         elif kind == 3:
-            w = _layer_ptr(gate_up_tab, layer, res_ptr)
-            pre = _prefetch_rows(w, INTER, H, pid, GATE_BLOCK, PRE_K, PRE_W)
-            pre_up = _prefetch_rows(w + INTER * H, INTER, H, pid, GATE_BLOCK, PRE_K, PRE_W)
+            w, g = _layer_ptr(gate_up_tab, layer, res_ptr), _layer_ptr(norm2_tab, layer, res_ptr)
+            _prefetch_rows(w, INTER, H, pid, GATE_BLOCK, LINES, PREFETCH_L2)
+            _prefetch_rows(w + INTER * H, INTER, H, pid, GATE_BLOCK, LINES, PREFETCH_L2)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, _layer_ptr(norm2_tab, layer, res_ptr), w, res_ptr, act_ptr,
-                       INTER, eps, pid, programs, pre, pre_up, H, O_SPLIT, BLOCK_K, GATE_BLOCK, True, False, STAGES,
-                       DOT_PRECISION, PRE_K)
+            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H, O_SPLIT,
+                       BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
         else:
             w = _layer_ptr(down_tab, layer, res_ptr)
-            pre = _prefetch_split(w, H, INTER, pid, DOWN_SPLIT, DOWN_BLOCK, K_PER, PRE_K, PRE_W)
+            _prefetch_split(w, H, INTER, pid, DOWN_SPLIT, DOWN_BLOCK, K_PER, LINES, PREFETCH_L2)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _split_gemv(act_ptr, w, parts_ptr, pid, programs, pre, H, INTER, BLOCK_K, DOWN_BLOCK, DOWN_SPLIT, K_PER,
-                        STAGES, DOT_PRECISION, PRE_K)
+            _split_gemv(act_ptr, w, parts_ptr, pid, programs, H, INTER, BLOCK_K, DOWN_BLOCK, DOWN_SPLIT, K_PER, STAGES,
+                        DOT_PRECISION)
         if TIMING:  # when this program's work of the step ended
             tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
         if BARRIER:
             if step + 1 < step_end:
                 _arrive(count_ptr + step)
+
+
+def _lines(shape: DecodeShape, plan: PersistentPlan, element_size: int) -> int:
+    """128-byte lines in the longest K range a GEMV item reads, as a power of two (a tile shape)."""
+    k_per_down = triton.cdiv(triton.cdiv(shape.intermediate, plan.down_split), plan.block_k) * plan.block_k
+    longest = max(shape.hidden, shape.num_heads * shape.head_dim // plan.o_split, k_per_down)
+    return triton.next_power_of_2(triton.cdiv(longest * element_size, 128))
 
 
 def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: DecodeShape, scratch: PersistentScratch) -> None:
@@ -552,8 +512,6 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
     k0, v0 = kv_caches[0]
     if check:
         _check(h, k0, v0, shape, scratch)
-        if plan.prefetch_k and (plan.prefetch_k < 16 or plan.prefetch_k & (plan.prefetch_k - 1)):
-            raise ValueError(f"persistent decode's prefetch_k must be 0 or a power of two >= 16, got {plan.prefetch_k}")
     stride_layer = kv_caches[1][0].data_ptr() - k0.data_ptr() if len(kv_caches) > 1 else 0
     stride_layer //= k0.element_size()
     scratch.residual[0].copy_(h[0])
@@ -580,7 +538,7 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             GROUP_PAD=triton.next_power_of_2(shape.num_heads // shape.num_kv_heads),
             O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
             DOWN_SPLIT=plan.down_split, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-            BARRIER=h.is_cuda, PRE_K=plan.prefetch_k, PRE_W=max(16, plan.prefetch_k), PRE_KV=plan.prefetch_kv,
+            BARRIER=h.is_cuda, LINES=_lines(shape, plan, h.element_size()), PREFETCH_L2=h.is_cuda and plan.prefetch_l2 > 0,
             TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]

@@ -141,7 +141,7 @@ def _persistent_decode_case() -> Case:
                      SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=16, BLOCK_H=16, O_BLOCK=plan.o_block,
                      O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
                      DOWN_SPLIT=plan.down_split, STAGES=plan.stages, GROUP_PAD=2, DOT_PRECISION="tf32", BARRIER=True,
-                     PRE_K=plan.prefetch_k, PRE_W=max(16, plan.prefetch_k), PRE_KV=plan.prefetch_kv),
+                     LINES=16, PREFETCH_L2=plan.prefetch_l2 > 0),
                 {**_ptrs("i64", *tables, "slot_ptr", "pos_ptr", "times_ptr"), **_ptrs("bf16", "res_ptr", "qkv_ptr", "act_ptr", "attn_ptr",
                                                                          "k_cache", "v_cache"),
                  **_ptrs("fp32", "parts_ptr", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),

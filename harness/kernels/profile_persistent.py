@@ -81,7 +81,7 @@ def parse_plan(base: PersistentPlan, items: list[str]) -> PersistentPlan:
     for item in items:
         key, sep, value = item.partition("=")
         parsed = parse_value(value) if sep else None
-        least = 0 if key.startswith("prefetch") else 1  # prefetch_k / prefetch_kv 0: none
+        least = 0 if key == "prefetch_l2" else 1
         if key not in names or not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < least:
             raise ValueError(f"--plan takes FIELD=INT with FIELD one of {sorted(names)}, got {item!r}")
         changes[key] = parsed

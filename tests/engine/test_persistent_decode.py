@@ -21,11 +21,9 @@ from harness.kernels.profile_persistent import parse_plan, step_breakdown
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # a plan that gives every step several items a program, uneven (3 programs), splits both o and
-# down, and attention tiles shorter than a split (4 splits of 16-key tiles over 40 keys); its
-# prefetched weight tiles are narrower than a K range, so each item runs the loop after them
+# down, and attention tiles shorter than a split (4 splits of 16-key tiles over 40 keys)
 SMALL = PersistentPlan(programs=3, block_k=32, qkv_block=16, splits=4, block_n=16, o_block=16, o_split=2,
-                       gate_block=16, down_block=16, down_split=2, num_warps=4, prefetch_k=16, prefetch_kv=1)
-PLANS = {"small": SMALL, "no-prefetch": replace(SMALL, prefetch_k=0, prefetch_kv=0)}
+                       gate_block=16, down_block=16, down_split=2, num_warps=4)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,12 +50,11 @@ def _decode_step(checkpoint_dir: str, context: int):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine tests run the kernel with its barriers")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; neither
-@pytest.mark.parametrize("plan", ["chosen", *PLANS])
+@pytest.mark.parametrize("plan", ["chosen", "small"])
 def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
     """float32, one sequence with 40 cached tokens: the kernel's hidden state (through the last
     norm), greedy pick and cache contents (this step's K and V at its slot) equal the layers' own
-    forward; `chosen`: choose_plan's split for 4 programs (its prefetched tiles span K); the
-    others: PLANS above."""
+    forward; `chosen`: choose_plan's split for 4 programs; `small`: SMALL above."""
     runner, (ids, positions, caches, meta, backend) = _decode_step(checkpoint_dirs[arch], 40)
     model = runner.model.model
     with torch.inference_mode():
@@ -66,10 +63,10 @@ def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
         want_cache = runner.kv_cache.clone()
         runner.kv_cache.copy_(before)
         model.forward_persistent(model.embed_tokens(ids), positions, caches, meta, programs=4)  # builds the state
-        if plan in PLANS:
+        if plan == "small":
             state = model._persistent
-            model._persistent = replace(state, plan=PLANS[plan], scratch=alloc_scratch(state.shape, PLANS[plan],
-                                                                                         torch.float32, "cpu"))
+            model._persistent = replace(state, plan=SMALL, scratch=alloc_scratch(state.shape, SMALL, torch.float32,
+                                                                                   "cpu"))
         runner.kv_cache.copy_(before)
         parts, residual = model.forward_persistent(model.embed_tokens(ids), positions, caches, meta)
         got = model.norm(parts, residual)[0]
@@ -103,8 +100,8 @@ def test_choose_plan_gives_every_program_work_at_each_step():
 
 
 def test_persistent_decode_refuses_what_it_cannot_run(checkpoint_dirs):
-    """A step of more than one token, an fp16 hidden state for an fp32 model and a prefetch width
-    that is no tile are errors that say what the kernel takes."""
+    """A step of more than one token and an fp16 hidden state for an fp32 model are errors that
+    say what the kernel takes."""
     runner, (ids, positions, caches, meta, backend) = _decode_step(checkpoint_dirs["qwen3"], 9)
     model = runner.model.model
     with torch.inference_mode():
@@ -113,9 +110,6 @@ def test_persistent_decode_refuses_what_it_cannot_run(checkpoint_dirs):
             model.forward_persistent(torch.cat([h, h]), positions, caches, meta, programs=2)
         with pytest.raises(ValueError, match="one token's hidden state"):
             model.forward_persistent(h.half(), positions, caches, meta, programs=2)
-        model._persistent = replace(model._persistent, plan=replace(model._persistent.plan, prefetch_k=24))
-        with pytest.raises(ValueError, match="prefetch_k must be 0 or a power of two >= 16, got 24"):
-            model.forward_persistent(h, positions, caches, meta)
 
 
 def test_step_breakdown_reads_work_and_barrier_per_step_kind():
@@ -138,7 +132,7 @@ def test_profile_plan_variants_and_errors():
     """--plan FIELD=INT replaces plan fields; an unknown field, a non-integer or a value < 1 is an
     error naming the fields; without a GPU the tool says it needs one."""
     assert parse_plan(SMALL, ["num_warps=8", "stages=4"]) == replace(SMALL, num_warps=8, stages=4)
-    assert parse_plan(SMALL, ["prefetch_k=0", "prefetch_kv=0"]) == PLANS["no-prefetch"]
+    assert parse_plan(SMALL, ["prefetch_l2=0"]) == replace(SMALL, prefetch_l2=0)
     for bad in ("warps=8", "stages=x", "stages=0", "stages"):
         with pytest.raises(ValueError, match="FIELD=INT"):
             parse_plan(SMALL, [bad])
