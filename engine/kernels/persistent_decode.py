@@ -84,11 +84,12 @@ ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 4
 STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
-# 1: between counting itself in at a barrier and waiting there, a program asks L2 for every
-# 128-byte line of its next item's weights (prefetch.global.L2: no register holds them), so the
-# step's loads find them on their way. Loading a tile into registers there instead was slower
-# (PERF row 53: the step's own loads then start after it).
-PREFETCH_L2 = 1
+# Between counting itself in at a barrier and waiting there, a program asks L2 for the lines its
+# next step reads that no step of this launch writes (prefetch.global.L2: no register holds
+# them), so the step's own loads find them on their way. 1: every 128-byte line of its next
+# item's weights; 2: also the K/V rows of its first attention tile; 0: none. Loading a weight
+# tile into registers there instead was slower (PERF row 53: the step's loads then start after it).
+PREFETCH_L2 = 2
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class PersistentPlan:
     block_n: int  # keys an attention tile
     o_block: int  # o features an item
     o_split: int  # o's K (the heads) cut in this many ranges
-    gate_block: int  # gate (and as many up) features an item
+    gate_block: int  # gate (and as many up) features an item: a multiple of 8, in a power-of-two tile
     down_block: int
     down_split: int
     num_warps: int = 4
@@ -149,6 +150,13 @@ def _block(n: int, items_per: int, programs: int) -> int:
     return min(reversed(blocks), key=cost.__getitem__)
 
 
+def _per_item(n: int, programs: int) -> int:
+    """Features an item for n features in one round of items over the programs, a multiple of 8
+    (qwen3-0.6b's gate_up: 24 a program on 132 SMs instead of 32 on 96), else _block's."""
+    per = triton.cdiv(triton.cdiv(n, programs), 8) * 8
+    return per if per <= MAX_BLOCK else _block(n, 1, programs)
+
+
 def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     """Each step's items sized for `programs` (see _block); o splits K by whole heads and down by
     equal ranges, 4 ways where they are long enough, so each norm reads few partials."""
@@ -160,7 +168,7 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     down_split = 4 if inter >= 4 * block_k else 1
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, _block(shape.qkv_size, 1, programs), splits, ATTENTION_BLOCK_N,
-                          _block(h, o_split, programs), o_split, _block(inter, 1, programs),
+                          _block(h, o_split, programs), o_split, _per_item(inter, programs),
                           _block(h, down_split, programs), down_split, NUM_WARPS, STAGES, PREFETCH_L2)
 
 
@@ -232,6 +240,14 @@ def _weight_tile(w_ptr, n, n_ok, row_stride, k0, k_end, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _rows_item(item, N, F_PER, BLOCK_F: tl.constexpr):
+    """A norm GEMV item's features (F_PER of them, in a BLOCK_F tile) and their mask."""
+    f = tl.arange(0, BLOCK_F)
+    n = item * F_PER + f
+    return n, (f < F_PER) & (n < N)
+
+
+@triton.jit
 def _split_item(item, N, K, BLOCK_F: tl.constexpr, K_PER: tl.constexpr):
     """A (feature block, K range) item of a split GEMV: its features, their mask and K range."""
     n_blocks = tl.cdiv(N, BLOCK_F)
@@ -242,23 +258,24 @@ def _split_item(item, N, K, BLOCK_F: tl.constexpr, K_PER: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_lines(w_ptr, n, n_ok, row_stride, k_begin, k_end, LINES: tl.constexpr, ON: tl.constexpr):
-    """prefetch.global.L2 of the 128-byte lines that hold W[n, k_begin:k_end] (row-major W, rows
-    128-byte aligned): one instruction a line, the lines outside n_ok or k_end asked for line 0."""
+def _prefetch_lines(ptr, row_start, row_ok, length, LINES: tl.constexpr, ON: tl.constexpr):
+    """prefetch.global.L2 of the 128-byte lines that hold `length` elements from each row_start
+    (element offsets from ptr, rows where row_ok): one instruction a line; the lines not wanted
+    ask for ptr's own line (an address that exists)."""
     if ON:
-        per_line: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        cols = k_begin + tl.arange(0, LINES) * per_line
-        ok = n_ok[:, None] & (cols < k_end)[None, :]
-        lines = w_ptr + tl.where(ok, n[:, None] * row_stride + cols[None, :], 0)
+        per_line: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
+        cols = tl.arange(0, LINES) * per_line
+        ok = row_ok[:, None] & (cols < length)[None, :]
+        lines = ptr + tl.where(ok, row_start[:, None] + cols[None, :], 0)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
                                   is_pure=False, pack=1)
 
 
 @triton.jit
-def _prefetch_rows(w_ptr, N, K, pid, BLOCK_F: tl.constexpr, LINES: tl.constexpr, ON: tl.constexpr):
+def _prefetch_rows(w_ptr, N, K, pid, F_PER, BLOCK_F: tl.constexpr, LINES: tl.constexpr, ON: tl.constexpr):
     """L2 prefetch of a norm GEMV's first item (pid) over W [N, K]."""
-    n = pid * BLOCK_F + tl.arange(0, BLOCK_F)
-    _prefetch_lines(w_ptr, n, n < N, K, 0, K, LINES, ON)
+    n, n_ok = _rows_item(pid, N, F_PER, BLOCK_F)
+    _prefetch_lines(w_ptr, n * K, n_ok, K, LINES, ON)
 
 
 @triton.jit
@@ -267,7 +284,7 @@ def _prefetch_split(w_ptr, N, K, pid, SPLIT: tl.constexpr, BLOCK_F: tl.constexpr
     """L2 prefetch of a split GEMV's first item (pid)."""
     n, n_ok, k_begin, k_end = _split_item(pid, N, K, BLOCK_F, K_PER)
     n_ok = n_ok & (n * 0 + pid < tl.cdiv(N, BLOCK_F) * SPLIT)
-    _prefetch_lines(w_ptr, n, n_ok, K, k_begin, k_end, LINES, ON)
+    _prefetch_lines(w_ptr, n * K + k_begin, n_ok, k_end - k_begin, LINES, ON)
 
 
 @triton.jit
@@ -281,18 +298,17 @@ def _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H: tl.
 
 
 @triton.jit
-def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs,
+def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs, F_PER,
                H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
                GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of BLOCK_F
-    features, or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
+    """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over items of F_PER
+    features (in BLOCK_F tiles), or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
     stores the new residual into res_out. The norm in one pass, as the skinny GEMM's: (r * g) W^T
     and r's squares summed over the K loop, the sums scaled by 1/RMS after it (a first pass for
     1/RMS put two more L2 round trips before the first weight load)."""
     dtype = res_in.dtype.element_ty
-    for item in range(pid, tl.cdiv(N, BLOCK_F), programs):
-        n = item * BLOCK_F + tl.arange(0, BLOCK_F)
-        n_ok = n < N
+    for item in range(pid, tl.cdiv(N, F_PER), programs):
+        n, n_ok = _rows_item(item, N, F_PER, BLOCK_F)
         acc = tl.zeros([16, BLOCK_F], tl.float32)
         acc_up = tl.zeros([16, BLOCK_F], tl.float32)
         squares = tl.zeros([BLOCK_K], tl.float32)
@@ -349,6 +365,24 @@ def _attention_item(item, seq_lens_ptr, SPLITS: tl.constexpr, BLOCK_N: tl.conste
     t_begin = split * per_split
     last = (tl.maximum(n_tiles, 1) - 1) // tl.maximum(per_split, 1)
     return item // SPLITS, split, t_begin, tl.minimum(t_begin + per_split, n_tiles), n_keys, last
+
+
+@triton.jit
+def _prefetch_kv(k_cache, v_cache, seq_lens_ptr, bt_ptr, stride_kc_b, stride_kc_s, stride_kc_h, pid,
+                 HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, ON: tl.constexpr):
+    """L2 prefetch of the K and V rows of the first tile of this program's first attention item:
+    the cached keys were written by earlier launches, so nothing in this one decides them."""
+    if ON:
+        kv_head, split, t_begin, t_end, n_keys, _ = _attention_item(pid, seq_lens_ptr, SPLITS, BLOCK_N)
+        pos = t_begin * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (pos < n_keys) & (pos * 0 + t_begin < t_end) & (pos * 0 + pid < HKV * SPLITS)
+        blk = tl.load(bt_ptr + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        row = blk * stride_kc_b + (pos % BLOCK_SIZE) * stride_kc_s + kv_head * stride_kc_h
+        BYTES: tl.constexpr = D * (k_cache.dtype.element_ty.primitive_bitwidth // 8)
+        KV_LINES: tl.constexpr = BYTES // 128 if BYTES >= 128 else 1
+        _prefetch_lines(k_cache, row, ok, D, KV_LINES, ON)
+        _prefetch_lines(v_cache, row, ok, D, KV_LINES, ON)
 
 
 @triton.jit
@@ -428,7 +462,7 @@ def _persistent_decode_kernel(
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
     DOWN_SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    LINES: tl.constexpr = 16, PREFETCH_L2: tl.constexpr = False, TIMING: tl.constexpr = False,
+    GATE_PER: tl.constexpr = 0, LINES: tl.constexpr = 16, PREFETCH_L2: tl.constexpr = 0, TIMING: tl.constexpr = False,
 ):
     """Each step: load what the step needs that no earlier step of this launch writes (the
     prefetch), wait at the barrier after the step before, do the work, count in at the next."""
@@ -441,34 +475,37 @@ def _persistent_decode_kernel(
         if kind == 0:  # the first layer's partials are zeros (the host's), its residual the embedding
             w, g = _layer_ptr(qkv_tab, layer, res_ptr), _layer_ptr(norm1_tab, layer, res_ptr)
             bias = _layer_ptr(bias_tab, layer, res_ptr)
-            _prefetch_rows(w, QKV, H, pid, QKV_BLOCK, LINES, PREFETCH_L2)
+            _prefetch_rows(w, QKV, H, pid, QKV_BLOCK, QKV_BLOCK, LINES, PREFETCH_L2 >= 1)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, H, DOWN_SPLIT,
-                       BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION)
+            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, QKV_BLOCK, H,
+                       DOWN_SPLIT, BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION)
         elif kind == 1:
             qn, kn = _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr)
+            k_layer, v_layer = k_cache + layer * stride_layer, v_cache + layer * stride_layer
+            _prefetch_kv(k_layer, v_layer, seq_lens_ptr, bt_ptr, stride_kc_b, stride_kc_s, stride_kc_h, pid, HKV, D,
+                         SPLITS, BLOCK_N, BLOCK_SIZE, PREFETCH_L2 >= 2)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV,
-                       k_cache + layer * stride_layer, v_cache + layer * stride_layer, seq_lens_ptr, bt_ptr, pos_ptr,
+            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV, k_layer, v_layer,
+                       seq_lens_ptr, bt_ptr, pos_ptr,
                        slot_ptr, cos_ptr, sin_ptr, stride_cos, qn, kn, eps, scale_log2, stride_kc_b, stride_kc_s,
                        stride_kc_h, pid, programs, HQ, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE, BLOCK_H, GROUP_PAD,
                        QK_NORM, DOT_PRECISION)
         elif kind == 2:
             w = _layer_ptr(o_tab, layer, res_ptr)
-            _prefetch_split(w, H, HQ * D, pid, O_SPLIT, O_BLOCK, HQ * D // O_SPLIT, LINES, PREFETCH_L2)
+            _prefetch_split(w, H, HQ * D, pid, O_SPLIT, O_BLOCK, HQ * D // O_SPLIT, LINES, PREFETCH_L2 >= 1)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_BLOCK, O_SPLIT, HQ * D // O_SPLIT,
                         STAGES, DOT_PRECISION)
         elif kind == 3:
             w, g = _layer_ptr(gate_up_tab, layer, res_ptr), _layer_ptr(norm2_tab, layer, res_ptr)
-            _prefetch_rows(w, INTER, H, pid, GATE_BLOCK, LINES, PREFETCH_L2)
-            _prefetch_rows(w + INTER * H, INTER, H, pid, GATE_BLOCK, LINES, PREFETCH_L2)
+            _prefetch_rows(w, INTER, H, pid, GATE_PER, GATE_BLOCK, LINES, PREFETCH_L2 >= 1)
+            _prefetch_rows(w + INTER * H, INTER, H, pid, GATE_PER, GATE_BLOCK, LINES, PREFETCH_L2 >= 1)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H, O_SPLIT,
-                       BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
+            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, GATE_PER, H,
+                       O_SPLIT, BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
         else:
             w = _layer_ptr(down_tab, layer, res_ptr)
-            _prefetch_split(w, H, INTER, pid, DOWN_SPLIT, DOWN_BLOCK, K_PER, LINES, PREFETCH_L2)
+            _prefetch_split(w, H, INTER, pid, DOWN_SPLIT, DOWN_BLOCK, K_PER, LINES, PREFETCH_L2 >= 1)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _split_gemv(act_ptr, w, parts_ptr, pid, programs, H, INTER, BLOCK_K, DOWN_BLOCK, DOWN_SPLIT, K_PER, STAGES,
                         DOT_PRECISION)
@@ -536,9 +573,10 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=k0.shape[1],
             BLOCK_H=max(16, triton.next_power_of_2(shape.num_heads // shape.num_kv_heads)),
             GROUP_PAD=triton.next_power_of_2(shape.num_heads // shape.num_kv_heads),
-            O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
+            O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=triton.next_power_of_2(plan.gate_block),
+            GATE_PER=plan.gate_block, DOWN_BLOCK=plan.down_block,
             DOWN_SPLIT=plan.down_split, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-            BARRIER=h.is_cuda, LINES=_lines(shape, plan, h.element_size()), PREFETCH_L2=h.is_cuda and plan.prefetch_l2 > 0,
+            BARRIER=h.is_cuda, LINES=_lines(shape, plan, h.element_size()), PREFETCH_L2=plan.prefetch_l2 if h.is_cuda else 0,
             TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]

@@ -21,9 +21,10 @@ from harness.kernels.profile_persistent import parse_plan, step_breakdown
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # a plan that gives every step several items a program, uneven (3 programs), splits both o and
-# down, and attention tiles shorter than a split (4 splits of 16-key tiles over 40 keys)
+# down, gate_up items of 24 features (tiles of 32), and attention tiles shorter than a split
+# (4 splits of 16-key tiles over 40 keys)
 SMALL = PersistentPlan(programs=3, block_k=32, qkv_block=16, splits=4, block_n=16, o_block=16, o_split=2,
-                       gate_block=16, down_block=16, down_split=2, num_warps=4)
+                       gate_block=24, down_block=16, down_split=2, num_warps=4)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,8 +96,9 @@ def test_choose_plan_gives_every_program_work_at_each_step():
     }
     assert all(96 <= n <= 264 for n in items.values()), items
     assert shape.num_heads % plan.o_split == 0
-    for size in (plan.block_k, plan.qkv_block, plan.splits, plan.o_block, plan.gate_block, plan.down_block):
+    for size in (plan.block_k, plan.qkv_block, plan.splits, plan.o_block, plan.down_block):
         assert size & (size - 1) == 0
+    assert plan.gate_block == 24  # 128 items of 3,072 features (32 would leave 36 programs idle)
 
 
 def test_persistent_decode_refuses_what_it_cannot_run(checkpoint_dirs):
