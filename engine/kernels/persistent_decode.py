@@ -84,12 +84,11 @@ ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 4
 STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
-# Between counting itself in at a barrier and waiting there, a program asks L2 for the lines its
-# next step reads that no step of this launch writes (prefetch.global.L2: no register holds
-# them), so the step's own loads find them on their way. 1: every 128-byte line of its next
-# item's weights; 2: also the K/V rows of its first attention tile; 0: none. Loading a weight
-# tile into registers there instead was slower (PERF row 53: the step's loads then start after it).
-PREFETCH_L2 = 2
+# 1: the projections read their weight tiles through TMA descriptors (made per step before the
+# barrier) instead of pointer loads. Why: per step an SM streams 32-128 KB at ~21 KB/us, 2/3 of
+# its share of the copy rate, and neither more programs an SM nor L2 prefetches raised that
+# (PERF row 53): the SM's own load path is the limit, which TMA's bulk copies bypass.
+TMA = 0
 
 
 @dataclass(frozen=True)
@@ -103,12 +102,12 @@ class PersistentPlan:
     block_n: int  # keys an attention tile
     o_block: int  # o features an item
     o_split: int  # o's K (the heads) cut in this many ranges
-    gate_block: int  # gate (and as many up) features an item: a multiple of 8, in a power-of-two tile
+    gate_block: int  # gate (and as many up) features an item
     down_block: int
     down_split: int
     num_warps: int = 4
     stages: int = 3
-    prefetch_l2: int = PREFETCH_L2
+    tma: int = TMA
 
 
 @dataclass(frozen=True)
@@ -150,13 +149,6 @@ def _block(n: int, items_per: int, programs: int) -> int:
     return min(reversed(blocks), key=cost.__getitem__)
 
 
-def _per_item(n: int, programs: int) -> int:
-    """Features an item for n features in one round of items over the programs, a multiple of 8
-    (qwen3-0.6b's gate_up: 24 a program on 132 SMs instead of 32 on 96), else _block's."""
-    per = triton.cdiv(triton.cdiv(n, programs), 8) * 8
-    return per if per <= MAX_BLOCK else _block(n, 1, programs)
-
-
 def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     """Each step's items sized for `programs` (see _block); o splits K by whole heads and down by
     equal ranges, 4 ways where they are long enough, so each norm reads few partials."""
@@ -168,8 +160,8 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     down_split = 4 if inter >= 4 * block_k else 1
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, _block(shape.qkv_size, 1, programs), splits, ATTENTION_BLOCK_N,
-                          _block(h, o_split, programs), o_split, _per_item(inter, programs),
-                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES, PREFETCH_L2)
+                          _block(h, o_split, programs), o_split, _block(inter, 1, programs),
+                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES, TMA)
 
 
 def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
@@ -198,7 +190,7 @@ def _arrive(counter_ptr):
 @triton.jit
 def _wait(counter_ptr, programs):
     """Wait until every program has arrived; the acquire makes their stores visible to what
-    follows. Loads issued between _arrive and _wait (the next step's prefetch) stay in flight."""
+    follows."""
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     while seen < programs:
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
@@ -232,19 +224,27 @@ def _take_row0(acc):
 
 
 @triton.jit
-def _weight_tile(w_ptr, n, n_ok, row_stride, k0, k_end, WIDTH: tl.constexpr):
-    """W[n, k0 : k0 + WIDTH] of a row-major W, zeros outside n_ok and at or past k_end."""
-    cols = k0 + tl.arange(0, WIDTH)
-    return tl.load(w_ptr + n[:, None] * row_stride + cols[None, :], mask=n_ok[:, None] & (cols < k_end)[None, :],
-                   other=0.0)
+def _weights(w_ptr, rows, K, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+    """What a projection's W [rows, K] (row-major) is read through: with TMA a descriptor of
+    [BLOCK_F, BLOCK_K] boxes (made in global scratch, so made before the barrier), else its pointer."""
+    if TMA:
+        return tl.make_tensor_descriptor(w_ptr, shape=[rows, K], strides=[K, 1], block_shape=[BLOCK_F, BLOCK_K])
+    else:
+        return w_ptr
 
 
 @triton.jit
-def _rows_item(item, N, F_PER, BLOCK_F: tl.constexpr):
-    """A norm GEMV item's features (F_PER of them, in a BLOCK_F tile) and their mask."""
-    f = tl.arange(0, BLOCK_F)
-    n = item * F_PER + f
-    return n, (f < F_PER) & (n < N)
+def _weight_tile(w, row0, rows, row_stride, k0, k_end, BLOCK_F: tl.constexpr, WIDTH: tl.constexpr, TMA: tl.constexpr):
+    """W[row0 : row0 + BLOCK_F, k0 : k0 + WIDTH] (W: _weights'), zeros at rows >= `rows` and
+    columns >= k_end. Through a descriptor the zeros are only those past W's own rows and
+    columns: the callers' tiles end at k_end or at W's end, and rows past `rows` are not stored."""
+    if TMA:
+        return w.load([row0, k0])
+    else:
+        n = row0 + tl.arange(0, BLOCK_F)
+        cols = k0 + tl.arange(0, WIDTH)
+        return tl.load(w + n[:, None] * row_stride + cols[None, :],
+                       mask=(n < rows)[:, None] & (cols < k_end)[None, :], other=0.0)
 
 
 @triton.jit
@@ -258,36 +258,6 @@ def _split_item(item, N, K, BLOCK_F: tl.constexpr, K_PER: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_lines(ptr, row_start, row_ok, length, LINES: tl.constexpr, ON: tl.constexpr):
-    """prefetch.global.L2 of the 128-byte lines that hold `length` elements from each row_start
-    (element offsets from ptr, rows where row_ok): one instruction a line; the lines not wanted
-    ask for ptr's own line (an address that exists)."""
-    if ON:
-        per_line: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
-        cols = tl.arange(0, LINES) * per_line
-        ok = row_ok[:, None] & (cols < length)[None, :]
-        lines = ptr + tl.where(ok, row_start[:, None] + cols[None, :], 0)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, N, K, pid, F_PER, BLOCK_F: tl.constexpr, LINES: tl.constexpr, ON: tl.constexpr):
-    """L2 prefetch of a norm GEMV's first item (pid) over W [N, K]."""
-    n, n_ok = _rows_item(pid, N, F_PER, BLOCK_F)
-    _prefetch_lines(w_ptr, n * K, n_ok, K, LINES, ON)
-
-
-@triton.jit
-def _prefetch_split(w_ptr, N, K, pid, SPLIT: tl.constexpr, BLOCK_F: tl.constexpr, K_PER: tl.constexpr,
-                    LINES: tl.constexpr, ON: tl.constexpr):
-    """L2 prefetch of a split GEMV's first item (pid)."""
-    n, n_ok, k_begin, k_end = _split_item(pid, N, K, BLOCK_F, K_PER)
-    n_ok = n_ok & (n * 0 + pid < tl.cdiv(N, BLOCK_F) * SPLIT)
-    _prefetch_lines(w_ptr, n * K + k_begin, n_ok, k_end - k_begin, LINES, ON)
-
-
-@triton.jit
 def _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H: tl.constexpr, PARTS: tl.constexpr):
     """A norm GEMV's input at `cols`: (r * g) as row 0 of a [16, K] tile and r's squares, with
     r = residual + partials; item 0 stores r into res_out."""
@@ -298,17 +268,19 @@ def _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H: tl.
 
 
 @triton.jit
-def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs, F_PER,
+def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w, b_ptr, out_ptr, N, eps, pid, programs,
                H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
-               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over items of F_PER
-    features (in BLOCK_F tiles), or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
+               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               TMA: tl.constexpr):
+    """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of BLOCK_F
+    features (W: _weights'), or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
     stores the new residual into res_out. The norm in one pass, as the skinny GEMM's: (r * g) W^T
     and r's squares summed over the K loop, the sums scaled by 1/RMS after it (a first pass for
     1/RMS put two more L2 round trips before the first weight load)."""
     dtype = res_in.dtype.element_ty
-    for item in range(pid, tl.cdiv(N, F_PER), programs):
-        n, n_ok = _rows_item(item, N, F_PER, BLOCK_F)
+    for item in range(pid, tl.cdiv(N, BLOCK_F), programs):
+        n = item * BLOCK_F + tl.arange(0, BLOCK_F)
+        n_ok = n < N
         acc = tl.zeros([16, BLOCK_F], tl.float32)
         acc_up = tl.zeros([16, BLOCK_F], tl.float32)
         squares = tl.zeros([BLOCK_K], tl.float32)
@@ -317,10 +289,10 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
             k_ok = cols < H
             x, sq = _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H, PARTS)
             squares += sq
-            w = _weight_tile(w_ptr, n, n_ok, H, k0, H, BLOCK_K)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            wt = _weight_tile(w, item * BLOCK_F, N, H, k0, H, BLOCK_F, BLOCK_K, TMA)
+            acc = tl.dot(x, tl.trans(wt), acc, input_precision=DOT_PRECISION)
             if GATED:
-                up = _weight_tile(w_ptr, N + n, n_ok, H, k0, H, BLOCK_K)
+                up = _weight_tile(w, N + item * BLOCK_F, 2 * N, H, k0, H, BLOCK_F, BLOCK_K, TMA)
                 acc_up = tl.dot(x, tl.trans(up), acc_up, input_precision=DOT_PRECISION)
         rstd = 1.0 / tl.sqrt(tl.sum(squares) / H + eps)
         y = _take_row0(acc) * rstd
@@ -335,12 +307,13 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
 
 
 @triton.jit
-def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
+def _split_gemv(x_ptr, w, parts_ptr, pid, programs, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_F: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr, STAGES: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Steps 2 and 4 (o, down): x [K] (other programs' output: from L2) times W [N, K]^T over
-    (feature block, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N]."""
-    dtype = w_ptr.dtype.element_ty
+    (feature block, K range of K_PER, a multiple of BLOCK_K) items, fp32 partials per range into
+    parts [SPLIT, N] (W: _weights')."""
+    dtype = x_ptr.dtype.element_ty  # the model's, as W's
     for item in range(pid, tl.cdiv(N, BLOCK_F) * SPLIT, programs):
         n, n_ok, k_begin, k_end = _split_item(item, N, K, BLOCK_F, K_PER)
         part = item // tl.cdiv(N, BLOCK_F)
@@ -348,8 +321,8 @@ def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, N: tl.constexpr, K: tl.c
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
             x = _row0(tl.load(x_ptr + cols, mask=cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32), dtype)
-            w = _weight_tile(w_ptr, n, n_ok, K, k0, k_end, BLOCK_K)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            wt = _weight_tile(w, (item % tl.cdiv(N, BLOCK_F)) * BLOCK_F, N, K, k0, k_end, BLOCK_F, BLOCK_K, TMA)
+            acc = tl.dot(x, tl.trans(wt), acc, input_precision=DOT_PRECISION)
         tl.store(parts_ptr + part * N + n, _take_row0(acc), mask=n_ok)
 
 
@@ -365,24 +338,6 @@ def _attention_item(item, seq_lens_ptr, SPLITS: tl.constexpr, BLOCK_N: tl.conste
     t_begin = split * per_split
     last = (tl.maximum(n_tiles, 1) - 1) // tl.maximum(per_split, 1)
     return item // SPLITS, split, t_begin, tl.minimum(t_begin + per_split, n_tiles), n_keys, last
-
-
-@triton.jit
-def _prefetch_kv(k_cache, v_cache, seq_lens_ptr, bt_ptr, stride_kc_b, stride_kc_s, stride_kc_h, pid,
-                 HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, ON: tl.constexpr):
-    """L2 prefetch of the K and V rows of the first tile of this program's first attention item:
-    the cached keys were written by earlier launches, so nothing in this one decides them."""
-    if ON:
-        kv_head, split, t_begin, t_end, n_keys, _ = _attention_item(pid, seq_lens_ptr, SPLITS, BLOCK_N)
-        pos = t_begin * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = (pos < n_keys) & (pos * 0 + t_begin < t_end) & (pos * 0 + pid < HKV * SPLITS)
-        blk = tl.load(bt_ptr + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        row = blk * stride_kc_b + (pos % BLOCK_SIZE) * stride_kc_s + kv_head * stride_kc_h
-        BYTES: tl.constexpr = D * (k_cache.dtype.element_ty.primitive_bitwidth // 8)
-        KV_LINES: tl.constexpr = BYTES // 128 if BYTES >= 128 else 1
-        _prefetch_lines(k_cache, row, ok, D, KV_LINES, ON)
-        _prefetch_lines(v_cache, row, ok, D, KV_LINES, ON)
 
 
 @triton.jit
@@ -462,53 +417,46 @@ def _persistent_decode_kernel(
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
     DOWN_SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    GATE_PER: tl.constexpr = 0, LINES: tl.constexpr = 16, PREFETCH_L2: tl.constexpr = 0, TIMING: tl.constexpr = False,
+    TMA: tl.constexpr = False, TIMING: tl.constexpr = False,
 ):
-    """Each step: load what the step needs that no earlier step of this launch writes (the
-    prefetch), wait at the barrier after the step before, do the work, count in at the next."""
+    """Each step: what needs nothing of the step before (weight addresses, descriptors), the
+    wait at the barrier after that step, the work, then this program counted in at the next."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     K_PER: tl.constexpr = ((INTER + DOWN_SPLIT - 1) // DOWN_SPLIT + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # down's
     QKV: tl.constexpr = (HQ + 2 * HKV) * D
     for step in range(step_begin, step_end):
         layer, kind = step // 5, step % 5
-        # a step's weight addresses and L2 prefetch before its barrier: neither depends on the step before
+        # a step's weight addresses (and descriptors) before its barrier: none depends on the step before
         if kind == 0:  # the first layer's partials are zeros (the host's), its residual the embedding
-            w, g = _layer_ptr(qkv_tab, layer, res_ptr), _layer_ptr(norm1_tab, layer, res_ptr)
-            bias = _layer_ptr(bias_tab, layer, res_ptr)
-            _prefetch_rows(w, QKV, H, pid, QKV_BLOCK, QKV_BLOCK, LINES, PREFETCH_L2 >= 1)
+            w = _weights(_layer_ptr(qkv_tab, layer, res_ptr), QKV, H, QKV_BLOCK, BLOCK_K, TMA)
+            g, bias = _layer_ptr(norm1_tab, layer, res_ptr), _layer_ptr(bias_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, QKV_BLOCK, H,
-                       DOWN_SPLIT, BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION)
+            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, H, DOWN_SPLIT,
+                       BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION, TMA)
         elif kind == 1:
             qn, kn = _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr)
-            k_layer, v_layer = k_cache + layer * stride_layer, v_cache + layer * stride_layer
-            _prefetch_kv(k_layer, v_layer, seq_lens_ptr, bt_ptr, stride_kc_b, stride_kc_s, stride_kc_h, pid, HKV, D,
-                         SPLITS, BLOCK_N, BLOCK_SIZE, PREFETCH_L2 >= 2)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV, k_layer, v_layer,
-                       seq_lens_ptr, bt_ptr, pos_ptr,
+            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV,
+                       k_cache + layer * stride_layer, v_cache + layer * stride_layer, seq_lens_ptr, bt_ptr, pos_ptr,
                        slot_ptr, cos_ptr, sin_ptr, stride_cos, qn, kn, eps, scale_log2, stride_kc_b, stride_kc_s,
                        stride_kc_h, pid, programs, HQ, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE, BLOCK_H, GROUP_PAD,
                        QK_NORM, DOT_PRECISION)
         elif kind == 2:
-            w = _layer_ptr(o_tab, layer, res_ptr)
-            _prefetch_split(w, H, HQ * D, pid, O_SPLIT, O_BLOCK, HQ * D // O_SPLIT, LINES, PREFETCH_L2 >= 1)
+            w = _weights(_layer_ptr(o_tab, layer, res_ptr), H, HQ * D, O_BLOCK, BLOCK_K, TMA)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_BLOCK, O_SPLIT, HQ * D // O_SPLIT,
-                        STAGES, DOT_PRECISION)
+                        STAGES, DOT_PRECISION, TMA)
         elif kind == 3:
-            w, g = _layer_ptr(gate_up_tab, layer, res_ptr), _layer_ptr(norm2_tab, layer, res_ptr)
-            _prefetch_rows(w, INTER, H, pid, GATE_PER, GATE_BLOCK, LINES, PREFETCH_L2 >= 1)
-            _prefetch_rows(w + INTER * H, INTER, H, pid, GATE_PER, GATE_BLOCK, LINES, PREFETCH_L2 >= 1)
+            w = _weights(_layer_ptr(gate_up_tab, layer, res_ptr), 2 * INTER, H, GATE_BLOCK, BLOCK_K, TMA)
+            g = _layer_ptr(norm2_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, GATE_PER, H,
-                       O_SPLIT, BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
+            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H, O_SPLIT,
+                       BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION, TMA)
         else:
-            w = _layer_ptr(down_tab, layer, res_ptr)
-            _prefetch_split(w, H, INTER, pid, DOWN_SPLIT, DOWN_BLOCK, K_PER, LINES, PREFETCH_L2 >= 1)
+            w = _weights(_layer_ptr(down_tab, layer, res_ptr), H, INTER, DOWN_BLOCK, BLOCK_K, TMA)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _split_gemv(act_ptr, w, parts_ptr, pid, programs, H, INTER, BLOCK_K, DOWN_BLOCK, DOWN_SPLIT, K_PER, STAGES,
-                        DOT_PRECISION)
+                        DOT_PRECISION, TMA)
         if TIMING:  # when this program's work of the step ended
             tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
         if BARRIER:
@@ -516,14 +464,14 @@ def _persistent_decode_kernel(
                 _arrive(count_ptr + step)
 
 
-def _lines(shape: DecodeShape, plan: PersistentPlan, element_size: int) -> int:
-    """128-byte lines in the longest K range a GEMV item reads, as a power of two (a tile shape)."""
-    k_per_down = triton.cdiv(triton.cdiv(shape.intermediate, plan.down_split), plan.block_k) * plan.block_k
-    longest = max(shape.hidden, shape.num_heads * shape.head_dim // plan.o_split, k_per_down)
-    return triton.next_power_of_2(triton.cdiv(longest * element_size, 128))
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory for the descriptors the kernel makes (Triton's allocator hook); in a CUDA graph
+    capture it comes from the graph's pool, as every other tensor of the step."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: DecodeShape, scratch: PersistentScratch) -> None:
+def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: DecodeShape,
+           plan: PersistentPlan, scratch: PersistentScratch) -> None:
     if h.shape != (1, shape.hidden) or h.dtype != scratch.residual.dtype:
         raise ValueError(f"persistent decode takes one token's hidden state [1, {shape.hidden}] "
                          f"{scratch.residual.dtype}, got {tuple(h.shape)} {h.dtype}")
@@ -534,6 +482,10 @@ def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape:
                          f"{k_cache.dtype}")
     if shape.head_dim & (shape.head_dim - 1):
         raise ValueError(f"persistent decode needs a power-of-two head_dim, got {shape.head_dim}")
+    o_range = shape.num_heads * shape.head_dim // plan.o_split
+    if plan.tma and o_range % plan.block_k:
+        raise ValueError(f"persistent decode's TMA tiles need o's K ranges ({o_range}) to be a multiple of "
+                         f"block_k ({plan.block_k})")
 
 
 def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -548,7 +500,7 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
     (ns) when its work of a step ended and when it passed the barrier after it."""
     k0, v0 = kv_caches[0]
     if check:
-        _check(h, k0, v0, shape, scratch)
+        _check(h, k0, v0, shape, plan, scratch)
     stride_layer = kv_caches[1][0].data_ptr() - k0.data_ptr() if len(kv_caches) > 1 else 0
     stride_layer //= k0.element_size()
     scratch.residual[0].copy_(h[0])
@@ -556,6 +508,8 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
     scratch.counters.zero_()
     steps = shape.num_layers * STEPS_PER_LAYER
     launches = [(0, steps)] if h.is_cuda else [(s, s + 1) for s in range(steps)]  # see the module docstring
+    if plan.tma and h.is_cuda:
+        triton.set_allocator(_descriptor_scratch)
     dummy = tables.qkv
     for begin, end in launches:
         _persistent_decode_kernel[(plan.programs,)](
@@ -573,10 +527,9 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=k0.shape[1],
             BLOCK_H=max(16, triton.next_power_of_2(shape.num_heads // shape.num_kv_heads)),
             GROUP_PAD=triton.next_power_of_2(shape.num_heads // shape.num_kv_heads),
-            O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=triton.next_power_of_2(plan.gate_block),
-            GATE_PER=plan.gate_block, DOWN_BLOCK=plan.down_block,
+            O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
             DOWN_SPLIT=plan.down_split, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-            BARRIER=h.is_cuda, LINES=_lines(shape, plan, h.element_size()), PREFETCH_L2=plan.prefetch_l2 if h.is_cuda else 0,
+            BARRIER=h.is_cuda, TMA=plan.tma > 0,
             TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]

@@ -130,8 +130,6 @@ def cases() -> list[Case]:
 def _persistent_decode_case() -> Case:
     """Every layer of a batch-1 decode step in one kernel, with the plan choose_plan makes for
     qwen3-0.6b on 132 SMs (engine.kernels.persistent_decode)."""
-    import triton
-
     from engine.kernels.persistent_decode import DecodeShape, choose_plan
 
     shape = DecodeShape(1024, 3072, 16, 8, 128, 28, 1e-6, qk_norm=True, bias=False)
@@ -141,10 +139,9 @@ def _persistent_decode_case() -> Case:
                 dict(H=shape.hidden, INTER=shape.intermediate, HQ=shape.num_heads, HKV=shape.num_kv_heads,
                      D=shape.head_dim, QK_NORM=True, HAS_BIAS=False, BLOCK_K=plan.block_k, QKV_BLOCK=plan.qkv_block,
                      SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=16, BLOCK_H=16, O_BLOCK=plan.o_block,
-                     O_SPLIT=plan.o_split, GATE_BLOCK=triton.next_power_of_2(plan.gate_block), GATE_PER=plan.gate_block,
-                     DOWN_BLOCK=plan.down_block,
+                     O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
                      DOWN_SPLIT=plan.down_split, STAGES=plan.stages, GROUP_PAD=2, DOT_PRECISION="tf32", BARRIER=True,
-                     LINES=16, PREFETCH_L2=plan.prefetch_l2),
+                     TMA=plan.tma > 0),
                 {**_ptrs("i64", *tables, "slot_ptr", "pos_ptr", "times_ptr"), **_ptrs("bf16", "res_ptr", "qkv_ptr", "act_ptr", "attn_ptr",
                                                                          "k_cache", "v_cache"),
                  **_ptrs("fp32", "parts_ptr", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),

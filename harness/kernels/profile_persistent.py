@@ -7,7 +7,8 @@ timed in CUDA graphs, for the plan choose_plan makes and for variants of it.
 
 Per step kind (qkv, attention, o, gate_up, down), medians over the layers: work = the last
 program's end of work minus the first program's exit from the barrier before; barrier = the
-first exit minus the last arrival. reports/PERF.md row 52 has the H200's figures.
+first exit minus the last arrival. Each variant's final hidden state is compared with the chosen
+plan's (relative error). reports/PERF.md rows 52-53 have the H200's figures.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def parse_plan(base: PersistentPlan, items: list[str]) -> PersistentPlan:
     for item in items:
         key, sep, value = item.partition("=")
         parsed = parse_value(value) if sep else None
-        least = 0 if key == "prefetch_l2" else 1
+        least = 0 if key == "tma" else 1
         if key not in names or not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < least:
             raise ValueError(f"--plan takes FIELD=INT with FIELD one of {sorted(names)}, got {item!r}")
         changes[key] = parsed
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             plans = {"chosen": state.plan} | {p: parse_plan(state.plan, p.split(",")) for p in args.plan}
         except ValueError as e:
             sys.exit(f"profile-persistent: {e}")
+        ref = None
         for name, plan in plans.items():
             scratch = alloc_scratch(state.shape, plan, h.dtype, h.device)
 
@@ -123,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                                          model.rotary.cos, model.rotary.sin, state.tables, state.shape, plan, scratch,
                                          model.layers[0].self_attn.scale, times=times)
 
+            final = model.norm(*run())[0].float()  # the hidden state the LM head would read
+            ref = final if ref is None else ref
             us = graph_us(run)
             times = torch.zeros(plan.programs, state.shape.num_layers * STEPS_PER_LAYER, 2, dtype=torch.int64,
                                 device=h.device)
             run(times)
             torch.cuda.synchronize()
             steps = "  ".join(f"{n} {w:.2f}/{b:.2f}" for n, w, b in step_breakdown(times))
-            print(f"{name}: {us:.1f} us a launch | work/barrier us: {steps}\n  {plan}", flush=True)
+            err = ((final - ref).norm() / ref.norm()).item()
+            print(f"{name}: {us:.1f} us a launch | work/barrier us: {steps} | rel. error vs chosen {err:.1e}\n"
+                  f"  {plan}", flush=True)
     return 0
 
 
