@@ -84,11 +84,6 @@ ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 4
 STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
-# 1: the projections read their weight tiles through TMA descriptors (made per step before the
-# barrier) instead of pointer loads. Why: per step an SM streams 32-128 KB at ~21 KB/us, 2/3 of
-# its share of the copy rate, and neither more programs an SM nor L2 prefetches raised that
-# (PERF row 53): the SM's own load path is the limit, which TMA's bulk copies bypass.
-TMA = 0
 
 
 @dataclass(frozen=True)
@@ -107,7 +102,6 @@ class PersistentPlan:
     down_split: int
     num_warps: int = 4
     stages: int = 3
-    tma: int = TMA
 
 
 @dataclass(frozen=True)
@@ -161,7 +155,7 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, _block(shape.qkv_size, 1, programs), splits, ATTENTION_BLOCK_N,
                           _block(h, o_split, programs), o_split, _block(inter, 1, programs),
-                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES, TMA)
+                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES)
 
 
 def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
@@ -224,27 +218,11 @@ def _take_row0(acc):
 
 
 @triton.jit
-def _weights(w_ptr, rows, K, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
-    """What a projection's W [rows, K] (row-major) is read through: with TMA a descriptor of
-    [BLOCK_F, BLOCK_K] boxes (made in global scratch, so made before the barrier), else its pointer."""
-    if TMA:
-        return tl.make_tensor_descriptor(w_ptr, shape=[rows, K], strides=[K, 1], block_shape=[BLOCK_F, BLOCK_K])
-    else:
-        return w_ptr
-
-
-@triton.jit
-def _weight_tile(w, row0, rows, row_stride, k0, k_end, BLOCK_F: tl.constexpr, WIDTH: tl.constexpr, TMA: tl.constexpr):
-    """W[row0 : row0 + BLOCK_F, k0 : k0 + WIDTH] (W: _weights'), zeros at rows >= `rows` and
-    columns >= k_end. Through a descriptor the zeros are only those past W's own rows and
-    columns: the callers' tiles end at k_end or at W's end, and rows past `rows` are not stored."""
-    if TMA:
-        return w.load([row0, k0])
-    else:
-        n = row0 + tl.arange(0, BLOCK_F)
-        cols = k0 + tl.arange(0, WIDTH)
-        return tl.load(w + n[:, None] * row_stride + cols[None, :],
-                       mask=(n < rows)[:, None] & (cols < k_end)[None, :], other=0.0)
+def _weight_tile(w_ptr, n, n_ok, row_stride, k0, k_end, WIDTH: tl.constexpr):
+    """W[n, k0 : k0 + WIDTH] of a row-major W, zeros outside n_ok and at or past k_end."""
+    cols = k0 + tl.arange(0, WIDTH)
+    return tl.load(w_ptr + n[:, None] * row_stride + cols[None, :], mask=n_ok[:, None] & (cols < k_end)[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -268,12 +246,11 @@ def _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H: tl.
 
 
 @triton.jit
-def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w, b_ptr, out_ptr, N, eps, pid, programs,
+def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs,
                H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
-               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               TMA: tl.constexpr):
+               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of BLOCK_F
-    features (W: _weights'), or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
+    features, or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
     stores the new residual into res_out. The norm in one pass, as the skinny GEMM's: (r * g) W^T
     and r's squares summed over the K loop, the sums scaled by 1/RMS after it (a first pass for
     1/RMS put two more L2 round trips before the first weight load)."""
@@ -289,10 +266,10 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w, b_ptr, out_ptr, N, eps, pid
             k_ok = cols < H
             x, sq = _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H, PARTS)
             squares += sq
-            wt = _weight_tile(w, item * BLOCK_F, N, H, k0, H, BLOCK_F, BLOCK_K, TMA)
-            acc = tl.dot(x, tl.trans(wt), acc, input_precision=DOT_PRECISION)
+            w = _weight_tile(w_ptr, n, n_ok, H, k0, H, BLOCK_K)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
             if GATED:
-                up = _weight_tile(w, N + item * BLOCK_F, 2 * N, H, k0, H, BLOCK_F, BLOCK_K, TMA)
+                up = _weight_tile(w_ptr, N + n, n_ok, H, k0, H, BLOCK_K)
                 acc_up = tl.dot(x, tl.trans(up), acc_up, input_precision=DOT_PRECISION)
         rstd = 1.0 / tl.sqrt(tl.sum(squares) / H + eps)
         y = _take_row0(acc) * rstd
@@ -307,13 +284,12 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w, b_ptr, out_ptr, N, eps, pid
 
 
 @triton.jit
-def _split_gemv(x_ptr, w, parts_ptr, pid, programs, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
+def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_F: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr, STAGES: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+                DOT_PRECISION: tl.constexpr):
     """Steps 2 and 4 (o, down): x [K] (other programs' output: from L2) times W [N, K]^T over
-    (feature block, K range of K_PER, a multiple of BLOCK_K) items, fp32 partials per range into
-    parts [SPLIT, N] (W: _weights')."""
-    dtype = x_ptr.dtype.element_ty  # the model's, as W's
+    (feature block, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N]."""
+    dtype = w_ptr.dtype.element_ty
     for item in range(pid, tl.cdiv(N, BLOCK_F) * SPLIT, programs):
         n, n_ok, k_begin, k_end = _split_item(item, N, K, BLOCK_F, K_PER)
         part = item // tl.cdiv(N, BLOCK_F)
@@ -321,8 +297,8 @@ def _split_gemv(x_ptr, w, parts_ptr, pid, programs, N: tl.constexpr, K: tl.const
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
             x = _row0(tl.load(x_ptr + cols, mask=cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32), dtype)
-            wt = _weight_tile(w, (item % tl.cdiv(N, BLOCK_F)) * BLOCK_F, N, K, k0, k_end, BLOCK_F, BLOCK_K, TMA)
-            acc = tl.dot(x, tl.trans(wt), acc, input_precision=DOT_PRECISION)
+            w = _weight_tile(w_ptr, n, n_ok, K, k0, k_end, BLOCK_K)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         tl.store(parts_ptr + part * N + n, _take_row0(acc), mask=n_ok)
 
 
@@ -417,22 +393,22 @@ def _persistent_decode_kernel(
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
     DOWN_SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    TMA: tl.constexpr = False, TIMING: tl.constexpr = False,
+    TIMING: tl.constexpr = False,
 ):
-    """Each step: what needs nothing of the step before (weight addresses, descriptors), the
-    wait at the barrier after that step, the work, then this program counted in at the next."""
+    """Each step: what needs nothing of the step before (weight addresses), the wait at the
+    barrier after that step, the work, then this program counted in at the next."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     K_PER: tl.constexpr = ((INTER + DOWN_SPLIT - 1) // DOWN_SPLIT + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # down's
     QKV: tl.constexpr = (HQ + 2 * HKV) * D
     for step in range(step_begin, step_end):
         layer, kind = step // 5, step % 5
-        # a step's weight addresses (and descriptors) before its barrier: none depends on the step before
+        # a step's weight addresses before its barrier: none depends on the step before
         if kind == 0:  # the first layer's partials are zeros (the host's), its residual the embedding
-            w = _weights(_layer_ptr(qkv_tab, layer, res_ptr), QKV, H, QKV_BLOCK, BLOCK_K, TMA)
+            w = _layer_ptr(qkv_tab, layer, res_ptr)
             g, bias = _layer_ptr(norm1_tab, layer, res_ptr), _layer_ptr(bias_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _norm_gemv(res_ptr, parts_ptr, res_ptr + H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, H, DOWN_SPLIT,
-                       BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION, TMA)
+                       BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION)
         elif kind == 1:
             qn, kn = _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
@@ -442,21 +418,21 @@ def _persistent_decode_kernel(
                        stride_kc_h, pid, programs, HQ, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE, BLOCK_H, GROUP_PAD,
                        QK_NORM, DOT_PRECISION)
         elif kind == 2:
-            w = _weights(_layer_ptr(o_tab, layer, res_ptr), H, HQ * D, O_BLOCK, BLOCK_K, TMA)
+            w = _layer_ptr(o_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_BLOCK, O_SPLIT, HQ * D // O_SPLIT,
-                        STAGES, DOT_PRECISION, TMA)
+                        STAGES, DOT_PRECISION)
         elif kind == 3:
-            w = _weights(_layer_ptr(gate_up_tab, layer, res_ptr), 2 * INTER, H, GATE_BLOCK, BLOCK_K, TMA)
+            w = _layer_ptr(gate_up_tab, layer, res_ptr)
             g = _layer_ptr(norm2_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H, O_SPLIT,
-                       BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION, TMA)
+                       BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
         else:
-            w = _weights(_layer_ptr(down_tab, layer, res_ptr), H, INTER, DOWN_BLOCK, BLOCK_K, TMA)
+            w = _layer_ptr(down_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _split_gemv(act_ptr, w, parts_ptr, pid, programs, H, INTER, BLOCK_K, DOWN_BLOCK, DOWN_SPLIT, K_PER, STAGES,
-                        DOT_PRECISION, TMA)
+                        DOT_PRECISION)
         if TIMING:  # when this program's work of the step ended
             tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
         if BARRIER:
@@ -464,14 +440,8 @@ def _persistent_decode_kernel(
                 _arrive(count_ptr + step)
 
 
-def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Global memory for the descriptors the kernel makes (Triton's allocator hook); in a CUDA graph
-    capture it comes from the graph's pool, as every other tensor of the step."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: DecodeShape,
-           plan: PersistentPlan, scratch: PersistentScratch) -> None:
+           scratch: PersistentScratch) -> None:
     if h.shape != (1, shape.hidden) or h.dtype != scratch.residual.dtype:
         raise ValueError(f"persistent decode takes one token's hidden state [1, {shape.hidden}] "
                          f"{scratch.residual.dtype}, got {tuple(h.shape)} {h.dtype}")
@@ -482,10 +452,6 @@ def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape:
                          f"{k_cache.dtype}")
     if shape.head_dim & (shape.head_dim - 1):
         raise ValueError(f"persistent decode needs a power-of-two head_dim, got {shape.head_dim}")
-    o_range = shape.num_heads * shape.head_dim // plan.o_split
-    if plan.tma and o_range % plan.block_k:
-        raise ValueError(f"persistent decode's TMA tiles need o's K ranges ({o_range}) to be a multiple of "
-                         f"block_k ({plan.block_k})")
 
 
 def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -500,7 +466,7 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
     (ns) when its work of a step ended and when it passed the barrier after it."""
     k0, v0 = kv_caches[0]
     if check:
-        _check(h, k0, v0, shape, plan, scratch)
+        _check(h, k0, v0, shape, scratch)
     stride_layer = kv_caches[1][0].data_ptr() - k0.data_ptr() if len(kv_caches) > 1 else 0
     stride_layer //= k0.element_size()
     scratch.residual[0].copy_(h[0])
@@ -508,8 +474,6 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
     scratch.counters.zero_()
     steps = shape.num_layers * STEPS_PER_LAYER
     launches = [(0, steps)] if h.is_cuda else [(s, s + 1) for s in range(steps)]  # see the module docstring
-    if plan.tma and h.is_cuda:
-        triton.set_allocator(_descriptor_scratch)
     dummy = tables.qkv
     for begin, end in launches:
         _persistent_decode_kernel[(plan.programs,)](
@@ -529,7 +493,7 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             GROUP_PAD=triton.next_power_of_2(shape.num_heads // shape.num_kv_heads),
             O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
             DOWN_SPLIT=plan.down_split, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-            BARRIER=h.is_cuda, TMA=plan.tma > 0,
+            BARRIER=h.is_cuda,
             TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]

@@ -82,8 +82,7 @@ def parse_plan(base: PersistentPlan, items: list[str]) -> PersistentPlan:
     for item in items:
         key, sep, value = item.partition("=")
         parsed = parse_value(value) if sep else None
-        least = 0 if key == "tma" else 1
-        if key not in names or not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < least:
+        if key not in names or not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < 1:
             raise ValueError(f"--plan takes FIELD=INT with FIELD one of {sorted(names)}, got {item!r}")
         changes[key] = parsed
     return replace(base, **changes)

@@ -24,7 +24,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # down, and attention tiles shorter than a split (4 splits of 16-key tiles over 40 keys)
 SMALL = PersistentPlan(programs=3, block_k=32, qkv_block=16, splits=4, block_n=16, o_block=16, o_split=2,
                        gate_block=16, down_block=16, down_split=2, num_warps=4)
-PLANS = {"small": SMALL, "small-tma": replace(SMALL, tma=1)}  # weight tiles through TMA descriptors
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,11 +50,11 @@ def _decode_step(checkpoint_dir: str, context: int):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine tests run the kernel with its barriers")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; neither
-@pytest.mark.parametrize("plan", ["chosen", *PLANS])
+@pytest.mark.parametrize("plan", ["chosen", "small"])
 def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
     """float32, one sequence with 40 cached tokens: the kernel's hidden state (through the last
     norm), greedy pick and cache contents (this step's K and V at its slot) equal the layers' own
-    forward; `chosen`: choose_plan's split for 4 programs; the others: PLANS above."""
+    forward; `chosen`: choose_plan's split for 4 programs; `small`: SMALL above."""
     runner, (ids, positions, caches, meta, backend) = _decode_step(checkpoint_dirs[arch], 40)
     model = runner.model.model
     with torch.inference_mode():
@@ -64,10 +63,10 @@ def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
         want_cache = runner.kv_cache.clone()
         runner.kv_cache.copy_(before)
         model.forward_persistent(model.embed_tokens(ids), positions, caches, meta, programs=4)  # builds the state
-        if plan in PLANS:
+        if plan == "small":
             state = model._persistent
-            model._persistent = replace(state, plan=PLANS[plan], scratch=alloc_scratch(state.shape, PLANS[plan],
-                                                                                         torch.float32, "cpu"))
+            model._persistent = replace(state, plan=SMALL, scratch=alloc_scratch(state.shape, SMALL, torch.float32,
+                                                                                   "cpu"))
         runner.kv_cache.copy_(before)
         parts, residual = model.forward_persistent(model.embed_tokens(ids), positions, caches, meta)
         got = model.norm(parts, residual)[0]
@@ -133,7 +132,6 @@ def test_profile_plan_variants_and_errors():
     """--plan FIELD=INT replaces plan fields; an unknown field, a non-integer or a value < 1 is an
     error naming the fields; without a GPU the tool says it needs one."""
     assert parse_plan(SMALL, ["num_warps=8", "stages=4"]) == replace(SMALL, num_warps=8, stages=4)
-    assert parse_plan(SMALL, ["tma=1"]) == PLANS["small-tma"]
     for bad in ("warps=8", "stages=x", "stages=0", "stages"):
         with pytest.raises(ValueError, match="FIELD=INT"):
             parse_plan(SMALL, [bad])
