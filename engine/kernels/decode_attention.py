@@ -182,14 +182,16 @@ def fold_key(q, k, v, m_i, l_i, acc, scale_log2):
 @triton.jit
 def attend_tiles(q, m_i, l_i, acc, block_tables_ptr, seq, stride_bt, kv_head, t_begin, t_end, n_keys,
                  k_cache_ptr, v_cache_ptr, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s,
-                 stride_vc_h, scale_log2, d, d_ok, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 stride_vc_h, scale_log2, d, d_ok, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 STAGES: tl.constexpr = None):
     """The online softmax (m_i, l_i, acc) of the q rows [BLOCK_H, D_PAD] after the cached keys of
     BLOCK_N-key tiles t_begin..t_end (of n_keys) of one KV head, read through sequence seq's
     block table row (also the persistent decode kernel's, engine/kernels/persistent_decode.py).
     The row's address is formed here, next to the loop: formed at the call, the fp8 kernel under a
-    168-register cap spilled 8 bytes (Triton 3.6, sm_90)."""
+    168-register cap spilled 8 bytes (Triton 3.6, sm_90). STAGES: the loop's pipeline depth
+    (None: the kernel's num_stages)."""
     bt_row = block_tables_ptr + seq * stride_bt
-    for t in range(t_begin, t_end):
+    for t in tl.range(t_begin, t_end, num_stages=STAGES):
         pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
         pos_ok = pos < n_keys
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)

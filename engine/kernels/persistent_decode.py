@@ -84,6 +84,7 @@ ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 4
 STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
+ATTENTION_STAGES = 1  # of an attention item's loop over its key tiles (1: one tile at a time)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class PersistentPlan:
     down_split: int
     num_warps: int = 4
     stages: int = 3
+    attention_stages: int = 1
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, _block(shape.qkv_size, 1, programs), splits, ATTENTION_BLOCK_N,
                           _block(h, o_split, programs), o_split, _block(inter, 1, programs),
-                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES)
+                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES, ATTENTION_STAGES)
 
 
 def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
@@ -321,7 +323,7 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
                sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s, stride_kc_h, pid,
                programs, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_PAD: tl.constexpr,
-               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
     """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY and
     MERGE programs: fp32 partials per (q head, split) into acc / lse, and the last item of each
     KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros)."""
@@ -347,7 +349,7 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
         acc = tl.zeros([BLOCK_H, D], tl.float32)
         m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, 0, 0, kv_head, t_begin, t_end, n_keys, k_cache, v_cache,
                                      stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
-                                     scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE, DOT_PRECISION)
+                                     scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, STAGES)
         if mine:
             m_i, l_i, acc = fold_key(q, k_new.to(q.dtype), v_new.to(q.dtype), m_i, l_i, acc, scale_log2)
         empty = l_i == 0.0
@@ -393,7 +395,7 @@ def _persistent_decode_kernel(
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
     DOWN_SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    TIMING: tl.constexpr = False,
+    ATTENTION_STAGES: tl.constexpr = 1, TIMING: tl.constexpr = False,
 ):
     """Each step: what needs nothing of the step before (weight addresses), the wait at the
     barrier after that step, the work, then this program counted in at the next."""
@@ -416,7 +418,7 @@ def _persistent_decode_kernel(
                        k_cache + layer * stride_layer, v_cache + layer * stride_layer, seq_lens_ptr, bt_ptr, pos_ptr,
                        slot_ptr, cos_ptr, sin_ptr, stride_cos, qn, kn, eps, scale_log2, stride_kc_b, stride_kc_s,
                        stride_kc_h, pid, programs, HQ, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE, BLOCK_H, GROUP_PAD,
-                       QK_NORM, DOT_PRECISION)
+                       QK_NORM, DOT_PRECISION, ATTENTION_STAGES)
         elif kind == 2:
             w = _layer_ptr(o_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
@@ -493,7 +495,7 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             GROUP_PAD=triton.next_power_of_2(shape.num_heads // shape.num_kv_heads),
             O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
             DOWN_SPLIT=plan.down_split, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-            BARRIER=h.is_cuda,
+            BARRIER=h.is_cuda, ATTENTION_STAGES=plan.attention_stages,
             TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]
