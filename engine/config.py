@@ -114,8 +114,9 @@ class EngineConfig:
     fused_decode_attention: bool = False
     # GPU, TP=1, a model-dtype KV cache: batch-1 decode steps run every decoder layer in one persistent
     # kernel, with grid barriers where the fused path has kernel boundaries
-    # (engine/kernels/persistent_decode.py). Off: on an H200 its 28 layers of qwen3-0.6b take 812-863 us
-    # against the fused path's 841, and the step 0.947 ms of GPU time against 0.904 (PERF row 52)
+    # (engine/kernels/persistent_decode.py). Off: on an H200, qwen3-0.6b at 640 cached tokens, its 28
+    # layers take 777-789 us against the fused path's 846 (step GPU 0.867 vs 0.904 ms), but at 4,096
+    # TPOT is 5-9% worse, and llama-3-8b moved within noise (PERF rows 52-53)
     persistent_decode: bool = False
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,

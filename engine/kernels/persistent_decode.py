@@ -1,5 +1,6 @@
 """Every decoder layer of a batch-1 decode step in one persistent kernel (EngineConfig.persistent_decode,
-off: on an H200 it runs at the fused path's speed, not faster; reports/PERF.md row 52).
+off: on an H200 it is 7% faster than the fused path at 640 cached tokens and slower at 4,096;
+reports/PERF.md rows 52-53).
 
 Why it was built: a batch-1 step of Qwen3-0.6B on the fused small-batch path is ~145 kernels
 (five a layer) of 4-9 us each, 0.90 ms of GPU time against a 0.30 ms weight-read floor, and with
@@ -9,6 +10,10 @@ had a kernel boundary it has a grid barrier (an atomic counter a step, release/a
 scope). Measured: a barrier costs ~0.75 us, so the boundaries were not the problem; each step's
 work (4-8 us for 4-13 MB of weights, or for the attention's chain of dependent loads) is, as it
 was in the separate kernels. The per-step profile (`times=`) is what a next attempt starts from.
+What did not shorten the steps (row 53): loading a program's next weight tile into registers
+before the barrier, L2 prefetches of its next weights there (its own poll then waits behind
+them), TMA descriptors for the weight tiles, two programs an SM. A step costs ~2 us plus its
+bytes at ~4 TB/s.
 
 A layer is five steps, each spread over the programs as items:
   0. r = residual + sum(down partials); qkv = RMSNorm(r) Wqkv^T (+ bias), in the dtype
@@ -75,16 +80,18 @@ class DecodeShape:
 # largest feature block an item takes; what one more round of items a program costs, in feature
 # rows (a round is a dependent chain of loads: blocks of 32 in one round beat 16 in two); the
 # attention splits a KV head (a power of two) and keys a tile; warps a program. On an H200
-# (qwen3-0.6b, PERF row 52) 4 warps and 3 stages were fastest: 812 us for the 28 layers against
-# 863 at 4 stages, 1,038 at 8 warps, 926 at 2; 128-wide K steps, 16-feature blocks and 8
-# splits were slower.
+# (qwen3-0.6b, PERF rows 52-53) 4 warps and 3 stages were fastest: 785-812 us for the 28 layers
+# against 863-909 at 4 stages, 1,034-1,038 at 8 warps, 926 at 2; 128- and 512-wide K steps,
+# 16-feature blocks and 8 splits were slower.
 MAX_BLOCK = 64
 ROUND_COST_ROWS = 8
 ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 4
 STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
-ATTENTION_STAGES = 1  # of an attention item's loop over its key tiles (1: one tile at a time)
+# An attention item's loop over its key tiles: 1, one tile at a time, is fastest at 640 cached
+# tokens (785 us vs 810 at 3); 3 at 4,096 (1,045 vs 1,070, row 53)
+ATTENTION_STAGES = 1
 
 
 @dataclass(frozen=True)
