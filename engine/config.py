@@ -114,9 +114,9 @@ class EngineConfig:
     fused_decode_attention: bool = False
     # GPU, TP=1, a model-dtype KV cache: batch-1 decode steps run every decoder layer in one persistent
     # kernel, with grid barriers where the fused path has kernel boundaries
-    # (engine/kernels/persistent_decode.py). Off: on an H200, qwen3-0.6b at 640 cached tokens, its 28
-    # layers take 777-789 us against the fused path's 846 (step GPU 0.867 vs 0.904 ms), but at 4,096
-    # TPOT is 5-9% worse, and llama-3-8b moved within noise (PERF rows 52-53)
+    # (engine/kernels/persistent_decode.py). Off: on an H200 at 640 cached tokens it takes TPOT to 0.94x
+    # for qwen3-0.6b (layers 777-789 us vs the fused path's 846) and 0.95x for llama-3-8b, but at 4,096
+    # to 1.05-1.09x for qwen3-0.6b, and a batch-1 graph cannot pick by context (PERF rows 52-53)
     persistent_decode: bool = False
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
