@@ -116,8 +116,11 @@ class EngineConfig:
     # kernel, with grid barriers where the fused path has kernel boundaries
     # (engine/kernels/persistent_decode.py). Off: on an H200 at 640 cached tokens it takes TPOT to 0.94x
     # for qwen3-0.6b (layers 777-789 us vs the fused path's 846) and 0.95x for llama-3-8b, but at 4,096
-    # to 1.05-1.09x for qwen3-0.6b, and a batch-1 graph cannot pick by context (PERF rows 52-53)
+    # to 1.05-1.09x for qwen3-0.6b (PERF rows 52-53)
     persistent_decode: bool = False
+    # the most tokens a sequence may hold after the step for persistent_decode to take it; longer ones
+    # take the fused path (the kernel's attention walks 4x the key tiles of the fused decode's at 4,096)
+    persistent_decode_max_context: int = 1536
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
     # graphs) leaves the collector's scans, so a full collection no longer stalls a decode step for
@@ -151,7 +154,8 @@ class EngineConfig:
         _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
         _check_choice("all_reduce_norm_fusion", self.all_reduce_norm_fusion, ALL_REDUCE_NORM_FUSIONS)
-        _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+        _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
+                        "persistent_decode_max_context")
         if self.max_graph_prefill_tokens < 0:
             raise ValueError(f"max_graph_prefill_tokens must be >= 0 (0: no prefill graphs), "
                              f"got {self.max_graph_prefill_tokens}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.graph_shapes import GraphLadder, GraphShape
+from engine.graph_shapes import GraphLadder, GraphShape, step_context
 from engine.input_buffers import InputBuffers
 from engine.scheduler import SchedulerOutput
 
@@ -48,14 +48,15 @@ class StepGraphs:
         seqs = out.seqs
         decode = (not out.num_prefill_tokens and out.num_tokens == len(seqs)
                   and all(s.sample for s in seqs))
-        shape = self.ladder.shape_for(out.num_tokens, len(seqs), decode)
+        shape = self.ladder.shape_for(out.num_tokens, len(seqs), decode, step_context(out))
         graph = self.graphs.get(shape) if shape is not None else None
         self.misses += graph is None
         return graph
 
-    def for_batch(self, b: int) -> CapturedGraph | None:
-        """The graph a decode batch of b sequences replays (b padded up the ladder); None above it."""
-        shape = self.ladder.shape_for(b, b, True)
+    def for_batch(self, b: int, context: int) -> CapturedGraph | None:
+        """The graph a decode batch of b sequences replays (b padded up the ladder; context: the
+        one sequence's tokens after the step, where b is 1); None above it."""
+        shape = self.ladder.shape_for(b, b, True, context)
         return self.graphs.get(shape) if shape is not None else None
 
     def _metadata(self, shape: GraphShape) -> AttentionMetadata:
@@ -69,7 +70,7 @@ class StepGraphs:
             seq_lens=buf.seq_lens.gpu[:s], block_tables=buf.block_tables.gpu[:s],
             max_query_len=1 if shape.decode else max(t, 2), max_seq_len=max_len,
             query_start_loc_cpu=[], seq_lens_cpu=[max_len] * s,
-            decode_order=buf.decode_order.gpu[:s] if shape.decode else None,
+            decode_order=buf.decode_order.gpu[:s] if shape.decode else None, persistent=shape.persistent,
         )
 
     def release(self) -> None:

@@ -9,6 +9,10 @@ Two ladders of whole-model graphs share one memory pool (engine/cuda_graphs.py):
   mixed prefill + decode. Their sequence rows are S = min(T, max_num_seqs), enough for any step
   of at most T tokens (every scheduled sequence has at least one token).
 
+With EngineConfig.persistent_decode a second batch-1 decode graph runs every layer in one
+persistent kernel; a step of one sequence replays it while the sequence holds at most
+persistent_max_context tokens (takes_persistent), the usual batch-1 graph after that.
+
 Padding: tokens past the step's real ones store nothing (slot -1) and belong to no sequence;
 sequence rows past the real ones have no queries and length 0; the LM head runs on S rows of
 logits_indices whose padding points at token 0. Every kernel grid is fixed by (T, S).
@@ -26,6 +30,18 @@ class GraphShape:
     num_tokens: int  # T: token rows the graph runs (real tokens, then padding)
     num_seqs: int  # S: sequence rows of the attention metadata and of the LM head
     decode: bool  # one query token per sequence, every row samples (logits for all S rows)
+    persistent: bool = False  # a batch-1 decode graph of the persistent kernel (takes_persistent)
+
+
+def takes_persistent(max_context: int, num_seqs: int, decode: bool, context: int) -> bool:
+    """Whether a step runs the persistent decode kernel: a decode step of one sequence holding at
+    most max_context tokens after it (0: the kernel is off)."""
+    return max_context > 0 and decode and num_seqs == 1 and context <= max_context
+
+
+def step_context(out) -> int:
+    """A step of one sequence (a SchedulerOutput): the tokens it holds after the step; else 0."""
+    return out.seqs[0].start_pos + len(out.seqs[0].token_ids) if len(out.seqs) == 1 else 0
 
 
 def decode_graph_sizes(max_num_seqs: int) -> list[int]:
@@ -51,23 +67,29 @@ class GraphLadder:
     decode_sizes: list[int]
     prefill_sizes: list[int]
     max_num_seqs: int
+    persistent_max_context: int = 0  # > 0: also the persistent batch-1 decode graph
 
     @classmethod
-    def build(cls, max_num_seqs: int, max_graph_prefill_tokens: int, max_tokens: int) -> GraphLadder:
+    def build(cls, max_num_seqs: int, max_graph_prefill_tokens: int, max_tokens: int,
+              persistent_max_context: int = 0) -> GraphLadder:
         """max_tokens: the most tokens a step can have (max_num_batched_tokens, the token budget)."""
         return cls(decode_graph_sizes(max_num_seqs), prefill_graph_sizes(max_graph_prefill_tokens, max_tokens),
-                   max_num_seqs)
+                   max_num_seqs, persistent_max_context)
 
     def shapes(self) -> list[GraphShape]:
         """Every graph to capture, largest token count first (smaller ones then reuse the
         memory pool the largest set up); at equal counts the prefill graph first."""
         shapes = [GraphShape(b, b, True) for b in self.decode_sizes]
+        shapes += [GraphShape(1, 1, True, True)] if self.persistent_max_context else []
         shapes += [GraphShape(t, min(t, self.max_num_seqs), False) for t in self.prefill_sizes]
         return sorted(shapes, key=lambda s: (-s.num_tokens, s.decode))
 
-    def shape_for(self, num_tokens: int, num_seqs: int, decode: bool) -> GraphShape | None:
+    def shape_for(self, num_tokens: int, num_seqs: int, decode: bool, context: int = 0) -> GraphShape | None:
         """The graph for a step of num_tokens tokens over num_seqs sequences; decode: every
-        sequence has one token and samples. None: no graph fits (the step runs eagerly)."""
+        sequence has one token and samples; context: the one sequence's tokens after the step
+        (one sequence only). None: no graph fits (the step runs eagerly)."""
+        if takes_persistent(self.persistent_max_context, num_seqs, decode, context):
+            return GraphShape(1, 1, True, True)
         if decode and num_seqs <= self.decode_sizes[-1]:
             b = next(s for s in self.decode_sizes if s >= num_seqs)
             return GraphShape(b, b, True)

@@ -13,7 +13,7 @@ from engine.attention import AttentionMetadata, get_backend
 from engine.config import EngineConfig
 from engine.cuda_graphs import StepGraphs
 from engine.distributed import SINGLE, TensorParallel
-from engine.graph_shapes import GraphLadder, GraphShape
+from engine.graph_shapes import GraphLadder, GraphShape, takes_persistent
 from engine.input_buffers import InputBuffers
 from engine.loader import load_weights
 from engine.models.llama import SmallBatchFusion
@@ -76,6 +76,10 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_cache_torch_dtype  # the model's dtype, or fp8 (kv_cache_dtype)
         self.block_size = config.block_size
+        # > 0: decode steps of one sequence holding at most this many tokens run the persistent kernel
+        # (graph_shapes.takes_persistent; it runs at TP=1 on a model-dtype cache)
+        self.persistent_max_context = (config.persistent_decode_max_context if config.persistent_decode
+                                       and tp.size == 1 and self.kv_dtype == self.dtype else 0)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             if tp.size > 1 and not config.disable_custom_all_reduce:
@@ -171,7 +175,8 @@ class ModelRunner:
             cfg = self.config
             self.backend.reserve(cfg.max_num_seqs, self.mc.num_attention_heads // self.tp.size, self.mc.head_dim,
                                  self.device)
-            ladder = GraphLadder.build(cfg.max_num_seqs, cfg.max_graph_prefill_tokens, cfg.max_num_batched_tokens)
+            ladder = GraphLadder.build(cfg.max_num_seqs, cfg.max_graph_prefill_tokens, cfg.max_num_batched_tokens,
+                                       self.persistent_max_context)
             self.graphs = StepGraphs(self._graph_forward, self.buffers, ladder, cfg.max_model_len)
             self.graphs.capture()
 
@@ -245,6 +250,8 @@ class ModelRunner:
             query_start_loc_cpu=qsl[: rows + 1].tolist(),
             seq_lens_cpu=buf.seq_lens.np[:rows].tolist(),
             decode_order=buf.decode_order.copy(rows) if decode_only else None,
+            persistent=pad.persistent if pad is not None else takes_persistent(
+                self.persistent_max_context, b, decode_only, int(seq_lens.max())),
         )
         return ModelInputs(
             input_ids=buf.input_ids.copy(n),

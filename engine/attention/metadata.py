@@ -25,6 +25,8 @@ class AttentionMetadata:
     # decode kernel launches programs in this order so that no long one starts in the last wave);
     # None for steps with prefill tokens
     decode_order: torch.Tensor | None = None
+    # the model may run every decoder layer in one persistent kernel (engine.graph_shapes.takes_persistent)
+    persistent: bool = False
 
     @property
     def num_seqs(self) -> int:

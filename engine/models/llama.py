@@ -211,7 +211,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        if (self.persistent and h.is_cuda and h.shape[0] == 1 and meta.is_decode_only and backend.fused_decode
+        if (self.persistent and meta.persistent and h.is_cuda and h.shape[0] == 1 and meta.is_decode_only
+                and backend.fused_decode
                 and kv_caches[0][0].dtype == h.dtype):
             h, residual = self.forward_persistent(h, positions, kv_caches, meta)
         else:

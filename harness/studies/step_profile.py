@@ -187,7 +187,8 @@ def graph_replay_ms(llm: LLM, batch: int, replays: int = GRAPH_REPLAYS) -> float
     (which rewrites the same KV slots with the same values), timed with CUDA events. None
     without a graph (CPU, enforce_eager, a batch above max_num_seqs)."""
     runner = model_runner(llm)
-    graph = runner.graphs.for_batch(batch) if runner.graphs is not None else None
+    context = int(runner.buffers.seq_lens.np[0])  # the last step's (batch 1: which graph it took)
+    graph = runner.graphs.for_batch(batch, context) if runner.graphs is not None else None
     if graph is None:
         return None
     torch.cuda.synchronize()  # the step in flight is done with the buffers and the logits

@@ -214,14 +214,17 @@ def test_fused_decode_kernel_bf16_matches_the_cublas_path(checkpoint_dirs):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head
-def test_persistent_decode_float32_matches_hf(checkpoint_dirs, arch):
+@pytest.mark.parametrize("max_context", [1536, 40])  # 40: prompts of 17-33 tokens cross it mid-generation
+def test_persistent_decode_float32_matches_hf(checkpoint_dirs, arch, max_context):
     """EngineConfig.persistent_decode: batch-1 decode steps run every layer in one kernel with
     grid barriers; prompts one at a time (and a batch of 8, which takes the other paths), CUDA
-    graphs and eager: HF's greedy tokens with the near-tie rule."""
+    graphs and eager: HF's greedy tokens with the near-tie rule. Past persistent_decode_max_context
+    a sequence's steps take the fused path (its own batch-1 graph)."""
     path = checkpoint_dirs[arch]
     reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
     for eager in (False, True):
-        llm = LLM(path, dtype="float32", persistent_decode=True, enforce_eager=eager, **SMALL)
+        llm = LLM(path, dtype="float32", persistent_decode=True, persistent_decode_max_context=max_context,
+                  enforce_eager=eager, **SMALL)
         assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], reference)
         assert_matches_hf(tokens(llm), reference)
 
@@ -237,6 +240,9 @@ def test_persistent_decode_bf16_matches_the_fused_path(checkpoint_dirs):
     count = lambda part: sum(part in n for n in names)  # noqa: E731
     assert count("_persistent_decode_kernel") == 1, names
     assert count("_skinny_gemm_kernel") == count("_decode_split_kernel") == 0, names
+    # past persistent_decode_max_context (PROMPTS[6] has 100 tokens): the fused path's kernels
+    names, layers = decode_step_kernels(path, PROMPTS[6], persistent_decode=True, persistent_decode_max_context=64)
+    assert count("_persistent_decode_kernel") == 0 and count("_decode_split_kernel") == layers, names
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; untied head

@@ -101,3 +101,24 @@ def test_lookup_counts_the_steps_without_a_graph():
     decode = SchedulerOutput([_seq(1), _seq(1)], 0, 2)
     assert [graphs.lookup(SchedulerOutput([_seq(1)], 0, 1)), graphs.lookup(decode)] == [GraphShape(1, 1, True), None]
     assert graphs.lookup(SchedulerOutput([_seq(65)], 65, 0)) is None and graphs.misses == 2
+
+
+def test_persistent_graph_takes_one_short_sequence():
+    """With persistent_max_context, the ladder adds a batch-1 persistent decode graph, which a
+    decode step of one sequence replays while it holds at most that many tokens; longer ones,
+    batches and prefill steps take the usual graphs. Without it there is no such graph."""
+    ladder = GraphLadder.build(8, 64, 8192, persistent_max_context=100)
+    assert GraphShape(1, 1, True, True) in ladder.shapes() and len(ladder.shapes()) == len(set(ladder.shapes()))
+    assert GraphShape(1, 1, True, True) not in GraphLadder.build(8, 64, 8192).shapes()
+    graphs = StepGraphs(forward=None, buffers=None, ladder=ladder, max_model_len=200)
+    graphs.graphs = {s: s for s in ladder.shapes()}
+
+    def decode(*start_pos: int) -> SchedulerOutput:
+        seqs = [ScheduledSequence("r", [7], p, [1], True, SamplingParams(), 0) for p in start_pos]
+        return SchedulerOutput(seqs, 0, len(seqs))
+
+    assert graphs.lookup(decode(99)) == GraphShape(1, 1, True, True)  # 100 tokens after the step
+    assert graphs.lookup(decode(100)) == GraphShape(1, 1, True)
+    assert graphs.lookup(decode(5, 5)) == GraphShape(2, 2, True)
+    assert graphs.lookup(SchedulerOutput([_seq(5)], 5, 0)) == GraphShape(16, 8, False)
+    assert [graphs.for_batch(1, 100), graphs.for_batch(1, 101)] == [GraphShape(1, 1, True, True), GraphShape(1, 1, True)]

@@ -229,3 +229,27 @@ def test_graph_shaped_forward_matches_eager(runner):
     assert int(written.sum()) == 2 * runner.mc.num_hidden_layers * 11  # one slot per real token
     torch.testing.assert_close(runner.kv_cache, kv_eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(runner.kv_cache[~written], kv_before[~written])  # padding wrote nowhere
+
+
+def test_persistent_decode_steps_chosen_by_context():
+    """persistent_decode: the metadata marks the decode steps of one sequence holding at most
+    persistent_decode_max_context tokens (what the model's persistent path and the batch-1
+    persistent graph take), not longer ones, batches or prefills; off, none."""
+    def persistent(runner: ModelRunner, out: SchedulerOutput) -> bool:
+        return runner.prepare_inputs(out).meta.persistent
+
+    config = dict(model="tiny", device="cpu", block_size=BLOCK, max_model_len=MAX_MODEL_LEN, num_kv_blocks=NUM_BLOCKS,
+                  max_num_seqs=MAX_SEQS, max_num_batched_tokens=64)
+    on = ModelRunner(EngineConfig(**config, persistent_decode=True, persistent_decode_max_context=12))
+    off = ModelRunner(EngineConfig(**config))
+    for r in (on, off):
+        r.allocate_kv_cache(NUM_BLOCKS)
+    table = [10, 11, 12, 13]
+    assert on.persistent_max_context == 12 and off.persistent_max_context == 0
+    assert persistent(on, SchedulerOutput([scheduled(1, [5], 11, table)], 0, 1))  # 12 tokens after the step
+    assert not persistent(on, SchedulerOutput([scheduled(1, [5], 12, table)], 0, 1))
+    assert not persistent(on, SchedulerOutput([scheduled(1, [5], 3, table), scheduled(2, [6], 3, [20])], 0, 2))
+    assert not persistent(on, SchedulerOutput([scheduled(1, [5, 6, 7], 0, table)], 3, 0))
+    assert not persistent(off, SchedulerOutput([scheduled(1, [5], 3, table)], 0, 1))
+    with pytest.raises(ValueError, match="persistent_decode_max_context must be >= 1"):
+        EngineConfig(**config, persistent_decode=True, persistent_decode_max_context=0)
