@@ -114,9 +114,9 @@ class EngineConfig:
     fused_decode_attention: bool = False
     # GPU, TP=1, a model-dtype KV cache: batch-1 decode steps run every decoder layer in one persistent
     # kernel, with grid barriers where the fused path has kernel boundaries
-    # (engine/kernels/persistent_decode.py). Off: on an H200 at 640 cached tokens it takes TPOT to 0.94x
-    # for qwen3-0.6b (layers 777-789 us vs the fused path's 846) and 0.95x for llama-3-8b, but at 4,096
-    # to 1.05-1.09x for qwen3-0.6b (PERF rows 52-53)
+    # (engine/kernels/persistent_decode.py). On an H200 at 640 cached tokens it takes TPOT to 0.94x for
+    # qwen3-0.6b (layers 777-789 us vs the fused path's 846) and 0.95x for llama-3-8b, at 4,096 to
+    # 1.05-1.09x for qwen3-0.6b (PERF rows 52-53). Off until the context limit below is timed (row 54)
     persistent_decode: bool = False
     # the most tokens a sequence may hold after the step for persistent_decode to take it; longer ones
     # take the fused path (the kernel's attention walks 4x the key tiles of the fused decode's at 4,096)
