@@ -119,7 +119,8 @@ class EngineConfig:
     # 1.05-1.09x for qwen3-0.6b (PERF rows 52-53). Off until the context limit below is timed (row 54)
     persistent_decode: bool = False
     # the most tokens a sequence may hold after the step for persistent_decode to take it; longer ones
-    # take the fused path (the kernel's attention walks 4x the key tiles of the fused decode's at 4,096)
+    # take the fused path, whose decode kernel walks a split's keys in pipelined 128-key tiles where the
+    # persistent kernel walks 64-key tiles one at a time (the two cross near 1,900 tokens: PERF row 54)
     persistent_decode_max_context: int = 1536
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,

@@ -84,11 +84,11 @@ class GraphLadder:
         shapes += [GraphShape(t, min(t, self.max_num_seqs), False) for t in self.prefill_sizes]
         return sorted(shapes, key=lambda s: (-s.num_tokens, s.decode))
 
-    def shape_for(self, num_tokens: int, num_seqs: int, decode: bool, context: int = 0) -> GraphShape | None:
+    def shape_for(self, num_tokens: int, num_seqs: int, decode: bool, context: int | None = None) -> GraphShape | None:
         """The graph for a step of num_tokens tokens over num_seqs sequences; decode: every
         sequence has one token and samples; context: the one sequence's tokens after the step
-        (one sequence only). None: no graph fits (the step runs eagerly)."""
-        if takes_persistent(self.persistent_max_context, num_seqs, decode, context):
+        (None: unknown, never the persistent graph). None: no graph fits (the step runs eagerly)."""
+        if context is not None and takes_persistent(self.persistent_max_context, num_seqs, decode, context):
             return GraphShape(1, 1, True, True)
         if decode and num_seqs <= self.decode_sizes[-1]:
             b = next(s for s in self.decode_sizes if s >= num_seqs)

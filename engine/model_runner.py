@@ -108,8 +108,7 @@ class ModelRunner:
             cfg = self.config
             fusion = SmallBatchFusion(cfg.resolved_fused_tokens, cfg.fused_small_batch_pdl, cfg.fused_small_batch_rotary,
                                       cfg.fused_small_batch_merge, cfg.resolved_row_parallel_tokens,
-                                      cfg.fused_decode_attention, cfg.fused_row_parallel_columns,
-                                      cfg.persistent_decode)
+                                      cfg.fused_decode_attention, cfg.fused_row_parallel_columns)
             model = get_model_class(self.mc.architecture)(self.mc, self.tp, fusion)
         load_weights(model, self.config)
         return model.eval()

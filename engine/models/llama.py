@@ -136,8 +136,8 @@ class SmallBatchFusion:
     with o_proj and down_proj as skinny GEMMs, and with `row_parallel_columns` qkv_proj and
     gate_up_proj too (SkinnyRowParallel). `every_decode`
     (EngineConfig.fused_decode_attention): the usual path's decode steps fold `rotary` and
-    `merge` into the decode kernel too. `persistent` (EngineConfig.persistent_decode): batch-1
-    decode steps run every layer in one kernel instead (LlamaModel.forward_persistent)."""
+    `merge` into the decode kernel too. (EngineConfig.persistent_decode is not here: the runner
+    marks the steps it takes in the metadata, AttentionMetadata.persistent.)"""
 
     max_tokens: int = 0
     pdl: bool = False
@@ -146,7 +146,6 @@ class SmallBatchFusion:
     row_parallel_tokens: int = 0
     every_decode: bool = False
     row_parallel_columns: bool = False
-    persistent: bool = False
 
 
 class DecoderLayer(nn.Module):
@@ -206,14 +205,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tp = tp
         self.config = cfg
-        self.persistent = fusion.persistent and tp.size == 1
         self._persistent: PersistentDecode | None = None  # built at the first persistent step
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        if (self.persistent and meta.persistent and h.is_cuda and h.shape[0] == 1 and meta.is_decode_only
-                and backend.fused_decode
-                and kv_caches[0][0].dtype == h.dtype):
+        # meta.persistent: the runner's choice (persistent_decode at TP=1 on a model-dtype cache,
+        # one short sequence: graph_shapes.takes_persistent)
+        if meta.persistent and h.is_cuda and h.shape[0] == 1 and meta.is_decode_only and backend.fused_decode:
             h, residual = self.forward_persistent(h, positions, kv_caches, meta)
         else:
             for layer, kv in zip(self.layers, kv_caches):
