@@ -112,16 +112,17 @@ class EngineConfig:
     # fused_small_batch_rotary and _merge name (q/k norm, rotary and KV store; the split merge): one
     # or two kernels fewer a layer at any batch size. Off until measured at 16-256 sequences
     fused_decode_attention: bool = False
-    # GPU, TP=1, a model-dtype KV cache: batch-1 decode steps run every decoder layer in one persistent
-    # kernel, with grid barriers where the fused path has kernel boundaries
-    # (engine/kernels/persistent_decode.py). On an H200 at 640 cached tokens it takes TPOT to 0.94x for
-    # qwen3-0.6b (layers 777-789 us vs the fused path's 846) and 0.95x for llama-3-8b, at 4,096 to
-    # 1.05-1.09x for qwen3-0.6b (PERF rows 52-53). Off until the context limit below is timed (row 54)
-    persistent_decode: bool = False
+    # batch-1 decode steps run every decoder layer in one persistent kernel, with grid barriers where
+    # the fused path has kernel boundaries (engine/kernels/persistent_decode.py; GPU, TP=1, a
+    # model-dtype KV cache, a power-of-two head_dim, else off). On an H200 it takes batch-1 TPOT to
+    # 0.94x at 640 cached tokens for qwen3-0.6b and llama-3-8b (PERF row 55)
+    persistent_decode: bool = True
     # the most tokens a sequence may hold after the step for persistent_decode to take it; longer ones
-    # take the fused path, whose decode kernel walks a split's keys in pipelined 128-key tiles where the
-    # persistent kernel walks 64-key tiles one at a time (the two cross near 1,900 tokens: PERF row 54)
-    persistent_decode_max_context: int = 1536
+    # take the fused path, whose decode kernel pipelines its key tiles where the persistent kernel
+    # loads them one at a time after the first. None: PERSISTENT_AUTO_CONTEXT by the size of a
+    # decoder layer (on an H200 the kernel still cut llama-3-8b's TPOT by 2.8 percent at 3,072 tokens,
+    # while qwen3-0.6b, whose layers are 14 times smaller, lost up to 5 percent past 1,024: PERF row 55)
+    persistent_decode_max_context: int | None = None
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
     # graphs) leaves the collector's scans, so a full collection no longer stalls a decode step for
@@ -142,6 +143,7 @@ class EngineConfig:
     resolved_dtype: str = field(init=False)  # a DTYPES name: what dtype="auto" became
     resolved_fused_tokens: int = field(init=False)  # what fused_small_batch_tokens=None became
     resolved_row_parallel_tokens: int = field(init=False)  # what fused_row_parallel_tokens=None became
+    resolved_persistent_context: int = field(init=False)  # what persistent_decode_max_context=None became
 
     def __post_init__(self) -> None:
         self.model_config, self.load_format = _resolve_model(self.model)
@@ -155,8 +157,9 @@ class EngineConfig:
         _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _check_choice("static_reservation", self.static_reservation, STATIC_RESERVATIONS)
         _check_choice("all_reduce_norm_fusion", self.all_reduce_norm_fusion, ALL_REDUCE_NORM_FUSIONS)
-        _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
-                        "persistent_decode_max_context")
+        _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+        self.resolved_persistent_context = _resolve_persistent_context(self.persistent_decode_max_context,
+                                                                       self.model_config)
         if self.max_graph_prefill_tokens < 0:
             raise ValueError(f"max_graph_prefill_tokens must be >= 0 (0: no prefill graphs), "
                              f"got {self.max_graph_prefill_tokens}")
@@ -266,6 +269,12 @@ def _resolve_device_type(device: str) -> str:
 # vs 1.33 ms a step) and lost for llama-3-8b (hidden 4,096: 4.60 vs 4.36 ms), and at 2-16 tokens,
 # where they pad to 16-row tensor-core tiles, they lost for both.
 FUSED_AUTO_MAX_HIDDEN = 2048
+# persistent_decode_max_context=None: (tokens for layers of at least PERSISTENT_BIG_LAYER
+# parameters, tokens for smaller ones), from H200 A/Bs (PERF row 55): llama-3-8b (218M a layer)
+# gained 2.8-6.7 percent at 640-3,072 cached tokens; qwen3-0.6b (16M) gained 5.9 at 640 and lost
+# 0-5 past 1,024
+PERSISTENT_AUTO_CONTEXT = (3072, 1024)
+PERSISTENT_BIG_LAYER = 100_000_000
 
 
 # fused_row_parallel_tokens=None: steps of up to this many tokens, for the same models. On one H200
@@ -282,6 +291,21 @@ def _resolve_fused_tokens(name: str, tokens: int | None, mc: ModelConfig, auto: 
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ValueError(f"{name} must be an int >= 0 (0: off) or None (auto), got {tokens!r}")
     return tokens
+
+
+def _resolve_persistent_context(tokens: int | None, mc: ModelConfig) -> int:
+    if tokens is None:
+        big, small = PERSISTENT_AUTO_CONTEXT
+        return big if layer_parameters(mc) >= PERSISTENT_BIG_LAYER else small
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise ValueError(f"persistent_decode_max_context must be an int >= 1 or None (auto), got {tokens!r}")
+    return tokens
+
+
+def layer_parameters(mc: ModelConfig) -> int:
+    """A decoder layer's projection weights (qkv, o, gate_up, down), in parameters."""
+    attention = (mc.num_attention_heads + mc.num_key_value_heads) * mc.head_dim * mc.hidden_size * 2
+    return attention + 3 * mc.hidden_size * mc.intermediate_size
 
 
 def _resolve_dtype(dtype: str, device_type: str) -> str:

@@ -6,7 +6,9 @@ buffers filled."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,22 @@ from engine.scheduler import SchedulerOutput
 # positions and (prefill graphs) logits_indices from the persistent input buffers. Decode graphs
 # return one row per sequence, prefill graphs one per logits_indices entry (S rows).
 GraphForward = Callable[[GraphShape, AttentionMetadata], torch.Tensor]
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Collect garbage now, then no automatic collection until the block ends. A dropped engine's
+    reference cycles (collectable once any engine's shutdown unfreezes the heap) can hold CUDA
+    graphs; freed by a collection that starts mid-capture, their reset is an operation a
+    capturing stream forbids, and the capture fails."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @dataclass
@@ -91,13 +109,14 @@ class StepGraphs:
         # every prefix a permutation of its rows: a graph's decode kernel writes the rows it names
         buf.decode_order.gpu.copy_(torch.arange(buf.decode_order.gpu.numel(), dtype=torch.int32))
         pool = None
-        for shape in self.ladder.shapes():  # largest first so smaller graphs reuse its pool
-            meta = self._metadata(shape)
-            self.forward(shape, meta)  # warm-up: compiles kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.forward(shape, meta)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[shape] = CapturedGraph(shape, graph, logits)
+        with collector_paused():
+            for shape in self.ladder.shapes():  # largest first so smaller graphs reuse its pool
+                meta = self._metadata(shape)
+                self.forward(shape, meta)  # warm-up: compiles kernels outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.forward(shape, meta)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[shape] = CapturedGraph(shape, graph, logits)
         torch.cuda.synchronize()

@@ -76,10 +76,6 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_cache_torch_dtype  # the model's dtype, or fp8 (kv_cache_dtype)
         self.block_size = config.block_size
-        # > 0: decode steps of one sequence holding at most this many tokens run the persistent kernel
-        # (graph_shapes.takes_persistent; it runs at TP=1 on a model-dtype cache)
-        self.persistent_max_context = (config.persistent_decode_max_context if config.persistent_decode
-                                       and tp.size == 1 and self.kv_dtype == self.dtype else 0)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             if tp.size > 1 and not config.disable_custom_all_reduce:
@@ -88,6 +84,13 @@ class ModelRunner:
                                                         fusion=config.all_reduce_norm_fusion)
         self.model = self._build_model()
         self.backend = get_backend(config.attention_backend, self.device.type)
+        # > 0: decode steps of one sequence holding at most this many tokens run the persistent kernel
+        # (graph_shapes.takes_persistent), where the model can take it: TP=1, a model-dtype cache, the
+        # Triton backend's fused decode, a power-of-two head_dim
+        head_dim = self.mc.head_dim
+        self.persistent_max_context = (config.resolved_persistent_context if config.persistent_decode
+                                       and tp.size == 1 and self.kv_dtype == self.dtype and self.backend.fused_decode
+                                       and head_dim & (head_dim - 1) == 0 else 0)
         self.sampler = Sampler(config.seed, self.device)
         # on GPUs each rank samples its own slice of the vocabulary (no logits all-gather)
         head = self.model.lm_head

@@ -180,6 +180,38 @@ def fold_key(q, k, v, m_i, l_i, acc, scale_log2):
 
 
 @triton.jit
+def load_kv_tile(bt_row, t, n_keys, kv_head, k_cache_ptr, v_cache_ptr, stride_kc_b, stride_kc_s, stride_kc_h,
+                 stride_vc_b, stride_vc_s, stride_vc_h, d, d_ok, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Key tile t of one KV head through a block table row: K^T [D_PAD, BLOCK_N], V [BLOCK_N,
+    D_PAD] as stored, and which of its keys are among the n_keys (the others are not loaded)."""
+    pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos_ok = pos < n_keys
+    blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+    in_blk = pos % BLOCK_SIZE
+    k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h
+    v_row = blk * stride_vc_b + in_blk * stride_vc_s + kv_head * stride_vc_h
+    # Masked loads: slots past seq_len may hold garbage/NaN (0 * NaN = NaN in the PV dot).
+    kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None], mask=pos_ok[None, :] & d_ok[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+    return kt, v, pos_ok
+
+
+@triton.jit
+def attend_tile(q, m_i, l_i, acc, kt, v, pos_ok, scale_log2, DOT_PRECISION: tl.constexpr):
+    """The online softmax (m_i, l_i, acc) after one loaded tile with at least one valid key."""
+    kt = kt.to(q.dtype)  # fp8: exact in q's (fp16) dtype; else as loaded
+    v = v.to(q.dtype)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+    s = tl.where(pos_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the tile has a valid key
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def attend_tiles(q, m_i, l_i, acc, block_tables_ptr, seq, stride_bt, kv_head, t_begin, t_end, n_keys,
                  k_cache_ptr, v_cache_ptr, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s,
                  stride_vc_h, scale_log2, d, d_ok, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -192,27 +224,9 @@ def attend_tiles(q, m_i, l_i, acc, block_tables_ptr, seq, stride_bt, kv_head, t_
     (None: the kernel's num_stages)."""
     bt_row = block_tables_ptr + seq * stride_bt
     for t in tl.range(t_begin, t_end, num_stages=STAGES):
-        pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        pos_ok = pos < n_keys
-        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-        in_blk = pos % BLOCK_SIZE
-        k_row = blk * stride_kc_b + in_blk * stride_kc_s + kv_head * stride_kc_h
-        v_row = blk * stride_vc_b + in_blk * stride_vc_s + kv_head * stride_vc_h
-        # Masked loads: slots past seq_len may hold garbage/NaN (0 * NaN = NaN in the PV dot).
-        kt = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
-                     mask=pos_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
-        v = tl.load(v_cache_ptr + v_row[:, None] + d[None, :],
-                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
-        kt = kt.to(q.dtype)  # fp8: exact in q's (fp16) dtype; else as loaded
-        v = v.to(q.dtype)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        kt, v, pos_ok = load_kv_tile(bt_row, t, n_keys, kv_head, k_cache_ptr, v_cache_ptr, stride_kc_b, stride_kc_s,
+                                     stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h, d, d_ok, BLOCK_N, BLOCK_SIZE)
+        m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, kt, v, pos_ok, scale_log2, DOT_PRECISION)
     return m_i, l_i, acc
 
 

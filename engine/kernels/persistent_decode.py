@@ -1,6 +1,6 @@
 """Every decoder layer of a batch-1 decode step in one persistent kernel (EngineConfig.persistent_decode,
-off: on an H200 it is 7% faster than the fused path at 640 cached tokens and slower at 4,096;
-reports/PERF.md rows 52-53).
+on by default up to a context limit: on an H200 batch-1 TPOT is 5-6% shorter than the fused
+path's at 640 cached tokens; reports/PERF.md rows 52-55b).
 
 Why it was built: a batch-1 step of Qwen3-0.6B on the fused small-batch path is ~145 kernels
 (five a layer) of 4-9 us each, 0.90 ms of GPU time against a 0.30 ms weight-read floor, and with
@@ -19,7 +19,9 @@ A layer is five steps, each spread over the programs as items:
   0. r = residual + sum(down partials); qkv = RMSNorm(r) Wqkv^T (+ bias), in the dtype
   1. attention: (KV head, split) items, as decode_attention's ROTARY and MERGE programs: q/k
      RMSNorm and rotary, this step's K/V stored by the item whose split holds the last cached
-     tile, fp32 partials per (q head, split); the last item of a KV head merges its heads
+     tile, fp32 partials per (q head, split); the last item of a KV head merges its heads. A
+     program's first key tile is loaded before the step's barrier (cached keys need nothing of
+     the step before)
   2. o: (feature block, head range) items, fp32 partials (K split by heads)
   3. r += sum(o partials); act = SiLU(RMSNorm(r) Wg^T) * (RMSNorm(r) Wu^T), in the dtype
   4. down: (feature block, K range) items, fp32 partials for the next layer's step 0
@@ -50,7 +52,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
-from engine.kernels.decode_attention import attend_tiles, fold_key, merge_group, store_new_kv
+from engine.kernels.decode_attention import (
+    attend_tile,
+    attend_tiles,
+    fold_key,
+    load_kv_tile,
+    merge_group,
+    store_new_kv,
+)
 from engine.kernels.rope import norm_rope
 
 STEPS_PER_LAYER = 5
@@ -77,14 +86,16 @@ class DecodeShape:
 
 
 # The work split's knobs, read by choose_plan at engine start (so `--ab` can vary them): the
-# largest feature block an item takes; what one more round of items a program costs, in feature
-# rows (a round is a dependent chain of loads: blocks of 32 in one round beat 16 in two); the
-# attention splits a KV head (a power of two) and keys a tile; warps a program. On an H200
-# (qwen3-0.6b, PERF rows 52-53) 4 warps and 3 stages were fastest: 785-812 us for the 28 layers
-# against 863-909 at 4 stages, 1,034-1,038 at 8 warps, 926 at 2; 128- and 512-wide K steps,
-# 16-feature blocks and 8 splits were slower.
+# most and fewest weight rows (features) an item takes (fewer than MIN_ROWS keep too few bytes
+# in flight for a program to stream at its share of the bandwidth); what one more round of
+# items a program costs, in weight elements (a round starts a new chain of dependent loads:
+# blocks of 32 in one round beat 16 in two); the attention splits a KV head (a power of two)
+# and keys a tile; warps a program. On an H200 (qwen3-0.6b, PERF rows 52-53) 4 warps and 3
+# stages were fastest: 785-812 us for the 28 layers against 863-909 at 4 stages, 1,034-1,038 at
+# 8 warps, 926 at 2; 128- and 512-wide K steps, 16-feature blocks and 8 splits were slower.
 MAX_BLOCK = 64
-ROUND_COST_ROWS = 8
+MIN_ROWS = 32
+ROUND_COST = 8192
 ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 4
@@ -92,6 +103,7 @@ STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in fl
 # An attention item's loop over its key tiles: 1, one tile at a time, is fastest at 640 cached
 # tokens (785 us vs 810 at 3); 3 at 4,096 (1,045 vs 1,070, row 53)
 ATTENTION_STAGES = 1
+ATTENTION_PREFETCH = 1
 
 
 @dataclass(frozen=True)
@@ -100,17 +112,19 @@ class PersistentPlan:
 
     programs: int
     block_k: int  # K elements a GEMV loop step
-    qkv_block: int  # qkv features an item
+    # features (weight rows) an item of each projection: any count, the tile is the next power of two
+    qkv_block: int
     splits: int  # attention splits a KV head
     block_n: int  # keys an attention tile
-    o_block: int  # o features an item
+    o_block: int
     o_split: int  # o's K (the heads) cut in this many ranges
     gate_block: int  # gate (and as many up) features an item
     down_block: int
-    down_split: int
+    down_split: int  # down's K cut in this many ranges
     num_warps: int = 4
     stages: int = 3
     attention_stages: int = 1
+    attention_prefetch: int = 1  # 1: load the first key tile before the attention's barrier (_first_tile)
 
 
 @dataclass(frozen=True)
@@ -143,28 +157,43 @@ class PersistentScratch:
     counters: torch.Tensor  # [num_layers * (STEPS_PER_LAYER + Hkv)]
 
 
-def _block(n: int, items_per: int, programs: int) -> int:
-    """The power-of-two feature block (8..MAX_BLOCK) for n features, each block giving items_per
-    items, that costs least: rounds of items a program times (block + ROUND_COST_ROWS); ties
-    go to the larger block."""
-    blocks = [b for b in (8, 16, 32, 64, 128, 256) if b <= max(8, MAX_BLOCK)]
-    cost = {b: triton.cdiv(triton.cdiv(n, b) * items_per, programs) * (b + ROUND_COST_ROWS) for b in blocks}
-    return min(reversed(blocks), key=cost.__getitem__)
+def _rows_and_split(n: int, k: int, splits: tuple[int, ...], programs: int) -> tuple[int, int]:
+    """(features an item, K ranges) for an n x k projection that cost least: rounds of items a
+    program times (an item's weight elements + ROUND_COST). Each round count's rows fill the
+    programs evenly, but an item has at least MIN_ROWS (or n) and at most MAX_BLOCK; ties go to
+    fewer K ranges (each is a partial its reader sums). On an H200 (PERF row 55) llama-3-8b's o
+    and down in one round of 63-feature items, K split 2 ways, beat two rounds of 64 split 4 ways
+    (10.5 vs 12.0 us a layer for o); its qkv in 131 items of 47 timed as 96 of 64."""
+    best: tuple[int, int, int] | None = None  # (cost, split, rows)
+    for split in splits:
+        per = triton.cdiv(k, split)
+        for rounds in range(1, triton.cdiv(n * split, programs) + 1):
+            rows = min(n, max(MIN_ROWS, triton.cdiv(n * split, rounds * programs)))
+            if rows > MAX_BLOCK:
+                continue
+            taken = triton.cdiv(triton.cdiv(n, rows) * split, programs)
+            candidate = (taken * (rows * per + ROUND_COST), split, rows)
+            best = candidate if best is None or candidate < best else best
+    if best is None:  # programs * MAX_BLOCK rows per round cannot be too few: every round count was tried
+        raise AssertionError(f"no item size for {n} x {k} on {programs} programs")
+    return best[2], best[1]
 
 
 def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
-    """Each step's items sized for `programs` (see _block); o splits K by whole heads and down by
-    equal ranges, 4 ways where they are long enough, so each norm reads few partials."""
+    """Each projection's items sized for `programs` (see _rows_and_split): o's K split by whole
+    heads, down's in equal ranges of whole loop steps, up to 4 ways so each norm reads few
+    partials."""
     h, inter = shape.hidden, shape.intermediate
     block_k = min(256, triton.next_power_of_2(h))
-    o_split = max(1, min(shape.num_heads, 4))
-    while shape.num_heads % o_split:
-        o_split -= 1
-    down_split = 4 if inter >= 4 * block_k else 1
+    o_splits = tuple(s for s in (1, 2, 4) if shape.num_heads % s == 0)
+    down_splits = tuple(s for s in (1, 2, 4) if s == 1 or inter >= s * block_k)
+    qkv_rows, _ = _rows_and_split(shape.qkv_size, h, (1,), programs)
+    o_rows, o_split = _rows_and_split(h, shape.num_heads * shape.head_dim, o_splits, programs)
+    gate_rows, _ = _rows_and_split(inter, 2 * h, (1,), programs)  # gate and up rows
+    down_rows, down_split = _rows_and_split(h, inter, down_splits, programs)
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
-    return PersistentPlan(programs, block_k, _block(shape.qkv_size, 1, programs), splits, ATTENTION_BLOCK_N,
-                          _block(h, o_split, programs), o_split, _block(inter, 1, programs),
-                          _block(h, down_split, programs), down_split, NUM_WARPS, STAGES, ATTENTION_STAGES)
+    return PersistentPlan(programs, block_k, qkv_rows, splits, ATTENTION_BLOCK_N, o_rows, o_split, gate_rows,
+                          down_rows, down_split, NUM_WARPS, STAGES, ATTENTION_STAGES, ATTENTION_PREFETCH)
 
 
 def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
@@ -235,13 +264,20 @@ def _weight_tile(w_ptr, n, n_ok, row_stride, k0, k_end, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _split_item(item, N, K, BLOCK_F: tl.constexpr, K_PER: tl.constexpr):
+def _item_rows(block, N, ROWS: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Feature block `block`'s ROWS features in a tile of BLOCK_F (>= ROWS), and their mask."""
+    r = tl.arange(0, BLOCK_F)
+    n = block * ROWS + r
+    return n, (r < ROWS) & (n < N)
+
+
+@triton.jit
+def _split_item(item, N, K, ROWS: tl.constexpr, BLOCK_F: tl.constexpr, K_PER: tl.constexpr):
     """A (feature block, K range) item of a split GEMV: its features, their mask and K range."""
-    n_blocks = tl.cdiv(N, BLOCK_F)
-    block, part = item % n_blocks, item // n_blocks
-    n = block * BLOCK_F + tl.arange(0, BLOCK_F)
-    k_begin = part * K_PER
-    return n, n < N, k_begin, tl.minimum(k_begin + K_PER, K)
+    n_blocks = tl.cdiv(N, ROWS)
+    n, n_ok = _item_rows(item % n_blocks, N, ROWS, BLOCK_F)
+    k_begin = item // n_blocks * K_PER
+    return n, n_ok, k_begin, tl.minimum(k_begin + K_PER, K)
 
 
 @triton.jit
@@ -256,17 +292,17 @@ def _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H: tl.
 
 @triton.jit
 def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs,
-               H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
-               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of BLOCK_F
-    features, or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
+               H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_F: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of ROWS
+    features (tiles of BLOCK_F), or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
     stores the new residual into res_out. The norm in one pass, as the skinny GEMM's: (r * g) W^T
     and r's squares summed over the K loop, the sums scaled by 1/RMS after it (a first pass for
     1/RMS put two more L2 round trips before the first weight load)."""
     dtype = res_in.dtype.element_ty
-    for item in range(pid, tl.cdiv(N, BLOCK_F), programs):
-        n = item * BLOCK_F + tl.arange(0, BLOCK_F)
-        n_ok = n < N
+    for item in range(pid, tl.cdiv(N, ROWS), programs):
+        n, n_ok = _item_rows(item, N, ROWS, BLOCK_F)
         acc = tl.zeros([16, BLOCK_F], tl.float32)
         acc_up = tl.zeros([16, BLOCK_F], tl.float32)
         squares = tl.zeros([BLOCK_K], tl.float32)
@@ -294,14 +330,14 @@ def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps,
 
 @triton.jit
 def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_F: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr, STAGES: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                ROWS: tl.constexpr, BLOCK_F: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr,
+                STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Steps 2 and 4 (o, down): x [K] (other programs' output: from L2) times W [N, K]^T over
-    (feature block, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N]."""
+    (ROWS features, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N]."""
     dtype = w_ptr.dtype.element_ty
-    for item in range(pid, tl.cdiv(N, BLOCK_F) * SPLIT, programs):
-        n, n_ok, k_begin, k_end = _split_item(item, N, K, BLOCK_F, K_PER)
-        part = item // tl.cdiv(N, BLOCK_F)
+    for item in range(pid, tl.cdiv(N, ROWS) * SPLIT, programs):
+        n, n_ok, k_begin, k_end = _split_item(item, N, K, ROWS, BLOCK_F, K_PER)
+        part = item // tl.cdiv(N, ROWS)
         acc = tl.zeros([16, BLOCK_F], tl.float32)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -326,14 +362,31 @@ def _attention_item(item, seq_lens_ptr, SPLITS: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
+def _first_tile(pid, seq_lens_ptr, bt_ptr, k_cache, v_cache, stride_kc_b, stride_kc_s, stride_kc_h,
+                HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr):
+    """The first key tile of this program's first attention item (K^T, V; nothing loaded if the
+    program has no item or the item no tile): the cached keys need nothing of the step before,
+    so the program loads them before its barrier and the loads overlap the wait."""
+    kv_head, split, t_begin, t_end, n_keys, last = _attention_item(pid, seq_lens_ptr, SPLITS, BLOCK_N)
+    some = (pid < HKV * SPLITS) & (t_begin < t_end)
+    d = tl.arange(0, D)
+    kt, v, _ = load_kv_tile(bt_ptr, t_begin, tl.where(some, n_keys, 0), kv_head % HKV, k_cache, v_cache, stride_kc_b,
+                            stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h, d, d < D, BLOCK_N,
+                            BLOCK_SIZE)
+    return kt, v
+
+
+@triton.jit
 def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr,
                sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s, stride_kc_h, pid,
-               programs, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+               programs, kt0, v0, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_PAD: tl.constexpr,
-               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
+               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr, PREFETCHED: tl.constexpr):
     """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY and
     MERGE programs: fp32 partials per (q head, split) into acc / lse, and the last item of each
-    KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros)."""
+    KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros).
+    PREFETCHED: kt0, v0 are the first item's first tile (_first_tile)."""
     GROUP: tl.constexpr = HQ // HKV
     seq_len = tl.load(seq_lens_ptr)
     q_pos = tl.load(pos_ptr)
@@ -354,6 +407,11 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
+        if PREFETCHED:
+            if (item == pid) & (t_begin < t_end):
+                pos_ok = t_begin * BLOCK_N + tl.arange(0, BLOCK_N) < n_keys
+                m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, kt0, v0, pos_ok, scale_log2, DOT_PRECISION)
+                t_begin += 1
         m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, 0, 0, kv_head, t_begin, t_end, n_keys, k_cache, v_cache,
                                      stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
                                      scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, STAGES)
@@ -401,8 +459,9 @@ def _persistent_decode_kernel(
     QK_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, QKV_BLOCK: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
-    DOWN_SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    ATTENTION_STAGES: tl.constexpr = 1, TIMING: tl.constexpr = False,
+    DOWN_SPLIT: tl.constexpr, QKV_ROWS: tl.constexpr, O_ROWS: tl.constexpr, GATE_ROWS: tl.constexpr,
+    DOWN_ROWS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
+    ATTENTION_STAGES: tl.constexpr = 1, ATTENTION_PREFETCH: tl.constexpr = False, TIMING: tl.constexpr = False,
 ):
     """Each step: what needs nothing of the step before (weight addresses), the wait at the
     barrier after that step, the work, then this program counted in at the next."""
@@ -417,36 +476,46 @@ def _persistent_decode_kernel(
             g, bias = _layer_ptr(norm1_tab, layer, res_ptr), _layer_ptr(bias_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _norm_gemv(res_ptr, parts_ptr, res_ptr + H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, H, DOWN_SPLIT,
-                       BLOCK_K, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION)
+                       BLOCK_K, QKV_ROWS, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION)
         elif kind == 1:
             qn, kn = _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr)
+            kc, vc = k_cache + layer * stride_layer, v_cache + layer * stride_layer
+            if ATTENTION_PREFETCH:
+                kt0, v0 = _first_tile(pid, seq_lens_ptr, bt_ptr, kc, vc, stride_kc_b, stride_kc_s, stride_kc_h, HKV, D,
+                                      SPLITS, BLOCK_N, BLOCK_SIZE)
+            else:
+                kt0, v0 = tl.zeros([D, BLOCK_N], kc.dtype.element_ty), tl.zeros([BLOCK_N, D], kc.dtype.element_ty)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV,
-                       k_cache + layer * stride_layer, v_cache + layer * stride_layer, seq_lens_ptr, bt_ptr, pos_ptr,
-                       slot_ptr, cos_ptr, sin_ptr, stride_cos, qn, kn, eps, scale_log2, stride_kc_b, stride_kc_s,
-                       stride_kc_h, pid, programs, HQ, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE, BLOCK_H, GROUP_PAD,
-                       QK_NORM, DOT_PRECISION, ATTENTION_STAGES)
+            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV, kc, vc, seq_lens_ptr, bt_ptr,
+                       pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, qn, kn, eps, scale_log2, stride_kc_b,
+                       stride_kc_s, stride_kc_h, pid, programs, kt0, v0, HQ, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE,
+                       BLOCK_H, GROUP_PAD, QK_NORM, DOT_PRECISION, ATTENTION_STAGES, ATTENTION_PREFETCH)
         elif kind == 2:
             w = _layer_ptr(o_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_BLOCK, O_SPLIT, HQ * D // O_SPLIT,
+            _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_ROWS, O_BLOCK, O_SPLIT, HQ * D // O_SPLIT,
                         STAGES, DOT_PRECISION)
         elif kind == 3:
             w = _layer_ptr(gate_up_tab, layer, res_ptr)
             g = _layer_ptr(norm2_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H, O_SPLIT,
-                       BLOCK_K, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
+                       BLOCK_K, GATE_ROWS, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
         else:
             w = _layer_ptr(down_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _split_gemv(act_ptr, w, parts_ptr, pid, programs, H, INTER, BLOCK_K, DOWN_BLOCK, DOWN_SPLIT, K_PER, STAGES,
+            _split_gemv(act_ptr, w, parts_ptr, pid, programs, H, INTER, BLOCK_K, DOWN_ROWS, DOWN_BLOCK, DOWN_SPLIT, K_PER, STAGES,
                         DOT_PRECISION)
         if TIMING:  # when this program's work of the step ended
             tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
         if BARRIER:
             if step + 1 < step_end:
                 _arrive(count_ptr + step)
+
+
+def _tile(rows: int) -> int:
+    """The tile width for items of `rows` features: a power of two, at least a dot's 16."""
+    return max(16, triton.next_power_of_2(rows))
 
 
 def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: DecodeShape,
@@ -496,13 +565,14 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             k0, v0, stride_layer, k0.stride(0), k0.stride(1), k0.stride(2),
             shape.eps, scale * LOG2E, begin, end, times if times is not None else scratch.counters,
             H=shape.hidden, INTER=shape.intermediate, HQ=shape.num_heads, HKV=shape.num_kv_heads, D=shape.head_dim,
-            QK_NORM=shape.qk_norm, HAS_BIAS=shape.bias, BLOCK_K=plan.block_k, QKV_BLOCK=plan.qkv_block,
+            QK_NORM=shape.qk_norm, HAS_BIAS=shape.bias, BLOCK_K=plan.block_k, QKV_BLOCK=_tile(plan.qkv_block),
             SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=k0.shape[1],
             BLOCK_H=max(16, triton.next_power_of_2(shape.num_heads // shape.num_kv_heads)),
             GROUP_PAD=triton.next_power_of_2(shape.num_heads // shape.num_kv_heads),
-            O_BLOCK=plan.o_block, O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
-            DOWN_SPLIT=plan.down_split, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-            BARRIER=h.is_cuda, ATTENTION_STAGES=plan.attention_stages,
+            O_BLOCK=_tile(plan.o_block), O_SPLIT=plan.o_split, GATE_BLOCK=_tile(plan.gate_block),
+            DOWN_BLOCK=_tile(plan.down_block), DOWN_SPLIT=plan.down_split, QKV_ROWS=plan.qkv_block,
+            O_ROWS=plan.o_block, GATE_ROWS=plan.gate_block, DOWN_ROWS=plan.down_block, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
+            BARRIER=h.is_cuda, ATTENTION_STAGES=plan.attention_stages, ATTENTION_PREFETCH=bool(plan.attention_prefetch),
             TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]

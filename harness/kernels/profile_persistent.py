@@ -34,6 +34,7 @@ from engine.scheduler import ScheduledSequence, SchedulerOutput
 from harness.kernels.bench_sample import graph_us
 
 STEP_NAMES = ("qkv", "attention", "o", "gate_up", "down")
+FLAGS = ("attention_prefetch",)  # PersistentPlan's on/off fields
 assert len(STEP_NAMES) == STEPS_PER_LAYER
 
 
@@ -82,8 +83,10 @@ def parse_plan(base: PersistentPlan, items: list[str]) -> PersistentPlan:
     for item in items:
         key, sep, value = item.partition("=")
         parsed = parse_value(value) if sep else None
-        if key not in names or not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < 1:
-            raise ValueError(f"--plan takes FIELD=INT with FIELD one of {sorted(names)}, got {item!r}")
+        least = 0 if key in FLAGS else 1
+        if key not in names or not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < least:
+            raise ValueError(f"--plan takes FIELD=INT (>= 1; 0 or 1 for {', '.join(FLAGS)}) with FIELD one of "
+                             f"{sorted(names)}, got {item!r}")
         changes[key] = parsed
     return replace(base, **changes)
 

@@ -135,11 +135,12 @@ def test_fused_small_batch_bf16_matches_the_cublas_path(checkpoint_dirs):
 
 
 def decode_step_kernels(path: str, prompt: list[int], **config) -> tuple[list[str], int]:
-    """The CUDA kernels of one eager decode step of one sequence (torch.profiler), and the
-    model's layer count."""
+    """The CUDA kernels of one eager decode step of one sequence (torch.profiler; off the
+    persistent kernel unless config turns it on), and the model's layer count."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    config = {"persistent_decode": False, **config}  # the fused path's kernels unless asked
     llm = LLM(path, dtype="bfloat16", enforce_eager=True, async_scheduling=False, **{**SMALL, **config})
     engine, layers = llm.engine, llm.engine.config.model_config.num_hidden_layers
     engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.cuda_graphs import StepGraphs
+from engine.cuda_graphs import StepGraphs, collector_paused
 from engine.graph_shapes import GraphLadder, GraphShape, decode_graph_sizes, prefill_graph_sizes
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -122,3 +122,37 @@ def test_persistent_graph_takes_one_short_sequence():
     assert graphs.lookup(decode(5, 5)) == GraphShape(2, 2, True)
     assert graphs.lookup(SchedulerOutput([_seq(5)], 5, 0)) == GraphShape(16, 8, False)
     assert [graphs.for_batch(1, 100), graphs.for_batch(1, 101)] == [GraphShape(1, 1, True, True), GraphShape(1, 1, True)]
+
+
+def test_capture_pauses_the_garbage_collector():
+    """collector_paused (around every capture): garbage already unreachable is collected on entry,
+    none while the block runs, and automatic collection is back afterwards, also after an error;
+    a collector that was off stays off."""
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    def garbage() -> weakref.ref:
+        a, b = Cycle(), Cycle()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    before = garbage()
+    with collector_paused():
+        assert before() is None and not gc.isenabled()
+        during = garbage()
+        kept = [Cycle() for _ in range(3 * gc.get_threshold()[0])]  # enough to start a collection
+        assert during() is not None and len(kept) > 0
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("capture failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

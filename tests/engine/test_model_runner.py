@@ -234,14 +234,16 @@ def test_graph_shaped_forward_matches_eager(runner):
 def test_persistent_decode_steps_chosen_by_context():
     """persistent_decode: the metadata marks the decode steps of one sequence holding at most
     persistent_decode_max_context tokens (what the model's persistent path and the batch-1
-    persistent graph take), not longer ones, batches or prefills; off, none."""
+    persistent graph take; on by default), not longer ones, batches or prefills; off, or on a
+    backend without the fused decode, none."""
     def persistent(runner: ModelRunner, out: SchedulerOutput) -> bool:
         return runner.prepare_inputs(out).meta.persistent
 
     config = dict(model="tiny", device="cpu", block_size=BLOCK, max_model_len=MAX_MODEL_LEN, num_kv_blocks=NUM_BLOCKS,
                   max_num_seqs=MAX_SEQS, max_num_batched_tokens=64)
-    on = ModelRunner(EngineConfig(**config, persistent_decode=True, persistent_decode_max_context=12))
-    off = ModelRunner(EngineConfig(**config))
+    on = ModelRunner(EngineConfig(**config, attention_backend="triton", persistent_decode_max_context=12))
+    off = ModelRunner(EngineConfig(**config, attention_backend="triton", persistent_decode=False))
+    assert ModelRunner(EngineConfig(**config, attention_backend="torch")).persistent_max_context == 0  # no fused decode
     for r in (on, off):
         r.allocate_kv_cache(NUM_BLOCKS)
     table = [10, 11, 12, 13]
@@ -251,5 +253,20 @@ def test_persistent_decode_steps_chosen_by_context():
     assert not persistent(on, SchedulerOutput([scheduled(1, [5], 3, table), scheduled(2, [6], 3, [20])], 0, 2))
     assert not persistent(on, SchedulerOutput([scheduled(1, [5, 6, 7], 0, table)], 3, 0))
     assert not persistent(off, SchedulerOutput([scheduled(1, [5], 3, table)], 0, 1))
-    with pytest.raises(ValueError, match="persistent_decode_max_context must be >= 1"):
-        EngineConfig(**config, persistent_decode=True, persistent_decode_max_context=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="persistent_decode_max_context must be an int >= 1 or None"):
+            EngineConfig(**config, persistent_decode=True, persistent_decode_max_context=bad)
+
+
+def test_persistent_context_by_layer_size():
+    """persistent_decode_max_context=None: the longer limit for models whose decoder layer holds
+    at least PERSISTENT_BIG_LAYER parameters (llama-3-8b: 218M), the shorter for smaller ones
+    (qwen3-0.6b: 16M); a number given is kept."""
+    from engine.config import PERSISTENT_AUTO_CONTEXT, PERSISTENT_BIG_LAYER, layer_parameters
+
+    big, small = PERSISTENT_AUTO_CONTEXT
+    llama, qwen = (EngineConfig(model=m, device="cpu") for m in ("llama-3-8b", "qwen3-0.6b"))
+    assert layer_parameters(llama.model_config) == 4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336
+    assert layer_parameters(qwen.model_config) < PERSISTENT_BIG_LAYER <= layer_parameters(llama.model_config)
+    assert (llama.resolved_persistent_context, qwen.resolved_persistent_context) == (big, small)
+    assert EngineConfig(model="qwen3-0.6b", device="cpu", persistent_decode_max_context=77).resolved_persistent_context == 77

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from engine.kernels.persistent_decode import (
+    MAX_BLOCK,
+    MIN_ROWS,
     DecodeShape,
     PersistentPlan,
     alloc_scratch,
@@ -24,6 +26,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # down, and attention tiles shorter than a split (4 splits of 16-key tiles over 40 keys)
 SMALL = PersistentPlan(programs=3, block_k=32, qkv_block=16, splits=4, block_n=16, o_block=16, o_split=2,
                        gate_block=16, down_block=16, down_split=2, num_warps=4)
+# items of feature counts that are no power of two (tiles of 16 and 32, rows masked), the last
+# item of each projection short; and no key tile loaded before the attention's barrier
+ODD = replace(SMALL, qkv_block=11, o_block=7, gate_block=19, down_block=13, attention_prefetch=0)
+PLANS = {"small": SMALL, "odd": ODD}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,11 +56,11 @@ def _decode_step(checkpoint_dir: str, context: int):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine tests run the kernel with its barriers")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; neither
-@pytest.mark.parametrize("plan", ["chosen", "small"])
+@pytest.mark.parametrize("plan", ["chosen", "small", "odd"])
 def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
     """float32, one sequence with 40 cached tokens: the kernel's hidden state (through the last
     norm), greedy pick and cache contents (this step's K and V at its slot) equal the layers' own
-    forward; `chosen`: choose_plan's split for 4 programs; `small`: SMALL above."""
+    forward; `chosen`: choose_plan's split for 4 programs; `small`, `odd`: the plans above."""
     runner, (ids, positions, caches, meta, backend) = _decode_step(checkpoint_dirs[arch], 40)
     model = runner.model.model
     with torch.inference_mode():
@@ -63,10 +69,10 @@ def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
         want_cache = runner.kv_cache.clone()
         runner.kv_cache.copy_(before)
         model.forward_persistent(model.embed_tokens(ids), positions, caches, meta, programs=4)  # builds the state
-        if plan == "small":
+        if plan in PLANS:
             state = model._persistent
-            model._persistent = replace(state, plan=SMALL, scratch=alloc_scratch(state.shape, SMALL, torch.float32,
-                                                                                   "cpu"))
+            model._persistent = replace(state, plan=PLANS[plan],
+                                        scratch=alloc_scratch(state.shape, PLANS[plan], torch.float32, "cpu"))
         runner.kv_cache.copy_(before)
         parts, residual = model.forward_persistent(model.embed_tokens(ids), positions, caches, meta)
         got = model.norm(parts, residual)[0]
@@ -80,23 +86,45 @@ def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
     assert torch.equal(changed, (want_cache != before).flatten(3).any(-1))
 
 
-def test_choose_plan_gives_every_program_work_at_each_step():
-    """qwen3-0.6b's sizes on 132 SMs: each step has about as many items as programs, and the
-    tiles fit the shapes (powers of two, o's K split by whole heads)."""
-    shape = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128, num_layers=28,
+QWEN3_06B = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128, num_layers=28,
                         eps=1e-6, qk_norm=True, bias=False)
+LLAMA3_8B = DecodeShape(hidden=4096, intermediate=14336, num_heads=32, num_kv_heads=8, head_dim=128, num_layers=32,
+                        eps=1e-5, qk_norm=False, bias=False)
+
+
+@pytest.mark.parametrize("shape", [QWEN3_06B, LLAMA3_8B], ids=["qwen3-0.6b", "llama-3-8b"])
+def test_choose_plan_spreads_each_step_over_the_programs(shape):
+    """On 132 SMs: every projection's items cover its features with at most MAX_BLOCK rows each,
+    at least MIN_ROWS unless the rows were too few, and fill their rounds (at least 90% of the
+    programs busy in each) where items are above MIN_ROWS; o's K is split by whole heads; the
+    attention has about as many items as programs."""
     plan = choose_plan(shape, 132)
-    items = {
-        "qkv": -(-shape.qkv_size // plan.qkv_block),
-        "attention": shape.num_kv_heads * plan.splits,
-        "o": -(-shape.hidden // plan.o_block) * plan.o_split,
-        "gate_up": -(-shape.intermediate // plan.gate_block),
-        "down": -(-shape.hidden // plan.down_block) * plan.down_split,
+    steps = {  # name: (features, rows an item, K ranges)
+        "qkv": (shape.qkv_size, plan.qkv_block, 1),
+        "o": (shape.hidden, plan.o_block, plan.o_split),
+        "gate_up": (shape.intermediate, plan.gate_block, 1),
+        "down": (shape.hidden, plan.down_block, plan.down_split),
     }
-    assert all(96 <= n <= 264 for n in items.values()), items
+    for name, (n, rows, split) in steps.items():
+        assert MIN_ROWS <= rows <= MAX_BLOCK, (name, rows)
+        items = -(-n // rows) * split
+        rounds = -(-items // 132)
+        assert rows == MIN_ROWS or items >= 0.9 * rounds * 132, (name, rows, items)
     assert shape.num_heads % plan.o_split == 0
-    for size in (plan.block_k, plan.qkv_block, plan.splits, plan.o_block, plan.gate_block, plan.down_block):
-        assert size & (size - 1) == 0
+    assert 96 <= shape.num_kv_heads * plan.splits <= 132
+    assert plan.block_k & (plan.block_k - 1) == 0 and plan.splits & (plan.splits - 1) == 0
+
+
+def test_choose_plan_sizes_items_to_fill_the_programs():
+    """llama-3-8b's qkv (6,144 features) on 132 programs: one round of 47-feature items (131
+    busy programs), not 96 items of 64; gate_up: two rounds of 55; o and down split K in two
+    so one round of 63-feature items fills the programs; qwen3-0.6b keeps blocks of 32."""
+    llama = choose_plan(LLAMA3_8B, 132)
+    assert (llama.qkv_block, llama.gate_block) == (47, 55)
+    assert (llama.o_block, llama.o_split, llama.down_block, llama.down_split) == (63, 2, 63, 2)
+    qwen = choose_plan(QWEN3_06B, 132)
+    assert (qwen.qkv_block, qwen.o_block, qwen.gate_block, qwen.down_block) == (32, 32, 32, 32)
+    assert (qwen.o_split, qwen.down_split) == (4, 4)
 
 
 def test_persistent_decode_refuses_what_it_cannot_run(checkpoint_dirs):
@@ -129,10 +157,11 @@ def test_step_breakdown_reads_work_and_barrier_per_step_kind():
 
 
 def test_profile_plan_variants_and_errors():
-    """--plan FIELD=INT replaces plan fields; an unknown field, a non-integer or a value < 1 is an
-    error naming the fields; without a GPU the tool says it needs one."""
+    """--plan FIELD=INT replaces plan fields; an unknown field, a non-integer, a size < 1 or a
+    negative flag is an error naming the fields; without a GPU the tool says it needs one."""
     assert parse_plan(SMALL, ["num_warps=8", "stages=4"]) == replace(SMALL, num_warps=8, stages=4)
-    for bad in ("warps=8", "stages=x", "stages=0", "stages"):
+    assert parse_plan(SMALL, ["attention_prefetch=0"]) == replace(SMALL, attention_prefetch=0)
+    for bad in ("warps=8", "stages=x", "stages=0", "stages", "attention_prefetch=-1"):
         with pytest.raises(ValueError, match="FIELD=INT"):
             parse_plan(SMALL, [bad])
     if DEVICE == "cpu":
