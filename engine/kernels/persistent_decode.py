@@ -104,6 +104,9 @@ STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in fl
 # tokens (785 us vs 810 at 3); 3 at 4,096 (1,045 vs 1,070, row 53)
 ATTENTION_STAGES = 1
 ATTENTION_PREFETCH = 1
+# 1: o runs inside the attention step, each attention item on its head group once that group is
+# merged (no grid barrier between them; o's partials one a KV head). Untimed: off
+FUSED_O = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class PersistentPlan:
     stages: int = 3
     attention_stages: int = 1
     attention_prefetch: int = 1  # 1: load the first key tile before the attention's barrier (_first_tile)
+    fused_o: int = 0  # 1: o in the attention step (_o_slices)
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,13 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     down_rows, down_split = _rows_and_split(h, inter, down_splits, programs)
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, qkv_rows, splits, ATTENTION_BLOCK_N, o_rows, o_split, gate_rows,
-                          down_rows, down_split, NUM_WARPS, STAGES, ATTENTION_STAGES, ATTENTION_PREFETCH)
+                          down_rows, down_split, NUM_WARPS, STAGES, ATTENTION_STAGES, ATTENTION_PREFETCH, FUSED_O)
+
+
+def o_partials(shape: DecodeShape, plan: PersistentPlan) -> int:
+    """How many partial sums o leaves for the post-attention norm: one a K range, or with fused_o
+    one a KV head."""
+    return shape.num_kv_heads if plan.fused_o else plan.o_split
 
 
 def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
@@ -201,7 +211,7 @@ def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
     f32 = dict(dtype=torch.float32, device=device)
     return PersistentScratch(
         residual=torch.empty(2, shape.hidden, dtype=dtype, device=device),
-        parts=torch.empty(max(plan.o_split, plan.down_split), 1, shape.hidden, **f32),
+        parts=torch.empty(max(o_partials(shape, plan), plan.down_split), 1, shape.hidden, **f32),
         qkv=torch.empty(shape.qkv_size, dtype=dtype, device=device),
         acc=torch.empty(shape.num_heads, plan.splits, shape.head_dim, **f32),
         lse=torch.empty(shape.num_heads, plan.splits, **f32),
@@ -334,17 +344,45 @@ def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, N: tl.constexpr, K: tl.c
                 STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Steps 2 and 4 (o, down): x [K] (other programs' output: from L2) times W [N, K]^T over
     (ROWS features, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N]."""
-    dtype = w_ptr.dtype.element_ty
     for item in range(pid, tl.cdiv(N, ROWS) * SPLIT, programs):
         n, n_ok, k_begin, k_end = _split_item(item, N, K, ROWS, BLOCK_F, K_PER)
-        part = item // tl.cdiv(N, ROWS)
-        acc = tl.zeros([16, BLOCK_F], tl.float32)
-        for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x = _row0(tl.load(x_ptr + cols, mask=cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32), dtype)
-            w = _weight_tile(w_ptr, n, n_ok, K, k0, k_end, BLOCK_K)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        tl.store(parts_ptr + part * N + n, _take_row0(acc), mask=n_ok)
+        _gemv_rows(x_ptr, w_ptr, parts_ptr + item // tl.cdiv(N, ROWS) * N, n, n_ok, k_begin, k_end, K, BLOCK_K,
+                   BLOCK_F, STAGES, DOT_PRECISION)
+
+
+@triton.jit
+def _gemv_rows(x_ptr, w_ptr, out_ptr, n, n_ok, k_begin, k_end, row_stride, BLOCK_K: tl.constexpr,
+               BLOCK_F: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """out[n] = x[k_begin:k_end] . W[n, k_begin:k_end] in fp32, for the BLOCK_F rows n (where n_ok)
+    of a row-major W; x (other programs' output) is read from L2."""
+    dtype = w_ptr.dtype.element_ty
+    acc = tl.zeros([16, BLOCK_F], tl.float32)
+    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = _row0(tl.load(x_ptr + cols, mask=cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32), dtype)
+        w = _weight_tile(w_ptr, n, n_ok, row_stride, k0, k_end, BLOCK_K)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    tl.store(out_ptr + n, _take_row0(acc), mask=n_ok)
+
+
+@triton.jit
+def _o_slices(attn_ptr, w_ptr, parts_ptr, count_ptr, pid, programs, N: tl.constexpr, HQ: tl.constexpr,
+              HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
+              BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, WAIT: tl.constexpr):
+    """fused_o: attention item (KV head g, split s) multiplies its head group's merged output by
+    o's columns of those heads for o's s-th slice of ROWS features (TILE at a time), into partial
+    g (parts [HKV, N]: one partial a KV head). WAIT (GPU): first until g's merge is published
+    (count_ptr[g] past SPLITS, see _attention); on the CPU the merges ran in an earlier launch."""
+    GROUP: tl.constexpr = HQ // HKV
+    for item in range(pid, HKV * SPLITS, programs):
+        kv_head, split = item // SPLITS, item % SPLITS
+        if WAIT:
+            _wait(count_ptr + kv_head, SPLITS + 1)
+        for r0 in tl.static_range(0, ROWS, TILE):
+            r = r0 + tl.arange(0, TILE)
+            n = split * ROWS + r
+            _gemv_rows(attn_ptr, w_ptr, parts_ptr + kv_head * N, n, (r < ROWS) & (n < N), kv_head * GROUP * D,
+                       (kv_head + 1) * GROUP * D, HQ * D, BLOCK_K, TILE, STAGES, DOT_PRECISION)
 
 
 @triton.jit
@@ -382,11 +420,13 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
                sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s, stride_kc_h, pid,
                programs, kt0, v0, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_PAD: tl.constexpr,
-               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr, PREFETCHED: tl.constexpr):
+               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr, PREFETCHED: tl.constexpr,
+               PUBLISH: tl.constexpr):
     """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY and
     MERGE programs: fp32 partials per (q head, split) into acc / lse, and the last item of each
     KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros).
-    PREFETCHED: kt0, v0 are the first item's first tile (_first_tile)."""
+    PREFETCHED: kt0, v0 are the first item's first tile (_first_tile). PUBLISH: the merger then
+    counts once more (release), so count_ptr[g] > SPLITS says g's output is stored."""
     GROUP: tl.constexpr = HQ // HKV
     seq_len = tl.load(seq_lens_ptr)
     q_pos = tl.load(pos_ptr)
@@ -426,6 +466,8 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
         if tl.atomic_add(count_ptr + kv_head, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
             merge_group(acc_ptr, lse_ptr, out_ptr, 0, kv_head, d, d_ok, 0, SPLITS * D, D, 0, SPLITS, 0, D,
                         GROUP, SPLITS, SPLITS, GROUP_PAD)
+            if PUBLISH:
+                _arrive(count_ptr + kv_head)
 
 
 @triton.jit
@@ -461,7 +503,8 @@ def _persistent_decode_kernel(
     GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
     DOWN_SPLIT: tl.constexpr, QKV_ROWS: tl.constexpr, O_ROWS: tl.constexpr, GATE_ROWS: tl.constexpr,
     DOWN_ROWS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    ATTENTION_STAGES: tl.constexpr = 1, ATTENTION_PREFETCH: tl.constexpr = False, TIMING: tl.constexpr = False,
+    ATTENTION_STAGES: tl.constexpr = 1, ATTENTION_PREFETCH: tl.constexpr = False, FUSED_O: tl.constexpr = False,
+    O_SLICE: tl.constexpr = 1, O_TILE: tl.constexpr = 16, TIMING: tl.constexpr = False,
 ):
     """Each step: what needs nothing of the step before (weight addresses), the wait at the
     barrier after that step, the work, then this program counted in at the next."""
@@ -489,18 +532,28 @@ def _persistent_decode_kernel(
             _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV, kc, vc, seq_lens_ptr, bt_ptr,
                        pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, qn, kn, eps, scale_log2, stride_kc_b,
                        stride_kc_s, stride_kc_h, pid, programs, kt0, v0, HQ, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE,
-                       BLOCK_H, GROUP_PAD, QK_NORM, DOT_PRECISION, ATTENTION_STAGES, ATTENTION_PREFETCH)
+                       BLOCK_H, GROUP_PAD, QK_NORM, DOT_PRECISION, ATTENTION_STAGES, ATTENTION_PREFETCH,
+                       FUSED_O and BARRIER)
+            if FUSED_O and BARRIER:  # o in the same step: each item once its head group is merged
+                _o_slices(attn_ptr, _layer_ptr(o_tab, layer, res_ptr), parts_ptr, merge_count_ptr + layer * HKV, pid,
+                          programs, H, HQ, HKV, D, SPLITS, O_SLICE, O_TILE, BLOCK_K, STAGES, DOT_PRECISION, True)
         elif kind == 2:
             w = _layer_ptr(o_tab, layer, res_ptr)
-            _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_ROWS, O_BLOCK, O_SPLIT, HQ * D // O_SPLIT,
-                        STAGES, DOT_PRECISION)
+            if FUSED_O:  # done in step 1 on the GPU (no barrier between); its own launch on the CPU
+                _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, False, TIMING)
+                if not BARRIER:
+                    _o_slices(attn_ptr, w, parts_ptr, merge_count_ptr + layer * HKV, pid, programs, H, HQ, HKV, D,
+                              SPLITS, O_SLICE, O_TILE, BLOCK_K, STAGES, DOT_PRECISION, False)
+            else:
+                _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
+                _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_ROWS, O_BLOCK, O_SPLIT,
+                            HQ * D // O_SPLIT, STAGES, DOT_PRECISION)
         elif kind == 3:
             w = _layer_ptr(gate_up_tab, layer, res_ptr)
             g = _layer_ptr(norm2_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H, O_SPLIT,
-                       BLOCK_K, GATE_ROWS, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
+            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H,
+                       HKV if FUSED_O else O_SPLIT, BLOCK_K, GATE_ROWS, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
         else:
             w = _layer_ptr(down_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
@@ -510,7 +563,11 @@ def _persistent_decode_kernel(
             tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
         if BARRIER:
             if step + 1 < step_end:
-                _arrive(count_ptr + step)
+                if FUSED_O:  # nobody waits at the barrier after step 1
+                    if kind != 1:
+                        _arrive(count_ptr + step)
+                else:
+                    _arrive(count_ptr + step)
 
 
 def _tile(rows: int) -> int:
@@ -518,8 +575,26 @@ def _tile(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))
 
 
+def kernel_constants(shape: DecodeShape, plan: PersistentPlan, block_size: int, fp32: bool,
+                     barrier: bool) -> dict[str, object]:
+    """The kernel's compile-time arguments for a model, plan and KV block size (TIMING aside)."""
+    group = shape.num_heads // shape.num_kv_heads
+    o_slice = triton.cdiv(shape.hidden, plan.splits)  # fused_o: o features an attention item
+    return dict(
+        H=shape.hidden, INTER=shape.intermediate, HQ=shape.num_heads, HKV=shape.num_kv_heads, D=shape.head_dim,
+        QK_NORM=shape.qk_norm, HAS_BIAS=shape.bias, BLOCK_K=plan.block_k, QKV_BLOCK=_tile(plan.qkv_block),
+        SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        GROUP_PAD=triton.next_power_of_2(group), O_BLOCK=_tile(plan.o_block), O_SPLIT=plan.o_split,
+        GATE_BLOCK=_tile(plan.gate_block), DOWN_BLOCK=_tile(plan.down_block), DOWN_SPLIT=plan.down_split,
+        QKV_ROWS=plan.qkv_block, O_ROWS=plan.o_block, GATE_ROWS=plan.gate_block, DOWN_ROWS=plan.down_block,
+        STAGES=plan.stages, DOT_PRECISION="ieee" if fp32 else "tf32", BARRIER=barrier,
+        ATTENTION_STAGES=plan.attention_stages, ATTENTION_PREFETCH=bool(plan.attention_prefetch),
+        FUSED_O=bool(plan.fused_o), O_SLICE=o_slice, O_TILE=_tile(min(o_slice, MAX_BLOCK)),
+    )
+
+
 def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: DecodeShape,
-           scratch: PersistentScratch) -> None:
+           plan: PersistentPlan, scratch: PersistentScratch) -> None:
     if h.shape != (1, shape.hidden) or h.dtype != scratch.residual.dtype:
         raise ValueError(f"persistent decode takes one token's hidden state [1, {shape.hidden}] "
                          f"{scratch.residual.dtype}, got {tuple(h.shape)} {h.dtype}")
@@ -530,6 +605,10 @@ def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape:
                          f"{k_cache.dtype}")
     if shape.head_dim & (shape.head_dim - 1):
         raise ValueError(f"persistent decode needs a power-of-two head_dim, got {shape.head_dim}")
+    if plan.fused_o and h.is_cuda and shape.num_kv_heads * plan.splits > plan.programs:
+        # an item waits for its head group's merge: with two items a program it could wait on itself
+        raise ValueError(f"fused_o needs an attention item a program: {shape.num_kv_heads} KV heads x "
+                         f"{plan.splits} splits > {plan.programs} programs")
 
 
 def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -544,7 +623,7 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
     (ns) when its work of a step ended and when it passed the barrier after it."""
     k0, v0 = kv_caches[0]
     if check:
-        _check(h, k0, v0, shape, scratch)
+        _check(h, k0, v0, shape, plan, scratch)
     stride_layer = kv_caches[1][0].data_ptr() - k0.data_ptr() if len(kv_caches) > 1 else 0
     stride_layer //= k0.element_size()
     scratch.residual[0].copy_(h[0])
@@ -552,6 +631,7 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
     scratch.counters.zero_()
     steps = shape.num_layers * STEPS_PER_LAYER
     launches = [(0, steps)] if h.is_cuda else [(s, s + 1) for s in range(steps)]  # see the module docstring
+    constants = kernel_constants(shape, plan, k0.shape[1], h.dtype == torch.float32, h.is_cuda)
     dummy = tables.qkv
     for begin, end in launches:
         _persistent_decode_kernel[(plan.programs,)](
@@ -564,15 +644,7 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             positions, slot_mapping, seq_lens, block_tables, cos, sin, cos.stride(0),
             k0, v0, stride_layer, k0.stride(0), k0.stride(1), k0.stride(2),
             shape.eps, scale * LOG2E, begin, end, times if times is not None else scratch.counters,
-            H=shape.hidden, INTER=shape.intermediate, HQ=shape.num_heads, HKV=shape.num_kv_heads, D=shape.head_dim,
-            QK_NORM=shape.qk_norm, HAS_BIAS=shape.bias, BLOCK_K=plan.block_k, QKV_BLOCK=_tile(plan.qkv_block),
-            SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=k0.shape[1],
-            BLOCK_H=max(16, triton.next_power_of_2(shape.num_heads // shape.num_kv_heads)),
-            GROUP_PAD=triton.next_power_of_2(shape.num_heads // shape.num_kv_heads),
-            O_BLOCK=_tile(plan.o_block), O_SPLIT=plan.o_split, GATE_BLOCK=_tile(plan.gate_block),
-            DOWN_BLOCK=_tile(plan.down_block), DOWN_SPLIT=plan.down_split, QKV_ROWS=plan.qkv_block,
-            O_ROWS=plan.o_block, GATE_ROWS=plan.gate_block, DOWN_ROWS=plan.down_block, STAGES=plan.stages, DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-            BARRIER=h.is_cuda, ATTENTION_STAGES=plan.attention_stages, ATTENTION_PREFETCH=bool(plan.attention_prefetch),
+            **constants,
             TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]

@@ -123,31 +123,31 @@ def cases() -> list[Case]:
                          **_ptrs("i64", "slot_ptr", "pos_ptr")},
                         _decode_options(cache), ATTENTION_DIVISIBLE))
     out += _skinny_gemm_cases()
-    out.append(_persistent_decode_case())
+    out += _persistent_decode_cases()
     return out
 
 
-def _persistent_decode_case() -> Case:
+def _persistent_decode_cases() -> list[Case]:
     """Every layer of a batch-1 decode step in one kernel, with the plan choose_plan makes for
-    qwen3-0.6b on 132 SMs (engine.kernels.persistent_decode)."""
-    from engine.kernels.persistent_decode import DecodeShape, choose_plan
+    qwen3-0.6b on 132 SMs (engine.kernels.persistent_decode), and with o inside the attention
+    step (fused_o)."""
+    from dataclasses import replace
+
+    from engine.kernels.persistent_decode import DecodeShape, choose_plan, kernel_constants
 
     shape = DecodeShape(1024, 3072, 16, 8, 128, 28, 1e-6, qk_norm=True, bias=False)
-    plan = choose_plan(shape, 132)
     tables = ("qkv_tab", "o_tab", "gate_up_tab", "down_tab", "norm1_tab", "norm2_tab", "bias_tab", "qn_tab", "kn_tab")
-    return Case("engine.kernels.persistent_decode", "_persistent_decode_kernel",
-                dict(H=shape.hidden, INTER=shape.intermediate, HQ=shape.num_heads, HKV=shape.num_kv_heads,
-                     D=shape.head_dim, QK_NORM=True, HAS_BIAS=False, BLOCK_K=plan.block_k, QKV_BLOCK=plan.qkv_block,
-                     SPLITS=plan.splits, BLOCK_N=plan.block_n, BLOCK_SIZE=16, BLOCK_H=16, O_BLOCK=plan.o_block,
-                     O_SPLIT=plan.o_split, GATE_BLOCK=plan.gate_block, DOWN_BLOCK=plan.down_block,
-                     DOWN_SPLIT=plan.down_split, STAGES=plan.stages, GROUP_PAD=2, DOT_PRECISION="tf32", BARRIER=True,
-                     ATTENTION_STAGES=plan.attention_stages),
-                {**_ptrs("i64", *tables, "slot_ptr", "pos_ptr", "times_ptr"), **_ptrs("bf16", "res_ptr", "qkv_ptr", "act_ptr", "attn_ptr",
-                                                                         "k_cache", "v_cache"),
-                 **_ptrs("fp32", "parts_ptr", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),
-                 **_ptrs("i32", "count_ptr", "merge_count_ptr", "seq_lens_ptr", "bt_ptr")},
-                {"num_warps": plan.num_warps, "num_stages": 1}, ("stride_kc_b", "stride_kc_s", "stride_kc_h",
-                                                                 "stride_layer", "stride_cos"))
+    pointers = {**_ptrs("i64", *tables, "slot_ptr", "pos_ptr", "times_ptr"),
+                **_ptrs("bf16", "res_ptr", "qkv_ptr", "act_ptr", "attn_ptr", "k_cache", "v_cache"),
+                **_ptrs("fp32", "parts_ptr", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),
+                **_ptrs("i32", "count_ptr", "merge_count_ptr", "seq_lens_ptr", "bt_ptr")}
+    out = []
+    for plan in (choose_plan(shape, 132), replace(choose_plan(shape, 132), fused_o=1)):
+        out.append(Case("engine.kernels.persistent_decode", "_persistent_decode_kernel",
+                        kernel_constants(shape, plan, 16, fp32=False, barrier=True), pointers,
+                        {"num_warps": plan.num_warps, "num_stages": 1},
+                        ("stride_kc_b", "stride_kc_s", "stride_kc_h", "stride_layer", "stride_cos")))
+    return out
 
 
 def _decode_options(cache: str) -> dict[str, int]:

@@ -230,12 +230,26 @@ def test_persistent_decode_float32_matches_hf(checkpoint_dirs, arch, max_context
         assert_matches_hf(tokens(llm), reference)
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_persistent_decode_fused_o_float32_matches_hf(checkpoint_dirs, arch, monkeypatch):
+    """The persistent kernel with o inside the attention step (persistent_decode.FUSED_O: each
+    attention item waits for its head group's merge, then takes its slice of o): HF's greedy
+    tokens, prompts one at a time, CUDA graphs."""
+    import engine.kernels.persistent_decode as pd
+
+    monkeypatch.setattr(pd, "FUSED_O", 1)  # read by choose_plan when the model builds its plan
+    path = checkpoint_dirs[arch]
+    llm = LLM(path, dtype="float32", persistent_decode=True, **SMALL)
+    assert llm.engine.executor.runner.model.model._persistent.plan.fused_o == 1
+    assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], hf_greedy(path, PROMPTS, PARAMS.max_tokens))
+
+
 def test_persistent_decode_bf16_matches_the_fused_path(checkpoint_dirs):
     """bf16, prompts one at a time: the persistent kernel's tokens are the fused path's up to
     near-ties, and a batch-1 decode step is that one kernel (no skinny GEMM or decode kernel)."""
     path = checkpoint_dirs["qwen3"]
     got = [tokens(LLM(path, dtype="bfloat16", persistent_decode=True, **SMALL), [p])[0] for p in PROMPTS]
-    want = [tokens(LLM(path, dtype="bfloat16", **SMALL), [p])[0] for p in PROMPTS]
+    want = [tokens(LLM(path, dtype="bfloat16", persistent_decode=False, **SMALL), [p])[0] for p in PROMPTS]
     assert_bf16_near(path, got, want, PROMPTS, PARAMS.max_tokens, "persistent decode vs the fused path")
     names, _ = decode_step_kernels(path, PROMPTS[6], persistent_decode=True)
     count = lambda part: sum(part in n for n in names)  # noqa: E731

@@ -29,7 +29,9 @@ SMALL = PersistentPlan(programs=3, block_k=32, qkv_block=16, splits=4, block_n=1
 # items of feature counts that are no power of two (tiles of 16 and 32, rows masked), the last
 # item of each projection short; and no key tile loaded before the attention's barrier
 ODD = replace(SMALL, qkv_block=11, o_block=7, gate_block=19, down_block=13, attention_prefetch=0)
-PLANS = {"small": SMALL, "odd": ODD}
+# o inside the attention step: each attention item's slice of o's features for its head group
+FUSED_O = replace(SMALL, fused_o=1)
+PLANS = {"small": SMALL, "odd": ODD, "fused_o": FUSED_O}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,11 +58,11 @@ def _decode_step(checkpoint_dir: str, context: int):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine tests run the kernel with its barriers")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; neither
-@pytest.mark.parametrize("plan", ["chosen", "small", "odd"])
+@pytest.mark.parametrize("plan", ["chosen", "small", "odd", "fused_o"])
 def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
     """float32, one sequence with 40 cached tokens: the kernel's hidden state (through the last
     norm), greedy pick and cache contents (this step's K and V at its slot) equal the layers' own
-    forward; `chosen`: choose_plan's split for 4 programs; `small`, `odd`: the plans above."""
+    forward; `chosen`: choose_plan's split for 4 programs; the others: the plans above."""
     runner, (ids, positions, caches, meta, backend) = _decode_step(checkpoint_dirs[arch], 40)
     model = runner.model.model
     with torch.inference_mode():
