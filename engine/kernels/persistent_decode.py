@@ -26,7 +26,7 @@ A layer is five steps, each spread over the programs as items:
   3. r += sum(o partials); act = SiLU(RMSNorm(r) Wg^T) * (RMSNorm(r) Wu^T), in the dtype
   4. down: (feature block, K range) items, fp32 partials for the next layer's step 0
 Projections run on tensor cores with the one row padded to 16: the dot is what makes Triton
-pipeline the weight loads through shared memory (STAGES deep), where register tiles kept too
+pipeline the weight loads through shared memory (a plan's stages deep), where register tiles kept too
 few bytes in flight (the kernel 1.16-1.23x slower at 8 warps). Norms are one-pass, as the skinny GEMM's: (r * g) W^T
 and r's squares summed over the K loop, scaled by 1/RMS after it. Every item recomputes r from
 L2, so only the residual's new value needs a writer (item 0, into the other of two buffers:
@@ -99,7 +99,10 @@ ROUND_COST = 8192
 ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 4
-STAGES = 3  # Triton pipeline stages of the weight loads: STAGES - 1 tiles in flight a program
+# Triton pipeline stages of each projection's weight loads (qkv, o, gate_up, down): stages - 1
+# tiles in flight a program. On llama-3-8b 4 stages everywhere took qkv 17.0 -> 16.5 us a layer
+# and down 30.0 -> 29.25 but gate_up 59.25 -> 61.4 (PERF row 55): untimed one projection at a time
+STAGES = (3, 3, 3, 3)
 # An attention item's loop over its key tiles: 1, one tile at a time, is fastest at 640 cached
 # tokens (785 us vs 810 at 3); 3 at 4,096 (1,045 vs 1,070, row 53)
 ATTENTION_STAGES = 1
@@ -125,7 +128,10 @@ class PersistentPlan:
     down_block: int
     down_split: int  # down's K cut in this many ranges
     num_warps: int = 4
-    stages: int = 3
+    qkv_stages: int = 3  # the weight loads' pipeline depth, each projection
+    o_stages: int = 3
+    gate_stages: int = 3
+    down_stages: int = 3
     attention_stages: int = 1
     attention_prefetch: int = 1  # 1: load the first key tile before the attention's barrier (_first_tile)
     fused_o: int = 0  # 1: o in the attention step (_o_slices)
@@ -197,7 +203,7 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     down_rows, down_split = _rows_and_split(h, inter, down_splits, programs)
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, qkv_rows, splits, ATTENTION_BLOCK_N, o_rows, o_split, gate_rows,
-                          down_rows, down_split, NUM_WARPS, STAGES, ATTENTION_STAGES, ATTENTION_PREFETCH, FUSED_O)
+                          down_rows, down_split, NUM_WARPS, *STAGES, ATTENTION_STAGES, ATTENTION_PREFETCH, FUSED_O)
 
 
 def o_partials(shape: DecodeShape, plan: PersistentPlan) -> int:
@@ -254,7 +260,7 @@ def _residual(res_ptr, parts_ptr, cols, mask, H: tl.constexpr, PARTS: tl.constex
 def _row0(v, dtype):
     """v [K] as row 0 of a [16, K] tile of zeros in `dtype`: a one-row GEMV on tensor cores (the
     padding rows are free; what the dot buys is Triton's pipeline, which stages only the loads
-    that feed a dot through shared memory, so a program keeps STAGES weight tiles in flight)."""
+    that feed a dot through shared memory, so a program keeps stages - 1 weight tiles in flight)."""
     rows = tl.arange(0, 16)
     return tl.where(rows[:, None] == 0, v[None, :], 0.0).to(dtype)
 
@@ -502,7 +508,8 @@ def _persistent_decode_kernel(
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_PAD: tl.constexpr, O_BLOCK: tl.constexpr, O_SPLIT: tl.constexpr, GATE_BLOCK: tl.constexpr, DOWN_BLOCK: tl.constexpr,
     DOWN_SPLIT: tl.constexpr, QKV_ROWS: tl.constexpr, O_ROWS: tl.constexpr, GATE_ROWS: tl.constexpr,
-    DOWN_ROWS: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
+    DOWN_ROWS: tl.constexpr, QKV_STAGES: tl.constexpr, O_STAGES: tl.constexpr, GATE_STAGES: tl.constexpr,
+    DOWN_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
     ATTENTION_STAGES: tl.constexpr = 1, ATTENTION_PREFETCH: tl.constexpr = False, FUSED_O: tl.constexpr = False,
     O_SLICE: tl.constexpr = 1, O_TILE: tl.constexpr = 16, TIMING: tl.constexpr = False,
 ):
@@ -519,7 +526,7 @@ def _persistent_decode_kernel(
             g, bias = _layer_ptr(norm1_tab, layer, res_ptr), _layer_ptr(bias_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _norm_gemv(res_ptr, parts_ptr, res_ptr + H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, H, DOWN_SPLIT,
-                       BLOCK_K, QKV_ROWS, QKV_BLOCK, False, HAS_BIAS, STAGES, DOT_PRECISION)
+                       BLOCK_K, QKV_ROWS, QKV_BLOCK, False, HAS_BIAS, QKV_STAGES, DOT_PRECISION)
         elif kind == 1:
             qn, kn = _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr)
             kc, vc = k_cache + layer * stride_layer, v_cache + layer * stride_layer
@@ -536,29 +543,30 @@ def _persistent_decode_kernel(
                        FUSED_O and BARRIER)
             if FUSED_O and BARRIER:  # o in the same step: each item once its head group is merged
                 _o_slices(attn_ptr, _layer_ptr(o_tab, layer, res_ptr), parts_ptr, merge_count_ptr + layer * HKV, pid,
-                          programs, H, HQ, HKV, D, SPLITS, O_SLICE, O_TILE, BLOCK_K, STAGES, DOT_PRECISION, True)
+                          programs, H, HQ, HKV, D, SPLITS, O_SLICE, O_TILE, BLOCK_K, O_STAGES, DOT_PRECISION, True)
         elif kind == 2:
             w = _layer_ptr(o_tab, layer, res_ptr)
             if FUSED_O:  # done in step 1 on the GPU (no barrier between); its own launch on the CPU
                 _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, False, TIMING)
                 if not BARRIER:
                     _o_slices(attn_ptr, w, parts_ptr, merge_count_ptr + layer * HKV, pid, programs, H, HQ, HKV, D,
-                              SPLITS, O_SLICE, O_TILE, BLOCK_K, STAGES, DOT_PRECISION, False)
+                              SPLITS, O_SLICE, O_TILE, BLOCK_K, O_STAGES, DOT_PRECISION, False)
             else:
                 _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
                 _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_ROWS, O_BLOCK, O_SPLIT,
-                            HQ * D // O_SPLIT, STAGES, DOT_PRECISION)
+                            HQ * D // O_SPLIT, O_STAGES, DOT_PRECISION)
         elif kind == 3:
             w = _layer_ptr(gate_up_tab, layer, res_ptr)
             g = _layer_ptr(norm2_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H,
-                       HKV if FUSED_O else O_SPLIT, BLOCK_K, GATE_ROWS, GATE_BLOCK, True, False, STAGES, DOT_PRECISION)
+                       HKV if FUSED_O else O_SPLIT, BLOCK_K, GATE_ROWS, GATE_BLOCK, True, False, GATE_STAGES,
+                       DOT_PRECISION)
         else:
             w = _layer_ptr(down_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _split_gemv(act_ptr, w, parts_ptr, pid, programs, H, INTER, BLOCK_K, DOWN_ROWS, DOWN_BLOCK, DOWN_SPLIT, K_PER, STAGES,
-                        DOT_PRECISION)
+            _split_gemv(act_ptr, w, parts_ptr, pid, programs, H, INTER, BLOCK_K, DOWN_ROWS, DOWN_BLOCK, DOWN_SPLIT, K_PER,
+                        DOWN_STAGES, DOT_PRECISION)
         if TIMING:  # when this program's work of the step ended
             tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
         if BARRIER:
@@ -587,7 +595,8 @@ def kernel_constants(shape: DecodeShape, plan: PersistentPlan, block_size: int, 
         GROUP_PAD=triton.next_power_of_2(group), O_BLOCK=_tile(plan.o_block), O_SPLIT=plan.o_split,
         GATE_BLOCK=_tile(plan.gate_block), DOWN_BLOCK=_tile(plan.down_block), DOWN_SPLIT=plan.down_split,
         QKV_ROWS=plan.qkv_block, O_ROWS=plan.o_block, GATE_ROWS=plan.gate_block, DOWN_ROWS=plan.down_block,
-        STAGES=plan.stages, DOT_PRECISION="ieee" if fp32 else "tf32", BARRIER=barrier,
+        QKV_STAGES=plan.qkv_stages, O_STAGES=plan.o_stages, GATE_STAGES=plan.gate_stages,
+        DOWN_STAGES=plan.down_stages, DOT_PRECISION="ieee" if fp32 else "tf32", BARRIER=barrier,
         ATTENTION_STAGES=plan.attention_stages, ATTENTION_PREFETCH=bool(plan.attention_prefetch),
         FUSED_O=bool(plan.fused_o), O_SLICE=o_slice, O_TILE=_tile(min(o_slice, MAX_BLOCK)),
     )

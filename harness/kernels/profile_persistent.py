@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="qwen3-0.6b", help="a preset or checkpoint (default: qwen3-0.6b)")
     ap.add_argument("--context", type=int, default=640, help="cached tokens of the one sequence (default: 640)")
     ap.add_argument("--plan", action="append", default=[], metavar="FIELD=INT",
-                    help="a variant of the chosen plan to time too, e.g. num_warps=8,stages=4 (repeatable)")
+                    help="a variant of the chosen plan to time too, e.g. num_warps=8,qkv_stages=4 (repeatable)")
     return ap
 
 

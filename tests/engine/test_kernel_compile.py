@@ -131,7 +131,7 @@ for case in _persistent_decode_cases():  # the chosen plan, then with fused_o
     ttgir = kernel.asm["ttgir"] if not err else ""
     # staged weight tiles: [stages - 1, features, K step] bf16 buffers in shared memory
     tiles = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x(\d+)x(\d+)xbf16", ttgir)
-    out.append(dict(err=err, tiles=sorted({tuple(map(int, t)) for t in tiles}), stages=case.constexprs["STAGES"],
+    out.append(dict(err=err, tiles=sorted({tuple(map(int, t)) for t in tiles}), stages=case.constexprs["QKV_STAGES"],
                     block_k=case.constexprs["BLOCK_K"], fused_o=case.constexprs["FUSED_O"]))
 print(json.dumps(out))
 """

@@ -161,9 +161,9 @@ def test_step_breakdown_reads_work_and_barrier_per_step_kind():
 def test_profile_plan_variants_and_errors():
     """--plan FIELD=INT replaces plan fields; an unknown field, a non-integer, a size < 1 or a
     negative flag is an error naming the fields; without a GPU the tool says it needs one."""
-    assert parse_plan(SMALL, ["num_warps=8", "stages=4"]) == replace(SMALL, num_warps=8, stages=4)
+    assert parse_plan(SMALL, ["num_warps=8", "qkv_stages=4"]) == replace(SMALL, num_warps=8, qkv_stages=4)
     assert parse_plan(SMALL, ["attention_prefetch=0"]) == replace(SMALL, attention_prefetch=0)
-    for bad in ("warps=8", "stages=x", "stages=0", "stages", "attention_prefetch=-1"):
+    for bad in ("warps=8", "qkv_stages=x", "qkv_stages=0", "qkv_stages", "attention_prefetch=-1"):
         with pytest.raises(ValueError, match="FIELD=INT"):
             parse_plan(SMALL, [bad])
     if DEVICE == "cpu":
