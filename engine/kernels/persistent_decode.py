@@ -133,7 +133,9 @@ class PersistentPlan:
     gate_stages: int = 3
     down_stages: int = 3
     attention_stages: int = 1
-    attention_prefetch: int = 1  # 1: load the first key tile before the attention's barrier (_first_tile)
+    # key tiles of a program's first attention item loaded early: 1, the first, before the step's
+    # barrier (_first_tile); 2, also the second, before q's chain
+    attention_prefetch: int = 1
     fused_o: int = 0  # 1: o in the attention step (_o_slices)
 
 
@@ -431,7 +433,8 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
     """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY and
     MERGE programs: fp32 partials per (q head, split) into acc / lse, and the last item of each
     KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros).
-    PREFETCHED: kt0, v0 are the first item's first tile (_first_tile). PUBLISH: the merger then
+    PREFETCHED >= 1: kt0, v0 are the first item's first tile (_first_tile); 2: that item's second
+    tile is loaded before q's chain. PUBLISH: the merger then
     counts once more (release), so count_ptr[g] > SPLITS says g's output is stored."""
     GROUP: tl.constexpr = HQ // HKV
     seq_len = tl.load(seq_lens_ptr)
@@ -445,6 +448,11 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
         kv_head, split, t_begin, t_end, n_keys, last = _attention_item(item, seq_lens_ptr, SPLITS, BLOCK_N)
         head = kv_head * GROUP + h
         mine = (split == last) & (seq_len > 0)
+        if PREFETCHED >= 2:  # the second tile's loads issued before q's chain (no cache store ahead of them)
+            early = (item == pid) & (t_begin + 1 < t_end)
+            kt1, v1, _ = load_kv_tile(bt_ptr, t_begin + 1, tl.where(early, n_keys, 0), kv_head, k_cache, v_cache,
+                                      stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h, d,
+                                      d_ok, BLOCK_N, BLOCK_SIZE)
         k_new, v_new = store_new_kv(qkv_ptr + (HQ + kv_head) * D, qkv_ptr + (HQ + HKV + kv_head) * D, slot_ptr, 0,
                                     kv_head, mine, k_cache, v_cache, kw_ptr, cos_row, sin_row, eps, 1.0, 1.0,
                                     stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
@@ -457,6 +465,11 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
             if (item == pid) & (t_begin < t_end):
                 pos_ok = t_begin * BLOCK_N + tl.arange(0, BLOCK_N) < n_keys
                 m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, kt0, v0, pos_ok, scale_log2, DOT_PRECISION)
+                t_begin += 1
+        if PREFETCHED >= 2:
+            if early:
+                pos_ok = t_begin * BLOCK_N + tl.arange(0, BLOCK_N) < n_keys
+                m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, kt1, v1, pos_ok, scale_log2, DOT_PRECISION)
                 t_begin += 1
         m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, 0, 0, kv_head, t_begin, t_end, n_keys, k_cache, v_cache,
                                      stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
@@ -597,7 +610,7 @@ def kernel_constants(shape: DecodeShape, plan: PersistentPlan, block_size: int, 
         QKV_ROWS=plan.qkv_block, O_ROWS=plan.o_block, GATE_ROWS=plan.gate_block, DOWN_ROWS=plan.down_block,
         QKV_STAGES=plan.qkv_stages, O_STAGES=plan.o_stages, GATE_STAGES=plan.gate_stages,
         DOWN_STAGES=plan.down_stages, DOT_PRECISION="ieee" if fp32 else "tf32", BARRIER=barrier,
-        ATTENTION_STAGES=plan.attention_stages, ATTENTION_PREFETCH=bool(plan.attention_prefetch),
+        ATTENTION_STAGES=plan.attention_stages, ATTENTION_PREFETCH=plan.attention_prefetch,
         FUSED_O=bool(plan.fused_o), O_SLICE=o_slice, O_TILE=_tile(min(o_slice, MAX_BLOCK)),
     )
 

@@ -31,7 +31,10 @@ SMALL = PersistentPlan(programs=3, block_k=32, qkv_block=16, splits=4, block_n=1
 ODD = replace(SMALL, qkv_block=11, o_block=7, gate_block=19, down_block=13, attention_prefetch=0)
 # o inside the attention step: each attention item's slice of o's features for its head group
 FUSED_O = replace(SMALL, fused_o=1)
-PLANS = {"small": SMALL, "odd": ODD, "fused_o": FUSED_O}
+# one split a KV head walking all three 16-key tiles: the first loaded before the barrier, the
+# second before q's chain, the third in the loop
+EARLY = replace(SMALL, splits=1, attention_prefetch=2)
+PLANS = {"small": SMALL, "odd": ODD, "fused_o": FUSED_O, "early": EARLY}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,7 +61,7 @@ def _decode_step(checkpoint_dir: str, context: int):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine tests run the kernel with its barriers")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])  # q/k norm; q/k/v bias; neither
-@pytest.mark.parametrize("plan", ["chosen", "small", "odd", "fused_o"])
+@pytest.mark.parametrize("plan", ["chosen", "small", "odd", "fused_o", "early"])
 def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
     """float32, one sequence with 40 cached tokens: the kernel's hidden state (through the last
     norm), greedy pick and cache contents (this step's K and V at its slot) equal the layers' own
