@@ -110,6 +110,8 @@ ATTENTION_PREFETCH = 1
 # 1: o runs inside the attention step, each attention item on its head group once that group is
 # merged (no grid barrier between them; o's partials one a KV head). Untimed: off
 FUSED_O = 0
+# 1: launched cooperatively (PersistentPlan.cooperative). Untried on a GPU (in CUDA graphs too): off
+COOPERATIVE = 0
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,9 @@ class PersistentPlan:
     # barrier (_first_tile); 2, also the second, before q's chain
     attention_prefetch: int = 1
     fused_o: int = 0  # 1: o in the attention step (_o_slices)
+    # 1: a cooperative launch (GPU), which fails with an error where the driver cannot make every
+    # program resident at once, rather than leaving the grid barrier to wait forever
+    cooperative: int = 0
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,8 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     down_rows, down_split = _rows_and_split(h, inter, down_splits, programs)
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
     return PersistentPlan(programs, block_k, qkv_rows, splits, ATTENTION_BLOCK_N, o_rows, o_split, gate_rows,
-                          down_rows, down_split, NUM_WARPS, *STAGES, ATTENTION_STAGES, ATTENTION_PREFETCH, FUSED_O)
+                          down_rows, down_split, NUM_WARPS, *STAGES, ATTENTION_STAGES, ATTENTION_PREFETCH, FUSED_O,
+                          COOPERATIVE)
 
 
 def o_partials(shape: DecodeShape, plan: PersistentPlan) -> int:
@@ -668,5 +674,6 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             shape.eps, scale * LOG2E, begin, end, times if times is not None else scratch.counters,
             **constants,
             TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
+            **({"launch_cooperative_grid": True} if plan.cooperative and h.is_cuda else {}),
         )
     return scratch.parts[:plan.down_split], scratch.residual[:1]

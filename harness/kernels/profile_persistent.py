@@ -34,7 +34,7 @@ from engine.scheduler import ScheduledSequence, SchedulerOutput
 from harness.kernels.bench_sample import graph_us
 
 STEP_NAMES = ("qkv", "attention", "o", "gate_up", "down")
-FLAGS = ("attention_prefetch", "fused_o")  # PersistentPlan's on/off fields
+FLAGS = ("attention_prefetch", "fused_o", "cooperative")  # PersistentPlan's on/off fields
 assert len(STEP_NAMES) == STEPS_PER_LAYER
 
 

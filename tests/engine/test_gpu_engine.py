@@ -230,17 +230,19 @@ def test_persistent_decode_float32_matches_hf(checkpoint_dirs, arch, max_context
         assert_matches_hf(tokens(llm), reference)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_persistent_decode_fused_o_float32_matches_hf(checkpoint_dirs, arch, monkeypatch):
-    """The persistent kernel with o inside the attention step (persistent_decode.FUSED_O: each
-    attention item waits for its head group's merge, then takes its slice of o): HF's greedy
-    tokens, prompts one at a time, CUDA graphs."""
+@pytest.mark.parametrize("arch,knob", [("qwen3", "FUSED_O"), ("llama", "FUSED_O"), ("qwen3", "COOPERATIVE")])
+def test_persistent_decode_variants_float32_match_hf(checkpoint_dirs, arch, knob, monkeypatch):
+    """The persistent kernel's off-by-default variants, each turned on through its module knob
+    (read by choose_plan when the model builds its plan): FUSED_O (o inside the attention step:
+    each attention item waits for its head group's merge, then takes its slice of o) and
+    COOPERATIVE (a cooperative launch, captured into the batch-1 graph). HF's greedy tokens,
+    prompts one at a time, CUDA graphs."""
     import engine.kernels.persistent_decode as pd
 
-    monkeypatch.setattr(pd, "FUSED_O", 1)  # read by choose_plan when the model builds its plan
+    monkeypatch.setattr(pd, knob, 1)
     path = checkpoint_dirs[arch]
     llm = LLM(path, dtype="float32", persistent_decode=True, **SMALL)
-    assert llm.engine.executor.runner.model.model._persistent.plan.fused_o == 1
+    assert getattr(llm.engine.executor.runner.model.model._persistent.plan, knob.lower()) == 1
     assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], hf_greedy(path, PROMPTS, PARAMS.max_tokens))
 
 
