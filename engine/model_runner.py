@@ -15,6 +15,7 @@ from engine.cuda_graphs import StepGraphs
 from engine.distributed import SINGLE, TensorParallel
 from engine.graph_shapes import GraphLadder, GraphShape, takes_persistent
 from engine.input_buffers import InputBuffers
+from engine.kernels.persistent_decode import supports_head_dim
 from engine.loader import load_weights
 from engine.models.llama import SmallBatchFusion
 from engine.models.registry import get_model_class
@@ -85,12 +86,11 @@ class ModelRunner:
         self.model = self._build_model()
         self.backend = get_backend(config.attention_backend, self.device.type)
         # > 0: decode steps of one sequence holding at most this many tokens run the persistent kernel
-        # (graph_shapes.takes_persistent), where the model can take it: TP=1, a model-dtype cache, the
-        # Triton backend's fused decode, a power-of-two head_dim
-        head_dim = self.mc.head_dim
+        # (graph_shapes.takes_persistent), where the model can take it: TP=1, a model-dtype cache, a
+        # backend with the fused decode (Triton's kernels), a head_dim the kernel supports
         self.persistent_max_context = (config.resolved_persistent_context if config.persistent_decode
                                        and tp.size == 1 and self.kv_dtype == self.dtype and self.backend.fused_decode
-                                       and head_dim & (head_dim - 1) == 0 else 0)
+                                       and supports_head_dim(self.mc.head_dim) else 0)
         self.sampler = Sampler(config.seed, self.device)
         # on GPUs each rank samples its own slice of the vocabulary (no logits all-gather)
         head = self.model.lm_head

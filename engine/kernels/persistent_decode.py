@@ -164,7 +164,7 @@ class LayerTables:
 @dataclass
 class PersistentScratch:
     residual: torch.Tensor  # [2, H] dtype: read one, write the other
-    parts: torch.Tensor  # [max(o_split, down_split), 1, H] fp32
+    parts: torch.Tensor  # [max(o_partials, down_split), 1, H] fp32
     qkv: torch.Tensor  # [qkv_size] dtype
     acc: torch.Tensor  # [Hq, splits, D] fp32
     lse: torch.Tensor  # [Hq, splits] fp32
@@ -597,6 +597,11 @@ def _persistent_decode_kernel(
                     _arrive(count_ptr + step)
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """The kernel's q/k/v rows are tl.arange(0, head_dim): a power of two."""
+    return head_dim > 0 and head_dim & (head_dim - 1) == 0
+
+
 def _tile(rows: int) -> int:
     """The tile width for items of `rows` features: a power of two, at least a dot's 16."""
     return max(16, triton.next_power_of_2(rows))
@@ -631,7 +636,7 @@ def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape:
         raise ValueError(f"persistent decode needs model-dtype K and V caches [blocks, block_size, "
                          f"{shape.num_kv_heads}, {shape.head_dim}] with equal strides, got {tuple(k_cache.shape)} "
                          f"{k_cache.dtype}")
-    if shape.head_dim & (shape.head_dim - 1):
+    if not supports_head_dim(shape.head_dim):
         raise ValueError(f"persistent decode needs a power-of-two head_dim, got {shape.head_dim}")
     if plan.fused_o and h.is_cuda and shape.num_kv_heads * plan.splits > plan.programs:
         # an item waits for its head group's merge: with two items a program it could wait on itself

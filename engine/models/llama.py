@@ -209,9 +209,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        # meta.persistent: the runner's choice (persistent_decode at TP=1 on a model-dtype cache,
-        # one short sequence: graph_shapes.takes_persistent)
-        if meta.persistent and h.is_cuda and h.shape[0] == 1 and meta.is_decode_only and backend.fused_decode:
+        # meta.persistent: the runner's choice, a decode step of one short sequence where the kernel
+        # can run (ModelRunner.persistent_max_context, graph_shapes.takes_persistent); GPU only
+        if meta.persistent and h.is_cuda:
             h, residual = self.forward_persistent(h, positions, kv_caches, meta)
         else:
             for layer, kv in zip(self.layers, kv_caches):
