@@ -22,7 +22,8 @@ A layer is five steps, each spread over the programs as items:
      tile, fp32 partials per (q head, split); the last item of a KV head merges its heads. A
      program's first key tile is loaded before the step's barrier (cached keys need nothing of
      the step before)
-  2. o: (feature block, head range) items, fp32 partials (K split by heads)
+  2. o: (feature block, head range) items, fp32 partials (K split by heads); or, with fused_o
+     (small models), inside step 1: each attention item its head group's slice of o (_o_slices)
   3. r += sum(o partials); act = SiLU(RMSNorm(r) Wg^T) * (RMSNorm(r) Wu^T), in the dtype
   4. down: (feature block, K range) items, fp32 partials for the next layer's step 0
 Projections run on tensor cores with the one row padded to 16: the dot is what makes Triton
@@ -99,18 +100,30 @@ ROUND_COST = 8192
 ATTENTION_SPLITS = 16
 ATTENTION_BLOCK_N = 64
 NUM_WARPS = 4
-# Triton pipeline stages of each projection's weight loads (qkv, o, gate_up, down): stages - 1
-# tiles in flight a program. On llama-3-8b 4 stages everywhere took qkv 17.0 -> 16.5 us a layer
-# and down 30.0 -> 29.25 but gate_up 59.25 -> 61.4 (PERF row 55): untimed one projection at a time
-STAGES = (3, 3, 3, 3)
+# Triton pipeline stages of a projection's weight loads (stages - 1 tiles in flight a program):
+# STAGES, or LONG_STAGES for qkv, o and down where an item's K loop has at least LONG_LOOP steps
+# (a short loop drains before a deeper pipeline fills). gate_up keeps STAGES: its two tiles a
+# step at 4 stages took 59.25 -> 61.4 us a layer on llama-3-8b (row 55). On an H200 (row 57)
+# llama-3-8b's qkv, o and down (16, 8 and 28 steps) at 4 stages: 4,083 us vs 4,123 at 3;
+# qwen3-0.6b's (2-4 steps) at 4 lost (qkv alone 838 vs 761 us)
+STAGES = 3
+LONG_STAGES = 4
+LONG_LOOP = 8
 # An attention item's loop over its key tiles: 1, one tile at a time, is fastest at 640 cached
 # tokens (785 us vs 810 at 3); 3 at 4,096 (1,045 vs 1,070, row 53)
 ATTENTION_STAGES = 1
+# 1: the first key tile before the attention step's barrier (llama-3-8b 4,074 vs 4,101 us
+# without, row 55); 2 (its second tile before q's chain too) lost on qwen3-0.6b at 640 and 2,048
+# cached tokens (821 vs 785, 882 vs 875 us, row 57)
 ATTENTION_PREFETCH = 1
-# 1: o runs inside the attention step, each attention item on its head group once that group is
-# merged (no grid barrier between them; o's partials one a KV head). Untimed: off
-FUSED_O = 0
-# 1: launched cooperatively (PersistentPlan.cooperative). Untried on a GPU (in CUDA graphs too): off
+# o runs inside the attention step (fused_o: each attention item on its head group once that group
+# is merged, no grid barrier between) where an item's slice of o has at most this many weight
+# elements (0: never). Row 57: qwen3-0.6b (16K-element slices) 761 vs 785 us; llama-3-8b (128K,
+# four 64-row pipelines after the wait) 4,261 vs 4,117
+FUSED_O_MAX_SLICE = 32768
+# 1: launched cooperatively (PersistentPlan.cooperative): no cost on an H200 (781 vs 785 us, row
+# 57), but off: a grid the driver cannot make resident fails either way, at launch with it, and
+# the default launch keeps working where the cooperative attribute is unsupported
 COOPERATIVE = 0
 
 
@@ -199,7 +212,9 @@ def _rows_and_split(n: int, k: int, splits: tuple[int, ...], programs: int) -> t
 def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     """Each projection's items sized for `programs` (see _rows_and_split): o's K split by whole
     heads, down's in equal ranges of whole loop steps, up to 4 ways so each norm reads few
-    partials."""
+    partials; pipeline depths by loop length (LONG_STAGES); o inside the attention step where
+    its slices are small (FUSED_O_MAX_SLICE) and every attention item has a program of its own
+    (an item waits for its head group's merge: two a program could wait on itself)."""
     h, inter = shape.hidden, shape.intermediate
     block_k = min(256, triton.next_power_of_2(h))
     o_splits = tuple(s for s in (1, 2, 4) if shape.num_heads % s == 0)
@@ -209,9 +224,17 @@ def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
     gate_rows, _ = _rows_and_split(inter, 2 * h, (1,), programs)  # gate and up rows
     down_rows, down_split = _rows_and_split(h, inter, down_splits, programs)
     splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
+
+    def stages(k_range: int) -> int:  # a single-tile projection whose items walk k_range of K
+        return LONG_STAGES if triton.cdiv(k_range, block_k) >= LONG_LOOP else STAGES
+
+    o_slice = triton.cdiv(h, splits) * shape.num_heads // shape.num_kv_heads * shape.head_dim
+    fused_o = int(0 < o_slice <= FUSED_O_MAX_SLICE and shape.num_kv_heads * splits <= programs)
     return PersistentPlan(programs, block_k, qkv_rows, splits, ATTENTION_BLOCK_N, o_rows, o_split, gate_rows,
-                          down_rows, down_split, NUM_WARPS, *STAGES, ATTENTION_STAGES, ATTENTION_PREFETCH, FUSED_O,
-                          COOPERATIVE)
+                          down_rows, down_split, NUM_WARPS, qkv_stages=stages(h),
+                          o_stages=stages(shape.num_heads * shape.head_dim // o_split), gate_stages=STAGES,
+                          down_stages=stages(triton.cdiv(inter, down_split)), attention_stages=ATTENTION_STAGES,
+                          attention_prefetch=ATTENTION_PREFETCH, fused_o=fused_o, cooperative=COOPERATIVE)
 
 
 def o_partials(shape: DecodeShape, plan: PersistentPlan) -> int:

@@ -220,7 +220,8 @@ def test_persistent_decode_float32_matches_hf(checkpoint_dirs, arch, max_context
     """EngineConfig.persistent_decode: batch-1 decode steps run every layer in one kernel with
     grid barriers; prompts one at a time (and a batch of 8, which takes the other paths), CUDA
     graphs and eager: HF's greedy tokens with the near-tie rule. Past persistent_decode_max_context
-    a sequence's steps take the fused path (its own batch-1 graph)."""
+    a sequence's steps take the fused path (its own batch-1 graph). The test models' o slices are
+    small, so their plans run o inside the attention step (fused_o)."""
     path = checkpoint_dirs[arch]
     reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
     for eager in (False, True):
@@ -228,21 +229,24 @@ def test_persistent_decode_float32_matches_hf(checkpoint_dirs, arch, max_context
                   enforce_eager=eager, **SMALL)
         assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], reference)
         assert_matches_hf(tokens(llm), reference)
+        assert llm.engine.executor.runner.model.model._persistent.plan.fused_o == 1
 
 
-@pytest.mark.parametrize("arch,knob", [("qwen3", "FUSED_O"), ("llama", "FUSED_O"), ("qwen3", "COOPERATIVE")])
-def test_persistent_decode_variants_float32_match_hf(checkpoint_dirs, arch, knob, monkeypatch):
-    """The persistent kernel's off-by-default variants, each turned on through its module knob
-    (read by choose_plan when the model builds its plan): FUSED_O (o inside the attention step:
-    each attention item waits for its head group's merge, then takes its slice of o) and
-    COOPERATIVE (a cooperative launch, captured into the batch-1 graph). HF's greedy tokens,
-    prompts one at a time, CUDA graphs."""
+@pytest.mark.parametrize("arch,knob,value,field", [("qwen3", "FUSED_O_MAX_SLICE", 0, "fused_o"),
+                                                   ("llama", "FUSED_O_MAX_SLICE", 0, "fused_o"),
+                                                   ("qwen3", "COOPERATIVE", 1, "cooperative")])
+def test_persistent_decode_variants_float32_match_hf(checkpoint_dirs, arch, knob, value, field, monkeypatch):
+    """The persistent kernel's other variants, each through its module knob (read by choose_plan
+    when the model builds its plan): o in a step of its own (FUSED_O_MAX_SLICE 0; the small test
+    models' plans otherwise run o inside the attention step) and a cooperative launch
+    (COOPERATIVE, captured into the batch-1 graph). HF's greedy tokens, prompts one at a time,
+    CUDA graphs."""
     import engine.kernels.persistent_decode as pd
 
-    monkeypatch.setattr(pd, knob, 1)
+    monkeypatch.setattr(pd, knob, value)
     path = checkpoint_dirs[arch]
     llm = LLM(path, dtype="float32", persistent_decode=True, **SMALL)
-    assert getattr(llm.engine.executor.runner.model.model._persistent.plan, knob.lower()) == 1
+    assert getattr(llm.engine.executor.runner.model.model._persistent.plan, field) == value
     assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], hf_greedy(path, PROMPTS, PARAMS.max_tokens))
 
 

@@ -123,13 +123,20 @@ def test_choose_plan_spreads_each_step_over_the_programs(shape):
 def test_choose_plan_sizes_items_to_fill_the_programs():
     """llama-3-8b's qkv (6,144 features) on 132 programs: one round of 47-feature items (131
     busy programs), not 96 items of 64; gate_up: two rounds of 55; o and down split K in two
-    so one round of 63-feature items fills the programs; qwen3-0.6b keeps blocks of 32."""
+    so one round of 63-feature items fills the programs; qwen3-0.6b keeps blocks of 32. llama's
+    qkv, o and down loops (16, 8 and 28 K steps) pipeline 4 deep, qwen's (2-4 steps) and every
+    gate_up 3; o runs in the attention step for qwen (16K-element slices), not llama (128K)."""
     llama = choose_plan(LLAMA3_8B, 132)
     assert (llama.qkv_block, llama.gate_block) == (47, 55)
     assert (llama.o_block, llama.o_split, llama.down_block, llama.down_split) == (63, 2, 63, 2)
     qwen = choose_plan(QWEN3_06B, 132)
     assert (qwen.qkv_block, qwen.o_block, qwen.gate_block, qwen.down_block) == (32, 32, 32, 32)
     assert (qwen.o_split, qwen.down_split) == (4, 4)
+    stages = lambda p: (p.qkv_stages, p.o_stages, p.gate_stages, p.down_stages)  # noqa: E731
+    assert stages(llama) == (4, 4, 3, 4) and stages(qwen) == (3, 3, 3, 3)
+    assert (llama.fused_o, qwen.fused_o) == (0, 1)
+    # fused_o needs an attention item a program: 8 KV heads x 16 splits do not fit 100
+    assert choose_plan(QWEN3_06B, 100).fused_o == 0
 
 
 def test_persistent_decode_refuses_what_it_cannot_run(checkpoint_dirs):
