@@ -21,10 +21,10 @@ BF16_NEAR_TIE = 0.1
 
 
 def build_checkpoint(arch: str, path: str, num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0,
-                     vocab_size: int = 300, head_dim: int = 16) -> str:
+                     vocab_size: int = 300, head_dim: int = 16, num_layers: int = 2) -> str:
     config_cls, model_cls = (getattr(transformers, n) for n in _CLASSES[arch])
     config = config_cls(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
         max_position_embeddings=512, tie_word_embeddings=(arch != "llama"), eos_token_id=256,
         bos_token_id=256, initializer_range=0.1,

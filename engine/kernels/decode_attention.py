@@ -68,6 +68,13 @@ TARGET_PROGRAMS_PER_SM = 4
 # batch with fewer programs than the GPU holds needs (its longest sequences finish last); in the
 # engine the decode step got 8% faster at TP=1 and TP=2 on llama-3-8b (reports/PERF.md).
 DECODE_TILE = (128, 4, 2)
+# ... except for steps of MID_BATCH_PAIRS[0] to [1] (sequence, KV head) pairs (16-64 sequences of
+# 8 KV heads), which take DECODE_TILE_MID: on an H200 (PERF row 58) 64-key tiles read 3.4-3.5 TB/s
+# at 64 x 656 cached tokens against 2.8 (49-51 vs 61 us a layer), and llama-3-8b's TPOT at 64 x
+# 4,096 / 64 x 640 / 16 x 4,096 / 16 x 640 was 0.889 / 0.954 / 0.961 / 0.996 of the 128-key
+# tile's. Untimed elsewhere: batch 1's 16 splits and the bench's 100-256 sequences keep 128.
+DECODE_TILE_MID = (64, 4, 2)
+MID_BATCH_PAIRS = (128, 512)
 # The same for a 1-byte (fp8) cache. Its tiles hold half the bytes but are converted to fp16 in
 # registers (~200 a thread: 2 programs an SM, against bf16's 3), so with one buffer of K/V a
 # program (what Triton allocates at 2-4 stages: the K/V loads sit behind the block-table load,
@@ -443,7 +450,7 @@ def decode_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    default = default_tile(k_cache.element_size(), d_pad, num_stages)
+    default = default_tile(k_cache.element_size(), d_pad, num_stages, num_seqs * num_kv_heads)
     if max_registers is None and k_cache.element_size() == 1:
         max_registers = DECODE_MAXNREG_FP8
     block_n, num_warps, num_stages = block_n or default[0], num_warps or default[1], num_stages or default[2]
@@ -482,10 +489,17 @@ def decode_attention(
     return out
 
 
-def default_tile(element_size: int, d_pad: int, num_stages: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for a cache of this element size and padded head dim:
-    DECODE_TILE (DECODE_TILE_FP8 for 1-byte caches), BLOCK_N shrunk to TILE_SMEM_BYTES' rule."""
-    tile = DECODE_TILE_FP8 if element_size == 1 else DECODE_TILE
+def default_tile(element_size: int, d_pad: int, num_stages: int | None = None,
+                 pairs: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a cache of this element size and padded head dim, and a
+    step of `pairs` (sequence, KV head) pairs: DECODE_TILE (DECODE_TILE_MID within MID_BATCH_PAIRS
+    on a 2-byte cache, DECODE_TILE_FP8 on a 1-byte one), BLOCK_N shrunk to TILE_SMEM_BYTES' rule."""
+    if element_size == 1:
+        tile = DECODE_TILE_FP8
+    elif element_size == 2 and pairs is not None and MID_BATCH_PAIRS[0] <= pairs <= MID_BATCH_PAIRS[1]:
+        tile = DECODE_TILE_MID
+    else:
+        tile = DECODE_TILE
     stages = num_stages or tile[2]
     per_key = min(stages, 2) * 2 * d_pad * max(element_size, 2)  # K + V rows
     return max(16, min(tile[0], triton.next_power_of_2(TILE_SMEM_BYTES // per_key + 1) // 2)), tile[1], stages

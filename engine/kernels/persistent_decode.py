@@ -571,7 +571,10 @@ def _persistent_decode_kernel(
                        BLOCK_K, QKV_ROWS, QKV_BLOCK, False, HAS_BIAS, QKV_STAGES, DOT_PRECISION)
         elif kind == 1:
             qn, kn = _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr)
-            kc, vc = k_cache + layer * stride_layer, v_cache + layer * stride_layer
+            # in int64: a layer's stride fits 32 bits where (layer x stride) may not (llama-3-8b with the
+            # cache filling an H200: an illegal address at batch 1, row 58)
+            at = tl.cast(layer, tl.int64) * stride_layer
+            kc, vc = k_cache + at, v_cache + at
             if ATTENTION_PREFETCH:
                 kt0, v0 = _first_tile(pid, seq_lens_ptr, bt_ptr, kc, vc, stride_kc_b, stride_kc_s, stride_kc_h, HKV, D,
                                       SPLITS, BLOCK_N, BLOCK_SIZE)

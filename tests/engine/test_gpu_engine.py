@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from checkpoints import assert_bf16_near, assert_matches_hf, hf_greedy
+from checkpoints import assert_bf16_near, assert_matches_hf, build_checkpoint, hf_greedy
 
 from engine import LLM, SamplingParams
 
@@ -248,6 +248,22 @@ def test_persistent_decode_variants_float32_match_hf(checkpoint_dirs, arch, knob
     llm = LLM(path, dtype="float32", persistent_decode=True, **SMALL)
     assert getattr(llm.engine.executor.runner.model.model._persistent.plan, field) == value
     assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], hf_greedy(path, PROMPTS, PARAMS.max_tokens))
+
+
+def test_persistent_decode_reaches_layers_past_32_bit_offsets(tmp_path):
+    """A KV cache whose last layer starts 2^31 or more elements past the first while a layer's
+    stride fits 32 bits (llama-3-8b with the cache filling an H200: an illegal address at batch 1
+    before the kernel's layer offsets were int64, reports/PERF.md row 58). Three layers, 2^30 + a
+    few elements a layer's K (26 GB of float32 K and V): HF's greedy tokens, prompts one at a time."""
+    path = build_checkpoint("qwen3", str(tmp_path / "deep"), num_layers=3)
+    per_block = 256 * 2 * 16  # block size x KV heads x head_dim
+    llm = LLM(path, dtype="float32", device="cuda", block_size=256, num_kv_blocks=2**30 // per_block + 8,
+              max_num_seqs=4, max_model_len=256)
+    k = [kc for kc, _ in llm.engine.executor.runner.kv_caches]
+    stride = (k[1].data_ptr() - k[0].data_ptr()) // k[0].element_size()
+    assert stride < 2**31 <= 2 * stride
+    assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], hf_greedy(path, PROMPTS, PARAMS.max_tokens))
+    assert llm.engine.executor.runner.model.model._persistent is not None  # the kernel ran
 
 
 def test_persistent_decode_bf16_matches_the_fused_path(checkpoint_dirs):

@@ -316,14 +316,25 @@ def test_choose_num_splits():
 
 def test_default_decode_tile_by_cache_element():
     """An fp8 cache takes its own stages (two K/V buffers, PERF row 44) at the bf16 key count; fp32
-    and head dim 256 keep 64-key tiles; explicit stages size the tile as given."""
-    from engine.kernels.decode_attention import DECODE_TILE, DECODE_TILE_FP8, default_tile
+    and head dim 256 keep 64-key tiles; explicit stages size the tile as given; mid-size batches
+    of a 2-byte cache take DECODE_TILE_MID."""
+    from engine.kernels.decode_attention import (
+        DECODE_TILE,
+        DECODE_TILE_FP8,
+        DECODE_TILE_MID,
+        default_tile,
+    )
 
     assert default_tile(2, 128) == DECODE_TILE == (128, 4, 2)
     assert default_tile(1, 128) == DECODE_TILE_FP8 == (128, 4, 5)
     assert default_tile(4, 128) == (64, 4, 2)
     assert default_tile(2, 256) == (64, 4, 2) and default_tile(1, 256) == (64, 4, 5)
     assert default_tile(2, 64, num_stages=3) == (128, 4, 3)
+    # 16-64 sequences of 8 KV heads take 64-key tiles on a 2-byte cache (PERF row 58); batch 1 and
+    # past 64 sequences keep 128; fp8 keeps its own
+    assert default_tile(2, 128, pairs=8) == default_tile(2, 128, pairs=1024) == (128, 4, 2)
+    assert default_tile(2, 128, pairs=128) == default_tile(2, 128, pairs=512) == DECODE_TILE_MID == (64, 4, 2)
+    assert default_tile(1, 128, pairs=512) == (128, 4, 5)
 
 
 # ------------------------------------- decode with the rotary and the split merge in the kernel
