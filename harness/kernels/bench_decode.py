@@ -1,7 +1,7 @@
 """H100 microbenchmark: split-K decode and unified attention, bf16, Qwen3-0.6B layer shape.
 
-Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp | --fused | --ragged | --prefill | --kv-dtype fp8]
-CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp | --fused | --ragged | --prefill | --kv-dtype fp8]
+Run on the GPU machine:  llmbench kernels bench-decode [--llama-tp | --fused | --ragged | --mid | --prefill | --kv-dtype fp8]
+CPU check of the script: TRITON_INTERPRET=1 llmbench kernels bench-decode --smoke [--llama-tp | --fused | --ragged | --mid | --prefill | --kv-dtype fp8]
 (`python -m harness.kernels.bench_decode` is the same command.)
 --llama-tp: llama-3-8b's per-rank attention shapes at TP=1 and TP=2 instead (see llama_tp_rows).
 --fused: the fused small-batch decode kernel (rotary, KV store and split merge inside) against
@@ -16,6 +16,9 @@ us, GB/s of KV read at each element size and the speedup (see kv_dtype_rows).
 a thread]) instead of the plan's (the default mode, --kv-dtype, --llama-tp; --ragged: each at the
 engine's split count and order); tiles that do not fit shared memory are skipped in --kv-dtype.
 --ragged --kv-dtype fp8: the mixed-length cases over an fp8 cache.
+--mid: 16-136 sequences of uniform length (qwen's and llama's heads), every tile x 1-8 splits,
+each timed in a CUDA graph that runs 4 layers' caches in turn: no L2 reuse between calls and no
+flush, which timed the engine's 64 x 656 decode kernel as its own profile did (see mid_rows).
 Writes $OUT/bench_decode.csv when OUT is set; prints a compact table last.
 
 Decode bytes = K+V of every context token (Hkv x D x 2 B each) + q read + out written; split
@@ -45,6 +48,7 @@ from engine.kernels.decode_attention import (
     alloc_decode_scratch,
     choose_num_splits,
     decode_attention,
+    default_tile,
 )
 from engine.kernels.unified_attention import unified_attention
 from harness.roofline import measure_copy_bandwidth
@@ -443,6 +447,54 @@ def ragged_rows(plan: Plan, copy_gbs: float, rounds: int = 3, tiles: tuple[Tile,
     return rows
 
 
+# --mid: ((Hq, Hkv), sequences, cached tokens) and the tiles it times, the engine's first
+MID_SHAPES = (((32, 8), 64, 656), ((16, 8), 64, 656), ((16, 8), 32, 656), ((16, 8), 16, 656),
+              ((32, 8), 16, 656), ((16, 8), 16, 4110), ((16, 8), 136, 700))
+MID_TILES = ((128, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (32, 4, 4))
+
+
+def mid_rows(plan: Plan, copy_gbs: float, tiles: tuple[Tile, ...] | None = None) -> list[dict]:
+    """Decode at mid-size batches of uniform length, every tile at 1-8 splits. Each variant runs
+    over `caches` separate caches in turn inside one CUDA graph (us = a replay / calls): a call
+    finds none of its KV in L2, as in the engine where a layer's other kernels pass between two
+    attention calls, and no flush stands between them (do_bench's flush times small shapes
+    colder than the engine: PERF rows 38, 44b). `engine` marks the tile and split count the
+    engine picks (default_tile, choose_num_splits). On an H200 this timed llama's 64 x 656 kernel
+    at 61.1 us against 60.65 in the engine's profile (PERF row 58)."""
+    shapes = (((4, 2), 3, 40), ((8, 2), 2, 33)) if plan.smoke else MID_SHAPES
+    tiles = tiles or (plan.decode_tiles if plan.smoke else MID_TILES)
+    caches, rows = (2 if plan.smoke else 4), []
+    for heads, bsz, ctx in shapes:
+        batches = [make_batch(plan, [ctx] * bsz, [1] * bsz, 16, heads) for _ in range(caches)]
+        outs = [torch.empty_like(b.q) for b in batches]
+        scratch = [alloc_decode_scratch(bsz, heads[0], D, plan.device) for _ in batches]
+        auto = choose_num_splits(bsz, heads[1], ctx)
+        engine_tile = default_tile(batches[0].k_cache.element_size(), max(16, triton.next_power_of_2(D)),
+                                   pairs=bsz * heads[1])
+        nbytes = bsz * ctx * heads[1] * D * 2 * batches[0].q.element_size()
+        for tile in tiles:
+            for splits in (1, 2) if plan.smoke else (1, 2, 4, 8):
+                calls = [partial(decode_attention, b.q, b.k_cache, b.v_cache, o, b.meta.seq_lens,
+                                 b.meta.block_tables, D ** -0.5, splits, sc, check=False, **tile_args(tile))
+                         for b, o, sc in zip(batches, outs, scratch)]
+                outs[0].fill_(float("nan"))
+                calls[0]()
+                err = rel_err(outs[0], batches[0].ref)
+                us = _graph_us(lambda calls=calls: [c() for c in calls], plan) / caches
+                rows.append(dict(kernel="decode:mid", Hq=heads[0], Hkv=heads[1], B=bsz, ctx=ctx,
+                                 tile=",".join(map(str, tile)), splits=splits,
+                                 engine=tuple(tile[:3]) == engine_tile and splits == auto, us=us,
+                                 GBps=nbytes / us / 1e3, frac_copy=nbytes / us / 1e3 / copy_gbs, rel_err=err))
+        shape_rows = rows[-len(tiles) * (2 if plan.smoke else 4):]
+        engine = [r for r in shape_rows if r["engine"]]
+        best = sorted(shape_rows, key=lambda r: r["us"])[:3]
+        print(f"mid Hq{heads[0]} B{bsz} ctx{ctx}: engine " + (
+            f"({engine[0]['tile']}) s{auto} {engine[0]['us']:.1f} us" if engine else "(not timed)") + " | fastest "
+            + ", ".join(f"({r['tile']}) s{r['splits']} {r['us']:.1f} us {100 * r['frac_copy']:.0f}%" for r in best),
+            flush=True)
+    return rows
+
+
 def _ragged_run(b: Batch, out: torch.Tensor, variant: tuple[int, bool, Tile | None], scratch, order: torch.Tensor):
     splits, ordered, tile = variant
     return partial(decode_attention, b.q, b.k_cache, b.v_cache, out, b.meta.seq_lens, b.meta.block_tables,
@@ -474,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the fused small-batch decode kernel (rotary, KV store, split merge) vs the kernels it replaces")
     ap.add_argument("--ragged", action="store_true",
                     help="bench-like mixed lengths at 1-16 splits: programs in batch order vs longest first")
+    ap.add_argument("--mid", action="store_true",
+                    help="16-136 sequences of uniform length, every tile x 1-8 splits, timed in CUDA graphs "
+                         "over 4 caches in turn (closest to the engine at these sizes)")
     ap.add_argument("--prefill", action="store_true",
                     help="only the unified (prefill) attention cases, at every large tile")
     ap.add_argument("--heads", default=f"{HQ},{HKV}", metavar="HQ,HKV",
@@ -527,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ragged:
         write_csv(ragged_rows(plan, copy_gbs, 2 if plan.smoke else 3, args.tiles,
                               KV_CACHE_DTYPES[args.kv_dtype] if args.kv_dtype else None), "bench_decode_ragged.csv")
+        return 0
+    if args.mid:
+        write_csv(mid_rows(plan, copy_gbs, args.tiles), "bench_decode_mid.csv")
         return 0
     if args.kv_dtype:
         rows = kv_dtype_rows(plan, KV_CACHE_DTYPES[args.kv_dtype], copy_gbs)

@@ -99,3 +99,22 @@ def test_tiles_are_refused_where_no_decode_tile_is_timed(capsys):
     with pytest.raises(SystemExit):
         main(["--smoke", "--prefill", "--tiles", "32,4,2"])
     assert "not for --fused or --prefill" in capsys.readouterr().err
+
+
+def test_mid_smoke_times_every_tile_and_split_and_marks_the_engines(tmp_path, monkeypatch):
+    """--mid: every shape at every tile x split count, each within the float reference, a
+    positive time, and exactly one row a shape marked as what the engine runs (its tile and
+    split count)."""
+    from harness.kernels.bench_decode import SMOKE
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main(["--smoke", "--mid"]) == 0
+    with open(tmp_path / "bench_decode_mid.csv") as f:
+        rows = list(csv.DictReader(f))
+    shapes = {(r["Hq"], r["B"], r["ctx"]) for r in rows}
+    assert shapes == {("4", "3", "40"), ("8", "2", "33")}
+    assert len(rows) == len(shapes) * len(SMOKE.decode_tiles) * 2
+    assert all(float(r["rel_err"]) < 1e-5 and float(r["us"]) > 0 for r in rows)
+    for shape in shapes:
+        engine = [r for r in rows if (r["Hq"], r["B"], r["ctx"]) == shape and r["engine"] == "True"]
+        assert len(engine) == 1, (shape, engine)
