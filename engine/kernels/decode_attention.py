@@ -72,7 +72,8 @@ DECODE_TILE = (128, 4, 2)
 # 8 KV heads), which take DECODE_TILE_MID: on an H200 (PERF row 58) 64-key tiles read 3.4-3.5 TB/s
 # at 64 x 656 cached tokens against 2.8 (49-51 vs 61 us a layer), and llama-3-8b's TPOT at 64 x
 # 4,096 / 64 x 640 / 16 x 4,096 / 16 x 640 was 0.889 / 0.954 / 0.961 / 0.996 of the 128-key
-# tile's. Untimed elsewhere: batch 1's 16 splits and the bench's 100-256 sequences keep 128.
+# tile's. Batch 1 (16 splits) keeps 128 keys, untimed; so do steps past 64 sequences: the bench's
+# decode steps (136 sequences on average) took the same time with 64-key tiles (row 58).
 DECODE_TILE_MID = (64, 4, 2)
 MID_BATCH_PAIRS = (128, 512)
 # The same for a 1-byte (fp8) cache. Its tiles hold half the bytes but are converted to fp16 in

@@ -464,6 +464,7 @@ def mid_rows(plan: Plan, copy_gbs: float, tiles: tuple[Tile, ...] | None = None)
     shapes = (((4, 2), 3, 40), ((8, 2), 2, 33)) if plan.smoke else MID_SHAPES
     tiles = tiles or (plan.decode_tiles if plan.smoke else MID_TILES)
     caches, rows = (2 if plan.smoke else 4), []
+    split_counts = (1, 2) if plan.smoke else (1, 2, 4, 8)
     for heads, bsz, ctx in shapes:
         batches = [make_batch(plan, [ctx] * bsz, [1] * bsz, 16, heads) for _ in range(caches)]
         outs = [torch.empty_like(b.q) for b in batches]
@@ -473,7 +474,7 @@ def mid_rows(plan: Plan, copy_gbs: float, tiles: tuple[Tile, ...] | None = None)
                                    pairs=bsz * heads[1])
         nbytes = bsz * ctx * heads[1] * D * 2 * batches[0].q.element_size()
         for tile in tiles:
-            for splits in (1, 2) if plan.smoke else (1, 2, 4, 8):
+            for splits in split_counts:
                 calls = [partial(decode_attention, b.q, b.k_cache, b.v_cache, o, b.meta.seq_lens,
                                  b.meta.block_tables, D ** -0.5, splits, sc, check=False, **tile_args(tile))
                          for b, o, sc in zip(batches, outs, scratch)]
@@ -485,7 +486,7 @@ def mid_rows(plan: Plan, copy_gbs: float, tiles: tuple[Tile, ...] | None = None)
                                  tile=",".join(map(str, tile)), splits=splits,
                                  engine=tuple(tile[:3]) == engine_tile and splits == auto, us=us,
                                  GBps=nbytes / us / 1e3, frac_copy=nbytes / us / 1e3 / copy_gbs, rel_err=err))
-        shape_rows = rows[-len(tiles) * (2 if plan.smoke else 4):]
+        shape_rows = rows[-len(tiles) * len(split_counts):]
         engine = [r for r in shape_rows if r["engine"]]
         best = sorted(shape_rows, key=lambda r: r["us"])[:3]
         print(f"mid Hq{heads[0]} B{bsz} ctx{ctx}: engine " + (
