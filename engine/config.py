@@ -123,6 +123,9 @@ class EngineConfig:
     # decoder layer (on an H200 the kernel still cut llama-3-8b's TPOT by 2.8 percent at 3,072 tokens,
     # while qwen3-0.6b, whose layers are 14 times smaller, lost up to 5 percent past 1,024: PERF row 55)
     persistent_decode_max_context: int | None = None
+    # decode steps of up to this many sequences (1-16) take the persistent kernel (then padded to
+    # the decode graph sizes 1, 2, 4, 8, 16). Above 1: correct on the CPU, untimed on a GPU
+    persistent_decode_max_seqs: int = 1
     async_scheduling: bool | None = None  # plan step N+1 while step N runs; None: on for CUDA (any TP size)
     # warm_up() ends with gc.collect() and gc.freeze(): the start-up heap (modules, compiled kernels,
     # graphs) leaves the collector's scans, so a full collection no longer stalls a decode step for
@@ -160,6 +163,9 @@ class EngineConfig:
         _check_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
         self.resolved_persistent_context = _resolve_persistent_context(self.persistent_decode_max_context,
                                                                        self.model_config)
+        seqs = self.persistent_decode_max_seqs
+        if not isinstance(seqs, int) or isinstance(seqs, bool) or not 1 <= seqs <= PERSISTENT_MAX_SEQS:
+            raise ValueError(f"persistent_decode_max_seqs must be an int in [1, {PERSISTENT_MAX_SEQS}], got {seqs!r}")
         if self.max_graph_prefill_tokens < 0:
             raise ValueError(f"max_graph_prefill_tokens must be >= 0 (0: no prefill graphs), "
                              f"got {self.max_graph_prefill_tokens}")
@@ -291,6 +297,11 @@ def _resolve_fused_tokens(name: str, tokens: int | None, mc: ModelConfig, auto: 
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ValueError(f"{name} must be an int >= 0 (0: off) or None (auto), got {tokens!r}")
     return tokens
+
+
+# persistent_decode_max_seqs' limit: the rows of the persistent kernel's 16-row tiles (its
+# MAX_SEQS; config does not import the kernels, which import triton)
+PERSISTENT_MAX_SEQS = 16
 
 
 def _resolve_persistent_context(tokens: int | None, mc: ModelConfig) -> int:

@@ -66,14 +66,15 @@ class StepGraphs:
         seqs = out.seqs
         decode = (not out.num_prefill_tokens and out.num_tokens == len(seqs)
                   and all(s.sample for s in seqs))
-        shape = self.ladder.shape_for(out.num_tokens, len(seqs), decode, step_context(out))
+        shape = self.ladder.shape_for(out.num_tokens, len(seqs), decode,
+                                      step_context(out, self.ladder.persistent_max_seqs))
         graph = self.graphs.get(shape) if shape is not None else None
         self.misses += graph is None
         return graph
 
     def for_batch(self, b: int, context: int) -> CapturedGraph | None:
         """The graph a decode batch of b sequences replays (b padded up the ladder; context: the
-        one sequence's tokens after the step, where b is 1); None above it."""
+        longest sequence's tokens after the step); None above it."""
         shape = self.ladder.shape_for(b, b, True, context)
         return self.graphs.get(shape) if shape is not None else None
 

@@ -178,7 +178,7 @@ class ModelRunner:
             self.backend.reserve(cfg.max_num_seqs, self.mc.num_attention_heads // self.tp.size, self.mc.head_dim,
                                  self.device)
             ladder = GraphLadder.build(cfg.max_num_seqs, cfg.max_graph_prefill_tokens, cfg.max_num_batched_tokens,
-                                       self.persistent_max_context)
+                                       self.persistent_max_context, cfg.persistent_decode_max_seqs)
             self.graphs = StepGraphs(self._graph_forward, self.buffers, ladder, cfg.max_model_len)
             self.graphs.capture()
 
@@ -253,7 +253,7 @@ class ModelRunner:
             seq_lens_cpu=buf.seq_lens.np[:rows].tolist(),
             decode_order=buf.decode_order.copy(rows) if decode_only else None,
             persistent=pad.persistent if pad is not None else takes_persistent(
-                self.persistent_max_context, b, decode_only, int(seq_lens.max())),
+                self.persistent_max_context, b, decode_only, int(seq_lens.max()), self.config.persistent_decode_max_seqs),
         )
         return ModelInputs(
             input_ids=buf.input_ids.copy(n),

@@ -64,6 +64,7 @@ from engine.kernels.decode_attention import (
 from engine.kernels.rope import norm_rope
 
 STEPS_PER_LAYER = 5
+MAX_SEQS = 16  # sequences a step: the rows of a dot's 16-row tile
 LOG2E = 1.4426950408889634
 
 
@@ -155,6 +156,7 @@ class PersistentPlan:
     # 1: a cooperative launch (GPU), which fails with an error where the driver cannot make every
     # program resident at once, rather than leaving the grid barrier to wait forever
     cooperative: int = 0
+    seqs: int = 1  # sequences in the step (1-16: the rows of the padded 16-row tiles)
 
 
 @dataclass(frozen=True)
@@ -176,15 +178,16 @@ class LayerTables:
 
 @dataclass
 class PersistentScratch:
-    residual: torch.Tensor  # [2, H] dtype: read one, write the other
-    parts: torch.Tensor  # [max(o_partials, down_split), 1, H] fp32
-    qkv: torch.Tensor  # [qkv_size] dtype
-    acc: torch.Tensor  # [Hq, splits, D] fp32
-    lse: torch.Tensor  # [Hq, splits] fp32
-    attn: torch.Tensor  # [Hq D] dtype: the merged attention output
-    act: torch.Tensor  # [I] dtype
-    # int32 zeros before each launch: a barrier's a step, then a KV head's merge counter a layer
-    counters: torch.Tensor  # [num_layers * (STEPS_PER_LAYER + Hkv)]
+    residual: torch.Tensor  # [2, S, H] dtype (S: the plan's seqs): read one, write the other
+    parts: torch.Tensor  # [max(o_partials, down_split), S, H] fp32
+    qkv: torch.Tensor  # [S, qkv_size] dtype
+    acc: torch.Tensor  # [S, Hq, splits, D] fp32
+    lse: torch.Tensor  # [S, Hq, splits] fp32
+    attn: torch.Tensor  # [S, Hq D] dtype: the merged attention output
+    act: torch.Tensor  # [S, I] dtype
+    # int32 zeros before each launch: a barrier's a step, then a (sequence, KV head)'s merge
+    # counter a layer
+    counters: torch.Tensor  # [num_layers * (STEPS_PER_LAYER + S Hkv)]
 
 
 def _rows_and_split(n: int, k: int, splits: tuple[int, ...], programs: int) -> tuple[int, int]:
@@ -209,32 +212,41 @@ def _rows_and_split(n: int, k: int, splits: tuple[int, ...], programs: int) -> t
     return best[2], best[1]
 
 
-def choose_plan(shape: DecodeShape, programs: int) -> PersistentPlan:
+def choose_plan(shape: DecodeShape, programs: int, seqs: int = 1) -> PersistentPlan:
     """Each projection's items sized for `programs` (see _rows_and_split): o's K split by whole
     heads, down's in equal ranges of whole loop steps, up to 4 ways so each norm reads few
     partials; pipeline depths by loop length (LONG_STAGES); o inside the attention step where
     its slices are small (FUSED_O_MAX_SLICE) and every attention item has a program of its own
-    (an item waits for its head group's merge: two a program could wait on itself)."""
+    (an item waits for its head group's merge: two a program could wait on itself).
+
+    `seqs` > 1 (a step of several sequences: each norm's input is a [16, K step] tile a partial,
+    staged through shared memory a pipeline stage): 128-wide K steps and at most 2 partials
+    each for o and down, the attention split so that (sequence, KV head, split) items about fill
+    the programs, o in its own step. Untimed."""
+    if not 1 <= seqs <= MAX_SEQS:
+        raise ValueError(f"persistent decode takes 1-{MAX_SEQS} sequences a step, got {seqs}")
     h, inter = shape.hidden, shape.intermediate
-    block_k = min(256, triton.next_power_of_2(h))
-    o_splits = tuple(s for s in (1, 2, 4) if shape.num_heads % s == 0)
-    down_splits = tuple(s for s in (1, 2, 4) if s == 1 or inter >= s * block_k)
+    block_k = min(256 if seqs == 1 else 128, triton.next_power_of_2(h))
+    ways = (1, 2, 4) if seqs == 1 else (1, 2)
+    o_splits = tuple(s for s in ways if shape.num_heads % s == 0)
+    down_splits = tuple(s for s in ways if s == 1 or inter >= s * block_k)
     qkv_rows, _ = _rows_and_split(shape.qkv_size, h, (1,), programs)
     o_rows, o_split = _rows_and_split(h, shape.num_heads * shape.head_dim, o_splits, programs)
     gate_rows, _ = _rows_and_split(inter, 2 * h, (1,), programs)  # gate and up rows
     down_rows, down_split = _rows_and_split(h, inter, down_splits, programs)
-    splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // shape.num_kv_heads))))
+    splits = max(1, min(ATTENTION_SPLITS, triton.next_power_of_2(max(1, programs // (shape.num_kv_heads * seqs)))))
 
     def stages(k_range: int) -> int:  # a single-tile projection whose items walk k_range of K
         return LONG_STAGES if triton.cdiv(k_range, block_k) >= LONG_LOOP else STAGES
 
     o_slice = triton.cdiv(h, splits) * shape.num_heads // shape.num_kv_heads * shape.head_dim
-    fused_o = int(0 < o_slice <= FUSED_O_MAX_SLICE and shape.num_kv_heads * splits <= programs)
+    fused_o = int(seqs == 1 and 0 < o_slice <= FUSED_O_MAX_SLICE and shape.num_kv_heads * splits <= programs)
     return PersistentPlan(programs, block_k, qkv_rows, splits, ATTENTION_BLOCK_N, o_rows, o_split, gate_rows,
                           down_rows, down_split, NUM_WARPS, qkv_stages=stages(h),
                           o_stages=stages(shape.num_heads * shape.head_dim // o_split), gate_stages=STAGES,
                           down_stages=stages(triton.cdiv(inter, down_split)), attention_stages=ATTENTION_STAGES,
-                          attention_prefetch=ATTENTION_PREFETCH, fused_o=fused_o, cooperative=COOPERATIVE)
+                          attention_prefetch=ATTENTION_PREFETCH, fused_o=fused_o, cooperative=COOPERATIVE,
+                          seqs=seqs)
 
 
 def o_partials(shape: DecodeShape, plan: PersistentPlan) -> int:
@@ -245,16 +257,16 @@ def o_partials(shape: DecodeShape, plan: PersistentPlan) -> int:
 
 def alloc_scratch(shape: DecodeShape, plan: PersistentPlan, dtype: torch.dtype,
                   device: torch.device | str) -> PersistentScratch:
-    f32 = dict(dtype=torch.float32, device=device)
+    f32, s = dict(dtype=torch.float32, device=device), plan.seqs
     return PersistentScratch(
-        residual=torch.empty(2, shape.hidden, dtype=dtype, device=device),
-        parts=torch.empty(max(o_partials(shape, plan), plan.down_split), 1, shape.hidden, **f32),
-        qkv=torch.empty(shape.qkv_size, dtype=dtype, device=device),
-        acc=torch.empty(shape.num_heads, plan.splits, shape.head_dim, **f32),
-        lse=torch.empty(shape.num_heads, plan.splits, **f32),
-        attn=torch.empty(shape.num_heads * shape.head_dim, dtype=dtype, device=device),
-        act=torch.empty(shape.intermediate, dtype=dtype, device=device),
-        counters=torch.zeros(shape.num_layers * (STEPS_PER_LAYER + shape.num_kv_heads), dtype=torch.int32,
+        residual=torch.empty(2, s, shape.hidden, dtype=dtype, device=device),
+        parts=torch.empty(max(o_partials(shape, plan), plan.down_split), s, shape.hidden, **f32),
+        qkv=torch.empty(s, shape.qkv_size, dtype=dtype, device=device),
+        acc=torch.empty(s, shape.num_heads, plan.splits, shape.head_dim, **f32),
+        lse=torch.empty(s, shape.num_heads, plan.splits, **f32),
+        attn=torch.empty(s, shape.num_heads * shape.head_dim, dtype=dtype, device=device),
+        act=torch.empty(s, shape.intermediate, dtype=dtype, device=device),
+        counters=torch.zeros(shape.num_layers * (STEPS_PER_LAYER + s * shape.num_kv_heads), dtype=torch.int32,
                              device=device),
     )
 
@@ -338,68 +350,115 @@ def _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H: tl.
 
 
 @triton.jit
+def _seqs_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H: tl.constexpr, PARTS: tl.constexpr,
+            SEQS: tl.constexpr):
+    """_normed_x for SEQS > 1 sequences: r = residual + partials ([PARTS, SEQS, H], summed in
+    order) as rows of a [16, K] tile (rows past SEQS zero); returns (r * g) in `dtype` and each
+    row's sum of squares over `cols` [16]; item 0 stores r into res_out."""
+    m = tl.arange(0, 16)
+    ok = (m < SEQS)[:, None] & k_ok[None, :]
+    at = m[:, None] * H + cols[None, :]
+    acc = tl.zeros([16, cols.shape[0]], tl.float32)
+    for s in tl.static_range(PARTS):
+        acc += tl.load(parts_ptr + s * SEQS * H + at, mask=ok, other=0.0, cache_modifier=".cg")
+    res = tl.load(res_in + at, mask=ok, other=0.0, cache_modifier=".cg")
+    r = acc.to(res.dtype) + res
+    tl.store(res_out + at, r, mask=ok & (at * 0 + item == 0))
+    rf = r.to(tl.float32)
+    x = rf * tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    return x.to(dtype), tl.sum(rf * rf, axis=1)
+
+
+@triton.jit
 def _norm_gemv(res_in, parts_ptr, res_out, g_ptr, w_ptr, b_ptr, out_ptr, N, eps, pid, programs,
                H: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
                BLOCK_F: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STAGES: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, SEQS: tl.constexpr = 1):
     """Steps 0 and 3: out = RMSNorm(residual + partials) W^T (+ bias) over blocks of ROWS
     features (tiles of BLOCK_F), or with GATED (W = [gate; up], N features each) SiLU(x Wg^T) * (x Wu^T); item 0
     stores the new residual into res_out. The norm in one pass, as the skinny GEMM's: (r * g) W^T
     and r's squares summed over the K loop, the sums scaled by 1/RMS after it (a first pass for
-    1/RMS put two more L2 round trips before the first weight load)."""
+    1/RMS put two more L2 round trips before the first weight load). SEQS rows: out [SEQS, N]."""
     dtype = res_in.dtype.element_ty
     for item in range(pid, tl.cdiv(N, ROWS), programs):
         n, n_ok = _item_rows(item, N, ROWS, BLOCK_F)
         acc = tl.zeros([16, BLOCK_F], tl.float32)
         acc_up = tl.zeros([16, BLOCK_F], tl.float32)
-        squares = tl.zeros([BLOCK_K], tl.float32)
+        squares = tl.zeros([BLOCK_K if SEQS == 1 else 16], tl.float32)
         for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
             k_ok = cols < H
-            x, sq = _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H, PARTS)
+            if SEQS == 1:
+                x, sq = _normed_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H, PARTS)
+            else:
+                x, sq = _seqs_x(res_in, parts_ptr, res_out, g_ptr, cols, k_ok, item, dtype, H, PARTS, SEQS)
             squares += sq
             w = _weight_tile(w_ptr, n, n_ok, H, k0, H, BLOCK_K)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
             if GATED:
                 up = _weight_tile(w_ptr, N + n, n_ok, H, k0, H, BLOCK_K)
                 acc_up = tl.dot(x, tl.trans(up), acc_up, input_precision=DOT_PRECISION)
-        rstd = 1.0 / tl.sqrt(tl.sum(squares) / H + eps)
-        y = _take_row0(acc) * rstd
+        if SEQS == 1:
+            rstd = 1.0 / tl.sqrt(tl.sum(squares) / H + eps)
+            y, y_up = _take_row0(acc) * rstd, _take_row0(acc_up) * rstd
+        else:
+            rstd = 1.0 / tl.sqrt(squares / H + eps)
+            y, y_up = acc * rstd[:, None], acc_up * rstd[:, None]
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         if GATED:
             gate = y.to(dtype).to(tl.float32)
-            out = (gate / (1.0 + tl.exp(-gate))).to(dtype) * (_take_row0(acc_up) * rstd).to(dtype)
+            out = (gate / (1.0 + tl.exp(-gate))).to(dtype) * y_up.to(dtype)
         else:
             out = y.to(dtype)
+        _store_rows(out_ptr, n, n_ok, out, N, SEQS)
+
+
+@triton.jit
+def _store_rows(out_ptr, n, n_ok, out, N, SEQS: tl.constexpr):
+    """out at features n of each of the SEQS rows of out_ptr [SEQS, N] (out: [BLOCK_F] for one
+    sequence, else [16, BLOCK_F] with rows past SEQS dropped)."""
+    if SEQS == 1:
         tl.store(out_ptr + n, out, mask=n_ok)
+    else:
+        m = tl.arange(0, 16)
+        tl.store(out_ptr + m[:, None] * N + n[None, :], out, mask=(m < SEQS)[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _split_gemv(x_ptr, w_ptr, parts_ptr, pid, programs, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
                 ROWS: tl.constexpr, BLOCK_F: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr,
-                STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Steps 2 and 4 (o, down): x [K] (other programs' output: from L2) times W [N, K]^T over
-    (ROWS features, K range of K_PER) items, fp32 partials per range into parts [SPLIT, N]."""
+                STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, SEQS: tl.constexpr = 1):
+    """Steps 2 and 4 (o, down): x [SEQS, K] (other programs' output: from L2) times W [N, K]^T
+    over (ROWS features, K range of K_PER) items, fp32 partials per range into parts [SPLIT,
+    SEQS, N]."""
     for item in range(pid, tl.cdiv(N, ROWS) * SPLIT, programs):
         n, n_ok, k_begin, k_end = _split_item(item, N, K, ROWS, BLOCK_F, K_PER)
-        _gemv_rows(x_ptr, w_ptr, parts_ptr + item // tl.cdiv(N, ROWS) * N, n, n_ok, k_begin, k_end, K, BLOCK_K,
-                   BLOCK_F, STAGES, DOT_PRECISION)
+        _gemv_rows(x_ptr, w_ptr, parts_ptr + item // tl.cdiv(N, ROWS) * SEQS * N, n, n_ok, k_begin, k_end, K,
+                   BLOCK_K, BLOCK_F, STAGES, DOT_PRECISION, N, SEQS)
 
 
 @triton.jit
 def _gemv_rows(x_ptr, w_ptr, out_ptr, n, n_ok, k_begin, k_end, row_stride, BLOCK_K: tl.constexpr,
-               BLOCK_F: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BLOCK_F: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, N: tl.constexpr = 1,
+               SEQS: tl.constexpr = 1):
     """out[n] = x[k_begin:k_end] . W[n, k_begin:k_end] in fp32, for the BLOCK_F rows n (where n_ok)
-    of a row-major W; x (other programs' output) is read from L2."""
+    of a row-major W; x (other programs' output) is read from L2. SEQS > 1: x [SEQS, row_stride],
+    out [SEQS, N]."""
     dtype = w_ptr.dtype.element_ty
+    m = tl.arange(0, 16)
     acc = tl.zeros([16, BLOCK_F], tl.float32)
     for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = _row0(tl.load(x_ptr + cols, mask=cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32), dtype)
+        if SEQS == 1:
+            x = _row0(tl.load(x_ptr + cols, mask=cols < k_end, other=0.0, cache_modifier=".cg").to(tl.float32),
+                      dtype)
+        else:
+            x = tl.load(x_ptr + m[:, None] * row_stride + cols[None, :],
+                        mask=(m < SEQS)[:, None] & (cols < k_end)[None, :], other=0.0, cache_modifier=".cg").to(dtype)
         w = _weight_tile(w_ptr, n, n_ok, row_stride, k0, k_end, BLOCK_K)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    tl.store(out_ptr + n, _take_row0(acc), mask=n_ok)
+    _store_rows(out_ptr, n, n_ok, _take_row0(acc) if SEQS == 1 else acc, N, SEQS)
 
 
 @triton.jit
@@ -423,70 +482,79 @@ def _o_slices(attn_ptr, w_ptr, parts_ptr, count_ptr, pid, programs, N: tl.conste
 
 
 @triton.jit
-def _attention_item(item, seq_lens_ptr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """An attention item's (KV head, split, first tile, end tile, cached keys, and the split that
-    holds the last cached tile: it stores this step's K/V)."""
-    seq_len = tl.load(seq_lens_ptr)
+def _attention_item(item, seq_lens_ptr, HKV: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SEQS: tl.constexpr):
+    """An attention item's (sequence, KV head, split, first tile, end tile, cached keys, the split
+    that holds the last cached tile: it stores this step's K/V, and the sequence's length; 0: a
+    padding row, nothing stored)."""
+    seq = item // (HKV * SPLITS) if SEQS > 1 else 0  # one sequence: no index math for the compiler to keep
+    seq_len = tl.load(seq_lens_ptr + seq)
     n_keys = tl.maximum(seq_len - 1, 0)  # the newest key is not cached yet
     n_tiles = tl.cdiv(n_keys, BLOCK_N)
     per_split = tl.cdiv(n_tiles, SPLITS)
     split = item % SPLITS
     t_begin = split * per_split
     last = (tl.maximum(n_tiles, 1) - 1) // tl.maximum(per_split, 1)
-    return item // SPLITS, split, t_begin, tl.minimum(t_begin + per_split, n_tiles), n_keys, last
+    return (seq, item // SPLITS % HKV, split, t_begin, tl.minimum(t_begin + per_split, n_tiles), n_keys, last,
+            seq_len)
 
 
 @triton.jit
-def _first_tile(pid, seq_lens_ptr, bt_ptr, k_cache, v_cache, stride_kc_b, stride_kc_s, stride_kc_h,
+def _first_tile(pid, seq_lens_ptr, bt_ptr, stride_bt, k_cache, v_cache, stride_kc_b, stride_kc_s, stride_kc_h,
                 HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr):
+                BLOCK_SIZE: tl.constexpr, SEQS: tl.constexpr):
     """The first key tile of this program's first attention item (K^T, V; nothing loaded if the
     program has no item or the item no tile): the cached keys need nothing of the step before,
     so the program loads them before its barrier and the loads overlap the wait."""
-    kv_head, split, t_begin, t_end, n_keys, last = _attention_item(pid, seq_lens_ptr, SPLITS, BLOCK_N)
-    some = (pid < HKV * SPLITS) & (t_begin < t_end)
+    some = pid < SEQS * HKV * SPLITS
+    seq, kv_head, split, t_begin, t_end, n_keys, last, _ = _attention_item(tl.where(some, pid, 0), seq_lens_ptr, HKV,
+                                                                          SPLITS, BLOCK_N, SEQS)
+    some = some & (t_begin < t_end)
     d = tl.arange(0, D)
-    kt, v, _ = load_kv_tile(bt_ptr, t_begin, tl.where(some, n_keys, 0), kv_head % HKV, k_cache, v_cache, stride_kc_b,
-                            stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h, d, d < D, BLOCK_N,
-                            BLOCK_SIZE)
+    kt, v, _ = load_kv_tile(bt_ptr + seq * stride_bt, t_begin, tl.where(some, n_keys, 0), kv_head, k_cache, v_cache,
+                            stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h, d, d < D,
+                            BLOCK_N, BLOCK_SIZE)
     return kt, v
 
 
 @triton.jit
-def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr, pos_ptr, slot_ptr, cos_ptr,
-               sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s, stride_kc_h, pid,
-               programs, kt0, v0, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_PAD: tl.constexpr,
-               QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr, PREFETCHED: tl.constexpr,
-               PUBLISH: tl.constexpr):
-    """Step 1: (KV head, split) items of the one sequence, as _decode_split_kernel's ROTARY and
-    MERGE programs: fp32 partials per (q head, split) into acc / lse, and the last item of each
-    KV head to finish merges its heads' splits into out [Hq D] (count_ptr: [HKV] zeros).
-    PREFETCHED >= 1: kt0, v0 are the first item's first tile (_first_tile); 2: that item's second
-    tile is loaded before q's chain. PUBLISH: the merger then
-    counts once more (release), so count_ptr[g] > SPLITS says g's output is stored."""
+def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, seq_lens_ptr, bt_ptr, stride_bt, pos_ptr,
+               slot_ptr, cos_ptr, sin_ptr, stride_cos, qw_ptr, kw_ptr, eps, scale_log2, stride_kc_b, stride_kc_s,
+               stride_kc_h, pid, programs, kt0, v0, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+               SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+               GROUP_PAD: tl.constexpr, QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
+               PREFETCHED: tl.constexpr, PUBLISH: tl.constexpr, SEQS: tl.constexpr = 1):
+    """Step 1: (sequence, KV head, split) items, as _decode_split_kernel's ROTARY and MERGE
+    programs: fp32 partials per (sequence, q head, split) into acc / lse, and the last item of
+    each (sequence, KV head) to finish merges its heads' splits into out [SEQS, Hq D] (count_ptr:
+    [SEQS, HKV] zeros). PREFETCHED >= 1: kt0, v0 are the first item's first tile (_first_tile);
+    2: that item's second tile is loaded before q's chain. PUBLISH: the merger then counts once
+    more (release), so count_ptr[g] > SPLITS says g's output is stored (one sequence)."""
     GROUP: tl.constexpr = HQ // HKV
-    seq_len = tl.load(seq_lens_ptr)
-    q_pos = tl.load(pos_ptr)
-    cos_row, sin_row = cos_ptr + q_pos * stride_cos, sin_ptr + q_pos * stride_cos
+    QKV: tl.constexpr = (HQ + 2 * HKV) * D
     h = tl.arange(0, BLOCK_H)
     h_ok = h < GROUP
     d = tl.arange(0, D)
     d_ok = d < D
-    for item in range(pid, HKV * SPLITS, programs):
-        kv_head, split, t_begin, t_end, n_keys, last = _attention_item(item, seq_lens_ptr, SPLITS, BLOCK_N)
+    for item in range(pid, SEQS * HKV * SPLITS, programs):
+        seq, kv_head, split, t_begin, t_end, n_keys, last, seq_len = _attention_item(item, seq_lens_ptr, HKV, SPLITS,
+                                                                                    BLOCK_N, SEQS)
+        q_pos = tl.load(pos_ptr + seq)
+        cos_row, sin_row = cos_ptr + q_pos * stride_cos, sin_ptr + q_pos * stride_cos
+        row = qkv_ptr + seq * QKV
+        bt_row = bt_ptr + seq * stride_bt
         head = kv_head * GROUP + h
         mine = (split == last) & (seq_len > 0)
         if PREFETCHED >= 2:  # the second tile's loads issued before q's chain (no cache store ahead of them)
             early = (item == pid) & (t_begin + 1 < t_end)
-            kt1, v1, _ = load_kv_tile(bt_ptr, t_begin + 1, tl.where(early, n_keys, 0), kv_head, k_cache, v_cache,
+            kt1, v1, _ = load_kv_tile(bt_row, t_begin + 1, tl.where(early, n_keys, 0), kv_head, k_cache, v_cache,
                                       stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h, d,
                                       d_ok, BLOCK_N, BLOCK_SIZE)
-        k_new, v_new = store_new_kv(qkv_ptr + (HQ + kv_head) * D, qkv_ptr + (HQ + HKV + kv_head) * D, slot_ptr, 0,
+        k_new, v_new = store_new_kv(row + (HQ + kv_head) * D, row + (HQ + HKV + kv_head) * D, slot_ptr, seq,
                                     kv_head, mine, k_cache, v_cache, kw_ptr, cos_row, sin_row, eps, 1.0, 1.0,
                                     stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
                                     BLOCK_SIZE, QK_NORM, D)
-        q = norm_rope(qkv_ptr + head[:, None] * D, h_ok[:, None], qw_ptr, cos_row, sin_row, eps, QK_NORM, D)
+        q = norm_rope(row + head[:, None] * D, h_ok[:, None], qw_ptr, cos_row, sin_row, eps, QK_NORM, D)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
@@ -500,20 +568,21 @@ def _attention(qkv_ptr, acc_ptr, lse_ptr, out_ptr, count_ptr, k_cache, v_cache, 
                 pos_ok = t_begin * BLOCK_N + tl.arange(0, BLOCK_N) < n_keys
                 m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, kt1, v1, pos_ok, scale_log2, DOT_PRECISION)
                 t_begin += 1
-        m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, 0, 0, kv_head, t_begin, t_end, n_keys, k_cache, v_cache,
-                                     stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s, stride_kc_h,
-                                     scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, STAGES)
+        m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, bt_ptr, seq, stride_bt, kv_head, t_begin, t_end, n_keys,
+                                     k_cache, v_cache, stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_b, stride_kc_s,
+                                     stride_kc_h, scale_log2, d, d_ok, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, STAGES)
         if mine:
             m_i, l_i, acc = fold_key(q, k_new.to(q.dtype), v_new.to(q.dtype), m_i, l_i, acc, scale_log2)
         empty = l_i == 0.0
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        tl.store(acc_ptr + (head[:, None] * SPLITS + split) * D + d[None, :], o, mask=h_ok[:, None])
-        tl.store(lse_ptr + head * SPLITS + split, lse, mask=h_ok)
+        at = (seq * HQ + head) * SPLITS + split
+        tl.store(acc_ptr + at[:, None] * D + d[None, :], o, mask=h_ok[:, None])
+        tl.store(lse_ptr + at, lse, mask=h_ok)
         tl.debug_barrier()  # every thread's partials are stored before the program counts itself in
-        if tl.atomic_add(count_ptr + kv_head, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            merge_group(acc_ptr, lse_ptr, out_ptr, 0, kv_head, d, d_ok, 0, SPLITS * D, D, 0, SPLITS, 0, D,
-                        GROUP, SPLITS, SPLITS, GROUP_PAD)
+        if tl.atomic_add(count_ptr + seq * HKV + kv_head, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            merge_group(acc_ptr, lse_ptr, out_ptr, seq, kv_head, d, d_ok, HQ * SPLITS * D, SPLITS * D, D, HQ * SPLITS,
+                        SPLITS, HQ * D, D, GROUP, SPLITS, SPLITS, GROUP_PAD)
             if PUBLISH:
                 _arrive(count_ptr + kv_head)
 
@@ -542,7 +611,7 @@ def _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, 
 def _persistent_decode_kernel(
     qkv_tab, o_tab, gate_up_tab, down_tab, norm1_tab, norm2_tab, bias_tab, qn_tab, kn_tab,
     res_ptr, parts_ptr, qkv_ptr, acc_ptr, lse_ptr, attn_ptr, act_ptr, count_ptr, merge_count_ptr,
-    pos_ptr, slot_ptr, seq_lens_ptr, bt_ptr, cos_ptr, sin_ptr, stride_cos,
+    pos_ptr, slot_ptr, seq_lens_ptr, bt_ptr, stride_bt, cos_ptr, sin_ptr, stride_cos,
     k_cache, v_cache, stride_layer, stride_kc_b, stride_kc_s, stride_kc_h,
     eps, scale_log2, step_begin, step_end, times_ptr,
     H: tl.constexpr, INTER: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
@@ -553,7 +622,7 @@ def _persistent_decode_kernel(
     DOWN_ROWS: tl.constexpr, QKV_STAGES: tl.constexpr, O_STAGES: tl.constexpr, GATE_STAGES: tl.constexpr,
     DOWN_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
     ATTENTION_STAGES: tl.constexpr = 1, ATTENTION_PREFETCH: tl.constexpr = False, FUSED_O: tl.constexpr = False,
-    O_SLICE: tl.constexpr = 1, O_TILE: tl.constexpr = 16, TIMING: tl.constexpr = False,
+    O_SLICE: tl.constexpr = 1, O_TILE: tl.constexpr = 16, SEQS: tl.constexpr = 1, TIMING: tl.constexpr = False,
 ):
     """Each step: what needs nothing of the step before (weight addresses), the wait at the
     barrier after that step, the work, then this program counted in at the next."""
@@ -567,8 +636,8 @@ def _persistent_decode_kernel(
             w = _layer_ptr(qkv_tab, layer, res_ptr)
             g, bias = _layer_ptr(norm1_tab, layer, res_ptr), _layer_ptr(bias_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _norm_gemv(res_ptr, parts_ptr, res_ptr + H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, H, DOWN_SPLIT,
-                       BLOCK_K, QKV_ROWS, QKV_BLOCK, False, HAS_BIAS, QKV_STAGES, DOT_PRECISION)
+            _norm_gemv(res_ptr, parts_ptr, res_ptr + SEQS * H, g, w, bias, qkv_ptr, QKV, eps, pid, programs, H,
+                       DOWN_SPLIT, BLOCK_K, QKV_ROWS, QKV_BLOCK, False, HAS_BIAS, QKV_STAGES, DOT_PRECISION, SEQS)
         elif kind == 1:
             qn, kn = _layer_ptr(qn_tab, layer, res_ptr), _layer_ptr(kn_tab, layer, res_ptr)
             # in int64: a layer's stride fits 32 bits where (layer x stride) may not (llama-3-8b with the
@@ -576,16 +645,16 @@ def _persistent_decode_kernel(
             at = tl.cast(layer, tl.int64) * stride_layer
             kc, vc = k_cache + at, v_cache + at
             if ATTENTION_PREFETCH:
-                kt0, v0 = _first_tile(pid, seq_lens_ptr, bt_ptr, kc, vc, stride_kc_b, stride_kc_s, stride_kc_h, HKV, D,
-                                      SPLITS, BLOCK_N, BLOCK_SIZE)
+                kt0, v0 = _first_tile(pid, seq_lens_ptr, bt_ptr, stride_bt, kc, vc, stride_kc_b, stride_kc_s,
+                                      stride_kc_h, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE, SEQS)
             else:
                 kt0, v0 = tl.zeros([D, BLOCK_N], kc.dtype.element_ty), tl.zeros([BLOCK_N, D], kc.dtype.element_ty)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * HKV, kc, vc, seq_lens_ptr, bt_ptr,
-                       pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, qn, kn, eps, scale_log2, stride_kc_b,
-                       stride_kc_s, stride_kc_h, pid, programs, kt0, v0, HQ, HKV, D, SPLITS, BLOCK_N, BLOCK_SIZE,
-                       BLOCK_H, GROUP_PAD, QK_NORM, DOT_PRECISION, ATTENTION_STAGES, ATTENTION_PREFETCH,
-                       FUSED_O and BARRIER)
+            _attention(qkv_ptr, acc_ptr, lse_ptr, attn_ptr, merge_count_ptr + layer * SEQS * HKV, kc, vc, seq_lens_ptr,
+                       bt_ptr, stride_bt, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, qn, kn, eps, scale_log2,
+                       stride_kc_b, stride_kc_s, stride_kc_h, pid, programs, kt0, v0, HQ, HKV, D, SPLITS, BLOCK_N,
+                       BLOCK_SIZE, BLOCK_H, GROUP_PAD, QK_NORM, DOT_PRECISION, ATTENTION_STAGES, ATTENTION_PREFETCH,
+                       FUSED_O and BARRIER, SEQS)
             if FUSED_O and BARRIER:  # o in the same step: each item once its head group is merged
                 _o_slices(attn_ptr, _layer_ptr(o_tab, layer, res_ptr), parts_ptr, merge_count_ptr + layer * HKV, pid,
                           programs, H, HQ, HKV, D, SPLITS, O_SLICE, O_TILE, BLOCK_K, O_STAGES, DOT_PRECISION, True)
@@ -599,19 +668,19 @@ def _persistent_decode_kernel(
             else:
                 _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
                 _split_gemv(attn_ptr, w, parts_ptr, pid, programs, H, HQ * D, BLOCK_K, O_ROWS, O_BLOCK, O_SPLIT,
-                            HQ * D // O_SPLIT, O_STAGES, DOT_PRECISION)
+                            HQ * D // O_SPLIT, O_STAGES, DOT_PRECISION, SEQS)
         elif kind == 3:
             w = _layer_ptr(gate_up_tab, layer, res_ptr)
             g = _layer_ptr(norm2_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
-            _norm_gemv(res_ptr + H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H,
+            _norm_gemv(res_ptr + SEQS * H, parts_ptr, res_ptr, g, w, res_ptr, act_ptr, INTER, eps, pid, programs, H,
                        HKV if FUSED_O else O_SPLIT, BLOCK_K, GATE_ROWS, GATE_BLOCK, True, False, GATE_STAGES,
-                       DOT_PRECISION)
+                       DOT_PRECISION, SEQS)
         else:
             w = _layer_ptr(down_tab, layer, res_ptr)
             _barrier_before(count_ptr, step, step_begin, step_end, programs, times_ptr, pid, BARRIER, TIMING)
             _split_gemv(act_ptr, w, parts_ptr, pid, programs, H, INTER, BLOCK_K, DOWN_ROWS, DOWN_BLOCK, DOWN_SPLIT, K_PER,
-                        DOWN_STAGES, DOT_PRECISION)
+                        DOWN_STAGES, DOT_PRECISION, SEQS)
         if TIMING:  # when this program's work of the step ended
             tl.store(times_ptr + (pid * step_end + step) * 2, globaltimer())
         if BARRIER:
@@ -648,15 +717,21 @@ def kernel_constants(shape: DecodeShape, plan: PersistentPlan, block_size: int, 
         QKV_STAGES=plan.qkv_stages, O_STAGES=plan.o_stages, GATE_STAGES=plan.gate_stages,
         DOWN_STAGES=plan.down_stages, DOT_PRECISION="ieee" if fp32 else "tf32", BARRIER=barrier,
         ATTENTION_STAGES=plan.attention_stages, ATTENTION_PREFETCH=plan.attention_prefetch,
-        FUSED_O=bool(plan.fused_o), O_SLICE=o_slice, O_TILE=_tile(min(o_slice, MAX_BLOCK)),
+        FUSED_O=bool(plan.fused_o), O_SLICE=o_slice, O_TILE=_tile(min(o_slice, MAX_BLOCK)), SEQS=plan.seqs,
     )
 
 
-def _check(h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: DecodeShape,
-           plan: PersistentPlan, scratch: PersistentScratch) -> None:
-    if h.shape != (1, shape.hidden) or h.dtype != scratch.residual.dtype:
-        raise ValueError(f"persistent decode takes one token's hidden state [1, {shape.hidden}] "
-                         f"{scratch.residual.dtype}, got {tuple(h.shape)} {h.dtype}")
+def _check(h: torch.Tensor, step: tuple[torch.Tensor, ...], k_cache: torch.Tensor, v_cache: torch.Tensor,
+           shape: DecodeShape, plan: PersistentPlan, scratch: PersistentScratch) -> None:
+    if h.shape != (plan.seqs, shape.hidden) or h.dtype != scratch.residual.dtype:
+        raise ValueError(f"persistent decode takes a token's hidden state a sequence, [{plan.seqs}, {shape.hidden}] "
+                         f"{scratch.residual.dtype} for this plan, got {tuple(h.shape)} {h.dtype}")
+    if any(t.shape[0] != plan.seqs for t in step):
+        raise ValueError(f"persistent decode: {plan.seqs} hidden states for a step of "
+                         f"{[tuple(t.shape) for t in step]} positions, slots, lengths and block tables")
+    if plan.fused_o and plan.seqs > 1:
+        raise ValueError("fused_o runs o in the attention step of one sequence; this plan has "
+                         f"{plan.seqs}")
     if (k_cache.dtype != h.dtype or k_cache.shape[2:] != (shape.num_kv_heads, shape.head_dim)
             or v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride()):
         raise ValueError(f"persistent decode needs model-dtype K and V caches [blocks, block_size, "
@@ -675,17 +750,19 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
                       cos: torch.Tensor, sin: torch.Tensor, tables: LayerTables, shape: DecodeShape,
                       plan: PersistentPlan, scratch: PersistentScratch, scale: float,
                       check: bool = True, times: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every decoder layer for one decode token: h [1, H] (the embedding) -> (down partials
-    [down_split, 1, H] fp32, residual [1, H]) for the model's last norm (RMSNorm.forward with a
-    residual sums them). kv_caches: the layers' (k, v) caches, views a fixed stride apart.
+    """Every decoder layer for a decode token of each of the plan's S sequences: h [S, H] (the
+    embeddings) -> (down partials [down_split, S, H] fp32, residual [S, H]) for the model's last
+    norm (RMSNorm.forward with a residual sums them). The step's inputs (positions,
+    slot_mapping, seq_lens [S], block_tables [S, blocks]) are the attention metadata's; a padding
+    row has seq_len 0 and slot -1. kv_caches: the layers' (k, v) caches, views a fixed stride apart.
     `times` (GPU, profiling): int64 [programs, steps, 2], filled with each program's globaltimer
     (ns) when its work of a step ended and when it passed the barrier after it."""
     k0, v0 = kv_caches[0]
     if check:
-        _check(h, k0, v0, shape, plan, scratch)
+        _check(h, (positions, slot_mapping, seq_lens, block_tables), k0, v0, shape, plan, scratch)
     stride_layer = kv_caches[1][0].data_ptr() - k0.data_ptr() if len(kv_caches) > 1 else 0
     stride_layer //= k0.element_size()
-    scratch.residual[0].copy_(h[0])
+    scratch.residual[0].copy_(h)
     scratch.parts.zero_()  # the first layer's "down partials"
     scratch.counters.zero_()
     steps = shape.num_layers * STEPS_PER_LAYER
@@ -700,11 +777,11 @@ def persistent_decode(h: torch.Tensor, positions: torch.Tensor, slot_mapping: to
             tables.k_norm if tables.k_norm is not None else dummy,
             scratch.residual, scratch.parts, scratch.qkv, scratch.acc, scratch.lse, scratch.attn, scratch.act,
             scratch.counters, scratch.counters[steps:],
-            positions, slot_mapping, seq_lens, block_tables, cos, sin, cos.stride(0),
+            positions, slot_mapping, seq_lens, block_tables, block_tables.stride(0), cos, sin, cos.stride(0),
             k0, v0, stride_layer, k0.stride(0), k0.stride(1), k0.stride(2),
             shape.eps, scale * LOG2E, begin, end, times if times is not None else scratch.counters,
             **constants,
             TIMING=times is not None, num_warps=plan.num_warps, num_stages=1,
             **({"launch_cooperative_grid": True} if plan.cooperative and h.is_cuda else {}),
         )
-    return scratch.parts[:plan.down_split], scratch.residual[:1]
+    return scratch.parts[:plan.down_split], scratch.residual[0]

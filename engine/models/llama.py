@@ -205,11 +205,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tp = tp
         self.config = cfg
-        self._persistent: PersistentDecode | None = None  # built at the first persistent step
+        # built at the first persistent step of each batch size (the plan's seqs)
+        self._persistent: dict[int, PersistentDecode] = {}
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        # meta.persistent: the runner's choice, a decode step of one short sequence where the kernel
+        # meta.persistent: the runner's choice, a decode step of few short sequences where the kernel
         # can run (ModelRunner.persistent_max_context, graph_shapes.takes_persistent); GPU only
         if meta.persistent and h.is_cuda:
             h, residual = self.forward_persistent(h, positions, kv_caches, meta)
@@ -221,12 +222,13 @@ class LlamaModel(nn.Module):
 
     def forward_persistent(self, h: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                            meta: AttentionMetadata, programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every decoder layer of a one-token decode step in one persistent kernel
-        (engine.kernels.persistent_decode): h [1, H], the embedding, -> (the last down_proj's
+        """Every decoder layer of a decode step (a token a sequence) in one persistent kernel
+        (engine.kernels.persistent_decode): h [S, H], the embeddings, -> (the last down_proj's
         partial sums, the residual) for the last norm. `programs`: the grid (default one per SM)."""
-        state = self._persistent
+        seqs = h.shape[0]
+        state = self._persistent.get(seqs)
         if state is None or (programs is not None and state.plan.programs != programs):
-            state = self._persistent = PersistentDecode.build(self, h.device, programs)
+            state = self._persistent[seqs] = PersistentDecode.build(self, h.device, programs, seqs)
         out = persistent_decode(h, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, kv_caches,
                                 self.rotary.cos, self.rotary.sin, state.tables, state.shape, state.plan,
                                 state.scratch, self.layers[0].self_attn.scale, check=not state.checked)
@@ -237,8 +239,8 @@ class LlamaModel(nn.Module):
 @dataclass
 class PersistentDecode:
     """What the persistent decode kernel reads besides the step's inputs: per-layer weight
-    addresses, the model's sizes, the work split and the scratch (one set a model). Built at
-    the first persistent step, after the weights are loaded: the tables hold their addresses,
+    addresses, the model's sizes, the work split and the scratch (one set a model and batch
+    size). Built at the first persistent step, after the weights are loaded: the tables hold their addresses,
     so the parameters must not be replaced afterwards."""
 
     tables: LayerTables
@@ -248,7 +250,7 @@ class PersistentDecode:
     checked: bool = False
 
     @staticmethod
-    def build(model: LlamaModel, device: torch.device, programs: int | None = None) -> PersistentDecode:
+    def build(model: LlamaModel, device: torch.device, programs: int | None = None, seqs: int = 1) -> PersistentDecode:
         cfg, layers = model.config, model.layers
         attn = [layer.self_attn for layer in layers]
 
@@ -267,7 +269,7 @@ class PersistentDecode:
         )
         shape = DecodeShape(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                             cfg.head_dim, cfg.num_hidden_layers, cfg.rms_norm_eps, cfg.qk_norm, cfg.attention_bias)
-        plan = choose_plan(shape, programs or num_sms(device))
+        plan = choose_plan(shape, programs or num_sms(device), seqs)
         return PersistentDecode(tables, shape, plan, alloc_scratch(shape, plan, model.norm.weight.dtype, device))
 
 

@@ -130,7 +130,7 @@ def cases() -> list[Case]:
 def _persistent_decode_cases() -> list[Case]:
     """Every layer of a batch-1 decode step in one kernel, with the plan choose_plan makes for
     qwen3-0.6b on 132 SMs (engine.kernels.persistent_decode), o in a step of its own and inside
-    the attention step (fused_o, the chosen plan's)."""
+    the attention step (fused_o, the chosen plan's), and its plan for a step of 16 sequences."""
     from dataclasses import replace
 
     from engine.kernels.persistent_decode import DecodeShape, choose_plan, kernel_constants
@@ -142,7 +142,7 @@ def _persistent_decode_cases() -> list[Case]:
                 **_ptrs("fp32", "parts_ptr", "acc_ptr", "lse_ptr", "cos_ptr", "sin_ptr"),
                 **_ptrs("i32", "count_ptr", "merge_count_ptr", "seq_lens_ptr", "bt_ptr")}
     out = []
-    for plan in (replace(choose_plan(shape, 132), fused_o=f) for f in (0, 1)):
+    for plan in [replace(choose_plan(shape, 132), fused_o=f) for f in (0, 1)] + [choose_plan(shape, 132, 16)]:
         out.append(Case("engine.kernels.persistent_decode", "_persistent_decode_kernel",
                         kernel_constants(shape, plan, 16, fp32=False, barrier=True), pointers,
                         {"num_warps": plan.num_warps, "num_stages": 1},

@@ -1,9 +1,9 @@
 """Where the persistent decode kernel's time goes (engine/kernels/persistent_decode.py, GPU): one
-sequence with `--context` cached tokens, the kernel's own per-step clock (`times=`: when each
+sequence (or `--seqs` of them) with `--context` cached tokens, the kernel's own per-step clock (`times=`: when each
 program's work of a step ended and when it passed the barrier after it), and the whole kernel
 timed in CUDA graphs, for the plan choose_plan makes and for variants of it.
 
-    llmbench kernels profile-persistent [--model qwen3-0.6b] [--context 640] [--plan num_warps=8 ...]
+    llmbench kernels profile-persistent [--model qwen3-0.6b] [--context 640] [--seqs 1] [--plan num_warps=8 ...]
 
 Per step kind (qkv, attention, o, gate_up, down), medians over the layers: work = the last
 program's end of work minus the first program's exit from the barrier before; barrier = the
@@ -38,26 +38,36 @@ FLAGS = ("attention_prefetch", "fused_o", "cooperative")  # PersistentPlan's on/
 assert len(STEP_NAMES) == STEPS_PER_LAYER
 
 
-def one_token_step(config: EngineConfig, context: int, seed: int = 5):
-    """A runner whose KV cache holds a prefill of `context` random tokens (one sequence), and the
-    model inputs (ids, positions, caches, metadata, backend) of its next, one-token decode step."""
+def decode_step(config: EngineConfig, contexts: list[int], rows: int | None = None, seed: int = 5):
+    """A runner whose KV cache holds a prefill of contexts[i] random tokens for each sequence i
+    (blocks of its own), and the model inputs (ids, positions, caches, metadata, backend) of the
+    decode step that gives each one more token, padded to `rows` sequence rows (default: none)."""
     runner = ModelRunner(config)
-    blocks = -(-(context + 1) // config.block_size)
-    runner.allocate_kv_cache(config.num_kv_blocks or blocks + 3)
-    prompt = torch.randint(0, 250, (context,), generator=torch.Generator().manual_seed(seed)).tolist()
-    table = list(range(3, 3 + blocks))
+    blocks = [-(-(c + 1) // config.block_size) for c in contexts]
+    if config.num_kv_blocks and config.num_kv_blocks < sum(blocks) + 3:
+        raise ValueError(f"{config.num_kv_blocks} KV blocks hold no {contexts} tokens (+ 1 each)")
+    runner.allocate_kv_cache(config.num_kv_blocks or sum(blocks) + 3)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 250, (c,), generator=gen).tolist() for c in contexts]
+    tables = [list(range(3 + sum(blocks[:i]), 3 + sum(blocks[:i + 1]))) for i in range(len(contexts))]
 
-    def inputs(tokens, start, pad=None):
-        seq = ScheduledSequence(request_id="r", token_ids=tokens, start_pos=start, block_table=table, sample=True,
-                                sampling_params=SamplingParams(), num_output_tokens=0, seq_no=0)
-        n = len(tokens)
-        out = SchedulerOutput([seq], num_prefill_tokens=0 if pad else n, num_decode_tokens=n if pad else 0)
-        got = runner.prepare_inputs(out, pad)
-        return got.input_ids, got.positions, runner.kv_caches, got.meta, runner.backend
+    def scheduled(tokens, start, i):
+        return ScheduledSequence(request_id=f"r{i}", token_ids=tokens, start_pos=start, block_table=tables[i],
+                                 sample=True, sampling_params=SamplingParams(), num_output_tokens=0, seq_no=i)
 
     with torch.inference_mode():
-        runner.model(*inputs(prompt, 0))
-    return runner, inputs([7], context, GraphShape(1, 1, True))
+        for i, prompt in enumerate(prompts):
+            out = SchedulerOutput([scheduled(prompt, 0, i)], num_prefill_tokens=len(prompt), num_decode_tokens=0)
+            runner.model(*_model_inputs(runner, out, None))
+    n = rows or len(contexts)
+    out = SchedulerOutput([scheduled([7], c, i) for i, c in enumerate(contexts)], num_prefill_tokens=0,
+                          num_decode_tokens=len(contexts))
+    return runner, _model_inputs(runner, out, GraphShape(n, n, True))
+
+
+def _model_inputs(runner: ModelRunner, out: SchedulerOutput, pad: GraphShape | None):
+    got = runner.prepare_inputs(out, pad)
+    return got.input_ids, got.positions, runner.kv_caches, got.meta, runner.backend
 
 
 def step_breakdown(times: torch.Tensor) -> list[tuple[str, float, float]]:
@@ -94,7 +104,8 @@ def parse_plan(base: PersistentPlan, items: list[str]) -> PersistentPlan:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmbench kernels profile-persistent", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen3-0.6b", help="a preset or checkpoint (default: qwen3-0.6b)")
-    ap.add_argument("--context", type=int, default=640, help="cached tokens of the one sequence (default: 640)")
+    ap.add_argument("--context", type=int, default=640, help="cached tokens of each sequence (default: 640)")
+    ap.add_argument("--seqs", type=int, default=1, help="sequences in the decode step, 1-16 (default: 1)")
     ap.add_argument("--plan", action="append", default=[], metavar="FIELD=INT",
                     help="a variant of the chosen plan to time too, e.g. num_warps=8,qkv_stages=4 (repeatable)")
     return ap
@@ -104,16 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile-persistent needs a CUDA device (its barriers and clock do not run in the interpreter)")
-    if args.context < 1:
-        sys.exit(f"profile-persistent: --context must be >= 1, got {args.context}")
+    if args.context < 1 or not 1 <= args.seqs <= 16:
+        sys.exit(f"profile-persistent: --context must be >= 1 and --seqs in [1, 16], got {args.context}, {args.seqs}")
     config = EngineConfig(model=args.model, device="cuda", enforce_eager=True, max_model_len=max(256, 2 * args.context),
-                          max_num_seqs=4, persistent_decode=True)
-    runner, (ids, positions, caches, meta, _) = one_token_step(config, args.context)
+                          max_num_seqs=max(4, args.seqs), persistent_decode=True)
+    runner, (ids, positions, caches, meta, _) = decode_step(config, [args.context] * args.seqs)
     model = runner.model.model
     with torch.inference_mode():
         h = model.embed_tokens(ids)
         model.forward_persistent(h, positions, caches, meta)
-        state = model._persistent
+        state = model._persistent[args.seqs]
         try:
             plans = {"chosen": state.plan} | {p: parse_plan(state.plan, p.split(",")) for p in args.plan}
         except ValueError as e:

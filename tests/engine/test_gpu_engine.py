@@ -229,7 +229,20 @@ def test_persistent_decode_float32_matches_hf(checkpoint_dirs, arch, max_context
                   enforce_eager=eager, **SMALL)
         assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], reference)
         assert_matches_hf(tokens(llm), reference)
-        assert llm.engine.executor.runner.model.model._persistent.plan.fused_o == 1
+        assert llm.engine.executor.runner.model.model._persistent[1].plan.fused_o == 1
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_persistent_decode_of_several_sequences_float32_matches_hf(checkpoint_dirs, arch):
+    """persistent_decode_max_seqs 16: decode steps of up to 16 sequences run the persistent kernel
+    (the batch of 8 prompts, padded up the graph ladder as sequences finish), CUDA graphs and
+    eager: HF's greedy tokens with the near-tie rule."""
+    path = checkpoint_dirs[arch]
+    reference = hf_greedy(path, PROMPTS, PARAMS.max_tokens)
+    for eager in (False, True):
+        llm = LLM(path, dtype="float32", persistent_decode_max_seqs=16, enforce_eager=eager, **SMALL)
+        assert_matches_hf(tokens(llm), reference)
+        assert 8 in llm.engine.executor.runner.model.model._persistent  # the batch of 8 took the kernel
 
 
 @pytest.mark.parametrize("arch,knob,value,field", [("qwen3", "FUSED_O_MAX_SLICE", 0, "fused_o"),
@@ -246,7 +259,7 @@ def test_persistent_decode_variants_float32_match_hf(checkpoint_dirs, arch, knob
     monkeypatch.setattr(pd, knob, value)
     path = checkpoint_dirs[arch]
     llm = LLM(path, dtype="float32", persistent_decode=True, **SMALL)
-    assert getattr(llm.engine.executor.runner.model.model._persistent.plan, field) == value
+    assert getattr(llm.engine.executor.runner.model.model._persistent[1].plan, field) == value
     assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], hf_greedy(path, PROMPTS, PARAMS.max_tokens))
 
 
@@ -263,7 +276,7 @@ def test_persistent_decode_reaches_layers_past_32_bit_offsets(tmp_path):
     stride = (k[1].data_ptr() - k[0].data_ptr()) // k[0].element_size()
     assert stride < 2**31 <= 2 * stride
     assert_matches_hf([tokens(llm, [p])[0] for p in PROMPTS], hf_greedy(path, PROMPTS, PARAMS.max_tokens))
-    assert llm.engine.executor.runner.model.model._persistent is not None  # the kernel ran
+    assert llm.engine.executor.runner.model.model._persistent  # the kernel ran
 
 
 def test_persistent_decode_bf16_matches_the_fused_path(checkpoint_dirs):

@@ -124,6 +124,30 @@ def test_persistent_graph_takes_one_short_sequence():
     assert [graphs.for_batch(1, 100), graphs.for_batch(1, 101)] == [GraphShape(1, 1, True, True), GraphShape(1, 1, True)]
 
 
+def test_persistent_graphs_take_few_short_sequences():
+    """persistent_max_seqs 3: persistent decode graphs of 1, 2 and 4 rows (the ladder's sizes up to
+    the first that holds 3), which decode steps of up to 3 sequences replay (padded) while their
+    longest holds at most persistent_max_context tokens; 4 sequences, longer ones and prefill steps
+    take the usual graphs."""
+    ladder = GraphLadder.build(8, 64, 8192, persistent_max_context=100, persistent_max_seqs=3)
+    assert ladder.persistent_sizes() == [1, 2, 4]
+    assert {s for s in ladder.shapes() if s.persistent} == {GraphShape(b, b, True, True) for b in (1, 2, 4)}
+    graphs = StepGraphs(forward=None, buffers=None, ladder=ladder, max_model_len=200)
+    graphs.graphs = {s: s for s in ladder.shapes()}
+
+    def decode(*start_pos: int) -> SchedulerOutput:
+        seqs = [ScheduledSequence(f"r{i}", [7], p, [1], True, SamplingParams(), 0) for i, p in enumerate(start_pos)]
+        return SchedulerOutput(seqs, 0, len(seqs))
+
+    assert graphs.lookup(decode(5, 99)) == GraphShape(2, 2, True, True)
+    assert graphs.lookup(decode(5, 99, 7)) == GraphShape(4, 4, True, True)  # padded to 4 rows
+    assert graphs.lookup(decode(5, 100, 7)) == GraphShape(4, 4, True)  # the longest holds 101
+    assert graphs.lookup(decode(5, 5, 5, 5)) == GraphShape(4, 4, True)  # more than 3 sequences
+    assert graphs.for_batch(3, 50) == GraphShape(4, 4, True, True)
+    assert GraphLadder.build(2, 64, 8192, persistent_max_context=100, persistent_max_seqs=16).persistent_sizes() == \
+        [1, 2]  # never past max_num_seqs
+
+
 def test_capture_pauses_the_garbage_collector():
     """collector_paused (around every capture): garbage already unreachable is collected on entry,
     none while the block runs, and automatic collection is back afterwards, also after an error;

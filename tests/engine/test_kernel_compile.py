@@ -126,13 +126,13 @@ _PERSISTENT_PROBE = r"""
 import json, re
 from harness.kernels.compile_check import _persistent_decode_cases, compile_case
 out = []
-for case in _persistent_decode_cases():  # the chosen plan, then with fused_o
+for case in _persistent_decode_cases():  # o in its own step, with fused_o, 16 sequences
     kernel, err = compile_case(case, 90)
     ttgir = kernel.asm["ttgir"] if not err else ""
     # staged weight tiles: [stages - 1, features, K step] bf16 buffers in shared memory
     tiles = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x(\d+)x(\d+)xbf16", ttgir)
     out.append(dict(err=err, tiles=sorted({tuple(map(int, t)) for t in tiles}), stages=case.constexprs["QKV_STAGES"],
-                    block_k=case.constexprs["BLOCK_K"], fused_o=case.constexprs["FUSED_O"]))
+                    block_k=case.constexprs["BLOCK_K"], fused_o=case.constexprs["FUSED_O"], seqs=case.constexprs["SEQS"]))
 print(json.dumps(out))
 """
 
@@ -140,11 +140,12 @@ print(json.dumps(out))
 @pytest.mark.parametrize("triton_dir", [None] + ([DEVICE_TRITON] if DEVICE_TRITON else []),
                          ids=lambda d: "installed-triton" if d is None else "device-triton")
 def test_persistent_decode_stages_its_weight_loads(triton_dir):
-    """The persistent decode kernel's projections (with o in the attention step too) keep
-    STAGES - 1 weight tiles in flight through shared memory (Triton's pipeline, which needs the table's pointers hinted as 16-byte aligned:
-    without the hint no weight load was staged, reports/PERF.md row 52)."""
+    """The persistent decode kernel's projections (with o in the attention step too, and for 16
+    sequences) keep STAGES - 1 weight tiles in flight through shared memory (Triton's pipeline,
+    which needs the table's pointers hinted as 16-byte aligned: without the hint no weight load
+    was staged, reports/PERF.md row 52)."""
     cases = _run_probe(_PERSISTENT_PROBE, triton_dir)
-    assert [c["fused_o"] for c in cases] == [False, True], cases
+    assert [(c["fused_o"], c["seqs"]) for c in cases] == [(False, 1), (True, 1), (False, 16)], cases
     for got in cases:
         assert not got["err"], got
         weight_tiles = [t for t in got["tiles"] if t[0] == got["stages"] - 1 and t[2] == got["block_k"]]

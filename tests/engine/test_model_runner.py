@@ -258,6 +258,30 @@ def test_persistent_decode_steps_chosen_by_context():
             EngineConfig(**config, persistent_decode=True, persistent_decode_max_context=bad)
 
 
+def test_persistent_decode_steps_of_several_sequences():
+    """persistent_decode_max_seqs 2: decode steps of up to 2 sequences whose longest holds at most
+    persistent_decode_max_context tokens are marked, 3 sequences are not; the option takes 1-16
+    (the kernel's MAX_SEQS: the rows of its tiles)."""
+    from engine.config import PERSISTENT_MAX_SEQS
+    from engine.kernels.persistent_decode import MAX_SEQS
+
+    config = dict(model="tiny", device="cpu", block_size=BLOCK, max_model_len=MAX_MODEL_LEN, num_kv_blocks=NUM_BLOCKS,
+                  max_num_seqs=MAX_SEQS, max_num_batched_tokens=64, attention_backend="triton")
+    runner = ModelRunner(EngineConfig(**config, persistent_decode_max_context=12, persistent_decode_max_seqs=2))
+    runner.allocate_kv_cache(NUM_BLOCKS)
+
+    def persistent(*start_pos: int) -> bool:
+        seqs = [scheduled(i + 1, [5], p, [10 + 4 * i]) for i, p in enumerate(start_pos)]
+        return runner.prepare_inputs(SchedulerOutput(seqs, 0, len(seqs))).meta.persistent
+
+    assert persistent(11) and persistent(3, 11)
+    assert not persistent(3, 12) and not persistent(3, 3, 3)
+    assert PERSISTENT_MAX_SEQS == MAX_SEQS
+    for bad in (0, 17, True, 2.0):
+        with pytest.raises(ValueError, match="persistent_decode_max_seqs must be an int in \\[1, 16\\]"):
+            EngineConfig(**config, persistent_decode_max_seqs=bad)
+
+
 def test_persistent_context_by_layer_size():
     """persistent_decode_max_context=None: the longer limit for models whose decoder layer holds
     at least PERSISTENT_BIG_LAYER parameters (llama-3-8b: 218M), the shorter for smaller ones

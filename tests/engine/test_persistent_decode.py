@@ -41,17 +41,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _decode_step(checkpoint_dir: str, context: int):
-    """A runner whose cache holds a prefill of `context` tokens and the inputs of the next
-    (one-token) decode step; then random norm weights and biases (HF starts them at 1 and 0,
-    which would hide a wrong one; both paths read the same cache)."""
+def _decode_step(checkpoint_dir: str, context: int | list[int], rows: int | None = None):
+    """A runner whose cache holds a prefill of `context` tokens (or of each of several
+    sequences) and the inputs of the next decode step (a token a sequence, padded to `rows`);
+    then random norm weights and biases (HF starts them at 1 and 0, which would hide a wrong
+    one; both paths read the same cache)."""
     from engine.config import EngineConfig
-    from harness.kernels.profile_persistent import one_token_step
+    from harness.kernels.profile_persistent import decode_step
 
     config = EngineConfig(model=checkpoint_dir, device="cpu", dtype="float32", attention_backend="triton",
-                          block_size=4, max_model_len=256, num_kv_blocks=24, max_num_seqs=4,
+                          block_size=4, max_model_len=256, num_kv_blocks=32, max_num_seqs=4,
                           max_num_batched_tokens=64, persistent_decode=True)
-    runner, inputs = one_token_step(config, context)
+    runner, inputs = decode_step(config, context if isinstance(context, list) else [context], rows)
     gen = torch.Generator().manual_seed(1)
     for name, param in runner.model.named_parameters():
         if "norm" in name or "bias" in name:
@@ -75,20 +76,68 @@ def test_persistent_decode_matches_the_usual_path(checkpoint_dirs, arch, plan):
         runner.kv_cache.copy_(before)
         model.forward_persistent(model.embed_tokens(ids), positions, caches, meta, programs=4)  # builds the state
         if plan in PLANS:
-            state = model._persistent
-            model._persistent = replace(state, plan=PLANS[plan],
+            state = model._persistent[1]
+            model._persistent[1] = replace(state, plan=PLANS[plan],
                                         scratch=alloc_scratch(state.shape, PLANS[plan], torch.float32, "cpu"))
         runner.kv_cache.copy_(before)
         parts, residual = model.forward_persistent(model.embed_tokens(ids), positions, caches, meta)
         got = model.norm(parts, residual)[0]
         logits = [runner.model.compute_logits(h) for h in (want, got)]
-    assert parts.shape[0] == model._persistent.plan.down_split
+    assert parts.shape[0] == model._persistent[1].plan.down_split
     assert rel(got, want) < 1e-5
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
     torch.testing.assert_close(runner.kv_cache, want_cache)
     changed = (runner.kv_cache != before).flatten(3).any(-1)  # [2, layers, blocks, block_size]
     assert changed.sum() == 2 * 2  # K and V of each layer, one slot
     assert torch.equal(changed, (want_cache != before).flatten(3).any(-1))
+
+
+# several sequences: 3 programs, 2 splits a (sequence, KV head), o and down split in two
+SEQS4 = replace(SMALL, seqs=4, splits=2)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU engine tests run the kernel with its barriers")
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("plan", ["chosen", "seqs4"])
+def test_persistent_decode_of_several_sequences_matches_the_usual_path(checkpoint_dirs, arch, plan):
+    """float32, three sequences of 40, 17 and 33 cached tokens in a step padded to 4 rows (the
+    fourth: length 0, slot -1): each real row's hidden state through the last norm and greedy
+    pick, and the cache (each sequence's new K and V at its slot, nothing for the padding row),
+    equal the layers' own forward; `chosen`: choose_plan's for 4 programs and 4 sequences."""
+    runner, (ids, positions, caches, meta, backend) = _decode_step(checkpoint_dirs[arch], [40, 17, 33], rows=4)
+    model = runner.model.model
+    with torch.inference_mode():
+        before = runner.kv_cache.clone()
+        want = runner.model(ids, positions, caches, meta, backend)[:3]
+        want_cache = runner.kv_cache.clone()
+        runner.kv_cache.copy_(before)
+        model.forward_persistent(model.embed_tokens(ids), positions, caches, meta, programs=4)  # builds the state
+        state = model._persistent[4]
+        assert state.plan.seqs == 4 and state.plan.fused_o == 0
+        if plan == "seqs4":
+            model._persistent[4] = replace(state, plan=SEQS4, scratch=alloc_scratch(state.shape, SEQS4, torch.float32,
+                                                                                    "cpu"))
+        runner.kv_cache.copy_(before)
+        parts, residual = model.forward_persistent(model.embed_tokens(ids), positions, caches, meta)
+        got = model.norm(parts, residual)[0][:3]
+        logits = [runner.model.compute_logits(h) for h in (want, got)]
+    assert rel(got, want) < 1e-5
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+    torch.testing.assert_close(runner.kv_cache, want_cache)
+    changed = (runner.kv_cache != before).flatten(3).any(-1)  # [2, layers, blocks, block_size]
+    assert changed.sum() == 2 * 2 * 3  # K and V of each layer, one slot a sequence
+    assert torch.equal(changed, (want_cache != before).flatten(3).any(-1))
+
+
+def test_choose_plan_for_several_sequences():
+    """4 and 16 sequences of qwen3-0.6b on 132 SMs: (sequence, KV head, split) items about fill
+    the programs, each norm's input has at most 2 partials, 128-wide K steps, o in its own step."""
+    for seqs, splits in ((4, 4), (16, 1)):
+        plan = choose_plan(QWEN3_06B, 132, seqs)
+        assert (plan.seqs, plan.splits, plan.block_k, plan.fused_o) == (seqs, splits, 128, 0)
+        assert plan.o_split <= 2 and plan.down_split <= 2
+    with pytest.raises(ValueError, match="1-16 sequences"):
+        choose_plan(QWEN3_06B, 132, 0)
 
 
 QWEN3_06B = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128, num_layers=28,
@@ -140,16 +189,18 @@ def test_choose_plan_sizes_items_to_fill_the_programs():
 
 
 def test_persistent_decode_refuses_what_it_cannot_run(checkpoint_dirs):
-    """A step of more than one token and an fp16 hidden state for an fp32 model are errors that
-    say what the kernel takes."""
+    """Two hidden states for a step of one sequence, an fp16 hidden state for an fp32 model and
+    more sequences than a tile's 16 rows are errors that say what the kernel takes."""
     runner, (ids, positions, caches, meta, backend) = _decode_step(checkpoint_dirs["qwen3"], 9)
     model = runner.model.model
     with torch.inference_mode():
         h = model.embed_tokens(ids)
-        with pytest.raises(ValueError, match=r"one token's hidden state \[1, 64\]"):
+        with pytest.raises(ValueError, match=r"2 hidden states for a step of \[\(1,\), \(1,\), \(1,\), \(1, \d+\)\]"):
             model.forward_persistent(torch.cat([h, h]), positions, caches, meta, programs=2)
-        with pytest.raises(ValueError, match="one token's hidden state"):
+        with pytest.raises(ValueError, match=r"a token's hidden state a sequence, \[1, 64\]"):
             model.forward_persistent(h.half(), positions, caches, meta, programs=2)
+        with pytest.raises(ValueError, match="takes 1-16 sequences a step, got 17"):
+            model.forward_persistent(h.expand(17, -1), positions, caches, meta, programs=2)
 
 
 def test_step_breakdown_reads_work_and_barrier_per_step_kind():
