@@ -1,6 +1,8 @@
 """Every decoder layer of a batch-1 decode step in one persistent kernel (EngineConfig.persistent_decode,
-on by default up to a context limit: on an H200 batch-1 TPOT is 5-6% shorter than the fused
-path's at 640 cached tokens; reports/PERF.md rows 52-55b).
+on by default up to a context limit: on an H200 batch-1 TPOT is 5-8% shorter than the fused
+path's at 640 cached tokens; reports/PERF.md rows 52-57). Steps of 2-16 sequences can take it too
+(persistent_decode_max_seqs, off by default, untimed: row 59): the dots' 16 rows, padding at
+batch 1, carry the sequences.
 
 Why it was built: a batch-1 step of Qwen3-0.6B on the fused small-batch path is ~145 kernels
 (five a layer) of 4-9 us each, 0.90 ms of GPU time against a 0.30 ms weight-read floor, and with
