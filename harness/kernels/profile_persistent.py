@@ -45,7 +45,8 @@ def decode_step(config: EngineConfig, contexts: list[int], rows: int | None = No
     runner = ModelRunner(config)
     blocks = [-(-(c + 1) // config.block_size) for c in contexts]
     if config.num_kv_blocks and config.num_kv_blocks < sum(blocks) + 3:
-        raise ValueError(f"{config.num_kv_blocks} KV blocks hold no {contexts} tokens (+ 1 each)")
+        raise ValueError(f"num_kv_blocks={config.num_kv_blocks} cannot hold {contexts} tokens (+1 each) after "
+                         "the 3 blocks left free")
     runner.allocate_kv_cache(config.num_kv_blocks or sum(blocks) + 3)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 250, (c,), generator=gen).tolist() for c in contexts]
