@@ -164,7 +164,7 @@ class EngineConfig:
         self.resolved_persistent_context = _resolve_persistent_context(self.persistent_decode_max_context,
                                                                        self.model_config)
         seqs = self.persistent_decode_max_seqs
-        if not isinstance(seqs, int) or isinstance(seqs, bool) or not 1 <= seqs <= PERSISTENT_MAX_SEQS:
+        if not _is_int(seqs) or not 1 <= seqs <= PERSISTENT_MAX_SEQS:
             raise ValueError(f"persistent_decode_max_seqs must be an int in [1, {PERSISTENT_MAX_SEQS}], got {seqs!r}")
         if self.max_graph_prefill_tokens < 0:
             raise ValueError(f"max_graph_prefill_tokens must be >= 0 (0: no prefill graphs), "
@@ -291,10 +291,15 @@ PERSISTENT_BIG_LAYER = 100_000_000
 FUSED_AUTO_ROW_PARALLEL_TOKENS = 64
 
 
+def _is_int(value: object) -> bool:
+    """An int option's value: an int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _resolve_fused_tokens(name: str, tokens: int | None, mc: ModelConfig, auto: int) -> int:
     if tokens is None:
         return auto if mc.hidden_size <= FUSED_AUTO_MAX_HIDDEN else 0
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+    if not _is_int(tokens) or tokens < 0:
         raise ValueError(f"{name} must be an int >= 0 (0: off) or None (auto), got {tokens!r}")
     return tokens
 
@@ -308,7 +313,7 @@ def _resolve_persistent_context(tokens: int | None, mc: ModelConfig) -> int:
     if tokens is None:
         big, small = PERSISTENT_AUTO_CONTEXT
         return big if layer_parameters(mc) >= PERSISTENT_BIG_LAYER else small
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+    if not _is_int(tokens) or tokens < 1:
         raise ValueError(f"persistent_decode_max_context must be an int >= 1 or None (auto), got {tokens!r}")
     return tokens
 

@@ -44,7 +44,7 @@ def takes_persistent(max_context: int, num_seqs: int, decode: bool, context: int
 def step_context(out, max_seqs: int = 1) -> int:
     """A step (a SchedulerOutput) of at most max_seqs sequences: the tokens its longest holds
     after the step; else 0 (not counted: no persistent graph takes it)."""
-    if len(out.seqs) > max_seqs:
+    if not out.seqs or len(out.seqs) > max_seqs:
         return 0
     return max(s.start_pos + len(s.token_ids) for s in out.seqs)
 

@@ -85,9 +85,10 @@ class ModelRunner:
                                                         fusion=config.all_reduce_norm_fusion)
         self.model = self._build_model()
         self.backend = get_backend(config.attention_backend, self.device.type)
-        # > 0: decode steps of one sequence holding at most this many tokens run the persistent kernel
-        # (graph_shapes.takes_persistent), where the model can take it: TP=1, a model-dtype cache, a
-        # backend with the fused decode (Triton's kernels), a head_dim the kernel supports
+        # > 0: decode steps of up to persistent_decode_max_seqs sequences whose longest holds at most
+        # this many tokens run the persistent kernel (graph_shapes.takes_persistent), where the model
+        # can take it: TP=1, a model-dtype cache, a backend with the fused decode (Triton's kernels), a
+        # head_dim the kernel supports
         self.persistent_max_context = (config.resolved_persistent_context if config.persistent_decode
                                        and tp.size == 1 and self.kv_dtype == self.dtype and self.backend.fused_decode
                                        and supports_head_dim(self.mc.head_dim) else 0)
